@@ -1,0 +1,149 @@
+# BreastAI developer/CI entry points (POSIX sh recipes, GNU make >= 4).
+#
+#   make venv           .venv with the serving dependencies (no torch)
+#   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
+#   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
+#   make test           system deps + test venv + RabbitMQ + pytest (unit, integration, e2e)
+#   make train          CPU torch + the train extra, then the reference training
+#   make samples        regenerate samples/ (scripts/make_samples.py)
+#   make send-samples   C-STORE samples/ to a running service with dcmtk's storescu
+#
+# Every install step is guarded by a stamp file in .venv/, so a second run is a no-op.
+
+SHELL := /bin/sh
+.DEFAULT_GOAL := help
+
+PYTHON        ?= python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip --disable-pip-version-check
+# Never let a bare `torch` requirement pull the CUDA build (several GB): the
+# train install is constrained to this CPU wheel (/opt/wheels on our machines).
+TORCH_VERSION ?= 2.13.0
+
+VAR_DIR       ?= var
+# Flags of `breastai serve` (see `breastai serve --help`); override on the command line.
+# CPU is implicit (ONNX Runtime) and the reference models are the bundled default
+# (models/weights; add --model-dir DIR for others). Listener: BREASTAI@0.0.0.0:11112,
+# metrics on :9464 (deploy/prometheus.yml).
+SERVE_ARGS    ?= --queue embedded --spool-dir $(VAR_DIR)/spool \
+                 --destination $(VAR_DIR)/results --log-format console
+PYTEST_ARGS   ?= -q
+
+# Where `make send-samples` sends to (the service's Storage SCP).
+SCP_HOST      ?= localhost
+SCP_PORT      ?= 11112
+SCP_AET       ?= BREASTAI
+
+# System tools are looked up only in the system directories: .venv/bin holds
+# pynetdicom's Python apps named storescu/echoscu/... with different flags.
+SYSTEM_PATH   := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+SYSTEM_TOOLS  := Orthanc storescu dciodvfy rabbitmq-server
+SYSTEM_PKGS   := orthanc dcmtk dicom3tools rabbitmq-server
+STORESCU      ?= $(shell (PATH='$(SYSTEM_PATH)'; command -v storescu) 2>/dev/null || echo storescu)
+
+# Fail loudly if an install dragged in CUDA wheels (nvidia-*), e.g. an unpinned torch.
+define check_no_cuda
+	@if $(PIP) list --format=freeze 2>/dev/null | grep -qi '^nvidia-'; then \
+	  echo "ERROR: CUDA packages (nvidia-*) were installed into $(VENV); torch must be $(TORCH_VERSION) CPU" >&2; \
+	  $(PIP) list --format=freeze | grep -i -e '^nvidia-' -e '^torch=' >&2; exit 1; \
+	fi
+endef
+
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test train samples send-samples clean distclean
+
+help:
+	@sed -n '1,11s/^# \{0,1\}//p' Makefile
+
+# ------------------------------------------------------------------ venv + stamps
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "ERROR: $(PYTHON) is $$($(PYTHON) -V 2>&1); BreastAI needs Python >= 3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Serving dependencies only: no torch.
+$(VENV)/.stamp-serve: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	$(check_no_cuda)
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-serve pyproject.toml
+	$(PIP) install -e '.[test]'
+	$(check_no_cuda)
+	touch $@
+
+$(VENV)/.stamp-train: $(VENV)/.stamp-serve pyproject.toml
+	printf 'torch==%s\n' '$(TORCH_VERSION)' > $(VENV)/constraints-train.txt
+	$(PIP) install -c $(VENV)/constraints-train.txt 'torch==$(TORCH_VERSION)'
+	$(PIP) install -c $(VENV)/constraints-train.txt -e '.[train]'
+	$(check_no_cuda)
+	touch $@
+
+venv: $(VENV)/.stamp-serve
+test-venv: $(VENV)/.stamp-test
+train-venv: $(VENV)/.stamp-train
+
+# ------------------------------------------------------------------ system packages
+
+# No-op when every tool is present. Otherwise installs (as root, or with
+# passwordless sudo) without letting Debian start the services: the tests run
+# their own Orthanc on free ports, and 4242/8042 must stay free.
+deps-system:
+	@missing=; \
+	for t in $(SYSTEM_TOOLS); do \
+	  (PATH='$(SYSTEM_PATH)'; command -v "$$t") >/dev/null 2>&1 || missing="$$missing $$t"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "deps-system: $(SYSTEM_TOOLS) present"; exit 0; fi; \
+	echo "deps-system: missing:$$missing"; \
+	SUDO=; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO='sudo -n'; \
+	  else echo "deps-system: not root and no passwordless sudo; skipping (install: $(SYSTEM_PKGS))" >&2; exit 0; fi; \
+	fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "deps-system: no apt-get here; install $(SYSTEM_PKGS) by hand" >&2; exit 0; fi; \
+	policy=/usr/sbin/policy-rc.d; made_policy=; \
+	if [ ! -e $$policy ]; then \
+	  printf '#!/bin/sh\n# make deps-system: do not start services during install\nexit 101\n' | $$SUDO tee $$policy >/dev/null && \
+	  $$SUDO chmod 755 $$policy && made_policy=1; \
+	fi; \
+	status=0; \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PKGS) || status=$$?; \
+	if [ -n "$$made_policy" ]; then $$SUDO rm -f $$policy; fi; \
+	if [ $$status -ne 0 ]; then echo "deps-system: apt-get failed ($$status)" >&2; exit $$status; fi; \
+	$$SUDO service orthanc stop >/dev/null 2>&1 || true; \
+	if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true; \
+	else $$SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true; fi; \
+	echo "deps-system: installed $(SYSTEM_PKGS) (system orthanc service stopped/disabled)"
+
+rabbitmq: deps-system
+	sh scripts/ensure_rabbitmq.sh
+
+# ------------------------------------------------------------------ run / test / train
+
+run: venv
+	mkdir -p $(VAR_DIR)/spool $(VAR_DIR)/results
+	$(VENV)/bin/breastai serve $(SERVE_ARGS)
+
+# Test venv has no torch: tests that need it use pytest.importorskip("torch").
+test: deps-system test-venv rabbitmq
+	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+train: train-venv
+	$(PY) -m models.training.train_reference
+
+samples: venv
+	$(PY) scripts/make_samples.py
+
+# +sd: scan directories for input files, +r: recurse into them.
+send-samples:
+	@[ -x "$(STORESCU)" ] || { echo "ERROR: dcmtk storescu not found (make deps-system)" >&2; exit 1; }
+	$(STORESCU) -aec $(SCP_AET) -aet SAMPLES +sd +r $(SCP_HOST) $(SCP_PORT) samples/
+
+clean:
+	rm -rf $(VAR_DIR) .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,71 @@
+"""One inference Backend protocol, and its ONNX Runtime implementation.
+
+Every backend (ONNX Runtime on CPU, TensorRT engines built from the same
+ONNX file, PyTorch for development) takes named float32 arrays and returns
+named arrays, so the pipelines never know which one runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+Arrays = dict[str, npt.NDArray[np.float32]]
+
+
+class Backend(Protocol):
+    """Runs one model: named inputs in, named outputs out."""
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the model's outputs, in graph order."""
+        ...
+
+    def run(self, inputs: Mapping[str, npt.NDArray[np.float32]]) -> Arrays:
+        """Run the model once; outputs are float32 whatever the internal precision."""
+        ...
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime session over one ``.onnx`` file.
+
+    Parameters
+    ----------
+    path
+        The model file.
+    providers
+        ONNX Runtime execution providers in order of preference; CPU is
+        always appended so a missing GPU falls back instead of failing.
+    intra_op_threads
+        Threads per inference; 0 lets ONNX Runtime decide.
+    """
+
+    def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort  # imported here so that importing models stays light
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = set(ort.get_available_providers())
+        chosen = [p for p in providers if p in available]
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        self._input_types = {i.name: i.type for i in self._session.get_inputs()}
+        self._output_names = tuple(o.name for o in self._session.get_outputs())
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._output_names
+
+    def run(self, inputs: Mapping[str, npt.NDArray[np.float32]]) -> Arrays:
+        feed = {
+            name: value.astype(np.float16 if self._input_types[name] == "tensor(float16)" else np.float32)
+            for name, value in inputs.items()
+        }
+        outputs = self._session.run(list(self._output_names), feed)
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self._output_names, outputs)}

@@ -1,0 +1,53 @@
+"""Input conventions shared by training and serving (numpy + OpenCV only).
+
+Training and inference must prepare pixels identically, so both call these
+functions; the serving path imports no torch.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+Box = tuple[int, int, int, int]
+
+
+def standardise(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+    """Resize a grayscale image to ``size`` x ``size`` and z-score it.
+
+    Per-image standardisation rather than fixed statistics, because gain and
+    dynamic range differ widely between ultrasound scanners.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of shape (1, 1, size, size), ready for a network.
+    """
+    if gray.ndim != 2 or gray.size == 0:
+        raise ValueError(f"expected a non-empty 2D grayscale array, got shape {gray.shape}")
+    interpolation = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (size, size), interpolation=interpolation).astype(np.float32)
+    resized = (resized - resized.mean()) / (resized.std() + 1e-6)
+    return resized[None, None, :, :]
+
+
+def expand_box(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
+    """Grow an (x, y, w, h) box by ``fraction`` of its size on every side, clipped to the image.
+
+    The classifier sees some tissue around the lesion, as the papers' ROI
+    crops do (DL-UM expands by 30 % of the shortest side).
+    """
+    x, y, w, h = box
+    rows, cols = image_shape
+    pad_x = int(round(w * fraction))
+    pad_y = int(round(h * fraction))
+    x0, y0 = max(0, x - pad_x), max(0, y - pad_y)
+    x1, y1 = min(cols, x + w + pad_x), min(rows, y + h + pad_y)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def crop(gray: npt.NDArray[np.uint8], box: Box) -> npt.NDArray[np.uint8]:
+    """Cut an (x, y, w, h) box out of a 2D array."""
+    x, y, w, h = box
+    return gray[y : y + h, x : x + w]

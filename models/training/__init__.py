@@ -1,0 +1,1 @@
+"""Training, evaluation and export recipes for the reference models (needs the ``train`` extra)."""

@@ -1,0 +1,113 @@
+"""Reading the development datasets (layout of ``shared/datasets``) and splitting them.
+
+Any folder laid out the same way (``images/``, ``masks/``, ``labels.csv``)
+works, so a site can evaluate on data of its own.
+
+Split rule (documented in every model card): BUS-BRA by its patient-level
+``fold`` column (fold 4 held out as test; one case in ten of folds 1-3 for
+validation); BUSI and BrEaST-Lesions have one image per lesion, so they are
+split by a stable hash of the image id (20 % test, 10 % validation).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+US_DATASETS = ("busi", "busbra", "breast_lesions")
+LABEL_COLUMNS = {"busi": "label", "busbra": "pathology", "breast_lesions": "classification"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a development dataset with what we know about it."""
+
+    dataset: str
+    image_id: str
+    image_path: Path
+    mask_path: Path | None
+    malignant: int | None  # None: normal image (no lesion)
+    patient: str
+    device: str
+    split: str
+
+
+def _bucket(key: str) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10
+
+
+def split_for(dataset: str, image_id: str, row: dict[str, str]) -> str:
+    """The split an image belongs to, by the rule in the module docstring."""
+    if dataset == "busbra" and row.get("fold"):
+        if row["fold"] == "4":
+            return "test"
+        return "val" if _bucket(f"busbra-case-{row['case']}") == 0 else "train"
+    bucket = _bucket(f"{dataset}-{image_id}")
+    return "test" if bucket < 2 else "val" if bucket == 2 else "train"
+
+
+def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Record]:
+    """List every image of the named datasets under ``root``."""
+    records: list[Record] = []
+    for dataset in datasets:
+        folder = root / dataset
+        with (folder / "labels.csv").open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                image_id = row["id"]
+                images = list((folder / "images").glob(f"{image_id}.*"))
+                if not images:
+                    continue
+                mask = folder / "masks" / f"{image_id}.png"
+                label = row[LABEL_COLUMNS.get(dataset, "label")].strip().lower()
+                records.append(
+                    Record(
+                        dataset=dataset,
+                        image_id=image_id,
+                        image_path=images[0],
+                        mask_path=mask if mask.is_file() else None,
+                        malignant=None if label == "normal" else int(label == "malignant"),
+                        patient=f"{dataset}-{row.get('case') or image_id}",
+                        device=row.get("device", "") or dataset,
+                        split=split_for(dataset, image_id, row),
+                    )
+                )
+    return records
+
+
+def read_gray(path: Path) -> npt.NDArray[np.uint8]:
+    """Read an image file as 8-bit grayscale."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"cannot read image {path}")
+    return image
+
+
+def read_mask(record: Record, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """The lesion mask (0/1) of a record; all zeros for images without a mask file."""
+    if record.mask_path is None:
+        return np.zeros(shape, dtype=np.uint8)
+    mask = cv2.imread(str(record.mask_path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"cannot read mask {record.mask_path}")
+    if mask.shape != shape:
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return (mask > 127).astype(np.uint8)
+
+
+def mask_box(mask: npt.NDArray[np.uint8]) -> tuple[int, int, int, int] | None:
+    """Bounding box (x, y, w, h) of the mask's largest component, or None when empty.
+
+    The largest region, as DLR crops "the largest lesion region".
+    """
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h, _ = (int(v) for v in stats[largest])
+    return x, y, w, h

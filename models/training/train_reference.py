@@ -1,0 +1,318 @@
+"""Train the walking-skeleton reference models: the US lesion segmenter and ROI classifier.
+
+Usage::
+
+    python -m models.training.train_reference segmenter --datasets ../shared/datasets
+    python -m models.training.train_reference classifier --datasets ../shared/datasets
+    python -m models.training.export_reference --datasets ../shared/datasets
+
+Each part checkpoints after every epoch into ``--work`` (resumed on
+restart), logs one JSON line per epoch, and keeps the checkpoint with the
+best validation score. Seeded; the configuration is saved beside the
+checkpoints. No pretrained weights exist here: networks start from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from models.evaluation import auc, dice
+from models.networks import lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.preprocess import crop, expand_box, standardise
+from models.training.data import Record, load_records, mask_box, read_gray, read_mask
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    part: str
+    datasets: str
+    work: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    input_size: int
+    seed: int
+    threads: int
+    max_minutes: float
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _augment_geometry(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | None]:
+    """Random horizontal flip, scale 0.85-1.15, rotation +-10 degrees, shift +-8 %."""
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        mask = mask[:, ::-1] if mask is not None else None
+    rows, cols = image.shape
+    matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-10, 10), rng.uniform(0.85, 1.15))
+    matrix[:, 2] += rng.uniform(-0.08, 0.08, 2) * (cols, rows)
+    image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    if mask is not None:
+        mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (cols, rows), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
+    return image, mask
+
+
+def _augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """Random gamma 0.7-1.4 and speckle-like multiplicative noise."""
+    scaled = (image.astype(np.float32) / 255.0) ** rng.uniform(0.7, 1.4)
+    scaled *= rng.normal(1.0, 0.05, scaled.shape).astype(np.float32)
+    return np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class _Checkpoints:
+    """Resume-able training state in ``work``: last.pt every epoch, best.pt on improvement."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+
+    def log(self, entry: dict[str, object]) -> None:
+        with (self.work / "train.log").open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+        last = self.work / "last.pt"
+        if not last.is_file():
+            return 0, -1.0
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"]) + 1, float(state["best"])
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float) -> float:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": max(best, score)}
+        torch.save(state, self.work / "last.tmp")
+        (self.work / "last.tmp").replace(self.work / "last.pt")
+        if score > best:
+            torch.save({"model": model.state_dict(), "epoch": epoch, "score": score}, self.work / "best.pt")
+            return score
+        return best
+
+
+# --------------------------------------------------------------------------- segmenter
+
+
+def _segmentation_arrays(records: list[Record], size: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    images = np.zeros((len(records), size, size), dtype=np.uint8)
+    masks = np.zeros((len(records), size, size), dtype=np.uint8)
+    for i, record in enumerate(records):
+        gray = read_gray(record.image_path)
+        mask = read_mask(record, gray.shape)
+        images[i] = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+        masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    return images, masks
+
+
+def train_segmenter(config: TrainConfig) -> None:
+    """Dice + BCE training of the UNet on every US image (normal images teach 'no lesion')."""
+    records = load_records(Path(config.datasets))
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    size = config.input_size
+    train_x, train_y = _segmentation_arrays(train, size)
+    val_x, val_y = _segmentation_arrays(val, size)
+    model = lesion_segmenter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    checkpoints = _Checkpoints(Path(config.work))
+    start, best = checkpoints.resume(model, optimizer)
+    rng = np.random.default_rng(config.seed + start)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    bce = nn.BCEWithLogitsLoss()
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            xs, ys = [], []
+            for i in index:
+                image, mask = _augment_geometry(train_x[i], train_y[i], rng)
+                assert mask is not None
+                xs.append(standardise(_augment_intensity(image, rng), size)[0])
+                ys.append(mask[None].astype(np.float32))
+            x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            _cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            logits = model(x)
+            probability = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+            loss = bce(logits, y) + soft_dice.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        score = _validate_segmenter(model, train_x, val_x, val_y, size)
+        best = checkpoints.save(model, optimizer, epoch, score, best)
+        checkpoints.log({"part": "segmenter", "epoch": epoch, "loss": float(np.mean(losses)), "val_dice_lesion_images": score, "best": best, "minutes": (time.monotonic() - began) / 60})
+        if (time.monotonic() - began) / 60 > config.max_minutes:
+            checkpoints.log({"part": "segmenter", "stopped": "max_minutes reached", "epoch": epoch})
+            break
+
+
+@torch.no_grad()
+def _validate_segmenter(model: nn.Module, train_images: npt.NDArray[np.uint8], images: npt.NDArray[np.uint8], masks: npt.NDArray[np.uint8], size: int) -> float:
+    """Mean Dice on validation lesion images, after batch-norm recalibration on (a sample of) training images.
+
+    Recalibrating a copy keeps the training state untouched while scoring
+    the model exactly as it will be exported.
+    """
+    model = copy.deepcopy(model)
+    sample = train_images[:: max(1, len(train_images) // 256)]
+    recalibrate_batch_norm(model, (torch.from_numpy(np.concatenate([standardise(i, size) for i in sample[k : k + 32]])) for k in range(0, len(sample), 32)))
+    model.eval()
+    scores = []
+    for image, mask in zip(images, masks):
+        if mask.sum() == 0:
+            continue
+        logits = model(torch.from_numpy(standardise(image, size)))[0, 0].numpy()
+        scores.append(dice(logits >= 0, mask.astype(bool)))
+    return float(np.mean(scores))
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+@dataclass(frozen=True)
+class RoiSample:
+    image: npt.NDArray[np.uint8]
+    box: tuple[int, int, int, int]
+    malignant: int
+
+
+def roi_samples(records: list[Record]) -> list[RoiSample]:
+    """Full image + ground-truth lesion box for every lesion image with a known pathology."""
+    samples = []
+    for record in records:
+        if record.malignant is None:
+            continue
+        gray = read_gray(record.image_path)
+        box = mask_box(read_mask(record, gray.shape))
+        if box is not None:
+            samples.append(RoiSample(gray, box, record.malignant))
+    return samples
+
+
+def jittered_roi(sample: RoiSample, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """ROI crop with the box expanded 5-40 % and shifted a little, as a segmenter's box would vary."""
+    x, y, w, h = sample.box
+    dx, dy = (rng.uniform(-0.1, 0.1, 2) * (w, h)).astype(int)
+    box = expand_box((max(0, x + dx), max(0, y + dy), w, h), sample.image.shape[:2], rng.uniform(0.05, 0.4))
+    roi = crop(sample.image, box)
+    return roi[:, ::-1] if rng.random() < 0.5 else roi
+
+
+def train_classifier(config: TrainConfig) -> None:
+    """Weighted cross-entropy training of the ResNet-18 ROI classifier (benign vs malignant)."""
+    records = load_records(Path(config.datasets))
+    train = roi_samples([r for r in records if r.split == "train"])
+    val = roi_samples([r for r in records if r.split == "val"])
+    model = roi_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    checkpoints = _Checkpoints(Path(config.work))
+    start, best = checkpoints.resume(model, optimizer)
+    rng = np.random.default_rng(config.seed + start)
+    labels = np.array([s.malignant for s in train])
+    weights = torch.tensor([len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = torch.from_numpy(np.concatenate([standardise(_augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]))
+            y = torch.from_numpy(labels[index]).long()
+            _cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            logits, _ = model(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        score = _validate_classifier(model, val, config.input_size)
+        best = checkpoints.save(model, optimizer, epoch, score, best)
+        checkpoints.log({"part": "classifier", "epoch": epoch, "loss": float(np.mean(losses)), "val_auc": score, "best": best, "minutes": (time.monotonic() - began) / 60})
+        if (time.monotonic() - began) / 60 > config.max_minutes:
+            checkpoints.log({"part": "classifier", "stopped": "max_minutes reached", "epoch": epoch})
+            break
+
+
+@torch.no_grad()
+def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) -> float:
+    model.eval()
+    scores = []
+    for sample in samples:
+        roi = crop(sample.image, expand_box(sample.box, sample.image.shape[:2], 0.2))
+        logits, _ = model(torch.from_numpy(standardise(roi, size)))
+        scores.append(float(torch.softmax(logits, 1)[0, 1]))
+    return auc([s.malignant for s in samples], scores)
+
+
+DEFAULTS = {
+    "segmenter": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
+    "classifier": {"epochs": 20, "batch_size": 32, "learning_rate": 1e-3, "input_size": 128},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=sorted(DEFAULTS))
+    parser.add_argument("--datasets", default="../shared/datasets")
+    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/reference/PART)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
+    args = parser.parse_args(argv)
+    defaults = DEFAULTS[args.part]
+    config = TrainConfig(
+        part=args.part,
+        datasets=args.datasets,
+        work=args.work or f"runs/reference/{args.part}",
+        epochs=args.epochs or int(defaults["epochs"]),
+        batch_size=args.batch_size or int(defaults["batch_size"]),
+        learning_rate=args.learning_rate or float(defaults["learning_rate"]),
+        input_size=args.input_size or int(defaults["input_size"]),
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _seed_everything(config.seed)
+    Path(config.work).mkdir(parents=True, exist_ok=True)
+    (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    {"segmenter": train_segmenter, "classifier": train_classifier}[config.part](config)
+
+
+if __name__ == "__main__":
+    main()

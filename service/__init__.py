@@ -1,0 +1,7 @@
+"""The process shell and the DICOM edge of BreastAI.
+
+Settings, logging, metrics, the StudyJob schema, queue adapters, the
+listener (Storage SCP), the spool and the study tracker. This package knows
+DICOM networking and nothing of models; it imports neither ``workers`` nor
+``models``.
+"""

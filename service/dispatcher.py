@@ -1,0 +1,223 @@
+"""Glue between listener and job queue: decides when a study becomes a job.
+
+Owns the :class:`~service.tracker.StudyTracker` (the pure "is it
+complete?" core) and a background thread that ticks every ``tick_s``:
+each due study is sealed in the spool, turned into a StudyJob and
+published. A publish that fails with QueueUnavailable is retried with
+capped backoff; the sealed directory stays on disk meanwhile, so a broker
+outage or a crash loses nothing (:meth:`recover` republishes at start).
+
+After a confirmed publish the job gets the spool's ``published`` marker;
+only jobs without it are republished by :meth:`recover`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from service import metrics
+from service.errors import BreastAIError, PermanentError, QueueUnavailable
+from service.queue import JobQueue, retry_backoff
+from service.schema import StudyJob
+from service.settings import Settings
+from service.spool import Spool
+from service.tracker import StudyTracker
+
+log = structlog.get_logger("service.dispatcher")
+
+
+@dataclass
+class _Unpublished:
+    job: StudyJob
+    failures: int = 0
+    next_at: float = 0.0
+
+
+class Dispatcher:
+    """Seal complete studies and publish them as jobs.
+
+    Parameters
+    ----------
+    settings
+        ``quiet_period_s`` and ``stable_age_s`` for the tracker.
+    spool, queue
+        Where studies are sealed, and where jobs go.
+    tick_s
+        Period of the background thread.
+    publish_backoff_s, publish_backoff_cap_s
+        Capped exponential delay between publish attempts of one job.
+    clock, wall_clock
+        Monotonic and epoch clocks, replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        queue: JobQueue,
+        *,
+        tick_s: float = 0.25,
+        publish_backoff_s: float = 0.5,
+        publish_backoff_cap_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._queue = queue
+        self._tick_s = tick_s
+        self._backoff_s = publish_backoff_s
+        self._backoff_cap_s = publish_backoff_cap_s
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._tracker = StudyTracker(settings.quiet_period_s, settings.stable_age_s)
+        self._lock = threading.Lock()  # guards tracker, calling AEs and the unpublished map
+        self._calling_ae: dict[str, set[str]] = {}
+        self._unpublished: dict[str, _Unpublished] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- listener events (any association thread) -----------------------------------
+
+    def instance_stored(self, study_uid: str, association_id: str, calling_ae: str = "") -> None:
+        """An instance of ``study_uid`` is durable in the spool."""
+        with self._lock:
+            self._tracker.instance_received(study_uid, association_id, self._clock())
+            if calling_ae:
+                self._calling_ae.setdefault(study_uid, set()).add(calling_ae)
+
+    def association_released(self, association_id: str) -> None:
+        """An association ended (released, aborted or connection closed)."""
+        with self._lock:
+            self._tracker.association_released(association_id, self._clock())
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Pick up what a previous process left in the spool.
+
+        Unsealed studies re-enter the tracker with their newest file's
+        mtime as "last seen" (their associations died with the process, so
+        the quiet period alone completes them); sealed jobs without the
+        ``published`` marker are published again.
+        """
+        now, wall = self._clock(), self._wall_clock()
+        studies = self._spool.unsealed_studies()
+        jobs = [job for job in self._spool.sealed_jobs() if not self._spool.is_published(job.job_id)]
+        with self._lock:
+            for study in studies:
+                self._tracker.restore(study.study_uid, now - max(0.0, wall - study.newest_mtime))
+            for job in jobs:
+                self._unpublished.setdefault(job.job_id, _Unpublished(job))
+        log.info("dispatcher recovered spool", unsealed_studies=len(studies), unpublished_jobs=len(jobs))
+
+    def start(self) -> None:
+        """Start the background tick thread; returns at once."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="breastai-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop ticking. Unsealed studies and unpublished jobs stay on disk for recover()."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the thread must outlive any single bad study
+                log.exception("dispatcher tick failed")
+            self._stop.wait(self._tick_s)
+
+    # --- the work -------------------------------------------------------------------
+
+    def tick(self) -> list[str]:
+        """Seal due studies and publish what is pending; returns published job ids."""
+        now = self._clock()
+        with self._lock:
+            due = self._tracker.due(now)
+        for study_uid in due:
+            self._seal(study_uid, now)
+        return self._publish_pending(self._clock())
+
+    def _seal(self, study_uid: str, now: float) -> None:
+        with self._lock:
+            last_seen = self._tracker.last_seen(study_uid)
+            # Forget before sealing: an instance stored after the rename is
+            # then tracked afresh and becomes the next job instead of being lost.
+            self._tracker.forget(study_uid)
+            calling = tuple(sorted(self._calling_ae.pop(study_uid, set())))
+        try:
+            job_id = self._spool.seal_study(study_uid, calling)
+        except PermanentError as exc:
+            job_id = getattr(exc, "job_id", None)
+            log.error("sealed study is not a valid job", study_uid=study_uid, reason=str(exc))
+            if job_id is not None:
+                self._spool.dead_letter(job_id, f"cannot build job: {exc}")
+            return
+        except OSError as exc:
+            log.error("cannot seal study; will retry", study_uid=study_uid, error=str(exc))
+            with self._lock:
+                self._tracker.restore(study_uid, last_seen if last_seen is not None else now)
+                self._calling_ae.setdefault(study_uid, set()).update(calling)
+            return
+        if job_id is None:
+            return  # its instances were already sealed into an earlier job
+        job = self._spool.load_job(job_id)
+        metrics.STUDIES_RECEIVED.inc()
+        log.info("study sealed", job_id=job_id, study_uid=study_uid, instances=len(job.instances))
+        with self._lock:
+            self._unpublished[job_id] = _Unpublished(job)
+
+    def _publish_pending(self, now: float) -> list[str]:
+        with self._lock:
+            ready = [entry for entry in self._unpublished.values() if entry.next_at <= now]
+        published = []
+        for entry in ready:
+            job_id = entry.job.job_id
+            try:
+                self._queue.publish(entry.job)
+            except QueueUnavailable as exc:
+                entry.failures += 1
+                delay = retry_backoff(entry.failures, self._backoff_s, self._backoff_cap_s)
+                entry.next_at = self._clock() + delay
+                log.warning("publish failed; job stays sealed on disk", job_id=job_id, attempt=entry.failures,
+                            retry_in_s=delay, reason=str(exc))
+                continue
+            except BreastAIError as exc:
+                # Not retryable: the queue refuses this job (e.g. it was already
+                # completed and removed meanwhile). Dead-letter if still on disk.
+                log.error("publish refused", job_id=job_id, reason=str(exc))
+                with self._lock:
+                    self._unpublished.pop(job_id, None)
+                if self._spool.is_sealed(job_id):
+                    self._spool.dead_letter(job_id, f"publish refused: {exc}")
+                continue
+            with self._lock:
+                self._unpublished.pop(job_id, None)
+            try:
+                self._spool.mark_published(job_id)
+            except (OSError, BreastAIError):
+                pass  # a fast consumer already completed it; nothing left to mark
+            published.append(job_id)
+            log.info("job published", job_id=job_id, study_uid=entry.job.study_instance_uid)
+        return published
+
+    def pending_publish(self) -> list[str]:
+        """Job ids sealed but not yet confirmed by the queue."""
+        with self._lock:
+            return sorted(self._unpublished)
+
+    def tracked_studies(self) -> list[str]:
+        """Studies still receiving (for status and tests)."""
+        with self._lock:
+            return self._tracker.tracked()

@@ -1,0 +1,311 @@
+"""The DICOM edge: a Storage SCP (pynetdicom 3) that spools before it acknowledges.
+
+Implements the SCP role of the Storage Service Class (DICOM PS3.4 Annex B)
+and of the Verification Service Class (PS3.4 Annex A) over the DICOM upper
+layer (PS3.8), with the DIMSE C-STORE / C-ECHO services of PS3.7.
+
+Every C-STORE request ends in exactly one status from :func:`_status_for`'s
+vocabulary (PS3.4 B.2.3); no exception ever reaches the peer. Success
+(0x0000) is sent only after :meth:`Spool.store_instance` returned, i.e. the
+instance and its directory entry are fsynced.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from service import metrics
+from service.errors import InvalidInstance
+from service.schema import is_valid_uid
+from service.settings import Settings
+from service.spool import Spool
+
+log = structlog.get_logger("service.listener")
+
+# PS3.4 Annex B.2.3 C-STORE statuses.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (A7xx)
+STATUS_DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (A9xx)
+STATUS_CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (Cxxx): data set not decodable
+STATUS_PROCESSING_FAILURE = 0xC211  # Error: Cannot understand (Cxxx): failure on our side
+
+# Storage SOP classes accepted (PS3.4 Annex B.5); anything else gets no
+# accepted presentation context at association negotiation (PS3.8 §9.3.3.2).
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume Storage",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+}
+
+# Transfer syntaxes accepted (PS3.5 §10 and Annex A). Explicit VR Big Endian
+# is retired and not offered. Compressed syntaxes are stored as received;
+# decoding is the workers' concern.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+)
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
+_MODALITY = re.compile(r"^[A-Z]{2,4}$")
+
+
+class StoreSink(Protocol):
+    """What the listener tells about received instances (the :class:`Dispatcher`)."""
+
+    def instance_stored(self, study_uid: str, association_id: str, calling_ae: str = "") -> None: ...
+
+    def association_released(self, association_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Rejection(Exception):
+    status: int
+    reason: str  # one of metrics.REJECT_REASONS
+    detail: str
+
+
+def _check_structure(ds: Dataset, data: bytes, transfer_syntax: str) -> None:
+    """Raise ``_Rejection`` if the data set was cut short.
+
+    pydicom reads a truncated stream without complaint (it returns a short
+    last value), so compare each top-level element's declared length with
+    what arrived, and require the last element to end exactly at the end
+    of the stream (an undefined-length one with its sequence delimiter).
+    """
+    last: RawDataElement | None = None
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement):
+            continue
+        if raw.length != _UNDEFINED_LENGTH and raw.value is not None and len(raw.value) != raw.length:
+            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
+                             f"element {raw.tag} declares {raw.length} bytes, {len(raw.value)} arrived")
+        if last is None or raw.value_tell > last.value_tell:
+            last = raw
+    if last is None:
+        raise _Rejection(STATUS_CANNOT_UNDERSTAND, "undecodable", "no data elements after the file meta information")
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return  # offsets refer to the inflated stream; zlib already rejects a cut stream
+    value_length = len(last.value) if last.value is not None else 0
+    end = last.value_tell + value_length
+    if last.length == _UNDEFINED_LENGTH:
+        if data[end:end + 8] != _SEQUENCE_DELIMITER_LE:
+            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
+                             f"element {last.tag} of undefined length has no sequence delimiter")
+        end += 8
+    if end != len(data):
+        raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
+                         f"data set ends inside an element header ({len(data) - end} stray bytes)")
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # a raw value pydicom cannot convert
+        raise _Rejection(STATUS_CANNOT_UNDERSTAND, "undecodable", f"{keyword} cannot be decoded: {exc}") from exc
+    text = "" if value is None else str(value).strip("\x00 ")
+    if not is_valid_uid(text):
+        raise _Rejection(STATUS_DATASET_MISMATCH, "missing_uid", f"{keyword} is missing or not a valid UID")
+    return text
+
+
+def _modality_label(ds: Dataset) -> str:
+    # Peer-controlled text becomes a metric label only from a closed shape.
+    try:
+        value = str(ds.get("Modality", "") or "")
+    except Exception:
+        return "unknown"
+    return value if _MODALITY.match(value) else "unknown"
+
+
+class StudyListener:
+    """Storage SCP that spools instances and reports them to the dispatcher.
+
+    Parameters
+    ----------
+    settings
+        AE title, bind address and port, calling-AE allow-list, size limit.
+    spool
+        Where instances are made durable before 0x0000 is answered.
+    sink
+        Told of each stored instance and each ended association
+        (normally the :class:`service.dispatcher.Dispatcher`).
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, sink: StoreSink) -> None:
+        self._settings = settings
+        self._spool = spool
+        self._sink = sink
+        self._max_bytes = settings.max_instance_mb * 1024 * 1024
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def build_ae(self) -> AE:
+        """The Application Entity with our presentation contexts and allow-list."""
+        ae = AE(ae_title=self._settings.ae_title)
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        if self._settings.allowed_ae:
+            # PS3.8 §7.1.1.3: rejected-permanent, "calling AE title not recognized".
+            ae.require_calling_aet = list(self._settings.allowed_ae)
+        return ae
+
+    def start(self) -> None:
+        """Start serving on a background thread; returns at once."""
+        with self._lock:
+            if self._server is not None:
+                return
+            ae = self.build_ae()
+            handlers = [
+                (evt.EVT_C_STORE, self.handle_store),
+                (evt.EVT_RELEASED, self._handle_ended),
+                (evt.EVT_ABORTED, self._handle_ended),
+                (evt.EVT_CONN_CLOSE, self._handle_ended),
+            ]
+            self._server = ae.start_server(
+                (self._settings.bind_address, self._settings.port), block=False, evt_handlers=handlers
+            )
+        log.info("listener started", ae_title=self._settings.ae_title, port=self.port,
+                 allowed_ae=list(self._settings.allowed_ae))
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when configured as 0)."""
+        if self._server is None:
+            return self._settings.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the server; idempotent."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            log.info("listener stopped")
+
+    @staticmethod
+    def _association_id(event: Event, create: bool) -> str | None:
+        assoc = event.assoc
+        existing = getattr(assoc, "_breastai_id", None)
+        if existing is None and create:
+            existing = uuid.uuid4().hex
+            setattr(assoc, "_breastai_id", existing)
+        return existing
+
+    def _handle_ended(self, event: Event) -> None:
+        association_id = self._association_id(event, create=False)
+        if association_id is not None:
+            try:
+                self._sink.association_released(association_id)
+            except Exception:
+                log.exception("dispatcher failed on association end")
+
+    def handle_store(self, event: Event) -> int:
+        """EVT_C_STORE handler: every outcome is a PS3.4 B.2.3 status, never an exception."""
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            modality, study_uid = self._store(event)
+        except _Rejection as rejection:
+            metrics.INSTANCES_REJECTED.labels(reason=rejection.reason).inc()
+            log.warning("C-STORE refused", status=f"0x{rejection.status:04X}", reason=rejection.reason,
+                        detail=rejection.detail, calling_ae=calling_ae)
+            return rejection.status
+        except Exception:
+            metrics.INSTANCES_REJECTED.labels(reason="internal").inc()
+            log.exception("C-STORE failed unexpectedly", calling_ae=calling_ae)
+            return STATUS_PROCESSING_FAILURE
+        metrics.INSTANCES_RECEIVED.labels(modality=modality).inc()
+        association_id = self._association_id(event, create=True)
+        assert association_id is not None
+        try:
+            self._sink.instance_stored(study_uid, association_id, calling_ae=calling_ae)
+        except Exception:
+            # The instance is durable; recovery at the next start picks the study up.
+            log.exception("dispatcher failed to register a stored instance", study_uid=study_uid)
+        return STATUS_SUCCESS
+
+    def _store(self, event: Event) -> tuple[str, str]:
+        stream = event.request.DataSet
+        # seek() measures the received bytes without copying them (they may be hundreds of MB).
+        request_size = stream.seek(0, io.SEEK_END) if stream is not None else 0
+        if request_size > self._max_bytes:
+            raise _Rejection(STATUS_OUT_OF_RESOURCES, "too_large",
+                             f"{request_size} bytes exceed max_instance_mb={self._settings.max_instance_mb}")
+        data = event.encoded_dataset(include_meta=True)
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            ds = dcmread(io.BytesIO(data), defer_size=None)
+        except Exception as exc:  # pydicom raises many types on garbage; all mean the same here
+            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "undecodable", f"{type(exc).__name__}: {exc}") from exc
+        _check_structure(ds, data, transfer_syntax)
+
+        sop_class = _uid(ds, "SOPClassUID")
+        if sop_class != str(event.context.abstract_syntax):
+            raise _Rejection(STATUS_DATASET_MISMATCH, "sop_class_mismatch",
+                             f"SOP Class {sop_class} sent on a {event.context.abstract_syntax} context")
+        sop_instance = _uid(ds, "SOPInstanceUID")
+        if sop_instance != str(event.request.AffectedSOPInstanceUID).strip("\x00 "):
+            raise _Rejection(STATUS_DATASET_MISMATCH, "sop_instance_mismatch",
+                             "SOP Instance UID differs from the request's Affected SOP Instance UID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        _uid(ds, "SeriesInstanceUID")  # every job references its series; refuse now, not at sealing
+        modality = _modality_label(ds)
+
+        try:
+            self._spool.store_instance(study_uid, sop_instance, data)
+        except InvalidInstance as exc:
+            raise _Rejection(STATUS_DATASET_MISMATCH, "missing_uid", str(exc)) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _Rejection(STATUS_OUT_OF_RESOURCES, "disk_full", "spool disk is full") from exc
+            raise _Rejection(STATUS_OUT_OF_RESOURCES, "io_error",
+                             f"spool write failed: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
+        log.debug("instance stored", study_uid=study_uid, sop_instance_uid=sop_instance, modality=modality)
+        return modality, study_uid

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the service, on the default registry.
+
+Labels never carry patient data: only modality, a fixed rejection reason
+vocabulary and the transient/permanent split. UIDs are not labels either
+(unbounded cardinality); they belong in logs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+# Buckets in seconds: C-STORE round trips and inference are sub-second to
+# minutes; the end-to-end path includes the quiet period and result sends.
+_INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_END_TO_END_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+_PUBLISH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+INSTANCES_RECEIVED = Counter(
+    "breastai_instances_received_total",
+    "DICOM instances stored durably and acknowledged with status 0x0000 (PS3.4 B.2.3)",
+    ["modality"],
+)
+INSTANCES_REJECTED = Counter(
+    "breastai_instances_rejected_total",
+    "C-STORE requests answered with a failure status, by reason",
+    ["reason"],
+)
+STUDIES_RECEIVED = Counter(
+    "breastai_studies_received_total",
+    "Studies sealed as complete and handed to the job queue",
+)
+JOBS_DONE = Counter("breastai_jobs_done_total", "Jobs whose results were accepted and that were acknowledged")
+JOBS_FAILED = Counter(
+    "breastai_jobs_failed_total",
+    "Job deliveries that failed, by kind (transient = retried, permanent = dead-lettered)",
+    ["kind"],
+)
+INFERENCE_SECONDS = Histogram(
+    "breastai_inference_seconds", "Model inference time per job", buckets=_INFERENCE_BUCKETS
+)
+END_TO_END_SECONDS = Histogram(
+    "breastai_end_to_end_seconds",
+    "From study dispatch (StudyJob.created_at) to results accepted by the destination",
+    buckets=_END_TO_END_BUCKETS,
+)
+QUEUE_PUBLISH_SECONDS = Histogram(
+    "breastai_queue_publish_seconds",
+    "Time until a published job is durable (broker confirm or job.json fsync)",
+    buckets=_PUBLISH_BUCKETS,
+)
+
+# The closed vocabulary of INSTANCES_REJECTED's reason label.
+REJECT_REASONS = (
+    "too_large",
+    "undecodable",
+    "truncated",
+    "missing_uid",
+    "sop_class_mismatch",
+    "sop_instance_mismatch",
+    "disk_full",
+    "io_error",
+    "internal",
+)
+
+
+def observe_end_to_end(created_at: str, now: datetime | None = None) -> float:
+    """Record the end-to-end time of a job from its ISO 8601 ``created_at``.
+
+    Returns the observed seconds (0 when the timestamp is unreadable, so a
+    bad clock never raises on the result path).
+    """
+    try:
+        start = datetime.fromisoformat(created_at)
+    except ValueError:
+        return 0.0
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    seconds = max(0.0, ((now or datetime.now(timezone.utc)) - start).total_seconds())
+    END_TO_END_SECONDS.observe(seconds)
+    return seconds
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any | None:
+    """Serve ``/metrics`` for Prometheus on ``addr:port`` in a daemon thread.
+
+    ``0.0.0.0`` is the default because a Prometheus server scrapes from
+    another host or container; restrict with ``Settings.metrics_address``.
+
+    Returns
+    -------
+    The WSGI server (call ``shutdown()`` then ``server_close()`` to stop it),
+    or ``None`` when ``port`` is 0 (metrics off).
+    """
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=addr)
+    return server

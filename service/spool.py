@@ -1,0 +1,408 @@
+"""The durable spool: where received instances live until results are sent.
+
+Layout under the spool root::
+
+    tmp/                              partial writes; never read, cleaned at start
+    incoming/<study_uid>/<sop>.dcm    acknowledged instances of a study still receiving
+    studies/<job_id>/<sop>.dcm        a sealed study = one job (no instance is added after sealing)
+    studies/<job_id>/job.json         the StudyJob document (rebuilt from the files if missing)
+    studies/<job_id>/published        marker: the broker confirmed the job (RabbitMQ path)
+    studies/<job_id>/attempts         deliveries so far (embedded queue's retry counter)
+    dead/<job_id>/...  + reason.txt   dead-lettered jobs, kept for an operator
+
+Who deletes what:
+
+- ``tmp/*``: :meth:`Spool.store_instance` removes its own file on failure;
+  anything left by a crash is removed when a :class:`Spool` is opened (it
+  was never acknowledged, so the peer still owns the instance).
+- ``incoming/<study>``: never deleted, only renamed by :meth:`seal_study`.
+- ``studies/<job_id>``: removed by :meth:`complete` once the results were
+  accepted (the workers' handler, and the embedded queue on ack), or moved
+  to ``dead/`` by :meth:`dead_letter`.
+- ``dead/``: never deleted by the service.
+
+Durability (PS3.4 B.2.3: a C-STORE success means the SCP has taken
+responsibility for the instance): an instance is written to ``tmp/``,
+flushed and fsynced, renamed into place and the directory fsynced before
+:meth:`store_instance` returns; only then may the SCP answer 0x0000.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError
+from service.schema import InstanceRef, StudyJob, is_valid_uid
+
+JOB_FILE = "job.json"
+PUBLISHED_MARKER = "published"
+ATTEMPTS_FILE = "attempts"
+REASON_FILE = "reason.txt"
+CALLING_AE_FILE = "calling_ae.json"
+INSTANCE_SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance that is durably on disk (fsynced file and directory)."""
+
+    path: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class UnsealedStudy:
+    """An ``incoming/`` study found at recovery, with its newest file mtime."""
+
+    study_uid: str
+    newest_mtime: float
+    instance_count: int
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory entry itself is on disk.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync dir."""
+    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def new_job_id(now: datetime | None = None) -> str:
+    """A sortable, unique job id: UTC timestamp plus 12 random hex digits."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{uuid.uuid4().hex[:12]}"
+
+
+class Spool:
+    """Filesystem-only durable store shared by listener and workers.
+
+    Thread-safe within one process: the rename of an instance into
+    ``incoming/<study>`` and the sealing rename of that directory take the
+    same lock, so an instance lands either in the sealed job or in a fresh
+    ``incoming/<study>`` that becomes the next job, never in between.
+    Only one listener process may write a spool.
+
+    Parameters
+    ----------
+    root
+        The spool directory; created with its subdirectories if missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.incoming_dir = self.root / "incoming"
+        self.studies_dir = self.root / "studies"
+        self.dead_dir = self.root / "dead"
+        for directory in (self.tmp_dir, self.incoming_dir, self.studies_dir, self.dead_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+    # --- listener side ------------------------------------------------------------
+
+    def store_instance(self, study_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+        """Durably store one received instance (DICOM PS3.10 file bytes).
+
+        A second instance with the same SOP Instance UID in the same
+        unsealed study replaces the first (a resend is a duplicate).
+
+        Raises
+        ------
+        InvalidInstance
+            If either UID is not a valid DICOM UID (PS3.5 §9.1): they become
+            path components, so a peer must not be able to steer them.
+        OSError
+            On any file system failure (``errno.ENOSPC`` for a full disk);
+            nothing is then visible under ``incoming/``.
+        """
+        for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_uid)):
+            if not is_valid_uid(uid):
+                raise InvalidInstance(f"{name} is not a valid UID: {uid[:80]!r}")
+        digest = hashlib.sha256(data).hexdigest()
+        tmp = self.tmp_dir / f"{sop_uid}.{uuid.uuid4().hex}.tmp"
+        try:
+            with tmp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with self._lock:
+                study_dir = self.incoming_dir / study_uid
+                created = not study_dir.exists()
+                study_dir.mkdir(exist_ok=True)
+                if created:
+                    _fsync_dir(self.incoming_dir)
+                final = study_dir / f"{sop_uid}{INSTANCE_SUFFIX}"
+                os.replace(tmp, final)
+                _fsync_dir(study_dir)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StoredInstance(path=final, sha256=digest)
+
+    def seal_study(
+        self,
+        study_uid: str,
+        calling_ae_titles: tuple[str, ...] = (),
+        now: datetime | None = None,
+    ) -> str | None:
+        """Seal ``incoming/<study_uid>`` into ``studies/<job_id>`` and write job.json.
+
+        Returns
+        -------
+        str or None
+            The new job id, or ``None`` if the study has no unsealed
+            instances (already sealed by an earlier call).
+
+        Raises
+        ------
+        PermanentError
+            If the sealed files do not make a valid StudyJob; the sealed
+            directory stays for the caller to dead-letter by job id, which
+            is then in ``exc.job_id``.
+        """
+        if not is_valid_uid(study_uid):
+            raise InvalidInstance(f"Study Instance UID is not a valid UID: {study_uid[:80]!r}")
+        job_id = new_job_id(now)
+        target = self.studies_dir / job_id
+        with self._lock:
+            source = self.incoming_dir / study_uid
+            if not source.is_dir():
+                return None
+            os.rename(source, target)
+            _fsync_dir(self.incoming_dir)
+            _fsync_dir(self.studies_dir)
+        if calling_ae_titles:
+            _write_durably(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode(), self.tmp_dir)
+        try:
+            job = self.build_job(job_id, created_at=now)
+        except BreastAIError as exc:
+            exc.job_id = job_id  # type: ignore[attr-defined]
+            raise
+        self.write_job(job)
+        return job_id
+
+    def write_job(self, job: StudyJob) -> Path:
+        """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""
+        job_dir = self._job_dir(job.job_id)
+        path = job_dir / JOB_FILE
+        _write_durably(path, job.to_json().encode("utf-8"), self.tmp_dir)
+        return path
+
+    def build_job(self, job_id: str, created_at: datetime | None = None) -> StudyJob:
+        """Build the StudyJob of a sealed directory from its files.
+
+        Reads each instance's header only (``stop_before_pixels``) for the
+        SOP Class / Instance, Series Instance UID and Modality, and hashes
+        the bytes. Paths are relative to the spool root.
+
+        Raises
+        ------
+        InvalidInstance
+            A file that does not parse as DICOM or lacks a required UID.
+        JobSchemaError
+            A directory without instances, or UIDs that disagree.
+        """
+        job_dir = self._job_dir(job_id)
+        refs: list[InstanceRef] = []
+        study_uids: set[str] = set()
+        for path in sorted(job_dir.glob(f"*{INSTANCE_SUFFIX}")):
+            data = path.read_bytes()
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+                raise InvalidInstance(f"{path.name}: not readable DICOM: {exc}") from exc
+            try:
+                refs.append(
+                    InstanceRef(
+                        path=path.relative_to(self.root).as_posix(),
+                        sha256=hashlib.sha256(data).hexdigest(),
+                        sop_class_uid=str(ds.get("SOPClassUID", "")),
+                        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                        modality=str(ds.get("Modality", "")),
+                    )
+                )
+            except JobSchemaError as exc:
+                raise InvalidInstance(f"{path.name}: {exc}") from exc
+            study_uids.add(str(ds.get("StudyInstanceUID", "")))
+        if not refs:
+            raise JobSchemaError(f"sealed job {job_id} holds no instances")
+        if len(study_uids) != 1:
+            raise JobSchemaError(f"sealed job {job_id} mixes {len(study_uids)} Study Instance UIDs")
+        calling: tuple[str, ...] = ()
+        ae_file = job_dir / CALLING_AE_FILE
+        if ae_file.is_file():
+            try:
+                calling = tuple(str(ae) for ae in json.loads(ae_file.read_text("utf-8")))
+            except ValueError:
+                calling = ()
+        if created_at is None:
+            # On rebuild the seal time is the directory's mtime (set by the rename).
+            created_at = datetime.fromtimestamp(job_dir.stat().st_mtime, timezone.utc)
+        return StudyJob(
+            job_id=job_id,
+            study_instance_uid=study_uids.pop(),
+            created_at=created_at.astimezone(timezone.utc).isoformat(),
+            instances=tuple(sorted(refs, key=lambda ref: ref.sop_instance_uid)),
+            calling_ae_titles=calling,
+        )
+
+    # --- recovery -----------------------------------------------------------------
+
+    def unsealed_studies(self) -> list[UnsealedStudy]:
+        """``incoming/`` studies with their newest instance mtime (seconds since epoch)."""
+        found: list[UnsealedStudy] = []
+        for study_dir in sorted(self.incoming_dir.iterdir()):
+            if not study_dir.is_dir() or not is_valid_uid(study_dir.name):
+                continue
+            mtimes = [p.stat().st_mtime for p in study_dir.glob(f"*{INSTANCE_SUFFIX}")]
+            if not mtimes:
+                continue
+            found.append(UnsealedStudy(study_dir.name, max(mtimes), len(mtimes)))
+        return found
+
+    def sealed_jobs(self) -> list[StudyJob]:
+        """Every job under ``studies/``, oldest first; job.json rebuilt if missing.
+
+        A job whose files cannot be rebuilt into a StudyJob is moved to
+        ``dead/`` with the reason (it can never succeed).
+        """
+        jobs: list[StudyJob] = []
+        for job_dir in sorted(self.studies_dir.iterdir()):
+            if not job_dir.is_dir():
+                continue
+            job_id = job_dir.name
+            try:
+                jobs.append(self.load_job(job_id))
+            except BreastAIError as exc:
+                self.dead_letter(job_id, f"unrecoverable sealed job: {exc}")
+        return jobs
+
+    def load_job(self, job_id: str) -> StudyJob:
+        """Read ``job.json`` of a sealed job, rebuilding it from the files when absent or unreadable."""
+        path = self._job_dir(job_id) / JOB_FILE
+        try:
+            job = StudyJob.from_json(path.read_bytes())
+            if job.job_id == job_id:
+                return job
+        except (FileNotFoundError, JobSchemaError):
+            pass
+        job = self.build_job(job_id)
+        self.write_job(job)
+        return job
+
+    # --- queue bookkeeping --------------------------------------------------------
+
+    def is_sealed(self, job_id: str) -> bool:
+        """Whether ``studies/<job_id>`` exists."""
+        return self._job_dir(job_id).is_dir()
+
+    def mark_published(self, job_id: str) -> None:
+        """Record that the broker confirmed the job (RabbitMQ path)."""
+        _write_durably(self._job_dir(job_id) / PUBLISHED_MARKER, b"", self.tmp_dir)
+
+    def is_published(self, job_id: str) -> bool:
+        """Whether :meth:`mark_published` was called for ``job_id``."""
+        return (self._job_dir(job_id) / PUBLISHED_MARKER).is_file()
+
+    def increment_attempts(self, job_id: str) -> int:
+        """Count one more delivery of ``job_id`` durably; return the new count."""
+        path = self._job_dir(job_id) / ATTEMPTS_FILE
+        try:
+            count = int(path.read_text("ascii").strip() or 0)
+        except (FileNotFoundError, ValueError):
+            count = 0
+        count += 1
+        _write_durably(path, str(count).encode("ascii"), self.tmp_dir)
+        return count
+
+    def verify(self, job: StudyJob) -> None:
+        """Check every referenced file still matches its sha256.
+
+        Raises
+        ------
+        IntegrityError
+            Naming the first missing or changed file.
+        """
+        for ref in job.instances:
+            path = self.root / ref.path
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                raise IntegrityError(f"spooled file is missing: {ref.path}") from None
+            if digest != ref.sha256:
+                raise IntegrityError(f"spooled file changed since sealing: {ref.path}")
+
+    def complete(self, job_id: str) -> bool:
+        """Remove a finished job's directory. Idempotent; returns whether it existed."""
+        job_dir = self._job_dir(job_id)
+        if not job_dir.exists():
+            return False
+        # Rename first so that a crash mid-delete never leaves a half job under studies/.
+        trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(job_dir, trash)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.studies_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def dead_letter(self, job_id: str, reason: str) -> Path | None:
+        """Move ``studies/<job_id>`` to ``dead/`` with ``reason.txt``.
+
+        Idempotent: returns the dead directory, or ``None`` if the job was
+        neither sealed nor already dead.
+        """
+        source = self._job_dir(job_id)
+        target = self.dead_dir / job_id
+        if source.is_dir():
+            if target.exists():
+                target = self.dead_dir / f"{job_id}.{int(time.time())}-{uuid.uuid4().hex[:6]}"
+            os.rename(source, target)
+            _fsync_dir(self.studies_dir)
+            _fsync_dir(self.dead_dir)
+        elif not target.is_dir():
+            return None
+        _write_durably(target / REASON_FILE, (reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
+        return target
+
+    def _job_dir(self, job_id: str) -> Path:
+        # Job ids come from messages too; keep them from naming paths outside studies/.
+        if not job_id or "/" in job_id or job_id in (".", "..") or "\x00" in job_id:
+            raise JobSchemaError(f"job id cannot name a spool directory: {job_id!r}")
+        return self.studies_dir / job_id

@@ -1,0 +1,105 @@
+"""When is a study complete? A pure decision core: no threads, no clock.
+
+DICOM has no "end of study" message: a Storage SCU sends instances over
+one or more associations (PS3.7 C-STORE, PS3.8 association release) and
+simply goes away. We call a study complete when
+
+- every association that delivered to it has ended (released, aborted, or
+  the connection closed) and no instance arrived for ``quiet_period_s``; or
+- no instance arrived for ``stable_age_s`` at all, whatever the
+  associations say (a peer that never releases must not hold a study
+  forever).
+
+Time is passed in by the caller (any monotonic clock), so every timing
+case is a plain unit test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Study:
+    last_seen: float
+    associations: set[str] = field(default_factory=set)
+
+
+class StudyTracker:
+    """Track studies being received and tell which are complete.
+
+    Parameters
+    ----------
+    quiet_period_s
+        Silence required after the last instance once all associations ended.
+    stable_age_s
+        Silence after which a study is complete regardless of associations.
+
+    Not thread-safe: the caller serialises calls (the dispatcher holds one lock).
+    """
+
+    def __init__(self, quiet_period_s: float, stable_age_s: float) -> None:
+        if quiet_period_s < 0 or stable_age_s < quiet_period_s:
+            raise ValueError(
+                f"need 0 <= quiet_period_s <= stable_age_s, got {quiet_period_s!r} and {stable_age_s!r}"
+            )
+        self.quiet_period_s = quiet_period_s
+        self.stable_age_s = stable_age_s
+        self._studies: dict[str, _Study] = {}
+        self._open: set[str] = set()
+
+    def instance_received(self, study_uid: str, association_id: str, now: float) -> None:
+        """An instance of ``study_uid`` was stored over ``association_id`` at ``now``."""
+        study = self._studies.get(study_uid)
+        if study is None:
+            study = self._studies[study_uid] = _Study(last_seen=now)
+        study.last_seen = max(study.last_seen, now)
+        study.associations.add(association_id)
+        self._open.add(association_id)
+
+    def association_released(self, association_id: str, now: float) -> None:
+        """``association_id`` ended (release, abort or closed connection).
+
+        Unknown ids are ignored (associations that stored nothing, or a
+        second end event for the same association).
+        """
+        self._open.discard(association_id)
+        for study in self._studies.values():
+            study.associations.discard(association_id)
+
+    def due(self, now: float) -> list[str]:
+        """Studies complete at ``now``, oldest last instance first."""
+        ready = []
+        for uid, study in self._studies.items():
+            silent = now - study.last_seen
+            released = not (study.associations & self._open)
+            if silent >= self.stable_age_s or (released and silent >= self.quiet_period_s):
+                ready.append((study.last_seen, uid))
+        return [uid for _, uid in sorted(ready)]
+
+    def forget(self, study_uid: str) -> None:
+        """Stop tracking ``study_uid`` (it was sealed). Unknown uids are ignored."""
+        self._studies.pop(study_uid, None)
+        still_used = set().union(*(s.associations for s in self._studies.values())) if self._studies else set()
+        self._open &= still_used
+
+    def restore(self, study_uid: str, last_seen: float) -> None:
+        """Re-enter a study found on disk at startup, with no open association.
+
+        Its associations died with the previous process, so only the quiet
+        period from ``last_seen`` stands between it and completion.
+        """
+        study = self._studies.get(study_uid)
+        if study is None:
+            self._studies[study_uid] = _Study(last_seen=last_seen)
+        else:
+            study.last_seen = max(study.last_seen, last_seen)
+
+    def tracked(self) -> list[str]:
+        """Every study being tracked (for status and tests)."""
+        return sorted(self._studies)
+
+    def last_seen(self, study_uid: str) -> float | None:
+        """When the newest instance of ``study_uid`` arrived, if tracked."""
+        study = self._studies.get(study_uid)
+        return None if study is None else study.last_seen

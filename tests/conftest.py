@@ -1,0 +1,157 @@
+"""Shared fixtures: free ports, a temporary spool, US test files, RabbitMQ."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (closed again before returning)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path
+
+
+def make_us_dataset(study_uid: str | None = None, sop_uid: str | None = None,
+                    series_uid: str | None = None) -> Dataset:
+    """A minimal valid US Image Storage data set: MONOCHROME2, 8-bit, 64x64."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = US_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "US"
+    ds.PatientName = "Test^Synthetic"
+    ds.PatientID = "SYNTH-0001"
+    ds.InstanceNumber = 1
+    ds.Rows = 64
+    ds.Columns = 64
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = (np.arange(64 * 64, dtype=np.uint32) % 251).astype(np.uint8).tobytes()
+    return ds
+
+
+def make_us_file(tmp_path: Path, study_uid: str | None = None, sop_uid: str | None = None,
+                 series_uid: str | None = None) -> Path:
+    """Write :func:`make_us_dataset` as a PS3.10 file under ``tmp_path``; returns its path."""
+    ds = make_us_dataset(study_uid, sop_uid, series_uid)
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- RabbitMQ -----------------------------------------------------------------------
+
+def _broker_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The local broker's URL; starts ``rabbitmq-server -detached`` if needed, else skips."""
+    if not _broker_answers():
+        if shutil.which("rabbitmq-server") is None:
+            pytest.skip("RabbitMQ is not running and rabbitmq-server is not installed")
+        subprocess.run(["rabbitmq-server", "-detached"], check=False, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while not _broker_answers():
+            if time.monotonic() > deadline:
+                pytest.skip("RabbitMQ did not come up within 60 s")
+            time.sleep(0.5)
+    import pika
+
+    # The port answering is not enough: the AMQP listener may still be booting.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+            return AMQP_URL
+        except Exception:
+            if time.monotonic() > deadline:
+                pytest.skip("RabbitMQ accepts TCP but not AMQP")
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def queue_name(rabbitmq_url: str) -> Iterator[str]:
+    """A unique queue name; the queue and its .dead / .dlx companions are deleted afterwards."""
+    import pika
+
+    name = f"breastai.test.{uuid.uuid4().hex[:10]}"
+    yield name
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+        channel = conn.channel()
+        for queue in (name, f"{name}.dead"):
+            channel.queue_delete(queue)
+        channel.exchange_delete(f"{name}.dlx")
+        conn.close()
+    except Exception:
+        pass
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes; returns the last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+@pytest.fixture
+def us_file() -> Callable[..., Path]:
+    """Fixture form of :func:`make_us_file` (robust to how tests are imported)."""
+    return make_us_file
+
+
+@pytest.fixture
+def us_dataset() -> Callable[..., Dataset]:
+    """Fixture form of :func:`make_us_dataset`."""
+    return make_us_dataset
+
+
+@pytest.fixture
+def wait() -> Callable[..., bool]:
+    """Fixture form of :func:`wait_until`."""
+    return wait_until

@@ -1,0 +1,208 @@
+"""Builders of synthetic but valid Ultrasound DICOM instances for tests.
+
+Every dataset is US Image Storage (or US Multi-frame Image Storage for a
+3D array) in Explicit VR Little Endian with a Part 10 file meta header, the
+Patient, General Study, General Series, US Region Calibration and US Image
+modules filled (PS3.3 A.59), and obviously synthetic names ("ANON^TEST").
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+if TYPE_CHECKING:
+    from models.findings import ImageAnalysis
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+US_MULTIFRAME_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+def make_us_dataset(
+    pixels: npt.NDArray[np.uint8],
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    spacing_mm: float | None = 0.1,
+    photometric: str = "MONOCHROME2",
+    patient_age: str | None = "052Y",
+) -> Dataset:
+    """Build a US image dataset around ``pixels``.
+
+    Parameters
+    ----------
+    pixels
+        uint8 array: (rows, columns) grayscale, (rows, columns, 3) RGB, or
+        (frames, rows, columns) grayscale for a multi-frame object.
+    study_uid, series_uid, sop_uid
+        UIDs; fresh random ones when ``None``.
+    spacing_mm
+        Isotropic pixel size written into one 2D ultrasound region covering
+        the whole frame (in cm, as PS3.3 C.8.5.5 requires); ``None`` writes
+        no region at all.
+    photometric
+        "MONOCHROME2", "MONOCHROME1" (pixels are stored as given) or "RGB"
+        (a 2D array is replicated into three equal channels).
+    patient_age
+        Patient's Age (AS), or ``None`` to leave it out.
+
+    Returns
+    -------
+    pydicom.Dataset
+        With ``file_meta`` set, ready for :func:`write_dataset`.
+    """
+    array = np.asarray(pixels)
+    if array.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8, got {array.dtype}")
+    if photometric == "RGB" and array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    multi_frame = photometric != "RGB" and array.ndim == 3
+    if photometric == "RGB" and array.ndim != 3:
+        raise ValueError(f"RGB needs a (rows, columns, 3) array, got {array.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
+        raise ValueError(f"unsupported photometric interpretation {photometric!r}")
+    rows, columns = (array.shape[1], array.shape[2]) if multi_frame else (array.shape[0], array.shape[1])
+
+    sop_class = US_MULTIFRAME_IMAGE_STORAGE if multi_frame else US_IMAGE_STORAGE
+    sop_uid = sop_uid or generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    # Value 3 is the anatomic region, value 4 the mode bitmap (0001 = 2D), PS3.3 C.8.5.6.1.1.
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "BREAST", "0001"]
+    ds.StudyDate = "20240101"
+    ds.SeriesDate = "20240101"
+    ds.ContentDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.SeriesTime = "120000"
+    ds.ContentTime = "120000"
+    ds.AccessionNumber = "ACC0001"
+    ds.Modality = "US"
+    ds.Manufacturer = "Synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "US BREAST (synthetic test)"
+    ds.SeriesDescription = "B-mode"
+    ds.PatientName = "ANON^TEST"
+    ds.PatientID = "TEST0001"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "F"
+    if patient_age is not None:
+        ds.PatientAge = patient_age
+    ds.BodyPartExamined = "BREAST"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.ImageLaterality = "L"
+
+    if spacing_mm is not None:
+        region = Dataset()
+        region.RegionSpatialFormat = 1  # 2D
+        region.RegionDataType = 1  # tissue
+        region.RegionFlags = 0
+        region.RegionLocationMinX0 = 0
+        region.RegionLocationMinY0 = 0
+        region.RegionLocationMaxX1 = columns - 1
+        region.RegionLocationMaxY1 = rows - 1
+        region.PhysicalUnitsXDirection = 3  # cm
+        region.PhysicalUnitsYDirection = 3
+        region.PhysicalDeltaX = spacing_mm / 10.0
+        region.PhysicalDeltaY = spacing_mm / 10.0
+        ds.SequenceOfUltrasoundRegions = [region]
+
+    ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+    ds.PhotometricInterpretation = photometric
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    if multi_frame:
+        ds.NumberOfFrames = array.shape[0]
+        ds.FrameIncrementPointer = 0x00181063  # Frame Time
+        ds.FrameTime = 50.0
+    ds.PixelData = np.ascontiguousarray(array).tobytes()
+    return ds
+
+
+def write_dataset(ds: Dataset, path: pathlib.Path | str) -> pathlib.Path:
+    """Write ``ds`` as a DICOM Part 10 file (preamble and file meta) and return the path."""
+    target = pathlib.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(target, ds, enforce_file_format=True)
+    return target
+
+
+def synthetic_breast_image(rows: int = 240, columns: int = 320, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """A speckled B-mode-like image with a dark oval "lesion" in the middle."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(110, 25, size=(rows, columns))
+    yy, xx = np.mgrid[0:rows, 0:columns]
+    lesion = ((xx - columns / 2) / (columns / 8)) ** 2 + ((yy - rows / 2) / (rows / 10)) ** 2 <= 1
+    image[lesion] = rng.normal(35, 8, size=int(lesion.sum()))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def square_lesion_analysis(
+    crop_shape: tuple[int, int],
+    *,
+    lesions: int = 1,
+    size: int | None = None,
+    probability: float = 0.87,
+) -> "ImageAnalysis":
+    """A fabricated pipeline result: ``lesions`` square lesions on a crop.
+
+    Squares of side ``size`` (default a fifth of the shorter side) sit on
+    the crop's diagonal; each has a closed outline, its bounding box, and a
+    CAM equal to 1 inside the square and 0 elsewhere.
+    """
+    from models.findings import ImageAnalysis, Lesion, ModelInfo
+
+    rows, columns = crop_shape
+    side = size or max(4, min(rows, columns) // 5)
+    found = []
+    for index in range(lesions):
+        x0 = y0 = min(rows, columns) // 8 + index * (side + 4)
+        x0, y0 = min(x0, columns - side - 1), min(y0, rows - side - 1)
+        x1, y1 = x0 + side, y0 + side
+        outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        cam = np.zeros((rows, columns), dtype=np.float32)
+        cam[y0:y1, x0:x1] = 1.0
+        found.append(Lesion(outline, (x0, y0, side, side), side * side, probability, cam))
+    return ImageAnalysis(
+        lesions=tuple(found),
+        segmenter=ModelInfo("breastai-seg-unet", "1.2.0", "a" * 64),
+        classifier=ModelInfo("breastai-cls-resnet", "3.4.1", "b" * 64),
+        image_shape=(rows, columns),
+    )
+
+
+def dciodvfy_errors(path: pathlib.Path) -> list[str]:
+    """Lines of dicom3tools' ``dciodvfy`` output that report an error.
+
+    Callers skip when the binary is missing (``shutil.which("dciodvfy")``).
+    """
+    import subprocess
+
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    return [line for line in output.splitlines() if "Error" in line]

@@ -1,0 +1,137 @@
+"""A breast US study sent by a real PACS (Orthanc) comes back into it as SR + heat-map overlays.
+
+Real components only: Orthanc started on free ports, the ``breastai``
+service as its own process, real DICOM over real sockets, dcmtk and
+dicom3tools checking what came back.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pydicom
+import pytest
+
+from tests.e2e.results import SC_CLASS, SR_CLASS, content_texts, dciodvfy_errors, download, dsrdump, instances_of_class, numeric_values, results_present
+from tests.integration.orthanc import OrthancServer
+
+pytestmark = pytest.mark.integration
+
+RESULT_TIMEOUT_S = 120.0
+
+
+def _start_pacs_and_service(orthanc_factory: Callable[..., OrthancServer], service_factory: Callable[..., Any], free_ports: Callable[[int], list[int]], tmp_path: Path, quiet_period: float = 1.0) -> tuple[OrthancServer, Any, int, int]:
+    port, metrics_port = free_ports(2)
+    pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
+    service = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period))
+    service.wait_for_echo(port)
+    return pacs, service, port, metrics_port
+
+
+def _serve_args(port: int, metrics_port: int, pacs: OrthancServer, tmp_path: Path, quiet_period: float) -> list[str]:
+    return [
+        "--port", str(port),
+        "--ae-title", "BREASTAI",
+        "--destination", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
+        "--quiet-period", str(quiet_period),
+        "--spool-dir", str(tmp_path / "spool"),
+        "--metrics-port", str(metrics_port),
+    ]
+
+
+def _upload_study(pacs: OrthancServer, folder: Path) -> tuple[str, list[str], set[str]]:
+    ids = [pacs.upload(path) for path in sorted(folder.glob("*.dcm"))]
+    sources = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in folder.glob("*.dcm")}
+    study_uid = str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    return study_uid, ids, sources
+
+
+def _metric(metrics_port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+
+
+def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, service_factory, free_ports, sample_study: Path, tmp_path: Path) -> None:
+    pacs, service, _, metrics_port = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    study_uid, ids, sources = _upload_study(pacs, sample_study)
+
+    pacs.send_to_modality("BREASTAI", ids)
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(sources)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="SR and overlays in Orthanc")
+
+    reports = instances_of_class(pacs, study_uid, SR_CLASS)
+    overlays = instances_of_class(pacs, study_uid, SC_CLASS)
+    assert len(reports) == 1 and len(overlays) == len(sources)
+
+    report = download(pacs, reports[0])
+    assert report.StudyInstanceUID == study_uid
+    evidence = {str(i.ReferencedSOPInstanceUID) for s in report.CurrentRequestedProcedureEvidenceSequence for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    assert evidence == sources
+    texts = content_texts(report)
+    assert any("BreastAI" in t for t in texts), "algorithm identification (TID 4019) names the model"
+    probabilities = numeric_values(report, "Probability of cancer")
+    lesion_groups = [t for t in texts if t.startswith("Lesion")]
+    if probabilities:
+        assert all(0.0 <= p <= 1.0 for p in probabilities)
+    else:
+        assert any("no lesion" in t.lower() for t in texts), "a report without lesions must say so"
+    assert len(probabilities) == len(lesion_groups)
+
+    report_path = tmp_path / "report.dcm"
+    report.save_as(report_path)
+    assert dciodvfy_errors(report_path) == []
+    dump = dsrdump(report_path)
+    assert "Imaging Measurement Report" in dump
+
+    for overlay_instance in overlays:
+        overlay = download(pacs, overlay_instance)
+        assert overlay.StudyInstanceUID == study_uid
+        assert overlay.SamplesPerPixel == 3 and overlay.BurnedInAnnotation == "YES"
+        assert str(overlay.SourceImageSequence[0].ReferencedSOPInstanceUID) in sources
+        overlay_path = tmp_path / f"{overlay.SOPInstanceUID}.dcm"
+        overlay.save_as(overlay_path)
+        assert dciodvfy_errors(overlay_path) == []
+
+    assert _metric(metrics_port, "breastai_instances_received_total") == len(sources)
+    assert _metric(metrics_port, "breastai_jobs_done_total") == 1
+
+
+def test_listener_killed_after_acknowledging_still_delivers(orthanc_factory, service_factory, free_ports, sample_study: Path, storescu_bin: str, tmp_path: Path) -> None:
+    """SIGKILL right after 0x0000 (before the quiet period ends); a restart must still produce the results."""
+    port, metrics_port = free_ports(2)
+    pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
+    # A quiet period far longer than the test: the study cannot be dispatched before the kill.
+    first = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=600), {"BREASTAI_STABLE_AGE_S": "900"})
+    first.wait_for_echo(port)
+    files = sorted(str(p) for p in sample_study.glob("*.dcm"))
+    sent = subprocess.run([storescu_bin, "-aec", "BREASTAI", "-aet", "MODALITY", "127.0.0.1", str(port), *files], capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert pacs.study_id(study_uid) is None, "nothing reached the PACS before the crash"
+    second = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1))
+    second.wait_for_echo(port)
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(files)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results after restart")
+    assert len(instances_of_class(pacs, study_uid, SR_CLASS)) == 1
+
+
+def test_split_listen_and_work_over_rabbitmq(orthanc_factory, service_factory, free_ports, sample_study: Path, rabbitmq_url: str, queue_name: str, tmp_path: Path) -> None:
+    """``breastai listen`` and ``breastai work`` as separate processes, joined by the real broker."""
+    port, listen_metrics, work_metrics = free_ports(3)
+    pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
+    env = {"BREASTAI_QUEUE": "rabbitmq", "BREASTAI_AMQP_URL": rabbitmq_url, "BREASTAI_QUEUE_NAME": queue_name}
+    common = ["--spool-dir", str(tmp_path / "spool"), "--destination", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"]
+    worker = service_factory("work", [*common, "--metrics-port", str(work_metrics)], env)
+    listener = service_factory("listen", [*common, "--port", str(port), "--quiet-period", "1", "--metrics-port", str(listen_metrics)], env)
+    listener.wait_for_echo(port)
+    study_uid, ids, sources = _upload_study(pacs, sample_study)
+
+    pacs.send_to_modality("BREASTAI", ids)
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(sources)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results via RabbitMQ")
+    assert worker.process is not None and worker.process.poll() is None
+    assert _metric(work_metrics, "breastai_jobs_done_total") == 1

@@ -1,0 +1,388 @@
+"""StudyListener against real SCUs (dcmtk and pynetdicom) on free ports.
+
+Covers PS3.7 C-ECHO / C-STORE, PS3.8 association negotiation (calling AE
+allow-list, presentation contexts) and the PS3.4 B.2.3 failure statuses.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, UltrasoundImageStorage, Verification  # type: ignore[attr-defined]
+
+from service.dispatcher import Dispatcher
+from service.listener import StudyListener
+from service.queue.embedded import EmbeddedJobQueue
+from service.schema import StudyJob
+from service.settings import Settings
+from service.spool import Spool
+
+pytestmark = pytest.mark.integration
+
+SCP_AE = "BREASTAI"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class Service:
+    settings: Settings
+    spool: Spool
+    queue: EmbeddedJobQueue
+    dispatcher: Dispatcher
+    listener: StudyListener
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def incoming(self) -> list[Path]:
+        return sorted((self.spool.root / "incoming").rglob("*.dcm"))
+
+    def jobs(self) -> list[StudyJob]:
+        # Only jobs the dispatcher finished sealing (job.json written); never
+        # rebuild a half-sealed one from here, that would race the dispatcher.
+        return [StudyJob.from_json((p / "job.json").read_bytes())
+                for p in sorted((self.spool.root / "studies").iterdir()) if (p / "job.json").is_file()]
+
+
+@pytest.fixture
+def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def start(**overrides: object) -> Service:
+        values: dict[str, object] = dict(port=port, bind_address="127.0.0.1", quiet_period_s=0.3,
+                                         stable_age_s=30.0, spool_dir=spool_dir, metrics_port=0)
+        values.update(overrides)
+        settings = Settings(**values)  # type: ignore[arg-type]
+        spool = Spool(settings.spool_dir)
+        queue = EmbeddedJobQueue(settings, spool, recover=False)
+        dispatcher = Dispatcher(settings, spool, queue, tick_s=0.05)
+        dispatcher.recover()
+        dispatcher.start()
+        listener = StudyListener(settings, spool, dispatcher)
+        listener.start()
+        service = Service(settings, spool, queue, dispatcher, listener)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.listener.stop()
+        service.dispatcher.stop()
+        service.queue.close()
+
+
+def scu(ae_title: str = "TESTSCU", *contexts: str) -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    for context in contexts or (UltrasoundImageStorage,):
+        ae.add_requested_context(context, ExplicitVRLittleEndian)
+    return ae
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
+    """A PS3.10 file with valid meta information and an arbitrary data set body."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path.write_bytes(buffer.getvalue() + body)
+    return path
+
+
+def dataset_body(ds: Dataset) -> bytes:
+    """The encoded data set after the file meta information."""
+    data = encode(ds)
+    marker = data.index(b"DICM") + 4
+    # Group 0002 length is in the first element after the prefix: skip the meta group.
+    group_length = int.from_bytes(data[marker + 8:marker + 12], "little")
+    return data[marker + 12 + group_length:]
+
+
+@pytest.fixture
+def send_raw_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``send_c_store(path)`` send the file's bytes undecoded (pynetdicom >= 2.0).
+
+    Without it pynetdicom decodes the file first and refuses or repairs
+    exactly the malformed data sets these tests need to deliver.
+    """
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+
+
+@needs_dcmtk
+def test_echoscu(start_service: Callable[..., Service]) -> None:
+    service = start_service()
+    result = subprocess.run(["echoscu", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pynetdicom_echo(start_service: Callable[..., Service]) -> None:
+    service = start_service()
+    assoc = scu("TESTSCU", Verification).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status.Status == 0x0000
+
+
+@needs_dcmtk
+def test_storescu_stores_into_spool_and_study_becomes_job(
+    start_service: Callable[..., Service], tmp_path: Path, us_file: Callable[..., Path], wait: Callable[..., bool]
+) -> None:
+    service = start_service()
+    study = generate_uid()
+    files = [us_file(tmp_path, study_uid=study) for _ in range(2)]
+    result = subprocess.run(
+        ["storescu", "-v", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port), *map(str, files)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Received Store Response (Success)") == 2, result.stderr
+    assert wait(lambda: len(service.jobs()) == 1, 5)
+    [job] = service.jobs()
+    assert job.study_instance_uid == study
+    assert job.calling_ae_titles == ("TESTSCU",)
+    assert sorted(Path(ref.path).name for ref in job.instances) == sorted(f.name for f in files)
+    service.spool.verify(job)
+    assert wait(lambda: service.spool.is_published(job.job_id), 5)
+    assert service.queue.pending() == 1
+
+
+def test_pynetdicom_store_is_durable_before_success(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    service = start_service()
+    ds = us_dataset()
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assert status.Status == 0x0000
+    # Success was sent, so the instance is already in the spool (fsynced) ...
+    stored = service.spool.root / "incoming" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert stored.is_file()
+    time.sleep(0.5)
+    # ... and the study is not complete while the association is open.
+    assert service.jobs() == []
+    assoc.release()
+    assert wait(lambda: len(service.jobs()) == 1, 5)
+    assert not stored.exists()
+
+
+def test_disallowed_calling_ae_is_rejected(start_service: Callable[..., Service]) -> None:
+    service = start_service(allowed_ae=("GOODSCU",))
+    bad = scu("BADSCU", Verification).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert bad.is_rejected
+    good = scu("GOODSCU", Verification).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert good.is_established
+    good.release()
+    if shutil.which("echoscu"):
+        result = subprocess.run(["echoscu", "-aet", "BADSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
+                                capture_output=True, text=True, timeout=20)
+        assert result.returncode != 0
+        assert "Rejected" in result.stderr or "rejected" in result.stderr.lower(), result.stderr
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(
+    start_service: Callable[..., Service], tmp_path: Path
+) -> None:
+    service = start_service()
+    assoc = scu("TESTSCU", CTImageStorage).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    # The SCP rejects the only proposed context (PS3.8 §9.3.3.2 result 3,
+    # abstract syntax not supported), so there is nothing to send on.
+    assert not assoc.accepted_contexts
+    if assoc.is_established:
+        assoc.abort()
+    if shutil.which("storescu"):
+        ct = Dataset()
+        ct.file_meta = FileMetaDataset()
+        ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ct.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ct.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ct.SOPClassUID = CTImageStorage
+        ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID
+        ct.StudyInstanceUID = generate_uid()
+        ct.SeriesInstanceUID = generate_uid()
+        ct.Modality = "CT"
+        path = tmp_path / "ct.dcm"
+        ct.save_as(path, enforce_file_format=True)
+        result = subprocess.run(
+            ["storescu", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port), str(path)],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert "no presentation context" in result.stderr.lower() or "no acceptable presentation" in result.stderr.lower(), result.stderr
+    assert service.incoming() == []
+
+
+@pytest.mark.usefixtures("send_raw_files")
+def test_bad_payloads_fail_and_listener_keeps_serving(
+    start_service: Callable[..., Service], tmp_path: Path, us_dataset: Callable[..., Dataset],
+    us_file: Callable[..., Path],
+) -> None:
+    service = start_service()
+    good = us_file(tmp_path)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:-700])
+    garbage = raw_file(tmp_path / "garbage.dcm", UltrasoundImageStorage, generate_uid(),
+                       b"this is not a DICOM data set at all, just text" * 20)
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.is_established
+    truncated_status = assoc.send_c_store(truncated)
+    garbage_status = assoc.send_c_store(garbage)
+    ok_status = assoc.send_c_store(us_dataset())  # same association keeps working
+    assoc.release()
+    assert truncated_status.Status == 0xC210
+    assert garbage_status.Status in (0xC210, 0xA900)
+    assert ok_status.Status == 0x0000
+    assert len(service.incoming()) == 1
+    # A fresh association works too.
+    again = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert again.send_c_store(us_dataset()).Status == 0x0000
+    again.release()
+
+
+@pytest.mark.usefixtures("send_raw_files")
+def test_dataset_errors_get_a900(
+    start_service: Callable[..., Service], tmp_path: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    service = start_service()
+    no_study = us_dataset()
+    del no_study.StudyInstanceUID
+    bad_study = us_dataset()
+    bad_study.StudyInstanceUID = "1.2.3/../../etc"
+    wrong_class = us_dataset()
+    wrong_class.SOPClassUID = SECONDARY_CAPTURE  # body says SC, context says US
+    files = []
+    for index, ds in enumerate((no_study, bad_study, wrong_class)):
+        files.append(raw_file(tmp_path / f"bad{index}.dcm", UltrasoundImageStorage, ds.SOPInstanceUID,
+                              dataset_body(ds)))
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    statuses = [assoc.send_c_store(path).Status for path in files]
+    assoc.release()
+    assert statuses == [0xA900, 0xA900, 0xA900]
+    assert service.incoming() == []
+    assert not any((service.spool.root / "incoming").iterdir())
+
+
+def test_oversized_instance_gets_a700(start_service: Callable[..., Service], us_dataset: Callable[..., Dataset]) -> None:
+    service = start_service(max_instance_mb=1)
+    ds = us_dataset()
+    ds.Rows, ds.Columns = 1100, 1024
+    ds.PixelData = np.zeros((1100, 1024), dtype=np.uint8).tobytes()
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA700
+    assert service.incoming() == []
+
+
+def test_abort_counts_as_release(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    service = start_service()
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.send_c_store(us_dataset()).Status == 0x0000
+    assoc.abort()
+    assert wait(lambda: len(service.jobs()) == 1, 5)
+
+
+def test_restart_recovers_unsealed_study(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    first = start_service(quiet_period_s=30.0, stable_age_s=60.0)
+    ds = us_dataset()
+    assoc = scu().associate("127.0.0.1", first.port, ae_title=SCP_AE)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    first.listener.stop()
+    first.dispatcher.stop()  # the process "dies" long before the quiet period ends
+    assert first.jobs() == []
+    second = start_service(quiet_period_s=0.3)  # same spool; recover() re-tracks the study
+    assert wait(lambda: len(second.jobs()) == 1, 5)
+    assert second.jobs()[0].study_instance_uid == ds.StudyInstanceUID
+
+
+class FlakyQueue:
+    """A JobQueue whose broker is down for the first ``failures`` publishes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.published: list[str] = []
+
+    def publish(self, job: StudyJob) -> None:
+        from service.errors import QueueUnavailable
+
+        if self.failures:
+            self.failures -= 1
+            raise QueueUnavailable("broker down")
+        self.published.append(job.job_id)
+
+    def consume(self, handler: Callable[[StudyJob], None], stop: object) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+def test_dispatcher_retries_publish_and_recovers_unpublished(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    clock = [1000.0]
+    settings = Settings(quiet_period_s=1.0, stable_age_s=10.0, spool_dir=spool_dir, metrics_port=0)
+    spool = Spool(spool_dir)
+    queue = FlakyQueue(failures=2)
+    dispatcher = Dispatcher(settings, spool, queue, publish_backoff_s=1.0, clock=lambda: clock[0])
+    ds = us_dataset()
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, encode(ds))
+    dispatcher.instance_stored(ds.StudyInstanceUID, "assoc-1", calling_ae="US1")
+    dispatcher.association_released("assoc-1")
+    assert dispatcher.tick() == []  # quiet period not over
+    clock[0] += 1.0
+    assert dispatcher.tick() == []  # sealed, first publish fails
+    [job_id] = dispatcher.pending_publish()
+    assert spool.is_sealed(job_id) and not spool.is_published(job_id)
+    assert dispatcher.tick() == []  # backing off: no attempt yet
+    clock[0] += 1.0
+    assert dispatcher.tick() == []  # second failure, backoff doubles
+    clock[0] += 1.0
+    assert dispatcher.tick() == []
+    clock[0] += 1.0
+    assert dispatcher.tick() == [job_id]
+    assert queue.published == [job_id] and spool.is_published(job_id)
+    assert spool.load_job(job_id).calling_ae_titles == ("US1",)
+
+    # A job sealed by a process that died before its publish was confirmed:
+    ds2 = us_dataset()
+    spool.store_instance(ds2.StudyInstanceUID, ds2.SOPInstanceUID, encode(ds2))
+    orphan = spool.seal_study(ds2.StudyInstanceUID)
+    restarted_queue = FlakyQueue(failures=0)
+    restarted = Dispatcher(settings, Spool(spool_dir), restarted_queue, clock=lambda: clock[0])
+    restarted.recover()
+    assert restarted.tick() == [orphan]  # the confirmed one is not republished
+    assert restarted_queue.published == [orphan]

@@ -1,0 +1,62 @@
+"""The bundled reference models: checksums enforced, served by ONNX Runtime without torch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.pipeline import load_bmode_pipeline
+from models.registry import BUNDLED_MODEL_DIR, ModelRegistryError, read_manifest, sha256_of
+
+
+def test_manifest_lists_both_models_with_matching_checksums() -> None:
+    entries = read_manifest()
+    assert set(entries) >= {"us_segmenter", "us_classifier"}
+    for entry in entries.values():
+        assert sha256_of(BUNDLED_MODEL_DIR / entry.file) == entry.sha256
+        assert entry.version and entry.name
+
+
+def test_a_tampered_model_file_is_refused(tmp_path: Path) -> None:
+    for item in BUNDLED_MODEL_DIR.iterdir():
+        shutil.copy(item, tmp_path / item.name)
+    target = tmp_path / read_manifest()["us_classifier"].file
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ModelRegistryError, match="sha256"):
+        load_bmode_pipeline(tmp_path)
+
+
+def test_missing_manifest_says_how_to_get_models(tmp_path: Path) -> None:
+    with pytest.raises(ModelRegistryError, match="make train"):
+        load_bmode_pipeline(tmp_path)
+
+
+def test_pipeline_finds_scores_and_explains_a_synthetic_lesion() -> None:
+    # A dark oval on speckled tissue: the textbook appearance of a hypoechoic mass.
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(120, 25, (300, 400)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:300, :400]
+    inside = ((xx - 200) / 60.0) ** 2 + ((yy - 150) / 35.0) ** 2 <= 1
+    image[inside] = np.clip(rng.normal(30, 8, inside.sum()), 0, 255).astype(np.uint8)
+    analysis = load_bmode_pipeline().analyse(image)
+    assert analysis.image_shape == (300, 400)
+    for lesion in analysis.lesions:
+        assert 0.0 <= lesion.malignancy_probability <= 1.0
+        assert lesion.cam.shape == (300, 400) and 0.0 <= lesion.cam.min() and lesion.cam.max() <= 1.0
+        assert np.array_equal(lesion.outline_xy[0], lesion.outline_xy[-1])
+    assert analysis.lesions, "the segmenter should outline an obvious hypoechoic mass"
+    x, y, w, h = analysis.lesions[0].bbox_xywh
+    assert x <= 200 <= x + w and y <= 150 <= y + h
+
+
+def test_pipeline_handles_a_blank_and_a_tiny_image() -> None:
+    pipeline = load_bmode_pipeline()
+    for shape in ((64, 64), (3, 5)):
+        analysis = pipeline.analyse(np.zeros(shape, np.uint8))
+        assert analysis.image_shape == shape
+        assert all(lesion.cam.shape == shape for lesion in analysis.lesions)

@@ -1,0 +1,248 @@
+"""Spool durability: nothing partial is ever visible, sealing is atomic."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from service.errors import InvalidInstance, JobSchemaError
+from service.schema import StudyJob
+from service.spool import Spool
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+def encoded(make: Callable[..., Dataset], study_uid: str = STUDY, sop_uid: str | None = None) -> tuple[str, bytes]:
+    import io
+
+    ds = make(study_uid=study_uid, sop_uid=sop_uid)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return str(ds.SOPInstanceUID), buffer.getvalue()
+
+
+def visible_files(spool: Spool) -> list[Path]:
+    return [p for p in (spool.root / "incoming").rglob("*") if p.is_file()]
+
+
+def test_store_instance_layout_and_hash(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    import hashlib
+
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    stored = spool.store_instance(STUDY, sop, data)
+    assert stored.path == spool_dir / "incoming" / STUDY / f"{sop}.dcm"
+    assert stored.path.read_bytes() == data
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert list((spool_dir / "tmp").iterdir()) == []
+
+
+def test_same_sop_twice_overwrites(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    spool.store_instance(STUDY, sop, data)
+    spool.store_instance(STUDY, sop, data + b"")
+    assert len(visible_files(spool)) == 1
+
+
+@pytest.mark.parametrize(("study", "sop"), [("../../etc", "1.2"), (STUDY, "../x"), (STUDY, "1.2/3"), ("", "1.2")])
+def test_peer_cannot_steer_paths(spool_dir: Path, study: str, sop: str) -> None:
+    spool = Spool(spool_dir)
+    with pytest.raises(InvalidInstance):
+        spool.store_instance(study, sop, b"data")
+    assert visible_files(spool) == []
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_write_leaves_nothing_visible(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, failing: str, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError) as info:
+        spool.store_instance(STUDY, sop, data)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert visible_files(spool) == []
+    assert list((spool_dir / "tmp").iterdir()) == []
+
+
+def test_failed_write_midway_keeps_earlier_version(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    spool.store_instance(STUDY, sop, data)
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def fail_first(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_first)
+    with pytest.raises(OSError):
+        spool.store_instance(STUDY, sop, b"partial")
+    assert (spool_dir / "incoming" / STUDY / f"{sop}.dcm").read_bytes() == data
+
+
+def test_stale_tmp_files_are_cleaned_on_open(spool_dir: Path) -> None:
+    (spool_dir / "tmp").mkdir()
+    (spool_dir / "tmp" / "leftover.tmp").write_bytes(b"half")
+    Spool(spool_dir)
+    assert list((spool_dir / "tmp").iterdir()) == []
+
+
+def test_seal_builds_job(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    spool = Spool(spool_dir)
+    sops = []
+    for _ in range(3):
+        sop, data = encoded(us_dataset)
+        spool.store_instance(STUDY, sop, data)
+        sops.append(sop)
+    job_id = spool.seal_study(STUDY, ("US1", "US1", "US2"))
+    assert job_id is not None
+    assert not (spool_dir / "incoming" / STUDY).exists()
+    job = StudyJob.from_json((spool_dir / "studies" / job_id / "job.json").read_bytes())
+    assert job.job_id == job_id
+    assert job.study_instance_uid == STUDY
+    assert [ref.sop_instance_uid for ref in job.instances] == sorted(sops)
+    assert all(ref.path.startswith(f"studies/{job_id}/") and ref.modality == "US" for ref in job.instances)
+    assert job.calling_ae_titles == ("US1", "US2")
+    spool.verify(job)
+    assert spool.seal_study(STUDY) is None  # nothing left to seal
+
+
+def test_seal_of_unknown_study_is_none(spool_dir: Path) -> None:
+    assert Spool(spool_dir).seal_study("1.2.3") is None
+
+
+def test_seal_vs_concurrent_store_race(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    """Every stored instance ends in exactly one sealed job; none is lost in between."""
+    spool = Spool(spool_dir)
+    payloads = [encoded(us_dataset) for _ in range(60)]
+    stored: list[str] = []
+    job_ids: list[str] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        for sop, data in payloads:
+            spool.store_instance(STUDY, sop, data)
+            stored.append(sop)
+        done.set()
+
+    def sealer() -> None:
+        while not done.is_set():
+            job_id = spool.seal_study(STUDY)
+            if job_id:
+                job_ids.append(job_id)
+        job_id = spool.seal_study(STUDY)
+        if job_id:
+            job_ids.append(job_id)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=sealer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    sealed = sorted(ref.sop_instance_uid for job_id in job_ids for ref in spool.load_job(job_id).instances)
+    assert sealed == sorted(stored) == sorted(sop for sop, _ in payloads)
+    assert not (spool_dir / "incoming" / STUDY).exists()
+
+
+def test_sealed_jobs_rebuilds_missing_job_json(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    spool.store_instance(STUDY, sop, data)
+    job_id = spool.seal_study(STUDY)
+    assert job_id
+    (spool_dir / "studies" / job_id / "job.json").unlink()
+    jobs = spool.sealed_jobs()
+    assert [job.job_id for job in jobs] == [job_id]
+    assert jobs[0].instances[0].sop_instance_uid == sop
+    assert (spool_dir / "studies" / job_id / "job.json").is_file()
+
+
+def test_unrebuildable_sealed_job_goes_dead(spool_dir: Path) -> None:
+    spool = Spool(spool_dir)
+    junk = spool_dir / "studies" / "20250101T000000Z-deadbeef0000"
+    junk.mkdir()
+    (junk / "1.2.3.dcm").write_bytes(b"not dicom")
+    assert spool.sealed_jobs() == []
+    assert "not readable DICOM" in (spool_dir / "dead" / junk.name / "reason.txt").read_text()
+
+
+def test_unsealed_studies_report_newest_mtime(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    spool = Spool(spool_dir)
+    first = spool.store_instance(STUDY, *encoded(us_dataset))
+    second = spool.store_instance(STUDY, *encoded(us_dataset))
+    os.utime(first.path, (1000.0, 1000.0))
+    os.utime(second.path, (2000.0, 2000.0))
+    [study] = spool.unsealed_studies()
+    assert (study.study_uid, study.newest_mtime, study.instance_count) == (STUDY, 2000.0, 2)
+
+
+def test_complete_dead_letter_and_markers(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    spool = Spool(spool_dir)
+    spool.store_instance(STUDY, *encoded(us_dataset))
+    job_a = spool.seal_study(STUDY)
+    spool.store_instance(STUDY, *encoded(us_dataset))
+    job_b = spool.seal_study(STUDY)
+    assert job_a and job_b and job_a != job_b
+    assert not spool.is_published(job_a)
+    spool.mark_published(job_a)
+    assert spool.is_published(job_a)
+    assert spool.increment_attempts(job_a) == 1
+    assert spool.increment_attempts(job_a) == 2
+    assert spool.complete(job_a) is True
+    assert spool.complete(job_a) is False  # idempotent
+    assert not (spool_dir / "studies" / job_a).exists()
+    dead = spool.dead_letter(job_b, "PermanentError: undecodable pixels")
+    assert dead == spool_dir / "dead" / job_b
+    assert (dead / "reason.txt").read_text().strip() == "PermanentError: undecodable pixels"
+    assert not spool.is_sealed(job_b)
+    assert spool.dead_letter("20990101T000000Z-000000000000", "x") is None
+    with pytest.raises(JobSchemaError):
+        spool.complete("../incoming")
+
+
+def test_verify_detects_changed_file(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    from service.errors import IntegrityError
+
+    spool = Spool(spool_dir)
+    stored = spool.store_instance(STUDY, *encoded(us_dataset))
+    job_id = spool.seal_study(STUDY)
+    assert job_id
+    job = spool.load_job(job_id)
+    (spool_dir / job.instances[0].path).write_bytes(b"tampered")
+    with pytest.raises(IntegrityError):
+        spool.verify(job)
+    assert not stored.path.exists()
+
+
+def test_seal_of_file_without_series_uid_is_permanent(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    import io
+
+    spool = Spool(spool_dir)
+    ds = us_dataset(study_uid=STUDY)
+    del ds.SeriesInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    spool.store_instance(STUDY, str(ds.SOPInstanceUID), buffer.getvalue())
+    with pytest.raises(InvalidInstance) as info:
+        spool.seal_study(STUDY)
+    job_id = getattr(info.value, "job_id")
+    assert spool.is_sealed(job_id)  # left for the caller to dead-letter by id

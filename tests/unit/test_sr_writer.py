@@ -1,0 +1,221 @@
+"""workers.sr_writer: the TID 1500 report, checked by content and by dciodvfy/dsrdump."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import subprocess
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from models.findings import ImageAnalysis
+from tests.dicom_factory import (
+    dciodvfy_errors,
+    make_us_dataset,
+    square_lesion_analysis,
+    synthetic_breast_image,
+    write_dataset,
+)
+from workers.dicom_reader import SourceFrame, read_frames
+from workers.sr_writer import AnalysedFrame, ReportContext, build_report, closed_outline
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+SR_SERIES = "1.2.826.0.1.3680043.8.498.2"
+SR_SOP = "1.2.826.0.1.3680043.8.498.3"
+
+
+@pytest.fixture()
+def study(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Three instances of one study: single-frame, multi-frame, and one never analysed."""
+    single = make_us_dataset(synthetic_breast_image(), study_uid=STUDY, spacing_mm=0.1)
+    single.ImageLaterality = "R"
+    multi = make_us_dataset(np.stack([synthetic_breast_image(seed=s) for s in range(3)]), study_uid=STUDY, spacing_mm=None)
+    other = make_us_dataset(synthetic_breast_image(seed=7), study_uid=STUDY)
+    return {
+        "single": write_dataset(single, tmp_path / "single.dcm"),
+        "multi": write_dataset(multi, tmp_path / "multi.dcm"),
+        "other": write_dataset(other, tmp_path / "other.dcm"),
+    }
+
+
+def _evidence(study: dict[str, pathlib.Path]) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in study.values()]
+
+
+def _with_region(frame: SourceFrame, xywh: tuple[int, int, int, int]) -> SourceFrame:
+    return dataclasses.replace(frame, scan_region_xywh=xywh)
+
+
+def _report(study: dict[str, pathlib.Path], *, lesions: bool = True) -> tuple[hd.sr.Comprehensive3DSR, list[AnalysedFrame]]:
+    single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
+    multi = read_frames(study["multi"])[0]
+    with_lesion = square_lesion_analysis((220, 280), size=30, probability=0.87)
+    if not lesions:
+        with_lesion = ImageAnalysis((), with_lesion.segmenter, with_lesion.classifier, (220, 280))
+    empty = ImageAnalysis((), with_lesion.segmenter, with_lesion.classifier, multi.pixels.shape)
+    analysed = [AnalysedFrame(single, with_lesion), AnalysedFrame(multi, empty)]
+    sr = build_report(analysed, _evidence(study), SR_SERIES, SR_SOP, ReportContext())
+    return sr, analysed
+
+
+def _groups(sr: hd.sr.Comprehensive3DSR) -> list[pydicom.Dataset]:
+    [imaging] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(imaging.ContentSequence)
+
+
+def _items(group: pydicom.Dataset, code_value: str) -> list[pydicom.Dataset]:
+    return [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code_value]
+
+
+def test_header_patient_study_and_evidence(study: dict[str, pathlib.Path]) -> None:
+    sr, _ = _report(study)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert (sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID) == (STUDY, SR_SERIES, SR_SOP)
+    assert str(sr.PatientName) == "ANON^TEST" and sr.PatientID == "TEST0001"
+    assert sr.SeriesDescription == "BreastAI report (advisory)"
+    assert sr.SeriesNumber == 9901 and sr.InstanceNumber == 1
+    assert (sr.PreliminaryFlag, sr.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    listed = {
+        ref.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    # Every instance of the study, including the one that was never analysed.
+    assert listed == {str(ds.SOPInstanceUID) for ds in _evidence(study)}
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+
+def test_lesion_group_content(study: dict[str, pathlib.Path]) -> None:
+    sr, analysed = _report(study)
+    lesion_group, empty_group = _groups(sr)
+    assert lesion_group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
+    [tracking] = _items(lesion_group, "112039")
+    assert tracking.TextValue == "Lesion 1"
+    [finding] = _items(lesion_group, "121071")
+    assert finding.ConceptCodeSequence[0].CodeValue == "4147007"
+    [site] = _items(lesion_group, "363698007")
+    assert site.ConceptCodeSequence[0].CodeValue == "76752008"
+    assert site.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "24028007"  # right
+    [probability] = _items(lesion_group, "111047")
+    value = probability.MeasuredValueSequence[0]
+    assert float(value.NumericValue) == pytest.approx(0.87)
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    names = [i.TextValue for i in probability.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+    assert names == ["breastai-cls-resnet"]
+    [long_axis] = _items(lesion_group, "103339001")
+    # 30 px square at 0.1 mm: the diagonal, 4.24 mm.
+    assert float(long_axis.MeasuredValueSequence[0].NumericValue) == pytest.approx(30 * np.sqrt(2) * 0.1, abs=0.01)
+    [region] = _items(lesion_group, "111030")
+    assert region.GraphicType == "POLYLINE"
+    points = np.array(region.GraphicData, dtype=float).reshape(-1, 2)
+    outline = analysed[0].analysis.lesions[0].outline_xy
+    np.testing.assert_allclose(points, outline + [20, 10])
+    np.testing.assert_array_equal(points[0], points[-1])
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == analysed[0].frame.sop_instance_uid
+    assert "ReferencedFrameNumber" not in region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert empty_group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+
+
+def test_no_lesion_is_stated_explicitly(study: dict[str, pathlib.Path]) -> None:
+    sr, analysed = _report(study, lesions=False)
+    groups = _groups(sr)
+    assert len(groups) == 2
+    for group, item in zip(groups, analysed):
+        [tracking] = _items(group, "112039")
+        assert tracking.TextValue == "No lesion detected"
+        [presence] = _items(group, "121052")
+        assert presence.ConceptCodeSequence[0].CodeValue == "272519000"
+        assert not _items(group, "111047")
+        [source] = _items(group, "121112")
+        ref = source.ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == item.frame.sop_instance_uid
+    # The multi-frame source is referenced with the analysed frame (middle of 3).
+    assert _items(groups[1], "121112")[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 2
+
+
+def test_no_size_without_spacing(study: dict[str, pathlib.Path]) -> None:
+    multi = read_frames(study["multi"])[0]
+    assert multi.row_spacing_mm is None
+    analysis = square_lesion_analysis(multi.pixels.shape, size=20)
+    sr = build_report([AnalysedFrame(multi, analysis)], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
+    [group] = _groups(sr)
+    assert _items(group, "111047") and not _items(group, "103339001")
+    [region] = _items(group, "111030")
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 2
+
+
+def test_disclaimer_and_models_are_in_the_text(study: dict[str, pathlib.Path]) -> None:
+    sr, _ = _report(study)
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    text = container.ContentSequence[0].TextValue
+    assert "not for diagnostic use" in text
+    assert "breastai-seg-unet 1.2.0" in text and "breastai-cls-resnet 3.4.1" in text
+
+
+def test_tracking_uids_are_deterministic(study: dict[str, pathlib.Path]) -> None:
+    first, _ = _report(study)
+    second, _ = _report(study)
+    uid = lambda sr: _items(_groups(sr)[0], "112040")[0].UID  # noqa: E731
+    assert uid(first) == uid(second)
+
+
+def test_refuses_inconsistent_input(study: dict[str, pathlib.Path]) -> None:
+    frame = read_frames(study["single"])[0]
+    analysis = square_lesion_analysis(frame.pixels.shape)
+    evidence = _evidence(study)
+    foreign = make_us_dataset(synthetic_breast_image(), study_uid="1.2.3.999")
+    with pytest.raises(ValueError, match="several studies"):
+        build_report([AnalysedFrame(frame, analysis)], [*evidence, foreign], SR_SERIES, SR_SOP, ReportContext())
+    with pytest.raises(ValueError, match="not in the evidence"):
+        build_report([AnalysedFrame(frame, analysis)], evidence[1:], SR_SERIES, SR_SOP, ReportContext())
+    with pytest.raises(ValueError):
+        build_report([], evidence, SR_SERIES, SR_SOP, ReportContext())
+    lesion = dataclasses.replace(analysis.lesions[0], malignancy_probability=1.5)
+    with pytest.raises(ValueError, match="probability"):
+        build_report([AnalysedFrame(frame, dataclasses.replace(analysis, lesions=(lesion,)))], evidence, SR_SERIES, SR_SOP, ReportContext())
+
+
+def test_closed_outline() -> None:
+    open_square = np.array([[0, 0], [4, 0], [4, 4], [0, 4]], dtype=np.float32)
+    closed = closed_outline(open_square, (10, 20))
+    assert closed.shape == (5, 2)
+    np.testing.assert_array_equal(closed[0], closed[-1])
+    np.testing.assert_array_equal(closed[0], [10, 20])
+    with pytest.raises(ValueError):
+        closed_outline(np.array([[0, 0], [1, 1], [0, 0]], dtype=np.float32), (0, 0))
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools dciodvfy not installed")
+@pytest.mark.parametrize("lesions", [True, False])
+def test_dciodvfy_reports_no_error(study: dict[str, pathlib.Path], tmp_path: pathlib.Path, lesions: bool) -> None:
+    sr, _ = _report(study, lesions=lesions)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk dsrdump not installed")
+def test_dsrdump_prints_the_tree(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+    sr, _ = _report(study)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for expected in ("Imaging Measurement Report", "Probability of cancer", "Long axis", "POLYLINE", "No lesion detected"):
+        assert expected in result.stdout
+    assert "error" not in result.stderr.lower()
+
+
+def test_device_observer_is_recorded(study: dict[str, pathlib.Path]) -> None:
+    sr, _ = _report(study)
+    observer = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    assert observer and observer[0].UID == ReportContext().device_observer_uid
+    assert codes.DCM.Device.value in {
+        i.ConceptCodeSequence[0].CodeValue for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121005"
+    }

@@ -1,0 +1,193 @@
+"""The ``breastai`` command: the composition root of the service.
+
+It is the one place that sees every package (service for the DICOM edge
+and queues, workers for processing, models for inference), which is why it
+lives here rather than in ``service``: keeping ``service`` free of
+``workers`` and ``models`` imports is the layering rule. ``main`` only
+builds settings and objects, wires them, and runs until a signal.
+
+Sub-commands
+------------
+serve    listener + embedded queue + worker in one process (one box)
+listen   listener only; jobs go to RabbitMQ (``--queue rabbitmq``)
+work     worker only; consumes jobs from RabbitMQ
+analyze  run the pipeline on DICOM files or folders, no network
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from service.errors import BreastAIError, ConfigurationError
+from service.logging import configure_logging
+from service.metrics import start_metrics_server
+from service.settings import Settings, add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from workers.consumer import JobHandler
+    from workers.sr_writer import ReportContext
+
+log = structlog.get_logger("breastai")
+
+
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so every loop can finish its current step and exit."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
+
+
+def _report_context(settings: Settings) -> ReportContext:
+    from workers.sr_writer import ReportContext
+    from workers.uids import derive_uid
+
+    return ReportContext(device_observer_uid=derive_uid("breastai-device", settings.ae_title))
+
+
+def _job_handler(settings: Settings) -> JobHandler:
+    from models.pipeline import load_bmode_pipeline
+    from workers.consumer import JobHandler
+    from workers.sender import ResultSender
+
+    pipeline = load_bmode_pipeline(settings.model_dir)
+    sender = ResultSender(settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s)
+    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings))
+
+
+def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
+    from service.dispatcher import Dispatcher
+    from service.listener import StudyListener
+    from service.queue import open_queue
+    from service.spool import Spool
+
+    stop = _stop_event()
+    metrics_server = start_metrics_server(settings.metrics_port, settings.metrics_address)
+    spool = Spool(settings.spool_dir)
+    queue = open_queue(settings, spool)
+    # Load models before accepting studies: a missing or corrupt model must stop start-up, not fail jobs.
+    handler = _job_handler(settings) if with_worker else None
+    dispatcher = listener = None
+    if with_listener:
+        dispatcher = Dispatcher(settings, spool, queue)
+        dispatcher.recover()
+        dispatcher.start()
+        listener = StudyListener(settings, spool, dispatcher)
+        listener.start()
+        log.info("listening", ae_title=settings.ae_title, port=settings.port, queue=settings.queue)
+    try:
+        if handler is not None:
+            queue.consume(handler, stop)
+        else:
+            stop.wait()
+    finally:
+        if listener is not None:
+            listener.stop()
+        if dispatcher is not None:
+            dispatcher.stop()
+        queue.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        log.info("stopped")
+    return 0
+
+
+def _dicom_files(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigurationError(f"no such file or folder: {item}")
+    return files
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from models.pipeline import load_bmode_pipeline
+    from workers.consumer import process_study, read_header
+    from workers.sender import write_to_folder
+    from workers.sr_writer import ReportContext
+    from workers.uids import derive_uid
+
+    pipeline = load_bmode_pipeline(Path(args.model_dir) if args.model_dir else None)
+    context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
+    by_study: dict[str, list[Path]] = defaultdict(list)
+    failures = 0
+    for path in _dicom_files(args.paths):
+        try:
+            by_study[str(read_header(path).StudyInstanceUID)].append(path)
+        except BreastAIError as exc:
+            failures += 1
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+    out = Path(args.out)
+    for study_uid, paths in sorted(by_study.items()):
+        try:
+            results = process_study(paths, pipeline, context)
+        except BreastAIError as exc:
+            failures += 1
+            print(f"study {study_uid}: {exc}", file=sys.stderr)
+            continue
+        for sop_instance_uid, reason in results.skipped:
+            print(f"not analysed {sop_instance_uid}: {reason}", file=sys.stderr)
+        for written in write_to_folder(results.datasets, out):
+            print(written)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``breastai`` argument parser (sub-commands share the settings flags)."""
+    parser = argparse.ArgumentParser(prog="breastai", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "listener, embedded queue and worker in one process"),
+        ("listen", "DICOM listener only; jobs go to the configured queue (RabbitMQ)"),
+        ("work", "worker only; consumes jobs from the configured queue (RabbitMQ)"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        add_settings_arguments(sub)
+    analyze = commands.add_parser("analyze", help="run the pipeline on DICOM files or folders, no network", description="Run the analysis on DICOM files or folders without any network and write the SR and overlays to --out.")
+    analyze.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
+    analyze.add_argument("--out", required=True, help="folder for the results (<study>/<series>/<sop>.dcm)")
+    analyze.add_argument("--model-dir", default=None, help="model folder with manifest.json (default: bundled reference models)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``breastai`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        settings = settings_from_args(args, os.environ)
+        configure_logging(settings)
+        if args.command == "serve":
+            return _run(settings, with_listener=True, with_worker=True)
+        if settings.queue != "rabbitmq":
+            raise ConfigurationError(f"'breastai {args.command}' splits the service over a broker: use --queue rabbitmq (or BREASTAI_QUEUE=rabbitmq)")
+        return _run(settings, with_listener=args.command == "listen", with_worker=args.command == "work")
+    except BreastAIError as exc:
+        print(f"breastai: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

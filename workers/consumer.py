@@ -1,0 +1,157 @@
+"""Turn one StudyJob into results delivered to the PACS.
+
+``process_study`` is the network-free core shared by the service and by
+``breastai analyze``: headers and frames in, SR + secondary-capture
+overlays out, with UIDs derived from (study, pipeline, model versions,
+source instance) so that re-processing yields the very same objects.
+``JobHandler`` adds what a queued job needs around it: checksum
+verification against the job, metrics, and delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import structlog
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from models.pipeline import BModePipeline
+from models.preprocess import crop
+from service import metrics
+from service.errors import IntegrityError, InvalidInstance
+from service.schema import StudyJob
+from workers.dicom_reader import read_frames
+from workers.routing import BMODE_PIPELINE, route
+from workers.sc_writer import build_overlay_image
+from workers.sender import ResultSender
+from workers.sr_writer import AnalysedFrame, ReportContext, build_report
+from workers.uids import derive_uid
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """The objects produced for one study: one SR and one overlay per analysed frame."""
+
+    report: Dataset | None
+    overlays: tuple[Dataset, ...]
+    skipped: tuple[tuple[str, str], ...]  # (SOP Instance UID, reason) of instances not analysed
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        """Everything to deliver, the report first."""
+        return ([self.report] if self.report is not None else []) + list(self.overlays)
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a DICOM header without pixel data (PS3.10 file)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
+        raise InvalidInstance(f"{path.name}: not a readable DICOM file ({exc})") from exc
+
+
+def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: ReportContext) -> StudyResults:
+    """Analyse every routable instance of one study and build its SR and overlays.
+
+    Parameters
+    ----------
+    paths
+        All instances of one study (DICOM PS3.10 files).
+    pipeline
+        The B-mode analysis pipeline (models package).
+    context
+        Device identity written into the results.
+    """
+    headers = [read_header(p) for p in paths]
+    studies = {str(h.StudyInstanceUID) for h in headers}
+    if len(studies) != 1:
+        raise InvalidInstance(f"instances of {len(studies)} studies were given as one study")
+    study_uid = studies.pop()
+    model_key = f"{pipeline.segmenter_info.name}/{pipeline.segmenter_info.version}|{pipeline.classifier_info.name}/{pipeline.classifier_info.version}"
+    analysed: list[AnalysedFrame] = []
+    skipped: list[tuple[str, str]] = []
+    for path, header in sorted(zip(paths, headers), key=lambda item: str(item[1].SOPInstanceUID)):
+        chosen = route(header)
+        if chosen.pipeline != BMODE_PIPELINE:
+            skipped.append((str(header.SOPInstanceUID), chosen.reason))
+            continue
+        for frame in read_frames(path):
+            started = time.monotonic()
+            analysis = pipeline.analyse(crop(frame.pixels, frame.scan_region_xywh))
+            metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
+            analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
+    if not analysed:
+        return StudyResults(report=None, overlays=(), skipped=tuple(skipped))
+    sources = [f"{a.frame.sop_instance_uid}#{a.frame.frame_number or 1}" for a in analysed]
+    overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series")
+    overlays = tuple(
+        build_overlay_image(
+            item.frame,
+            item.analysis,
+            series_instance_uid=overlay_series,
+            sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay", source),
+            instance_number=number,
+            context=context,
+        )
+        for number, (item, source) in enumerate(zip(analysed, sources), start=1)
+    )
+    report = build_report(
+        analysed,
+        evidence=headers,
+        series_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report-series"),
+        sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report", *sources),
+        context=context,
+    )
+    return StudyResults(report=report, overlays=overlays, skipped=tuple(skipped))
+
+
+def verify_instances(job: StudyJob, spool_root: Path) -> list[Path]:
+    """Resolve a job's instance paths and check each file still has its recorded sha256."""
+    paths = []
+    for ref in job.instances:
+        path = spool_root / ref.path
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"spooled instance {ref.path} of job {job.job_id} is missing") from exc
+        if digest != ref.sha256:
+            raise IntegrityError(f"spooled instance {ref.path} changed since it was received (sha256 {digest})")
+        paths.append(path)
+    return paths
+
+
+class JobHandler:
+    """The queue consumer's handler: process a job and return only once every result was accepted.
+
+    Errors propagate typed (service.errors): the queue adapter requeues
+    TransientError and dead-letters PermanentError.
+    """
+
+    def __init__(self, spool_root: Path, pipeline: BModePipeline, sender: ResultSender, context: ReportContext) -> None:
+        self._spool_root = spool_root
+        self._pipeline = pipeline
+        self._sender = sender
+        self._context = context
+
+    def __call__(self, job: StudyJob) -> None:
+        structlog.contextvars.bind_contextvars(job_id=job.job_id, study_uid=job.study_instance_uid)
+        try:
+            results = process_study(verify_instances(job, self._spool_root), self._pipeline, self._context)
+            for sop_instance_uid, reason in results.skipped:
+                log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)
+            if results.report is None:
+                log.info("study_without_analysable_images", instances=len(job.instances))
+            else:
+                self._sender.send(results.datasets)
+                log.info("results_delivered", objects=len(results.datasets), overlays=len(results.overlays))
+            metrics.observe_end_to_end(job.created_at)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "study_uid")

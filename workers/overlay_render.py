@@ -1,0 +1,227 @@
+"""Burned-in heat-map overlays of AI findings (pure numpy + OpenCV).
+
+The overlay is what a radiologist sees in an ordinary viewer, so everything
+that makes the result traceable and safe is burned into the pixels: each
+lesion's class-activation map in a colour map, its outline, a legend with
+its malignancy probability, the model name and version, and the warning
+that this is an AI result not for diagnostic use. Burned-in text is ASCII
+only (Hershey fonts have no other glyphs).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from models.findings import ImageAnalysis
+
+DISCLAIMER = "AI result - not for diagnostic use"
+CAM_THRESHOLD = 0.2
+CAM_ALPHA = 0.4
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+_YELLOW = (255, 255, 0)
+# Outline colours per lesion (RGB), cycled; chosen to stay visible on JET.
+_OUTLINE_COLOURS = ((0, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0))
+
+
+def render_overlay(
+    gray: npt.NDArray[np.uint8],
+    analysis: ImageAnalysis,
+    region_offset_xy: tuple[int, int] = (0, 0),
+) -> npt.NDArray[np.uint8]:
+    """Render the findings of one image over its whole frame.
+
+    Parameters
+    ----------
+    gray
+        The whole frame, uint8 (rows, columns).
+    analysis
+        Findings on the analysed array, the scan-region crop of ``gray``;
+        each lesion's ``cam`` has that crop's shape.
+    region_offset_xy
+        (x, y) of the crop's top-left corner in ``gray``.
+
+    Returns
+    -------
+    numpy.ndarray
+        RGB uint8 (rows, columns, 3): the frame in gray, CAMs combined by
+        maximum and blended with the JET colour map where above
+        :data:`CAM_THRESHOLD`, outlines, a legend with one line per lesion
+        ("Lesion N: malignancy p=0.87", or "No lesion detected"), the
+        model names and versions, and :data:`DISCLAIMER`.
+
+    Raises
+    ------
+    ValueError
+        If ``gray`` is not 2D uint8.
+    """
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"render_overlay needs a 2D uint8 frame, got {gray.dtype} {gray.shape}")
+    rows, columns = gray.shape
+    canvas = np.repeat(gray[:, :, None], 3, axis=2)
+
+    cam = combined_cam(analysis, (rows, columns), region_offset_xy)
+    if cam is not None:
+        canvas = _blend_cam(canvas, cam)
+
+    scale, thickness = _text_metrics(rows, columns)
+    ox, oy = region_offset_xy
+    footprint = np.zeros((rows, columns), dtype=bool) if cam is None else cam > CAM_THRESHOLD
+    for number, lesion in enumerate(analysis.lesions, start=1):
+        colour = _OUTLINE_COLOURS[(number - 1) % len(_OUTLINE_COLOURS)]
+        points = np.rint(lesion.outline_xy.astype(np.float64) + (ox, oy)).astype(np.int32).reshape(-1, 2)
+        if len(points) == 0:
+            continue
+        cv2.polylines(canvas, [points.reshape(-1, 1, 2)], isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
+        x0, y0 = np.clip(points.min(axis=0), 0, (columns - 1, rows - 1))
+        x1, y1 = np.clip(points.max(axis=0), 0, (columns - 1, rows - 1))
+        footprint[y0 : y1 + 1, x0 : x1 + 1] = True
+        _put_text(canvas, str(number), (int(x0), max(0, int(y0) - 2)), scale, thickness, colour, anchor="bottom")
+
+    _draw_disclaimer(canvas, scale, thickness)
+    _draw_legend(canvas, legend_lines(analysis), scale, thickness, footprint)
+    return canvas
+
+
+def legend_lines(analysis: ImageAnalysis) -> list[str]:
+    """The legend's text lines, ASCII only: one per lesion, then the models."""
+    lines = [
+        f"Lesion {number}: malignancy p={lesion.malignancy_probability:.2f}"
+        for number, lesion in enumerate(analysis.lesions, start=1)
+    ] or ["No lesion detected"]
+    models = {(analysis.segmenter.name, analysis.segmenter.version), (analysis.classifier.name, analysis.classifier.version)}
+    lines += [f"Model: {name} {version}" for name, version in sorted(models)]
+    return [_ascii(line) for line in lines]
+
+
+def combined_cam(
+    analysis: ImageAnalysis, frame_shape: tuple[int, int], region_offset_xy: tuple[int, int]
+) -> npt.NDArray[np.float32] | None:
+    """All lesions' CAMs combined by maximum, pasted into a frame-sized map.
+
+    Returns ``None`` when there is no lesion. Parts of a CAM that would fall
+    outside the frame are cut off rather than rejected, so a scan region
+    touching the edge still renders.
+    """
+    if not analysis.lesions:
+        return None
+    rows, columns = frame_shape
+    frame_cam = np.zeros((rows, columns), dtype=np.float32)
+    ox, oy = region_offset_xy
+    for lesion in analysis.lesions:
+        cam = np.nan_to_num(np.asarray(lesion.cam, dtype=np.float32), nan=0.0)
+        if cam.ndim != 2:
+            raise ValueError(f"lesion CAM must be 2D, got shape {cam.shape}")
+        y0, x0 = max(0, oy), max(0, ox)
+        y1, x1 = min(rows, oy + cam.shape[0]), min(columns, ox + cam.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            continue
+        piece = np.clip(cam[y0 - oy : y1 - oy, x0 - ox : x1 - ox], 0.0, 1.0)
+        np.maximum(frame_cam[y0:y1, x0:x1], piece, out=frame_cam[y0:y1, x0:x1])
+    return frame_cam
+
+
+def _blend_cam(canvas: npt.NDArray[np.uint8], cam: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """Blend the JET-coloured CAM into ``canvas`` where it exceeds the threshold."""
+    heat_bgr = cv2.applyColorMap(np.rint(cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
+    # Below the threshold the map is noise: leaving those pixels untouched
+    # keeps the anatomy readable around the finding.
+    alpha = np.where(cam > CAM_THRESHOLD, CAM_ALPHA, 0.0).astype(np.float32)[:, :, None]
+    blended = canvas.astype(np.float32) * (1.0 - alpha) + heat * alpha
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _text_metrics(rows: int, columns: int) -> tuple[float, int]:
+    """Font scale and stroke thickness readable at the frame's size.
+
+    Scale 1.0 of the Hershey simplex font is about 22 px tall; aiming at
+    about 1/28 of the shorter side keeps text legible on small frames and
+    unobtrusive on large ones.
+    """
+    side = min(rows, columns)
+    scale = float(np.clip(side / 28.0 / 22.0, 0.35, 1.6))
+    thickness = max(1, int(round(scale * 1.5)))
+    return scale, thickness
+
+
+def _put_text(
+    canvas: npt.NDArray[np.uint8],
+    text: str,
+    origin: tuple[int, int],
+    scale: float,
+    thickness: int,
+    colour: tuple[int, int, int],
+    anchor: str = "top",
+) -> None:
+    """Text on a black box, readable on bright tissue and on the heat map alike.
+
+    ``origin`` is the box's top-left corner (``anchor="top"``) or its
+    bottom-left corner (``anchor="bottom"``); the box is kept inside the
+    image.
+    """
+    rows, columns = canvas.shape[:2]
+    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+    # getTextSize under-reports the last glyph's overhang by a pixel or two.
+    pad = thickness + 2
+    box_w, box_h = text_w + 2 * pad, text_h + baseline + 2 * pad
+    x = int(np.clip(origin[0], 0, max(0, columns - box_w)))
+    y = origin[1] if anchor == "top" else origin[1] - box_h
+    y = int(np.clip(y, 0, max(0, rows - box_h)))
+    cv2.rectangle(canvas, (x, y), (x + box_w - 1, y + box_h - 1), _BLACK, thickness=cv2.FILLED)
+    cv2.putText(canvas, text, (x + pad, y + pad + text_h), _FONT, scale, colour, thickness, cv2.LINE_AA)
+
+
+def _draw_legend(
+    canvas: npt.NDArray[np.uint8], lines: list[str], scale: float, thickness: int, footprint: npt.NDArray[np.bool_]
+) -> None:
+    """Legend box in the corner that hides the least of the findings."""
+    rows, columns = canvas.shape[:2]
+    (_w, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    line_h = text_h + baseline + 2 * (thickness + 2)
+    width = min(columns, max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2))
+    height = min(rows, line_h * len(lines))
+    banner = _disclaimer_band_height(rows, columns, scale, thickness)
+    corners = [
+        (0, 0),
+        (columns - width, 0),
+        (0, max(0, rows - banner - height)),
+        (columns - width, max(0, rows - banner - height)),
+    ]
+    # First corner with the least overlap wins, so an empty image keeps the
+    # conventional top-left legend.
+    x, y = min(corners, key=lambda c: int(footprint[c[1] : c[1] + height, c[0] : c[0] + width].sum()))
+    for index, line in enumerate(lines):
+        colour = _OUTLINE_COLOURS[index % len(_OUTLINE_COLOURS)] if line.startswith("Lesion ") else _WHITE
+        _put_text(canvas, line, (x, y + index * line_h), scale, thickness, colour)
+
+
+def _disclaimer_scale(columns: int, scale: float, thickness: int) -> float:
+    """The banner's font scale: the common one, shrunk to fit narrow frames."""
+    text_w = cv2.getTextSize(DISCLAIMER, _FONT, scale, thickness)[0][0]
+    return scale if text_w <= columns - 8 else scale * (columns - 8) / text_w
+
+
+def _disclaimer_band_height(rows: int, columns: int, scale: float, thickness: int) -> int:
+    (_w, text_h), baseline = cv2.getTextSize(DISCLAIMER, _FONT, _disclaimer_scale(columns, scale, thickness), thickness)
+    return min(rows, text_h + baseline + 2 * max(1, thickness) + 2)
+
+
+def _draw_disclaimer(canvas: npt.NDArray[np.uint8], scale: float, thickness: int) -> None:
+    """The not-for-diagnostic-use banner across the bottom edge, on black."""
+    rows, columns = canvas.shape[:2]
+    text_scale = _disclaimer_scale(columns, scale, thickness)
+    band = _disclaimer_band_height(rows, columns, scale, thickness)
+    canvas[rows - band : rows] = 0
+    (text_w, text_h), baseline = cv2.getTextSize(DISCLAIMER, _FONT, text_scale, thickness)
+    x = max(0, (columns - text_w) // 2)
+    cv2.putText(canvas, DISCLAIMER, (x, rows - baseline - max(1, thickness) - 1), _FONT, text_scale, _YELLOW, thickness, cv2.LINE_AA)
+
+
+def _ascii(text: str) -> str:
+    """Replace what Hershey fonts cannot draw (en dashes, accents) by ASCII."""
+    return text.replace("\u2013", "-").replace("\u2014", "-").encode("ascii", "replace").decode("ascii")

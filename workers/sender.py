@@ -1,0 +1,142 @@
+"""Deliver result objects to their destinations: a PACS by C-STORE, or a folder.
+
+Both kinds are idempotent: a result re-sent under the same SOP Instance
+UID replaces the copy the destination already holds (a folder overwrites
+the same file; a PACS de-duplicates by UID), so a redelivered job never
+shows the radiologist a second report.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from service.errors import DestinationUnavailable, ResultRejected
+from service.settings import Destination
+
+log = structlog.get_logger(__name__)
+
+# PS3.4 Annex B.2.3 C-STORE statuses. Warnings (0xB000 coercion, 0xB006
+# elements discarded, 0xB007 data set does not match SOP class) still mean
+# the object was stored.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+# 0xA7xx "Refused: out of resources" and 0x0122/0x0124 may clear up by themselves.
+_TRANSIENT_PREFIX = 0xA700
+
+
+def _is_transient(status: int) -> bool:
+    return (status & 0xFF00) == _TRANSIENT_PREFIX or status in {0x0122, 0x0124, 0x0211, 0x0213}
+
+
+def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
+    """Write each object as ``folder/<study>/<series>/<sop>.dcm``, atomically.
+
+    A temporary file in the same directory is fsynced and renamed over the
+    target, so a reader never sees half a file and a re-send replaces it.
+    """
+    written = []
+    for dataset in datasets:
+        target = folder / str(dataset.StudyInstanceUID) / str(dataset.SeriesInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                dataset.save_as(stream, enforce_file_format=True)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
+
+
+def store_to_pacs(datasets: Sequence[Dataset], destination: Destination, calling_ae_title: str, timeout_s: float = 30.0) -> None:
+    """Send every object over one association (PS3.4 Annex B, Storage SCU).
+
+    Raises
+    ------
+    DestinationUnavailable
+        The association was refused or dropped, or the PACS answered with a
+        status that may clear up (out of resources).
+    ResultRejected
+        The PACS refused an object with a failure status that retrying
+        cannot change.
+    """
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class in sorted({str(d.SOPClassUID) for d in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise DestinationUnavailable(f"{destination} did not accept an association")
+    try:
+        for dataset in datasets:
+            status = assoc.send_c_store(dataset)
+            code = int(status.Status) if "Status" in status else None
+            if code is None:
+                raise DestinationUnavailable(f"{destination} gave no C-STORE response (connection lost or timed out)")
+            if code in _STORED:
+                continue
+            message = f"{destination} answered C-STORE of {dataset.SOPClassUID.name} with status 0x{code:04X}"
+            raise DestinationUnavailable(message) if _is_transient(code) else ResultRejected(message)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class ResultSender:
+    """Sends results to every configured destination, retrying transient failures with capped backoff.
+
+    Parameters
+    ----------
+    destinations
+        Where results go (PACS nodes and/or folders).
+    calling_ae_title
+        Our AE title as the Storage SCU.
+    retries
+        Attempts per destination before giving up with the last error
+        (the job then goes back to the queue, which retries later).
+    backoff_s
+        First wait; doubled per attempt, capped at 30 s.
+    """
+
+    def __init__(
+        self,
+        destinations: Sequence[Destination],
+        calling_ae_title: str,
+        retries: int = 5,
+        backoff_s: float = 2.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._destinations = tuple(destinations)
+        self._calling_ae = calling_ae_title
+        self._retries = max(1, retries)
+        self._backoff_s = backoff_s
+        self._sleep = sleep
+
+    def send(self, datasets: Sequence[Dataset]) -> None:
+        """Deliver all objects everywhere, or raise; returns only when every destination accepted all."""
+        for destination in self._destinations:
+            if destination.kind == "folder":
+                write_to_folder(datasets, Path(destination.path))
+                continue
+            for attempt in range(1, self._retries + 1):
+                try:
+                    store_to_pacs(datasets, destination, self._calling_ae)
+                    break
+                except DestinationUnavailable as exc:
+                    if attempt == self._retries:
+                        raise
+                    wait = min(30.0, self._backoff_s * 2 ** (attempt - 1))
+                    log.warning("destination_retry", destination=str(destination), attempt=attempt, wait_s=wait, error=str(exc))
+                    self._sleep(wait)

@@ -1,0 +1,431 @@
+"""The AI report as a DICOM Comprehensive 3D SR (TID 1500 Measurement Report).
+
+One report per study, built with highdicom. Content tree (PS3.16)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")        TID 1500
+      HAS CONCEPT MOD  Language of Content Item and Descendants  TID 1204
+      HAS OBS CONTEXT  Device observer (BreastAI, version)       TID 1001/1002/1004
+      HAS CONCEPT MOD  Procedure Reported = (47079000, SCT, "Ultrasonography of breast")
+      CONTAINS         Image Library                             TID 1600
+      CONTAINS CONTAINER (126010, DCM, "Imaging Measurements")
+        per lesion:  Measurement Group                           TID 1410
+          Tracking Identifier "Lesion N" + Tracking UID         TID 4108
+          Finding = (4147007, SCT, "Mass"), Finding Site = (76752008, SCT, "Breast")
+                    with laterality when the image says
+          Image Region = SCOORD POLYLINE (closed outline) on the source image/frame
+          Algorithm = segmenter name + version               TID 4019
+          Measurement (111047, DCM, "Probability of cancer"), unit (1, UCUM, "no units"),
+                    classifier as its algorithm                TID 300 + TID 4019
+          Measurement (103339001, SCT, "Long axis") in mm, when spacing is known,
+                    segmenter as its algorithm
+        per analysed image without lesion: Measurement Group    TID 1501
+          Finding = Mass, source image, segmenter as algorithm,
+          Qualitative evaluation (121052, DCM, "Presence of property") = (272519000, SCT, "Absent")
+      CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")   TID 1500 row 12
+        TEXT (121106, DCM, "Comment") = advisory, not-for-diagnostic-use notice naming models
+
+Code choices: "Probability of cancer" (DCM 111047, CID 6048) is the concept
+DICOM's own Mammography CAD SR uses for a malignancy score; "no units"
+(UCUM "1", CID 7181) is the dimensionless unit; "Long axis" (SCT 103339001,
+CID 7469) is the generic size measurement for a longest diameter; "Mass"
+(SCT 4147007) is the BI-RADS ultrasound lexicon's lesion type, with the site
+"Breast" (SCT 76752008); "Presence of property" (DCM 121052) = "Absent"
+(SCT 272519000, CID 240/241) states that the segmenter found no mass in an
+image, so that an empty result reads as a statement, not as a gap.
+
+Every score is advisory and must be traceable to the model and version that
+produced it: each measurement carries its own TID 4019 algorithm
+identification (name, version, and the weights' sha256 as a parameter), the
+series description says "(advisory)", and the comment says "not for
+diagnostic use". The document is PRELIMINARY and UNVERIFIED: no person has
+signed it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
+from models.findings import ImageAnalysis, Lesion, ModelInfo
+from workers.dicom_reader import SourceFrame
+from workers.uids import derive_uid
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("breastai")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+SERIES_DESCRIPTION = "BreastAI report (advisory)"
+DISCLAIMER = "AI result - not for diagnostic use. Every score is advisory."
+DEFAULT_DEVICE_OBSERVER_UID = derive_uid("breastai", "device-observer")
+
+PROCEDURE_US_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
+FINDING_MASS = Code("4147007", "SCT", "Mass")
+SITE_BREAST = Code("76752008", "SCT", "Breast")
+PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
+LONG_AXIS = Code("103339001", "SCT", "Long axis")
+UNIT_NONE = Code("1", "UCUM", "no units")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
+PRESENCE = Code("121052", "DCM", "Presence of property")
+ABSENT = Code("272519000", "SCT", "Absent")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = Code("121106", "DCM", "Comment")
+_LATERALITY = {
+    "L": Code("7771000", "SCT", "Left"),
+    "R": Code("24028007", "SCT", "Right"),
+    "B": Code("51440002", "SCT", "Right and left"),
+}
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """Who made a result object: equipment and observer identity.
+
+    Attributes
+    ----------
+    manufacturer, manufacturer_model_name, software_versions
+        General Equipment module (PS3.3 C.7.5.1) of every result object.
+    device_observer_uid
+        Device Observer UID (TID 1004); stable for the installation so that
+        reports from one install can be told apart from another's.
+    institution_name
+        Institution Name, when the site wants it in the results.
+    """
+
+    manufacturer: str = "BreastAI project"
+    manufacturer_model_name: str = "BreastAI"
+    software_versions: str = _package_version()
+    device_observer_uid: str = DEFAULT_DEVICE_OBSERVER_UID
+    institution_name: str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysedFrame:
+    """One source frame and what the pipeline found in it."""
+
+    frame: SourceFrame
+    analysis: ImageAnalysis
+
+
+def build_report(
+    analysed: Sequence[AnalysedFrame],
+    evidence: Sequence[pydicom.Dataset],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    context: ReportContext,
+    series_number: int = 9901,
+    instance_number: int = 1,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the study's AI report, a TID 1500 Measurement Report.
+
+    Parameters
+    ----------
+    analysed
+        Every analysed frame with its findings, at least one.
+    evidence
+        Headers of every instance of the study, analysed or not; all are
+        listed in the Current Requested Procedure Evidence Sequence (PS3.3
+        C.17.2) and patient/study attributes are copied from them.
+    series_instance_uid, sop_instance_uid
+        UIDs of the report (derived by the caller, so that a redelivered job
+        produces the same report).
+    context
+        Equipment and device observer identity.
+    series_number, instance_number
+        Series Number and Instance Number of the report.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        PRELIMINARY, UNVERIFIED, COMPLETE document in Explicit VR Little
+        Endian.
+
+    Raises
+    ------
+    ValueError
+        Nothing analysed, no evidence, evidence from more than one study, an
+        analysed instance missing from the evidence, or a lesion outline that
+        is not a polygon.
+    """
+    if not analysed:
+        raise ValueError("build_report needs at least one analysed frame")
+    if not evidence:
+        raise ValueError("build_report needs the study's instances as evidence")
+    study_uids = {str(ds.StudyInstanceUID) for ds in evidence}
+    if len(study_uids) != 1:
+        raise ValueError(f"evidence spans several studies: {sorted(study_uids)}")
+    study_uid = study_uids.pop()
+    evidence_uids = {str(ds.SOPInstanceUID) for ds in evidence}
+    for item in analysed:
+        if item.frame.study_instance_uid != study_uid:
+            raise ValueError(f"analysed instance {item.frame.sop_instance_uid} belongs to study {item.frame.study_instance_uid}, not {study_uid}")
+        if item.frame.sop_instance_uid not in evidence_uids:
+            raise ValueError(f"analysed instance {item.frame.sop_instance_uid} is not in the evidence")
+
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    for item in analysed:
+        if item.analysis.lesions:
+            for number, lesion in enumerate(item.analysis.lesions, start=1):
+                groups.append(_lesion_group(item.frame, item.analysis, lesion, number, sop_instance_uid))
+        else:
+            groups.append(_no_lesion_group(item.frame, item.analysis, sop_instance_uid))
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=context.device_observer_uid,
+            name=context.manufacturer_model_name,
+            manufacturer_name=context.manufacturer,
+            model_name=f"{context.manufacturer_model_name} {context.software_versions}"[:64],
+        ),
+    )
+    library_images = _unique_by_uid([item.frame.dataset for item in analysed])
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_US_BREAST,
+        imaging_measurements=groups,
+        referenced_images=library_images,
+    )
+    report[0].ContentSequence.append(_disclaimer_container(analysed))
+
+    # highdicom copies patient and study from the first evidence item.
+    unique_evidence = _unique_by_uid(list(evidence))
+    unique_evidence[0] = patient_study_header(unique_evidence[0])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=unique_evidence,
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=context.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=context.institution_name,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=context.manufacturer_model_name,
+        software_versions=context.software_versions,
+    )
+    for keyword in _PATIENT_STUDY_TYPE3:
+        if keyword in unique_evidence[0] and keyword not in sr:
+            sr[keyword] = unique_evidence[0][keyword]
+    return sr
+
+
+# Patient and General Study attributes copied into every result object
+# (PS3.3 C.7.1.1, C.7.2.1), with the Type 2 ones that highdicom reads.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_PATIENT_STUDY_TYPE3 = ("StudyDescription", "IssuerOfPatientID", "PatientAge")
+# PS3.5 Table 6.2-1: DA is YYYYMMDD, TM is HH[MM[SS[.F{1,6}]]].
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+_IDENTITY = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SpecificCharacterSet")
+
+
+def patient_study_header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The patient/study part of a source header, made safe to copy.
+
+    Vendor headers break highdicom in small ways: a Type 2 attribute left
+    out, a time written "14:04:38" (ACR-NEMA style), a sex outside M/F/O.
+    The copy keeps the identity UIDs, fills missing Type 2 attributes with
+    empty values, repairs separator-style dates and times, and empties
+    values that still do not conform, rather than refusing the study.
+    """
+    header = pydicom.Dataset()
+    for keyword in _IDENTITY + _PATIENT_STUDY_TYPE2 + _PATIENT_STUDY_TYPE3:
+        if keyword in ds:
+            header[keyword] = ds[keyword]
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    header.StudyDate = _conformant(str(header.StudyDate or ""), _DA, "-./")
+    header.StudyTime = _conformant(str(header.StudyTime or ""), _TM, ":")
+    header.PatientBirthDate = _conformant(str(header.PatientBirthDate or ""), _DA, "-./")
+    if str(header.PatientSex or "").strip().upper() not in ("M", "F", "O"):
+        header.PatientSex = ""
+    if "PatientAge" in header and not re.fullmatch(r"\d{3}[DWMY]", str(header.PatientAge or "")):
+        del header.PatientAge
+    return header
+
+
+def _conformant(value: str, pattern: re.Pattern[str], separators: str) -> str:
+    """``value`` if it matches the VR's pattern, else without separators if that does, else ""."""
+    for candidate in (value.strip(), value.strip().translate({ord(c): None for c in separators})):
+        if candidate and pattern.fullmatch(candidate):
+            return candidate
+    return ""
+
+
+def _lesion_group(
+    frame: SourceFrame, analysis: ImageAnalysis, lesion: Lesion, number: int, report_uid: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of one lesion: outline, probability, size."""
+    frame_part = str(frame.frame_number or 0)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, str(number)),
+        identifier=f"Lesion {number}",
+    )
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=closed_outline(lesion.outline_xy, frame.scan_region_xywh[:2]),
+        source_image=_source_image_for_region(frame),
+    )
+    measurements = [
+        hd.sr.Measurement(
+            name=PROBABILITY_OF_CANCER,
+            value=_probability(lesion.malignancy_probability),
+            unit=UNIT_NONE,
+            algorithm_id=_algorithm(analysis.classifier),
+        )
+    ]
+    if frame.row_spacing_mm is not None and frame.column_spacing_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=LONG_AXIS,
+                value=round(lesion.longest_diameter_mm(frame.row_spacing_mm, frame.column_spacing_mm), 2),
+                unit=UNIT_MM,
+                algorithm_id=_algorithm(analysis.segmenter),
+            )
+        )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=FINDING_MASS,
+        algorithm_id=_algorithm(analysis.segmenter),
+        finding_sites=[_finding_site(frame.dataset)],
+        measurements=measurements,
+    )
+
+
+def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis, report_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group stating that no mass was found in one image."""
+    frame_part = str(frame.frame_number or 0)
+    source = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=[frame.frame_number] if frame.frame_number else None,
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, "no-lesion"),
+            identifier="No lesion detected",
+        ),
+        finding_type=FINDING_MASS,
+        algorithm_id=_algorithm(analysis.segmenter),
+        finding_sites=[_finding_site(frame.dataset)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PRESENCE, value=ABSENT)],
+        source_images=[source],
+    )
+
+
+def closed_outline(outline_xy: npt.NDArray[np.floating], offset_xy: Sequence[int]) -> npt.NDArray[np.float32]:
+    """The outline in frame coordinates, closed as SCOORD POLYLINE requires.
+
+    PS3.3 C.18.6.1.2: a closed POLYLINE repeats its first point at the end.
+    The pipeline's coordinates are in the scan-region crop, so the crop's
+    offset is added.
+
+    Raises
+    ------
+    ValueError
+        If the outline is not (N, 2) with at least three distinct points.
+    """
+    points = np.asarray(outline_xy, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"lesion outline must have shape (N, 2), got {points.shape}")
+    if len(np.unique(points, axis=0)) < 3:
+        raise ValueError(f"lesion outline needs at least 3 distinct points, got {len(np.unique(points, axis=0))}")
+    points = points + np.asarray(offset_xy[:2], dtype=np.float64)
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points.astype(np.float32)
+
+
+def _probability(value: float) -> float:
+    """The classifier's probability, refused rather than clipped when out of [0, 1]."""
+    probability = float(value)
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"malignancy probability must be in [0, 1], got {value!r}")
+    return probability
+
+
+def _source_image_for_region(frame: SourceFrame) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=[frame.frame_number] if frame.frame_number else None,
+    )
+
+
+def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 for one model; the weights' digest makes it unambiguous."""
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"sha256={model.sha256}"] if model.sha256 else None,
+    )
+
+
+def _finding_site(ds: pydicom.Dataset) -> hd.sr.FindingSite:
+    """Breast, with the image's laterality when the header gives one."""
+    side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    laterality = _LATERALITY.get(side)
+    return hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=laterality)
+
+
+def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 container holding the advisory notice and the models."""
+    models = sorted(
+        {(a.analysis.segmenter.name, a.analysis.segmenter.version) for a in analysed}
+        | {(a.analysis.classifier.name, a.analysis.classifier.version) for a in analysed}
+    )
+    text = f"{DISCLAIMER} Models: " + ", ".join(f"{name} {version}" for name, version in models) + "."
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
+
+
+def _unique_by_uid(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Datasets in order, each SOP Instance UID once."""
+    seen: set[str] = set()
+    unique: list[pydicom.Dataset] = []
+    for ds in datasets:
+        uid = str(ds.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            unique.append(ds)
+    return unique
