@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests import dicom_factory
+
 import shutil
 import socket
 import subprocess
@@ -12,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -40,30 +41,9 @@ def spool_dir(tmp_path: Path) -> Path:
 
 def make_us_dataset(study_uid: str | None = None, sop_uid: str | None = None,
                     series_uid: str | None = None) -> Dataset:
-    """A minimal valid US Image Storage data set: MONOCHROME2, 8-bit, 64x64."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = US_IMAGE_STORAGE
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "US"
-    ds.PatientName = "Test^Synthetic"
-    ds.PatientID = "SYNTH-0001"
-    ds.InstanceNumber = 1
-    ds.Rows = 64
-    ds.Columns = 64
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = (np.arange(64 * 64, dtype=np.uint32) % 251).astype(np.uint8).tobytes()
-    return ds
+    """A small valid US Image Storage data set (64x64 MONOCHROME2) from :mod:`tests.dicom_factory`."""
+    pixels = (np.arange(64 * 64, dtype=np.uint32) % 251).astype(np.uint8).reshape(64, 64)
+    return dicom_factory.make_us_dataset(pixels, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
 
 
 def make_us_file(tmp_path: Path, study_uid: str | None = None, sop_uid: str | None = None,

@@ -277,12 +277,12 @@ def main(argv: list[str] | None = None) -> None:
 
     entries = {
         "us_segmenter": ModelEntry(
-            role="us_segmenter", name="BreastAI US lesion segmenter (UNet EfficientNet-b0)", version=VERSION, file="us_segmenter.onnx",
+            role="us_segmenter", name="BreastAI-US-UNet-EffB0", version=VERSION, file="us_segmenter.onnx",
             sha256=sha256_of(out / "us_segmenter.onnx"),
             parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"], **seg_export},
         ),
         "us_classifier": ModelEntry(
-            role="us_classifier", name="BreastAI US ROI classifier (ResNet-18 GAP)", version=VERSION, file="us_classifier.onnx",
+            role="us_classifier", name="BreastAI-US-ROI-ResNet18", version=VERSION, file="us_classifier.onnx",
             sha256=sha256_of(out / "us_classifier.onnx"),
             parameters={"input_size": cls_size, "roi_expand": ROI_EXPAND, "train_epoch": cls_meta["epoch"], **cls_export},
         ),

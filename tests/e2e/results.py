@@ -11,7 +11,10 @@ from typing import Any
 import pydicom
 from pydicom import Dataset
 
+from tests.dicom_factory import dciodvfy_errors
 from tests.integration.orthanc import OrthancServer
+
+__all__ = ["dciodvfy_errors"]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
@@ -30,14 +33,6 @@ def results_present(pacs: OrthancServer, study_uid: str, overlays: int) -> bool:
 
 def download(pacs: OrthancServer, instance: dict[str, Any]) -> Dataset:
     return pydicom.dcmread(io.BytesIO(pacs.get_file(instance["ID"])))
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Lines of dicom3tools' IOD validator that report errors (warnings are not errors)."""
-    binary = shutil.which("dciodvfy", path=SYSTEM_PATH)
-    assert binary, "dciodvfy (dicom3tools) is required"
-    result = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 def dsrdump(path: Path) -> str:

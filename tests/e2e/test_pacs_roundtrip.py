@@ -7,7 +7,6 @@ dicom3tools checking what came back.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import urllib.request
