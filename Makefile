@@ -137,10 +137,10 @@ train: train-venv
 samples: venv
 	$(PY) scripts/make_samples.py
 
-# +sd: scan directories for input files, +r: recurse into them.
+# +sd: scan directories for input files, +r: recurse into them, +sp: only *.dcm (not the README).
 send-samples:
 	@[ -x "$(STORESCU)" ] || { echo "ERROR: dcmtk storescu not found (make deps-system)" >&2; exit 1; }
-	$(STORESCU) -aec $(SCP_AET) -aet SAMPLES +sd +r $(SCP_HOST) $(SCP_PORT) samples/
+	$(STORESCU) -aec $(SCP_AET) -aet SAMPLES +sd +r +sp '*.dcm' $(SCP_HOST) $(SCP_PORT) samples/
 
 clean:
 	rm -rf $(VAR_DIR) .pytest_cache

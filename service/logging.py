@@ -105,7 +105,7 @@ def configure_logging(settings: "Settings") -> None:
     """Send structlog and standard-library logging to stderr as one stream.
 
     Standard-library records (pynetdicom, pika) are rendered by the same
-    processors. pynetdicom and pika are held at WARNING: their INFO/DEBUG
+    processors. pynetdicom, pika and highdicom are held at WARNING: their INFO/DEBUG
     output dumps association and data set details (PS3.8 PDUs, element
     values) that may include patient identity.
     """
@@ -144,7 +144,7 @@ def configure_logging(settings: "Settings") -> None:
     handler._breastai = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("pynetdicom", "pika"):
+    for noisy in ("pynetdicom", "pika", "highdicom"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # pydicom's validation warnings quote element values verbatim (a PN value
     # is a patient name), so only its errors are let through.

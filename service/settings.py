@@ -192,7 +192,7 @@ class Settings:
     send_retries: int = 5
     send_backoff_s: float = 2.0
     model_dir: Path | None = None
-    job_retry_limit: int = 5
+    job_retry_limit: int = 30
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title, "ae_title")

@@ -57,7 +57,7 @@ class EmbeddedJobQueue:
         spool: "Spool",
         *,
         retry_backoff_s: float = 1.0,
-        retry_backoff_cap_s: float = 60.0,
+        retry_backoff_cap_s: float = 300.0,
         recover: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -108,7 +108,7 @@ class RabbitMQJobQueue:
         spool: "Spool | None" = None,
         *,
         retry_backoff_s: float = 1.0,
-        retry_backoff_cap_s: float = 60.0,
+        retry_backoff_cap_s: float = 300.0,
         reconnect_backoff_s: float = 0.5,
         reconnect_backoff_cap_s: float = 30.0,
         stop_grace_s: float = 30.0,
