@@ -127,8 +127,8 @@ class ResultSender:
     def send(self, datasets: Sequence[Dataset]) -> None:
         """Deliver all objects everywhere, or raise; returns only when every destination accepted all."""
         for destination in self._destinations:
-            if destination.kind == "folder":
-                write_to_folder(datasets, Path(destination.path))
+            if destination.path is not None:
+                write_to_folder(datasets, destination.path)
                 continue
             for attempt in range(1, self._retries + 1):
                 try:

@@ -27,7 +27,7 @@ import torch
 from onnxconverter_common import float16
 
 from models.evaluation import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
-from models.networks import CamExportWrapper, SegmenterExportWrapper, lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_segmenter, recalibrate_batch_norm, roi_classifier
 from models.pipeline import BModePipeline, load_bmode_pipeline
 from models.preprocess import crop, expand_box, standardise
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, sha256_of, write_manifest
@@ -261,11 +261,12 @@ def main(argv: list[str] | None = None) -> None:
 
     segmenter, seg_meta = _load("segmenter", work)
     classifier, cls_meta = _load("classifier", work)
+    assert isinstance(classifier, CamClassifier)
     seg_size, cls_size = int(seg_meta["config"]["input_size"]), int(cls_meta["config"]["input_size"])
     train_images = [standardise(read_gray(r.image_path), seg_size) for r in records if r.split == "train"]
     recalibrate_batch_norm(segmenter, (torch.from_numpy(np.concatenate(train_images[i : i + 32])) for i in range(0, len(train_images), 32)))
     seg_probes = [standardise(read_gray(r.image_path), seg_size) for r in val[:8]]
-    cls_probes = []
+    cls_probes: list[np.ndarray] = []
     for record in val:
         if record.malignant is not None and len(cls_probes) < 8:
             gray = read_gray(record.image_path)
