@@ -1,9 +1,10 @@
 """What an analysis pipeline returns: plain data, no DICOM.
 
-Coordinates are in the pixel grid of the array the pipeline was given,
-``(column, row)`` = ``(x, y)`` with the origin at the centre of the top-left
-pixel's top-left corner as in DICOM SCOORD (PS3.3 C.18.6.1.1), so a writer
-only has to add the offset of any crop it made.
+Coordinates are pixel indices ``(column, row)`` = ``(x, y)`` of the array
+the pipeline was given (the centre of the top-left pixel is (0, 0)). A
+DICOM SCOORD writer adds the offset of any crop it made and half a pixel,
+since SCOORD's origin is the top-left pixel's top-left corner (PS3.3
+C.18.6.1.2).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ class _Unpublished:
     next_at: float = 0.0
 
 
+# How often sealed-but-unpublished jobs are looked for on disk (see _adopt_unpublished_jobs).
+RESCAN_INTERVAL_S = 30.0
+
+
 class Dispatcher:
     """Seal complete studies and publish them as jobs.
 
@@ -78,6 +82,7 @@ class Dispatcher:
         self._lock = threading.Lock()  # guards tracker, calling AEs and the unpublished map
         self._calling_ae: dict[str, set[str]] = {}
         self._unpublished: dict[str, _Unpublished] = {}
+        self._next_rescan = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -147,7 +152,25 @@ class Dispatcher:
             due = self._tracker.due(now)
         for study_uid in due:
             self._seal(study_uid, now)
+        if now >= self._next_rescan:
+            self._next_rescan = now + RESCAN_INTERVAL_S
+            self._adopt_unpublished_jobs()
         return self._publish_pending(self._clock())
+
+    def _adopt_unpublished_jobs(self) -> None:
+        """Queue sealed jobs that are neither published nor pending here.
+
+        A seal that failed after its rename (disk full, I/O error) leaves a
+        job directory that no study in the tracker points to any more; this
+        periodic sweep publishes it instead of waiting for a restart.
+        """
+        jobs = [job for job in self._spool.sealed_jobs() if not self._spool.is_published(job.job_id)]
+        with self._lock:
+            adopted = [job.job_id for job in jobs if job.job_id not in self._unpublished]
+            for job in jobs:
+                self._unpublished.setdefault(job.job_id, _Unpublished(job))
+        if adopted:
+            log.warning("adopted sealed jobs that were never published", job_ids=adopted)
 
     def _seal(self, study_uid: str, now: float) -> None:
         with self._lock:

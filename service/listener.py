@@ -55,7 +55,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (A7xx)
 STATUS_DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (A9xx)
 STATUS_CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (Cxxx): data set not decodable
-STATUS_PROCESSING_FAILURE = 0xC211  # Error: Cannot understand (Cxxx): failure on our side
+STATUS_PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2: Processing failure (our side; the sender may retry)
 
 # Storage SOP classes accepted (PS3.4 Annex B.5); anything else gets no
 # accepted presentation context at association negotiation (PS3.8 §9.3.3.2).

@@ -14,6 +14,7 @@ handled names it without passing loggers around.
 from __future__ import annotations
 
 import logging
+import warnings
 import re
 import sys
 from collections.abc import Iterator, MutableMapping
@@ -149,6 +150,22 @@ def configure_logging(settings: "Settings") -> None:
     # pydicom's validation warnings quote element values verbatim (a PN value
     # is a patient name), so only its errors are let through.
     logging.getLogger("pydicom").setLevel(max(level, logging.ERROR))
+    silence_value_quoting_warnings()
+
+
+def silence_value_quoting_warnings() -> None:
+    """Stop pydicom and highdicom warnings, which quote header values, from reaching stderr.
+
+    They are Python warnings, not log records, so no log processor sees
+    them, and their text carries patient names and birth dates verbatim
+    ("The string 'SMITH JANE' is unlikely to represent...", "Invalid value
+    for VR DA: '19700102 '"). Value validation on reading is switched off
+    for the same reason; objects we write are still validated.
+    """
+    import pydicom.config
+
+    warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\..*)?$")
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def get_logger(name: str | None = None) -> Any:

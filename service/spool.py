@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -118,7 +119,11 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.tmp_dir = self.root / "tmp"
+        # Each process writes its temporary files in a folder of its own, so a
+        # worker or listener that starts (and cleans up after its own crashed
+        # predecessor) never deletes another live process's half-written file.
+        self._tmp_root = self.root / "tmp"
+        self.tmp_dir = self._tmp_root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.incoming_dir = self.root / "incoming"
         self.studies_dir = self.root / "studies"
         self.dead_dir = self.root / "dead"
@@ -127,10 +132,25 @@ class Spool:
         self._lock = threading.Lock()
         self._clean_tmp()
 
-    def _clean_tmp(self) -> None:
-        for leftover in self.tmp_dir.iterdir():
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
+    def _clean_tmp(self, stale_after_s: float = 24 * 3600.0) -> None:
+        """Remove temporary folders of processes that are long gone.
+
+        Only folders untouched for ``stale_after_s`` go: a folder that old
+        belongs to a dead process (a live one renames its files away within
+        seconds), whichever host or PID it came from.
+        """
+        cutoff = time.time() - stale_after_s
+        for leftover in self._tmp_root.iterdir():
+            if leftover == self.tmp_dir:
+                continue
+            try:
+                if leftover.stat().st_mtime < cutoff:
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
     # --- listener side ------------------------------------------------------------
 

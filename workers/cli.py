@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from service.errors import BreastAIError, ConfigurationError
-from service.logging import configure_logging
+from service.logging import configure_logging, silence_value_quoting_warnings
 from service.metrics import start_metrics_server
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
@@ -128,6 +128,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from workers.sr_writer import ReportContext
     from workers.uids import derive_uid
 
+    silence_value_quoting_warnings()
     pipeline = load_bmode_pipeline(Path(args.model_dir) if args.model_dir else None)
     context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
     by_study: dict[str, list[Path]] = defaultdict(list)

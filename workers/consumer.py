@@ -24,7 +24,8 @@ from pydicom.errors import InvalidDicomError
 from models.pipeline import BModePipeline
 from models.preprocess import crop
 from service import metrics
-from service.errors import IntegrityError, InvalidInstance
+from service.logging import bind_job
+from service.errors import IntegrityError, InvalidInstance, PermanentError, UnsupportedInput
 from service.schema import StudyJob
 from workers.dicom_reader import read_frames
 from workers.routing import BMODE_PIPELINE, route
@@ -83,12 +84,21 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
         if chosen.pipeline != BMODE_PIPELINE:
             skipped.append((str(header.SOPInstanceUID), chosen.reason))
             continue
-        for frame in read_frames(path):
+        try:
+            frames = read_frames(path)
+        except PermanentError as exc:
+            # One undecodable image must not cost the study its report on the others.
+            skipped.append((str(header.SOPInstanceUID), f"not readable: {exc}"))
+            continue
+        for frame in frames:
             started = time.monotonic()
             analysis = pipeline.analyse(crop(frame.pixels, frame.scan_region_xywh))
             metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
     if not analysed:
+        unreadable = [reason for _, reason in skipped if reason.startswith("not readable")]
+        if unreadable:
+            raise UnsupportedInput(f"no image of the study could be analysed: {unreadable[0]}")
         return StudyResults(report=None, overlays=(), skipped=tuple(skipped))
     sources = [f"{a.frame.sop_instance_uid}#{a.frame.frame_number or 1}" for a in analysed]
     overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series")
@@ -142,8 +152,7 @@ class JobHandler:
         self._context = context
 
     def __call__(self, job: StudyJob) -> None:
-        structlog.contextvars.bind_contextvars(job_id=job.job_id, study_uid=job.study_instance_uid)
-        try:
+        with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
             results = process_study(verify_instances(job, self._spool_root), self._pipeline, self._context)
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)
@@ -153,5 +162,3 @@ class JobHandler:
                 self._sender.send(results.datasets)
                 log.info("results_delivered", objects=len(results.datasets), overlays=len(results.overlays))
             metrics.observe_end_to_end(job.created_at)
-        finally:
-            structlog.contextvars.unbind_contextvars("job_id", "study_uid")

@@ -28,12 +28,14 @@ log = structlog.get_logger(__name__)
 # elements discarded, 0xB007 data set does not match SOP class) still mean
 # the object was stored.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-# 0xA7xx "Refused: out of resources" and 0x0122/0x0124 may clear up by themselves.
+# 0xA7xx "Refused: out of resources" and 0x0213 "resource limitation" may clear
+# up by themselves; 0x0122 (SOP class not supported) and 0x0124 (not
+# authorised) are configuration errors that retrying cannot fix.
 _TRANSIENT_PREFIX = 0xA700
 
 
 def _is_transient(status: int) -> bool:
-    return (status & 0xFF00) == _TRANSIENT_PREFIX or status in {0x0122, 0x0124, 0x0211, 0x0213}
+    return (status & 0xFF00) == _TRANSIENT_PREFIX or status == 0x0213
 
 
 def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
@@ -80,8 +82,16 @@ def store_to_pacs(datasets: Sequence[Dataset], destination: Destination, calling
     if not assoc.is_established:
         raise DestinationUnavailable(f"{destination} did not accept an association")
     try:
+        accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+        refused = sorted({str(d.SOPClassUID) for d in datasets} - accepted)
+        if refused:
+            raise ResultRejected(f"{destination} accepts no presentation context for {', '.join(refused)}")
         for dataset in datasets:
-            status = assoc.send_c_store(dataset)
+            try:
+                status = assoc.send_c_store(dataset)
+            except (RuntimeError, OSError) as exc:
+                # pynetdicom raises RuntimeError once the peer aborted or the connection dropped.
+                raise DestinationUnavailable(f"{destination} dropped the association: {exc}") from exc
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 raise DestinationUnavailable(f"{destination} gave no C-STORE response (connection lost or timed out)")

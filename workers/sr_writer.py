@@ -344,9 +344,11 @@ def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis, report_uid: st
 def closed_outline(outline_xy: npt.NDArray[np.floating], offset_xy: Sequence[int]) -> npt.NDArray[np.float32]:
     """The outline in frame coordinates, closed as SCOORD POLYLINE requires.
 
-    PS3.3 C.18.6.1.2: a closed POLYLINE repeats its first point at the end.
-    The pipeline's coordinates are in the scan-region crop, so the crop's
-    offset is added.
+    PS3.3 C.18.6.1.2: a closed POLYLINE repeats its first point at the end,
+    and image coordinates start at the top-left corner of the top-left
+    pixel, so the centre of pixel (i, j) is (i + 0.5, j + 0.5). The
+    pipeline's outline holds pixel indices within the scan-region crop,
+    so the crop's offset and the half pixel are added.
 
     Raises
     ------
@@ -358,7 +360,7 @@ def closed_outline(outline_xy: npt.NDArray[np.floating], offset_xy: Sequence[int
         raise ValueError(f"lesion outline must have shape (N, 2), got {points.shape}")
     if len(np.unique(points, axis=0)) < 3:
         raise ValueError(f"lesion outline needs at least 3 distinct points, got {len(np.unique(points, axis=0))}")
-    points = points + np.asarray(offset_xy[:2], dtype=np.float64)
+    points = points + np.asarray(offset_xy[:2], dtype=np.float64) + 0.5
     if not np.array_equal(points[0], points[-1]):
         points = np.vstack([points, points[:1]])
     return points.astype(np.float32)

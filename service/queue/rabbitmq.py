@@ -384,7 +384,9 @@ class RabbitMQJobQueue:
                 except (OSError, JobSchemaError) as exc:
                     log.error("cannot remove completed job from the spool", error=type(exc).__name__, reason=str(exc))
         elif outcome.action == "requeue":
-            channel.basic_nack(method.delivery_tag, requeue=True)
+            # basic.reject, not basic.nack: RabbitMQ 4 counts x-delivery-count
+            # (our retry limit) only for rejects; 3.x counts both.
+            channel.basic_reject(method.delivery_tag, requeue=True)
         else:
             self._dead_letter(channel, method, properties, body, outcome.reason, outcome.failure, deliveries)
 

@@ -386,3 +386,23 @@ def test_dispatcher_retries_publish_and_recovers_unpublished(
     restarted.recover()
     assert restarted.tick() == [orphan]  # the confirmed one is not republished
     assert restarted_queue.published == [orphan]
+
+
+def test_dispatcher_adopts_a_sealed_job_it_lost_track_of(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
+    """A seal that failed after its rename leaves a job dir no tracked study points to: the sweep publishes it."""
+    from service.dispatcher import RESCAN_INTERVAL_S
+
+    clock = [5000.0]
+    settings = Settings(quiet_period_s=1.0, stable_age_s=10.0, spool_dir=spool_dir, metrics_port=0)
+    spool = Spool(spool_dir)
+    queue = FlakyQueue(failures=0)
+    dispatcher = Dispatcher(settings, spool, queue, clock=lambda: clock[0])
+    assert dispatcher.tick() == []  # first sweep: nothing on disk yet
+    ds = us_dataset()
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, encode(ds))
+    stray = spool.seal_study(ds.StudyInstanceUID)  # sealed behind the dispatcher's back
+    clock[0] += RESCAN_INTERVAL_S / 2
+    assert dispatcher.tick() == []  # not swept again yet
+    clock[0] += RESCAN_INTERVAL_S
+    assert dispatcher.tick() == [stray]
+    assert spool.is_published(stray) and queue.published == [stray]

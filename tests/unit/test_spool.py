@@ -40,7 +40,7 @@ def test_store_instance_layout_and_hash(spool_dir: Path, us_dataset: Callable[..
     assert stored.path == spool_dir / "incoming" / STUDY / f"{sop}.dcm"
     assert stored.path.read_bytes() == data
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
-    assert list((spool_dir / "tmp").iterdir()) == []
+    assert list(spool.tmp_dir.iterdir()) == []
 
 
 def test_same_sop_twice_overwrites(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
@@ -75,7 +75,7 @@ def test_failed_write_leaves_nothing_visible(
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
     assert visible_files(spool) == []
-    assert list((spool_dir / "tmp").iterdir()) == []
+    assert list(spool.tmp_dir.iterdir()) == []
 
 
 def test_failed_write_midway_keeps_earlier_version(
@@ -102,8 +102,9 @@ def test_failed_write_midway_keeps_earlier_version(
 def test_stale_tmp_files_are_cleaned_on_open(spool_dir: Path) -> None:
     (spool_dir / "tmp").mkdir()
     (spool_dir / "tmp" / "leftover.tmp").write_bytes(b"half")
-    Spool(spool_dir)
-    assert list((spool_dir / "tmp").iterdir()) == []
+    os.utime(spool_dir / "tmp" / "leftover.tmp", (0, 0))
+    spool = Spool(spool_dir)
+    assert list((spool_dir / "tmp").iterdir()) == [spool.tmp_dir]
 
 
 def test_seal_builds_job(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
@@ -246,3 +247,17 @@ def test_seal_of_file_without_series_uid_is_permanent(spool_dir: Path, us_datase
         spool.seal_study(STUDY)
     job_id = getattr(info.value, "job_id")
     assert spool.is_sealed(job_id)  # left for the caller to dead-letter by id
+
+
+def test_a_second_spool_on_the_same_root_keeps_the_first_ones_temporary_files(tmp_path: Path) -> None:
+    """Opening a spool (a worker starting) must not delete a live listener's half-written file."""
+    first = Spool(tmp_path)
+    in_flight = first.tmp_dir / "half-written.tmp"
+    in_flight.write_bytes(b"partial")
+    Spool(tmp_path)
+    assert in_flight.exists()
+    old = tmp_path / "tmp" / "deadhost-1-0000"
+    old.mkdir()
+    os.utime(old, (0, 0))
+    Spool(tmp_path)
+    assert not old.exists(), "a long-dead process's folder is cleaned up"

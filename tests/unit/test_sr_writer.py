@@ -115,7 +115,7 @@ def test_lesion_group_content(study: dict[str, pathlib.Path]) -> None:
     assert region.GraphicType == "POLYLINE"
     points = np.array(region.GraphicData, dtype=float).reshape(-1, 2)
     outline = analysed[0].analysis.lesions[0].outline_xy
-    np.testing.assert_allclose(points, outline + [20, 10])
+    np.testing.assert_allclose(points, outline + [20, 10] + 0.5)  # crop offset + half a pixel (PS3.3 C.18.6.1.2)
     np.testing.assert_array_equal(points[0], points[-1])
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == analysed[0].frame.sop_instance_uid
     assert "ReferencedFrameNumber" not in region.ContentSequence[0].ReferencedSOPSequence[0]
@@ -186,7 +186,7 @@ def test_closed_outline() -> None:
     closed = closed_outline(open_square, (10, 20))
     assert closed.shape == (5, 2)
     np.testing.assert_array_equal(closed[0], closed[-1])
-    np.testing.assert_array_equal(closed[0], [10, 20])
+    np.testing.assert_array_equal(closed[0], [10.5, 20.5])  # pixel centre: SCOORD origin is the pixel corner
     with pytest.raises(ValueError):
         closed_outline(np.array([[0, 0], [1, 1], [0, 0]], dtype=np.float32), (0, 0))
 
