@@ -22,6 +22,8 @@ PIP           := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
 VAR_DIR       ?= var
+# The development datasets (read-only; never committed).
+DATASETS      ?= ../shared/datasets
 # Flags of `breastai serve` (see `breastai serve --help`); override on the command line.
 # CPU is implicit (ONNX Runtime) and the reference models are the bundled default
 # (models/weights; add --model-dir DIR for others). Listener: BREASTAI@0.0.0.0:11112,
@@ -131,8 +133,11 @@ run: venv
 test: deps-system test-venv rabbitmq
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
+# Resumable: each part checkpoints every epoch under runs/reference/<part>/.
 train: train-venv
-	$(PY) -m models.training.train_reference
+	$(PY) -m models.training.train_reference classifier --datasets $(DATASETS)
+	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS)
+	$(PY) -m models.training.export_reference --datasets $(DATASETS)
 
 samples: venv
 	$(PY) scripts/make_samples.py

@@ -275,8 +275,8 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
 
 
 DEFAULTS = {
-    "segmenter": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
-    "classifier": {"epochs": 20, "batch_size": 32, "learning_rate": 1e-3, "input_size": 128},
+    "segmenter": {"epochs": 9, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
+    "classifier": {"epochs": 18, "batch_size": 32, "learning_rate": 1e-3, "input_size": 128},
 }
 
 
