@@ -3,7 +3,7 @@
 #   make venv           .venv with the serving dependencies (no torch)
 #   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
-#   make test           system deps + test venv + RabbitMQ + pytest (unit, integration, e2e)
+#   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the reference training
 #   make samples        regenerate samples/ (scripts/make_samples.py)
 #   make send-samples   C-STORE samples/ to a running service with dcmtk's storescu
@@ -52,7 +52,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test train samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train samples send-samples clean distclean
 
 help:
 	@sed -n '1,11s/^# \{0,1\}//p' Makefile
@@ -130,8 +130,12 @@ run: venv
 	$(VENV)/bin/breastai serve $(SERVE_ARGS)
 
 # Test venv has no torch: tests that need it use pytest.importorskip("torch").
-test: deps-system test-venv rabbitmq
+test: deps-system test-venv rabbitmq typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+# mypy --strict over the packages (configured in pyproject.toml).
+typecheck: test-venv
+	$(VENV)/bin/mypy
 
 # Resumable: each part checkpoints every epoch under runs/reference/<part>/.
 train: train-venv

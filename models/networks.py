@@ -65,7 +65,9 @@ class CamClassifier(nn.Module):
         self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act, backbone.maxpool)
         self.stages = nn.Sequential(backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = backbone.fc
+        if not isinstance(backbone.fc, nn.Linear):
+            raise ValueError("CamClassifier needs a backbone with a linear classification head (num_classes > 0)")
+        self.fc: nn.Linear = backbone.fc
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.stages(self.stem(image))

@@ -28,12 +28,14 @@ MALIGNANT = 1
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    result: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return result
 
 
 def _softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     shifted = np.exp(x - x.max(axis=-1, keepdims=True))
-    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+    result: npt.NDArray[np.float32] = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return result
 
 
 class BModePipeline:

@@ -28,8 +28,8 @@ def standardise(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float3
         raise ValueError(f"expected a non-empty 2D grayscale array, got shape {gray.shape}")
     interpolation = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR
     resized = cv2.resize(gray, (size, size), interpolation=interpolation).astype(np.float32)
-    resized = (resized - resized.mean()) / (resized.std() + 1e-6)
-    return resized[None, None, :, :]
+    standardised: npt.NDArray[np.float32] = ((resized - resized.mean()) / (resized.std() + 1e-6)).astype(np.float32)
+    return standardised[None, None, :, :]
 
 
 def expand_box(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:

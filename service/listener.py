@@ -18,7 +18,7 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 from pydicom import dcmread
@@ -39,6 +39,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -203,7 +204,7 @@ class StudyListener:
             if self._server is not None:
                 return
             ae = self.build_ae()
-            handlers = [
+            handlers: list[Any] = [
                 (evt.EVT_C_STORE, self.handle_store),
                 (evt.EVT_RELEASED, self._handle_ended),
                 (evt.EVT_ABORTED, self._handle_ended),
@@ -272,7 +273,8 @@ class StudyListener:
         return STATUS_SUCCESS
 
     def _store(self, event: Event) -> tuple[str, str]:
-        stream = event.request.DataSet
+        request = cast(C_STORE, event.request)
+        stream = request.DataSet
         # seek() measures the received bytes without copying them (they may be hundreds of MB).
         request_size = stream.seek(0, io.SEEK_END) if stream is not None else 0
         if request_size > self._max_bytes:
@@ -291,7 +293,7 @@ class StudyListener:
             raise _Rejection(STATUS_DATASET_MISMATCH, "sop_class_mismatch",
                              f"SOP Class {sop_class} sent on a {event.context.abstract_syntax} context")
         sop_instance = _uid(ds, "SOPInstanceUID")
-        if sop_instance != str(event.request.AffectedSOPInstanceUID).strip("\x00 "):
+        if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
             raise _Rejection(STATUS_DATASET_MISMATCH, "sop_instance_mismatch",
                              "SOP Instance UID differs from the request's Affected SOP Instance UID")
         study_uid = _uid(ds, "StudyInstanceUID")

@@ -291,7 +291,8 @@ def _to_uint8_rgb(rgb: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
     if rgb.dtype == np.uint8:
         return rgb.astype(np.uint8, copy=False)
     if rgb.dtype == np.uint16:
-        return (rgb >> 8).astype(np.uint8)
+        top_byte: npt.NDArray[np.uint8] = (rgb.astype(np.uint16) >> 8).astype(np.uint8)
+        return top_byte
     return _scale_to_uint8(rgb.astype(np.float64))
 
 

@@ -133,7 +133,8 @@ def _blend_cam(canvas: npt.NDArray[np.uint8], cam: npt.NDArray[np.float32]) -> n
     # keeps the anatomy readable around the finding.
     alpha = np.where(cam > CAM_THRESHOLD, CAM_ALPHA, 0.0).astype(np.float32)[:, :, None]
     blended = canvas.astype(np.float32) * (1.0 - alpha) + heat * alpha
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    result: npt.NDArray[np.uint8] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return result
 
 
 def _text_metrics(rows: int, columns: int) -> tuple[float, int]:

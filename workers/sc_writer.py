@@ -74,7 +74,8 @@ def build_overlay_image(
         manufacturer=context.manufacturer,
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
-    image.PatientOrientation = _patient_orientation(source)
+    # Type 2 in the SC Image module: two values, or present and empty.
+    setattr(image, "PatientOrientation", _patient_orientation(source))
     image.ConversionType = _CONVERSION_WORKSTATION
     image.ManufacturerModelName = context.manufacturer_model_name
     image.SoftwareVersions = context.software_versions

@@ -161,7 +161,7 @@ def estimate_scan_region(gray: npt.NDArray[np.uint8]) -> tuple[int, int, int, in
     # image wide removes them while the scan area survives.
     k = max(3, (side // 50) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    mask = np.asarray(cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel), dtype=np.uint8)
     count, _labels, stats, _centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if count <= 1:
         return whole

@@ -85,7 +85,7 @@ def read_gray(path: Path) -> npt.NDArray[np.uint8]:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError(f"cannot read image {path}")
-    return image
+    return np.asarray(image, dtype=np.uint8)
 
 
 def read_mask(record: Record, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:

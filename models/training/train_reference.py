@@ -62,18 +62,20 @@ def _augment_geometry(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] 
         mask = mask[:, ::-1] if mask is not None else None
     rows, cols = image.shape
     matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-10, 10), rng.uniform(0.85, 1.15))
-    matrix[:, 2] += rng.uniform(-0.08, 0.08, 2) * (cols, rows)
-    image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    matrix[:, 2] = matrix[:, 2] + rng.uniform(-0.08, 0.08, 2) * (cols, rows)
+    warped = np.asarray(cv2.warpAffine(np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
+    warped_mask: npt.NDArray[np.uint8] | None = None
     if mask is not None:
-        mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (cols, rows), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT)
-    return image, mask
+        warped_mask = np.asarray(cv2.warpAffine(np.ascontiguousarray(mask), matrix, (cols, rows), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
+    return warped, warped_mask
 
 
 def _augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
     """Random gamma 0.7-1.4 and speckle-like multiplicative noise."""
     scaled = (image.astype(np.float32) / 255.0) ** rng.uniform(0.7, 1.4)
     scaled *= rng.normal(1.0, 0.05, scaled.shape).astype(np.float32)
-    return np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
+    noisy: npt.NDArray[np.uint8] = np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
+    return noisy
 
 
 def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
