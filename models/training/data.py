@@ -57,6 +57,8 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Re
     records: list[Record] = []
     for dataset in datasets:
         folder = root / dataset
+        if not (folder / "labels.csv").is_file():
+            continue  # a site's own data may hold only some of the datasets
         with (folder / "labels.csv").open(newline="") as handle:
             for row in csv.DictReader(handle):
                 image_id = row["id"]
@@ -77,6 +79,8 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Re
                         split=split_for(dataset, image_id, row),
                     )
                 )
+    if not records:
+        raise FileNotFoundError(f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, masks/)")
     return records
 
 

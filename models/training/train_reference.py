@@ -78,6 +78,14 @@ def _augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) -
     return noisy
 
 
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimisation step; returns the loss as a float for logging."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
     lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     for group in optimizer.param_groups:
@@ -104,6 +112,18 @@ class _Checkpoints:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         return int(state["epoch"]) + 1, float(state["best"])
+
+    def end_epoch(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], metric: str, score: float, best: float, began: float, config: TrainConfig
+    ) -> tuple[float, bool]:
+        """Checkpoint, log one JSON line, and say whether the time budget is spent."""
+        best = self.save(model, optimizer, epoch, score, best)
+        minutes = (time.monotonic() - began) / 60
+        self.log({"part": config.part, "epoch": epoch, "loss": float(np.mean(losses)), metric: score, "best": best, "minutes": minutes})
+        if minutes > config.max_minutes:
+            self.log({"part": config.part, "stopped": "max_minutes reached", "epoch": epoch})
+            return best, True
+        return best, False
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float) -> float:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": max(best, score)}
@@ -142,7 +162,8 @@ def train_segmenter(config: TrainConfig) -> None:
     checkpoints = _Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
+    steps_per_epoch = max(1, len(train) // config.batch_size)
     bce = nn.BCEWithLogitsLoss()
     began = time.monotonic()
     for epoch in range(start, config.epochs):
@@ -162,16 +183,10 @@ def train_segmenter(config: TrainConfig) -> None:
             logits = model(x)
             probability = torch.sigmoid(logits)
             soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-            loss = bce(logits, y) + soft_dice.mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss))
+            losses.append(_step(optimizer, bce(logits, y) + soft_dice.mean()))
         score = _validate_segmenter(model, train_x, val_x, val_y, size)
-        best = checkpoints.save(model, optimizer, epoch, score, best)
-        checkpoints.log({"part": "segmenter", "epoch": epoch, "loss": float(np.mean(losses)), "val_dice_lesion_images": score, "best": best, "minutes": (time.monotonic() - began) / 60})
-        if (time.monotonic() - began) / 60 > config.max_minutes:
-            checkpoints.log({"part": "segmenter", "stopped": "max_minutes reached", "epoch": epoch})
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_dice_lesion_images", score, best, began, config)
+        if stop:
             break
 
 
@@ -240,7 +255,8 @@ def train_classifier(config: TrainConfig) -> None:
     labels = np.array([s.malignant for s in train])
     weights = torch.tensor([len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
+    steps_per_epoch = max(1, len(train) // config.batch_size)
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
@@ -252,16 +268,10 @@ def train_classifier(config: TrainConfig) -> None:
             y = torch.from_numpy(labels[index]).long()
             _cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             logits, _ = model(x)
-            loss = loss_fn(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss))
+            losses.append(_step(optimizer, loss_fn(logits, y)))
         score = _validate_classifier(model, val, config.input_size)
-        best = checkpoints.save(model, optimizer, epoch, score, best)
-        checkpoints.log({"part": "classifier", "epoch": epoch, "loss": float(np.mean(losses)), "val_auc": score, "best": best, "minutes": (time.monotonic() - began) / 60})
-        if (time.monotonic() - began) / 60 > config.max_minutes:
-            checkpoints.log({"part": "classifier", "stopped": "max_minutes reached", "epoch": epoch})
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
+        if stop:
             break
 
 
