@@ -70,8 +70,10 @@ $(VENV)/.stamp-serve: pyproject.toml | $(PY)
 	$(check_no_cuda)
 	touch $@
 
-$(VENV)/.stamp-test: $(VENV)/.stamp-serve pyproject.toml
-	$(PIP) install -e '.[test]'
+# The tests exercise every network, loss and ONNX export, so they need the
+# train extra (CPU torch) too.
+$(VENV)/.stamp-test: $(VENV)/.stamp-train pyproject.toml
+	$(PIP) install -c $(VENV)/constraints-train.txt -e '.[train,test]'
 	$(check_no_cuda)
 	touch $@
 
@@ -129,7 +131,6 @@ run: venv
 	mkdir -p $(VAR_DIR)/spool $(VAR_DIR)/results
 	$(VENV)/bin/breastai serve $(SERVE_ARGS)
 
-# Test venv has no torch: tests that need it use pytest.importorskip("torch").
 test: deps-system test-venv rabbitmq typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
 

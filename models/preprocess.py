@@ -51,3 +51,30 @@ def crop(gray: npt.NDArray[np.uint8], box: Box) -> npt.NDArray[np.uint8]:
     """Cut an (x, y, w, h) box out of a 2D array."""
     x, y, w, h = box
     return gray[y : y + h, x : x + w]
+
+
+def expand_box_by_shortest_side(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
+    """Grow a box by ``fraction`` of its *shortest* side on every side (DL-UM uses 30 %), clipped."""
+    x, y, w, h = box
+    pad = int(round(min(w, h) * fraction))
+    rows, cols = image_shape
+    x0, y0 = max(0, x - pad), max(0, y - pad)
+    x1, y1 = min(cols, x + w + pad), min(rows, y + h + pad)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def min_max(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+    """Resize to ``size`` x ``size`` and scale to [0, 1] by the patch's own min and max (DL-UM).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of shape (1, 1, size, size).
+    """
+    if gray.ndim != 2 or gray.size == 0:
+        raise ValueError(f"expected a non-empty 2D grayscale array, got shape {gray.shape}")
+    interpolation = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR
+    resized = cv2.resize(gray, (size, size), interpolation=interpolation).astype(np.float32)
+    low, high = float(resized.min()), float(resized.max())
+    scaled: npt.NDArray[np.float32] = ((resized - low) / max(high - low, 1e-6)).astype(np.float32)
+    return scaled[None, None, :, :]

@@ -36,6 +36,9 @@ class Record:
     patient: str
     device: str
     split: str
+    birads: str = ""  # as the dataset writes it: "2", "3", "4", "4a", ... ("" when unknown)
+    age_years: float | None = None
+    pixel_spacing_mm: float | None = None
 
 
 def _bucket(key: str) -> int:
@@ -50,6 +53,22 @@ def split_for(dataset: str, image_id: str, row: dict[str, str]) -> str:
         return "val" if _bucket(f"busbra-case-{row['case']}") == 0 else "train"
     bucket = _bucket(f"{dataset}-{image_id}")
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
+
+
+def _number(text: str | None) -> float | None:
+    """A numeric cell, or None for blanks and "not available"."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def birads_high(birads: str) -> int | None:
+    """DLR_LH's label: 1 for BI-RADS 4/5 (any 4 subcategory), 0 for 2/3, None otherwise."""
+    if not birads:
+        return None
+    category = birads[0]
+    return 1 if category in "45" else 0 if category in "23" else None
 
 
 def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Record]:
@@ -77,6 +96,9 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Re
                         patient=f"{dataset}-{row.get('case') or image_id}",
                         device=row.get("device", "") or dataset,
                         split=split_for(dataset, image_id, row),
+                        birads=row.get("birads", "").strip().lower(),
+                        age_years=_number(row.get("age")),
+                        pixel_spacing_mm=_number(row.get("pixel_spacing_mm")),
                     )
                 )
     if not records:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from models.evaluation import auc, dice
 from models.networks import lesion_segmenter, recalibrate_batch_norm, roi_classifier
 from models.preprocess import crop, expand_box, standardise
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
+from models.training.loop import Checkpoints, augment_geometry, augment_intensity, cosine_lr, optimise_step, seed_everything
 
 
 @dataclass(frozen=True)
@@ -47,92 +46,6 @@ class TrainConfig:
     seed: int
     threads: int
     max_minutes: float
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _augment_geometry(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | None]:
-    """Random horizontal flip, scale 0.85-1.15, rotation +-10 degrees, shift +-8 %."""
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-        mask = mask[:, ::-1] if mask is not None else None
-    rows, cols = image.shape
-    matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-10, 10), rng.uniform(0.85, 1.15))
-    matrix[:, 2] = matrix[:, 2] + rng.uniform(-0.08, 0.08, 2) * (cols, rows)
-    warped = np.asarray(cv2.warpAffine(np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
-    warped_mask: npt.NDArray[np.uint8] | None = None
-    if mask is not None:
-        warped_mask = np.asarray(cv2.warpAffine(np.ascontiguousarray(mask), matrix, (cols, rows), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
-    return warped, warped_mask
-
-
-def _augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
-    """Random gamma 0.7-1.4 and speckle-like multiplicative noise."""
-    scaled = (image.astype(np.float32) / 255.0) ** rng.uniform(0.7, 1.4)
-    scaled *= rng.normal(1.0, 0.05, scaled.shape).astype(np.float32)
-    noisy: npt.NDArray[np.uint8] = np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
-    return noisy
-
-
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One optimisation step; returns the loss as a float for logging."""
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
-    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-class _Checkpoints:
-    """Resume-able training state in ``work``: last.pt every epoch, best.pt on improvement."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-
-    def log(self, entry: dict[str, object]) -> None:
-        with (self.work / "train.log").open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(json.dumps(entry), flush=True)
-
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
-        last = self.work / "last.pt"
-        if not last.is_file():
-            return 0, -1.0
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        return int(state["epoch"]) + 1, float(state["best"])
-
-    def end_epoch(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], metric: str, score: float, best: float, began: float, config: TrainConfig
-    ) -> tuple[float, bool]:
-        """Checkpoint, log one JSON line, and say whether the time budget is spent."""
-        best = self.save(model, optimizer, epoch, score, best)
-        minutes = (time.monotonic() - began) / 60
-        self.log({"part": config.part, "epoch": epoch, "loss": float(np.mean(losses)), metric: score, "best": best, "minutes": minutes})
-        if minutes > config.max_minutes:
-            self.log({"part": config.part, "stopped": "max_minutes reached", "epoch": epoch})
-            return best, True
-        return best, False
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float) -> float:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": max(best, score)}
-        torch.save(state, self.work / "last.tmp")
-        (self.work / "last.tmp").replace(self.work / "last.pt")
-        if score > best:
-            torch.save({"model": model.state_dict(), "epoch": epoch, "score": score}, self.work / "best.pt")
-            return score
-        return best
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -159,7 +72,7 @@ def train_segmenter(config: TrainConfig) -> None:
     val_x, val_y = _segmentation_arrays(val, size)
     model = lesion_segmenter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    checkpoints = _Checkpoints(Path(config.work))
+    checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
@@ -174,16 +87,16 @@ def train_segmenter(config: TrainConfig) -> None:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             xs, ys = [], []
             for i in index:
-                image, mask = _augment_geometry(train_x[i], train_y[i], rng)
+                image, mask = augment_geometry(train_x[i], train_y[i], rng)
                 assert mask is not None
-                xs.append(standardise(_augment_intensity(image, rng), size)[0])
+                xs.append(standardise(augment_intensity(image, rng), size)[0])
                 ys.append(mask[None].astype(np.float32))
             x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-            _cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             logits = model(x)
             probability = torch.sigmoid(logits)
             soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-            losses.append(_step(optimizer, bce(logits, y) + soft_dice.mean()))
+            losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
         score = _validate_segmenter(model, train_x, val_x, val_y, size)
         best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_dice_lesion_images", score, best, began, config)
         if stop:
@@ -249,7 +162,7 @@ def train_classifier(config: TrainConfig) -> None:
     val = roi_samples([r for r in records if r.split == "val"])
     model = roi_classifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    checkpoints = _Checkpoints(Path(config.work))
+    checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     labels = np.array([s.malignant for s in train])
@@ -264,11 +177,11 @@ def train_classifier(config: TrainConfig) -> None:
         losses = []
         for step in range(steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = torch.from_numpy(np.concatenate([standardise(_augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]))
+            x = torch.from_numpy(np.concatenate([standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]))
             y = torch.from_numpy(labels[index]).long()
-            _cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             logits, _ = model(x)
-            losses.append(_step(optimizer, loss_fn(logits, y)))
+            losses.append(optimise_step(optimizer, loss_fn(logits, y)))
         score = _validate_classifier(model, val, config.input_size)
         best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
         if stop:
@@ -320,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if config.threads:
         torch.set_num_threads(config.threads)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     Path(config.work).mkdir(parents=True, exist_ok=True)
     (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
     {"segmenter": train_segmenter, "classifier": train_classifier}[config.part](config)

@@ -1,0 +1,303 @@
+"""Train one paper family on the development datasets (``breastai train FAMILY``).
+
+Usage::
+
+    python -m models.training.train_family dlr_lh --datasets ../shared/datasets
+    python -m models.training.train_family cldlr --stage finish
+
+Stages, each resumable and recorded under ``--work`` (default
+``runs/families/FAMILY``):
+
+``network``
+    The family's convolutional network on lesion ROIs cut around the
+    ground-truth mask's largest region (the papers crop from segmentation
+    masks), jittered as a segmenter's box would vary; seeded; one JSON log
+    line per epoch; ``best.pt`` by validation AUC.
+``finish``
+    What the paper adds after the network: DLR's age MLP, CLDLR's SVMs
+    (clinical / DLR / CLDLR), MUP-Net's prototype projection and last-layer
+    training.
+``export``
+    ONNX (fp16 where the outputs hold within tolerance of PyTorch) into
+    ``--output`` with a manifest entry; evaluation and the model card are
+    ``breastai evaluate``'s job.
+
+Split: :mod:`models.training.data` (BUS-BRA by patient fold, others by a
+stable image hash). No pretrained weights exist here: every network starts
+from scratch, as its card says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional
+
+from models.evaluation import auc
+from models.families import cldlr, dlr, dlum
+from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
+from models.training.data import US_DATASETS, Record, birads_high, load_records, mask_box, read_gray, read_mask
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step, seed_everything
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LesionSample:
+    """One lesion: the full grayscale image, its ground-truth box, its label and where it came from."""
+
+    record: Record
+    image: npt.NDArray[np.uint8]
+    box: Box
+    label: int
+
+
+# --------------------------------------------------------------------------- ROI preparation
+
+
+@dataclass(frozen=True)
+class RoiStyle:
+    """How a family cuts and normalises its ROI: the papers differ."""
+
+    normalisation: str  # "zscore" (per-ROI standardisation) or "minmax" (DL-UM: [0, 1])
+    padding: float  # box growth at evaluation/serving
+    shortest_side: bool  # DL-UM grows by a fraction of the shortest side
+
+    def box(self, box: Box, shape: tuple[int, int], padding: float | None = None) -> Box:
+        fraction = self.padding if padding is None else padding
+        if self.shortest_side:
+            return expand_box_by_shortest_side(box, shape, fraction)
+        return expand_box(box, shape, fraction)
+
+    def tensor(self, roi: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+        return min_max(roi, size) if self.normalisation == "minmax" else standardise(roi, size)
+
+    def evaluation_input(self, sample: LesionSample, size: int) -> npt.NDArray[np.float32]:
+        return self.tensor(crop(sample.image, self.box(sample.box, sample.image.shape[:2])), size)
+
+    def training_input(self, sample: LesionSample, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+        """Box shifted by up to 10 % and grown by the serving padding +-0.15, random flip, gamma/speckle."""
+        x, y, w, h = sample.box
+        dx, dy = (rng.uniform(-0.1, 0.1, 2) * (w, h)).astype(int)
+        padding = max(0.0, self.padding + rng.uniform(-0.15, 0.15))
+        roi = crop(sample.image, self.box((max(0, x + dx), max(0, y + dy), w, h), sample.image.shape[:2], padding))
+        if rng.random() < 0.5:
+            roi = roi[:, ::-1]
+        return self.tensor(augment_intensity(np.ascontiguousarray(roi), rng), size)
+
+
+ZSCORE_ROI = RoiStyle("zscore", 0.2, False)
+DLUM_ROI = RoiStyle("minmax", 0.3, True)
+
+
+# --------------------------------------------------------------------------- family specifications
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything the generic loop needs to know about one family."""
+
+    name: str
+    task: str  # "malignancy" or "birads_high"
+    datasets: tuple[str, ...]
+    build: Callable[[], nn.Module]
+    loss: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    positive_probability: Callable[[nn.Module, Tensor], Tensor]
+    roi: RoiStyle
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    input_size: int
+    notes: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    logits = model(x)[0]
+    return functional.cross_entropy(logits, y)
+
+
+def _softmax_positive(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.softmax(model(x)[0], dim=1)[:, 1]
+
+
+def _deep_supervision(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    block_logits = model(x)[0]
+    return dlum.branch_loss(block_logits, y)
+
+
+def _branch_positive(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.sigmoid(model(x)[0][:, -1])
+
+
+DLUM_WIDTH = 0.25
+CLDLR_WIDTH = 0.5
+
+FAMILIES: dict[str, FamilySpec] = {
+    "dlr_lh": FamilySpec(
+        "dlr_lh", "birads_high", ("busbra", "breast_lesions"), lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
+        epochs=14, batch_size=16, learning_rate=1e-3, input_size=128,
+        notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
+    ),
+    "dlr_bm": FamilySpec(
+        "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
+        epochs=12, batch_size=16, learning_rate=1e-3, input_size=128,
+        notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
+    ),
+    "cldlr": FamilySpec(
+        "cldlr", "malignancy", US_DATASETS, lambda: cldlr.VGG11Radiomics(width=CLDLR_WIDTH), _softmax_ce, _softmax_positive, ZSCORE_ROI,
+        epochs=12, batch_size=16, learning_rate=5e-4, input_size=128,
+        notes="VGG11 feature network; the SVMs are fitted in the finish stage",
+    ),
+    "dl_u": FamilySpec(
+        "dl_u", "malignancy", US_DATASETS, lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
+        epochs=12, batch_size=16, learning_rate=1e-3, input_size=112,
+        notes="DL-UM ultrasound branch, focal loss on all five block heads",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def lesion_samples(records: list[Record], task: str) -> list[LesionSample]:
+    """Every record with a lesion mask and a label for ``task``."""
+    samples = []
+    for record in records:
+        label = record.malignant if task == "malignancy" else birads_high(record.birads)
+        if label is None or record.mask_path is None:
+            continue
+        image = read_gray(record.image_path)
+        box = mask_box(read_mask(record, image.shape))
+        if box is not None:
+            samples.append(LesionSample(record, image, box, int(label)))
+    return samples
+
+
+def split_samples(spec: FamilySpec, datasets: Path, holdout: str | None = None) -> dict[str, list[LesionSample]]:
+    """Train / val / test samples; ``holdout`` drops one dataset from train and val (external validation)."""
+    records = load_records(datasets, spec.datasets)
+    if holdout:
+        records = [r for r in records if r.dataset != holdout or r.split == "test"]
+    return {split: lesion_samples([r for r in records if r.split == split], spec.task) for split in ("train", "val", "test")}
+
+
+# --------------------------------------------------------------------------- network stage
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    part: str
+    family: str
+    datasets: str
+    work: str
+    holdout: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    input_size: int
+    seed: int
+    threads: int
+    max_minutes: float
+
+
+@torch.no_grad()
+def positive_scores(spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32) -> npt.NDArray[np.float64]:
+    """P(positive) for every sample, eval mode, serving-style ROI."""
+    model.eval()
+    scores: list[float] = []
+    for start in range(0, len(samples), batch):
+        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]]))
+        scores.extend(float(v) for v in spec.positive_probability(model, x))
+    return np.asarray(scores)
+
+
+def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
+    """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC."""
+    train, val = samples["train"], samples["val"]
+    model = spec.build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    checkpoints = Checkpoints(Path(config.work))
+    start, best = checkpoints.resume(model, optimizer)
+    rng = np.random.default_rng(config.seed + start)
+    labels = np.array([s.label for s in train])
+    # Balanced sampling instead of a weighted loss: focal and cross-entropy losses then see both classes equally.
+    sample_weight = np.where(labels == 1, 0.5 / max(1, (labels == 1).sum()), 0.5 / max(1, (labels == 0).sum()))
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        losses = []
+        for step in range(steps_per_epoch):
+            index = rng.choice(len(train), size=config.batch_size, p=sample_weight)
+            x = torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in index]))
+            y = torch.from_numpy(labels[index]).long()
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            losses.append(optimise_step(optimizer, spec.loss(model, x, y)))
+        score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
+        if stop:
+            break
+
+
+def load_best(spec: FamilySpec, work: Path) -> nn.Module:
+    """The family's network with its best checkpoint's weights, in eval mode."""
+    model = spec.build()
+    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"])
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("--stage", choices=("network", "finish", "export", "all"), default="all")
+    parser.add_argument("--datasets", default="../shared/datasets")
+    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/families/FAMILY[-without-HOLDOUT])")
+    parser.add_argument("--holdout", default="", help="leave this dataset out of training (external validation)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
+    args = parser.parse_args(argv)
+    spec = FAMILIES[args.family]
+    suffix = f"-without-{args.holdout}" if args.holdout else ""
+    config = RunConfig(
+        part=spec.name,
+        family=spec.name,
+        datasets=args.datasets,
+        work=args.work or f"runs/families/{spec.name}{suffix}",
+        holdout=args.holdout,
+        epochs=args.epochs or spec.epochs,
+        batch_size=args.batch_size or spec.batch_size,
+        learning_rate=args.learning_rate or spec.learning_rate,
+        input_size=args.input_size or spec.input_size,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    work = Path(config.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps({**asdict(config), "notes": spec.notes}, indent=2))
+    samples = split_samples(spec, Path(config.datasets), config.holdout or None)
+    print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)
+    if args.stage in ("network", "all"):
+        train_network(spec, config, samples)
+
+
+if __name__ == "__main__":
+    main()

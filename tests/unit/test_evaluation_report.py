@@ -1,0 +1,213 @@
+"""Evaluation reports, Markdown tables and plots on small synthetic sets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluation import auc, delong_test, operating_point
+from models.evaluation_report import (
+    CasePrediction,
+    SegmentationRow,
+    classification_report,
+    compare_families,
+    format_estimate,
+    report_markdown,
+    segmentation_report,
+)
+
+RESAMPLES = 200  # enough to exercise the bootstrap; keeps the tests fast
+
+
+def _synthetic_cases(seed: int = 0, separation: float = 1.5) -> list[CasePrediction]:
+    """Two datasets x two devices with both classes, plus a device that only saw negatives."""
+    rng = np.random.default_rng(seed)
+    cases: list[CasePrediction] = []
+    for index in range(160):
+        label = int(rng.integers(0, 2))
+        score = 1.0 / (1.0 + math.exp(-rng.normal(separation * (label - 0.5), 1.0)))
+        cases.append(
+            CasePrediction(
+                case_id=f"case-{index:03d}",
+                dataset="busi" if index % 2 else "busbra",
+                device="Toshiba" if index % 4 < 2 else "GE",
+                label=label,
+                score=score,
+            )
+        )
+    for index in range(6):
+        cases.append(CasePrediction(f"solo-{index}", "busbra", "Solo", 0, 0.1 + 0.05 * index))
+    return cases
+
+
+def test_classification_report_overall_and_subgroups() -> None:
+    cases = _synthetic_cases()
+    report = classification_report(cases, threshold=0.5, resamples=RESAMPLES, seed=1)
+    json.dumps(report, allow_nan=False)  # strict JSON: no NaN anywhere
+
+    overall = report["all"]
+    labels = [case.label for case in cases]
+    scores = [case.score for case in cases]
+    assert overall["n"] == len(cases)
+    assert overall["n_positive"] == sum(labels)
+    assert overall["auc"] == pytest.approx(auc(labels, scores))
+    low, high = overall["auc_ci"]
+    assert low < overall["auc"] < high
+    point = operating_point(labels, scores, 0.5)
+    assert overall["sensitivity"] == pytest.approx(point.sensitivity)
+    assert overall["npv"] == pytest.approx(point.npv)
+    assert 0.0 < overall["brier"] < 0.25
+    assert 0.0 <= overall["ece"] < 0.5
+    assert overall["note"] is None
+
+    assert set(report["by_dataset"]) == {"busbra", "busi"}
+    assert set(report["by_device"]) == {"GE", "Solo", "Toshiba"}
+    assert sum(group["n"] for group in report["by_dataset"].values()) == len(cases)
+    assert sum(group["n"] for group in report["by_device"].values()) == len(cases)
+    busi = [case for case in cases if case.dataset == "busi"]
+    assert report["by_dataset"]["busi"]["auc"] == pytest.approx(
+        auc([case.label for case in busi], [case.score for case in busi])
+    )
+
+
+def test_single_class_subgroup_gets_a_note_not_a_crash() -> None:
+    report = classification_report(_synthetic_cases(), threshold=0.5, resamples=RESAMPLES)
+    solo = report["by_device"]["Solo"]
+    assert (solo["n"], solo["n_positive"]) == (6, 0)
+    assert solo["auc"] is None and solo["auc_ci"] is None
+    assert solo["sensitivity"] is None  # no positives: undefined, not 0
+    assert solo["specificity"] == 1.0  # all scores below 0.5
+    assert "only negative cases" in solo["note"]
+    assert solo["brier"] == pytest.approx(np.mean(np.square([0.1 + 0.05 * i for i in range(6)])))
+
+
+def test_classification_report_refuses_duplicates_and_bad_rows() -> None:
+    cases = _synthetic_cases()
+    with pytest.raises(ValueError, match="duplicate case_id"):
+        classification_report(cases + cases[:1], threshold=0.5, resamples=RESAMPLES)
+    with pytest.raises(ValueError, match="probability"):
+        CasePrediction("x", "d", "s", 1, 1.5)
+    with pytest.raises(ValueError, match="label"):
+        CasePrediction("x", "d", "s", 2, 0.5)
+
+
+def test_compare_families_on_common_cases() -> None:
+    strong = _synthetic_cases(seed=0, separation=3.0)
+    # Same cases and labels, noisier scores; one family misses the first 20 cases.
+    rng = np.random.default_rng(9)
+    weak = [
+        CasePrediction(case.case_id, case.dataset, case.device, case.label, float(np.clip(case.score + rng.normal(0, 0.35), 0, 1)))
+        for case in strong
+    ]
+    partial = strong[20:]
+    comparisons = compare_families({"strong": strong, "weak": weak, "partial": partial})
+    json.dumps(comparisons, allow_nan=False)
+    assert [(entry["family_a"], entry["family_b"]) for entry in comparisons] == [
+        ("strong", "weak"),
+        ("strong", "partial"),
+        ("weak", "partial"),
+    ]
+    assert [entry["n_common"] for entry in comparisons] == [len(strong), len(partial), len(partial)]
+
+    first = comparisons[0]
+    expected = delong_test(
+        [case.label for case in strong], [case.score for case in strong], [case.score for case in weak]
+    )
+    assert first["p_value"] == pytest.approx(expected.p_value)
+    assert first["difference"] == pytest.approx(expected.difference)
+    assert first["difference"] > 0 and first["p_value"] < 0.05
+    # strong vs a subset of itself: identical scores on the common cases.
+    assert comparisons[1]["p_value"] == 1.0 and comparisons[1]["z"] == 0.0
+    # Holm over three tests: the smallest p is multiplied by 3.
+    smallest = min(comparisons, key=lambda entry: entry["p_value"])
+    assert smallest["p_value_holm"] == pytest.approx(min(1.0, 3 * smallest["p_value"]))
+
+
+def test_compare_families_reports_untestable_pairs_and_label_conflicts() -> None:
+    a = [CasePrediction(f"c{i}", "d", "s", i % 2, 0.1 * i) for i in range(8)]
+    b = [CasePrediction(f"c{i}", "d", "s", i % 2, 0.1 * (8 - i)) for i in range(3)]  # 1 positive in common
+    entry = compare_families({"a": a, "b": b})[0]
+    assert entry["n_common"] == 3 and entry["p_value"] is None
+    assert "at least 2 positive" in entry["note"]
+    conflicting = [CasePrediction(case.case_id, case.dataset, case.device, 1 - case.label, case.score) for case in a]
+    with pytest.raises(ValueError, match="disagree on the label of 8"):
+        compare_families({"a": a, "flipped": conflicting})
+
+
+def _segmentation_rows() -> list[SegmentationRow]:
+    return [
+        SegmentationRow("c1", "busi", "GE", 0.8, 0.8 / 1.2, 4.0),
+        SegmentationRow("c2", "busi", "GE", 0.6, 0.6 / 1.4, 8.0),
+        SegmentationRow("c3", "busi", "Toshiba", 0.0, 0.0, math.nan),  # missed lesion: empty prediction
+        SegmentationRow("c4", "busbra", "Toshiba", 0.9, 0.9 / 1.1, 2.0),
+    ]
+
+
+def test_segmentation_report_means_and_undefined_hd95() -> None:
+    report = segmentation_report(_segmentation_rows(), resamples=RESAMPLES, distance_unit="mm")
+    json.dumps(report, allow_nan=False)
+    overall = report["all"]
+    assert overall["n"] == 4
+    assert overall["dice"]["mean"] == pytest.approx((0.8 + 0.6 + 0.0 + 0.9) / 4)
+    assert overall["dice"]["n_undefined"] == 0
+    assert overall["hd95"]["mean"] == pytest.approx((4.0 + 8.0 + 2.0) / 3)
+    assert overall["hd95"]["median"] == pytest.approx(4.0)
+    assert (overall["hd95"]["n_defined"], overall["hd95"]["n_undefined"]) == (3, 1)
+    low, high = overall["dice"]["ci"]
+    assert low <= overall["dice"]["mean"] <= high
+    toshiba = report["by_device"]["Toshiba"]
+    assert (toshiba["n"], toshiba["hd95"]["n_undefined"], toshiba["hd95"]["mean"]) == (2, 1, 2.0)
+    # One image: a mean but no interval (a bootstrap of one value has zero width).
+    busbra = report["by_dataset"]["busbra"]["dice"]
+    assert busbra["mean"] == pytest.approx(0.9) and busbra["ci"] is None
+    # A subgroup where no HD95 is defined has no mean rather than NaN.
+    only_missed = segmentation_report([("c3", "busi", "Toshiba", 0.0, 0.0, math.nan)], resamples=RESAMPLES)
+    assert only_missed["all"]["hd95"]["mean"] is None and only_missed["all"]["hd95"]["n_undefined"] == 1
+
+
+def test_markdown_tables() -> None:
+    assert format_estimate(0.8642, [0.8301, 0.8968]) == "0.864 (0.830–0.897)"
+    assert format_estimate(None) == "n/a"
+    cases = _synthetic_cases()
+    classification = classification_report(cases, threshold=0.5, resamples=RESAMPLES)
+    comparisons = compare_families({"a": cases, "b": cases[10:]})
+    segmentation = segmentation_report(_segmentation_rows(), resamples=RESAMPLES)
+    text = report_markdown(classification, comparisons, segmentation, title="Test set")
+    assert text.startswith("## Test set")
+    overall = classification["all"]
+    assert f"| All | {overall['n']} | {overall['n_positive']} | {format_estimate(overall['auc'], overall['auc_ci'])} |" in text
+    assert "| Device: Solo | 6 | 0 | n/a |" in text
+    assert "- Device: Solo: only negative cases" in text
+    assert "| a | b | 156 |" in text
+    assert "### Segmentation" in text and "| All | 4 |" in text
+    # Every table row has the same number of cells as its header.
+    for table in text.split("\n\n"):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        assert len({row.count("|") for row in rows}) <= 1, table
+
+
+def test_plots_are_valid_pngs(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("matplotlib")
+    from models.plots import save_reliability_png, save_roc_png
+
+    cases = _synthetic_cases()
+    everything = ([case.label for case in cases], [case.score for case in cases])
+    solo = [case for case in cases if case.device == "Solo"]
+    curves = {
+        "all": everything,
+        "busi": ([c.label for c in cases if c.dataset == "busi"], [c.score for c in cases if c.dataset == "busi"]),
+        "Solo (one class)": ([c.label for c in solo], [c.score for c in solo]),
+    }
+    roc = save_roc_png(tmp_path / "plots" / "roc.png", curves)
+    reliability = save_reliability_png(tmp_path / "reliability.png", curves)
+    for path in (roc, reliability):
+        assert path.stat().st_size > 10_000
+        image = cv2.imread(str(path))
+        assert image is not None
+        assert image.shape[:2] == (500, 500)
+        assert image.std() > 10  # not a blank canvas
