@@ -9,10 +9,15 @@ C.18.6.1.2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+
+from models.decisions import CoDecision
+
+Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,42 @@ class ModelInfo:
     name: str
     version: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class FamilyScore:
+    """One family's advisory result for one lesion.
+
+    Attributes
+    ----------
+    family
+        Manifest role, e.g. ``dlr_bm``.
+    task
+        ``malignancy`` (benign vs malignant) or ``birads_high`` (BI-RADS 4/5 vs 2/3).
+    probability
+        Probability of the positive class, in [0, 1].
+    positive
+        ``probability >= threshold`` (the operating point chosen on validation data).
+    cam
+        Explanation map over the ROI box, float32 in [0, 1], shape (h, w) of ``roi_box``.
+    roi_box
+        The (x, y, w, h) box the model looked at.
+    notes
+        Plain statements about the inputs, e.g. that age was not available.
+    details
+        Extra named values (MUP-Net's top prototype contributions, CLDLR's variant).
+    """
+
+    family: str
+    task: str
+    model: ModelInfo
+    probability: float
+    threshold: float
+    positive: bool
+    cam: npt.NDArray[np.float32]
+    roi_box: Box
+    notes: tuple[str, ...] = ()
+    details: Mapping[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,11 @@ class Lesion:
     cam
         Class-activation map for the malignant class over the whole input
         image, float32 in [0, 1], same shape as the input.
+    family_scores
+        Every configured family's result, the primary one (which gave
+        ``malignancy_probability`` and ``cam``) first.
+    co_decision
+        DLR_LH + DLR_BM's BI-RADS 4A recommendation when both ran.
     """
 
     outline_xy: npt.NDArray[np.float32]
@@ -50,6 +96,8 @@ class Lesion:
     area_px: int
     malignancy_probability: float
     cam: npt.NDArray[np.float32]
+    family_scores: tuple[FamilyScore, ...] = ()
+    co_decision: CoDecision | None = None
 
     def longest_diameter_mm(self, row_spacing_mm: float, column_spacing_mm: float) -> float:
         """Longest distance in millimetres between two outline points.

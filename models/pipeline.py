@@ -4,27 +4,36 @@ Arrays in, findings out. Given the grayscale scan region of one frame:
 
 1. the UNet segmenter (EfficientNet-b0 encoder) gives a lesion probability map;
 2. threshold + connected components give lesion outlines and boxes;
-3. each lesion's box, expanded, is cropped and scored benign/malignant by the
-   ROI classifier (global pooling + linear head);
-4. the classifier's class-activation map for "malignant", computed inside
-   the exported graph, is normalised and placed back on the image.
+3. each lesion's box, expanded as each paper expands it, is scored by every
+   configured family (:mod:`models.family_runtime`): benign/malignant or
+   BI-RADS-risk probability, decision at the model's operating point, and
+   its explanation map computed inside the exported graph;
+4. the first malignancy family is the primary score (legend, overlay); with
+   both DLR models the BI-RADS 4A co-decision is added.
+
+Which families run is configuration: a list of manifest roles, by default
+the manifest's ``default_pipelines`` entry for the modality.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from models.backend import Backend, OnnxRuntimeBackend
-from models.cam import normalise_cam, paste
+from models.cam import paste
+from models.decisions import co_decision
+from models.family_runtime import ClinicalContext, FamilyScorer, load_family_scorer
 from models.findings import ImageAnalysis, Lesion, ModelInfo
 from models.lesions import find_components, resize_probability
-from models.preprocess import crop, expand_box, standardise
-from models.registry import ModelEntry, read_manifest, verified_path
+from models.preprocess import Box, standardise
+from models.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
 
-MALIGNANT = 1
+SEGMENTER_ROLE = "us_segmenter"
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -32,29 +41,26 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return result
 
 
-def _softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
-    result: npt.NDArray[np.float32] = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return result
-
-
 class BModePipeline:
-    """Lesion segmentation + ROI classification + CAM for one B-mode image.
+    """Lesion segmentation + every configured family's score and explanation for one B-mode image.
 
     Parameters
     ----------
-    segmenter, classifier
-        Backends running the two models.
-    segmenter_entry, classifier_entry
-        Their manifest entries: identity for the report and preprocessing
-        parameters (``input_size``, ``threshold``, ``roi_expand``...).
+    segmenter, segmenter_entry
+        The segmentation backend and its manifest entry (``input_size``,
+        ``threshold``, ``min_area_fraction``).
+    scorers
+        The families to run on each lesion, in report order; at least one
+        must answer the malignancy task (the primary score).
     """
 
-    def __init__(self, segmenter: Backend, classifier: Backend, segmenter_entry: ModelEntry, classifier_entry: ModelEntry) -> None:
+    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[FamilyScorer]) -> None:
+        primary = [s for s in scorers if s.task == "malignancy"]
+        if not primary:
+            raise ModelRegistryError("the B-mode pipeline needs at least one benign/malignant family; got " + ", ".join(s.family for s in scorers))
         self._segmenter = segmenter
-        self._classifier = classifier
         self._seg = segmenter_entry
-        self._cls = classifier_entry
+        self._scorers = tuple(primary[:1]) + tuple(s for s in scorers if s is not primary[0])
 
     @property
     def segmenter_info(self) -> ModelInfo:
@@ -63,10 +69,19 @@ class BModePipeline:
 
     @property
     def classifier_info(self) -> ModelInfo:
-        """Identity of the classification model (for TID 4019 and result UIDs)."""
-        return self._cls.info
+        """Identity of the primary classification model."""
+        return self._scorers[0].info
 
-    def analyse(self, gray: npt.NDArray[np.uint8]) -> ImageAnalysis:
+    @property
+    def model_infos(self) -> tuple[ModelInfo, ...]:
+        """Every model that contributes to a result: segmenter first, then the families in order."""
+        return (self._seg.info, *(s.info for s in self._scorers))
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(s.family for s in self._scorers)
+
+    def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = ClinicalContext()) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
         probability = self.lesion_probability(gray)
@@ -75,8 +90,8 @@ class BModePipeline:
             threshold=float(self._seg.parameters.get("threshold", 0.5)),
             min_area_fraction=float(self._seg.parameters.get("min_area_fraction", 0.002)),
         )
-        lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px) for c in components)
-        return ImageAnalysis(lesions=lesions, segmenter=self._seg.info, classifier=self._cls.info, image_shape=shape)
+        lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context) for c in components)
+        return ImageAnalysis(lesions=lesions, segmenter=self._seg.info, classifier=self.classifier_info, image_shape=shape)
 
     def lesion_probability(self, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Per-pixel lesion probability at the image's own size."""
@@ -84,29 +99,57 @@ class BModePipeline:
         logits = self._segmenter.run({"image": standardise(gray, seg_size)})["logits"][0, 0]
         return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
 
-    def score_lesion(self, gray: npt.NDArray[np.uint8], box: tuple[int, int, int, int], outline: npt.NDArray[np.float32], area: int) -> Lesion:
-        """Classify the lesion in ``box`` (expanded by the model's ``roi_expand``) and map its evidence."""
-        roi_box = expand_box(box, gray.shape[:2], float(self._cls.parameters.get("roi_expand", 0.2)))
-        roi = crop(gray, roi_box)
-        outputs = self._classifier.run({"image": standardise(roi, int(self._cls.parameters["input_size"]))})
-        probability = float(_softmax(outputs["logits"])[0, MALIGNANT])
-        cam_roi = normalise_cam(outputs["cam"][0, MALIGNANT], (roi_box[3], roi_box[2]))
+    def score_lesion(
+        self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = ClinicalContext()
+    ) -> Lesion:
+        """Score the lesion in ``box`` with every family; the primary family gives the headline score and map."""
+        scores = tuple(scorer.score(gray, box, context) for scorer in self._scorers)
+        primary = scores[0]
+        by_family = {s.family: s for s in scores}
+        decision = None
+        if "dlr_lh" in by_family and "dlr_bm" in by_family:
+            lh, bm = by_family["dlr_lh"], by_family["dlr_bm"]
+            decision = co_decision(lh.probability, bm.probability, lh.threshold, bm.threshold)
         return Lesion(
             outline_xy=outline,
             bbox_xywh=box,
             area_px=area,
-            malignancy_probability=probability,
-            cam=paste(cam_roi, roi_box, gray.shape[:2]),
+            malignancy_probability=primary.probability,
+            cam=paste(primary.cam, primary.roi_box, gray.shape[:2]),
+            family_scores=scores,
+            co_decision=decision,
         )
 
 
-def load_bmode_pipeline(model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> BModePipeline:
-    """Load the reference (or a given directory's) segmenter and classifier on ONNX Runtime."""
+def default_families(model_dir: Path | None = None, modality: str = "US") -> tuple[str, ...]:
+    """The manifest's ``default_pipelines[modality]`` list (roles), or every non-segmenter model when absent."""
+    directory = model_dir or BUNDLED_MODEL_DIR
+    body = json.loads((directory / MANIFEST_NAME).read_text())
+    listed = body.get("default_pipelines", {}).get(modality)
+    if listed:
+        return tuple(str(role) for role in listed)
+    return tuple(role for role in sorted(body["models"]) if role != SEGMENTER_ROLE)
+
+
+def load_bmode_pipeline(
+    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), families: Sequence[str] = ()
+) -> BModePipeline:
+    """Load the segmenter and the configured families (default: the manifest's US list) on ONNX Runtime.
+
+    Raises
+    ------
+    ModelRegistryError
+        A configured family is not in the manifest, or a file fails its checksum.
+    """
     entries = read_manifest(model_dir)
-    seg, cls = entries["us_segmenter"], entries["us_classifier"]
+    directory = model_dir or BUNDLED_MODEL_DIR
+    chosen = tuple(families) or default_families(model_dir)
+    missing = [f for f in chosen if f not in entries]
+    if missing:
+        raise ModelRegistryError(f"configured families {', '.join(missing)} are not in {directory / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
+    seg = entries[SEGMENTER_ROLE]
     return BModePipeline(
         segmenter=OnnxRuntimeBackend(verified_path(seg, model_dir), providers),
-        classifier=OnnxRuntimeBackend(verified_path(cls, model_dir), providers),
         segmenter_entry=seg,
-        classifier_entry=cls,
+        scorers=[load_family_scorer(entries[f], directory, providers) for f in chosen],
     )

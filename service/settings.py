@@ -171,6 +171,9 @@ class Settings:
         Model weights; ``None`` uses the bundled reference models.
     job_retry_limit
         Deliveries of a job that fails transiently before it is dead-lettered.
+    us_families
+        Model families run on each ultrasound lesion, in report order (manifest
+        roles such as ``dlr_bm``); empty uses the model folder's default list.
     """
 
     ae_title: str = "BREASTAI"
@@ -193,6 +196,7 @@ class Settings:
     send_backoff_s: float = 2.0
     model_dir: Path | None = None
     job_retry_limit: int = 30
+    us_families: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title, "ae_title")
@@ -305,6 +309,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "port": _to_int,
     "bind_address": _to_str,
     "allowed_ae": _to_str_list,
+    "us_families": _to_str_list,
     "destinations": _to_destinations,
     "quiet_period_s": _to_float,
     "stable_age_s": _to_float,
@@ -419,6 +424,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-format", choices=_LOG_FORMATS, help=helptext("log format", "log_format"))
     group.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, help=helptext("log level", "log_level"))
     group.add_argument("--model-dir", type=Path, help=helptext("model weights directory", "model_dir"))
+    group.add_argument("--us-families", action="append", metavar="ROLE",
+                       help=helptext("model family run on ultrasound lesions, repeatable, in report order "
+                                     "(comma separated in env); none = the model folder's default", "us_families"))
 
 
 # argparse destination -> Settings field, for the flags add_settings_arguments adds.
@@ -436,6 +444,7 @@ _FLAG_FIELDS: dict[str, str] = {
     "log_format": "log_format",
     "log_level": "log_level",
     "model_dir": "model_dir",
+    "us_families": "us_families",
 }
 
 

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from models.evaluate import add_evaluate_arguments, run_evaluate
 from service.errors import BreastAIError, ConfigurationError
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.metrics import start_metrics_server
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
+    from models.pipeline import BModePipeline
     from workers.consumer import JobHandler
     from workers.sr_writer import ReportContext
 
@@ -60,12 +62,22 @@ def _report_context(settings: Settings) -> ReportContext:
     return ReportContext(device_observer_uid=derive_uid("breastai-device", settings.ae_title))
 
 
-def _job_handler(settings: Settings) -> JobHandler:
+def _pipeline(model_dir: Path | None, families: tuple[str, ...]) -> BModePipeline:
+    """The B-mode pipeline; a model folder that does not match the configuration stops the start-up."""
     from models.pipeline import load_bmode_pipeline
+    from models.registry import ModelRegistryError
+
+    try:
+        return load_bmode_pipeline(model_dir, families=families)
+    except ModelRegistryError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
+def _job_handler(settings: Settings) -> JobHandler:
     from workers.consumer import JobHandler
     from workers.sender import ResultSender
 
-    pipeline = load_bmode_pipeline(settings.model_dir)
+    pipeline = _pipeline(settings.model_dir, settings.us_families)
     sender = ResultSender(settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s)
     return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings))
 
@@ -122,14 +134,13 @@ def _dicom_files(inputs: Sequence[str]) -> list[Path]:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from models.pipeline import load_bmode_pipeline
     from workers.consumer import process_study, read_header
     from workers.sender import write_to_folder
     from workers.sr_writer import ReportContext
     from workers.uids import derive_uid
 
     silence_value_quoting_warnings()
-    pipeline = load_bmode_pipeline(Path(args.model_dir) if args.model_dir else None)
+    pipeline = _pipeline(Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f))
     context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
     by_study: dict[str, list[Path]] = defaultdict(list)
     failures = 0
@@ -169,7 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
     analyze.add_argument("--out", required=True, help="folder for the results (<study>/<series>/<sop>.dcm)")
     analyze.add_argument("--model-dir", default=None, help="model folder with manifest.json (default: bundled reference models)")
+    analyze.add_argument("--families", default="", help="comma-separated model families to run on each lesion (default: the model folder's list)")
+    evaluate = commands.add_parser("evaluate", help="score the models on a labelled image folder; reports with CIs, ROC and calibration PNGs", description="Score exported models, as served, on a folder laid out like shared/datasets (images/, masks/, labels.csv).")
+    add_evaluate_arguments(evaluate)
+    train = commands.add_parser("train", help="train one model family (needs the train extra: make train-venv)", description="Train one model family; arguments after FAMILY go to python -m models.training.train_family (see --help there).")
+    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet, abvs")
+    train.add_argument("options", nargs=argparse.REMAINDER, help="e.g. --datasets ../shared/datasets --stage all")
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        from models.training import train_family
+    except ImportError as exc:  # the serving install has no torch
+        raise ConfigurationError(f"training needs the train extra (make train-venv): {exc}") from exc
+    train_family.main([args.family, *args.options])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
+        if args.command == "train":
+            return _train(args)
         settings = settings_from_args(args, os.environ)
         configure_logging(settings)
         if args.command == "serve":

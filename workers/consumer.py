@@ -27,6 +27,7 @@ from service import metrics
 from service.logging import bind_job
 from service.errors import IntegrityError, InvalidInstance, PermanentError, UnsupportedInput
 from service.schema import StudyJob
+from workers.clinical import clinical_context
 from workers.dicom_reader import read_frames
 from workers.routing import BMODE_PIPELINE, route
 from workers.sc_writer import build_overlay_image
@@ -76,7 +77,8 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
     if len(studies) != 1:
         raise InvalidInstance(f"instances of {len(studies)} studies were given as one study")
     study_uid = studies.pop()
-    model_key = f"{pipeline.segmenter_info.name}/{pipeline.segmenter_info.version}|{pipeline.classifier_info.name}/{pipeline.classifier_info.version}"
+    # Result UIDs change with any model or family list change, and only then (PS3.3 C.12.1.1.1: same content, same UID).
+    model_key = "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
     analysed: list[AnalysedFrame] = []
     skipped: list[tuple[str, str]] = []
     for path, header in sorted(zip(paths, headers), key=lambda item: str(item[1].SOPInstanceUID)):
@@ -92,7 +94,7 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
             continue
         for frame in frames:
             started = time.monotonic()
-            analysis = pipeline.analyse(crop(frame.pixels, frame.scan_region_xywh))
+            analysis = pipeline.analyse(crop(frame.pixels, frame.scan_region_xywh), clinical_context(frame))
             metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
     if not analysed:

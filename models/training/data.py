@@ -55,6 +55,21 @@ def split_for(dataset: str, image_id: str, row: dict[str, str]) -> str:
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
 
+def _label_of(row: dict[str, str], dataset: str) -> str:
+    """The benign/malignant/normal cell: the dataset's own column, else the first known one present."""
+    for column in (LABEL_COLUMNS.get(dataset, "label"), *LABEL_COLUMNS.values()):
+        if row.get(column):
+            return row[column].strip().lower()
+    raise ValueError(f"{dataset}/labels.csv row {row.get('id')!r} has none of the label columns {sorted(set(LABEL_COLUMNS.values()))}")
+
+
+def dataset_names(root: Path) -> tuple[str, ...]:
+    """The dataset folders under ``root`` (each with a labels.csv), or ``root`` itself if it is one."""
+    if (root / "labels.csv").is_file():
+        return (root.name,)
+    return tuple(sorted(p.name for p in root.iterdir() if (p / "labels.csv").is_file() and (p / "masks").is_dir()))
+
+
 def _number(text: str | None) -> float | None:
     """A numeric cell, or None for blanks and "not available"."""
     try:
@@ -85,7 +100,7 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Re
                 if not images:
                     continue
                 mask = folder / "masks" / f"{image_id}.png"
-                label = row[LABEL_COLUMNS.get(dataset, "label")].strip().lower()
+                label = _label_of(row, dataset)
                 records.append(
                     Record(
                         dataset=dataset,

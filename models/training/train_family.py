@@ -256,6 +256,103 @@ def load_best(spec: FamilySpec, work: Path) -> nn.Module:
     return model.eval()
 
 
+# --------------------------------------------------------------------------- finish stage
+
+
+def clinical_features(sample: LesionSample) -> list[float]:
+    """CLDLR's clinical variables that DICOM can carry: age and maximum lesion diameter.
+
+    ``[age / 100, age known, max diameter mm / 50, diameter known]``: a
+    missing value is 0 with its flag 0, so the SVM runs without it.
+    """
+    age = dlr.clinical_vector(sample.record.age_years)
+    spacing = sample.record.pixel_spacing_mm
+    diameter = [0.0, 0.0] if spacing is None else [max(sample.box[2], sample.box[3]) * spacing / 50.0, 1.0]
+    return age + diameter
+
+
+@torch.no_grad()
+def network_outputs(spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32) -> npt.NDArray[np.float32]:
+    """The network's second output (DLR embedding, CLDLR deep features) for every sample."""
+    model.eval()
+    rows = []
+    for start in range(0, len(samples), batch):
+        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]]))
+        rows.append(model(x)[1].numpy())
+    return np.concatenate(rows).astype(np.float32)
+
+
+def finish_dlr(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> dict[str, float]:
+    """Train the paper's MLP over [128-d embedding, age] on frozen embeddings; best by validation AUC."""
+    work = Path(config.work)
+    model = load_best(spec, work)
+    data = {}
+    for split in ("train", "val"):
+        embedding = torch.from_numpy(network_outputs(spec, model, samples[split], config.input_size))
+        clinical = torch.tensor([dlr.clinical_vector(s.record.age_years) for s in samples[split]], dtype=torch.float32)
+        data[split] = (embedding, clinical, torch.tensor([s.label for s in samples[split]]))
+    mlp = dlr.AgeFusionMLP()
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(config.seed)
+    best, best_state = -1.0, mlp.state_dict()
+    embedding, clinical, labels = data["train"]
+    for epoch in range(60):
+        mlp.train()
+        for index in torch.randperm(len(labels), generator=generator).split(32):
+            optimise_step(optimizer, functional.cross_entropy(mlp(embedding[index], clinical[index]), labels[index]))
+        mlp.eval()
+        with torch.no_grad():
+            score = auc(data["val"][2].numpy(), torch.softmax(mlp(data["val"][0], data["val"][1]), 1)[:, 1].numpy())
+        if score > best:
+            best, best_state = score, {k: v.clone() for k, v in mlp.state_dict().items()}
+    torch.save(best_state, work / "mlp.pt")
+    return {"mlp_val_auc": best, "train_with_age": float(data["train"][1][:, 1].sum())}
+
+
+def finish_cldlr(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> dict[str, float]:
+    """Fit the three SVMs the paper compares (clinical, DLR, CLDLR) with Platt scaling on validation data."""
+    from sklearn.svm import SVC
+
+    from models.svm import SvmModel, fit_platt
+
+    work = Path(config.work)
+    model = load_best(spec, work)
+    deep = {split: network_outputs(spec, model, samples[split], config.input_size) for split in ("train", "val")}
+    clinical = {split: np.array([clinical_features(s) for s in samples[split]], dtype=np.float32) for split in ("train", "val")}
+    labels = {split: np.array([s.label for s in samples[split]]) for split in ("train", "val")}
+    summary: dict[str, float] = {}
+    for variant, features in (
+        ("clinical", clinical),
+        ("dlr", deep),
+        ("cldlr", {split: np.concatenate([deep[split], clinical[split]], axis=1) for split in ("train", "val")}),
+    ):
+        mean = features["train"].mean(0)
+        scale = features["train"].std(0) + 1e-6
+        machine = SVC(kernel="rbf", C=1.0, gamma="scale").fit((features["train"] - mean) / scale, labels["train"])
+        svm = SvmModel(
+            mean=mean.astype(np.float64),
+            scale=scale.astype(np.float64),
+            support_vectors=np.asarray(machine.support_vectors_, dtype=np.float64),
+            dual_coefficients=np.asarray(machine.dual_coef_[0], dtype=np.float64),
+            intercept=float(machine.intercept_[0]),
+            gamma=float(machine._gamma),
+            platt_a=0.0,
+            platt_b=0.0,
+        )
+        platt_a, platt_b = fit_platt(svm.decision(features["val"]), labels["val"])
+        svm = SvmModel(**{**svm.__dict__, "platt_a": platt_a, "platt_b": platt_b})
+        svm.save(work / f"svm_{variant}.npz")
+        summary[f"{variant}_val_auc"] = auc(labels["val"], svm.probability(features["val"]))
+    return summary
+
+
+FINISHERS: dict[str, Callable[[FamilySpec, RunConfig, dict[str, list[LesionSample]]], dict[str, float]]] = {
+    "dlr_lh": finish_dlr,
+    "dlr_bm": finish_dlr,
+    "cldlr": finish_cldlr,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=sorted(FAMILIES))
@@ -267,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--input-size", type=int)
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "weights"), help="model folder the export writes into (its manifest is updated)")
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
@@ -297,6 +395,14 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)
     if args.stage in ("network", "all"):
         train_network(spec, config, samples)
+    if args.stage in ("finish", "all") and spec.name in FINISHERS:
+        summary = FINISHERS[spec.name](spec, config, samples)
+        (work / "finish.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps({"family": spec.name, "finished": summary}), flush=True)
+    if args.stage in ("export", "all"):
+        from models.training.export_family import export_family
+
+        export_family(spec, config, samples, Path(args.output))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""``breastai evaluate``: score exported models on a labelled folder and write honest reports.
+
+Runs the models exactly as served (ONNX Runtime through
+:mod:`models.family_runtime` and :mod:`models.pipeline`; no torch), on any
+folder laid out like ``shared/datasets``: ``<name>/images/``,
+``<name>/masks/`` and ``<name>/labels.csv`` (or one such folder).
+
+For every classification family: AUC with a 1,000-resample bootstrap 95 %
+CI, sensitivity / specificity / PPV / NPV / accuracy at the model's stored
+operating point, Brier score and expected calibration error, per dataset
+and per scanner; ROC and reliability PNGs; DeLong tests between families
+scored on the same cases. Families see the ground-truth lesion box (the
+largest mask region, as the papers crop), so their numbers are not mixed
+with the segmenter's misses. For the segmenter: Dice, IoU and HD95 per
+lesion image. With both DLR models, the BI-RADS 4A co-decision is tallied
+on the cases assessed 4A.
+
+``--split test`` (default) keeps the project's held-out split of the
+development data (see :mod:`models.training.data`); use ``--split all`` for
+a site's own data, which never took part in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.decisions import co_decision
+from models.evaluation import dice, hausdorff95, iou
+from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
+from models.family_runtime import ClinicalContext, load_family_scorer
+from models.findings import FamilyScore
+from models.pipeline import load_bmode_pipeline
+from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
+from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, read_gray, read_mask
+
+SEGMENTER_ROLE = "us_segmenter"
+
+
+@dataclass(frozen=True)
+class ScoredCase:
+    record: Record
+    label: int
+    score: FamilyScore
+
+
+def _label(record: Record, task: str) -> int | None:
+    return record.malignant if task == "malignancy" else birads_high(record.birads)
+
+
+def score_family(entry: ModelEntry, model_dir: Path, records: Sequence[Record]) -> list[ScoredCase]:
+    """Score every lesion record that has a label for the family's task."""
+    scorer = load_family_scorer(entry, model_dir)
+    cases = []
+    for record in records:
+        label = _label(record, scorer.task)
+        if label is None or record.mask_path is None:
+            continue
+        gray = read_gray(record.image_path)
+        box = mask_box(read_mask(record, gray.shape))
+        if box is None:
+            continue
+        context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
+        cases.append(ScoredCase(record, label, scorer.score(gray, box, context)))
+    return cases
+
+
+def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[SegmentationRow]:
+    """Dice, IoU and HD95 (pixels) of the served segmenter on every image with a lesion mask."""
+    pipeline = load_bmode_pipeline(model_dir)
+    threshold = float(read_manifest(model_dir)[SEGMENTER_ROLE].parameters.get("threshold", 0.5))
+    rows = []
+    for record in records:
+        if record.mask_path is None or record.malignant is None:
+            continue
+        gray = read_gray(record.image_path)
+        truth = read_mask(record, gray.shape).astype(bool)
+        if not truth.any():
+            continue
+        predicted = pipeline.lesion_probability(gray) >= threshold
+        rows.append(SegmentationRow(record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth)))
+    return rows
+
+
+def four_a_tally(lh: Sequence[ScoredCase], bm: Sequence[ScoredCase]) -> dict[str, Any]:
+    """The paper's 4A re-stratification on cases assessed BI-RADS 4A, with the malignancy rate per recommendation."""
+    bm_by_id = {c.record.image_id: c for c in bm}
+    tally: dict[str, Counter[str]] = {}
+    for case in lh:
+        other = bm_by_id.get(case.record.image_id)
+        if other is None or case.record.birads != "4a" or case.record.malignant is None:
+            continue
+        decision = co_decision(case.score.probability, other.score.probability, case.score.threshold, other.score.threshold)
+        tally.setdefault(decision.recommendation.value, Counter())["malignant" if case.record.malignant else "benign"] += 1
+    return {
+        recommendation: {"n": sum(counts.values()), "malignant": counts["malignant"], "benign": counts["benign"]}
+        for recommendation, counts in sorted(tally.items())
+    }
+
+
+def _predictions(cases: Sequence[ScoredCase]) -> list[CasePrediction]:
+    return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability) for c in cases]
+
+
+def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000) -> dict[str, Any]:
+    """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``."""
+    from models.plots import save_reliability_png, save_roc_png
+
+    root = data.parent if (data / "labels.csv").is_file() else data
+    records = load_records(root, dataset_names(data))
+    if split != "all":
+        records = [r for r in records if r.split == split]
+    entries = read_manifest(model_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"data": str(data), "split": split, "images": len(records), "families": {}}
+    scored: dict[str, list[ScoredCase]] = {}
+    for family in families:
+        if family not in entries:
+            raise SystemExit(f"model {family!r} is not in {model_dir / 'manifest.json'} (has: {', '.join(sorted(entries))})")
+        cases = score_family(entries[family], model_dir, records)
+        if not cases:
+            report["families"][family] = {"note": "no labelled lesion for this task in the data"}
+            continue
+        scored[family] = cases
+        entry = entries[family]
+        report["families"][family] = {
+            "model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256, "file": entry.file},
+            "task": cases[0].score.task,
+            "operating_point": cases[0].score.threshold,
+            "classification": classification_report(_predictions(cases), threshold=cases[0].score.threshold, resamples=resamples),
+        }
+    by_task: dict[str, dict[str, list[ScoredCase]]] = {}
+    for family, cases in scored.items():
+        by_task.setdefault(cases[0].score.task, {})[family] = cases
+    report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in by_task.items() if len(group) > 1}
+    for task, group in by_task.items():
+        curves = {f: ([c.label for c in cases], [c.score.probability for c in cases]) for f, cases in group.items()}
+        save_roc_png(output / f"roc_{task}.png", curves, title=f"ROC, {task}")
+        save_reliability_png(output / f"reliability_{task}.png", curves, title=f"Calibration, {task}")
+    if "dlr_lh" in scored and "dlr_bm" in scored:
+        report["four_a_co_decision"] = four_a_tally(scored["dlr_lh"], scored["dlr_bm"])
+    if SEGMENTER_ROLE in entries:
+        report["segmentation"] = segmentation_report(segmentation_rows(model_dir, records), resamples=resamples)
+    with (output / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["family", "id", "dataset", "device", "label", "probability", "positive"])
+        for family, cases in scored.items():
+            for c in cases:
+                writer.writerow([family, c.record.image_id, c.record.dataset, c.record.device, c.label, f"{c.score.probability:.6f}", int(c.score.positive)])
+    (output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    markdown = [report_markdown(segmentation=report.get("segmentation"), title="Segmentation")] if "segmentation" in report else []
+    for family, body in report["families"].items():
+        if "classification" in body:
+            markdown.append(report_markdown(classification=body["classification"], title=family))
+    for task, comparisons in report["comparisons"].items():
+        markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"))
+    (output / "report.md").write_text("\n\n".join(markdown) + "\n")
+    return report
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help="a folder laid out like shared/datasets (or one dataset folder of it)")
+    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="models and manifest.json (default: the bundled reference models)")
+    parser.add_argument("--families", default="", help="comma-separated manifest roles (default: every classification model in the manifest)")
+    parser.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split of the data to score (all: a site's own data)")
+    parser.add_argument("--output", type=Path, default=Path("var/evaluation"), help="folder for report.json, report.md, predictions.csv and PNGs")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    entries = read_manifest(args.model_dir)
+    families = [f for f in args.families.split(",") if f] or [role for role in sorted(entries) if role != SEGMENTER_ROLE]
+    report = evaluate(args.data, args.model_dir, families, args.split, args.output, args.resamples)
+    for family, body in report["families"].items():
+        overall = body.get("classification", {}).get("all", {})
+        print(f"{family:14s} n={overall.get('n')} AUC={overall.get('auc')} CI={overall.get('auc_ci')}")
+    print(f"report: {args.output / 'report.md'}")
+    return 0

@@ -1,0 +1,156 @@
+"""Serving side of the paper families: score one lesion ROI with one exported model.
+
+Torch-free: every family runs as an ONNX graph behind :class:`models.backend.Backend`,
+described by its manifest entry (input size, ROI padding and normalisation,
+output names, operating point, side files). What differs between families
+is only how the graph's outputs become a probability:
+
+* two-way logits -> softmax (DLR, CLDLR's network, the ROI ResNet);
+* one logit -> sigmoid (DL-U / DL-M);
+* CLDLR -> the deep features plus the clinical variables DICOM carries ->
+  the SVM of :mod:`models.svm` (the paper's "AI score");
+* MUP-Net -> two-way logits plus per-prototype contributions.
+
+Missing clinical inputs are not guessed: the model runs without them (its
+training taught it the "unknown" flag) and the result says so in ``notes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from models.backend import Backend, OnnxRuntimeBackend
+from models.cam import normalise_cam
+from models.findings import FamilyScore, ModelInfo
+from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
+from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
+from models.svm import SvmModel
+
+AGE_SCALE_YEARS = 100.0
+DIAMETER_SCALE_MM = 50.0
+
+
+@dataclass(frozen=True)
+class ClinicalContext:
+    """What the study's DICOM says about the patient and the lesion (None when it does not say)."""
+
+    age_years: float | None = None
+    pixel_spacing_mm: float | None = None  # isotropic spacing of the analysed image, if calibrated
+
+
+def age_inputs(age_years: float | None) -> list[float]:
+    """``[age / 100, known]`` as DLR's MLP and CLDLR's SVM were trained with."""
+    return [0.0, 0.0] if age_years is None else [age_years / AGE_SCALE_YEARS, 1.0]
+
+
+def diameter_inputs(box: Box, pixel_spacing_mm: float | None) -> list[float]:
+    """``[max box side mm / 50, known]``: CLDLR's lesion-size variable."""
+    if pixel_spacing_mm is None:
+        return [0.0, 0.0]
+    return [max(box[2], box[3]) * pixel_spacing_mm / DIAMETER_SCALE_MM, 1.0]
+
+
+def _softmax_positive(logits: npt.NDArray[np.float32]) -> float:
+    row = logits.reshape(-1).astype(np.float64)
+    shifted = np.exp(row - row.max())
+    return float(shifted[1] / shifted.sum())
+
+
+class FamilyScorer:
+    """Runs one family's exported graph on lesion ROIs.
+
+    Parameters
+    ----------
+    entry
+        The model's manifest entry.
+    backend
+        The graph behind the Backend protocol.
+    model_dir
+        Folder holding side files (CLDLR's SVM), checked against their sha256.
+    """
+
+    def __init__(self, entry: ModelEntry, backend: Backend, model_dir: Path) -> None:
+        self.entry = entry
+        self._backend = backend
+        parameters = entry.parameters
+        self.family = str(parameters.get("family", entry.role))
+        self.task = str(parameters.get("task", "malignancy"))
+        self.input_size = int(parameters["input_size"])
+        self.threshold = float(parameters.get("operating_point", 0.5))
+        self._padding = float(parameters.get("roi_expand", 0.2))
+        self._shortest_side = bool(parameters.get("roi_expand_shortest_side", False))
+        self._minmax = parameters.get("roi_normalisation", "zscore") == "minmax"
+        self._inputs = tuple(parameters.get("inputs", ["image"]))
+        self._svm: SvmModel | None = None
+        side = parameters.get("side_files", {}).get("cldlr")
+        if side:
+            path = model_dir / side["file"]
+            if not path.is_file() or sha256_of(path) != side["sha256"]:
+                raise ModelRegistryError(f"side file {path} of {entry.role} is missing or does not match its sha256")
+            self._svm = SvmModel.load(path)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.entry.info
+
+    def roi_box(self, box: Box, shape: tuple[int, int]) -> Box:
+        """The lesion box grown as this family's paper grows it."""
+        if self._shortest_side:
+            return expand_box_by_shortest_side(box, shape, self._padding)
+        return expand_box(box, shape, self._padding)
+
+    def score(self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = ClinicalContext()) -> FamilyScore:
+        """Score the lesion in ``box`` of the grayscale image ``gray``."""
+        roi_box = self.roi_box(box, (int(gray.shape[0]), int(gray.shape[1])))
+        roi = crop(gray, roi_box)
+        pixels = min_max(roi, self.input_size) if self._minmax else standardise(roi, self.input_size)
+        feed = {"image": pixels}
+        notes: list[str] = []
+        if "clinical" in self._inputs:
+            feed["clinical"] = np.array([age_inputs(context.age_years)], dtype=np.float32)
+            if context.age_years is None:
+                notes.append("patient age not available: scored from the image alone")
+        outputs = self._backend.run(feed)
+        details: dict[str, float | str] = {}
+        if self._svm is not None:
+            clinical = age_inputs(context.age_years) + diameter_inputs(box, context.pixel_spacing_mm)
+            if context.age_years is None:
+                notes.append("patient age not available to the SVM")
+            if context.pixel_spacing_mm is None:
+                notes.append("pixel spacing unknown: lesion size not used")
+            features = np.concatenate([outputs["deep_features"].reshape(-1), np.asarray(clinical, dtype=np.float32)])
+            probability = float(self._svm.probability(features)[0])
+            details["network_probability"] = _softmax_positive(outputs["logits"])
+        elif "logit" in outputs:
+            probability = float(1.0 / (1.0 + np.exp(-float(outputs["logit"].reshape(-1)[0]))))
+        else:
+            probability = _softmax_positive(outputs["logits"])
+        if "contributions" in outputs:
+            contributions = outputs["contributions"].reshape(-1)
+            for rank, index in enumerate(np.argsort(-np.abs(contributions))[:3], start=1):
+                details[f"prototype_{rank}"] = f"{int(index)}:{float(contributions[index]):+.3f}"
+        raw = outputs["cam"][0]
+        if raw.ndim == 3:  # per-class maps (B, classes, h, w): the positive class
+            raw = raw[-1]
+        cam = normalise_cam(raw, (roi_box[3], roi_box[2]))
+        return FamilyScore(
+            family=self.family,
+            task=self.task,
+            model=self.info,
+            probability=min(1.0, max(0.0, probability)),
+            threshold=self.threshold,
+            positive=probability >= self.threshold,
+            cam=cam,
+            roi_box=roi_box,
+            notes=tuple(notes),
+            details=details,
+        )
+
+
+def load_family_scorer(entry: ModelEntry, model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> FamilyScorer:
+    """A scorer over the checksum-verified ONNX file of ``entry`` on ONNX Runtime."""
+    return FamilyScorer(entry, OnnxRuntimeBackend(verified_path(entry, model_dir), providers), model_dir)

@@ -1,0 +1,144 @@
+"""Export a trained family to ONNX and list it in a model folder's manifest.
+
+The network's best checkpoint (plus what the finish stage fitted) is
+wrapped so that the graph also computes its explanation (CAM or closed-form
+Grad-CAM), exported at opset 18, converted to float16 and kept in fp16 only
+when its first output stays within :data:`FP16_TOLERANCE` of PyTorch on
+real validation ROIs. The operating point (Youden's J) is chosen on the
+validation split *through the exported file*, so the stored threshold is
+the served model's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import torch
+from onnxconverter_common import float16
+from torch import nn
+
+from models.evaluation import youden_threshold
+from models.families import cldlr, dlr, dlum
+from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+from models.training.train_family import FamilySpec, LesionSample, RunConfig, clinical_features, load_best
+
+VERSION = "0.2.0"
+FP16_TOLERANCE = 0.05
+NAMES = {
+    "dlr_lh": "BreastAI-DLR_LH-ResNet50",
+    "dlr_bm": "BreastAI-DLR_BM-ResNet50",
+    "cldlr": "BreastAI-CLDLR-VGG11-SVM",
+    "dl_u": "BreastAI-DL-U-VGG19style",
+    "dl_m": "BreastAI-DL-M-VGG19style",
+}
+
+
+def _wrapper(spec: FamilySpec, model: nn.Module, work: Path) -> tuple[nn.Module, list[str], list[str]]:
+    """The serving graph of a family, its input names and its output names."""
+    if spec.name in ("dlr_lh", "dlr_bm"):
+        mlp = dlr.AgeFusionMLP()
+        mlp.load_state_dict(torch.load(work / "mlp.pt", map_location="cpu", weights_only=False))
+        assert isinstance(model, dlr.DLRNet)
+        return dlr.DLRExportWrapper(model, mlp.eval()), ["image", "clinical"], ["logits", "image_logits", "cam"]
+    if spec.name == "cldlr":
+        assert isinstance(model, cldlr.VGG11Radiomics)
+        return cldlr.CLDLRExportWrapper(model), ["image"], ["logits", "deep_features", "cam"]
+    assert isinstance(model, dlum.DLUMBranch)
+    return dlum.BranchExportWrapper(model), ["image"], ["logit", "block_logits", "cam"]
+
+
+def _feeds(spec: FamilySpec, samples: list[LesionSample], size: int) -> list[dict[str, npt.NDArray[np.float32]]]:
+    feeds = []
+    for sample in samples:
+        feed = {"image": spec.roi.evaluation_input(sample, size)}
+        if spec.name.startswith("dlr"):
+            feed["clinical"] = np.array([dlr.clinical_vector(sample.record.age_years)], dtype=np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def _positive(spec: FamilySpec, first_output: npt.NDArray[np.float32]) -> float:
+    if first_output.shape[-1] == 2:
+        shifted = np.exp(first_output[0] - first_output[0].max())
+        return float(shifted[1] / shifted.sum())
+    return float(1.0 / (1.0 + np.exp(-first_output.reshape(-1)[0])))
+
+
+def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
+    """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
+    import onnxruntime as ort
+
+    work = Path(config.work)
+    size = config.input_size
+    wrapper, inputs, outputs = _wrapper(spec, load_best(spec, work), work)
+    wrapper.eval()
+    val_feeds = _feeds(spec, samples["val"], size)
+    output.mkdir(parents=True, exist_ok=True)
+    file_name = f"{spec.name}.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        example = tuple(torch.from_numpy(val_feeds[0][name]) for name in inputs)
+        torch.onnx.export(wrapper, example, str(fp32), input_names=inputs, output_names=outputs, opset_version=18, dynamo=False)
+        fp16 = Path(tmp) / "fp16.onnx"
+        onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=False), str(fp16))
+        worst = {}
+        for label, path in (("fp32", fp32), ("fp16", fp16)):
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            types = {i.name: i.type for i in session.get_inputs()}
+            worst[label] = 0.0
+            for feed in val_feeds[:16]:
+                with torch.no_grad():
+                    reference = wrapper(*(torch.from_numpy(feed[name]) for name in inputs))[0].numpy()
+                cast = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
+                got = session.run([outputs[0]], cast)[0].astype(np.float32)
+                worst[label] = max(worst[label], float(np.abs(got - reference).max()))
+        chosen = fp16 if worst["fp16"] <= FP16_TOLERANCE else fp32
+        shutil.copyfile(chosen, output / file_name)
+    session = ort.InferenceSession(str(output / file_name), providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in session.get_inputs()}
+    val_scores = []
+    for feed in val_feeds:
+        cast = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
+        val_scores.append(_positive(spec, np.asarray(session.run([outputs[0]], cast)[0], dtype=np.float32)))
+    side_files: dict[str, str] = {}
+    if spec.name == "cldlr":
+        for variant in ("clinical", "dlr", "cldlr"):
+            name = f"cldlr_svm_{variant}.npz"
+            shutil.copyfile(work / f"svm_{variant}.npz", output / name)
+            side_files[variant] = name
+        from models.svm import SvmModel
+
+        deep = [np.asarray(session.run(["deep_features"], {"image": f["image"].astype(np.float16) if types["image"] == "tensor(float16)" else f["image"]})[0][0], dtype=np.float64) for f in val_feeds]
+        svm = SvmModel.load(output / side_files["cldlr"])
+        val_scores = [float(svm.probability(np.concatenate([d, clinical_features(s)]))[0]) for d, s in zip(deep, samples["val"])]
+    parameters: dict[str, Any] = {
+        "family": spec.name,
+        "task": spec.task,
+        "input_size": size,
+        "inputs": inputs,
+        "outputs": outputs,
+        "roi_normalisation": spec.roi.normalisation,
+        "roi_expand": spec.roi.padding,
+        "roi_expand_shortest_side": spec.roi.shortest_side,
+        "operating_point": youden_threshold([s.label for s in samples["val"]], val_scores),
+        "precision": "float16" if chosen == fp16 else "float32",
+        "max_abs_diff_fp32": worst["fp32"],
+        "max_abs_diff_fp16": worst["fp16"],
+        "side_files": {k: {"file": v, "sha256": sha256_of(output / v)} for k, v in side_files.items()},
+        "trained_without": config.holdout or None,
+    }
+    entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=VERSION, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
+    try:
+        entries = read_manifest(output)
+    except ModelRegistryError:
+        entries = {}
+    entries[spec.name] = entry
+    write_manifest(entries, output)
+    print(f"exported {spec.name}: {parameters['precision']}, operating point {parameters['operating_point']:.3f}", flush=True)
+    return entry
