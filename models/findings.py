@@ -117,3 +117,4 @@ class ImageAnalysis:
     segmenter: ModelInfo
     classifier: ModelInfo
     image_shape: tuple[int, int]
+    score_label: str = "malignancy"  # what the lesions' probability is of, for legends

@@ -17,6 +17,7 @@ the manifest's ``default_pipelines`` entry for the modality.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,29 @@ class BModePipeline:
             family_scores=scores,
             co_decision=decision,
         )
+
+
+TASK_LABELS = {"malignancy": "malignancy", "birads_high": "BI-RADS 4/5"}
+
+
+def family_view(analysis: ImageAnalysis, family: str) -> ImageAnalysis:
+    """The analysis as one family saw it: that family's probability and map per lesion (for its overlay).
+
+    Raises
+    ------
+    KeyError
+        A lesion has no score from ``family``.
+    """
+    lesions = []
+    model = analysis.classifier
+    task = "malignancy"
+    for lesion in analysis.lesions:
+        score = next(s for s in lesion.family_scores if s.family == family)
+        model, task = score.model, score.task
+        lesions.append(
+            dataclasses.replace(lesion, malignancy_probability=score.probability, cam=paste(score.cam, score.roi_box, analysis.image_shape))
+        )
+    return dataclasses.replace(analysis, lesions=tuple(lesions), classifier=model, score_label=TASK_LABELS.get(task, task))
 
 
 def default_families(model_dir: Path | None = None, modality: str = "US") -> tuple[str, ...]:

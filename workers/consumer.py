@@ -21,7 +21,7 @@ import structlog
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from models.pipeline import BModePipeline
+from models.pipeline import BModePipeline, family_view
 from models.preprocess import crop
 from service import metrics
 from service.logging import bind_job
@@ -103,18 +103,24 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
             raise UnsupportedInput(f"no image of the study could be analysed: {unreadable[0]}")
         return StudyResults(report=None, overlays=(), skipped=tuple(skipped))
     sources = [f"{a.frame.sop_instance_uid}#{a.frame.frame_number or 1}" for a in analysed]
-    overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series")
-    overlays = tuple(
-        build_overlay_image(
-            item.frame,
-            item.analysis,
-            series_instance_uid=overlay_series,
-            sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay", source),
-            instance_number=number,
-            context=context,
-        )
-        for number, (item, source) in enumerate(zip(analysed, sources), start=1)
-    )
+    overlays: list[Dataset] = []
+    # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
+    for position, family in enumerate(pipeline.families):
+        overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series", family)
+        for number, (item, source) in enumerate(zip(analysed, sources), start=1):
+            view = family_view(item.analysis, family)
+            overlays.append(
+                build_overlay_image(
+                    item.frame,
+                    view,
+                    series_instance_uid=overlay_series,
+                    sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay", family, source),
+                    instance_number=number,
+                    context=context,
+                    series_number=9902 + position,
+                    series_description=f"BreastAI {family} heat-map (advisory)",
+                )
+            )
     report = build_report(
         analysed,
         evidence=headers,
@@ -122,7 +128,7 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
         sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report", *sources),
         context=context,
     )
-    return StudyResults(report=report, overlays=overlays, skipped=tuple(skipped))
+    return StudyResults(report=report, overlays=tuple(overlays), skipped=tuple(skipped))
 
 
 def verify_instances(job: StudyJob, spool_root: Path) -> list[Path]:

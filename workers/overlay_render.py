@@ -90,7 +90,7 @@ def render_overlay(
 def legend_lines(analysis: ImageAnalysis) -> list[str]:
     """The legend's text lines, ASCII only: one per lesion, then the models."""
     lines = [
-        f"Lesion {number}: malignancy p={lesion.malignancy_probability:.2f}"
+        f"Lesion {number}: {analysis.score_label} p={lesion.malignancy_probability:.2f}"
         for number, lesion in enumerate(analysis.lesions, start=1)
     ] or ["No lesion detected"]
     models = {(analysis.segmenter.name, analysis.segmenter.version), (analysis.classifier.name, analysis.classifier.version)}

@@ -34,6 +34,7 @@ def build_overlay_image(
     instance_number: int,
     context: ReportContext,
     series_number: int = 9902,
+    series_description: str = SERIES_DESCRIPTION,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture overlay of one analysed frame.
 
@@ -47,8 +48,8 @@ def build_overlay_image(
         Identity of the overlay (derived by the caller for idempotence).
     context
         Equipment identity (manufacturer, model, software version).
-    series_number
-        Series Number of the overlay series.
+    series_number, series_description
+        Series Number and Description of the overlay series (one series per model family).
 
     Returns
     -------
@@ -81,7 +82,7 @@ def build_overlay_image(
     image.SoftwareVersions = context.software_versions
     if context.institution_name:
         image.InstitutionName = context.institution_name
-    image.SeriesDescription = SERIES_DESCRIPTION
+    image.SeriesDescription = series_description[:64]
     image.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
     image.BurnedInAnnotation = "YES"
     image.RecognizableVisualFeatures = "NO"
@@ -112,7 +113,7 @@ def overlay_description(analysis: ImageAnalysis) -> str:
     model_text = ", ".join(f"{name} {version}" for name, version in models)
     findings = (
         "; ".join(
-            f"Lesion {number}: malignancy p={lesion.malignancy_probability:.2f}"
+            f"Lesion {number}: {analysis.score_label} p={lesion.malignancy_probability:.2f}"
             for number, lesion in enumerate(analysis.lesions, start=1)
         )
         or "No lesion detected"

@@ -55,7 +55,7 @@ import pydicom
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
-from models.findings import ImageAnalysis, Lesion, ModelInfo
+from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from workers.dicom_reader import SourceFrame
 from workers.uids import derive_uid
 
@@ -82,6 +82,17 @@ PRESENCE = Code("121052", "DCM", "Presence of property")
 ABSENT = Code("272519000", "SCT", "Absent")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = Code("121106", "DCM", "Comment")
+# Private codes (PS3.16 8.2: a "99" prefix marks a local coding scheme) for what no standard code says.
+BREASTAI_SCHEME = "99BREASTAI"
+PROBABILITY_BIRADS_HIGH = Code("P-BIRADS45", BREASTAI_SCHEME, "Probability of BI-RADS 4 or 5 assessment")
+AT_OR_ABOVE_OPERATING_POINT = Code("AT-OR-ABOVE-OP", BREASTAI_SCHEME, "At or above the model's operating point")
+BELOW_OPERATING_POINT = Code("BELOW-OP", BREASTAI_SCHEME, "Below the model's operating point")
+FOUR_A_RESTRATIFICATION = Code("BIRADS4A-RESTRAT", BREASTAI_SCHEME, "BI-RADS 4A re-stratification, if assessed 4A")
+FOUR_A_RECOMMENDATIONS = {
+    "downgrade to BI-RADS 3": Code("DOWNGRADE-3", BREASTAI_SCHEME, "Downgrade to BI-RADS 3"),
+    "keep BI-RADS 4A": Code("KEEP-4A", BREASTAI_SCHEME, "Keep BI-RADS 4A"),
+    "upgrade above BI-RADS 4A": Code("UPGRADE", BREASTAI_SCHEME, "Upgrade above BI-RADS 4A"),
+}
 _LATERALITY = {
     "L": Code("7771000", "SCT", "Left"),
     "R": Code("24028007", "SCT", "Right"),
@@ -301,6 +312,21 @@ def _lesion_group(
             algorithm_id=_algorithm(analysis.classifier),
         )
     ]
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    for score in lesion.family_scores[1:] if lesion.family_scores else ():
+        # The first family is the primary score above; every other family adds its own, with its own TID 4019.
+        measurements.append(
+            hd.sr.Measurement(
+                name=PROBABILITY_OF_CANCER if score.task == "malignancy" else PROBABILITY_BIRADS_HIGH,
+                value=_probability(score.probability),
+                unit=UNIT_NONE,
+                algorithm_id=_algorithm(score.model),
+            )
+        )
+    for score in lesion.family_scores:
+        evaluations.append(_family_call(score))
+    if lesion.co_decision is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=FOUR_A_RESTRATIFICATION, value=FOUR_A_RECOMMENDATIONS[lesion.co_decision.recommendation.value]))
     if frame.row_spacing_mm is not None and frame.column_spacing_mm is not None:
         measurements.append(
             hd.sr.Measurement(
@@ -317,7 +343,17 @@ def _lesion_group(
         algorithm_id=_algorithm(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
         measurements=measurements,
+        qualitative_evaluations=evaluations or None,
     )
+
+
+def _family_call(score: FamilyScore) -> hd.sr.QualitativeEvaluation:
+    """One family's decision at its operating point, named after the family, with the model's TID 4019 attached."""
+    name = Code(f"CALL-{score.family.upper()}", BREASTAI_SCHEME, f"{score.model.name} call (threshold {score.threshold:.3f})"[:64])
+    evaluation = hd.sr.QualitativeEvaluation(name=name, value=AT_OR_ABOVE_OPERATING_POINT if score.positive else BELOW_OPERATING_POINT)
+    # highdicom's QualitativeEvaluation takes no algorithm; TID 4019 goes under the CODE item as HAS CONCEPT MOD.
+    evaluation[0].ContentSequence = hd.sr.ContentSequence([*_algorithm(score.model)], is_root=False, is_sr=True)
+    return evaluation
 
 
 def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis, report_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -403,8 +439,14 @@ def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerC
     models = sorted(
         {(a.analysis.segmenter.name, a.analysis.segmenter.version) for a in analysed}
         | {(a.analysis.classifier.name, a.analysis.classifier.version) for a in analysed}
+        | {(s.model.name, s.model.version) for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores}
     )
+    notes = sorted({f"{s.model.name}: {note}" for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores for note in s.notes})
     text = f"{DISCLAIMER} Models: " + ", ".join(f"{name} {version}" for name, version in models) + "."
+    if any(lesion.co_decision is not None for a in analysed for lesion in a.analysis.lesions):
+        text += " The BI-RADS 4A re-stratification applies only to lesions a radiologist assessed as 4A."
+    if notes:
+        text += " Inputs: " + "; ".join(notes) + "."
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,

@@ -60,8 +60,9 @@ class VGG11Radiomics(nn.Module):
         pooled = torch.flatten(self.pool(last_map), 1)
         z1 = self.fc1(pooled)
         z2 = self.fc2(self.act(z1))
-        upstream = (z2 > 0).to(last_map.dtype) * (self.out.weight[1] - self.out.weight[0])
-        upstream = (z1 > 0).to(last_map.dtype) * (upstream @ self.fc2.weight)
+        # sign(relu(z)) is relu'(z) without a dtype cast, which keeps the graph convertible to fp16.
+        upstream = torch.sign(torch.relu(z2)) * (self.out.weight[1] - self.out.weight[0])
+        upstream = torch.sign(torch.relu(z1)) * (upstream @ self.fc2.weight)
         height, width = last_map.shape[-2:]
         weights = upstream @ self.fc1.weight / float(height * width)
         return torch.relu(torch.einsum("bc,bchw->bhw", weights, last_map))

@@ -57,7 +57,7 @@ class DLRNet(nn.Module):
             ReLU of the weighted feature sum, shape (B, H, W), unnormalised.
         """
         pooled = torch.flatten(self.pool(features), 1)
-        active = (self.embed(pooled) > 0).to(features.dtype)
+        active = torch.sign(torch.relu(self.embed(pooled)))  # relu'(z) without a cast: the graph stays fp16-convertible
         direction = self.head.weight[1] - self.head.weight[0]
         height, width = features.shape[-2:]
         weights = (active * direction) @ self.embed.weight / float(height * width)

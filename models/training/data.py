@@ -152,3 +152,48 @@ def mask_box(mask: npt.NDArray[np.uint8]) -> tuple[int, int, int, int] | None:
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     x, y, w, h, _ = (int(v) for v in stats[largest])
     return x, y, w, h
+
+
+def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
+    """mini-MIAS findings with a severity and a centre: (record, square box around the circle).
+
+    The README's y is measured from the bottom edge of the 512-pixel image,
+    so the row is ``rows - y``. mini-MIAS numbers the two MLO views of a
+    woman consecutively (mdb001/mdb002), so the split keys on that pair.
+    """
+    folder = root / "mias"
+    findings: list[tuple[Record, tuple[int, int, int, int]]] = []
+    if not (folder / "labels.csv").is_file():
+        return findings
+    with (folder / "labels.csv").open(newline="") as handle:
+        for index, row in enumerate(csv.DictReader(handle)):
+            severity, x, y, radius = row["severity"].strip().upper(), _number(row["x"]), _number(row["y"]), _number(row["radius"])
+            if severity not in ("B", "M") or x is None or y is None or radius is None:
+                continue
+            images = list((folder / "images").glob(f"{row['image_id']}.*"))
+            if not images:
+                continue
+            rows, cols = read_gray(images[0]).shape
+            number = int("".join(ch for ch in row["image_id"] if ch.isdigit()) or 0)
+            woman = f"mias-woman-{(number + 1) // 2}"
+            bucket = _bucket(woman)
+            r = max(8, int(round(radius)))
+            cx, cy = int(x), rows - int(y)
+            x0, y0, x1, y1 = max(0, cx - r), max(0, cy - r), min(cols, cx + r), min(rows, cy + r)
+            box = (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+            findings.append(
+                (
+                    Record(
+                        dataset="mias",
+                        image_id=f"{row['id']}-{index}",
+                        image_path=images[0],
+                        mask_path=None,
+                        malignant=int(severity == "M"),
+                        patient=woman,
+                        device="mias",
+                        split="test" if bucket < 2 else "val" if bucket == 2 else "train",
+                    ),
+                    box,
+                )
+            )
+    return findings

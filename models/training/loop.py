@@ -69,9 +69,10 @@ def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float
 
 
 def cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    """Linear warm-up then cosine decay; groups with their own ``base_lr`` keep their ratio to ``base``."""
     lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * float(group.get("base_lr", base)) / base
 
 
 class Checkpoints:

@@ -30,12 +30,14 @@ from scratch, as its card says.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -43,9 +45,9 @@ from torch import nn
 from torch.nn import functional
 
 from models.evaluation import auc
-from models.families import cldlr, dlr, dlum
+from models.families import cldlr, dlr, dlum, mupnet
 from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
-from models.training.data import US_DATASETS, Record, birads_high, load_records, mask_box, read_gray, read_mask
+from models.training.data import US_DATASETS, Record, birads_high, load_records, mask_box, mias_findings, read_gray, read_mask
 from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step, seed_everything
 
 Tensor = torch.Tensor
@@ -118,7 +120,7 @@ class FamilySpec:
     learning_rate: float
     input_size: int
     notes: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None  # default: AdamW over trainable parameters
 
 
 def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -137,6 +139,22 @@ def _deep_supervision(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def _branch_positive(model: nn.Module, x: Tensor) -> Tensor:
     return torch.sigmoid(model(x)[0][:, -1])
+
+
+def _mupnet_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    assert isinstance(model, mupnet.MUPNet)
+    return mupnet.mupnet_loss(model, model(x[:, None]), y).total
+
+
+def _mupnet_positive(model: nn.Module, x: Tensor) -> Tensor:
+    return torch.softmax(model(x[:, None]).logits, dim=1)[:, 1]
+
+
+def _mupnet_optimizer(model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """Stage 1 of the paper: trunks, add-on layers and prototypes; the last layer stays frozen."""
+    assert isinstance(model, mupnet.MUPNet)
+    mupnet.set_trainable(model, "joint")
+    return mupnet.joint_optimizer(model)
 
 
 DLUM_WIDTH = 0.25
@@ -163,6 +181,16 @@ FAMILIES: dict[str, FamilySpec] = {
         epochs=12, batch_size=16, learning_rate=1e-3, input_size=112,
         notes="DL-UM ultrasound branch, focal loss on all five block heads",
     ),
+    "dl_m": FamilySpec(
+        "dl_m", "malignancy", ("mias",), lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=96,
+        notes="DL-UM mammography branch on mini-MIAS finding patches (circle around the listed centre and radius)",
+    ),
+    "mupnet": FamilySpec(
+        "mupnet", "malignancy", US_DATASETS, lambda: mupnet.MUPNet(modalities=1), _mupnet_loss, _mupnet_positive, ZSCORE_ROI,
+        epochs=12, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer,
+        notes="MUP-Net with M = 1 (B-mode): no public Doppler or elastography set exists",
+    ),
 }
 
 
@@ -185,6 +213,12 @@ def lesion_samples(records: list[Record], task: str) -> list[LesionSample]:
 
 def split_samples(spec: FamilySpec, datasets: Path, holdout: str | None = None) -> dict[str, list[LesionSample]]:
     """Train / val / test samples; ``holdout`` drops one dataset from train and val (external validation)."""
+    if spec.datasets == ("mias",):
+        findings = mias_findings(datasets)
+        return {
+            split: [LesionSample(r, read_gray(r.image_path), box, int(r.malignant or 0)) for r, box in findings if r.split == split]
+            for split in ("train", "val", "test")
+        }
     records = load_records(datasets, spec.datasets)
     if holdout:
         records = [r for r in records if r.dataset != holdout or r.split == "test"]
@@ -225,7 +259,12 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC."""
     train, val = samples["train"], samples["val"]
     model = spec.build()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    if spec.optimizer is not None:
+        optimizer = spec.optimizer(model, config.learning_rate)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=1e-4)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])  # per-group rates keep their ratios under the schedule
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
@@ -346,10 +385,54 @@ def finish_cldlr(spec: FamilySpec, config: RunConfig, samples: dict[str, list[Le
     return summary
 
 
+def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> dict[str, float]:
+    """Paper stages 2 and 3: project every prototype onto its nearest own-class training patch, then train the last layer.
+
+    Candidates follow the paper's BI-RADS rule for B-mode (benign from
+    BI-RADS 3/4a, malignant from 4c/5; 2 counts as benign): only BUS-BRA and
+    BrEaST images carry BI-RADS, so BUSI images are never prototypes.
+    """
+    work = Path(config.work)
+    model = load_best(spec, work)
+    assert isinstance(model, mupnet.MUPNet)
+    train = samples["train"]
+    images = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in train]))[:, None]
+    labels = torch.tensor([s.label for s in train])
+    # Projection by pathology (the classes of the prototypes), restricted by BI-RADS as the paper does.
+    eligible = mupnet.projection_eligibility([s.record.birads or None for s in train], labels, modalities=("bmode",))
+    batches = [(images[k : k + 32], labels[k : k + 32], eligible[k : k + 32]) for k in range(0, len(train), 32)]
+    record = mupnet.project_prototypes(model, batches)
+    sources = [{**row, "source_id": f"{train[int(row['source_index'])].record.dataset}/{train[int(row['source_index'])].record.image_id}"} for row in record.as_dicts()]
+    (work / "prototypes.json").write_text(json.dumps(sources, indent=2))
+    patches = []
+    for row in sources:
+        y0, x0, y1, x1 = (int(v) for v in row["activation_box"])
+        picture = images[int(row["source_index"]), 0, 0].numpy()
+        picture = (255 * (picture - picture.min()) / max(1e-6, float(picture.max() - picture.min()))).astype(np.uint8)
+        patch = picture[y0:y1, x0:x1] if y1 > y0 and x1 > x0 else picture
+        patches.append(cv2.resize(patch, (64, 64), interpolation=cv2.INTER_AREA))
+    np.savez_compressed(work / "prototype_patches.npz", patches=np.stack(patches), classes=np.array([int(r["class"]) for r in sources]))
+    optimizer = mupnet.last_layer_optimizer(model)
+    generator = np.random.default_rng(config.seed)
+    best, best_state = auc([s.label for s in samples["val"]], positive_scores(spec, model, samples["val"], config.input_size)), copy.deepcopy(model.state_dict())
+    after_projection = best
+    for _ in range(8):
+        order = generator.permutation(len(train))
+        shuffled = [(images[order[k : k + 32]], labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
+        mupnet.train_last_layer_epoch(model, shuffled, optimizer)
+        score = auc([s.label for s in samples["val"]], positive_scores(spec, model, samples["val"], config.input_size))
+        if score > best:
+            best, best_state = score, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    torch.save({"model": model.state_dict()}, work / "projected.pt")
+    return {"val_auc_after_projection": after_projection, "val_auc_after_last_layer": best}
+
+
 FINISHERS: dict[str, Callable[[FamilySpec, RunConfig, dict[str, list[LesionSample]]], dict[str, float]]] = {
     "dlr_lh": finish_dlr,
     "dlr_bm": finish_dlr,
     "cldlr": finish_cldlr,
+    "mupnet": finish_mupnet,
 }
 
 

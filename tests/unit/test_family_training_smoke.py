@@ -1,0 +1,81 @@
+"""Every trainable family runs network -> finish -> export on a few real images, and evaluate reads the result.
+
+Uses a dozen BUS-BRA images from the development datasets (skipped where
+they are absent): one or two optimisation steps, not a model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.training.data import split_for
+
+DATASETS = Path(os.environ.get("BREASTAI_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
+BUSBRA = DATASETS / "busbra"
+pytestmark = pytest.mark.skipif(not (BUSBRA / "labels.csv").is_file(), reason=f"development datasets not at {DATASETS}")
+
+
+def _pick(rows: list[dict[str, str]], split: str, pathology: str, birads: tuple[str, ...], count: int) -> list[dict[str, str]]:
+    chosen = [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads]
+    return chosen[:count]
+
+
+@pytest.fixture(scope="module")
+def tiny_busbra(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 real BUS-BRA images chosen so that train and val hold both classes and MUP-Net has prototype candidates."""
+    with (BUSBRA / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = (
+        _pick(rows, "train", "benign", ("2", "3"), 4)
+        + _pick(rows, "train", "malignant", ("5",), 4)
+        + _pick(rows, "val", "benign", ("2", "3"), 2)
+        + _pick(rows, "val", "malignant", ("4", "5"), 2)
+        + _pick(rows, "test", "benign", ("2", "3", "4"), 2)
+        + _pick(rows, "test", "malignant", ("4", "5"), 2)
+    )
+    root = tmp_path_factory.mktemp("datasets")
+    folder = root / "busbra"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for row in chosen:
+        shutil.copy(next((BUSBRA / "images").glob(f"{row['id']}.*")), folder / "images")
+        shutil.copy(BUSBRA / "masks" / f"{row['id']}.png", folder / "masks")
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    return root
+
+
+@pytest.mark.parametrize("family", ["dl_u", "cldlr", "dlr_lh", "mupnet"])
+def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.evaluate import evaluate
+    from models.registry import read_manifest, verified_path
+    from models.training import train_family
+
+    models = tmp_path / "models"
+    train_family.main(
+        [family, "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+    )
+    log = [json.loads(line) for line in (tmp_path / "work" / "train.log").read_text().splitlines()]
+    assert log[0]["epoch"] == 0 and 0.0 <= log[0]["val_auc"] <= 1.0
+    entry = read_manifest(models)[family]
+    verified_path(entry, models)
+    assert entry.parameters["family"] == family and 0.0 <= entry.parameters["operating_point"] <= 1.0
+    assert entry.parameters["max_abs_diff_fp32"] < 1e-3
+    if family == "cldlr":
+        assert set(entry.parameters["side_files"]) == {"clinical", "dlr", "cldlr"}
+    if family == "mupnet":
+        prototypes = json.loads((models / "mupnet_prototypes.json").read_text())
+        assert len(prototypes) == 10 and all(p["source_id"].startswith("busbra/") for p in prototypes)
+    report = evaluate(tiny_busbra, models, [family], "all", tmp_path / "evaluation", resamples=50)
+    overall = report["families"][family]["classification"]["all"]
+    assert overall["n"] == 16 and overall["n_positive"] == (8 if family != "dlr_lh" else 10)
+    assert (tmp_path / "evaluation" / f"roc_{entry.parameters['task']}.png").stat().st_size > 1000
