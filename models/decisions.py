@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+import numpy.typing as npt
+
 
 class Recommendation(str, Enum):
     """What the co-decision suggests for a BI-RADS 4A lesion (advisory)."""
@@ -46,14 +49,22 @@ def co_decision(lh_probability: float, bm_probability: float, lh_threshold: floa
     return CoDecision(lh_high, bm_malignant, recommendation)
 
 
-def average_probability(frame_probabilities: Sequence[float]) -> float:
-    """Mean of per-frame malignancy probabilities (ABVS test-time rule, Liu et al. 2025).
+def average_frame_probabilities(probabilities: Sequence[float] | npt.NDArray[np.floating]) -> float:
+    """Lesion malignancy probability: the mean of its frames' probabilities (ABVS, Liu et al. 2025, "Model development").
+
+    "The predicted benign or malignant probabilities for each image frame
+    are summed and subsequently divided by the total number of lesion
+    images."
 
     Raises
     ------
     ValueError
-        With no frames: a lesion without any analysed frame has no score.
+        With no frames (a lesion without an analysed frame has no score), or
+        a value that is not a probability.
     """
-    if not frame_probabilities:
-        raise ValueError("no frame probabilities to average")
-    return float(sum(frame_probabilities) / len(frame_probabilities))
+    values = np.asarray(probabilities, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("a lesion needs at least one frame probability")
+    if not np.all(np.isfinite(values)) or values.min() < 0.0 or values.max() > 1.0:
+        raise ValueError("frame probabilities must be finite and in [0, 1]")
+    return float(values.mean())

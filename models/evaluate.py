@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from models.decisions import co_decision
 from models.evaluation import dice, hausdorff95, iou
@@ -40,7 +39,8 @@ from models.family_runtime import ClinicalContext, load_family_scorer
 from models.findings import FamilyScore
 from models.pipeline import load_bmode_pipeline
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
-from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, read_gray, read_mask
+from models.preprocess import Box
+from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
 
 SEGMENTER_ROLE = "us_segmenter"
 
@@ -56,20 +56,28 @@ def _label(record: Record, task: str) -> int | None:
     return record.malignant if task == "malignancy" else birads_high(record.birads)
 
 
-def score_family(entry: ModelEntry, model_dir: Path, records: Sequence[Record]) -> list[ScoredCase]:
-    """Score every lesion record that has a label for the family's task."""
+def lesion_boxes(records: Sequence[Record]) -> list[tuple[Record, Box]]:
+    """Every record with a lesion mask, with the box of its largest mask region."""
+    boxes = []
+    for record in records:
+        if record.mask_path is None:
+            continue
+        box = mask_box(read_mask(record, read_gray(record.image_path).shape))
+        if box is not None:
+            boxes.append((record, box))
+    return boxes
+
+
+def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Record, Box]]) -> list[ScoredCase]:
+    """Score every lesion that has a label for the family's task."""
     scorer = load_family_scorer(entry, model_dir)
     cases = []
-    for record in records:
+    for record, box in lesions:
         label = _label(record, scorer.task)
-        if label is None or record.mask_path is None:
-            continue
-        gray = read_gray(record.image_path)
-        box = mask_box(read_mask(record, gray.shape))
-        if box is None:
+        if label is None:
             continue
         context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
-        cases.append(ScoredCase(record, label, scorer.score(gray, box, context)))
+        cases.append(ScoredCase(record, label, scorer.score(read_gray(record.image_path), box, context)))
     return cases
 
 
@@ -115,17 +123,21 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     from models.plots import save_reliability_png, save_roc_png
 
     root = data.parent if (data / "labels.csv").is_file() else data
-    records = load_records(root, dataset_names(data))
+    names = dataset_names(data)
+    records = load_records(root, names) if names else []
     if split != "all":
         records = [r for r in records if r.split == split]
     entries = read_manifest(model_dir)
+    us_lesions = lesion_boxes(records)
+    mg_lesions = [(r, box) for r, box in mias_findings(root) if split == "all" or r.split == split]
     output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"data": str(data), "split": split, "images": len(records), "families": {}}
     scored: dict[str, list[ScoredCase]] = {}
     for family in families:
         if family not in entries:
             raise SystemExit(f"model {family!r} is not in {model_dir / 'manifest.json'} (has: {', '.join(sorted(entries))})")
-        cases = score_family(entries[family], model_dir, records)
+        modality = entries[family].parameters.get("modality", "US")
+        cases = score_family(entries[family], model_dir, mg_lesions if modality == "MG" else us_lesions)
         if not cases:
             report["families"][family] = {"note": "no labelled lesion for this task in the data"}
             continue
@@ -173,6 +185,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split of the data to score (all: a site's own data)")
     parser.add_argument("--output", type=Path, default=Path("var/evaluation"), help="folder for report.json, report.md, predictions.csv and PNGs")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--cards", type=Path, default=None, help="also write a model card per family into this folder (e.g. models/cards)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -182,5 +195,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for family, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})
         print(f"{family:14s} n={overall.get('n')} AUC={overall.get('auc')} CI={overall.get('auc_ci')}")
+    if args.cards:
+        from models.cards import write_cards
+
+        for path in write_cards(report, entries, args.cards):
+            print(f"card: {path}")
     print(f"report: {args.output / 'report.md'}")
     return 0

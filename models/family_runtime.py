@@ -42,6 +42,9 @@ class ClinicalContext:
     pixel_spacing_mm: float | None = None  # isotropic spacing of the analysed image, if calibrated
 
 
+NO_CLINICAL_CONTEXT = ClinicalContext()  # frozen, so one shared default is safe
+
+
 def age_inputs(age_years: float | None) -> list[float]:
     """``[age / 100, known]`` as DLR's MLP and CLDLR's SVM were trained with."""
     return [0.0, 0.0] if age_years is None else [age_years / AGE_SCALE_YEARS, 1.0]
@@ -103,7 +106,7 @@ class FamilyScorer:
             return expand_box_by_shortest_side(box, shape, self._padding)
         return expand_box(box, shape, self._padding)
 
-    def score(self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = ClinicalContext()) -> FamilyScore:
+    def score(self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = NO_CLINICAL_CONTEXT) -> FamilyScore:
         """Score the lesion in ``box`` of the grayscale image ``gray``."""
         roi_box = self.roi_box(box, (int(gray.shape[0]), int(gray.shape[1])))
         roi = crop(gray, roi_box)

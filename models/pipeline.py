@@ -28,7 +28,7 @@ import numpy.typing as npt
 from models.backend import Backend, OnnxRuntimeBackend
 from models.cam import paste
 from models.decisions import co_decision
-from models.family_runtime import ClinicalContext, FamilyScorer, load_family_scorer
+from models.family_runtime import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
 from models.findings import ImageAnalysis, Lesion, ModelInfo
 from models.lesions import find_components, resize_probability
 from models.preprocess import Box, standardise
@@ -82,7 +82,7 @@ class BModePipeline:
     def families(self) -> tuple[str, ...]:
         return tuple(s.family for s in self._scorers)
 
-    def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = ClinicalContext()) -> ImageAnalysis:
+    def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
         probability = self.lesion_probability(gray)
@@ -101,7 +101,7 @@ class BModePipeline:
         return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
 
     def score_lesion(
-        self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = ClinicalContext()
+        self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = NO_CLINICAL_CONTEXT
     ) -> Lesion:
         """Score the lesion in ``box`` with every family; the primary family gives the headline score and map."""
         scores = tuple(scorer.score(gray, box, context) for scorer in self._scorers)

@@ -52,7 +52,6 @@ scanner's display.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -61,6 +60,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from models.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
 from models.families.backbones import ResNetTrunk
 
 MALIGNANT = 1
@@ -287,21 +287,6 @@ def export_onnx(model: ThreePlaneClassifier, path: Path, size: int = 224, opset:
 def malignancy_probabilities(logits: torch.Tensor) -> npt.NDArray[np.float64]:
     """Per-frame malignancy probability (softmax, class :data:`MALIGNANT`) from (N, 2) logits."""
     return np.asarray(torch.softmax(logits.detach().double(), dim=1)[:, MALIGNANT].cpu().numpy(), dtype=np.float64)
-
-
-def average_frame_probabilities(probabilities: Sequence[float] | npt.NDArray[np.floating]) -> float:
-    """Lesion malignancy probability: the mean of its frames' probabilities (Liu et al., "Model development").
-
-    "The predicted benign or malignant probabilities for each image frame
-    are summed and subsequently divided by the total number of lesion
-    images."
-    """
-    values = np.asarray(probabilities, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("a lesion needs at least one frame probability")
-    if not np.all(np.isfinite(values)) or values.min() < 0.0 or values.max() > 1.0:
-        raise ValueError("frame probabilities must be finite and in [0, 1]")
-    return float(values.mean())
 
 
 def decide(probability: float, threshold: float = 0.5) -> Literal["malignant", "benign"]:

@@ -66,7 +66,7 @@ def _label_of(row: dict[str, str], dataset: str) -> str:
 def dataset_names(root: Path) -> tuple[str, ...]:
     """The dataset folders under ``root`` (each with a labels.csv), or ``root`` itself if it is one."""
     if (root / "labels.csv").is_file():
-        return (root.name,)
+        return (root.name,) if (root / "masks").is_dir() else ()
     return tuple(sorted(p.name for p in root.iterdir() if (p / "labels.csv").is_file() and (p / "masks").is_dir()))
 
 

@@ -172,6 +172,18 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         "max_abs_diff_fp16": worst["fp16"] if math.isfinite(worst["fp16"]) else None,
         "side_files": {k: {"file": v, "sha256": sha256_of(output / v)} for k, v in side_files.items()},
         "trained_without": config.holdout or None,
+        "training": {
+            "datasets": list(spec.datasets),
+            "cases": {split: len(items) for split, items in samples.items()},
+            "positives": {split: sum(item.label for item in items) for split, items in samples.items()},
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "seed": config.seed,
+            "best_epoch": int(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["epoch"]),
+            "initialisation": "random (from scratch; no pretrained weights available)",
+            "notes": spec.notes,
+        },
     }
     entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=VERSION, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.decisions import Recommendation, average_probability, co_decision
+from models.decisions import Recommendation, average_frame_probabilities, co_decision
 from models.families import cldlr, dlr, dlum
 
 torch.set_num_threads(1)
@@ -108,10 +108,10 @@ def test_four_a_co_decision(lh: float, bm: float, expected: Recommendation) -> N
     assert decision.recommendation is expected
 
 
-def test_average_probability() -> None:
-    assert average_probability([0.2, 0.4, 0.9]) == pytest.approx(0.5)
+def test_average_frame_probabilities() -> None:
+    assert average_frame_probabilities([0.2, 0.4, 0.9]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        average_probability([])
+        average_frame_probabilities([])
 
 
 def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path) -> None:

@@ -1,0 +1,137 @@
+"""Model cards, generated from the manifest and an evaluation report (``breastai evaluate --cards``).
+
+Each card holds what a site needs before it turns a model on: intended use
+(advisory, never diagnostic), the paper and what was changed, the data and
+split, metrics with 95 % CIs as measured by ``breastai evaluate``, the
+operating point and how it was chosen, known limits, and the file's sha256.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from models.evaluation_report import report_markdown
+from models.registry import ModelEntry
+
+INTENDED_USE = (
+    "Advisory decision support for radiologists reading breast imaging. The score is an AI estimate, "
+    "**not a diagnosis**; it must not be used to rule a lesion in or out without a radiologist's reading. "
+    "Not a medical device; not cleared or approved by any regulator."
+)
+
+FAMILY_TEXT: dict[str, dict[str, str]] = {
+    "dlr_lh": {
+        "paper": "Lu et al., QIMS 2025 (DLR_LH)",
+        "architecture": "ResNet-50 (standard 7x7 stride-2 stem), FC replaced by FC-128 (embedding) + FC-2; MLP over [embedding, age/100, age-known]. Grad-CAM of the log-odds on the last stage, in closed form inside the graph.",
+        "deviations": "128 px ROI input instead of 224 px (CPU budget); AdamW with warm-up and cosine decay; trained from scratch; class-balanced sampling. BUS-BRA carries no age, so most training cases have the age flag at 0.",
+        "limits": "Learns the *assessed* BI-RADS category (2/3 vs 4/5) as the radiologists of BUS-BRA and BrEaST assigned it, not pathology.",
+    },
+    "dlr_bm": {
+        "paper": "Lu et al., QIMS 2025 (DLR_BM)",
+        "architecture": "As DLR_LH (ResNet-50, FC-128 + FC-2, age MLP), trained on benign vs malignant.",
+        "deviations": "The paper trains BM on BI-RADS 4A lesions only; public sets hold too few (BrEaST: 34 4A lesions), so BM is trained on every US lesion with a pathology label and the 4A co-decision is tallied on BrEaST's 4A cases. 128 px input; from scratch.",
+        "limits": "BUSI labels are not all biopsy-proven. Co-decision counts on public 4A cases are small.",
+    },
+    "cldlr": {
+        "paper": "Yang et al., Sci Rep 2024 (CLDLR)",
+        "architecture": "VGG11 (configuration A, batch norm) -> GAP -> FC-512 -> FC-512 -> FC-2; deep features from the penultimate FC; RBF SVMs on clinical only, DLR only, and DLR + clinical (served), Platt-scaled on validation data.",
+        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; from scratch. Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction.",
+        "limits": "Menopause, margin, calcification, posterior features and Doppler flow of the paper are not available from DICOM and are not used.",
+    },
+    "dl_u": {
+        "paper": "Xu et al., 2025 (DL-UM, ultrasound branch DL-U)",
+        "architecture": "VGG19-style branch: blocks of 2, 2, 4, 4, 4 convolutions, BN + ReLU after each block's last convolution, max-pool after blocks 1-4; deep supervision heads (GAP -> FC64 -> FC1) after every block; focal loss on all heads. CAM of the block-5 head, exact (affine head).",
+        "deviations": "Quarter-width filters (16..128) and 96-112 px input for the CPU budget; from scratch. ROI grown by 30 % of the shortest side, min-max normalised, as the paper.",
+        "limits": "The fused DL-UM network needs paired US and MG of the same lesion; no public set has them, so only the branches are trained.",
+    },
+    "dl_m": {
+        "paper": "Xu et al., 2025 (DL-UM, mammography branch DL-M)",
+        "architecture": "As DL-U, on mammography patches.",
+        "deviations": "Trained on mini-MIAS finding patches (square around the listed centre and radius; digitised film, 400 um pixels): about 60 training findings.",
+        "limits": "Very small data; not validated on digital mammography; MG studies are not yet routed to this model by the service.",
+    },
+    "mupnet": {
+        "paper": "Yan et al., Commun Med 2024 (MUP-Net)",
+        "architecture": "ResNet-18 backbone per modality (M = 1 here: B-mode), 10 prototypes (5 per class), log similarity with top-k pooling, class-connected last layer (+1 / -0.5); stages: joint training, projection onto the nearest own-class training patch (BI-RADS 2/3/4a benign, 4c/5 malignant candidates), last-layer training. Explanation: prototype contributions and the prototype patches (side files).",
+        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; from scratch; no warm-up epochs (the trunk is random, so freezing it first would not help).",
+        "limits": "BUSI images carry no BI-RADS and so are never prototypes.",
+    },
+}
+
+
+def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str) -> str:
+    """One model card as Markdown."""
+    text = FAMILY_TEXT.get(entry.role, {})
+    parameters = entry.parameters
+    training = parameters.get("training", {})
+    lines = [
+        f"# Model card: {entry.name} {entry.version}",
+        "",
+        f"- **Family:** `{entry.role}` — {text.get('paper', 'see MODELS.md')}",
+        f"- **File:** `{entry.file}` ({parameters.get('precision', 'float32')}), sha256 `{entry.sha256}`",
+    ]
+    for name, side in parameters.get("side_files", {}).items():
+        lines.append(f"- **Side file ({name}):** `{side['file']}`, sha256 `{side['sha256']}`")
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Model",
+        "",
+        text.get("architecture", ""),
+        "",
+        f"**Initialisation:** {training.get('initialisation', 'random (from scratch)')}.",
+        "",
+        f"**Deviations from the paper:** {text.get('deviations', 'none recorded')}",
+        "",
+        "## Data and split",
+        "",
+        f"Datasets: {', '.join(training.get('datasets', []))}. Task: `{parameters.get('task')}`. "
+        "Split: BUS-BRA by its patient-level fold (fold 4 = test; one case in ten of folds 1-3 = validation); "
+        "BUSI and BrEaST by a stable hash of the image id (20 % test, 10 % validation); mini-MIAS by woman (image pair).",
+        "",
+        "| split | lesions | positive |",
+        "|---|---:|---:|",
+    ]
+    for split in ("train", "val", "test"):
+        lines.append(f"| {split} | {training.get('cases', {}).get(split, 'n/a')} | {training.get('positives', {}).get(split, 'n/a')} |")
+    lines += [
+        "",
+        f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
+        f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
+        f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
+        "",
+        "## Operating point",
+        "",
+        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the validation split "
+        "by Youden's J through the exported file; never on test data.",
+        "",
+        f"## Metrics (held-out test split, as served; data: `{data}`)",
+        "",
+        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include segmentation misses.",
+        "",
+        report_markdown(classification=family_report.get("classification")),
+    ]
+    if four_a:
+        lines += ["", "## BI-RADS 4A co-decision (DLR_LH + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
+    lines += ["", "## Known limits", "", f"- {text.get('limits', '')}", "- Trained and measured on public research datasets; performance at a new site, scanner or population must be checked there (`breastai evaluate` on local data).", ""]
+    return "\n".join(lines)
+
+
+def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:
+    """Write ``<role>.md`` for every evaluated family of ``report``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for role, family_report in report["families"].items():
+        if "classification" not in family_report or role not in entries:
+            continue
+        four_a = report.get("four_a_co_decision") if role in ("dlr_lh", "dlr_bm") else None
+        path = folder / f"{role}.md"
+        path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
+        written.append(path)
+    return written
