@@ -219,3 +219,43 @@ def test_device_observer_is_recorded(study: dict[str, pathlib.Path]) -> None:
     assert codes.DCM.Device.value in {
         i.ConceptCodeSequence[0].CodeValue for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121005"
     }
+
+
+def _family_score(family: str, task: str, probability: float, threshold: float, notes: tuple[str, ...] = ()) -> "FamilyScore":
+    from models.findings import FamilyScore, ModelInfo
+
+    return FamilyScore(
+        family=family, task=task, model=ModelInfo(f"Model-{family}", "9.9", "ab" * 32), probability=probability, threshold=threshold,
+        positive=probability >= threshold, cam=np.ones((30, 30), np.float32), roi_box=(0, 0, 30, 30), notes=notes,
+    )
+
+
+def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+    from models.decisions import co_decision
+
+    single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
+    base = square_lesion_analysis((220, 280), size=30, probability=0.87)
+    scores = (
+        _family_score("dlr_bm", "malignancy", 0.87, 0.5),
+        _family_score("dlr_lh", "birads_high", 0.2, 0.6, notes=("patient age not available: scored from the image alone",)),
+        _family_score("mupnet", "malignancy", 0.3, 0.4),
+    )
+    lesion = dataclasses.replace(base.lesions[0], family_scores=scores, co_decision=co_decision(0.2, 0.87, 0.6, 0.5))
+    analysis = dataclasses.replace(base, lesions=(lesion,), classifier=scores[0].model)
+    sr = build_report([AnalysedFrame(single, analysis)], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
+    [group] = _groups(sr)
+    probabilities = _items(group, "111047")
+    assert [float(i.MeasuredValueSequence[0].NumericValue) for i in probabilities] == [0.87, 0.3]
+    assert [float(i.MeasuredValueSequence[0].NumericValue) for i in _items(group, "P-BIRADS45")] == [0.2]
+    names = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence if i.ValueType == "CODE"}
+    assert names["CALL-DLR_BM"].ConceptCodeSequence[0].CodeValue == "AT-OR-ABOVE-OP"
+    assert names["CALL-DLR_LH"].ConceptCodeSequence[0].CodeValue == "BELOW-OP"
+    assert names["BIRADS4A-RESTRAT"].ConceptCodeSequence[0].CodeValue == "KEEP-4A"  # LH low, BM malignant: disagree
+    algorithm = [i.TextValue for i in names["CALL-MUPNET"].ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+    assert algorithm == ["Model-mupnet"]
+    comment = sr.ContentSequence[-1].ContentSequence[0].TextValue
+    assert "Model-dlr_lh: patient age not available" in comment and "only to lesions a radiologist assessed as 4A" in comment
+    if shutil.which("dciodvfy"):
+        path = tmp_path / "sr.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
