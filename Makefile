@@ -4,7 +4,9 @@
 #   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
-#   make train          CPU torch + the train extra, then the reference training
+#   make train          CPU torch + the train extra, then the reference segmenter and every paper family
+#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export)
+#   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
 #   make samples        regenerate samples/ (scripts/make_samples.py)
 #   make send-samples   C-STORE samples/ to a running service with dcmtk's storescu
 #
@@ -24,6 +26,9 @@ TORCH_VERSION ?= 2.13.0
 VAR_DIR       ?= var
 # The development datasets (read-only; never committed).
 DATASETS      ?= ../shared/datasets
+# Paper model families with real training data (see MODELS.md), and where `make evaluate` writes.
+FAMILIES      := dlr_lh dlr_bm cldlr dl_u dl_m mupnet
+EVALUATION    ?= var/evaluation
 # Flags of `breastai serve` (see `breastai serve --help`); override on the command line.
 # CPU is implicit (ONNX Runtime) and the reference models are the bundled default
 # (models/weights; add --model-dir DIR for others). Listener: BREASTAI@0.0.0.0:11112,
@@ -52,10 +57,10 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) evaluate samples send-samples clean distclean
 
 help:
-	@sed -n '1,11s/^# \{0,1\}//p' Makefile
+	@sed -n '1,13s/^# \{0,1\}//p' Makefile
 
 # ------------------------------------------------------------------ venv + stamps
 
@@ -138,11 +143,20 @@ test: deps-system test-venv rabbitmq typecheck
 typecheck: test-venv
 	$(VENV)/bin/mypy
 
-# Resumable: each part checkpoints every epoch under runs/reference/<part>/.
+# Resumable: each part checkpoints every epoch under runs/reference/<part>/ or runs/families/<family>/.
+
 train: train-venv
 	$(PY) -m models.training.train_reference classifier --datasets $(DATASETS)
 	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
+	$(MAKE) $(addprefix train-,$(FAMILIES))
+	$(MAKE) evaluate
+
+$(addprefix train-,$(FAMILIES)): train-%: train-venv
+	$(VENV)/bin/breastai train $* --datasets $(DATASETS)
+
+evaluate: venv
+	$(VENV)/bin/breastai evaluate $(DATASETS) --output $(EVALUATION) --cards models/cards
 
 samples: venv
 	$(PY) scripts/make_samples.py
