@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from models.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
+from models.families.onnx_export import export_graph
 from models.families.backbones import ResNetTrunk
 
 MALIGNANT = 1
@@ -267,18 +268,7 @@ def export_onnx(model: ThreePlaneClassifier, path: Path, size: int = 224, opset:
     model.eval()
     wrapper = ThreePlaneExportWrapper(model).eval()
     example = tuple(torch.zeros(1, 1, size, size) for _ in PLANES)
-    dynamic = {name: {0: "batch"} for name in (*EXPORT_INPUT_NAMES, *EXPORT_OUTPUT_NAMES)}
-    torch.onnx.export(
-        wrapper,
-        example,
-        str(path),
-        input_names=list(EXPORT_INPUT_NAMES),
-        output_names=list(EXPORT_OUTPUT_NAMES),
-        dynamic_axes=dynamic,
-        opset_version=opset,
-        dynamo=False,
-    )
-    return path
+    return export_graph(wrapper, example, path, EXPORT_INPUT_NAMES, EXPORT_OUTPUT_NAMES, opset, dynamic_batch=True)
 
 
 # --- test-time decision ---------------------------------------------------------------

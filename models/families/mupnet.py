@@ -49,7 +49,6 @@ for the reasoning):
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.families.onnx_export import export_graph
 from models.families.backbones import ResNetTrunk
 
 #: Modality order of the paper (and the default input order).
@@ -865,22 +865,8 @@ def export_onnx(
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     wrapper = MUPNetExportWrapper(model, upsample_maps=upsample_maps).eval()
     dummy = torch.zeros(1, model.modalities, model.in_channels, height, width, device=_device(model))
-    dynamic = {name: {0: "batch"} for name in EXPORT_INPUT_NAMES + EXPORT_OUTPUT_NAMES}
     path = Path(destination)
-    with warnings.catch_warnings():
-        # The shape checks and the top-k clip become constants of the graph, which is what a fixed input size wants.
-        warnings.filterwarnings("ignore", message="Converting a tensor to a Python", category=Warning)
-        torch.onnx.export(
-            wrapper,
-            (dummy,),
-            str(path),
-            input_names=list(EXPORT_INPUT_NAMES),
-            output_names=list(EXPORT_OUTPUT_NAMES),
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            dynamo=False,
-        )
-    return path
+    return export_graph(wrapper, (dummy,), path, EXPORT_INPUT_NAMES, EXPORT_OUTPUT_NAMES, opset, dynamic_batch=True)
 
 
 def iterate_batches(

@@ -26,6 +26,7 @@ from torch import nn
 
 from models.evaluation import youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
+from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.train_family import FamilySpec, LesionSample, RunConfig, clinical_features, load_best
 
@@ -112,7 +113,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         example = tuple(torch.from_numpy(val_feeds[0][name]) for name in inputs)
-        torch.onnx.export(wrapper, example, str(fp32), input_names=inputs, output_names=outputs, opset_version=18, dynamo=False)
+        export_graph(wrapper, example, fp32, inputs, outputs)
         fp16 = Path(tmp) / "fp16.onnx"
         onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=False), str(fp16))
         worst = {}

@@ -46,9 +46,32 @@ from torch.nn import functional
 
 from models.evaluation import auc
 from models.families import cldlr, dlr, dlum, mupnet
-from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
-from models.training.data import US_DATASETS, Record, birads_high, load_records, mask_box, mias_findings, read_gray, read_mask
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step, seed_everything
+from models.preprocess import (
+    Box,
+    crop,
+    expand_box,
+    expand_box_by_shortest_side,
+    min_max,
+    standardise,
+)
+from models.training.data import (
+    US_DATASETS,
+    Record,
+    birads_high,
+    load_records,
+    mask_box,
+    mias_findings,
+    read_gray,
+    read_mask,
+)
+from models.training.loop import (
+    Checkpoints,
+    augment_intensity,
+    cosine_lr,
+    optimise_step,
+    seed_everything,
+)
+from models.training.train_reference import TrainConfig
 
 Tensor = torch.Tensor
 
@@ -229,19 +252,11 @@ def split_samples(spec: FamilySpec, datasets: Path, holdout: str | None = None) 
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    part: str
+class RunConfig(TrainConfig):
+    """A reference run's settings plus the family and the dataset left out (external validation)."""
+
     family: str
-    datasets: str
-    work: str
     holdout: str
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    input_size: int
-    seed: int
-    threads: int
-    max_minutes: float
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from models.findings import ImageAnalysis
+from models.findings import FamilyScore, ImageAnalysis, ModelInfo
 from tests.dicom_factory import (
     dciodvfy_errors,
     make_us_dataset,
@@ -221,8 +221,7 @@ def test_device_observer_is_recorded(study: dict[str, pathlib.Path]) -> None:
     }
 
 
-def _family_score(family: str, task: str, probability: float, threshold: float, notes: tuple[str, ...] = ()) -> "FamilyScore":
-    from models.findings import FamilyScore, ModelInfo
+def _family_score(family: str, task: str, probability: float, threshold: float, notes: tuple[str, ...] = ()) -> FamilyScore:
 
     return FamilyScore(
         family=family, task=task, model=ModelInfo(f"Model-{family}", "9.9", "ab" * 32), probability=probability, threshold=threshold,
