@@ -146,13 +146,17 @@ def family_view(analysis: ImageAnalysis, family: str) -> ImageAnalysis:
 
 
 def default_families(model_dir: Path | None = None, modality: str = "US") -> tuple[str, ...]:
-    """The manifest's ``default_pipelines[modality]`` list (roles), or every non-segmenter model when absent."""
+    """The manifest's ``default_pipelines[modality]`` list (roles), or else every classifier of that modality."""
     directory = model_dir or BUNDLED_MODEL_DIR
     body = json.loads((directory / MANIFEST_NAME).read_text())
     listed = body.get("default_pipelines", {}).get(modality)
     if listed:
         return tuple(str(role) for role in listed)
-    return tuple(role for role in sorted(body["models"]) if role != SEGMENTER_ROLE)
+    return tuple(
+        role
+        for role, entry in sorted(body["models"].items())
+        if role != SEGMENTER_ROLE and entry.get("parameters", {}).get("modality", "US") == modality
+    )
 
 
 def load_bmode_pipeline(

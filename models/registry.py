@@ -68,15 +68,23 @@ def read_manifest(model_dir: Path | None = None) -> dict[str, ModelEntry]:
         raise ModelRegistryError(f"malformed model manifest {path}: {exc}") from exc
 
 
-def write_manifest(entries: dict[str, ModelEntry], model_dir: Path) -> Path:
-    """Write the manifest for ``entries`` (used by the export step)."""
-    body = {
+def write_manifest(entries: dict[str, ModelEntry], model_dir: Path, default_pipelines: dict[str, list[str]] | None = None) -> Path:
+    """Write the manifest for ``entries`` (used by the export steps).
+
+    ``default_pipelines`` (modality -> roles run on each lesion, in report
+    order) is kept from the existing manifest when not given.
+    """
+    path = model_dir / MANIFEST_NAME
+    if default_pipelines is None and path.is_file():
+        default_pipelines = json.loads(path.read_text()).get("default_pipelines")
+    body: dict[str, Any] = {
         "models": {
             role: {"name": e.name, "version": e.version, "file": e.file, "sha256": e.sha256, "parameters": e.parameters}
             for role, e in sorted(entries.items())
         }
     }
-    path = model_dir / MANIFEST_NAME
+    if default_pipelines:
+        body["default_pipelines"] = default_pipelines
     path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     return path
 

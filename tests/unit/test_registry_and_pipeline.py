@@ -60,3 +60,23 @@ def test_pipeline_handles_a_blank_and_a_tiny_image() -> None:
         analysis = pipeline.analyse(np.zeros(shape, np.uint8))
         assert analysis.image_shape == shape
         assert all(lesion.cam.shape == shape for lesion in analysis.lesions)
+
+
+def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from models.pipeline import default_families, load_bmode_pipeline
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
+
+    for item in BUNDLED_MODEL_DIR.iterdir():
+        if item.suffix in (".onnx", ".npz", ".json"):
+            shutil.copy(item, tmp_path)
+    entries = read_manifest(tmp_path)
+    write_manifest(entries, tmp_path, default_pipelines={"US": ["us_classifier"]})
+    write_manifest(entries, tmp_path)  # a later export keeps the configured default
+    assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": ["us_classifier"]}
+    assert default_families(tmp_path) == ("us_classifier",)
+    assert load_bmode_pipeline(tmp_path).families == ("us_classifier",)
+    with pytest.raises(ModelRegistryError, match="not_a_family"):
+        load_bmode_pipeline(tmp_path, families=["us_classifier", "not_a_family"])
