@@ -17,20 +17,23 @@ training taught it the "unknown" flag) and the result says so in ``notes``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from models.backend import Backend, OnnxRuntimeBackend
 from models.cam import normalise_cam
-from models.findings import FamilyScore, ModelInfo
+from models.findings import FamilyScore, ModelInfo, PrototypeEvidence
 from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
 from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
 from models.svm import SvmModel
 
 AGE_SCALE_YEARS = 100.0
+TOP_PROTOTYPES = 3  # prototypes shown per lesion: the strongest contributions
 DIAMETER_SCALE_MM = 50.0
 
 
@@ -88,13 +91,19 @@ class FamilyScorer:
         self._shortest_side = bool(parameters.get("roi_expand_shortest_side", False))
         self._minmax = parameters.get("roi_normalisation", "zscore") == "minmax"
         self._inputs = tuple(parameters.get("inputs", ["image"]))
-        self._svm: SvmModel | None = None
-        side = parameters.get("side_files", {}).get("cldlr")
-        if side:
+        side_files: dict[str, Path] = {}
+        for key, side in parameters.get("side_files", {}).items():
             path = model_dir / side["file"]
             if not path.is_file() or sha256_of(path) != side["sha256"]:
                 raise ModelRegistryError(f"side file {path} of {entry.role} is missing or does not match its sha256")
-            self._svm = SvmModel.load(path)
+            side_files[key] = path
+        self._svm = SvmModel.load(side_files["cldlr"]) if "cldlr" in side_files else None
+        self._patches: npt.NDArray[np.uint8] | None = None
+        self._prototype_sources: list[dict[str, Any]] = []
+        if "prototype_patches" in side_files and "prototypes" in side_files:
+            with np.load(side_files["prototype_patches"]) as data:
+                self._patches = np.asarray(data["patches"], dtype=np.uint8)
+            self._prototype_sources = json.loads(side_files["prototypes"].read_text())
 
     @property
     def info(self) -> ModelInfo:
@@ -132,10 +141,20 @@ class FamilyScorer:
             probability = float(1.0 / (1.0 + np.exp(-float(outputs["logit"].reshape(-1)[0]))))
         else:
             probability = _softmax_positive(outputs["logits"])
+        prototypes: list[PrototypeEvidence] = []
         if "contributions" in outputs:
             contributions = outputs["contributions"].reshape(-1)
-            for rank, index in enumerate(np.argsort(-np.abs(contributions))[:3], start=1):
-                details[f"prototype_{rank}"] = f"{int(index)}:{float(contributions[index]):+.3f}"
+            for index in np.argsort(-np.abs(contributions))[:TOP_PROTOTYPES]:
+                source = self._prototype_sources[index] if index < len(self._prototype_sources) else {}
+                prototypes.append(
+                    PrototypeEvidence(
+                        index=int(index),
+                        malignant=bool(source.get("class", 0)),
+                        contribution=float(contributions[index]),
+                        patch=self._patches[index] if self._patches is not None else np.zeros((64, 64), np.uint8),
+                        source=str(source.get("source_id", "unknown")),
+                    )
+                )
         raw = outputs["cam"][0]
         if raw.ndim == 3:  # per-class maps (B, classes, h, w): the positive class
             raw = raw[-1]
@@ -151,6 +170,7 @@ class FamilyScorer:
             roi_box=roi_box,
             notes=tuple(notes),
             details=details,
+            prototypes=tuple(prototypes),
         )
 
 

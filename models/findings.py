@@ -30,6 +30,31 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class PrototypeEvidence:
+    """A learned prototype that drove a score (MUP-Net): the training patch it was projected onto.
+
+    Attributes
+    ----------
+    index
+        Prototype number in the model.
+    malignant
+        The class the prototype belongs to.
+    contribution
+        Similarity x last-layer weight toward the malignant logit.
+    patch
+        The prototype's source patch, uint8 grayscale (64 x 64).
+    source
+        ``dataset/image id`` of the training image the patch comes from.
+    """
+
+    index: int
+    malignant: bool
+    contribution: float
+    patch: npt.NDArray[np.uint8]
+    source: str
+
+
+@dataclass(frozen=True)
 class FamilyScore:
     """One family's advisory result for one lesion.
 
@@ -50,7 +75,9 @@ class FamilyScore:
     notes
         Plain statements about the inputs, e.g. that age was not available.
     details
-        Extra named values (MUP-Net's top prototype contributions, CLDLR's variant).
+        Extra named values (CLDLR's network-only probability).
+    prototypes
+        MUP-Net: the prototypes with the largest contributions, strongest first.
     """
 
     family: str
@@ -63,6 +90,7 @@ class FamilyScore:
     roi_box: Box
     notes: tuple[str, ...] = ()
     details: Mapping[str, float | str] = field(default_factory=dict)
+    prototypes: tuple[PrototypeEvidence, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,7 @@ class Lesion:
     cam: npt.NDArray[np.float32]
     family_scores: tuple[FamilyScore, ...] = ()
     co_decision: CoDecision | None = None
+    prototypes: tuple[PrototypeEvidence, ...] = ()  # of the family this lesion is viewed through (overlays)
 
     def longest_diameter_mm(self, row_spacing_mm: float, column_spacing_mm: float) -> float:
         """Longest distance in millimetres between two outline points.

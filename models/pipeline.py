@@ -140,7 +140,12 @@ def family_view(analysis: ImageAnalysis, family: str) -> ImageAnalysis:
         score = next(s for s in lesion.family_scores if s.family == family)
         model, task = score.model, score.task
         lesions.append(
-            dataclasses.replace(lesion, malignancy_probability=score.probability, cam=paste(score.cam, score.roi_box, analysis.image_shape))
+            dataclasses.replace(
+                lesion,
+                malignancy_probability=score.probability,
+                cam=paste(score.cam, score.roi_box, analysis.image_shape),
+                prototypes=score.prototypes,
+            )
         )
     return dataclasses.replace(analysis, lesions=tuple(lesions), classifier=model, score_label=TASK_LABELS.get(task, task))
 

@@ -24,6 +24,8 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
 _YELLOW = (255, 255, 0)
+_RED = (255, 40, 40)  # RGB canvas: malignant prototype frame
+_GREEN = (40, 220, 40)  # benign prototype frame
 # Outline colours per lesion (RGB), cycled; chosen to stay visible on JET.
 _OUTLINE_COLOURS = ((0, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0))
 
@@ -83,8 +85,36 @@ def render_overlay(
         _put_text(canvas, str(number), (int(x0), max(0, int(y0) - 2)), scale, thickness, colour, anchor="bottom")
 
     _draw_disclaimer(canvas, scale, thickness)
+    _draw_prototypes(canvas, analysis, scale, thickness, footprint)
     _draw_legend(canvas, legend_lines(analysis), scale, thickness, footprint)
     return canvas
+
+
+def _draw_prototypes(
+    canvas: npt.NDArray[np.uint8], analysis: ImageAnalysis, scale: float, thickness: int, footprint: npt.NDArray[np.bool_]
+) -> None:
+    """Lesion 1's strongest prototypes (MUP-Net) as thumbnails down the right edge, each with its contribution.
+
+    A prototype is a patch of a training image; showing it lets the reader
+    judge whether "this looks like that" holds. Red frame: malignant
+    prototype; green: benign. Marked in ``footprint`` so the legend avoids them.
+    """
+    if not analysis.lesions or not analysis.lesions[0].prototypes:
+        return
+    rows, columns = canvas.shape[:2]
+    side = max(24, min(96, min(rows, columns) // 6))
+    banner = _disclaimer_band_height(rows, columns, scale, thickness)
+    x = columns - side - 2
+    for rank, prototype in enumerate(analysis.lesions[0].prototypes):
+        y = 2 + rank * (side + 4)
+        if x < 0 or y + side > rows - banner:
+            break
+        thumbnail = cv2.resize(prototype.patch, (side, side), interpolation=cv2.INTER_AREA)
+        canvas[y : y + side, x : x + side] = thumbnail[:, :, None]
+        colour = _RED if prototype.malignant else _GREEN
+        cv2.rectangle(canvas, (x, y), (x + side - 1, y + side - 1), colour, thickness=max(1, thickness))
+        _put_text(canvas, f"{prototype.contribution:+.2f}", (x, y + side), scale * 0.8, max(1, thickness - 1), _WHITE, anchor="bottom")
+        footprint[y : y + side, x : x + side] = True
 
 
 def legend_lines(analysis: ImageAnalysis) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 
+from models.pipeline import default_families
 from tests.e2e.results import SC_CLASS, SR_CLASS, dciodvfy_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,8 @@ def test_analyze_writes_sr_and_overlays_without_network(sample_study: Path, tmp_
     assert written and all(path.is_file() for path in written)
     classes = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID) for path in written]
     sources = list(sample_study.glob("*.dcm"))
-    assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == len(sources)
+    # one overlay per analysed image and configured family (the bundled models' default list)
+    assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == len(sources) * len(default_families())
     for path in written:
         assert dciodvfy_errors(path) == []
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pydicom
 import pytest
 
+from models.pipeline import default_families
 from tests.e2e.results import SC_CLASS, SR_CLASS, content_texts, dciodvfy_errors, download, dsrdump, instances_of_class, numeric_values, results_present
 from tests.integration.orthanc import OrthancServer
 
@@ -60,11 +61,12 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, se
     study_uid, ids, sources = _upload_study(pacs, sample_study)
 
     pacs.send_to_modality("BREASTAI", ids)
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(sources)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="SR and overlays in Orthanc")
+    expected_overlays = len(sources) * len(default_families())  # one per image and configured family
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="SR and overlays in Orthanc")
 
     reports = instances_of_class(pacs, study_uid, SR_CLASS)
     overlays = instances_of_class(pacs, study_uid, SC_CLASS)
-    assert len(reports) == 1 and len(overlays) == len(sources)
+    assert len(reports) == 1 and len(overlays) == expected_overlays
 
     report = download(pacs, reports[0])
     assert report.StudyInstanceUID == study_uid

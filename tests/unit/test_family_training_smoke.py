@@ -75,6 +75,13 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
     if family == "mupnet":
         prototypes = json.loads((models / "mupnet_prototypes.json").read_text())
         assert len(prototypes) == 10 and all(p["source_id"].startswith("busbra/") for p in prototypes)
+        import numpy as np
+
+        from models.family_runtime import load_family_scorer
+
+        score = load_family_scorer(entry, models).score(np.full((120, 160), 100, np.uint8), (40, 30, 50, 40))
+        assert len(score.prototypes) == 3 and score.prototypes[0].patch.shape == (64, 64)
+        assert {p.source for p in score.prototypes} <= {p["source_id"] for p in prototypes}
     report = evaluate(tiny_busbra, models, [family], "all", tmp_path / "evaluation", resamples=50)
     overall = report["families"][family]["classification"]["all"]
     assert overall["n"] == 16 and overall["n_positive"] == (8 if family != "dlr_lh" else 10)

@@ -100,3 +100,23 @@ def test_cams_combine_by_max_and_are_clipped_to_the_frame() -> None:
 def test_bad_input() -> None:
     with pytest.raises(ValueError):
         render_overlay(np.zeros((10, 10, 3), np.uint8), square_lesion_analysis((10, 10), size=4))
+
+
+def test_prototype_thumbnails_are_drawn_with_their_class_colour() -> None:
+    import dataclasses
+
+    from models.findings import PrototypeEvidence
+
+    analysis = square_lesion_analysis((240, 320), size=40)
+    gray = np.full((240, 320), 90, np.uint8)
+    patch = np.full((64, 64), 250, np.uint8)
+    evidence = (PrototypeEvidence(3, True, 0.8, patch, "busbra/x"), PrototypeEvidence(7, False, -0.3, patch, "busbra/y"))
+    with_prototypes = dataclasses.replace(analysis, lesions=(dataclasses.replace(analysis.lesions[0], prototypes=evidence),))
+    plain = render_overlay(gray, analysis)
+    shown = render_overlay(gray, with_prototypes)
+    side = min(96, 240 // 6)
+    first = shown[2 : 2 + side, 320 - side - 2 : 318]
+    assert (first[side // 2, side // 2] == 250).all(), "the patch is pasted"
+    assert tuple(first[0, side // 2]) == (255, 40, 40), "malignant prototype framed red"
+    assert tuple(shown[2 + side + 4, 320 - side // 2 - 2]) == (40, 220, 40), "benign prototype framed green"
+    assert not np.array_equal(plain[:, 200:], shown[:, 200:])
