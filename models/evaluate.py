@@ -122,20 +122,24 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``."""
     from models.plots import save_reliability_png, save_roc_png
 
+    entries = read_manifest(model_dir)
+    unknown = [f for f in families if f not in entries]
+    if unknown:
+        raise SystemExit(f"models {', '.join(unknown)} are not in {model_dir / 'manifest.json'} (it has: {', '.join(sorted(entries))})")
     root = data.parent if (data / "labels.csv").is_file() else data
     names = dataset_names(data)
-    records = load_records(root, names) if names else []
+    try:
+        records = load_records(root, names) if names else []
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"breastai evaluate: {exc}") from exc
     if split != "all":
         records = [r for r in records if r.split == split]
-    entries = read_manifest(model_dir)
     us_lesions = lesion_boxes(records)
     mg_lesions = [(r, box) for r, box in mias_findings(root) if split == "all" or r.split == split]
     output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"data": str(data), "split": split, "images": len(records), "families": {}}
     scored: dict[str, list[ScoredCase]] = {}
     for family in families:
-        if family not in entries:
-            raise SystemExit(f"model {family!r} is not in {model_dir / 'manifest.json'} (has: {', '.join(sorted(entries))})")
         modality = entries[family].parameters.get("modality", "US")
         cases = score_family(entries[family], model_dir, mg_lesions if modality == "MG" else us_lesions)
         if not cases:
