@@ -12,18 +12,26 @@ from models.pipeline import load_bmode_pipeline
 from models.registry import BUNDLED_MODEL_DIR, ModelRegistryError, read_manifest, sha256_of
 
 
-def test_manifest_lists_both_models_with_matching_checksums() -> None:
+def _a_us_classifier_role() -> str:
+    from models.pipeline import default_families
+
+    return default_families()[0]
+
+
+def test_manifest_lists_the_models_with_matching_checksums() -> None:
     entries = read_manifest()
-    assert set(entries) >= {"us_segmenter", "us_classifier"}
+    assert "us_segmenter" in entries and _a_us_classifier_role() in entries
     for entry in entries.values():
         assert sha256_of(BUNDLED_MODEL_DIR / entry.file) == entry.sha256
         assert entry.version and entry.name
+        for side in entry.parameters.get("side_files", {}).values():
+            assert sha256_of(BUNDLED_MODEL_DIR / side["file"]) == side["sha256"]
 
 
 def test_a_tampered_model_file_is_refused(tmp_path: Path) -> None:
     for item in BUNDLED_MODEL_DIR.iterdir():
         shutil.copy(item, tmp_path / item.name)
-    target = tmp_path / read_manifest()["us_classifier"].file
+    target = tmp_path / read_manifest()[_a_us_classifier_role()].file
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -73,10 +81,11 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
         if item.suffix in (".onnx", ".npz", ".json"):
             shutil.copy(item, tmp_path)
     entries = read_manifest(tmp_path)
-    write_manifest(entries, tmp_path, default_pipelines={"US": ["us_classifier"]})
+    role = _a_us_classifier_role()
+    write_manifest(entries, tmp_path, default_pipelines={"US": [role]})
     write_manifest(entries, tmp_path)  # a later export keeps the configured default
-    assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": ["us_classifier"]}
-    assert default_families(tmp_path) == ("us_classifier",)
-    assert load_bmode_pipeline(tmp_path).families == ("us_classifier",)
+    assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": [role]}
+    assert default_families(tmp_path) == (role,)
+    assert load_bmode_pipeline(tmp_path).families == (role,)
     with pytest.raises(ModelRegistryError, match="not_a_family"):
-        load_bmode_pipeline(tmp_path, families=["us_classifier", "not_a_family"])
+        load_bmode_pipeline(tmp_path, families=[role, "not_a_family"])
