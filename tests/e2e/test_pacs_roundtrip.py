@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from models.pipeline import default_families
+from models.registry import read_manifest
 from tests.e2e.results import SC_CLASS, SR_CLASS, content_texts, dciodvfy_errors, download, dsrdump, instances_of_class, numeric_values, results_present
 from tests.integration.orthanc import OrthancServer
 
@@ -80,7 +81,10 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, se
         assert all(0.0 <= p <= 1.0 for p in probabilities)
     else:
         assert any("no lesion" in t.lower() for t in texts), "a report without lesions must say so"
-    assert len(probabilities) == len(lesion_groups)
+    # Each lesion carries one score per configured family, with its own algorithm identification.
+    tasks = [read_manifest()[family].parameters.get("task", "malignancy") for family in default_families()]
+    assert len(probabilities) == len(lesion_groups) * tasks.count("malignancy")
+    assert len(numeric_values(report, "Probability of BI-RADS 4 or 5 assessment")) == len(lesion_groups) * tasks.count("birads_high")
 
     report_path = tmp_path / "report.dcm"
     report.save_as(report_path)
