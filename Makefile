@@ -146,7 +146,6 @@ typecheck: test-venv
 # Resumable: each part checkpoints every epoch under runs/reference/<part>/ or runs/families/<family>/.
 
 train: train-venv
-	$(PY) -m models.training.train_reference classifier --datasets $(DATASETS)
 	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
 	$(MAKE) $(addprefix train-,$(FAMILIES))

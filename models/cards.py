@@ -123,10 +123,56 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
     return "\n".join(lines)
 
 
+SEGMENTER_LIMITS = (
+    "On images without a lesion (normal BUSI images) the segmenter almost always outlines something: on validation "
+    "data no probability threshold separated those false regions from real lesions, so reports are meaningful for "
+    "images that show a lesion. Burned-in calipers and text (BUSI) can be outlined."
+)
+
+
+def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str) -> str:
+    """The lesion segmenter's card: Dice, IoU and HD95 on the held-out lesion images."""
+    parameters = entry.parameters
+    lines = [
+        f"# Model card: {entry.name} {entry.version}",
+        "",
+        "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (MODELS.md, all papers)",
+        f"- **File:** `{entry.file}` ({parameters.get('precision', 'float32')}), sha256 `{entry.sha256}`",
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Model",
+        "",
+        f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of {parameters.get('input_size')} px "
+        "(per-image z-score), one lesion logit per pixel; threshold "
+        f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} of the image dropped. "
+        "Trained from scratch (no pretrained encoder weights can be had here) with Dice + BCE on BUSI, BUS-BRA and BrEaST "
+        "images, normal images included; batch-norm statistics recalibrated on the training images before export. "
+        "Recipe: `models/training/train_reference.py segmenter`.",
+        "",
+        f"## Metrics (held-out test split, lesion images, as served; data: `{data}`)",
+        "",
+        report_markdown(segmentation=segmentation),
+        "",
+        "## Known limits",
+        "",
+        f"- {SEGMENTER_LIMITS}",
+        "- HD95 is in pixels of each dataset's images (long side capped at 512 px).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:
-    """Write ``<role>.md`` for every evaluated family of ``report``."""
+    """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    if report.get("segmentation") and "us_segmenter" in entries:
+        path = folder / "us_segmenter.md"
+        path.write_text(segmenter_card(entries["us_segmenter"], report["segmentation"], str(report.get("data"))))
+        written.append(path)
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
             continue

@@ -30,7 +30,7 @@ from models.evaluation import auc, bootstrap_ci, dice, mean_ci, operating_point,
 from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_segmenter, recalibrate_batch_norm, roi_classifier
 from models.pipeline import BModePipeline, load_bmode_pipeline
 from models.preprocess import crop, expand_box, standardise
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, sha256_of, write_manifest
+from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 
 VERSION = "0.1.0"
@@ -271,12 +271,40 @@ n = {e2e['n']}; lesion images with no lesion detected: {e2e['images_with_no_lesi
     )
 
 
+def _existing_entries(out: Path) -> dict[str, ModelEntry]:
+    """The model folder's other models (the families), kept when the reference models are re-exported."""
+    try:
+        return read_manifest(out)
+    except ModelRegistryError:
+        return {}
+
+
+def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any], records: list[Record], val: list[Record], out: Path) -> None:
+    """Export the segmenter into ``out`` and merge it into the manifest; ``breastai evaluate`` measures it and writes its card."""
+    seg_size = int(seg_meta["config"]["input_size"])
+    train_images = [standardise(read_gray(r.image_path), seg_size) for r in records if r.split == "train"]
+    recalibrate_batch_norm(segmenter, (torch.from_numpy(np.concatenate(train_images[i : i + 32])) for i in range(0, len(train_images), 32)))
+    probes = [standardise(read_gray(r.image_path), seg_size) for r in val[:8]]
+    exported = _export(SegmenterExportWrapper(segmenter), seg_size, ["logits"], out / "us_segmenter.onnx", probes)
+    entry = ModelEntry(
+        role="us_segmenter", name="BreastAI-US-UNet-EffB0", version=VERSION, file="us_segmenter.onnx",
+        sha256=sha256_of(out / "us_segmenter.onnx"),
+        parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"], **exported},
+    )
+    write_manifest({**_existing_entries(out), "us_segmenter": entry}, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--work", default="runs/reference")
     parser.add_argument("--out", default=str(BUNDLED_MODEL_DIR))
     parser.add_argument("--no-evaluate", action="store_true", help="export and write the manifest only (no metrics, no cards): for development")
+    parser.add_argument(
+        "--with-classifier",
+        action="store_true",
+        help="also export the walking skeleton's ResNet-18 ROI classifier (retired from the bundle: the paper families replace it)",
+    )
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     test = [r for r in records if r.split == "test"]
 
     segmenter, seg_meta = _load("segmenter", work)
+    if not args.with_classifier:
+        _export_segmenter_only(segmenter, seg_meta, records, val, out)
+        return
     classifier, cls_meta = _load("classifier", work)
     assert isinstance(classifier, CamClassifier)
     seg_size, cls_size = int(seg_meta["config"]["input_size"]), int(cls_meta["config"]["input_size"])
@@ -313,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             parameters={"input_size": cls_size, "roi_expand": ROI_EXPAND, "train_epoch": cls_meta["epoch"], **cls_export},
         ),
     }
-    write_manifest(entries, out)
+    write_manifest({**_existing_entries(out), **entries}, out)
     if args.no_evaluate:
         return
     pipeline = load_bmode_pipeline(out)
@@ -321,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     cls_metrics = _evaluate_classifier(pipeline, val, test)
     e2e_metrics = _evaluate_end_to_end(pipeline, test)
     entries["us_classifier"].parameters["operating_point"] = cls_metrics["operating_point"]["threshold"]
-    write_manifest(entries, out)
+    write_manifest({**_existing_entries(out), **entries}, out)
     metrics = {"segmenter": seg_metrics, "classifier": cls_metrics, "end_to_end": e2e_metrics}
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     counts = {
