@@ -153,9 +153,12 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             "operating_point": cases[0].score.threshold,
             "classification": classification_report(_predictions(cases), threshold=cases[0].score.threshold, resamples=resamples),
         }
+    # Families are compared, and plotted together, only within one modality and task (same cases).
     by_task: dict[str, dict[str, list[ScoredCase]]] = {}
     for family, cases in scored.items():
-        by_task.setdefault(cases[0].score.task, {})[family] = cases
+        modality = str(entries[family].parameters.get("modality", "US"))
+        key = cases[0].score.task if modality == "US" else f"{modality.lower()}_{cases[0].score.task}"
+        by_task.setdefault(key, {})[family] = cases
     report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in by_task.items() if len(group) > 1}
     for task, group in by_task.items():
         curves = {f: ([c.label for c in cases], [c.score.probability for c in cases]) for f, cases in group.items()}
