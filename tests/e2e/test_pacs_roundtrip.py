@@ -121,7 +121,8 @@ def test_listener_killed_after_acknowledging_still_delivers(orthanc_factory, ser
     assert pacs.study_id(study_uid) is None, "nothing reached the PACS before the crash"
     second = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1))
     second.wait_for_echo(port)
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(files)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results after restart")
+    expected_overlays = len(files) * len(default_families())
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results after restart")
     assert len(instances_of_class(pacs, study_uid, SR_CLASS)) == 1
 
 
@@ -137,6 +138,8 @@ def test_split_listen_and_work_over_rabbitmq(orthanc_factory, service_factory, f
     study_uid, ids, sources = _upload_study(pacs, sample_study)
 
     pacs.send_to_modality("BREASTAI", ids)
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=len(sources)), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results via RabbitMQ")
+    expected_overlays = len(sources) * len(default_families())
+    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results via RabbitMQ")
     assert worker.process is not None and worker.process.poll() is None
-    assert _metric(work_metrics, "breastai_jobs_done_total") == 1
+    # The last object reaches the PACS just before the job is acknowledged and counted.
+    pacs.wait_for(lambda: _metric(work_metrics, "breastai_jobs_done_total") == 1, timeout=30, interval=0.5, message="job counted as done")
