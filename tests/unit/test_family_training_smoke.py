@@ -16,7 +16,14 @@ import pytest
 
 from models.training.data import split_for
 
-DATASETS = Path(os.environ.get("BREASTAI_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
+def _datasets() -> Path:
+    """BREASTAI_DATASETS, else shared/datasets beside the checkout, else the development machine's /work/shared."""
+    candidates = [Path(p) for p in (os.environ.get("BREASTAI_DATASETS"),) if p]
+    candidates += [Path(__file__).resolve().parents[3] / "shared" / "datasets", Path("/work/shared/datasets")]
+    return next((c for c in candidates if (c / "busbra" / "labels.csv").is_file()), candidates[0])
+
+
+DATASETS = _datasets()
 BUSBRA = DATASETS / "busbra"
 pytestmark = pytest.mark.skipif(not (BUSBRA / "labels.csv").is_file(), reason=f"development datasets not at {DATASETS}")
 
