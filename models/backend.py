@@ -50,6 +50,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's own warnings (e.g. an fp16 constant it cannot fold) go to stderr unstructured, once per session
+        # start; they say nothing an operator can act on, so only errors are let through.
+        options.log_severity_level = 3
         available = set(ort.get_available_providers())
         chosen = [p for p in providers if p in available]
         if "CPUExecutionProvider" not in chosen:

@@ -61,27 +61,26 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
 }
 
 
+def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
+    """Title, identity, files with their sha256, intended use, and the "Model" heading every card starts with."""
+    lines = [
+        f"# Model card: {entry.name} {entry.version}",
+        "",
+        identity,
+        f"- **File:** `{entry.file}` ({entry.parameters.get('precision', 'float32')}), sha256 `{entry.sha256}`",
+    ]
+    for name, side in entry.parameters.get("side_files", {}).items():
+        lines.append(f"- **Side file ({name}):** `{side['file']}`, sha256 `{side['sha256']}`")
+    return [*lines, "", "## Intended use", "", INTENDED_USE, "", "## Model", ""]
+
+
 def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str) -> str:
     """One model card as Markdown."""
     text = FAMILY_TEXT.get(entry.role, {})
     parameters = entry.parameters
     training = parameters.get("training", {})
-    lines = [
-        f"# Model card: {entry.name} {entry.version}",
-        "",
-        f"- **Family:** `{entry.role}` — {text.get('paper', 'see MODELS.md')}",
-        f"- **File:** `{entry.file}` ({parameters.get('precision', 'float32')}), sha256 `{entry.sha256}`",
-    ]
-    for name, side in parameters.get("side_files", {}).items():
-        lines.append(f"- **Side file ({name}):** `{side['file']}`, sha256 `{side['sha256']}`")
+    lines = _card_opening(entry, f"- **Family:** `{entry.role}` — {text.get('paper', 'see MODELS.md')}")
     lines += [
-        "",
-        "## Intended use",
-        "",
-        INTENDED_USE,
-        "",
-        "## Model",
-        "",
         text.get("architecture", ""),
         "",
         f"**Initialisation:** {training.get('initialisation', 'random (from scratch)')}.",
@@ -133,18 +132,8 @@ SEGMENTER_LIMITS = (
 def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str) -> str:
     """The lesion segmenter's card: Dice, IoU and HD95 on the held-out lesion images."""
     parameters = entry.parameters
-    lines = [
-        f"# Model card: {entry.name} {entry.version}",
-        "",
-        "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (MODELS.md, all papers)",
-        f"- **File:** `{entry.file}` ({parameters.get('precision', 'float32')}), sha256 `{entry.sha256}`",
-        "",
-        "## Intended use",
-        "",
-        INTENDED_USE,
-        "",
-        "## Model",
-        "",
+    lines = _card_opening(entry, "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (MODELS.md, all papers)")
+    lines += [
         f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of {parameters.get('input_size')} px "
         "(per-image z-score), one lesion logit per pixel; threshold "
         f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} of the image dropped. "

@@ -1,0 +1,23 @@
+"""The committed model cards are exactly what `breastai evaluate --cards` writes from the committed evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.cards import write_cards
+from models.registry import BUNDLED_MODEL_DIR, read_manifest
+
+CARDS = BUNDLED_MODEL_DIR.parent / "cards"
+
+
+def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -> None:
+    report = json.loads((CARDS / "evaluation" / "report.json").read_text())
+    entries = read_manifest()
+    written = write_cards(report, entries, tmp_path)
+    assert {p.name for p in written} == {f"{role}.md" for role in entries}, "every bundled model has a card"
+    for path in written:
+        committed = (CARDS / path.name).read_text()
+        assert path.read_text() == committed, f"{path.name} is stale: rerun make evaluate"
+        assert entries[path.stem].sha256 in committed
+        assert "not a diagnosis" in committed
