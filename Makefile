@@ -6,6 +6,7 @@
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the reference segmenter and every paper family
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export)
+#   make train-consensus  refit the consensus of the exported families (after any family changed)
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
 #   make samples        regenerate samples/ (scripts/make_samples.py)
 #   make send-samples   C-STORE samples/ to a running service with dcmtk's storescu
@@ -57,10 +58,10 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) evaluate samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-consensus evaluate samples send-samples clean distclean
 
 help:
-	@sed -n '1,13s/^# \{0,1\}//p' Makefile
+	@sed -n '1,14s/^# \{0,1\}//p' Makefile
 
 # ------------------------------------------------------------------ venv + stamps
 
@@ -149,13 +150,21 @@ train: train-venv
 	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
 	$(MAKE) $(addprefix train-,$(FAMILIES))
+	$(MAKE) train-consensus
 	$(MAKE) evaluate
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(VENV)/bin/breastai train $* --datasets $(DATASETS)
 
+# Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
+train-consensus: venv
+	$(VENV)/bin/breastai train consensus --datasets $(DATASETS)
+
+# The cards quote the evaluation, and tests/unit/test_cards.py checks them against the copy kept beside them.
 evaluate: venv
 	$(VENV)/bin/breastai evaluate $(DATASETS) --output $(EVALUATION) --cards models/cards
+	mkdir -p models/cards/evaluation
+	cp $(EVALUATION)/report.json $(EVALUATION)/report.md $(EVALUATION)/*.png models/cards/evaluation/
 
 samples: venv
 	$(PY) scripts/make_samples.py

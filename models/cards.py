@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from models.consensus import is_consensus
 from models.evaluation_report import report_markdown
 from models.registry import ModelEntry
 
@@ -74,6 +75,22 @@ def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
     return [*lines, "", "## Intended use", "", INTENDED_USE, "", "## Model", ""]
 
 
+def _operating_point_and_metrics(parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str) -> list[str]:
+    """The card sections every classifier shares: its operating point and its held-out metrics."""
+    return [
+        "## Operating point",
+        "",
+        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the validation split "
+        f"by Youden's J {how}; never on test data.",
+        "",
+        f"## Metrics (held-out test split, as served; data: `{data}`)",
+        "",
+        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include segmentation misses.",
+        "",
+        report_markdown(classification=family_report.get("classification")),
+    ]
+
+
 def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str) -> str:
     """One model card as Markdown."""
     text = FAMILY_TEXT.get(entry.role, {})
@@ -104,16 +121,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
         f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",
-        "## Operating point",
-        "",
-        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the validation split "
-        "by Youden's J through the exported file; never on test data.",
-        "",
-        f"## Metrics (held-out test split, as served; data: `{data}`)",
-        "",
-        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include segmentation misses.",
-        "",
-        report_markdown(classification=family_report.get("classification")),
+        *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),
     ]
     if four_a:
         lines += ["", "## BI-RADS 4A co-decision (DLR_LH + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
@@ -154,6 +162,45 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
     return "\n".join(lines)
 
 
+def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str) -> str:
+    """The consensus's card: its members, the fitted operating point, and its metrics as served."""
+    parameters = entry.parameters
+    fitted = parameters.get("fitted", {})
+    members = list(parameters.get("members", []))
+    lines = _card_opening(entry, "- **Role:** `consensus` — one headline score from the paper families (`models/consensus.py`)")
+    lines += [
+        f"The mean of the log-odds of {', '.join(f'`{m}`' for m in members)}, with equal weights "
+        "(each member's probability clipped to [1e-4, 1 - 1e-4]); the explanation map is the mean of the members' maps over the "
+        "region every member looked at. The file pins the sha256 of every member's graph and side files: a folder whose members "
+        "changed after fitting is refused at start-up. It is not a model of its own: each member keeps its own score, call and "
+        "card in the report.",
+        "",
+        "**Initialisation:** nothing is trained; the members are described in their own cards.",
+        "",
+        "**Deviations from the papers:** none of the papers ensembles families; this is the project's headline score because "
+        "on the validation split the mean ranked lesions better than any single member (see below), and it needs no weights "
+        "that could be tuned to that split.",
+        "",
+        "## Data and fitting",
+        "",
+        f"Only the operating point is fitted: on the validation split ({fitted.get('cases', 'n/a')} lesions, "
+        f"{fitted.get('positives', 'n/a')} malignant; {', '.join(fitted.get('datasets', []))}), members scored as served. "
+        f"Validation AUC {fitted.get('auc', 'n/a')} against members {fitted.get('member_auc', {})}. "
+        "Recipe: `breastai train consensus` (`models/training/fit_consensus.py`).",
+        "",
+        *_operating_point_and_metrics(parameters, family_report, data, "with the members as served"),
+        "",
+        "## Known limits",
+        "",
+        "- The members share their training data and the segmenter's lesion box, so their errors are correlated: the gain over "
+        "the best member is modest, and the DeLong comparisons in `models/cards/evaluation/report.md` say whether it is "
+        "distinguishable from zero.",
+        "- Every member's limits apply (see their cards).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:
     """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,6 +214,9 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
             continue
         four_a = report.get("four_a_co_decision") if role in ("dlr_lh", "dlr_bm") else None
         path = folder / f"{role}.md"
-        path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
+        if is_consensus(entries[role]):
+            path.write_text(consensus_card(entries[role], family_report, str(report.get("data"))))
+        else:
+            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
         written.append(path)
     return written

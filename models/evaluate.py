@@ -26,12 +26,13 @@ import argparse
 import csv
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+from models.consensus import is_consensus, load_consensus_scorer
 from models.decisions import co_decision
 from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
@@ -78,6 +79,23 @@ def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Rec
             continue
         context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
         cases.append(ScoredCase(record, label, scorer.score(read_gray(record.image_path), box, context)))
+    return cases
+
+
+def score_consensus(
+    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, member_cases: Mapping[str, Sequence[ScoredCase]]
+) -> list[ScoredCase]:
+    """The consensus of ``entry`` on every case all its members scored (``member_cases`` keyed by member role)."""
+    consensus = load_consensus_scorer(entry, entries, model_dir)
+    by_id = [{c.record.image_id: c for c in member_cases[role]} for role in consensus.members]
+    cases = []
+    for case in member_cases[consensus.members[0]]:
+        members = [index.get(case.record.image_id) for index in by_id]
+        if any(m is None for m in members):
+            continue
+        shape = read_gray(case.record.image_path).shape
+        scores = {role: m.score for role, m in zip(consensus.members, members) if m is not None}
+        cases.append(ScoredCase(case.record, case.label, consensus.combine(scores, (int(shape[0]), int(shape[1])))))
     return cases
 
 
@@ -139,9 +157,19 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"data": str(data), "split": split, "images": len(records), "families": {}}
     scored: dict[str, list[ScoredCase]] = {}
+    members_only: dict[str, list[ScoredCase]] = {}  # scored for a consensus but not asked for
     for family in families:
         modality = entries[family].parameters.get("modality", "US")
-        cases = score_family(entries[family], model_dir, mg_lesions if modality == "MG" else us_lesions)
+        lesions = mg_lesions if modality == "MG" else us_lesions
+        if is_consensus(entries[family]):
+            for member in entries[family].parameters.get("members", []):
+                if member not in scored and member not in members_only and member in entries:
+                    members_only[member] = score_family(entries[member], model_dir, lesions)
+            cases = score_consensus(entries[family], entries, model_dir, {**members_only, **scored})
+        elif family in members_only:
+            cases = members_only.pop(family)
+        else:
+            cases = score_family(entries[family], model_dir, lesions)
         if not cases:
             report["families"][family] = {"note": "no labelled lesion for this task in the data"}
             continue

@@ -8,18 +8,22 @@ Arrays in, findings out. Given the grayscale scan region of one frame:
    configured family (:mod:`models.family_runtime`): benign/malignant or
    BI-RADS-risk probability, decision at the model's operating point, and
    its explanation map computed inside the exported graph;
-4. the first malignancy family is the primary score (legend, overlay); with
+4. a consensus entry (:mod:`models.consensus`) combines its member
+   families' scores of the lesion into one;
+5. the first malignancy family is the primary score (legend, overlay); with
    both DLR models the BI-RADS 4A co-decision is added.
 
 Which families run is configuration: a list of manifest roles, by default
-the manifest's ``default_pipelines`` entry for the modality.
+the manifest's ``default_pipelines`` entry for the modality. A consensus in
+the list brings its members with it (appended, in its own order, when the
+list does not name them), so every score it averages is also reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ import numpy.typing as npt
 
 from models.backend import Backend, OnnxRuntimeBackend
 from models.cam import paste
+from models.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
 from models.decisions import co_decision
 from models.family_runtime import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
 from models.findings import ImageAnalysis, Lesion, ModelInfo
@@ -35,6 +40,8 @@ from models.preprocess import Box, standardise
 from models.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
 
 SEGMENTER_ROLE = "us_segmenter"
+
+Scorer = FamilyScorer | ConsensusScorer
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -52,13 +59,19 @@ class BModePipeline:
         ``threshold``, ``min_area_fraction``).
     scorers
         The families to run on each lesion, in report order; at least one
-        must answer the malignancy task (the primary score).
+        must answer the malignancy task (the primary score), and every
+        consensus's members must be among them.
     """
 
-    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[FamilyScorer]) -> None:
+    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[Scorer]) -> None:
         primary = [s for s in scorers if s.task == "malignancy"]
         if not primary:
             raise ModelRegistryError("the B-mode pipeline needs at least one benign/malignant family; got " + ", ".join(s.family for s in scorers))
+        graphs = {s.entry.role for s in scorers if isinstance(s, FamilyScorer)}
+        for consensus in (s for s in scorers if isinstance(s, ConsensusScorer)):
+            missing = [role for role in consensus.members if role not in graphs]
+            if missing:
+                raise ModelRegistryError(f"consensus {consensus.entry.role} needs {', '.join(missing)} in the pipeline")
         self._segmenter = segmenter
         self._seg = segmenter_entry
         self._scorers = tuple(primary[:1]) + tuple(s for s in scorers if s is not primary[0])
@@ -104,7 +117,9 @@ class BModePipeline:
         self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = NO_CLINICAL_CONTEXT
     ) -> Lesion:
         """Score the lesion in ``box`` with every family; the primary family gives the headline score and map."""
-        scores = tuple(scorer.score(gray, box, context) for scorer in self._scorers)
+        shape = (int(gray.shape[0]), int(gray.shape[1]))
+        by_role = {s.entry.role: s.score(gray, box, context) for s in self._scorers if isinstance(s, FamilyScorer)}
+        scores = tuple(by_role[s.entry.role] if isinstance(s, FamilyScorer) else s.combine(by_role, shape) for s in self._scorers)
         primary = scores[0]
         by_family = {s.family: s for s in scores}
         decision = None
@@ -181,8 +196,21 @@ def load_bmode_pipeline(
     if missing:
         raise ModelRegistryError(f"configured families {', '.join(missing)} are not in {directory / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
     seg = entries[SEGMENTER_ROLE]
+    scorers: list[Scorer] = []
+    for role in with_consensus_members(chosen, entries):
+        entry = entries[role]
+        scorers.append(load_consensus_scorer(entry, entries, directory) if is_consensus(entry) else load_family_scorer(entry, directory, providers))
     return BModePipeline(
         segmenter=OnnxRuntimeBackend(verified_path(seg, model_dir), providers),
         segmenter_entry=seg,
-        scorers=[load_family_scorer(entries[f], directory, providers) for f in chosen],
+        scorers=scorers,
     )
+
+
+def with_consensus_members(chosen: Sequence[str], entries: Mapping[str, ModelEntry]) -> tuple[str, ...]:
+    """``chosen`` followed by the members of any consensus in it that ``chosen`` does not name."""
+    roles = list(chosen)
+    for role in chosen:
+        if is_consensus(entries[role]):
+            roles += [m for m in entries[role].parameters.get("members", []) if m not in roles]
+    return tuple(roles)

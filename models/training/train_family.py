@@ -257,6 +257,7 @@ class RunConfig(TrainConfig):
 
     family: str
     holdout: str
+    bf16: bool = False  # CPU autocast: about 2x faster on processors with AVX512-BF16/AMX, weights stay fp32
 
 
 @torch.no_grad()
@@ -296,7 +297,9 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             x = torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in index]))
             y = torch.from_numpy(labels[index]).long()
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            losses.append(optimise_step(optimizer, spec.loss(model, x, y)))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = spec.loss(model, x, y)
+            losses.append(optimise_step(optimizer, loss.float()))
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
         best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
         if stop:
@@ -466,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
+    parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX)")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     suffix = f"-without-{args.holdout}" if args.holdout else ""
@@ -482,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
+        bf16=args.bf16,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

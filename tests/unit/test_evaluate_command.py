@@ -36,3 +36,53 @@ def test_evaluate_refuses_a_family_the_model_folder_lacks(tmp_path: Path) -> Non
     (tmp_path / "site" / "labels.csv").write_text("id,label\n")
     with pytest.raises(SystemExit, match="not_a_family"):
         main(["evaluate", str(tmp_path / "site"), "--families", "not_a_family", "--output", str(tmp_path / "out")])
+
+
+def _synthetic_site(root: Path, count: int = 6) -> Path:
+    """A site folder of dark ovals on speckle (alternately labelled), with their masks."""
+    import cv2
+
+    site = root / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "masks").mkdir()
+    rng = np.random.default_rng(7)
+    rows = ["id,label"]
+    for index in range(count):
+        image = np.clip(rng.normal(120, 25, (200, 260)), 0, 255).astype(np.uint8)
+        mask = np.zeros_like(image)
+        cv2.ellipse(mask, (130 + 5 * index, 100), (40 + 4 * index, 25), 0, 0, 360, 255, -1)
+        image[mask > 0] = np.clip(rng.normal(35, 10, int((mask > 0).sum())), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(site / "images" / f"case{index}.png"), image)
+        cv2.imwrite(str(site / "masks" / f"case{index}.png"), mask)
+        rows.append(f"case{index},{'malignant' if index % 2 else 'benign'}")
+    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+    return site
+
+
+def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -> None:
+    import csv
+
+    from models.consensus import is_consensus, mean_log_odds
+    from models.registry import read_manifest
+
+    entries = read_manifest()
+    role = next(r for r, e in entries.items() if is_consensus(e))
+    members = list(entries[role].parameters["members"])
+    site = _synthetic_site(tmp_path)
+    out = tmp_path / "out"
+    main(["evaluate", str(site), "--split", "all", "--families", ",".join([role, *members]), "--output", str(out), "--resamples", "20"])
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    probability = {(r["family"], r["id"]): float(r["probability"]) for r in rows}
+    ids = sorted({r["id"] for r in rows})
+    assert len(ids) == 6
+    for image_id in ids:
+        expected = mean_log_odds([probability[(m, image_id)] for m in members])
+        assert probability[(role, image_id)] == pytest.approx(expected, abs=2e-5)
+    # asked alone, the consensus still scores its members, but reports only itself
+    alone = tmp_path / "alone"
+    main(["evaluate", str(site), "--split", "all", "--families", role, "--output", str(alone), "--resamples", "20"])
+    with (alone / "predictions.csv").open(newline="") as handle:
+        only = list(csv.DictReader(handle))
+    assert {r["family"] for r in only} == {role}
+    assert {r["id"]: float(r["probability"]) for r in only} == {i: probability[(role, i)] for i in ids}

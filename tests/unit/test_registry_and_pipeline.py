@@ -86,6 +86,8 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
     write_manifest(entries, tmp_path)  # a later export keeps the configured default
     assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": [role]}
     assert default_families(tmp_path) == (role,)
-    assert load_bmode_pipeline(tmp_path).families == (role,)
+    # a consensus brings the members it averages, so that their scores are reported too
+    members = tuple(entries[role].parameters.get("members", ()))
+    assert load_bmode_pipeline(tmp_path).families == (role, *members)
     with pytest.raises(ModelRegistryError, match="not_a_family"):
         load_bmode_pipeline(tmp_path, families=[role, "not_a_family"])

@@ -1,0 +1,112 @@
+"""Fit the consensus entry (:mod:`models.consensus`) of a model folder on the validation split.
+
+``python -m models.training.fit_consensus --datasets ../shared/datasets``
+(or ``breastai train consensus``) scores each member family exactly as
+served (exported graphs, ground-truth lesion box) on the validation split,
+takes the mean of their log-odds, picks the operating point by Youden's J,
+and writes ``consensus.json`` (the members' sha256) plus the manifest entry.
+Nothing else is fitted: the weights are equal by design, so the validation
+split decides only the threshold. The consensus becomes the first entry of
+the folder's default US list, i.e. the headline score.
+
+Needs no torch; run it again whenever a member is retrained (a changed
+member makes the service refuse the stale consensus at start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
+from models.evaluate import lesion_boxes, score_family
+from models.evaluation import auc, youden_threshold
+from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, read_manifest, write_manifest
+from models.training.data import US_DATASETS, load_records
+
+DEFAULT_MEMBERS = ("dlr_bm", "cldlr", "dl_u", "mupnet")
+ROLE = "consensus"
+NAME = "BreastAI-Consensus-MeanLogOdds"
+VERSION = "0.3.0"
+
+
+def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFAULT_MEMBERS) -> ModelEntry:
+    """Score the members on the validation split, choose the operating point, write file and manifest entry.
+
+    Raises
+    ------
+    SystemExit
+        A member is not in the folder, is not a benign/malignant US model, or
+        the validation split has no labelled lesion.
+    """
+    entries = read_manifest(model_dir)
+    for role in members:
+        entry = entries.get(role)
+        if entry is None:
+            raise SystemExit(f"fit_consensus: {role} is not in {model_dir / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
+        if entry.parameters.get("task", "malignancy") != "malignancy" or entry.parameters.get("modality", "US") != "US":
+            raise SystemExit(f"fit_consensus: {role} is not a benign/malignant ultrasound model")
+    records = [r for r in load_records(datasets, US_DATASETS) if r.split == "val"]
+    lesions = lesion_boxes(records)
+    scored = {role: {c.record.image_id: c for c in score_family(entries[role], model_dir, lesions)} for role in members}
+    ids = [i for i in scored[members[0]] if all(i in scored[role] for role in members)]
+    if not ids:
+        raise SystemExit("fit_consensus: no labelled lesion in the validation split")
+    labels = [scored[members[0]][i].label for i in ids]
+    combined = [mean_log_odds([scored[role][i].score.probability for role in members]) for i in ids]
+    member_auc = {role: round(auc(labels, [scored[role][i].score.probability for i in ids]), 4) for role in members}
+    file_name = f"{ROLE}.json"
+    digest = write_consensus_file(model_dir / file_name, {role: entries[role] for role in members})
+    datasets_used = sorted({scored[members[0]][i].record.dataset for i in ids})
+    entry = ModelEntry(
+        role=ROLE,
+        name=NAME,
+        version=VERSION,
+        file=file_name,
+        sha256=digest,
+        parameters={
+            "kind": CONSENSUS_KIND,
+            "family": ROLE,
+            "task": "malignancy",
+            "modality": "US",
+            "members": list(members),
+            "operating_point": youden_threshold(labels, combined),
+            "precision": "JSON member list",
+            "fitted": {
+                "split": "val",
+                "datasets": datasets_used,
+                "cases": len(ids),
+                "positives": int(sum(labels)),
+                "auc": round(auc(labels, combined), 4),
+                "member_auc": member_auc,
+            },
+        },
+    )
+    entries[ROLE] = entry
+    body = json.loads((model_dir / MANIFEST_NAME).read_text())
+    pipelines = {str(k): [str(r) for r in v] for k, v in body.get("default_pipelines", {}).items()}
+    pipelines["US"] = [ROLE, *(r for r in pipelines.get("US", list(members)) if r != ROLE)]
+    write_manifest(entries, model_dir, pipelines)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
+    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry")
+    parser.add_argument("--members", default=",".join(DEFAULT_MEMBERS), help="comma-separated member roles (benign/malignant US families)")
+    args = parser.parse_args(argv)
+    members = tuple(m for m in args.members.split(",") if m)
+    entry = fit_consensus(args.datasets, args.model_dir, members)
+    fitted = entry.parameters["fitted"]
+    print(
+        f"consensus of {', '.join(members)}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
+        f"operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
