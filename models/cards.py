@@ -123,6 +123,16 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),
     ]
+    if family_report.get("variants"):
+        lines += [
+            "",
+            "## The paper's comparison models (same test lesions)",
+            "",
+            "The paper compares the fused model with SVMs on the image features alone and on the clinical variables alone; "
+            "those SVMs are fitted with it and shipped as side files, and scored here on the same lesions.",
+            "",
+            report_markdown(comparisons=family_report["variants"]),
+        ]
     if four_a:
         lines += ["", "## BI-RADS 4A co-decision (DLR_LH + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
@@ -220,3 +230,46 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
             path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
         written.append(path)
     return written
+
+
+def external_card(report: Mapping[str, Any], family: str, holdout: str, recipe: str) -> str:
+    """The external-validation card: ``family`` trained without ``holdout``, scored on all of it (``--split all``)."""
+    body = report["families"][family]
+    classification = body["classification"]
+    lines = [
+        f"# External validation: {family.upper()} trained without {holdout}, tested on all of {holdout}",
+        "",
+        f"Recipe: `{recipe}`, exported as usual; scored with "
+        f"`breastai evaluate <datasets>/{holdout} --split all --families {family} --model-dir <that folder>`.",
+        f"No image of `{holdout}` took part in training, validation or the choice of the operating point "
+        f"(model sha256 `{body['model']['sha256']}`).",
+        f"The weights of this run are not shipped: the bundled `{family}` is trained with `{holdout}`'s training folds.",
+        "",
+        report_markdown(classification=classification, title=family),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m models.cards external REPORT --family F --holdout D --recipe TEXT --output CARD``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write a card from an evaluation report")
+    commands = parser.add_subparsers(dest="command", required=True)
+    external = commands.add_parser("external", help="external-validation card from `breastai evaluate --split all` on a held-out dataset")
+    external.add_argument("report", type=Path, help="report.json of that evaluation")
+    external.add_argument("--family", required=True)
+    external.add_argument("--holdout", required=True)
+    external.add_argument("--recipe", required=True, help="the training command, quoted in the card")
+    external.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(external_card(report, args.family, args.holdout, args.recipe))
+    print(f"card: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -136,6 +136,28 @@ def _predictions(cases: Sequence[ScoredCase]) -> list[CasePrediction]:
     return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability) for c in cases]
 
 
+VARIANT_SUFFIX = "_only_probability"
+
+
+def variant_predictions(cases: Sequence[ScoredCase]) -> dict[str, list[CasePrediction]]:
+    """The comparison models a family's paper reports beside it (CLDLR: DLR only, clinical only), by name.
+
+    They come from the score's ``<name>_only_probability`` details, and only
+    where every case has them.
+    """
+    names = sorted({k for c in cases for k in c.score.details if k.endswith(VARIANT_SUFFIX)})
+    variants = {}
+    for key in names:
+        values = [c.score.details.get(key) for c in cases]
+        if all(isinstance(v, float) for v in values):
+            variants[f"{key.removesuffix(VARIANT_SUFFIX)} only"] = [
+                CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, float(v))
+                for c, v in zip(cases, values)
+                if isinstance(v, float)
+            ]
+    return variants
+
+
 def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000) -> dict[str, Any]:
     """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``."""
     from models.plots import save_reliability_png, save_roc_png
@@ -181,6 +203,9 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             "operating_point": cases[0].score.threshold,
             "classification": classification_report(_predictions(cases), threshold=cases[0].score.threshold, resamples=resamples),
         }
+        variants = variant_predictions(cases)
+        if variants:
+            report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
     # Families are compared, and plotted together, only within one modality and task (same cases).
     by_task: dict[str, dict[str, list[ScoredCase]]] = {}
     for family, cases in scored.items():
@@ -207,6 +232,8 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     for family, body in report["families"].items():
         if "classification" in body:
             markdown.append(report_markdown(classification=body["classification"], title=family))
+        if "variants" in body:
+            markdown.append(report_markdown(comparisons=body["variants"], title=f"{family}: the paper's comparison models"))
     for task, comparisons in report["comparisons"].items():
         markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"))
     (output / "report.md").write_text("\n\n".join(markdown) + "\n")

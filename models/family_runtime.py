@@ -33,6 +33,7 @@ from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_
 from models.svm import SvmModel
 
 AGE_SCALE_YEARS = 100.0
+CLDLR_VARIANTS = ("dlr", "clinical")  # side-file keys of CLDLR's comparison SVMs
 TOP_PROTOTYPES = 3  # prototypes shown per lesion: the strongest contributions
 DIAMETER_SCALE_MM = 50.0
 
@@ -98,6 +99,8 @@ class FamilyScorer:
                 raise ModelRegistryError(f"side file {path} of {entry.role} is missing or does not match its sha256")
             side_files[key] = path
         self._svm = SvmModel.load(side_files["cldlr"]) if "cldlr" in side_files else None
+        # The paper's comparison models: image features alone (DLR) and clinical variables alone.
+        self._variant_svms = {name: SvmModel.load(side_files[name]) for name in CLDLR_VARIANTS if name in side_files}
         self._patches: npt.NDArray[np.uint8] | None = None
         self._prototype_sources: list[dict[str, Any]] = []
         if "prototype_patches" in side_files and "prototypes" in side_files:
@@ -134,9 +137,13 @@ class FamilyScorer:
                 notes.append("patient age not available to the SVM")
             if context.pixel_spacing_mm is None:
                 notes.append("pixel spacing unknown: lesion size not used")
-            features = np.concatenate([outputs["deep_features"].reshape(-1), np.asarray(clinical, dtype=np.float32)])
-            probability = float(self._svm.probability(features)[0])
+            deep = outputs["deep_features"].reshape(-1)
+            clinical_array = np.asarray(clinical, dtype=np.float32)
+            probability = float(self._svm.probability(np.concatenate([deep, clinical_array]))[0])
             details["network_probability"] = _softmax_positive(outputs["logits"])
+            variant_inputs = {"dlr": deep, "clinical": clinical_array}
+            for name, machine in self._variant_svms.items():
+                details[f"{name}_only_probability"] = float(machine.probability(variant_inputs[name])[0])
         elif "logit" in outputs:
             probability = float(1.0 / (1.0 + np.exp(-float(outputs["logit"].reshape(-1)[0]))))
         else:

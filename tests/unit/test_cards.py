@@ -21,3 +21,17 @@ def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -
         assert path.read_text() == committed, f"{path.name} is stale: rerun make evaluate"
         assert entries[path.stem].sha256 in committed
         assert "not a diagnosis" in committed
+
+
+def test_external_card_names_the_held_out_set_the_model_and_its_metrics(tmp_path: Path) -> None:
+    from models.cards import main
+
+    report = json.loads((CARDS / "evaluation" / "report.json").read_text())
+    (tmp_path / "report.json").write_text(json.dumps({"families": {"dlr_bm": report["families"]["dlr_bm"]}}))
+    card = tmp_path / "external" / "card.md"
+    main(["external", str(tmp_path / "report.json"), "--family", "dlr_bm", "--holdout", "busbra", "--recipe", "breastai train dlr_bm --holdout busbra", "--output", str(card)])
+    text = card.read_text()
+    assert text.startswith("# External validation: DLR_BM trained without busbra, tested on all of busbra")
+    assert report["families"]["dlr_bm"]["model"]["sha256"] in text and "`breastai train dlr_bm --holdout busbra`" in text
+    overall = report["families"]["dlr_bm"]["classification"]["all"]
+    assert f"| All | {overall['n']} |" in text and f"{overall['auc']:.3f} (" in text

@@ -79,6 +79,13 @@ def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -
     for image_id in ids:
         expected = mean_log_odds([probability[(m, image_id)] for m in members])
         assert probability[(role, image_id)] == pytest.approx(expected, abs=2e-5)
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    if "cldlr" in members:  # CLDLR is compared with the paper's image-only and clinical-only SVMs on the same cases
+        pairs = {frozenset((c["family_a"], c["family_b"])) for c in report["families"]["cldlr"]["variants"]}
+        assert {frozenset(("cldlr", "clinical only")), frozenset(("cldlr", "dlr only"))} <= pairs
+        assert "cldlr: the paper's comparison models" in (out / "report.md").read_text()
     # asked alone, the consensus still scores its members, but reports only itself
     alone = tmp_path / "alone"
     main(["evaluate", str(site), "--split", "all", "--families", role, "--output", str(alone), "--resamples", "20"])
@@ -86,3 +93,16 @@ def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -
         only = list(csv.DictReader(handle))
     assert {r["family"] for r in only} == {role}
     assert {r["id"]: float(r["probability"]) for r in only} == {i: probability[(role, i)] for i in ids}
+
+
+def test_variant_predictions_come_from_every_case_or_not_at_all() -> None:
+    from dataclasses import replace
+
+    from models.evaluate import variant_predictions
+
+    cases = [_case("a", "4a", 0, 0.2, 0.5), _case("b", "4b", 1, 0.8, 0.5)]
+    with_details = [replace(c, score=replace(c.score, details={"dlr_only_probability": p, "network_probability": 0.5})) for c, p in zip(cases, (0.3, 0.7))]
+    variants = variant_predictions(with_details)
+    assert list(variants) == ["dlr only"]
+    assert [(p.case_id, p.label, p.score) for p in variants["dlr only"]] == [("a", 0, 0.3), ("b", 1, 0.7)]
+    assert variant_predictions([with_details[0], cases[1]]) == {}  # one case lacks it: no comparison

@@ -101,3 +101,18 @@ def test_scorer_refuses_a_side_file_that_does_not_match(tmp_path: Path) -> None:
         load_family_scorer(changed, tmp_path)
     assert isinstance(load_family_scorer(entry, tmp_path), FamilyScorer)
     json.dumps(parameters)  # manifest parameters stay JSON
+
+
+def test_bundled_cldlr_also_scores_the_papers_comparison_svms() -> None:
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+
+    scorer = load_family_scorer(read_manifest()["cldlr"], BUNDLED_MODEL_DIR)
+    gray = np.random.default_rng(4).integers(0, 255, (200, 300), dtype=np.uint8)
+    box = (100, 50, 60, 40)
+    young = scorer.score(gray, box, ClinicalContext(age_years=30, pixel_spacing_mm=0.1))
+    old = scorer.score(gray, box, ClinicalContext(age_years=80, pixel_spacing_mm=0.1))
+    for score in (young, old):
+        assert {"dlr_only_probability", "clinical_only_probability", "network_probability"} <= set(score.details)
+        assert all(0.0 <= float(score.details[k]) <= 1.0 for k in ("dlr_only_probability", "clinical_only_probability"))
+    assert young.details["dlr_only_probability"] == pytest.approx(old.details["dlr_only_probability"])  # image features only
+    assert young.details["clinical_only_probability"] != pytest.approx(old.details["clinical_only_probability"])  # age reaches it
