@@ -153,8 +153,11 @@ train: train-venv
 	$(MAKE) train-consensus
 	$(MAKE) evaluate
 
+# bf16 autocast: about 1.6x faster where the CPU has AVX512-BF16 or AMX (the reference runs used it); TRAIN_FLAGS= turns it off.
+TRAIN_FLAGS   ?= --bf16
+
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
-	$(VENV)/bin/breastai train $* --datasets $(DATASETS)
+	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS)
 
 # Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
 train-consensus: venv

@@ -118,7 +118,8 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
     lines += [
         "",
         f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
-        f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
+        + (f"{training['autocast']} autocast (fp32 weights), " if training.get("autocast") else "")
+        + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
         f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),

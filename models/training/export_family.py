@@ -30,7 +30,7 @@ from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.train_family import FamilySpec, LesionSample, RunConfig, clinical_features, load_best
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U)
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",
@@ -181,6 +181,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,
             "seed": config.seed,
+            "autocast": "bfloat16" if config.bf16 else None,
             "best_epoch": int(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["epoch"]),
             "initialisation": "random (from scratch; no pretrained weights available)",
             "notes": spec.notes,

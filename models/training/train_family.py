@@ -191,7 +191,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "dlr_bm": FamilySpec(
         "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=12, batch_size=16, learning_rate=1e-3, input_size=128,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
     "cldlr": FamilySpec(
@@ -201,7 +201,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "dl_u": FamilySpec(
         "dl_u", "malignancy", US_DATASETS, lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
-        epochs=12, batch_size=16, learning_rate=1e-3, input_size=112,
+        epochs=40, batch_size=16, learning_rate=1e-3, input_size=96,
         notes="DL-UM ultrasound branch, focal loss on all five block heads",
     ),
     "dl_m": FamilySpec(
