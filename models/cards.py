@@ -233,7 +233,7 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
     return written
 
 
-def external_card(report: Mapping[str, Any], family: str, holdout: str, recipe: str) -> str:
+def external_card(report: Mapping[str, Any], family: str, holdout: str, recipe: str, note: str = "") -> str:
     """The external-validation card: ``family`` trained without ``holdout``, scored on all of it (``--split all``)."""
     body = report["families"][family]
     classification = body["classification"]
@@ -241,7 +241,7 @@ def external_card(report: Mapping[str, Any], family: str, holdout: str, recipe: 
         f"# External validation: {family.upper()} trained without {holdout}, tested on all of {holdout}",
         "",
         f"Recipe: `{recipe}`, exported as usual; scored with "
-        f"`breastai evaluate <datasets>/{holdout} --split all --families {family} --model-dir <that folder>`.",
+        f"`breastai evaluate <datasets>/{holdout} --split all --families {family} --model-dir <that folder>`." + (f" {note}" if note else ""),
         f"No image of `{holdout}` took part in training, validation or the choice of the operating point "
         f"(model sha256 `{body['model']['sha256']}`).",
         f"The weights of this run are not shipped: the bundled `{family}` is trained with `{holdout}`'s training folds.",
@@ -264,11 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     external.add_argument("--family", required=True)
     external.add_argument("--holdout", required=True)
     external.add_argument("--recipe", required=True, help="the training command, quoted in the card")
+    external.add_argument("--note", default="", help="what the card should add about the run (data sizes, chosen epoch)")
     external.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     report = json.loads(args.report.read_text())
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(external_card(report, args.family, args.holdout, args.recipe))
+    args.output.write_text(external_card(report, args.family, args.holdout, args.recipe, args.note))
     print(f"card: {args.output}")
 
 

@@ -187,16 +187,16 @@ def load_consensus_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], 
     pinned = read_consensus_file(verified_path(entry, model_dir))
     listed = list(entry.parameters.get("members", []))
     if listed != list(pinned):
-        raise ModelRegistryError(f"consensus {entry.role}: the manifest lists members {listed}, its file {list(pinned)}")
+        raise ModelRegistryError(f"{entry.role} (a consensus): the manifest lists members {listed}, its file {list(pinned)}")
     for role, digests in pinned.items():
         member = entries.get(role)
         if member is None:
-            raise ModelRegistryError(f"consensus {entry.role} needs member {role}, which is not in {model_dir}")
+            raise ModelRegistryError(f"{entry.role} (a consensus) needs member {role}, which is not in {model_dir}")
         current = member_digests(member)
         changed = sorted(k for k in digests.keys() | current.keys() if digests.get(k) != current.get(k))
         if changed:
             raise ModelRegistryError(
-                f"consensus {entry.role} was fitted on another {role} ({', '.join(changed)} differ): "
+                f"{entry.role} (a consensus) was fitted on another {role} ({', '.join(changed)} differ): "
                 "refit it (breastai train consensus, or make train-consensus)"
             )
     return ConsensusScorer(entry, tuple(pinned))

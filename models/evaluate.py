@@ -38,7 +38,7 @@ from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
 from models.family_runtime import ClinicalContext, load_family_scorer
 from models.findings import FamilyScore
-from models.pipeline import load_bmode_pipeline
+from models.pipeline import lesion_probability, load_segmenter
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
 from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
@@ -101,8 +101,8 @@ def score_consensus(
 
 def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[SegmentationRow]:
     """Dice, IoU and HD95 (pixels) of the served segmenter on every image with a lesion mask."""
-    pipeline = load_bmode_pipeline(model_dir)
-    threshold = float(read_manifest(model_dir)[SEGMENTER_ROLE].parameters.get("threshold", 0.5))
+    segmenter, entry = load_segmenter(model_dir)  # the families, and their consistency, are checked where they are scored
+    threshold = float(entry.parameters.get("threshold", 0.5))
     rows = []
     for record in records:
         if record.mask_path is None or record.malignant is None:
@@ -111,7 +111,7 @@ def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[Segmen
         truth = read_mask(record, gray.shape).astype(bool)
         if not truth.any():
             continue
-        predicted = pipeline.lesion_probability(gray) >= threshold
+        predicted = lesion_probability(segmenter, entry, gray) >= threshold
         rows.append(SegmentationRow(record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth)))
     return rows
 

@@ -49,6 +49,19 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return result
 
 
+def lesion_probability(segmenter: Backend, entry: ModelEntry, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """The segmenter's per-pixel lesion probability for ``gray``, at the image's own size."""
+    seg_size = int(entry.parameters["input_size"])
+    logits = segmenter.run({"image": standardise(gray, seg_size)})["logits"][0, 0]
+    return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
+
+
+def load_segmenter(model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> tuple[Backend, ModelEntry]:
+    """The checksum-verified lesion segmenter alone (no classification family is loaded)."""
+    entry = read_manifest(model_dir)[SEGMENTER_ROLE]
+    return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
+
+
 class BModePipeline:
     """Lesion segmentation + every configured family's score and explanation for one B-mode image.
 
@@ -109,9 +122,7 @@ class BModePipeline:
 
     def lesion_probability(self, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Per-pixel lesion probability at the image's own size."""
-        seg_size = int(self._seg.parameters["input_size"])
-        logits = self._segmenter.run({"image": standardise(gray, seg_size)})["logits"][0, 0]
-        return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
+        return lesion_probability(self._segmenter, self._seg, gray)
 
     def score_lesion(
         self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = NO_CLINICAL_CONTEXT

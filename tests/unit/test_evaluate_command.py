@@ -106,3 +106,33 @@ def test_variant_predictions_come_from_every_case_or_not_at_all() -> None:
     assert list(variants) == ["dlr only"]
     assert [(p.case_id, p.label, p.score) for p in variants["dlr only"]] == [("a", 0, 0.3), ("b", 1, 0.7)]
     assert variant_predictions([with_details[0], cases[1]]) == {}  # one case lacks it: no comparison
+
+
+def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: Path) -> None:
+    """A site that retrained one member evaluates it (and the segmenter) before refitting the consensus; serving refuses."""
+    import json
+
+    from models.consensus import is_consensus
+    from models.pipeline import load_bmode_pipeline
+    from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for item in BUNDLED_MODEL_DIR.iterdir():
+        if item.suffix in (".onnx", ".npz") or item.name == "mupnet_prototypes.json":
+            (models / item.name).symlink_to(item)
+    entries = read_manifest()
+    role = next(r for r, e in entries.items() if is_consensus(e))
+    body = json.loads((BUNDLED_MODEL_DIR / entries[role].file).read_text())
+    body["members"]["dlr_bm"] = {"graph": "0" * 64}  # fitted on a dlr_bm the folder no longer has
+    (models / entries[role].file).write_text(json.dumps(body))
+    old = entries[role]
+    entries[role] = ModelEntry(old.role, old.name, old.version, old.file, sha256_of(models / old.file), old.parameters)
+    write_manifest(entries, models)
+    with pytest.raises(ModelRegistryError, match="another dlr_bm"):
+        load_bmode_pipeline(models)
+    out = tmp_path / "out"
+    main(["evaluate", str(_synthetic_site(tmp_path)), "--split", "all", "--families", "dlr_bm", "--model-dir", str(models), "--output", str(out), "--resamples", "20"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["families"]["dlr_bm"]["classification"]["all"]["n"] == 6
+    assert report["segmentation"]["all"]["n"] == 6
