@@ -186,7 +186,7 @@ CLDLR_WIDTH = 0.5
 FAMILIES: dict[str, FamilySpec] = {
     "dlr_lh": FamilySpec(
         "dlr_lh", "birads_high", ("busbra", "breast_lesions"), lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=14, batch_size=16, learning_rate=1e-3, input_size=128,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128,
         notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
     ),
     "dlr_bm": FamilySpec(
