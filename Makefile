@@ -4,8 +4,9 @@
 #   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
-#   make train          CPU torch + the train extra, then the reference segmenter and every paper family
+#   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export)
+#   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
 #   make train-consensus  refit the consensus of the exported families (after any family changed)
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
 #   make samples        regenerate samples/ (scripts/make_samples.py)
@@ -58,10 +59,10 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-consensus evaluate samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate samples send-samples clean distclean
 
 help:
-	@sed -n '1,14s/^# \{0,1\}//p' Makefile
+	@sed -n '1,15s/^# \{0,1\}//p' Makefile
 
 # ------------------------------------------------------------------ venv + stamps
 
@@ -148,8 +149,10 @@ typecheck: test-venv
 
 train: train-venv
 	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS)
+	$(PY) -m models.training.train_reference refiner --datasets $(DATASETS) $(TRAIN_FLAGS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
 	$(MAKE) $(addprefix train-,$(FAMILIES))
+	$(MAKE) train-lexicon
 	$(MAKE) train-consensus
 	$(MAKE) evaluate
 
@@ -158,6 +161,10 @@ TRAIN_FLAGS   ?= --bf16
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS)
+
+# Lexicon descriptors read on the folder's own outlines: refit after the segmenter or refiner changed (scikit-learn, no torch).
+train-lexicon: train-venv
+	$(VENV)/bin/breastai train lexicon --datasets $(DATASETS)
 
 # Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
 train-consensus: venv

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from models.consensus import is_consensus
+from models.lexicon import is_lexicon
 from models.evaluation_report import report_markdown
 from models.registry import ModelEntry
 
@@ -148,10 +149,12 @@ SEGMENTER_LIMITS = (
 )
 
 
-def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str) -> str:
-    """The lesion segmenter's card: Dice, IoU and HD95 on the held-out lesion images."""
+def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None) -> str:
+    """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out lesion images."""
     parameters = entry.parameters
     lines = _card_opening(entry, "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (MODELS.md, all papers)")
+    if refiner is not None:
+        lines[3:3] = [f"- **Refiner:** `{refiner.file}` ({refiner.name} {refiner.version}, {refiner.parameters.get('precision', 'float32')}), sha256 `{refiner.sha256}`"]
     lines += [
         f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of {parameters.get('input_size')} px "
         "(per-image z-score), one lesion logit per pixel; threshold "
@@ -160,7 +163,20 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
         "images, normal images included; batch-norm statistics recalibrated on the training images before export. "
         "Recipe: `models/training/train_reference.py segmenter`.",
         "",
-        f"## Metrics (held-out test split, lesion images, as served; data: `{data}`)",
+        *(
+            []
+            if refiner is None
+            else [
+                "**Second stage, the refiner** (`models/refine.py`): a smaller UNet (MONAI BasicUNet, 16-256 channels, instance norm), trained on close-up windows "
+                f"(each lesion's box grown by {refiner.parameters.get('window_expand')} of its size per side, jittered in training as "
+                f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component at about its "
+                "native resolution; the refined component that overlaps the coarse one most replaces it (none: the coarse one stays). "
+                f"Best of {refiner.parameters.get('train_epoch', 0) + 1} epochs by validation Dice on the windows "
+                f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py refiner --bf16`.",
+                "",
+            ]
+        ),
+        f"## Metrics (held-out test split, lesion images, as served{'' if refiner is None else ': segmenter then refiner'}; data: `{data}`)",
         "",
         report_markdown(segmentation=segmentation),
         "",
@@ -212,13 +228,54 @@ def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: st
     return "\n".join(lines)
 
 
+def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str) -> str:
+    """The lexicon-descriptor model's card: what it measures, what it was fitted on, and its metrics as served."""
+    parameters = entry.parameters
+    fitted = parameters.get("fitted", {})
+    lines = _card_opening(entry, f"- **Role:** `{entry.role}` — BI-RADS lexicon descriptors of the served outline (`models/lexicon.py`)")
+    lines += [
+        "Fifteen quantitative stand-ins for the ACR BI-RADS ultrasound lexicon (shape, orientation, margin, echo pattern, "
+        "posterior features), measured on the lesion's outline as served (segmenter, then refiner) and the pixels around it, "
+        "then an L2-regularised logistic regression. Explanation: each descriptor's share of the log-odds (the three strongest "
+        "are in the score's details) and a map lighting the region each descriptor was read from, weighted by that share.",
+        "",
+        "**Initialisation:** nothing is learned but the regression's 16 coefficients.",
+        "",
+        "**Relation to the papers:** CLDLR (Yang et al. 2024) feeds the radiologist's margin and posterior-feature readings to "
+        "its SVM; DICOM does not carry them, so this model measures them. It is not a paper family.",
+        "",
+        "## Data and fitting",
+        "",
+        f"Fitted on the training split ({fitted.get('train_cases', 'n/a')} lesions, {fitted.get('train_positives', 'n/a')} positive; "
+        f"{', '.join(fitted.get('datasets', []))}) with C = {fitted.get('regularisation_C')}; validation AUC {fitted.get('val_auc')} "
+        f"on {fitted.get('val_cases')} lesions. The descriptors were read on the outlines of the segmentation models pinned in the "
+        "manifest entry; a folder with another segmenter or refiner refuses this model until it is refit. "
+        "Recipe: `breastai train lexicon` (`models/training/fit_lexicon.py`).",
+        "",
+        *_operating_point_and_metrics(parameters, family_report, data, "through the stored coefficients"),
+        "",
+        "## Known limits",
+        "",
+        "- The descriptors are only as good as the outline. On the validation split the same regression read on the "
+        "radiologists' own outlines reached AUC 0.95, against 0.85 on the coarse outlines and 0.86 on the refined ones: the "
+        "public sets' outlines carry margin detail (and drawing habits: convexity alone separates BUSI's classes almost "
+        "perfectly) that ours do not reproduce.",
+        "- Measured here on the served outline of the ground-truth lesion (the served component that overlaps its box most); "
+        "no other model in the consensus, because on validation adding it did not raise the consensus's AUC (0.922 with it, "
+        "0.923 without).",
+        "- Scale-free by design (ratios and logs), but echo and posterior descriptors depend on gain and depth settings.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:
     """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     if report.get("segmentation") and "us_segmenter" in entries:
         path = folder / "us_segmenter.md"
-        path.write_text(segmenter_card(entries["us_segmenter"], report["segmentation"], str(report.get("data"))))
+        path.write_text(segmenter_card(entries["us_segmenter"], report["segmentation"], str(report.get("data")), entries.get("us_refiner")))
         written.append(path)
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
@@ -227,6 +284,8 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
         path = folder / f"{role}.md"
         if is_consensus(entries[role]):
             path.write_text(consensus_card(entries[role], family_report, str(report.get("data"))))
+        elif is_lexicon(entries[role]):
+            path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:
             path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
         written.append(path)

@@ -31,19 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 
 from models.consensus import is_consensus, load_consensus_scorer
 from models.decisions import co_decision
 from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
-from models.family_runtime import ClinicalContext, load_family_scorer
+from models.family_runtime import ClinicalContext, FamilyScorer
+from models.lesions import Component
+from models.lexicon import LexiconScorer
 from models.findings import FamilyScore
-from models.pipeline import lesion_probability, load_segmenter
+from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
 from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
 
-SEGMENTER_ROLE = "us_segmenter"
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,40 @@ def lesion_boxes(records: Sequence[Record]) -> list[tuple[Record, Box]]:
 
 
 def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Record, Box]]) -> list[ScoredCase]:
-    """Score every lesion that has a label for the family's task."""
-    scorer = load_family_scorer(entry, model_dir)
+    """Score every lesion that has a label for the family's task.
+
+    A lexicon-descriptor model reads the lesion's outline as served: the
+    served segmentation's component that overlaps the ground-truth box most
+    (none: the model's own fallback, which its notes record).
+    """
+    scorer = load_scorer(entry, read_manifest(model_dir), model_dir)
+    segmentation = (*load_segmenter(model_dir), load_refiner(model_dir)) if isinstance(scorer, LexiconScorer) else None
     cases = []
     for record, box in lesions:
         label = _label(record, scorer.task)
         if label is None:
             continue
-        context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
-        cases.append(ScoredCase(record, label, scorer.score(read_gray(record.image_path), box, context)))
+        gray = read_gray(record.image_path)
+        if isinstance(scorer, LexiconScorer):
+            assert segmentation is not None
+            components = segment_lesions(*segmentation, gray)
+            score = scorer.score(gray, box, served_mask_at(components, box))
+        elif isinstance(scorer, FamilyScorer):
+            context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
+            score = scorer.score(gray, box, context)
+        else:
+            raise SystemExit(f"{entry.role} is a consensus: it is scored from its members")
+        cases.append(ScoredCase(record, label, score))
     return cases
+
+
+def served_mask_at(components: Sequence[Component], box: Box) -> npt.NDArray[np.bool_] | None:
+    """The served lesion component with the most pixels inside ``box`` (x, y, w, h), or None when none reaches it."""
+    x, y, w, h = box
+    overlaps = [int(c.mask[y : y + h, x : x + w].sum()) for c in components]
+    if not overlaps or max(overlaps) == 0:
+        return None
+    return components[int(np.argmax(overlaps))].mask
 
 
 def score_consensus(
@@ -100,9 +127,13 @@ def score_consensus(
 
 
 def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[SegmentationRow]:
-    """Dice, IoU and HD95 (pixels) of the served segmenter on every image with a lesion mask."""
+    """Dice, IoU and HD95 (pixels) of the served segmentation on every image with a lesion mask.
+
+    As served: the reported components (minimum area, at most three), each
+    re-outlined by the refiner where the folder has one.
+    """
     segmenter, entry = load_segmenter(model_dir)  # the families, and their consistency, are checked where they are scored
-    threshold = float(entry.parameters.get("threshold", 0.5))
+    refiner = load_refiner(model_dir)
     rows = []
     for record in records:
         if record.mask_path is None or record.malignant is None:
@@ -111,7 +142,9 @@ def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[Segmen
         truth = read_mask(record, gray.shape).astype(bool)
         if not truth.any():
             continue
-        predicted = lesion_probability(segmenter, entry, gray) >= threshold
+        predicted = np.zeros(truth.shape, dtype=bool)
+        for component in segment_lesions(segmenter, entry, refiner, gray):
+            predicted |= component.mask
         rows.append(SegmentationRow(record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth)))
     return rows
 
@@ -252,7 +285,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     entries = read_manifest(args.model_dir)
-    families = [f for f in args.families.split(",") if f] or [role for role in sorted(entries) if role != SEGMENTER_ROLE]
+    families = [f for f in args.families.split(",") if f] or [role for role in sorted(entries) if role not in SEGMENTATION_ROLES]
     report = evaluate(args.data, args.model_dir, families, args.split, args.output, args.resamples)
     for family, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})

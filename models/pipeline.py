@@ -3,7 +3,10 @@
 Arrays in, findings out. Given the grayscale scan region of one frame:
 
 1. the UNet segmenter (EfficientNet-b0 encoder) gives a lesion probability map;
-2. threshold + connected components give lesion outlines and boxes;
+2. threshold + connected components give lesion candidates; where the
+   model folder has one, the close-up refiner (:mod:`models.refine`)
+   re-outlines each at about its native resolution, and the outlines, boxes
+   and areas come from the refined masks;
 3. each lesion's box, expanded as each paper expands it, is scored by every
    configured family (:mod:`models.family_runtime`): benign/malignant or
    BI-RADS-risk probability, decision at the model's operating point, and
@@ -26,6 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -34,14 +38,19 @@ from models.cam import paste
 from models.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
 from models.decisions import co_decision
 from models.family_runtime import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
-from models.findings import ImageAnalysis, Lesion, ModelInfo
-from models.lesions import find_components, resize_probability
+from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
+from models.lesions import Component, find_components, outline_of, resize_probability
+from models.lexicon import LexiconScorer, is_lexicon, load_lexicon_scorer
+from models.refine import refine_mask
 from models.preprocess import Box, standardise
 from models.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
 
 SEGMENTER_ROLE = "us_segmenter"
+REFINER_ROLE = "us_refiner"
+SEGMENTATION_ROLES = (SEGMENTER_ROLE, REFINER_ROLE)  # the stages every lesion goes through, not scorers
 
-Scorer = FamilyScorer | ConsensusScorer
+Scorer = FamilyScorer | LexiconScorer | ConsensusScorer
+Refiner = tuple[Backend, ModelEntry]
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -62,6 +71,37 @@ def load_segmenter(model_dir: Path | None = None, providers: tuple[str, ...] = (
     return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
 
 
+def load_refiner(model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Refiner | None:
+    """The checksum-verified close-up refiner, or None when the model folder has none."""
+    entry = read_manifest(model_dir).get(REFINER_ROLE)
+    return None if entry is None else (OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry)
+
+
+def segment_lesions(segmenter: Backend, entry: ModelEntry, refiner: Refiner | None, gray: npt.NDArray[np.uint8]) -> list[Component]:
+    """The lesion components of ``gray`` as served: coarse components, each re-outlined by the refiner if there is one.
+
+    Largest first, at most as many as the coarse stage found.
+    """
+    probability = lesion_probability(segmenter, entry, gray)
+    components = find_components(
+        probability,
+        threshold=float(entry.parameters.get("threshold", 0.5)),
+        min_area_fraction=float(entry.parameters.get("min_area_fraction", 0.002)),
+    )
+    if refiner is None:
+        return components
+    backend, refiner_entry = refiner
+    size, threshold = int(refiner_entry.parameters["input_size"]), float(refiner_entry.parameters.get("threshold", 0.5))
+    refined = []
+    for component in components:
+        mask = refine_mask(backend, size, gray, component.mask, threshold)
+        x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+        area = int(mask.sum())
+        refined.append(Component(mask, (x, y, w, h), area, outline_of(mask), float(probability[mask].mean())))
+    refined.sort(key=lambda c: c.area_px, reverse=True)
+    return refined
+
+
 class BModePipeline:
     """Lesion segmentation + every configured family's score and explanation for one B-mode image.
 
@@ -76,23 +116,31 @@ class BModePipeline:
         consensus's members must be among them.
     """
 
-    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[Scorer]) -> None:
+    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[Scorer], refiner: Refiner | None = None) -> None:
         primary = [s for s in scorers if s.task == "malignancy"]
         if not primary:
             raise ModelRegistryError("the B-mode pipeline needs at least one benign/malignant family; got " + ", ".join(s.family for s in scorers))
-        graphs = {s.entry.role for s in scorers if isinstance(s, FamilyScorer)}
+        graphs = {s.entry.role for s in scorers if not isinstance(s, ConsensusScorer)}
         for consensus in (s for s in scorers if isinstance(s, ConsensusScorer)):
             missing = [role for role in consensus.members if role not in graphs]
             if missing:
                 raise ModelRegistryError(f"consensus {consensus.entry.role} needs {', '.join(missing)} in the pipeline")
         self._segmenter = segmenter
         self._seg = segmenter_entry
+        self._refiner = refiner
         self._scorers = tuple(primary[:1]) + tuple(s for s in scorers if s is not primary[0])
 
     @property
     def segmenter_info(self) -> ModelInfo:
-        """Identity of the segmentation model (for TID 4019 and result UIDs)."""
-        return self._seg.info
+        """Identity of what drew the outlines (TID 4019 of every measurement drawn on them).
+
+        With a refiner, both stages drew them: names, versions and sha256
+        digests of the segmenter and the refiner, each pair joined by " + ".
+        """
+        if self._refiner is None:
+            return self._seg.info
+        segmenter, refiner = self._seg.info, self._refiner[1].info
+        return ModelInfo(f"{segmenter.name} + {refiner.name}", f"{segmenter.version} + {refiner.version}", f"{segmenter.sha256} + {refiner.sha256}")
 
     @property
     def classifier_info(self) -> ModelInfo:
@@ -101,8 +149,9 @@ class BModePipeline:
 
     @property
     def model_infos(self) -> tuple[ModelInfo, ...]:
-        """Every model that contributes to a result: segmenter first, then the families in order."""
-        return (self._seg.info, *(s.info for s in self._scorers))
+        """Every model that contributes to a result: segmenter (and refiner) first, then the families in order."""
+        refiner = () if self._refiner is None else (self._refiner[1].info,)
+        return (self._seg.info, *refiner, *(s.info for s in self._scorers))
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -111,26 +160,32 @@ class BModePipeline:
     def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
-        probability = self.lesion_probability(gray)
-        components = find_components(
-            probability,
-            threshold=float(self._seg.parameters.get("threshold", 0.5)),
-            min_area_fraction=float(self._seg.parameters.get("min_area_fraction", 0.002)),
-        )
-        lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context) for c in components)
-        return ImageAnalysis(lesions=lesions, segmenter=self._seg.info, classifier=self.classifier_info, image_shape=shape)
+        components = segment_lesions(self._segmenter, self._seg, self._refiner, gray)
+        lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask) for c in components)
+        return ImageAnalysis(lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape)
 
     def lesion_probability(self, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Per-pixel lesion probability at the image's own size."""
         return lesion_probability(self._segmenter, self._seg, gray)
 
     def score_lesion(
-        self, gray: npt.NDArray[np.uint8], box: Box, outline: npt.NDArray[np.float32], area: int, context: ClinicalContext = NO_CLINICAL_CONTEXT
+        self,
+        gray: npt.NDArray[np.uint8],
+        box: Box,
+        outline: npt.NDArray[np.float32],
+        area: int,
+        context: ClinicalContext = NO_CLINICAL_CONTEXT,
+        mask: npt.NDArray[np.bool_] | None = None,
     ) -> Lesion:
-        """Score the lesion in ``box`` with every family; the primary family gives the headline score and map."""
+        """Score the lesion in ``box`` (outlined by ``mask``) with every family; the primary family gives the headline score and map."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
-        by_role = {s.entry.role: s.score(gray, box, context) for s in self._scorers if isinstance(s, FamilyScorer)}
-        scores = tuple(by_role[s.entry.role] if isinstance(s, FamilyScorer) else s.combine(by_role, shape) for s in self._scorers)
+        by_role: dict[str, FamilyScore] = {}
+        for scorer in self._scorers:
+            if isinstance(scorer, FamilyScorer):
+                by_role[scorer.entry.role] = scorer.score(gray, box, context)
+            elif isinstance(scorer, LexiconScorer):
+                by_role[scorer.entry.role] = scorer.score(gray, box, mask)
+        scores = tuple(s.combine(by_role, shape) if isinstance(s, ConsensusScorer) else by_role[s.entry.role] for s in self._scorers)
         primary = scores[0]
         by_family = {s.family: s for s in scores}
         decision = None
@@ -186,7 +241,7 @@ def default_families(model_dir: Path | None = None, modality: str = "US") -> tup
     return tuple(
         role
         for role, entry in sorted(body["models"].items())
-        if role != SEGMENTER_ROLE and entry.get("parameters", {}).get("modality", "US") == modality
+        if role not in SEGMENTATION_ROLES and entry.get("parameters", {}).get("modality", "US") == modality
     )
 
 
@@ -209,13 +264,22 @@ def load_bmode_pipeline(
     seg = entries[SEGMENTER_ROLE]
     scorers: list[Scorer] = []
     for role in with_consensus_members(chosen, entries):
-        entry = entries[role]
-        scorers.append(load_consensus_scorer(entry, entries, directory) if is_consensus(entry) else load_family_scorer(entry, directory, providers))
+        scorers.append(load_scorer(entries[role], entries, directory, providers))
     return BModePipeline(
         segmenter=OnnxRuntimeBackend(verified_path(seg, model_dir), providers),
         segmenter_entry=seg,
         scorers=scorers,
+        refiner=load_refiner(model_dir, providers),
     )
+
+
+def load_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Scorer:
+    """The scorer a manifest entry describes: a consensus, a lexicon-descriptor model, or an ONNX family."""
+    if is_consensus(entry):
+        return load_consensus_scorer(entry, entries, model_dir)
+    if is_lexicon(entry):
+        return load_lexicon_scorer(entry, entries, model_dir)
+    return load_family_scorer(entry, model_dir, providers)
 
 
 def with_consensus_members(chosen: Sequence[str], entries: Mapping[str, ModelEntry]) -> tuple[str, ...]:

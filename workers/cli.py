@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score the models on a labelled image folder; reports with CIs, ROC and calibration PNGs", description="Score exported models, as served, on a folder laid out like shared/datasets (images/, masks/, labels.csv).")
     add_evaluate_arguments(evaluate)
     train = commands.add_parser("train", help="train one model family (needs the train extra: make train-venv)", description="Train one model family; arguments after FAMILY go to python -m models.training.train_family (see --help there).")
-    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet, abvs; consensus (fits the consensus of the exported families, no torch needed)")
+    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet, abvs; consensus (fits the consensus of the exported families), lexicon (fits the lexicon-descriptor model on the folder's outlines); those two need no torch")
     train.add_argument("options", nargs=argparse.REMAINDER, help="e.g. --datasets ../shared/datasets --stage all")
     return parser
 
@@ -194,6 +194,11 @@ def _train(args: argparse.Namespace) -> int:
         from models.training import fit_consensus
 
         fit_consensus.main(args.options)
+        return 0
+    if args.family == "lexicon":
+        from models.training import fit_lexicon
+
+        fit_lexicon.main(args.options)
         return 0
     try:
         from models.training import train_family

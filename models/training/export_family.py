@@ -28,7 +28,7 @@ from models.evaluation import youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
 from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
-from models.training.train_family import FamilySpec, LesionSample, RunConfig, clinical_features, load_best
+from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, clinical_features, load_best
 
 VERSION = "0.3.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U)
 FP16_TOLERANCE = 0.05
@@ -182,6 +182,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "learning_rate": config.learning_rate,
             "seed": config.seed,
             "autocast": "bfloat16" if config.bf16 else None,
+            "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "best_epoch": int(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["epoch"]),
             "initialisation": "random (from scratch; no pretrained weights available)",
             "notes": spec.notes,

@@ -27,13 +27,15 @@ import torch
 from onnxconverter_common import float16
 
 from models.evaluation import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
-from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
 from models.pipeline import BModePipeline, load_bmode_pipeline
 from models.preprocess import crop, expand_box, standardise
+from models.refine import WINDOW_EXPAND
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 
 VERSION = "0.1.0"
+REFINER_VERSION = "0.4.0"
 FP16_TOLERANCE = 0.05  # max abs difference of logits accepted for the fp16 file
 ROI_EXPAND = 0.2
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
@@ -70,7 +72,7 @@ def _export(module: torch.nn.Module, size: int, outputs: list[str], destination:
 def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     state = torch.load(work / part / "best.pt", map_location="cpu", weights_only=False)
     config = json.loads((work / part / "config.json").read_text())
-    model = lesion_segmenter() if part == "segmenter" else roi_classifier()
+    model = lesion_segmenter() if part == "segmenter" else lesion_refiner() if part == "refiner" else roi_classifier()
     model.load_state_dict(state["model"])
     return model, {"epoch": int(state["epoch"]), "val_score": float(state["score"]), "config": config}
 
@@ -294,6 +296,31 @@ def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any],
     write_manifest({**_existing_entries(out), "us_segmenter": entry}, out)
 
 
+def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
+    """Export the close-up refiner (:mod:`models.refine`) into ``out`` and merge it into the manifest.
+
+    Batch-norm statistics are recalibrated on training windows at the
+    serving rule; fp16 is kept only within tolerance on validation windows.
+    """
+    from models.training.train_reference import lesion_images, refiner_pair
+
+    refiner, meta = _load("refiner", work)
+    size = int(meta["config"]["input_size"])
+    train_windows = [standardise(refiner_pair(lesion, size, None)[0], size) for lesion in lesion_images([r for r in records if r.split == "train"])]
+    recalibrate_batch_norm(refiner, (torch.from_numpy(np.concatenate(train_windows[i : i + 32])) for i in range(0, len(train_windows), 32)))
+    probes = [standardise(refiner_pair(lesion, size, None)[0], size) for lesion in lesion_images([r for r in records if r.split == "val"][:24])[:8]]
+    exported = _export(SegmenterExportWrapper(refiner), size, ["logits"], out / "us_refiner.onnx", probes)
+    entry = ModelEntry(
+        role="us_refiner", name="BreastAI-US-BasicUNet-Refiner", version=REFINER_VERSION, file="us_refiner.onnx",
+        sha256=sha256_of(out / "us_refiner.onnx"),
+        parameters={
+            "input_size": size, "threshold": 0.5, "window_expand": WINDOW_EXPAND, "train_epoch": meta["epoch"],
+            "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none", **exported,
+        },
+    )
+    write_manifest({**_existing_entries(out), "us_refiner": entry}, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="../shared/datasets")
@@ -305,17 +332,23 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also export the walking skeleton's ResNet-18 ROI classifier (retired from the bundle: the paper families replace it)",
     )
+    parser.add_argument("--parts", default="segmenter,refiner", help="comma-separated: segmenter, refiner (each from its best checkpoint under --work)")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(Path(args.datasets))
     val = [r for r in records if r.split == "val"]
     test = [r for r in records if r.split == "test"]
+    parts = {p for p in args.parts.split(",") if p}
 
-    segmenter, seg_meta = _load("segmenter", work)
     if not args.with_classifier:
-        _export_segmenter_only(segmenter, seg_meta, records, val, out)
+        if "segmenter" in parts:
+            segmenter, seg_meta = _load("segmenter", work)
+            _export_segmenter_only(segmenter, seg_meta, records, val, out)
+        if "refiner" in parts:
+            _export_refiner(work, records, out)
         return
+    segmenter, seg_meta = _load("segmenter", work)
     classifier, cls_meta = _load("classifier", work)
     assert isinstance(classifier, CamClassifier)
     seg_size, cls_size = int(seg_meta["config"]["input_size"]), int(cls_meta["config"]["input_size"])

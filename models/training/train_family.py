@@ -257,7 +257,7 @@ class RunConfig(TrainConfig):
 
     family: str
     holdout: str
-    bf16: bool = False  # CPU autocast: about 2x faster on processors with AVX512-BF16/AMX, weights stay fp32
+    shape_aux: float = 0.0  # weight of the shape-descriptor auxiliary loss (0: the paper's recipe alone)
 
 
 @torch.no_grad()
@@ -271,14 +271,80 @@ def positive_scores(spec: FamilySpec, model: nn.Module, samples: list[LesionSamp
     return np.asarray(scores)
 
 
+SHAPE_TARGETS = ("circularity", "solidity", "convexity", "elongation", "orientation", "radial_roughness", "ellipse_mismatch", "lobulations")
+
+
+def shape_targets(samples: list[LesionSample]) -> npt.NDArray[np.float32]:
+    """The :data:`SHAPE_TARGETS` lexicon descriptors of each sample's ground-truth outline (largest region), z-scored.
+
+    Training-only "privileged information": the radiologists' outlines say
+    how regular a margin is, which a benign/malignant label alone does not.
+    Horizontal flips, the only geometric augmentation of the ROI, leave them unchanged.
+    """
+    from models.lexicon import DESCRIPTOR_NAMES, describe
+
+    columns = [DESCRIPTOR_NAMES.index(name) for name in SHAPE_TARGETS]
+    rows = []
+    for sample in samples:
+        mask = read_mask(sample.record, sample.image.shape)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        largest = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) if count > 1 else mask.astype(bool)
+        rows.append(describe(sample.image, largest)[columns])
+    values = np.asarray(rows, dtype=np.float64)
+    values[:, SHAPE_TARGETS.index("lobulations")] = np.log1p(values[:, SHAPE_TARGETS.index("lobulations")])
+    standardised: npt.NDArray[np.float32] = ((values - values.mean(0)) / (values.std(0) + 1e-6)).astype(np.float32)
+    return standardised
+
+
+class ShapeHead(nn.Module):
+    """Training-only linear head from a family's pooled features (its second output) to the shape targets.
+
+    It reads the features through a forward hook, so the family's own loss
+    runs the network once; it is not part of the exported model.
+    """
+
+    def __init__(self, model: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self._captured: list[Tensor] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                output = model(torch.zeros(2, 1, input_size, input_size))
+        except ValueError:  # MUP-Net takes (B, M, 1, H, W) and returns no pooled features
+            output = None
+        model.train(was_training)
+        if not isinstance(output, tuple) or output[1].dim() != 2:
+            raise SystemExit("--shape-aux needs a family whose network returns pooled features as its second output (dlr_lh, dlr_bm, cldlr, dl_u)")
+        self.linear = nn.Linear(int(output[1].shape[1]), len(SHAPE_TARGETS))
+        model.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, _inputs: object, outputs: tuple[Tensor, ...]) -> None:
+        if module.training:  # evaluation passes are not trained on
+            self._captured[:] = [outputs[1]]
+
+    def loss(self, targets: Tensor) -> Tensor:
+        """Mean squared error of the last training forward pass's predicted targets."""
+        features = self._captured.pop()
+        return functional.mse_loss(self.linear(features.float()), targets)
+
+
 def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
-    """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC."""
+    """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC.
+
+    With ``config.shape_aux`` > 0 the loss adds that weight times the
+    :class:`ShapeHead`'s error on the ground-truth outline's shape descriptors.
+    """
     train, val = samples["train"], samples["val"]
     model = spec.build()
+    shape_head = ShapeHead(model, config.input_size) if config.shape_aux > 0 else None
+    targets = torch.from_numpy(shape_targets(train)) if shape_head is not None else None
     if spec.optimizer is not None:
         optimizer = spec.optimizer(model, config.learning_rate)
     else:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=1e-4)
+    if shape_head is not None:
+        optimizer.add_param_group({"params": list(shape_head.parameters()), "lr": config.learning_rate, "weight_decay": 1e-4})
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])  # per-group rates keep their ratios under the schedule
     checkpoints = Checkpoints(Path(config.work))
@@ -299,6 +365,8 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 loss = spec.loss(model, x, y)
+            if shape_head is not None and targets is not None:
+                loss = loss.float() + config.shape_aux * shape_head.loss(targets[index])
             losses.append(optimise_step(optimizer, loss.float()))
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
         best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
@@ -470,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
     parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX)")
+    parser.add_argument("--shape-aux", type=float, default=0.0, help="weight of the training-only shape-descriptor loss (0: the paper's recipe alone)")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     suffix = f"-without-{args.holdout}" if args.holdout else ""
@@ -487,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_minutes=args.max_minutes,
         bf16=args.bf16,
+        shape_aux=args.shape_aux,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from models.evaluation import auc, dice
-from models.networks import lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.networks import lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
 from models.preprocess import crop, expand_box, standardise
+from models.refine import refiner_window
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 from models.training.loop import Checkpoints, augment_geometry, augment_intensity, cosine_lr, optimise_step, seed_everything
 
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int
     threads: int
     max_minutes: float
+    bf16: bool  # CPU autocast: about 1.6x faster on processors with AVX512-BF16/AMX, weights stay fp32
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -121,6 +123,98 @@ def _validate_segmenter(model: nn.Module, train_images: npt.NDArray[np.uint8], i
         logits = model(torch.from_numpy(standardise(image, size)))[0, 0].numpy()
         scores.append(dice(logits >= 0, mask.astype(bool)))
     return float(np.mean(scores))
+
+
+# --------------------------------------------------------------------------- refiner
+
+
+@dataclass(frozen=True)
+class LesionImage:
+    image: npt.NDArray[np.uint8]
+    mask: npt.NDArray[np.uint8]
+    box: tuple[int, int, int, int]
+
+
+def lesion_images(records: list[Record]) -> list[LesionImage]:
+    """Every lesion image at full resolution with its mask and the box of its largest region."""
+    lesions = []
+    for record in records:
+        if record.mask_path is None or record.malignant is None:
+            continue
+        gray = read_gray(record.image_path)
+        mask = read_mask(record, gray.shape)
+        box = mask_box(mask)
+        if box is not None:
+            lesions.append(LesionImage(gray, mask, box))
+    return lesions
+
+
+def refiner_pair(
+    lesion: LesionImage, size: int, rng: np.random.Generator | None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """A close-up window around the lesion and its mask, both ``size`` x ``size``.
+
+    With ``rng`` the window is jittered the way a coarse box misses the
+    lesion (grown by 10-45 % per side, each edge shifted by up to 10 % of
+    the box); without it, the serving rule (:data:`models.refine.WINDOW_EXPAND`).
+    """
+    x, y, w, h = lesion.box
+    if rng is not None:
+        x0 = x + rng.normal(0, 0.05) * w
+        y0 = y + rng.normal(0, 0.05) * h
+        x1 = x + w + rng.normal(0, 0.05) * w
+        y1 = y + h + rng.normal(0, 0.05) * h
+        box = (int(round(x0)), int(round(y0)), max(2, int(round(x1 - x0))), max(2, int(round(y1 - y0))))
+        window = expand_box(box, lesion.image.shape[:2], float(rng.uniform(0.10, 0.45)))
+    else:
+        window = refiner_window(lesion.box, lesion.image.shape[:2])
+    image, mask = crop(lesion.image, window), crop(lesion.mask, window)
+    interpolation = cv2.INTER_AREA if min(image.shape) >= size else cv2.INTER_LINEAR
+    resized = np.asarray(cv2.resize(image, (size, size), interpolation=interpolation), dtype=np.uint8)
+    target = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5
+    return resized, target.astype(np.uint8)
+
+
+def train_refiner(config: TrainConfig) -> None:
+    """Dice + BCE training of the close-up UNet on jittered windows around every training lesion."""
+    records = load_records(Path(config.datasets))
+    train = lesion_images([r for r in records if r.split == "train"])
+    val = [refiner_pair(lesion, config.input_size, None) for lesion in lesion_images([r for r in records if r.split == "val"])]
+    val_windows, val_masks = np.stack([w for w, _ in val]), np.stack([m for _, m in val])
+    # Batch-norm statistics are recalibrated on training windows (serving rule), never on validation ones.
+    calibration = np.stack([refiner_pair(lesion, config.input_size, None)[0] for lesion in train[:: max(1, len(train) // 256)]])
+    model = lesion_refiner()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    checkpoints = Checkpoints(Path(config.work))
+    start, best = checkpoints.resume(model, optimizer)
+    rng = np.random.default_rng(config.seed + start)
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    bce = nn.BCEWithLogitsLoss()
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        for step in range(steps_per_epoch):
+            xs, ys = [], []
+            for i in order[step * config.batch_size : (step + 1) * config.batch_size]:
+                window, target = refiner_pair(train[i], config.input_size, rng)
+                image, mask = augment_geometry(window, target, rng)
+                assert mask is not None
+                xs.append(standardise(augment_intensity(image, rng), config.input_size)[0])
+                ys.append(mask[None].astype(np.float32))
+            x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(x)
+            logits = logits.float()
+            probability = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
+            losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
+        score = _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size)
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_dice_windows", score, best, began, config)
+        if stop:
+            break
 
 
 # --------------------------------------------------------------------------- classifier
@@ -201,6 +295,7 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
 
 DEFAULTS = {
     "segmenter": {"epochs": 9, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
+    "refiner": {"epochs": 24, "batch_size": 16, "learning_rate": 2e-3, "input_size": 128},
     "classifier": {"epochs": 18, "batch_size": 32, "learning_rate": 1e-3, "input_size": 128},
 }
 
@@ -217,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes (the refiner; about 1.6x faster on CPUs with AVX512-BF16)")
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.part]
     config = TrainConfig(
@@ -230,13 +326,14 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
+        bf16=args.bf16,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     Path(config.work).mkdir(parents=True, exist_ok=True)
     (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    {"segmenter": train_segmenter, "classifier": train_classifier}[config.part](config)
+    {"segmenter": train_segmenter, "refiner": train_refiner, "classifier": train_classifier}[config.part](config)
 
 
 if __name__ == "__main__":

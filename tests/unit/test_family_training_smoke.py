@@ -93,3 +93,45 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
     overall = report["families"][family]["classification"]["all"]
     assert overall["n"] == 16 and overall["n_positive"] == (8 if family != "dlr_lh" else 10)
     assert (tmp_path / "evaluation" / f"roc_{entry.parameters['task']}.png").stat().st_size > 1000
+
+
+def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    samples = train_family.split_samples(train_family.FAMILIES["dl_u"], tiny_busbra)
+    targets = train_family.shape_targets(samples["train"])
+    assert targets.shape == (8, len(train_family.SHAPE_TARGETS)) and np.isfinite(targets).all()
+    assert np.allclose(targets.mean(0), 0.0, atol=1e-5)  # z-scored over the training lesions
+    models = tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--shape-aux", "0.5"]
+    )
+    assert json.loads((tmp_path / "work" / "config.json").read_text())["shape_aux"] == 0.5
+    training = read_manifest(models)["dl_u"].parameters["training"]
+    assert training["shape_auxiliary"] == {"weight": 0.5, "targets": list(train_family.SHAPE_TARGETS)}
+    with pytest.raises(SystemExit, match="pooled features"):
+        train_family.ShapeHead(train_family.FAMILIES["mupnet"].build(), 32)
+
+
+def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.evaluate import evaluate
+    from models.pipeline import SEGMENTATION_ROLES
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
+    from models.training.fit_lexicon import fit_lexicon
+
+    bundled = read_manifest(BUNDLED_MODEL_DIR)
+    models = tmp_path / "models"
+    models.mkdir()
+    stages = {role: bundled[role] for role in SEGMENTATION_ROLES if role in bundled}
+    for entry in stages.values():
+        shutil.copy(BUNDLED_MODEL_DIR / entry.file, models)
+    write_manifest(dict(stages), models)
+    entry = fit_lexicon(tiny_busbra, models)
+    assert entry.role == "lexicon" and entry.parameters["segmentation"] == {role: e.sha256 for role, e in stages.items()}
+    assert entry.parameters["fitted"]["train_cases"] == 8 and 0.0 <= entry.parameters["operating_point"] <= 1.0
+    report = evaluate(tiny_busbra, models, ["lexicon"], "all", tmp_path / "evaluation", resamples=50)
+    assert report["families"]["lexicon"]["classification"]["all"]["n"] == 16

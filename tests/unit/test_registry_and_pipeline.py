@@ -91,3 +91,30 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
     assert load_bmode_pipeline(tmp_path).families == (role, *members)
     with pytest.raises(ModelRegistryError, match="not_a_family"):
         load_bmode_pipeline(tmp_path, families=[role, "not_a_family"])
+
+
+def test_the_refiner_redraws_the_outline_and_is_named_with_the_segmenter() -> None:
+    from models.pipeline import load_refiner, load_segmenter, segment_lesions
+
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal(120, 25, (360, 480)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:360, :480]
+    truth = ((xx - 240) / 70.0) ** 2 + ((yy - 170) / 40.0) ** 2 <= 1
+    image[truth] = np.clip(rng.normal(30, 8, truth.sum()), 0, 255).astype(np.uint8)
+    segmenter, entry = load_segmenter()
+    refiner = load_refiner()
+    assert refiner is not None, "the bundled models include the close-up refiner"
+    coarse = segment_lesions(segmenter, entry, None, image)
+    refined = segment_lesions(segmenter, entry, refiner, image)
+    assert len(refined) == len(coarse) >= 1
+    overlap = (refined[0].mask & truth).sum()
+    assert 2 * overlap / (refined[0].mask.sum() + truth.sum()) > 0.85
+    x, y, w, h = refined[0].box
+    assert refined[0].mask[y : y + h, x : x + w].sum() == refined[0].area_px == refined[0].mask.sum()
+    pipeline = load_bmode_pipeline()
+    info = pipeline.segmenter_info
+    assert info.name == f"{entry.name} + {refiner[1].name}" and len(info.name) <= 64  # TID 4019 Algorithm Name is LO
+    assert info.sha256 == f"{entry.sha256} + {refiner[1].sha256}"
+    assert refiner[1].info in pipeline.model_infos  # a new refiner means new result UIDs
+    analysis = pipeline.analyse(image)
+    assert analysis.segmenter == info and analysis.lesions[0].area_px == refined[0].area_px

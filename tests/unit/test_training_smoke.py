@@ -47,7 +47,9 @@ def tiny(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("part,metric,size", [("classifier", "val_auc", "32"), ("segmenter", "val_dice_lesion_images", "64")])
+@pytest.mark.parametrize(
+    "part,metric,size", [("classifier", "val_auc", "32"), ("segmenter", "val_dice_lesion_images", "64"), ("refiner", "val_dice_windows", "64")]
+)
 def test_one_epoch_trains_checkpoints_and_logs(tiny: Path, tmp_path: Path, part: str, metric: str, size: str) -> None:
     work = tmp_path / part
     args = [part, "--datasets", str(tiny), "--work", str(work), "--epochs", "1", "--batch-size", "4", "--input-size", size, "--threads", "1"]
@@ -61,3 +63,29 @@ def test_one_epoch_trains_checkpoints_and_logs(tiny: Path, tmp_path: Path, part:
     entry = json.loads((work / "train.log").read_text().splitlines()[0])
     assert entry["epoch"] == 0 and np.isfinite(entry["loss"]) and 0.0 <= entry[metric] <= 1.0
     assert json.loads((work / "config.json").read_text())["epochs"] == 1
+
+
+def test_refiner_windows_follow_the_lesion_and_export_into_the_manifest(tiny: Path, tmp_path: Path) -> None:
+    from models.pipeline import load_refiner
+    from models.refine import refine_mask
+    from models.registry import read_manifest
+    from models.training import export_reference
+
+    records = [r for r in load_records(tiny, ("busi",)) if r.split == "train"]
+    lesion = train_reference.lesion_images(records)[0]
+    window, target = train_reference.refiner_pair(lesion, 48, None)
+    assert window.shape == target.shape == (48, 48)
+    assert 0.3 < target.mean() < 0.8  # the serving window: the lesion with a margin of a quarter of its box per side
+    jittered = [train_reference.refiner_pair(lesion, 48, np.random.default_rng(seed))[1].mean() for seed in range(5)]
+    assert len(set(np.round(jittered, 3))) > 1  # training windows vary as coarse boxes would
+    work = tmp_path / "work"
+    train_reference.main(["refiner", "--datasets", str(tiny), "--work", str(work / "refiner"), "--epochs", "1", "--batch-size", "4", "--input-size", "48", "--threads", "1"])
+    out = tmp_path / "models"
+    export_reference.main(["--datasets", str(tiny), "--work", str(work), "--out", str(out), "--parts", "refiner"])
+    entry = read_manifest(out)["us_refiner"]
+    assert entry.parameters["input_size"] == 48 and entry.parameters["window_expand"] == 0.25
+    assert entry.parameters["max_abs_logit_diff_fp32"] < 1e-3
+    refiner = load_refiner(out)
+    assert refiner is not None
+    mask = refine_mask(refiner[0], 48, lesion.image, lesion.mask.astype(bool))
+    assert mask.shape == lesion.image.shape and mask.any()
