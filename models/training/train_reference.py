@@ -15,6 +15,7 @@ checkpoints. No pretrained weights exist here: networks start from scratch.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import copy
 import json
 import time
@@ -72,35 +73,55 @@ def train_segmenter(config: TrainConfig) -> None:
     size = config.input_size
     train_x, train_y = _segmentation_arrays(train, size)
     val_x, val_y = _segmentation_arrays(val, size)
-    model = lesion_segmenter()
+    _fit_segmentation(
+        lesion_segmenter(), config, len(train), lambda i, _rng: (train_x[i], train_y[i]),
+        lambda model: _validate_segmenter(model, train_x, val_x, val_y, size), "val_dice_lesion_images",
+    )
+
+
+def _fit_segmentation(
+    model: nn.Module,
+    config: TrainConfig,
+    count: int,
+    pair: Callable[[int, np.random.Generator], tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]],
+    validate: Callable[[nn.Module], float],
+    metric: str,
+) -> None:
+    """Dice + BCE epochs over ``count`` (image, mask) pairs, each augmented, checkpointed and scored by ``validate``.
+
+    ``pair(i, rng)`` gives the i-th training image and mask at the input
+    size (the refiner's are freshly jittered windows); flips, small affine
+    warps, gamma and speckle are added here.
+    """
+    size = config.input_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
-    steps_per_epoch = max(1, len(train) // config.batch_size)
+    steps_per_epoch = max(1, count // config.batch_size)
     bce = nn.BCEWithLogitsLoss()
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
-        order = rng.permutation(len(train))
+        order = rng.permutation(count)
         losses = []
         for step in range(steps_per_epoch):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
             xs, ys = [], []
-            for i in index:
-                image, mask = augment_geometry(train_x[i], train_y[i], rng)
+            for i in order[step * config.batch_size : (step + 1) * config.batch_size]:
+                image, mask = augment_geometry(*pair(int(i), rng), rng)
                 assert mask is not None
                 xs.append(standardise(augment_intensity(image, rng), size)[0])
                 ys.append(mask[None].astype(np.float32))
             x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            logits = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(x)
+            logits = logits.float()
             probability = torch.sigmoid(logits)
             soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
             losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
-        score = _validate_segmenter(model, train_x, val_x, val_y, size)
-        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_dice_lesion_images", score, best, began, config)
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, metric, validate(model), best, began, config)
         if stop:
             break
 
@@ -183,38 +204,10 @@ def train_refiner(config: TrainConfig) -> None:
     val_windows, val_masks = np.stack([w for w, _ in val]), np.stack([m for _, m in val])
     # Batch-norm statistics are recalibrated on training windows (serving rule), never on validation ones.
     calibration = np.stack([refiner_pair(lesion, config.input_size, None)[0] for lesion in train[:: max(1, len(train) // 256)]])
-    model = lesion_refiner()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    checkpoints = Checkpoints(Path(config.work))
-    start, best = checkpoints.resume(model, optimizer)
-    rng = np.random.default_rng(config.seed + start)
-    steps_per_epoch = max(1, len(train) // config.batch_size)
-    bce = nn.BCEWithLogitsLoss()
-    began = time.monotonic()
-    for epoch in range(start, config.epochs):
-        model.train()
-        order = rng.permutation(len(train))
-        losses = []
-        for step in range(steps_per_epoch):
-            xs, ys = [], []
-            for i in order[step * config.batch_size : (step + 1) * config.batch_size]:
-                window, target = refiner_pair(train[i], config.input_size, rng)
-                image, mask = augment_geometry(window, target, rng)
-                assert mask is not None
-                xs.append(standardise(augment_intensity(image, rng), config.input_size)[0])
-                ys.append(mask[None].astype(np.float32))
-            x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                logits = model(x)
-            logits = logits.float()
-            probability = torch.sigmoid(logits)
-            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-            losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
-        score = _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size)
-        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_dice_windows", score, best, began, config)
-        if stop:
-            break
+    _fit_segmentation(
+        lesion_refiner(), config, len(train), lambda i, rng: refiner_pair(train[i], config.input_size, rng),
+        lambda model: _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size), "val_dice_windows",
+    )
 
 
 # --------------------------------------------------------------------------- classifier
@@ -312,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes (the refiner; about 1.6x faster on CPUs with AVX512-BF16)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes (about 1.6x faster on CPUs with AVX512-BF16; the refiner was trained with it)")
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.part]
     config = TrainConfig(

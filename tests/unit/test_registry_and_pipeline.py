@@ -44,13 +44,20 @@ def test_missing_manifest_says_how_to_get_models(tmp_path: Path) -> None:
         load_bmode_pipeline(tmp_path)
 
 
-def test_pipeline_finds_scores_and_explains_a_synthetic_lesion() -> None:
-    # A dark oval on speckled tissue: the textbook appearance of a hypoechoic mass.
-    rng = np.random.default_rng(0)
-    image = np.clip(rng.normal(120, 25, (300, 400)), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[:300, :400]
-    inside = ((xx - 200) / 60.0) ** 2 + ((yy - 150) / 35.0) ** 2 <= 1
+def _hypoechoic_oval(
+    shape: tuple[int, int], centre: tuple[int, int], axes: tuple[int, int], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A dark oval on speckled tissue, the textbook appearance of a hypoechoic mass, and its mask."""
+    rng = np.random.default_rng(seed)
+    image = np.clip(rng.normal(120, 25, shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    inside = ((xx - centre[0]) / axes[0]) ** 2 + ((yy - centre[1]) / axes[1]) ** 2 <= 1
     image[inside] = np.clip(rng.normal(30, 8, inside.sum()), 0, 255).astype(np.uint8)
+    return image, inside
+
+
+def test_pipeline_finds_scores_and_explains_a_synthetic_lesion() -> None:
+    image, _ = _hypoechoic_oval((300, 400), (200, 150), (60, 35), seed=0)
     analysis = load_bmode_pipeline().analyse(image)
     assert analysis.image_shape == (300, 400)
     for lesion in analysis.lesions:
@@ -96,11 +103,7 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
 def test_the_refiner_redraws_the_outline_and_is_named_with_the_segmenter() -> None:
     from models.pipeline import load_refiner, load_segmenter, segment_lesions
 
-    rng = np.random.default_rng(1)
-    image = np.clip(rng.normal(120, 25, (360, 480)), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[:360, :480]
-    truth = ((xx - 240) / 70.0) ** 2 + ((yy - 170) / 40.0) ** 2 <= 1
-    image[truth] = np.clip(rng.normal(30, 8, truth.sum()), 0, 255).astype(np.uint8)
+    image, truth = _hypoechoic_oval((360, 480), (240, 170), (70, 40), seed=1)
     segmenter, entry = load_segmenter()
     refiner = load_refiner()
     assert refiner is not None, "the bundled models include the close-up refiner"
