@@ -123,7 +123,7 @@ def legend_lines(analysis: ImageAnalysis) -> list[str]:
         f"Lesion {number}: {analysis.score_label} p={lesion.malignancy_probability:.2f}"
         for number, lesion in enumerate(analysis.lesions, start=1)
     ] or ["No lesion detected"]
-    models = {(analysis.segmenter.name, analysis.segmenter.version), (analysis.classifier.name, analysis.classifier.version)}
+    models = {*analysis.segmenter.stages(), (analysis.classifier.name, analysis.classifier.version)}
     lines += [f"Model: {name} {version}" for name, version in sorted(models)]
     return [_ascii(line) for line in lines]
 

@@ -437,7 +437,7 @@ def _finding_site(ds: pydicom.Dataset) -> hd.sr.FindingSite:
 def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 container holding the advisory notice and the models."""
     models = sorted(
-        {(a.analysis.segmenter.name, a.analysis.segmenter.version) for a in analysed}
+        {stage for a in analysed for stage in a.analysis.segmenter.stages()}
         | {(a.analysis.classifier.name, a.analysis.classifier.version) for a in analysed}
         | {(s.model.name, s.model.version) for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores}
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from models.findings import ImageAnalysis
+from models.findings import ImageAnalysis, ModelInfo
 from tests.dicom_factory import square_lesion_analysis, synthetic_breast_image
 from workers.overlay_render import DISCLAIMER, combined_cam, legend_lines, render_overlay
 
@@ -75,6 +77,8 @@ def test_legend_text() -> None:
     empty = ImageAnalysis((), analysis.segmenter, analysis.classifier, (200, 200))
     assert legend_lines(empty)[0] == "No lesion detected"
     assert all(line.isascii() for line in lines)
+    two_stage = dataclasses.replace(analysis, segmenter=ModelInfo("seg-unet + refiner-unet", "0.1.0 + 0.4.0", "a" * 64 + " + " + "b" * 64))
+    assert {"Model: seg-unet 0.1.0", "Model: refiner-unet 0.4.0"} <= set(legend_lines(two_stage))  # one line per stage
 
 
 def test_no_lesion_renders_gray_with_legend() -> None:
