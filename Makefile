@@ -156,8 +156,9 @@ train: train-venv
 	$(MAKE) train-consensus
 	$(MAKE) evaluate
 
-# bf16 autocast: about 1.6x faster where the CPU has AVX512-BF16 or AMX (the reference runs used it); TRAIN_FLAGS= turns it off.
-TRAIN_FLAGS   ?= --bf16
+# bf16 autocast: about 1.6x faster where the CPU has AVX512-BF16 or AMX (the reference runs used it), but about
+# ten times slower where it has neither (measured on an AMD EPYC without AVX-512), so it is on only where the CPU has them.
+TRAIN_FLAGS   ?= $(if $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes),--bf16,)
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS)

@@ -11,6 +11,7 @@ the served model's.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -99,6 +100,23 @@ def _positive(spec: FamilySpec, first_output: npt.NDArray[np.float32]) -> float:
     return float(1.0 / (1.0 + np.exp(-first_output.reshape(-1)[0])))
 
 
+def initialisation(config: RunConfig) -> str:
+    """How the network was initialised, for the manifest and the card."""
+    if not config.init:
+        return "random (from scratch; no pretrained weights available)"
+    checkpoint = Path(config.init)
+    settings_file = checkpoint.parent / "config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    recipe = (
+        f"SimCLR self-supervised pretraining of this network (models.training.pretrain; {settings.get('epochs', '?')} epochs, "
+        f"temperature {settings.get('temperature', '?')}, ultrasound images of the train and validation splits, labels unused, "
+        "normal images included)"
+        if settings.get("temperature") is not None
+        else "a checkpoint of this network"
+    )
+    return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
+
+
 def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
     """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
     import onnxruntime as ort
@@ -184,7 +202,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "autocast": "bfloat16" if config.bf16 else None,
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "best_epoch": int(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["epoch"]),
-            "initialisation": "random (from scratch; no pretrained weights available)",
+            "initialisation": initialisation(config),
             "notes": spec.notes,
         },
     }

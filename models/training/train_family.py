@@ -258,6 +258,7 @@ class RunConfig(TrainConfig):
     family: str
     holdout: str
     shape_aux: float = 0.0  # weight of the shape-descriptor auxiliary loss (0: the paper's recipe alone)
+    init: str = ""  # checkpoint the network starts from (a pretraining run's best.pt); "" = random
 
 
 @torch.no_grad()
@@ -329,6 +330,19 @@ class ShapeHead(nn.Module):
         return functional.mse_loss(self.linear(features.float()), targets)
 
 
+def load_initial_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Start ``model`` from a checkpoint of the same network (``models.training.pretrain``'s best.pt).
+
+    Every tensor must match by name and shape: a checkpoint of another
+    architecture is refused instead of half-loaded.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state.get("model", state) if isinstance(state, dict) else state
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--init {checkpoint} does not fit this network: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+
+
 def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
     """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC.
 
@@ -337,6 +351,8 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     """
     train, val = samples["train"], samples["val"]
     model = spec.build()
+    if config.init:
+        load_initial_weights(model, Path(config.init))
     shape_head = ShapeHead(model, config.input_size) if config.shape_aux > 0 else None
     targets = torch.from_numpy(shape_targets(train)) if shape_head is not None else None
     if spec.optimizer is not None:
@@ -539,6 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
     parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX)")
     parser.add_argument("--shape-aux", type=float, default=0.0, help="weight of the training-only shape-descriptor loss (0: the paper's recipe alone)")
+    parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     suffix = f"-without-{args.holdout}" if args.holdout else ""
@@ -557,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         bf16=args.bf16,
         shape_aux=args.shape_aux,
+        init=args.init,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -135,3 +135,40 @@ def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Pat
     assert entry.parameters["fitted"]["train_cases"] == 8 and 0.0 <= entry.parameters["operating_point"] <= 1.0
     report = evaluate(tiny_busbra, models, ["lexicon"], "all", tmp_path / "evaluation", resamples=50)
     assert report["families"]["lexicon"]["classification"]["all"]["n"] == 16
+
+
+def test_simclr_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.registry import read_manifest, sha256_of
+    from models.training import pretrain, train_family
+
+    spec = train_family.FAMILIES["dl_u"]
+    images = pretrain.pretraining_images(tiny_busbra)
+    assert len(images) == 12  # train + val only: the four test images never enter pretraining
+    rng = np.random.default_rng(0)
+    for item in images:
+        region = pretrain.anchor_region(item, rng)
+        first, second = (pretrain.contrastive_view(item, region, spec, 32, rng) for _ in range(2))
+        assert first.shape == second.shape == (1, 1, 32, 32) and not np.array_equal(first, second)
+    unmasked = pretrain.PretrainImage(np.zeros((100, 200), np.uint8), None)
+    cx, cy, w, h = pretrain.anchor_region(unmasked, rng)
+    assert w == h and w / 2 <= cx <= 200 - w / 2 and h / 2 <= cy <= 100 - h / 2
+
+    work = tmp_path / "pretrain"
+    pretrain.main(["dl_u", "--datasets", str(tiny_busbra), "--work", str(work), "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"])
+    log = [json.loads(line) for line in (work / "train.log").read_text().splitlines()]
+    assert log[0]["part"] == "pretrain-dl_u" and 0.0 <= log[0]["probe_val_auc"] <= 1.0 and np.isfinite(log[0]["loss"])
+    pretrained = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
+    assert not any(key.startswith("mlp") for key in pretrained)  # the projection head is not part of the network
+
+    models = tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--init", str(work / "best.pt")]
+    )
+    initialisation = read_manifest(models)["dl_u"].parameters["training"]["initialisation"]
+    assert "SimCLR" in initialisation and sha256_of(work / "best.pt") in initialisation
+    with pytest.raises(SystemExit, match="does not fit this network"):
+        train_family.load_initial_weights(train_family.FAMILIES["cldlr"].build(), work / "best.pt")

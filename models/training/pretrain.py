@@ -1,0 +1,218 @@
+"""Self-supervised pretraining (SimCLR) of a family's network on ultrasound images, labels unused.
+
+The papers start from ImageNet weights, which cannot be had here. This
+recipe is the issue's suggested stand-in: contrastive pretraining of the
+family's own network on every ultrasound image of the development sets
+(normal images included), then ``breastai train FAMILY --init
+runs/pretrain/FAMILY/best.pt`` fine-tunes it with the paper's recipe.
+
+- Views (SimCLR, Chen et al. 2020): each image gives one anchor region, a
+  lesion box grown by 0-60 % where the image has a mask (the masks place
+  the region, the labels are never read) and a random square of 30-80 % of
+  the shorter side otherwise; each of the two views jitters that region
+  (shift +-20 %, scale 0.75-1.3), flips it at random, and changes gamma and
+  speckle, then is cut and normalised exactly as the family cuts its ROIs.
+- Loss: NT-Xent (``monai.losses.ContrastiveLoss``) on a two-layer projection
+  of the network's pooled features (its second output), which is dropped
+  after pretraining.
+- Images of the held-out test split are left out, so the test numbers stay
+  those of images no stage of training has seen.
+- Checkpoints: ``best.pt`` by a linear probe's validation AUC (logistic
+  regression on the frozen pooled features of the training lesions), which
+  is the only place labels enter, and only to choose the epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.losses import ContrastiveLoss
+from torch import nn
+
+from models.evaluation import auc
+from models.preprocess import Box, crop
+from models.training.data import US_DATASETS, load_records, mask_box, read_gray, read_mask
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step, seed_everything
+from models.training.train_family import FAMILIES, FamilySpec, LesionSample, lesion_samples, network_outputs
+from models.training.train_reference import TrainConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PretrainImage:
+    """One grayscale image and, where it has a lesion mask, the box of its largest lesion."""
+
+    image: npt.NDArray[np.uint8]
+    box: Box | None
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    family: str
+    temperature: float
+
+
+def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train", "val")) -> list[PretrainImage]:
+    """Every ultrasound image of ``splits`` (normal ones included), with its lesion box where it has a mask."""
+    images = []
+    for record in load_records(datasets, US_DATASETS):
+        if record.split not in splits:
+            continue
+        gray = read_gray(record.image_path)
+        box = mask_box(read_mask(record, gray.shape)) if record.mask_path is not None else None
+        images.append(PretrainImage(gray, box))
+    return images
+
+
+def anchor_region(item: PretrainImage, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Centre x, centre y, width, height of the region both views are cut around."""
+    rows, cols = item.image.shape[:2]
+    if item.box is not None:
+        x, y, w, h = item.box
+        grow = 1.0 + rng.uniform(0.0, 0.6)
+        return x + w / 2, y + h / 2, w * grow, h * grow
+    side = rng.uniform(0.3, 0.8) * min(rows, cols)
+    return rng.uniform(side / 2, cols - side / 2), rng.uniform(side / 2, rows - side / 2), side, side
+
+
+def contrastive_view(item: PretrainImage, region: tuple[float, float, float, float], spec: FamilySpec, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """One augmented view of ``region``, cut and normalised as ``spec`` cuts its ROIs: shape (1, 1, size, size)."""
+    rows, cols = item.image.shape[:2]
+    cx, cy, w, h = region
+    scale = rng.uniform(0.75, 1.3)
+    w, h = max(8.0, w * scale), max(8.0, h * scale)
+    cx += rng.uniform(-0.2, 0.2) * w
+    cy += rng.uniform(-0.2, 0.2) * h
+    x0 = int(np.clip(cx - w / 2, 0, cols - 8))
+    y0 = int(np.clip(cy - h / 2, 0, rows - 8))
+    roi = crop(item.image, (x0, y0, int(min(w, cols - x0)), int(min(h, rows - y0))))
+    if rng.random() < 0.5:
+        roi = roi[:, ::-1]
+    return spec.roi.tensor(augment_intensity(np.ascontiguousarray(roi), rng), size)
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's two-layer MLP from pooled features to the space the loss compares in."""
+
+    def __init__(self, features: int, hidden: int = 256, out: int = 128) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.mlp(x)
+        return out
+
+
+def pooled_width(model: nn.Module, size: int) -> int:
+    """Width of the network's pooled features (its second output)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.zeros(2, 1, size, size))
+    model.train(was_training)
+    if not isinstance(output, tuple) or output[1].dim() != 2:
+        raise SystemExit("pretraining needs a family whose network returns pooled features as its second output (dlr_lh, dlr_bm, cldlr, dl_u, dl_m)")
+    return int(output[1].shape[1])
+
+
+def linear_probe_auc(spec: FamilySpec, model: nn.Module, train: list[LesionSample], val: list[LesionSample], size: int) -> float:
+    """Validation AUC of a logistic regression on the frozen pooled features of the training lesions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    features = {name: network_outputs(spec, model, items, size) for name, items in (("train", train), ("val", val))}
+    scaler = StandardScaler().fit(features["train"])
+    probe = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(features["train"]), [s.label for s in train])
+    return auc([s.label for s in val], probe.predict_proba(scaler.transform(features["val"]))[:, 1])
+
+
+def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], probe: dict[str, list[LesionSample]]) -> None:
+    """SimCLR epochs over ``images``; ``best.pt`` holds the network (without the projection) of the best probe epoch."""
+    model = spec.build()
+    head = ProjectionHead(pooled_width(model, config.input_size))
+    loss_fn = ContrastiveLoss(temperature=config.temperature)
+    parameters = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
+    checkpoints = Checkpoints(Path(config.work))
+    start, best = checkpoints.resume(model, optimizer)
+    head_file = Path(config.work) / "projection.pt"
+    if start and head_file.is_file():
+        head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    rng = np.random.default_rng(config.seed + start)
+    steps_per_epoch = max(1, len(images) // config.batch_size)
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        head.train()
+        order = rng.permutation(len(images))
+        losses = []
+        for step in range(steps_per_epoch):
+            batch = [images[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+            regions = [anchor_region(item, rng) for item in batch]
+            first = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))
+            second = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                projected = head(model(torch.cat([first, second]))[1])
+            left, right = projected.float().chunk(2)
+            losses.append(optimise_step(optimizer, loss_fn(left, right)))
+        torch.save(head.state_dict(), head_file)
+        score = linear_probe_auc(spec, model, probe["train"], probe["val"], config.input_size)
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "probe_val_auc", score, best, began, config)
+        if stop:
+            break
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=sorted(name for name, spec in FAMILIES.items() if spec.datasets != ("mias",) and name != "mupnet"))
+    parser.add_argument("--datasets", default="../shared/datasets")
+    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain/FAMILY)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64, help="pairs per step (the loss sees 2x this many views)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--input-size", type=int, help="default: the family's own input size")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=float("inf"))
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args(argv)
+    spec = FAMILIES[args.family]
+    config = PretrainConfig(
+        part=f"pretrain-{spec.name}",
+        datasets=args.datasets,
+        work=args.work or f"runs/pretrain/{spec.name}",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        input_size=args.input_size or spec.input_size,
+        seed=args.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+        bf16=args.bf16,
+        family=spec.name,
+        temperature=args.temperature,
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    Path(config.work).mkdir(parents=True, exist_ok=True)
+    (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    images = pretraining_images(Path(config.datasets))
+    records = [r for r in load_records(Path(config.datasets), spec.datasets) if r.split in ("train", "val")]
+    probe = {split: lesion_samples([r for r in records if r.split == split], spec.task) for split in ("train", "val")}
+    print(json.dumps({"pretrain": spec.name, "images": len(images), "with_lesion_box": sum(i.box is not None for i in images)}), flush=True)
+    pretrain(spec, config, images, probe)
+
+
+if __name__ == "__main__":
+    main()
