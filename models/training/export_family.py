@@ -31,7 +31,7 @@ from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, clinical_features, load_best
 
-VERSION = "0.3.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U)
+VERSION = "0.5.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("family", choices=sorted(name for name, spec in FAMILIES.items() if spec.datasets != ("mias",) and name != "mupnet"))
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain/FAMILY)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per step (the loss sees 2x this many views)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--input-size", type=int, help="default: the family's own input size")
