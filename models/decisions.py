@@ -6,12 +6,22 @@ Each rule is the published one; thresholds come from the model manifest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
+
+
+#: Likelihood of malignancy of each BI-RADS final assessment category: the midpoint of the
+#: range the ACR BI-RADS Atlas (5th ed., 2013) gives it. Category 4 without a subdivision spans
+#: >2 % to <95 %. Categories 0 (incomplete) and 6 (known cancer) state no likelihood.
+BIRADS_MALIGNANCY_LIKELIHOOD: Mapping[str, float] = {
+    "1": 0.0, "2": 0.0, "3": 0.01, "4a": 0.06, "4b": 0.30, "4": 0.485, "4c": 0.725, "5": 0.975,
+}
+#: From category 4 on the Atlas recommends tissue diagnosis: the reader's own operating point.
+BIRADS_BIOPSY_LIKELIHOOD = 0.02
 
 
 class Recommendation(str, Enum):

@@ -35,13 +35,13 @@ import numpy as np
 import numpy.typing as npt
 
 from models.consensus import is_consensus, load_consensus_scorer
-from models.decisions import co_decision
+from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, co_decision
 from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
 from models.family_runtime import ClinicalContext, FamilyScorer
 from models.lesions import Component
 from models.lexicon import LexiconScorer
-from models.findings import FamilyScore
+from models.findings import FamilyScore, ModelInfo
 from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
@@ -165,6 +165,39 @@ def four_a_tally(lh: Sequence[ScoredCase], bm: Sequence[ScoredCase]) -> dict[str
     }
 
 
+READER_ROLE = "birads_reader"
+READER_NAME = "Radiologists' BI-RADS final assessment (reference reader)"
+READER_NOTE = (
+    "Not a model: the category the radiologists assigned, as the BI-RADS Atlas's likelihood of malignancy, "
+    "positive from category 4 (biopsy recommended). They had the whole examination and the history, and "
+    "their category decided which lesions went to biopsy."
+)
+
+
+def birads_reader(cases: Sequence[ScoredCase]) -> list[ScoredCase]:
+    """The radiologists' own final assessment of the same lesions, scored as a reference reader.
+
+    Each lesion's BI-RADS category (``labels.csv``) becomes the Atlas's
+    likelihood of malignancy (:data:`models.decisions.BIRADS_MALIGNANCY_LIKELIHOOD`),
+    called positive from category 4 on (biopsy recommended). Lesions without
+    a category (BUSI), or with 0 or 6, are left out. The readers had the whole
+    examination, live scanning and the history, and their category decided
+    which lesions went to biopsy: a reference point for the families' AUC on
+    the same cases, not a like-for-like opponent.
+    """
+    reference: list[ScoredCase] = []
+    for case in cases:
+        likelihood = BIRADS_MALIGNANCY_LIKELIHOOD.get(case.record.birads)
+        if likelihood is None:
+            continue
+        score = FamilyScore(
+            READER_ROLE, "malignancy", ModelInfo(READER_NAME, "ACR BI-RADS Atlas 5th ed.", ""), likelihood,
+            BIRADS_BIOPSY_LIKELIHOOD, likelihood >= BIRADS_BIOPSY_LIKELIHOOD, np.zeros((1, 1), np.float32), case.score.roi_box,
+        )
+        reference.append(ScoredCase(case.record, case.label, score))
+    return reference
+
+
 def _predictions(cases: Sequence[ScoredCase]) -> list[CasePrediction]:
     return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability) for c in cases]
 
@@ -239,10 +272,21 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         variants = variant_predictions(cases)
         if variants:
             report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
+    us_malignancy = [c for f, c in scored.items() if entries[f].parameters.get("modality", "US") == "US" and c[0].score.task == "malignancy"]
+    reference = birads_reader(us_malignancy[0]) if us_malignancy else []
+    if len({c.label for c in reference}) == 2:
+        scored[READER_ROLE] = reference
+        report["families"][READER_ROLE] = {
+            "model": {"name": READER_NAME, "version": "ACR BI-RADS Atlas 5th ed.", "sha256": "", "file": ""},
+            "reference": READER_NOTE,
+            "task": "malignancy",
+            "operating_point": BIRADS_BIOPSY_LIKELIHOOD,
+            "classification": classification_report(_predictions(reference), threshold=BIRADS_BIOPSY_LIKELIHOOD, resamples=resamples),
+        }
     # Families are compared, and plotted together, only within one modality and task (same cases).
     by_task: dict[str, dict[str, list[ScoredCase]]] = {}
     for family, cases in scored.items():
-        modality = str(entries[family].parameters.get("modality", "US"))
+        modality = str(entries[family].parameters.get("modality", "US")) if family in entries else "US"
         key = cases[0].score.task if modality == "US" else f"{modality.lower()}_{cases[0].score.task}"
         by_task.setdefault(key, {})[family] = cases
     report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in by_task.items() if len(group) > 1}
@@ -265,6 +309,8 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     for family, body in report["families"].items():
         if "classification" in body:
             markdown.append(report_markdown(classification=body["classification"], title=family))
+        if "reference" in body:
+            markdown.append(f"{body['model']['name']}. {body['reference']}")
         if "variants" in body:
             markdown.append(report_markdown(comparisons=body["variants"], title=f"{family}: the paper's comparison models"))
     for task, comparisons in report["comparisons"].items():

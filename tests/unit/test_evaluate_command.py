@@ -136,3 +136,27 @@ def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: P
     report = json.loads((out / "report.json").read_text())
     assert report["families"]["dlr_bm"]["classification"]["all"]["n"] == 6
     assert report["segmentation"]["all"]["n"] == 6
+
+
+def test_the_radiologists_birads_is_reported_beside_the_families_on_the_same_lesions(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    site = _synthetic_site(tmp_path, count=8)
+    categories = ["2", "5", "3", "4", "4a", "", "0", "4c"]  # "" (no category) and 0 (incomplete) are left out
+    rows = [f"case{i},{'malignant' if i % 2 else 'benign'},{category}" for i, category in enumerate(categories)]
+    (site / "labels.csv").write_text("id,label,birads\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    main(["evaluate", str(site), "--split", "all", "--families", "dl_u", "--output", str(out), "--resamples", "20"])
+    report = json.loads((out / "report.json").read_text())
+    reader = report["families"]["birads_reader"]
+    overall = reader["classification"]["all"]
+    assert (overall["n"], overall["n_positive"]) == (6, 3)
+    assert overall["auc"] == 1.0  # 4, 4c and 5 (malignant) above 2, 3 and 4a (benign)
+    assert overall["sensitivity"] == 1.0 and overall["specificity"] == pytest.approx(2 / 3)  # 4a: biopsy recommended
+    (comparison,) = report["comparisons"]["malignancy"]
+    assert {comparison["family_a"], comparison["family_b"]} == {"dl_u", "birads_reader"} and comparison["n_common"] == 6
+    with (out / "predictions.csv").open(newline="") as handle:
+        reader_rows = [r for r in csv.DictReader(handle) if r["family"] == "birads_reader"]
+    assert sorted(r["id"] for r in reader_rows) == ["case0", "case1", "case2", "case3", "case4", "case7"]
+    assert "Not a model" in (out / "report.md").read_text()
