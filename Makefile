@@ -9,6 +9,7 @@
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
 #   make train-consensus  refit the consensus of the exported families (after any family changed)
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
+#   make external       external validation: the consensus members trained without HOLDOUT (busbra), scored on all of it
 #   make samples        regenerate samples/ (scripts/make_samples.py)
 #   make send-samples   C-STORE samples/ to a running service with dcmtk's storescu
 #
@@ -59,7 +60,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -162,6 +163,12 @@ TRAIN_FLAGS   ?= $(if $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && 
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS)
+
+# External validation: train the consensus members without one dataset, fit their consensus on the rest, score all
+# of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
+HOLDOUT       ?= busbra
+external: train-venv
+	$(VENV)/bin/breastai train external --holdout $(HOLDOUT) --datasets $(DATASETS) $(TRAIN_FLAGS)
 
 # Lexicon descriptors read on the folder's own outlines: refit after the segmenter or refiner changed (scikit-learn, no torch).
 train-lexicon: train-venv

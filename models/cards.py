@@ -8,7 +8,7 @@ operating point and how it was chosen, known limits, and the file's sha256.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -292,45 +292,45 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
     return written
 
 
-def external_card(report: Mapping[str, Any], family: str, holdout: str, recipe: str, note: str = "") -> str:
-    """The external-validation card: ``family`` trained without ``holdout``, scored on all of it (``--split all``)."""
-    body = report["families"][family]
-    classification = body["classification"]
+def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str, recipe: str, notes: Sequence[str] = ()) -> str:
+    """The external-validation card: ``roles`` trained without ``holdout``, scored on all of it (``--split all``).
+
+    Parameters
+    ----------
+    report : dict
+        ``breastai evaluate <datasets>/<holdout> --split all`` of the models
+        trained without ``holdout`` (:mod:`models.training.external`).
+    roles : sequence of str
+        The report's families, in card order (the consensus first).
+    holdout : str
+        The dataset left out of training, validation and the operating points.
+    recipe : str
+        The command that produced the run, quoted in the card.
+    notes : sequence of str
+        One line per family about its training data and chosen epoch.
+    """
+    families = report["families"]
+    shown = [role for role in roles if "classification" in families.get(role, {})]
     lines = [
-        f"# External validation: {family.upper()} trained without {holdout}, tested on all of {holdout}",
+        f"# External validation: trained without {holdout}, tested on all of {holdout}",
         "",
-        f"Recipe: `{recipe}`, exported as usual; scored with "
-        f"`breastai evaluate <datasets>/{holdout} --split all --families {family} --model-dir <that folder>`." + (f" {note}" if note else ""),
-        f"No image of `{holdout}` took part in training, validation or the choice of the operating point "
-        f"(model sha256 `{body['model']['sha256']}`).",
-        f"The weights of this run are not shipped: the bundled `{family}` is trained with `{holdout}`'s training folds.",
+        f"Recipe: `{recipe}` (`models/training/external.py`): each family's own recipe with `--holdout {holdout}`, "
+        f"the consensus fitted on the remaining datasets' validation split, then "
+        f"`breastai evaluate <datasets>/{holdout} --split all` on the exported models, as served.",
+        f"No image of `{holdout}` took part in training, in the choice of a checkpoint or in an operating point. "
+        f"The weights of this run are not shipped: the bundled models are trained with `{holdout}`'s training folds.",
         "",
-        report_markdown(classification=classification, title=family),
+        *(f"- {note}" for note in notes),
+        "",
+        "| model | version | sha256 |",
+        "|---|---|---|",
+        *(f"| `{role}` | {families[role]['model']['version']} | `{families[role]['model']['sha256']}` |" for role in shown if families[role]["model"]["sha256"]),
         "",
     ]
+    for role in shown:
+        lines += [report_markdown(classification=families[role]["classification"], title=role), ""]
+        if "reference" in families[role]:
+            lines += [f"{families[role]['model']['name']}. {families[role]['reference']}", ""]
+    for task, comparisons in report.get("comparisons", {}).items():
+        lines += [report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"), ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m models.cards external REPORT --family F --holdout D --recipe TEXT --output CARD``."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Write a card from an evaluation report")
-    commands = parser.add_subparsers(dest="command", required=True)
-    external = commands.add_parser("external", help="external-validation card from `breastai evaluate --split all` on a held-out dataset")
-    external.add_argument("report", type=Path, help="report.json of that evaluation")
-    external.add_argument("--family", required=True)
-    external.add_argument("--holdout", required=True)
-    external.add_argument("--recipe", required=True, help="the training command, quoted in the card")
-    external.add_argument("--note", default="", help="what the card should add about the run (data sizes, chosen epoch)")
-    external.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args(argv)
-    report = json.loads(args.report.read_text())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(external_card(report, args.family, args.holdout, args.recipe, args.note))
-    print(f"card: {args.output}")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ from models.evaluation import youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
 from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
-from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, clinical_features, load_best
+from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, chosen_checkpoint, clinical_features, load_best
 
 VERSION = "0.5.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32
 FP16_TOLERANCE = 0.05
@@ -117,6 +117,16 @@ def initialisation(config: RunConfig) -> str:
     return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
 
 
+def weight_choice(work: Path) -> dict[str, Any]:
+    """Which weights were exported: the best validation epoch, or the mean of the last epochs (``--swa-epochs``)."""
+    checkpoint = chosen_checkpoint(work)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if checkpoint.name == "swa.pt":
+        epochs = [int(e) for e in state["epochs"]]
+        return {"best_epoch": epochs[-1], "weight_average": {"epochs": epochs, "val_auc": float(state["score"]), "batch_norm": "recomputed on one epoch of training crops"}}
+    return {"best_epoch": int(state["epoch"])}
+
+
 def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
     """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
     import onnxruntime as ort
@@ -192,7 +202,8 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         "side_files": {k: {"file": v, "sha256": sha256_of(output / v)} for k, v in side_files.items()},
         "trained_without": config.holdout or None,
         "training": {
-            "datasets": list(spec.datasets),
+            # The datasets that actually took part (a --holdout or an absent folder drops one from the spec's list).
+            "datasets": [d for d in spec.datasets if any(s.record.dataset == d for s in samples["train"])],
             "cases": {split: len(items) for split, items in samples.items()},
             "positives": {split: sum(item.label for item in items) for split, items in samples.items()},
             "epochs": config.epochs,
@@ -201,7 +212,8 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "seed": config.seed,
             "autocast": "bfloat16" if config.bf16 else None,
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
-            "best_epoch": int(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["epoch"]),
+            "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
+            **weight_choice(work),
             "initialisation": initialisation(config),
             "notes": spec.notes,
         },

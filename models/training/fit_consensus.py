@@ -32,8 +32,12 @@ NAME = "BreastAI-Consensus-MeanLogOdds"
 VERSION = "0.3.0"
 
 
-def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFAULT_MEMBERS) -> ModelEntry:
+def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFAULT_MEMBERS, holdout: str = "") -> ModelEntry:
     """Score the members on the validation split, choose the operating point, write file and manifest entry.
+
+    ``holdout`` names a dataset the members were trained without (external
+    validation, ``breastai train FAMILY --holdout``): its images are left out
+    of the validation split here too, so nothing of it chooses the threshold.
 
     Raises
     ------
@@ -48,7 +52,7 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
             raise SystemExit(f"fit_consensus: {role} is not in {model_dir / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
         if entry.parameters.get("task", "malignancy") != "malignancy" or entry.parameters.get("modality", "US") != "US":
             raise SystemExit(f"fit_consensus: {role} is not a benign/malignant ultrasound model")
-    records = [r for r in load_records(datasets, US_DATASETS) if r.split == "val"]
+    records = [r for r in load_records(datasets, US_DATASETS) if r.split == "val" and r.dataset != holdout]
     lesions = lesion_boxes(records)
     scored = {role: {c.record.image_id: c for c in score_family(entries[role], model_dir, lesions)} for role in members}
     ids = [i for i in scored[members[0]] if all(i in scored[role] for role in members)]
@@ -77,6 +81,7 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
             "fitted": {
                 "split": "val",
                 "datasets": datasets_used,
+                "trained_without": holdout or None,
                 "cases": len(ids),
                 "positives": int(sum(labels)),
                 "auc": round(auc(labels, combined), 4),
@@ -96,10 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry")
+    parser.add_argument("--holdout", default="", help="the dataset the members were trained without (left out of the validation split too)")
     parser.add_argument("--members", default=",".join(DEFAULT_MEMBERS), help="comma-separated member roles (benign/malignant US families)")
     args = parser.parse_args(argv)
     members = tuple(m for m in args.members.split(",") if m)
-    entry = fit_consensus(args.datasets, args.model_dir, members)
+    entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout)
     fitted = entry.parameters["fitted"]
     print(
         f"consensus of {', '.join(members)}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "

@@ -32,8 +32,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -258,6 +259,8 @@ class RunConfig(TrainConfig):
     family: str
     holdout: str
     shape_aux: float = 0.0  # weight of the shape-descriptor auxiliary loss (0: the paper's recipe alone)
+    birads_aux: float = 0.0  # weight of the BI-RADS-category auxiliary loss (0: the paper's recipe alone)
+    swa_epochs: int = 0  # average the weights of the last N epochs instead of keeping the best epoch (0: best epoch)
     init: str = ""  # checkpoint the network starts from (a pretraining run's best.pt); "" = random
 
 
@@ -297,14 +300,14 @@ def shape_targets(samples: list[LesionSample]) -> npt.NDArray[np.float32]:
     return standardised
 
 
-class ShapeHead(nn.Module):
-    """Training-only linear head from a family's pooled features (its second output) to the shape targets.
+class AuxiliaryHead(nn.Module):
+    """Training-only linear head from a family's pooled features (its second output) to per-lesion targets.
 
     It reads the features through a forward hook, so the family's own loss
     runs the network once; it is not part of the exported model.
     """
 
-    def __init__(self, model: nn.Module, input_size: int) -> None:
+    def __init__(self, model: nn.Module, input_size: int, outputs: int, flag: str) -> None:
         super().__init__()
         self._captured: list[Tensor] = []
         was_training = model.training
@@ -316,18 +319,116 @@ class ShapeHead(nn.Module):
             output = None
         model.train(was_training)
         if not isinstance(output, tuple) or output[1].dim() != 2:
-            raise SystemExit("--shape-aux needs a family whose network returns pooled features as its second output (dlr_lh, dlr_bm, cldlr, dl_u)")
-        self.linear = nn.Linear(int(output[1].shape[1]), len(SHAPE_TARGETS))
+            raise SystemExit(f"{flag} needs a family whose network returns pooled features as its second output (dlr_lh, dlr_bm, cldlr, dl_u)")
+        self.linear = nn.Linear(int(output[1].shape[1]), outputs)
         model.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, _inputs: object, outputs: tuple[Tensor, ...]) -> None:
         if module.training:  # evaluation passes are not trained on
             self._captured[:] = [outputs[1]]
 
+    def predicted(self) -> Tensor:
+        """The head's output for the last training forward pass."""
+        predicted: Tensor = self.linear(self._captured.pop().float())
+        return predicted
+
+
+class ShapeHead(AuxiliaryHead):
+    """Regresses the :data:`SHAPE_TARGETS` of the ground-truth outline (``--shape-aux``)."""
+
+    def __init__(self, model: nn.Module, input_size: int) -> None:
+        super().__init__(model, input_size, len(SHAPE_TARGETS), "--shape-aux")
+
     def loss(self, targets: Tensor) -> Tensor:
         """Mean squared error of the last training forward pass's predicted targets."""
-        features = self._captured.pop()
-        return functional.mse_loss(self.linear(features.float()), targets)
+        return functional.mse_loss(self.predicted(), targets)
+
+
+#: BI-RADS final assessment categories in the order of their likelihood of malignancy (4a-4c pooled as 4).
+BIRADS_ORDER = ("2", "3", "4", "5")
+
+
+def birads_targets(samples: list[LesionSample]) -> npt.NDArray[np.float32]:
+    """Cumulative ordinal targets ``[category > 2, > 3, > 4]`` of each sample's BI-RADS; NaN where it has none.
+
+    Training-only privileged information, like :func:`shape_targets`: the
+    radiologists' category grades how suspicious a lesion looked (a benign
+    BI-RADS 4 against a benign BI-RADS 2), which the biopsy label alone does
+    not. BUSI has no categories, so its rows are NaN and carry no loss.
+    Category 1 (no finding) counts as 2.
+    """
+    rows = []
+    for sample in samples:
+        category = sample.record.birads[:1].replace("1", "2")
+        if category in BIRADS_ORDER:
+            rank = BIRADS_ORDER.index(category)
+            rows.append([float(rank > k) for k in range(len(BIRADS_ORDER) - 1)])
+        else:
+            rows.append([math.nan] * (len(BIRADS_ORDER) - 1))
+    return np.asarray(rows, dtype=np.float32)
+
+
+class BiradsHead(AuxiliaryHead):
+    """Cumulative-logit ordinal regression of the BI-RADS category (``--birads-aux``)."""
+
+    def __init__(self, model: nn.Module, input_size: int) -> None:
+        super().__init__(model, input_size, len(BIRADS_ORDER) - 1, "--birads-aux")
+
+    def loss(self, targets: Tensor) -> Tensor:
+        """Binary cross-entropy of each cumulative threshold, over the lesions that have a category."""
+        logits = self.predicted()
+        known = ~torch.isnan(targets)
+        if not bool(known.any()):
+            return logits.sum() * 0.0  # keeps the graph; this batch has no category
+        return functional.binary_cross_entropy_with_logits(logits[known], targets[known])
+
+
+class WeightAverage:
+    """Running mean of a network's weights over the last epochs (stochastic weight averaging, Izmailov et al. 2018).
+
+    The mean and the epochs it holds persist in ``swa.pt`` after every
+    epoch, so a resumed run neither loses nor double-counts one.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.path = work / "swa.pt"
+        state = torch.load(self.path, map_location="cpu", weights_only=False) if self.path.is_file() else {}
+        self.mean: dict[str, Tensor] = state.get("model", {})
+        self.epochs: list[int] = state.get("epochs", [])
+
+    def add(self, model: nn.Module, epoch: int) -> None:
+        if epoch in self.epochs:
+            return
+        count = len(self.epochs)
+        for name, value in model.state_dict().items():
+            if not value.is_floating_point() or name not in self.mean:
+                self.mean[name] = value.detach().clone()
+            else:
+                self.mean[name] += (value.detach() - self.mean[name]) / (count + 1)
+        self.epochs.append(epoch)
+        self.save()
+
+    def save(self, **extra: object) -> None:
+        torch.save({"model": self.mean, "epochs": self.epochs, **extra}, self.path.with_suffix(".tmp"))
+        self.path.with_suffix(".tmp").replace(self.path)
+
+
+@torch.no_grad()
+def recompute_batch_norm(spec: FamilySpec, model: nn.Module, batches: Sequence[Tensor]) -> None:
+    """Batch-norm statistics of averaged weights, from training batches (an averaged network's own are stale)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative mean over the batches
+    model.train()
+    for x in batches:
+        spec.positive_probability(model, x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 def load_initial_weights(model: nn.Module, checkpoint: Path) -> None:
@@ -347,7 +448,11 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC.
 
     With ``config.shape_aux`` > 0 the loss adds that weight times the
-    :class:`ShapeHead`'s error on the ground-truth outline's shape descriptors.
+    :class:`ShapeHead`'s error on the ground-truth outline's shape descriptors;
+    with ``config.birads_aux`` > 0, that weight times the :class:`BiradsHead`'s
+    error on the BI-RADS category. With ``config.swa_epochs`` > 0 the exported
+    network is the mean of the last that many epochs' weights (``swa.pt``),
+    its batch-norm statistics recomputed, instead of the best validation epoch.
     """
     train, val = samples["train"], samples["val"]
     model = spec.build()
@@ -355,16 +460,20 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         load_initial_weights(model, Path(config.init))
     shape_head = ShapeHead(model, config.input_size) if config.shape_aux > 0 else None
     targets = torch.from_numpy(shape_targets(train)) if shape_head is not None else None
+    birads_head = BiradsHead(model, config.input_size) if config.birads_aux > 0 else None
+    categories = torch.from_numpy(birads_targets(train)) if birads_head is not None else None
     if spec.optimizer is not None:
         optimizer = spec.optimizer(model, config.learning_rate)
     else:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=1e-4)
-    if shape_head is not None:
-        optimizer.add_param_group({"params": list(shape_head.parameters()), "lr": config.learning_rate, "weight_decay": 1e-4})
+    for head in (shape_head, birads_head):
+        if head is not None:
+            optimizer.add_param_group({"params": list(head.parameters()), "lr": config.learning_rate, "weight_decay": 1e-4})
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])  # per-group rates keep their ratios under the schedule
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
+    average = WeightAverage(Path(config.work)) if config.swa_epochs > 0 else None
     rng = np.random.default_rng(config.seed + start)
     labels = np.array([s.label for s in train])
     # Balanced sampling instead of a weighted loss: focal and cross-entropy losses then see both classes equally.
@@ -383,18 +492,49 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
                 loss = spec.loss(model, x, y)
             if shape_head is not None and targets is not None:
                 loss = loss.float() + config.shape_aux * shape_head.loss(targets[index])
+            if birads_head is not None and categories is not None:
+                loss = loss.float() + config.birads_aux * birads_head.loss(categories[index])
             losses.append(optimise_step(optimizer, loss.float()))
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
+        if average is not None and epoch >= config.epochs - config.swa_epochs:
+            average.add(model, epoch)
         best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
         if stop:
             break
+    if average is not None and average.epochs and average.epochs[-1] == config.epochs - 1:
+        finish_weight_average(spec, config, train, val, average, rng)
+
+
+def finish_weight_average(
+    spec: FamilySpec, config: RunConfig, train: list[LesionSample], val: list[LesionSample], average: WeightAverage, rng: np.random.Generator
+) -> None:
+    """Load the averaged weights, recompute batch-norm statistics on one epoch of training crops, score and save."""
+    model = spec.build()
+    model.load_state_dict(average.mean)
+    batches = [
+        torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in rng.choice(len(train), size=config.batch_size)]))
+        for _ in range(max(1, len(train) // config.batch_size))
+    ]
+    recompute_batch_norm(spec, model, batches)
+    score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
+    average.mean = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    average.save(score=score, final=True)
+    Checkpoints(Path(config.work)).log({"part": config.part, "swa_epochs": average.epochs, "val_auc": score})
 
 
 def load_best(spec: FamilySpec, work: Path) -> nn.Module:
-    """The family's network with its best checkpoint's weights, in eval mode."""
+    """The family's network to export, in eval mode: the finished weight average if the run made one, else the best epoch."""
     model = spec.build()
-    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(torch.load(chosen_checkpoint(work), map_location="cpu", weights_only=False)["model"])
     return model.eval()
+
+
+def chosen_checkpoint(work: Path) -> Path:
+    """``swa.pt`` once a ``--swa-epochs`` run has finished its average, else ``best.pt``."""
+    swa = work / "swa.pt"
+    if swa.is_file() and torch.load(swa, map_location="cpu", weights_only=False).get("final"):
+        return swa
+    return work / "best.pt"
 
 
 # --------------------------------------------------------------------------- finish stage
@@ -555,6 +695,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
     parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX)")
     parser.add_argument("--shape-aux", type=float, default=0.0, help="weight of the training-only shape-descriptor loss (0: the paper's recipe alone)")
+    parser.add_argument("--birads-aux", type=float, default=0.0, help="weight of the training-only BI-RADS-category loss (ordinal; lesions without a category carry none)")
+    parser.add_argument("--swa-epochs", type=int, default=0, help="export the mean of the last N epochs' weights (batch norm recomputed) instead of the best validation epoch")
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -574,6 +716,8 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         bf16=args.bf16,
         shape_aux=args.shape_aux,
+        birads_aux=args.birads_aux,
+        swa_epochs=args.swa_epochs,
         init=args.init,
     )
     if config.threads:

@@ -27,15 +27,20 @@ def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -
         assert entries["us_refiner"].sha256 in segmentation and "refiner" in segmentation
 
 
-def test_external_card_names_the_held_out_set_the_model_and_its_metrics(tmp_path: Path) -> None:
-    from models.cards import main
+def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> None:
+    from models.cards import external_card
 
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
-    (tmp_path / "report.json").write_text(json.dumps({"families": {"dlr_bm": report["families"]["dlr_bm"]}}))
-    card = tmp_path / "external" / "card.md"
-    main(["external", str(tmp_path / "report.json"), "--family", "dlr_bm", "--holdout", "busbra", "--recipe", "breastai train dlr_bm --holdout busbra", "--output", str(card)])
-    text = card.read_text()
-    assert text.startswith("# External validation: DLR_BM trained without busbra, tested on all of busbra")
-    assert report["families"]["dlr_bm"]["model"]["sha256"] in text and "`breastai train dlr_bm --holdout busbra`" in text
-    overall = report["families"]["dlr_bm"]["classification"]["all"]
-    assert f"| All | {overall['n']} |" in text and f"{overall['auc']:.3f} (" in text
+    roles = ["consensus", "dlr_bm", "dl_u"]
+    subset = {
+        "families": {role: report["families"][role] for role in roles},
+        "comparisons": {"malignancy": [c for c in report["comparisons"]["malignancy"] if {c["family_a"], c["family_b"]} <= set(roles)]},
+    }
+    text = external_card(subset, roles, "busbra", "breastai train external --holdout busbra", ["`dl_u`: trained on 514 lesions."])
+    assert text.startswith("# External validation: trained without busbra, tested on all of busbra")
+    assert "`breastai train external --holdout busbra`" in text and "- `dl_u`: trained on 514 lesions." in text
+    for role in roles:
+        assert report["families"][role]["model"]["sha256"] in text and f"## {role}" in text
+        overall = report["families"][role]["classification"]["all"]
+        assert f"| All | {overall['n']} |" in text and f"{overall['auc']:.3f} (" in text
+    assert "## DeLong comparisons, malignancy" in text

@@ -172,3 +172,88 @@ def test_simclr_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: 
     assert "SimCLR" in initialisation and sha256_of(work / "best.pt") in initialisation
     with pytest.raises(SystemExit, match="does not fit this network"):
         train_family.load_initial_weights(train_family.FAMILIES["cldlr"].build(), work / "best.pt")
+
+
+def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_it(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.registry import read_manifest
+    from models.training.external import main as external_main
+
+    root = tmp_path / "datasets"
+    shutil.copytree(tiny_busbra / "busbra", root / "busbra")
+    with (DATASETS / "busi" / "labels.csv").open(newline="") as handle:
+        busi_rows = list(csv.DictReader(handle))
+    chosen = [
+        row
+        for split, count in (("train", 4), ("val", 2))
+        for label in ("benign", "malignant")
+        for row in [r for r in busi_rows if r["label"] == label and split_for("busi", r["id"], r) == split][:count]
+    ]
+    (root / "busi" / "images").mkdir(parents=True)
+    (root / "busi" / "masks").mkdir()
+    for row in chosen:
+        shutil.copy(DATASETS / "busi" / "images" / f"{row['id']}.png", root / "busi" / "images")
+        shutil.copy(DATASETS / "busi" / "masks" / f"{row['id']}.png", root / "busi" / "masks")
+    with (root / "busi" / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(busi_rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+
+    work, cards = tmp_path / "external", tmp_path / "cards"
+    external_main(
+        ["--holdout", "busbra", "--datasets", str(root), "--families", "dl_u,cldlr", "--work", str(work), "--cards", str(cards),
+         "--resamples", "20", "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+    )
+    entries = read_manifest(work / "weights")
+    for family in ("dl_u", "cldlr"):
+        training = entries[family].parameters["training"]
+        assert training["datasets"] == ["busi"] and training["cases"]["train"] == 8 and training["cases"]["val"] == 4
+        assert entries[family].parameters["trained_without"] == "busbra"
+    fitted = entries["consensus"].parameters["fitted"]
+    assert fitted["datasets"] == ["busi"] and fitted["cases"] == 4 and fitted["trained_without"] == "busbra"
+    report = json.loads((work / "evaluation" / "report.json").read_text())
+    assert report["split"] == "all" and set(report["families"]) == {"consensus", "dl_u", "cldlr", "birads_reader"}
+    assert all(body["classification"]["all"]["n"] == 16 for body in report["families"].values())  # every busbra image, test fold included
+    card = (cards / "without_busbra.md").read_text()
+    assert card.startswith("# External validation: trained without busbra") and entries["consensus"].sha256 in card
+    assert "`dl_u`: trained on 8 lesions (4 malignant) of busi; 4 for validation (2 malignant)" in card
+    assert "## birads_reader" in card and "Not a model" in card  # the radiologists' categories of the same lesions
+
+
+def test_birads_auxiliary_and_weight_averaging_train_and_are_recorded_in_the_export(tiny_busbra: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    samples = train_family.split_samples(train_family.FAMILIES["dl_u"], tiny_busbra)
+    targets = train_family.birads_targets(samples["train"])
+    categories = [s.record.birads for s in samples["train"]]
+    expected = {"2": [0, 0, 0], "3": [1, 0, 0], "4": [1, 1, 0], "5": [1, 1, 1]}
+    assert targets.tolist() == [expected[c[:1]] for c in categories]
+    work, models = tmp_path / "work", tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(work), "--output", str(models),
+         "--epochs", "2", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--birads-aux", "0.5", "--swa-epochs", "2"]
+    )
+    swa = torch.load(work / "swa.pt", weights_only=False)
+    assert swa["final"] and swa["epochs"] == [0, 1] and 0.0 <= swa["score"] <= 1.0
+    assert train_family.chosen_checkpoint(work) == work / "swa.pt"
+    training = read_manifest(models)["dl_u"].parameters["training"]
+    assert training["weight_average"]["epochs"] == [0, 1] and training["best_epoch"] == 1
+    assert training["birads_auxiliary"]["weight"] == 0.5
+
+
+def test_weight_average_is_the_running_mean_and_counts_an_epoch_once(tmp_path: Path) -> None:
+    import torch
+
+    from models.training.train_family import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    average = WeightAverage(tmp_path)
+    for epoch, value in enumerate((1.0, 2.0, 6.0)):
+        torch.nn.init.constant_(layer.weight, value)
+        average.add(layer, epoch)
+    average.add(layer, 2)  # a resumed run repeating its last epoch
+    resumed = WeightAverage(tmp_path)
+    assert resumed.epochs == [0, 1, 2] and torch.allclose(resumed.mean["weight"], torch.full((1, 2), 3.0))

@@ -1,0 +1,107 @@
+"""External validation in one command: train without a dataset, test on all of it.
+
+``breastai train external --holdout busbra`` trains each consensus member
+with ``--holdout busbra`` (:func:`models.training.train_family.split_samples`
+drops that dataset from training and validation), fits their consensus on the
+validation split of the remaining datasets, scores every model as served on
+*all* images of the held-out dataset (``breastai evaluate DATA/busbra --split
+all``), and writes one card, ``models/cards/external/without_<holdout>.md``.
+
+Nothing of the held-out dataset takes part in training, in the choice of the
+checkpoint, or in either operating point. Each step is resumable: the family
+recipes keep their checkpoints (default ``runs/families/FAMILY-without-HOLDOUT``)
+and a rerun continues where the last one stopped. The weights stay in
+``runs/external-HOLDOUT/weights`` and are not shipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.cards import external_card
+from models.training.fit_consensus import DEFAULT_MEMBERS, fit_consensus
+
+
+def run_external(
+    datasets: Path,
+    holdout: str,
+    families: Sequence[str],
+    work: Path | None,
+    cards: Path | None,
+    train_options: Sequence[str] = (),
+    resamples: int = 1000,
+) -> dict[str, Any]:
+    """Train ``families`` without ``holdout``, fit their consensus, evaluate on all of ``holdout``.
+
+    Returns
+    -------
+    dict
+        The evaluation report (also written, with its PNGs, to
+        ``<work>/evaluation``); the card goes to ``cards/without_<holdout>.md``
+        when ``cards`` is given.
+
+    Raises
+    ------
+    SystemExit
+        ``holdout`` is not a dataset folder under ``datasets``.
+    """
+    from models.evaluate import READER_ROLE, evaluate
+    from models.training import train_family
+
+    if not (datasets / holdout / "labels.csv").is_file():
+        raise SystemExit(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
+    root = work or Path(f"runs/external-{holdout}")
+    weights = root / "weights"
+    for family in families:
+        family_work = ["--work", str(root / family)] if work is not None else []
+        train_family.main([family, "--datasets", str(datasets), "--holdout", holdout, "--output", str(weights), *family_work, *train_options])
+    roles = list(families)
+    if len(families) > 1:
+        fit_consensus(datasets, weights, families, holdout)
+        roles = ["consensus", *families]
+    report = evaluate(datasets / holdout, weights, roles, "all", root / "evaluation", resamples=resamples)
+    if cards is not None:
+        cards.mkdir(parents=True, exist_ok=True)
+        recipe = f"breastai train external --holdout {holdout} --families {','.join(families)}"
+        shown = [*roles, READER_ROLE] if READER_ROLE in report["families"] else roles
+        (cards / f"without_{holdout}.md").write_text(external_card(report, shown, holdout, recipe, _training_notes(weights, families)))
+    return report
+
+
+def _training_notes(weights: Path, families: Sequence[str]) -> list[str]:
+    """One line per family: lesions it was trained and validated on, and the epoch validation chose."""
+    manifest = json.loads((weights / "manifest.json").read_text())["models"]
+    lines = []
+    for family in families:
+        training = manifest[family]["parameters"]["training"]
+        cases, positives = training["cases"], training["positives"]
+        lines.append(
+            f"`{family}`: trained on {cases['train']} lesions ({positives['train']} malignant) of {', '.join(training['datasets'])}; "
+            f"{cases['val']} for validation ({positives['val']} malignant), which chose epoch {training['best_epoch']} of {training['epochs']}."
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--holdout", required=True, help="the dataset left out of training and tested on in full (e.g. busbra)")
+    parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
+    parser.add_argument("--families", default=",".join(DEFAULT_MEMBERS), help="benign/malignant US families; more than one also gets a consensus")
+    parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints, weights and the evaluation (default: runs/families/FAMILY-without-HOLDOUT and runs/external-HOLDOUT)")
+    parser.add_argument("--cards", type=Path, default=Path(__file__).resolve().parents[1] / "cards" / "external", help="where the card is written")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    args, train_options = parser.parse_known_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    report = run_external(args.datasets, args.holdout, families, args.work, args.cards, train_options, args.resamples)
+    for role, body in report["families"].items():
+        overall = body.get("classification", {}).get("all", {})
+        if overall:
+            print(f"{role}: AUC {overall['auc']:.3f} on all {overall['n']} lesions of {args.holdout}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
