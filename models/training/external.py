@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def run_external(
     SystemExit
         ``holdout`` is not a dataset folder under ``datasets``.
     """
-    from models.evaluate import READER_ROLE, evaluate
+    from models.evaluate import evaluate
     from models.training import train_family
 
     if not (datasets / holdout / "labels.csv").is_file():
@@ -65,11 +66,25 @@ def run_external(
         roles = ["consensus", *families]
     report = evaluate(datasets / holdout, weights, roles, "all", root / "evaluation", resamples=resamples)
     if cards is not None:
-        cards.mkdir(parents=True, exist_ok=True)
-        recipe = f"breastai train external --holdout {holdout} --families {','.join(families)}"
-        shown = [*roles, READER_ROLE] if READER_ROLE in report["families"] else roles
-        (cards / f"without_{holdout}.md").write_text(external_card(report, shown, holdout, recipe, _training_notes(weights, families)))
+        write_external_card(report, root, holdout, families, cards)
     return report
+
+
+def write_external_card(report: dict[str, Any], root: Path, holdout: str, families: Sequence[str], cards: Path) -> Path:
+    """``cards/without_<holdout>.md`` and its ROC plot from the run in ``root`` (weights and evaluation)."""
+    from models.evaluate import READER_ROLE
+
+    cards.mkdir(parents=True, exist_ok=True)
+    roles = [role for role in ("consensus", *families, READER_ROLE) if role in report["families"]]
+    recipe = f"breastai train external --holdout {holdout} --families {','.join(families)}"
+    notes = _training_notes(root / "weights", families)
+    roc = root / "evaluation" / "roc_malignancy.png"
+    if roc.is_file():
+        shutil.copyfile(roc, cards / f"roc_without_{holdout}.png")
+        notes.append(f"ROC curves of every model above: `roc_without_{holdout}.png`.")
+    card = cards / f"without_{holdout}.md"
+    card.write_text(external_card(report, roles, holdout, recipe, notes))
+    return card
 
 
 def _training_notes(weights: Path, families: Sequence[str]) -> list[str]:
