@@ -333,4 +333,6 @@ def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str,
             lines += [f"{families[role]['model']['name']}. {families[role]['reference']}", ""]
     for task, comparisons in report.get("comparisons", {}).items():
         lines += [report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"), ""]
+    for task, comparisons in report.get("comparisons_with_readers", {}).items():
+        lines += [report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}"), ""]
     return "\n".join(lines)

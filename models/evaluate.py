@@ -289,11 +289,19 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         modality = str(entries[family].parameters.get("modality", "US")) if family in entries else "US"
         key = cases[0].score.task if modality == "US" else f"{modality.lower()}_{cases[0].score.task}"
         by_task.setdefault(key, {})[family] = cases
-    report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in by_task.items() if len(group) > 1}
+    # The readers are compared with each family on its own (Holm over those pairs), not mixed into the families' tests.
+    models_only = {task: {f: c for f, c in group.items() if f != READER_ROLE} for task, group in by_task.items()}
+    report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in models_only.items() if len(group) > 1}
+    report["comparisons_with_readers"] = {
+        task: compare_families({f: _predictions(c) for f, c in group.items()}, reference=READER_ROLE)
+        for task, group in by_task.items()
+        if READER_ROLE in group and len(group) > 1
+    }
     for task, group in by_task.items():
         curves = {f: ([c.label for c in cases], [c.score.probability for c in cases]) for f, cases in group.items()}
         save_roc_png(output / f"roc_{task}.png", curves, title=f"ROC, {task}")
-        save_reliability_png(output / f"reliability_{task}.png", curves, title=f"Calibration, {task}")
+        # The readers' "probabilities" are the Atlas's category midpoints: no calibration to show.
+        save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
     if "dlr_lh" in scored and "dlr_bm" in scored:
         report["four_a_co_decision"] = four_a_tally(scored["dlr_lh"], scored["dlr_bm"])
     if SEGMENTER_ROLE in entries:
@@ -315,6 +323,8 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             markdown.append(report_markdown(comparisons=body["variants"], title=f"{family}: the paper's comparison models"))
     for task, comparisons in report["comparisons"].items():
         markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"))
+    for task, comparisons in report["comparisons_with_readers"].items():
+        markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}"))
     (output / "report.md").write_text("\n\n".join(markdown) + "\n")
     return report
 

@@ -206,7 +206,7 @@ def classification_report(
 # ---------------------------------------------------------------- model comparison
 
 
-def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, level: float = 0.95) -> list[JsonDict]:
+def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, level: float = 0.95, reference: str | None = None) -> list[JsonDict]:
     """Pairwise DeLong tests (DeLong et al. 1988) between model families on their common cases.
 
     Parameters
@@ -216,6 +216,9 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
         the cases both predicted, so different pairs may use different cases.
     level : float
         Coverage of the Wald interval of the AUC difference.
+    reference : str, optional
+        Test only the pairs that include this family (each model against one
+        reference, e.g. the readers), and Holm-adjust over those.
 
     Returns
     -------
@@ -241,6 +244,8 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
 
     results: list[JsonDict] = []
     for family_a, family_b in combinations(by_family, 2):
+        if reference is not None and reference not in (family_a, family_b):
+            continue
         cases_a, cases_b = by_family[family_a], by_family[family_b]
         common = sorted(cases_a.keys() & cases_b.keys())
         disagreeing = sum(cases_a[case_id].label != cases_b[case_id].label for case_id in common)

@@ -154,7 +154,8 @@ def test_the_radiologists_birads_is_reported_beside_the_families_on_the_same_les
     assert (overall["n"], overall["n_positive"]) == (6, 3)
     assert overall["auc"] == 1.0  # 4, 4c and 5 (malignant) above 2, 3 and 4a (benign)
     assert overall["sensitivity"] == 1.0 and overall["specificity"] == pytest.approx(2 / 3)  # 4a: biopsy recommended
-    (comparison,) = report["comparisons"]["malignancy"]
+    assert "malignancy" not in report["comparisons"]  # one model: nothing to compare among the models
+    (comparison,) = report["comparisons_with_readers"]["malignancy"]
     assert {comparison["family_a"], comparison["family_b"]} == {"dl_u", "birads_reader"} and comparison["n_common"] == 6
     with (out / "predictions.csv").open(newline="") as handle:
         reader_rows = [r for r in csv.DictReader(handle) if r["family"] == "birads_reader"]

@@ -125,6 +125,11 @@ def test_compare_families_on_common_cases() -> None:
     # Holm over three tests: the smallest p is multiplied by 3.
     smallest = min(comparisons, key=lambda entry: entry["p_value"])
     assert smallest["p_value_holm"] == pytest.approx(min(1.0, 3 * smallest["p_value"]))
+    # Against one reference only: the two pairs that include it, Holm over those two.
+    against = compare_families({"strong": strong, "weak": weak, "partial": partial}, reference="weak")
+    assert [(entry["family_a"], entry["family_b"]) for entry in against] == [("strong", "weak"), ("weak", "partial")]
+    assert against[0]["p_value"] == pytest.approx(expected.p_value)
+    assert min(e["p_value_holm"] for e in against) == pytest.approx(min(1.0, 2 * min(e["p_value"] for e in against)))
 
 
 def test_compare_families_reports_untestable_pairs_and_label_conflicts() -> None:
