@@ -50,11 +50,11 @@ def run_external(
     SystemExit
         ``holdout`` is not a dataset folder under ``datasets``.
     """
+    if not (datasets / holdout / "labels.csv").is_file():
+        raise SystemExit(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
     from models.evaluate import evaluate
     from models.training import train_family
 
-    if not (datasets / holdout / "labels.csv").is_file():
-        raise SystemExit(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
     root = work or Path(f"runs/external-{holdout}")
     weights = root / "weights"
     for family in families:

@@ -161,3 +161,11 @@ def test_the_radiologists_birads_is_reported_beside_the_families_on_the_same_les
         reader_rows = [r for r in csv.DictReader(handle) if r["family"] == "birads_reader"]
     assert sorted(r["id"] for r in reader_rows) == ["case0", "case1", "case2", "case3", "case4", "case7"]
     assert "Not a model" in (out / "report.md").read_text()
+
+
+def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: Path) -> None:
+    from models.training.external import main as external_main
+
+    with pytest.raises(SystemExit, match="not a dataset folder"):
+        external_main(["--holdout", "busbra", "--datasets", str(tmp_path), "--cards", str(tmp_path / "cards")])
+    assert not (tmp_path / "cards").exists()
