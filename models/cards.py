@@ -63,6 +63,19 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
 }
 
 
+def _near_duplicate_note(training: Mapping[str, Any]) -> str:
+    """What the card says about BUSI's near-duplicate scans, by the split rule the model was trained under."""
+    if training.get("split_rule"):
+        return (
+            "Groups of near-duplicate scans (`models/training/near_duplicates.csv`) that would straddle two splits, "
+            "or that carry conflicting labels, took no part; the rest count as one patient in the statistics."
+        )
+    return (
+        "Trained before near-duplicate scans were grouped: some BUSI training images have a copy in the test split. "
+        "The metrics below leave those copies out (`models/training/near_duplicates.csv`), so they are measured on unseen scans."
+    )
+
+
 def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
     """Title, identity, files with their sha256, intended use, and the "Model" heading every card starts with."""
     lines = [
@@ -109,7 +122,8 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         "",
         f"Datasets: {', '.join(training.get('datasets', []))}. Task: `{parameters.get('task')}`. "
         "Split: BUS-BRA by its patient-level fold (fold 4 = test; one case in ten of folds 1-3 = validation); "
-        "BUSI and BrEaST by a stable hash of the image id (20 % test, 10 % validation); mini-MIAS by woman (image pair).",
+        "BUSI and BrEaST by a stable hash of the image id (20 % test, 10 % validation); mini-MIAS by woman (image pair). "
+        + _near_duplicate_note(training),
         "",
         "| split | lesions | positive |",
         "|---|---:|---:|",

@@ -5,15 +5,25 @@ works, so a site can evaluate on data of its own.
 
 Split rule (documented in every model card): BUS-BRA by its patient-level
 ``fold`` column (fold 4 held out as test; one case in ten of folds 1-3 for
-validation); BUSI and BrEaST-Lesions have one image per lesion, so they are
-split by a stable hash of the image id (20 % test, 10 % validation).
+validation); other folders by a stable hash of the ``case`` column where
+they have one, else of the image id (20 % test, 10 % validation).
+
+BUSI holds some scans more than once (re-cropped copies, neighbouring cine
+frames), which a split by image id scatters over train and test. The groups
+``scripts/find_near_duplicates.py`` found are listed in
+``near_duplicates.csv`` beside this module. A group whose members the rule
+above put in more than one split, or that carries conflicting labels, is
+left out of every split (split ``"excluded"``): moving it whole into one
+split instead would put images that the published models trained on into
+their test set. The other groups share one ``patient``, so that the
+bootstrap and DeLong statistics count each scan once.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -21,6 +31,10 @@ import numpy as np
 import numpy.typing as npt
 
 US_DATASETS = ("busi", "busbra", "breast_lesions")
+EXCLUDED = "excluded"  # the split of near-duplicate groups that straddle splits or disagree on the label
+NEAR_DUPLICATES = Path(__file__).with_name("near_duplicates.csv")
+# Recorded with every export; bump when the rule changes, so that a card can tell which rule a model was trained under.
+SPLIT_RULE = "2: BUS-BRA by fold and case; others by case or image id; straddling near-duplicate groups excluded"
 LABEL_COLUMNS = {"busi": "label", "busbra": "pathology", "breast_lesions": "classification"}
 
 
@@ -51,7 +65,8 @@ def split_for(dataset: str, image_id: str, row: dict[str, str]) -> str:
         if row["fold"] == "4":
             return "test"
         return "val" if _bucket(f"busbra-case-{row['case']}") == 0 else "train"
-    bucket = _bucket(f"{dataset}-{image_id}")
+    # Keyed by image id where there is no case, as every published model's split was.
+    bucket = _bucket(f"{dataset}-case-{row['case']}" if row.get("case") else f"{dataset}-{image_id}")
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
 
@@ -86,8 +101,37 @@ def birads_high(birads: str) -> int | None:
     return 1 if category in "45" else 0 if category in "23" else None
 
 
-def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Record]:
-    """List every image of the named datasets under ``root``."""
+def near_duplicate_groups(path: Path = NEAR_DUPLICATES) -> dict[tuple[str, str], str]:
+    """``(dataset, image id) -> group`` from the committed list (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        return {(row["dataset"], row["id"]): row["group"] for row in csv.DictReader(handle)}
+
+
+def apply_near_duplicates(records: list[Record], groups: dict[tuple[str, str], str]) -> list[Record]:
+    """Give each near-duplicate group one patient, and exclude the groups the split rule cannot keep whole.
+
+    A group is excluded (split :data:`EXCLUDED`) when its members fall in
+    more than one split or disagree on the label; see the module docstring.
+    """
+    members: dict[str, list[Record]] = {}
+    for record in records:
+        group = groups.get((record.dataset, record.image_id))
+        if group is not None:
+            members.setdefault(group, []).append(record)
+    replaced: dict[tuple[str, str], Record] = {}
+    for group, grouped in members.items():
+        straddles = len({r.split for r in grouped}) > 1 or len({r.malignant for r in grouped}) > 1
+        for record in grouped:
+            replaced[(record.dataset, record.image_id)] = replace(
+                record, patient=group, split=EXCLUDED if straddles else record.split
+            )
+    return [replaced.get((r.dataset, r.image_id), r) for r in records]
+
+
+def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path = NEAR_DUPLICATES) -> list[Record]:
+    """List every image of the named datasets under ``root``, near-duplicates grouped (:func:`apply_near_duplicates`)."""
     records: list[Record] = []
     for dataset in datasets:
         folder = root / dataset
@@ -118,7 +162,7 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS) -> list[Re
                 )
     if not records:
         raise FileNotFoundError(f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, masks/)")
-    return records
+    return apply_near_duplicates(records, near_duplicate_groups(near_duplicates))
 
 
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:

@@ -29,6 +29,7 @@ from models.evaluation import youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
 from models.families.onnx_export import export_graph
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+from models.training.data import SPLIT_RULE
 from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, chosen_checkpoint, clinical_features, load_best
 
 VERSION = "0.5.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32
@@ -206,6 +207,8 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "datasets": [d for d in spec.datasets if any(s.record.dataset == d for s in samples["train"])],
             "cases": {split: len(items) for split, items in samples.items()},
             "positives": {split: sum(item.label for item in items) for split, items in samples.items()},
+            # Which split rule made these counts (models/training/data.py); absent: before near-duplicates were grouped.
+            "split_rule": SPLIT_RULE,
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,

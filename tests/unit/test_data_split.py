@@ -1,0 +1,85 @@
+"""The split rule: patients and near-duplicate scans never straddle train, validation and test."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.training.data import EXCLUDED, NEAR_DUPLICATES, Record, apply_near_duplicates, load_records, split_for
+
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+def _record(image_id: str, split: str, malignant: int | None = 0) -> Record:
+    return Record("busi", image_id, Path(f"{image_id}.png"), None, malignant, f"busi-{image_id}", "busi", split)
+
+
+def test_a_group_that_straddles_splits_or_labels_is_left_out_and_one_that_does_not_is_one_patient() -> None:
+    records = [
+        _record("a1", "train"), _record("a2", "test"),  # copies in train and test
+        _record("b1", "train", 0), _record("b2", "train", 1),  # one scan called benign and malignant
+        _record("c1", "test"), _record("c2", "test"),  # copies inside the test split
+        _record("d", "val"),  # no copy
+    ]
+    groups = {("busi", "a1"): "g-a", ("busi", "a2"): "g-a", ("busi", "b1"): "g-b", ("busi", "b2"): "g-b", ("busi", "c1"): "g-c", ("busi", "c2"): "g-c"}
+    result = {r.image_id: r for r in apply_near_duplicates(records, groups)}
+    assert [result[i].split for i in ("a1", "a2", "b1", "b2")] == [EXCLUDED] * 4
+    assert (result["c1"].split, result["c2"].split) == ("test", "test") and result["c1"].patient == result["c2"].patient == "g-c"
+    assert result["d"] == records[-1]
+    assert [r.image_id for r in apply_near_duplicates(records, groups)] == [r.image_id for r in records]  # order kept
+
+
+def test_a_site_folder_with_a_case_column_keeps_each_patient_in_one_split(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "masks").mkdir()
+    rows = []
+    for patient in range(40):
+        for view in range(3):
+            image_id = f"p{patient}-v{view}"
+            cv2.imwrite(str(site / "images" / f"{image_id}.png"), np.full((8, 8), 100, np.uint8))
+            rows.append({"id": image_id, "case": f"p{patient}", "label": "benign"})
+    with (site / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "case", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    records = load_records(tmp_path, ("site",))
+    splits: dict[str, set[str]] = {}
+    for record in records:
+        splits.setdefault(record.patient, set()).add(record.split)
+    assert all(len(s) == 1 for s in splits.values()) and len(splits) == 40
+    assert {s for v in splits.values() for s in v} == {"train", "val", "test"}
+    # Without a case column the rule is unchanged: by image id, as the published models were split.
+    assert split_for("busi", "busi_benign_001", {"id": "busi_benign_001"}) == split_for("busi", "busi_benign_001", {"id": "busi_benign_001", "case": ""})
+
+
+def test_the_committed_near_duplicate_list_names_images_that_exist() -> None:
+    with NEAR_DUPLICATES.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(int(r["group_size"]) >= 2 for r in rows)
+    sizes: dict[str, int] = {}
+    for r in rows:
+        sizes[r["group"]] = sizes.get(r["group"], 0) + 1
+    assert all(sizes[r["group"]] == int(r["group_size"]) for r in rows)
+    if not (DATASETS / "busi" / "labels.csv").is_file():
+        pytest.skip("the development datasets are not here")
+    for dataset in {r["dataset"] for r in rows}:
+        with (DATASETS / dataset / "labels.csv").open(newline="") as handle:
+            ids = {row["id"] for row in csv.DictReader(handle)}
+        assert {r["id"] for r in rows if r["dataset"] == dataset} <= ids
+
+
+def test_no_near_duplicate_group_reaches_two_splits_of_the_development_data() -> None:
+    if not (DATASETS / "busi" / "labels.csv").is_file():
+        pytest.skip("the development datasets are not here")
+    records = load_records(DATASETS)
+    by_patient: dict[str, set[str]] = {}
+    for record in records:
+        by_patient.setdefault(record.patient, set()).add(record.split)
+    assert all(len(splits) == 1 for splits in by_patient.values())
+    excluded = [r for r in records if r.split == EXCLUDED]
+    assert excluded and {r.dataset for r in excluded} == {"busi"}
