@@ -45,8 +45,13 @@ from models.findings import FamilyScore, ModelInfo
 from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
-from models.training.data import Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
+from models.training.data import EXCLUDED, Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
 
+STATISTICS_NOTE = (
+    "AUC intervals: percentile bootstrap over patients (all images of one patient, or one group of near-duplicate "
+    "images, drawn together); DeLong tests with Obuchowski's (1997) clustered covariance; near-duplicate groups that "
+    "straddle splits or disagree on the label are left out (models/training/near_duplicates.csv)"
+)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,11 @@ def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[Segmen
         predicted = np.zeros(truth.shape, dtype=bool)
         for component in segment_lesions(segmenter, entry, refiner, gray):
             predicted |= component.mask
-        rows.append(SegmentationRow(record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth)))
+        rows.append(
+            SegmentationRow(
+                record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth), record.patient
+            )
+        )
     return rows
 
 
@@ -199,7 +208,7 @@ def birads_reader(cases: Sequence[ScoredCase]) -> list[ScoredCase]:
 
 
 def _predictions(cases: Sequence[ScoredCase]) -> list[CasePrediction]:
-    return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability) for c in cases]
+    return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability, c.record.patient) for c in cases]
 
 
 VARIANT_SUFFIX = "_only_probability"
@@ -217,7 +226,7 @@ def variant_predictions(cases: Sequence[ScoredCase]) -> dict[str, list[CasePredi
         values = [c.score.details.get(key) for c in cases]
         if all(isinstance(v, float) for v in values):
             variants[f"{key.removesuffix(VARIANT_SUFFIX)} only"] = [
-                CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, float(v))
+                CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, float(v), c.record.patient)
                 for c, v in zip(cases, values)
                 if isinstance(v, float)
             ]
@@ -238,12 +247,21 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         records = load_records(root, names) if names else []
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"breastai evaluate: {exc}") from exc
-    if split != "all":
-        records = [r for r in records if r.split == split]
+    excluded = sum(r.split == EXCLUDED for r in records)
+    records = [r for r in records if r.split != EXCLUDED and (split == "all" or r.split == split)]
     us_lesions = lesion_boxes(records)
-    mg_lesions = [(r, box) for r, box in mias_findings(root) if split == "all" or r.split == split]
+    # mini-MIAS only where it was asked for: the folder itself, or a root that holds it.
+    mias_asked = data.name == "mias" or not (data / "labels.csv").is_file()
+    mg_lesions = [(r, box) for r, box in (mias_findings(root) if mias_asked else []) if split == "all" or r.split == split]
     output.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"data": str(data), "split": split, "images": len(records), "families": {}}
+    report: dict[str, Any] = {
+        "data": str(data),
+        "split": split,
+        "images": len(records),
+        "excluded_near_duplicates": excluded,
+        "statistics": STATISTICS_NOTE,
+        "families": {},
+    }
     scored: dict[str, list[ScoredCase]] = {}
     members_only: dict[str, list[ScoredCase]] = {}  # scored for a consensus but not asked for
     for family in families:
@@ -304,8 +322,9 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
     if "dlr_lh" in scored and "dlr_bm" in scored:
         report["four_a_co_decision"] = four_a_tally(scored["dlr_lh"], scored["dlr_bm"])
-    if SEGMENTER_ROLE in entries:
-        report["segmentation"] = segmentation_report(segmentation_rows(model_dir, records), resamples=resamples)
+    outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
+    if outlined:  # a mammography-only folder has no ultrasound masks to score
+        report["segmentation"] = segmentation_report(outlined, resamples=resamples)
     with (output / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["family", "id", "dataset", "device", "label", "probability", "positive"])

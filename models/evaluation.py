@@ -104,6 +104,73 @@ def _placements(labels: IntArray, scores: FloatArray) -> tuple[FloatArray, Float
     return positive_placements, negative_placements
 
 
+def _cluster_codes(clusters: npt.ArrayLike | None, length: int) -> IntArray | None:
+    """Integer codes 0..K-1 of the cluster (patient) of each case, or None when cases are independent."""
+    if clusters is None:
+        return None
+    values = np.asarray(clusters)
+    if values.shape != (length,):
+        raise ValueError(f"clusters must have one entry per case ({length}), got shape {values.shape}")
+    _, codes = np.unique(values, return_inverse=True)
+    return np.asarray(codes.reshape(-1), dtype=np.int64)
+
+
+def _cluster_members(codes: IntArray) -> list[IntArray]:
+    """Case indices of each cluster, in code order."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.cumsum(np.bincount(codes))[:-1]
+    return [np.asarray(part, dtype=np.int64) for part in np.split(order, bounds)]
+
+
+def _clustered_covariance(
+    codes: IntArray, labels: IntArray, placements: Sequence[tuple[FloatArray, FloatArray]]
+) -> FloatArray:
+    """Covariance matrix of AUC estimates from clustered cases (Obuchowski 1997).
+
+    Each model contributes its (positive, negative) placements. With cluster
+    sums V10_i, V01_i of the placements, m_i positives and n_i negatives in
+    cluster i, M and N in all, AUC estimate A, and the residuals
+    ``r_i = V10_i - m_i A``, ``s_i = V01_i - n_i A``:
+
+        cov(A_k, A_l) = I10 / ((I10 - 1) M^2) sum r_ki r_li
+                      + I01 / ((I01 - 1) N^2) sum s_ki s_li
+                      + I / ((I - 1) M N) sum (r_ki s_li + s_ki r_li)
+
+    where I10 (I01) counts clusters with a positive (negative) case and I all
+    clusters. With one case per cluster the last term vanishes and the first
+    two are DeLong's S10 / M and S01 / N.
+
+    References
+    ----------
+    N. A. Obuchowski, "Nonparametric analysis of clustered ROC curve data",
+    Biometrics 53(2):567-578, 1997.
+    """
+    positive = labels == 1
+    clusters = int(codes.max()) + 1
+    m_i = np.bincount(codes[positive], minlength=clusters).astype(np.float64)
+    n_i = np.bincount(codes[~positive], minlength=clusters).astype(np.float64)
+    big_m, big_n = float(m_i.sum()), float(n_i.sum())
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    if i10 < 2 or i01 < 2:
+        raise ValueError(f"clustered variance needs positives and negatives in at least two clusters each (got {i10}, {i01})")
+    residuals = []
+    for positive_placements, negative_placements in placements:
+        area = float(positive_placements.mean())
+        v10 = np.bincount(codes[positive], weights=positive_placements, minlength=clusters)
+        v01 = np.bincount(codes[~positive], weights=negative_placements, minlength=clusters)
+        residuals.append((v10 - m_i * area, v01 - n_i * area))
+    k = len(residuals)
+    covariance = np.empty((k, k), dtype=np.float64)
+    for a, (r_a, s_a) in enumerate(residuals):
+        for b, (r_b, s_b) in enumerate(residuals):
+            covariance[a, b] = (
+                i10 / ((i10 - 1) * big_m**2) * float(r_a @ r_b)
+                + i01 / ((i01 - 1) * big_n**2) * float(s_a @ s_b)
+                + clusters / ((clusters - 1) * big_m * big_n) * float(r_a @ s_b + s_a @ r_b)
+            )
+    return covariance
+
+
 def auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """Area under the ROC curve: the Mann-Whitney U statistic with ties counted half.
 
@@ -136,13 +203,21 @@ def auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
 
 
 def bootstrap_ci(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    clusters: npt.ArrayLike | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the AUC over cases.
+    """Percentile bootstrap confidence interval of the AUC over cases, or over clusters of them.
 
     Cases are resampled with replacement; resamples that happen to contain one
     class only are drawn again (their AUC is undefined), which conditions the
-    interval on both classes being present, as they are in the data.
+    interval on both classes being present, as they are in the data. With
+    ``clusters`` (e.g. the patient of each image), whole clusters are
+    resampled, so that several images of one patient count as one draw
+    (the cluster bootstrap; Field & Welsh 2007).
 
     Parameters
     ----------
@@ -155,6 +230,8 @@ def bootstrap_ci(
         Seed of the numpy generator, so reports are reproducible.
     level : float
         Coverage, e.g. 0.95.
+    clusters : array_like, optional
+        One cluster key per case; None treats every case as its own.
 
     Returns
     -------
@@ -165,10 +242,15 @@ def bootstrap_ci(
     s = _finite_scores(scores, y.size)
     # Checked up front: with one class the redraw loop below would never end.
     _require_both_classes(y)
+    codes = _cluster_codes(clusters, y.size)
+    members = _cluster_members(codes) if codes is not None else None
     rng = np.random.default_rng(seed)
     values: list[float] = []
     while len(values) < resamples:
-        index = rng.integers(0, len(y), len(y))
+        if members is None:
+            index = rng.integers(0, len(y), len(y))
+        else:
+            index = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
         if y[index].min() == y[index].max():
             continue
         positive_placements, _ = _placements(y[index], s[index])
@@ -178,12 +260,14 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def auc_variance_delong(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+def auc_variance_delong(labels: npt.ArrayLike, scores: npt.ArrayLike, clusters: npt.ArrayLike | None = None) -> float:
     """Variance of one AUC estimate by DeLong, DeLong & Clarke-Pearson (1988).
 
     ``Var(AUC) = S10 / m + S01 / n`` where S10 and S01 are the sample variances
     (denominators m - 1 and n - 1) of the positive and negative placements
     (see :func:`delong_test`) and m, n the numbers of positives and negatives.
+    With ``clusters``, Obuchowski's (1997) clustered form instead
+    (:func:`_clustered_covariance`).
 
     Raises
     ------
@@ -194,6 +278,9 @@ def auc_variance_delong(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     s = _finite_scores(scores, y.size)
     n_positive, n_negative = _require_both_classes(y, minimum=2)
     positive_placements, negative_placements = _placements(y, s)
+    codes = _cluster_codes(clusters, y.size)
+    if codes is not None:
+        return float(_clustered_covariance(codes, y, [(positive_placements, negative_placements)])[0, 0])
     return float(
         positive_placements.var(ddof=1) / n_positive + negative_placements.var(ddof=1) / n_negative
     )
@@ -246,7 +333,9 @@ class DeLongResult:
         return self.difference - half_width, self.difference + half_width
 
 
-def delong_test(labels: npt.ArrayLike, scores_a: npt.ArrayLike, scores_b: npt.ArrayLike) -> DeLongResult:
+def delong_test(
+    labels: npt.ArrayLike, scores_a: npt.ArrayLike, scores_b: npt.ArrayLike, clusters: npt.ArrayLike | None = None
+) -> DeLongResult:
     """Compare two AUCs on the same cases (DeLong, DeLong & Clarke-Pearson 1988).
 
     Parameters
@@ -254,6 +343,10 @@ def delong_test(labels: npt.ArrayLike, scores_a: npt.ArrayLike, scores_b: npt.Ar
     labels : array_like of {0, 1}
     scores_a, scores_b : array_like of float
         Scores of two models for the same cases, in the same order.
+    clusters : array_like, optional
+        One cluster key per case (e.g. the patient); the covariance is then
+        Obuchowski's (1997) for clustered data (:func:`_clustered_covariance`),
+        which reduces to DeLong's when every cluster holds one case.
 
     Returns
     -------
@@ -301,15 +394,20 @@ def delong_test(labels: npt.ArrayLike, scores_a: npt.ArrayLike, scores_b: npt.Ar
     positive_a, negative_a = _placements(y, a)
     positive_b, negative_b = _placements(y, b)
 
-    s10 = np.cov(np.vstack([positive_a, positive_b]), ddof=1)
-    s01 = np.cov(np.vstack([negative_a, negative_b]), ddof=1)
-    covariance = s10 / m + s01 / n
-
+    codes = _cluster_codes(clusters, y.size)
     auc_a, auc_b = float(positive_a.mean()), float(positive_b.mean())
     difference = float((positive_a - positive_b).mean())
-    variance_difference = float(
-        (positive_a - positive_b).var(ddof=1) / m + (negative_a - negative_b).var(ddof=1) / n
-    )
+    if codes is None:
+        s10 = np.cov(np.vstack([positive_a, positive_b]), ddof=1)
+        s01 = np.cov(np.vstack([negative_a, negative_b]), ddof=1)
+        covariance = s10 / m + s01 / n
+        variance_difference = float(
+            (positive_a - positive_b).var(ddof=1) / m + (negative_a - negative_b).var(ddof=1) / n
+        )
+    else:
+        covariance = _clustered_covariance(codes, y, [(positive_a, negative_a), (positive_b, negative_b)])
+        # Of the placement differences directly, as above, so identical rankings give exactly 0.
+        variance_difference = float(_clustered_covariance(codes, y, [(positive_a - positive_b, negative_a - negative_b)])[0, 0])
     standard_error = math.sqrt(max(variance_difference, 0.0))
     if standard_error > 0.0:
         z = difference / standard_error
@@ -383,17 +481,28 @@ def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray,
 # ---------------------------------------------------------------- operating point
 
 
-def mean_ci(values: npt.ArrayLike, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def mean_ci(
+    values: npt.ArrayLike, resamples: int = 1000, seed: int = 0, level: float = 0.95, clusters: npt.ArrayLike | None = None
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a mean (e.g. per-image Dice).
 
     Returns (nan, nan) for an empty input, whose mean is undefined. NaN values
     propagate; drop undefined values first (as the segmentation report does).
+    With ``clusters``, whole clusters are resampled (see :func:`bootstrap_ci`).
     """
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    codes = _cluster_codes(clusters, v.size)
+    if codes is None:
+        means = v[rng.integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    else:
+        # Cluster sums and sizes: the mean of a resample is the ratio of their totals.
+        sums = np.bincount(codes, weights=v)
+        sizes = np.bincount(codes).astype(np.float64)
+        draws = rng.integers(0, sums.size, (resamples, sums.size))
+        means = sums[draws].sum(axis=1) / sizes[draws].sum(axis=1)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -609,8 +718,9 @@ def hausdorff95(
         ``max(P95(d(A -> B)), P95(d(B -> A)))`` where d(A -> B) are the
         Euclidean distances from each surface pixel of A to the nearest surface
         pixel of B, and P95 the 95th percentile with linear interpolation. This
-        is the convention of MedPy's ``hd95`` and MONAI's
-        ``compute_hausdorff_distance(percentile=95)``. A surface pixel is a
+        is MONAI's ``compute_hausdorff_distance(percentile=95)`` (directed
+        percentiles, then the larger); MedPy's ``hd95`` takes one percentile
+        of both directions pooled, which comes out smaller. A surface pixel is a
         foreground pixel with a face-connected neighbour in the background.
 
         NaN when either mask (or both) is empty: a distance to a surface that

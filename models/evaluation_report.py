@@ -55,6 +55,11 @@ class CasePrediction:
         Ground truth, 1 positive (e.g. malignant) or 0 negative.
     score : float
         Predicted probability of the positive class, in [0, 1].
+    cluster : str
+        The patient (or other unit whose cases are not independent, e.g. a
+        group of near-duplicate images); "" for a case that is its own. The
+        bootstrap resamples clusters and DeLong uses Obuchowski's clustered
+        covariance whenever any case names one.
     """
 
     case_id: str
@@ -62,6 +67,7 @@ class CasePrediction:
     device: str
     label: int
     score: float
+    cluster: str = ""
 
     def __post_init__(self) -> None:
         # Fail at construction, where the bad row is known, not deep inside a bootstrap.
@@ -72,7 +78,7 @@ class CasePrediction:
 
 
 class SegmentationRow(NamedTuple):
-    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask)."""
+    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask); cluster as in :class:`CasePrediction`."""
 
     case_id: str
     dataset: str
@@ -80,6 +86,14 @@ class SegmentationRow(NamedTuple):
     dice: float
     iou: float
     hd95: float
+    cluster: str = ""
+
+
+def _clusters(cases: Sequence[CasePrediction] | Sequence[SegmentationRow]) -> list[str] | None:
+    """Each case's cluster (itself where it names none), or None when no case names one."""
+    if not any(case.cluster for case in cases):
+        return None
+    return [case.cluster or f"case:{case.case_id}" for case in cases]
 
 
 def _json_number(value: float) -> float | None:
@@ -122,7 +136,7 @@ def _classification_group(
     interval: list[float] | None = None
     if n_positive and n_negative:
         area = auc(labels, scores)
-        interval = list(bootstrap_ci(labels, scores, resamples=resamples, seed=seed, level=level))
+        interval = list(bootstrap_ci(labels, scores, resamples=resamples, seed=seed, level=level, clusters=_clusters(cases)))
         if min(n_positive, n_negative) < SMALL_CLASS_COUNT:
             notes.append(
                 f"fewer than {SMALL_CLASS_COUNT} cases of one class "
@@ -168,7 +182,8 @@ def classification_report(
         Operating point: ``score >= threshold`` is called positive. Choose it
         on validation data, never on the cases reported here.
     resamples, seed, level : int, int, float
-        Percentile bootstrap of the AUC over cases (Efron & Tibshirani 1993).
+        Percentile bootstrap of the AUC over cases (Efron & Tibshirani 1993),
+        or over clusters where the cases name them (:class:`CasePrediction`).
     calibration_bins : int
         Equal-width bins of the expected calibration error.
 
@@ -176,7 +191,7 @@ def classification_report(
     -------
     dict
         JSON-serialisable: ``{"threshold", "level", "resamples", "seed",
-        "calibration_bins", "all": group, "by_dataset": {name: group},
+        "calibration_bins", "resampled" (cases or patients), "all": group, "by_dataset": {name: group},
         "by_device": {name: group}}``, where a group holds ``n``,
         ``n_positive``, ``n_negative``, ``auc``, ``auc_ci`` ([low, high]),
         ``sensitivity``, ``specificity``, ``ppv``, ``npv``, ``accuracy``,
@@ -197,6 +212,7 @@ def classification_report(
         "resamples": resamples,
         "seed": seed,
         "calibration_bins": calibration_bins,
+        "resampled": "cases" if _clusters(cases) is None else "patients (each patient's images drawn together)",
         "all": group(cases),
         "by_dataset": {name: group(members) for name, members in _grouped(cases, lambda c: c.dataset).items()},
         "by_device": {name: group(members) for name, members in _grouped(cases, lambda c: c.device).items()},
@@ -273,16 +289,20 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
             "p_value_holm": None,
             "note": None,
         }
-        if n_positive < 2 or n_negative < 2:
+        clusters = _clusters([cases_a[case_id] for case_id in common])
+        positive_units = len({clusters[i] for i in np.flatnonzero(labels == 1)}) if clusters else n_positive
+        negative_units = len({clusters[i] for i in np.flatnonzero(labels == 0)}) if clusters else n_negative
+        if min(positive_units, negative_units) < 2:
             entry["note"] = (
-                f"not tested: DeLong needs at least 2 positive and 2 negative common cases "
-                f"(got {n_positive} positive, {n_negative} negative)"
+                f"not tested: DeLong needs at least 2 positive and 2 negative common cases"
+                f"{', from 2 patients or more each' if clusters else ''} (got {n_positive} positive, {n_negative} negative)"
             )
         else:
             result = delong_test(
                 labels,
                 [cases_a[case_id].score for case_id in common],
                 [cases_b[case_id].score for case_id in common],
+                clusters=clusters,
             )
             entry.update(
                 auc_a=result.auc_a,
@@ -311,9 +331,10 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
 # ---------------------------------------------------------------- segmentation
 
 
-def _mean_summary(values: Sequence[float], resamples: int, seed: int, level: float) -> JsonDict:
+def _mean_summary(values: Sequence[float], resamples: int, seed: int, level: float, clusters: Sequence[str] | None = None) -> JsonDict:
     array = np.asarray(values, dtype=np.float64)
-    defined = array[np.isfinite(array)]
+    finite = np.isfinite(array)
+    defined = array[finite]
     summary: JsonDict = {
         "mean": None,
         "ci": None,
@@ -326,21 +347,23 @@ def _mean_summary(values: Sequence[float], resamples: int, seed: int, level: flo
         summary["median"] = float(np.median(defined))
     # Resampling a single value gives a zero-width interval that would look like certainty.
     if defined.size >= 2:
-        summary["ci"] = list(mean_ci(defined, resamples=resamples, seed=seed, level=level))
+        kept = None if clusters is None else [cluster for cluster, ok in zip(clusters, finite, strict=True) if ok]
+        summary["ci"] = list(mean_ci(defined, resamples=resamples, seed=seed, level=level, clusters=kept))
     return summary
 
 
 def _segmentation_group(rows: Sequence[SegmentationRow], resamples: int, seed: int, level: float) -> JsonDict:
+    clusters = _clusters(rows)
     return {
         "n": len(rows),
-        "dice": _mean_summary([row.dice for row in rows], resamples, seed, level),
-        "iou": _mean_summary([row.iou for row in rows], resamples, seed, level),
-        "hd95": _mean_summary([row.hd95 for row in rows], resamples, seed, level),
+        "dice": _mean_summary([row.dice for row in rows], resamples, seed, level, clusters),
+        "iou": _mean_summary([row.iou for row in rows], resamples, seed, level, clusters),
+        "hd95": _mean_summary([row.hd95 for row in rows], resamples, seed, level, clusters),
     }
 
 
 def segmentation_report(
-    rows: Iterable[tuple[str, str, str, float, float, float]],
+    rows: Iterable[tuple[str, str, str, float, float, float] | tuple[str, str, str, float, float, float, str]],
     resamples: int = 1000,
     seed: int = 0,
     *,
@@ -351,13 +374,14 @@ def segmentation_report(
 
     Parameters
     ----------
-    rows : iterable of (case_id, dataset, device, dice, iou, hd95)
-        One row per image (:class:`SegmentationRow` or a plain tuple). An
+    rows : iterable of (case_id, dataset, device, dice, iou, hd95[, cluster])
+        One row per image (:class:`SegmentationRow` or a plain tuple); images
+        of one cluster (patient) are resampled together. An
         undefined value (NaN, e.g. HD95 with an empty mask, see
         :func:`models.evaluation.hausdorff95`) is left out of that metric's
         mean and counted in its ``n_undefined``.
     resamples, seed, level : int, int, float
-        Percentile bootstrap of each mean over images.
+        Percentile bootstrap of each mean over images, or over clusters where rows name them.
     distance_unit : str
         Unit of hd95 ("px" or "mm"), carried into the report.
 
@@ -386,6 +410,7 @@ def segmentation_report(
         "resamples": resamples,
         "seed": seed,
         "hd95_unit": distance_unit,
+        "resampled": "images" if _clusters(typed) is None else "patients (each patient's images drawn together)",
         "all": _segmentation_group(typed, resamples, seed, level),
         "by_dataset": grouped(lambda row: row.dataset),
         "by_device": grouped(lambda row: row.device),
@@ -428,7 +453,7 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
     lines = [
         (
             f"Operating point: score ≥ {report['threshold']:.3f}. AUC with {level}% percentile-bootstrap interval "
-            f"({report['resamples']} resamples over cases); ECE over {report['calibration_bins']} equal-width bins."
+            f"({report['resamples']} resamples over {report.get('resampled', 'cases')}); ECE over {report['calibration_bins']} equal-width bins."
         ),
         "",
         f"| Group | n | Positive | AUC ({level}% CI) | Sensitivity | Specificity | PPV | NPV | Accuracy | Brier | ECE |",
@@ -476,7 +501,7 @@ def _segmentation_markdown(report: Mapping[str, Any]) -> list[str]:
     unit = report["hd95_unit"]
     lines = [
         (
-            f"Means with {level}% percentile-bootstrap intervals ({report['resamples']} resamples over images). "
+            f"Means with {level}% percentile-bootstrap intervals ({report['resamples']} resamples over {report.get('resampled', 'images')}). "
             "HD95 is undefined (left out) when a mask is empty."
         ),
         "",

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cards", type=Path, default=Path(__file__).resolve().parents[1] / "cards" / "external", help="where the card is written")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
     args, train_options = parser.parse_known_args(argv)
+    if any(option == "--init" or option.startswith("--init=") for option in train_options):
+        # Self-supervised pretraining (models/training/pretrain.py) sees every dataset's training images, the held-out one's too.
+        parser.error("--init is refused here: the pretrained weights have seen the held-out dataset, so the test would not be external")
     families = [f for f in args.families.split(",") if f]
     report = run_external(args.datasets, args.holdout, families, args.work, args.cards, train_options, args.resamples)
     for role, body in report["families"].items():

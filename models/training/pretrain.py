@@ -60,8 +60,12 @@ class PretrainConfig(TrainConfig):
     temperature: float
 
 
-def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train", "val")) -> list[PretrainImage]:
-    """Every ultrasound image of ``splits`` (normal ones included), with its lesion box where it has a mask."""
+def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",)) -> list[PretrainImage]:
+    """Every ultrasound image of ``splits`` (normal ones included), with its lesion box where it has a mask.
+
+    Training images only by default: the validation split later picks the
+    fine-tuned checkpoint and the operating point, and should be as unseen as the test.
+    """
     images = []
     for record in load_records(datasets, US_DATASETS):
         if record.split not in splits:

@@ -169,3 +169,30 @@ def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: 
     with pytest.raises(SystemExit, match="not a dataset folder"):
         external_main(["--holdout", "busbra", "--datasets", str(tmp_path), "--cards", str(tmp_path / "cards")])
     assert not (tmp_path / "cards").exists()
+
+
+def test_external_validation_refuses_pretrained_weights_that_saw_the_held_out_set(tmp_path: Path) -> None:
+    from models.training.external import main as external_main
+
+    with pytest.raises(SystemExit) as raised:
+        external_main(["--holdout", "busbra", "--datasets", str(tmp_path), "--init", "runs/pretrain/dl_u/encoder.pt"])
+    assert raised.value.code == 2
+
+
+def test_evaluating_one_folder_does_not_score_the_mammograms_beside_it(tmp_path: Path) -> None:
+    import json
+
+    import cv2
+
+    site = _synthetic_site(tmp_path, count=4)
+    mias = tmp_path / "mias"
+    (mias / "images").mkdir(parents=True)
+    cv2.imwrite(str(mias / "images" / "mdb001.png"), np.full((128, 128), 90, np.uint8))
+    (mias / "labels.csv").write_text("id,ref,tissue,abnormality,severity,x,y,radius,image_id\nmias_mdb001,mdb001,G,CIRC,M,64,64,20,mdb001\n")
+    out = tmp_path / "out"
+    main(["evaluate", str(site), "--split", "all", "--families", "dl_u,dl_m", "--output", str(out), "--resamples", "20"])
+    report = json.loads((out / "report.json").read_text())
+    assert "classification" in report["families"]["dl_u"]
+    assert report["families"]["dl_m"] == {"note": "no labelled lesion for this task in the data"}
+    main(["evaluate", str(mias), "--split", "all", "--families", "dl_m", "--output", str(tmp_path / "mg"), "--resamples", "20"])
+    assert json.loads((tmp_path / "mg" / "report.json").read_text())["families"]["dl_m"]["classification"]["all"]["n"] == 1

@@ -216,3 +216,26 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
         assert image is not None
         assert image.shape[:2] == (500, 500)
         assert image.std() > 10  # not a blank canvas
+
+
+def test_reports_count_a_patient_once_however_many_images_it_has() -> None:
+    rng = np.random.default_rng(11)
+    labels = (rng.random(90) < 0.45).astype(int)
+    a = 1 / (1 + np.exp(-(labels * 1.5 + rng.normal(size=90))))
+    b = 1 / (1 + np.exp(-(labels * 1.0 + rng.normal(size=90))))
+
+    def cases(scores: np.ndarray, copies: int) -> list[CasePrediction]:
+        return [
+            CasePrediction(f"img{i}-{k}", "d", "s", int(labels[i]), float(scores[i]), f"patient{i:03d}" if copies > 1 else "")
+            for i in range(90)
+            for k in range(copies)
+        ]
+
+    once = compare_families({"a": cases(a, 1), "b": cases(b, 1)})[0]
+    twice = compare_families({"a": cases(a, 2), "b": cases(b, 2)})[0]
+    assert twice["n_common"] == 180 and twice["p_value"] == pytest.approx(once["p_value"], rel=1e-8)
+    report_once = classification_report(cases(a, 1), threshold=0.5, resamples=200)
+    report_twice = classification_report(cases(a, 2), threshold=0.5, resamples=200)
+    assert report_twice["all"]["auc"] == pytest.approx(report_once["all"]["auc"])
+    # Same resampled patients, so the same interval (clusters are coded in the order of their keys).
+    assert report_twice["all"]["auc_ci"] == pytest.approx(report_once["all"]["auc_ci"])

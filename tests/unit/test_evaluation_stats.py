@@ -324,3 +324,82 @@ def test_hd95_on_full_size_masks() -> None:
 
 def test_mean_ci_of_nothing_is_undefined() -> None:
     assert all(math.isnan(bound) for bound in mean_ci([]))
+
+
+# ------------------------------------------------------------------ clustered data (Obuchowski 1997, cluster bootstrap)
+#
+# Every case copied once into its own cluster carries no more information than
+# the original cases: the clustered statistics of the copies must equal the
+# unclustered statistics of the originals, exactly.
+
+
+def _copied_twice(labels: npt.NDArray[np.int64], *scores: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]], list[str]]:
+    return np.repeat(labels, 2), [np.repeat(s, 2) for s in scores], [f"case{i:04d}" for i in np.repeat(np.arange(labels.size), 2)]
+
+
+def _correlated_scores(n: int, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.4).astype(np.int64)
+    shared = rng.normal(size=n) + 1.2 * labels
+    return labels, shared + 0.7 * rng.normal(size=n), shared + 0.9 * rng.normal(size=n)
+
+
+def test_clustered_delong_of_copied_cases_equals_delong_of_the_originals() -> None:
+    labels, a, b = _correlated_scores(120, seed=3)
+    copied_labels, (copied_a, copied_b), clusters = _copied_twice(labels, a, b)
+    original = delong_test(labels, a, b)
+    clustered = delong_test(copied_labels, copied_a, copied_b, clusters=clusters)
+    naive = delong_test(copied_labels, copied_a, copied_b)
+    assert clustered.auc_a == pytest.approx(original.auc_a) and clustered.difference == pytest.approx(original.difference)
+    assert np.allclose(clustered.covariance, original.covariance, rtol=1e-10, atol=0)
+    assert clustered.standard_error == pytest.approx(original.standard_error, rel=1e-10)
+    assert clustered.p_value == pytest.approx(original.p_value, rel=1e-8)
+    # Ignoring the clusters counts every case twice: the error shrinks by about sqrt(2).
+    assert naive.standard_error == pytest.approx(original.standard_error / math.sqrt(2), rel=0.05)
+    assert auc_variance_delong(copied_labels, copied_a, clusters=clusters) == pytest.approx(auc_variance_delong(labels, a), rel=1e-10)
+
+
+def test_clustered_delong_with_one_case_per_cluster_is_delong() -> None:
+    labels, a, b = _correlated_scores(60, seed=4)
+    plain = delong_test(labels, a, b)
+    singletons = delong_test(labels, a, b, clusters=[f"p{i}" for i in range(labels.size)])
+    assert np.allclose(singletons.covariance, plain.covariance, rtol=1e-10, atol=0)
+    assert singletons.p_value == pytest.approx(plain.p_value, rel=1e-10)
+
+
+def test_clustered_variance_counts_the_pairs_inside_a_cluster() -> None:
+    # Patients with a malignant and a benign lesion each: the cross term of Obuchowski's variance is not zero,
+    # and the clustered variance should track the spread of the AUC over resampled patients.
+    rng = np.random.default_rng(5)
+    patients = 150
+    effect = rng.normal(size=patients)  # a patient-level shift of both lesions' scores
+    labels = np.tile([1, 0], patients)
+    scores = np.repeat(effect, 2) + labels * 1.0 + 0.6 * rng.normal(size=2 * patients)
+    clusters = [f"p{i}" for i in np.repeat(np.arange(patients), 2)]
+    variance = auc_variance_delong(labels, scores, clusters=clusters)
+    members = np.arange(2 * patients).reshape(patients, 2)
+    boot = [auc(labels[idx], scores[idx]) for idx in (members[rng.integers(0, patients, patients)].ravel() for _ in range(2000))]
+    assert variance == pytest.approx(float(np.var(boot)), rel=0.15)
+    # Here the shared shift helps ranking across patients less than within them: the plain DeLong variance differs.
+    assert abs(auc_variance_delong(labels, scores) - variance) / variance > 0.15
+
+
+def test_cluster_bootstrap_of_copied_cases_equals_the_case_bootstrap_of_the_originals() -> None:
+    from models.evaluation import bootstrap_ci
+
+    labels, a, _ = _correlated_scores(80, seed=6)
+    copied_labels, (copied_a,), clusters = _copied_twice(labels, a)
+    assert bootstrap_ci(copied_labels, copied_a, resamples=300, seed=1, clusters=clusters) == pytest.approx(
+        bootstrap_ci(labels, a, resamples=300, seed=1)
+    )
+    values = np.random.default_rng(7).random(50)
+    assert mean_ci(np.repeat(values, 2), resamples=300, seed=2, clusters=[f"c{i:03d}" for i in np.repeat(np.arange(50), 2)]) == pytest.approx(
+        mean_ci(values, resamples=300, seed=2)
+    )
+
+
+def test_clusters_must_match_the_cases() -> None:
+    with pytest.raises(ValueError, match="one entry per case"):
+        delong_test([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], clusters=["a", "b"])
+    with pytest.raises(ValueError, match="at least two clusters"):
+        auc_variance_delong([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], clusters=["a", "a", "b", "a"])
