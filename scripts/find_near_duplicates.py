@@ -25,7 +25,9 @@ speckle is what only one acquisition has. Seen on the public sets: copies
 0.96-0.99, neighbouring frames of one cine 0.6-0.8, different scans with the
 same overlays 0.1-0.4. Pairs across datasets are not compared.
 I set the thresholds by looking at pairs on either side of them. The
-result is committed so that the split does not depend on OpenCV's version.
+result is committed so that the split does not depend on OpenCV's version;
+each row carries the image file's sha256, so that another folder's image
+that happens to share a name is not taken for a listed copy.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.training.data import US_DATASETS, Record, load_records, read_gray  # noqa: E402
+from models.training.data import US_DATASETS, Record, file_sha256, load_records, read_gray  # noqa: E402
 
 
 def thumbnails(images: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
@@ -121,9 +123,9 @@ def main() -> int:
 
     cv2.setRNGSeed(0)
     orb = cv2.ORB_create(1000)
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str]] = []
     for dataset in args.datasets:
-        records: list[Record] = [r for r in load_records(args.data, (dataset,))] if (args.data / dataset / "labels.csv").is_file() else []
+        records: list[Record] = load_records(args.data, (dataset,), near_duplicates=None) if (args.data / dataset / "labels.csv").is_file() else []
         if not records:
             continue
         images = [read_gray(r.image_path) for r in records]
@@ -135,12 +137,13 @@ def main() -> int:
                 pairs.append((int(a), int(b)))
         for number, group in enumerate(groups_of(pairs, len(records)), start=1):
             for index in group:
-                rows.append((dataset, f"{dataset}-copy-{number:03d}", records[index].image_id, f"{len(group)}"))
+                record = records[index]
+                rows.append((dataset, f"{dataset}-copy-{number:03d}", record.image_id, f"{len(group)}", file_sha256(record.image_path)))
         print(f"{dataset}: {len(pairs)} pairs, {len(groups_of(pairs, len(records)))} groups", file=sys.stderr)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(("dataset", "group", "id", "group_size"))
+        writer.writerow(("dataset", "group", "id", "group_size", "sha256"))
         writer.writerows(rows)
     return 0
 

@@ -101,12 +101,27 @@ def birads_high(birads: str) -> int | None:
     return 1 if category in "45" else 0 if category in "23" else None
 
 
-def near_duplicate_groups(path: Path = NEAR_DUPLICATES) -> dict[tuple[str, str], str]:
-    """``(dataset, image id) -> group`` from the committed list (empty when there is none)."""
-    if not path.is_file():
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def near_duplicate_groups(records: list[Record], path: Path | None = NEAR_DUPLICATES) -> dict[tuple[str, str], str]:
+    """``(dataset, image id) -> group`` for the records the committed list names, file content included.
+
+    A listed id counts only where the image file's sha256 is the listed one:
+    a site folder named like ours may reuse the id for another image.
+    """
+    if path is None or not path.is_file():
         return {}
     with path.open(newline="") as handle:
-        return {(row["dataset"], row["id"]): row["group"] for row in csv.DictReader(handle)}
+        listed = {(row["dataset"], row["id"]): (row["group"], row.get("sha256", "")) for row in csv.DictReader(handle)}
+    groups = {}
+    for record in records:
+        entry = listed.get((record.dataset, record.image_id))
+        if entry is not None and entry[1] == file_sha256(record.image_path):
+            groups[(record.dataset, record.image_id)] = entry[0]
+    return groups
 
 
 def apply_near_duplicates(records: list[Record], groups: dict[tuple[str, str], str]) -> list[Record]:
@@ -130,7 +145,7 @@ def apply_near_duplicates(records: list[Record], groups: dict[tuple[str, str], s
     return [replaced.get((r.dataset, r.image_id), r) for r in records]
 
 
-def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path = NEAR_DUPLICATES) -> list[Record]:
+def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path | None = NEAR_DUPLICATES) -> list[Record]:
     """List every image of the named datasets under ``root``, near-duplicates grouped (:func:`apply_near_duplicates`)."""
     records: list[Record] = []
     for dataset in datasets:
@@ -162,7 +177,7 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_dupli
                 )
     if not records:
         raise FileNotFoundError(f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, masks/)")
-    return apply_near_duplicates(records, near_duplicate_groups(near_duplicates))
+    return apply_near_duplicates(records, near_duplicate_groups(records, near_duplicates))
 
 
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:

@@ -83,3 +83,25 @@ def test_no_near_duplicate_group_reaches_two_splits_of_the_development_data() ->
     assert all(len(splits) == 1 for splits in by_patient.values())
     excluded = [r for r in records if r.split == EXCLUDED]
     assert excluded and {r.dataset for r in excluded} == {"busi"}
+
+
+def test_a_listed_id_counts_only_for_the_listed_image_file(tmp_path: Path) -> None:
+    # A site folder named "busi" that reuses a listed id for another image: that image is not a copy of anything.
+    with NEAR_DUPLICATES.open(newline="") as handle:
+        listed = [row for row in csv.DictReader(handle) if row["dataset"] == "busi"][:2]
+    site = tmp_path / "busi"
+    (site / "images").mkdir(parents=True)
+    for row in listed:
+        cv2.imwrite(str(site / "images" / f"{row['id']}.png"), np.full((16, 16), 7, np.uint8))
+    (site / "labels.csv").write_text("id,label\n" + "".join(f"{row['id']},benign\n" for row in listed))
+    records = load_records(tmp_path, ("busi",))
+    assert [r.patient for r in records] == [f"busi-{row['id']}" for row in listed]
+    # The same files listed under their own digests are grouped.
+    from models.training.data import file_sha256
+
+    own = tmp_path / "list.csv"
+    own.write_text("dataset,group,id,group_size,sha256\n" + "".join(
+        f"busi,g1,{row['id']},2,{file_sha256(next((site / 'images').glob(row['id'] + '.*')))}\n" for row in listed
+    ))
+    regrouped = load_records(tmp_path, ("busi",), near_duplicates=own)
+    assert {r.patient for r in regrouped} == {"g1"}
