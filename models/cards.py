@@ -27,25 +27,25 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
     "dlr_lh": {
         "paper": "Lu et al., QIMS 2025 (DLR_LH)",
         "architecture": "ResNet-50 (standard 7x7 stride-2 stem), FC replaced by FC-128 (embedding) + FC-2; MLP over [embedding, age/100, age-known]. Grad-CAM of the log-odds on the last stage, in closed form inside the graph.",
-        "deviations": "128 px ROI input instead of 224 px (CPU budget); AdamW with warm-up and cosine decay; trained from scratch; class-balanced sampling. BUS-BRA carries no age, so most training cases have the age flag at 0.",
+        "deviations": "128 px ROI input instead of 224 px (CPU budget); AdamW with warm-up and cosine decay; trained from scratch; class-balanced sampling. ROI: the largest lesion region's box grown by 20 % per side. Grad-CAM explains the image head (FC-2), not the age MLP that gives the served score. BUS-BRA carries no age, so most training cases have the age flag at 0.",
         "limits": "Learns the *assessed* BI-RADS category (2/3 vs 4/5) as the radiologists of BUS-BRA and BrEaST assigned it, not pathology.",
     },
     "dlr_bm": {
         "paper": "Lu et al., QIMS 2025 (DLR_BM)",
         "architecture": "As DLR_LH (ResNet-50, FC-128 + FC-2, age MLP), trained on benign vs malignant.",
-        "deviations": "The paper trains BM on BI-RADS 4A lesions only; public sets hold too few (BrEaST: 34 4A lesions), so BM is trained on every US lesion with a pathology label and the 4A co-decision is tallied on BrEaST's 4A cases. 128 px input; from scratch.",
+        "deviations": "The paper trains BM on BI-RADS 4A lesions only; public sets hold too few (BrEaST: 34 4A lesions), so BM is trained on every US lesion with a pathology label and the 4A co-decision is tallied on BrEaST's 4A cases; its operating point (Youden on validation lesions of every category) therefore calls few 4A lesions benign, so downgrades are rarer than the paper's. 128 px input; from scratch; ROI and Grad-CAM as DLR_LH.",
         "limits": "BUSI labels are not all biopsy-proven. Co-decision counts on public 4A cases are small.",
     },
     "cldlr": {
         "paper": "Yang et al., Sci Rep 2024 (CLDLR)",
         "architecture": "VGG11 (configuration A, batch norm) -> GAP -> FC-512 -> FC-512 -> FC-2; deep features from the penultimate FC; RBF SVMs on clinical only, DLR only, and DLR + clinical (served), Platt-scaled on validation data.",
-        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; from scratch. Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction.",
+        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; from scratch. Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction. The paper selects BI-RADS 4 lesions only; here every lesion with a pathology label trains and is scored. VGG11 with batch norm. ROI: the mask's box grown by 20 % per side (the paper: the mask's rectangle).",
         "limits": "Menopause, margin, calcification, posterior features and Doppler flow of the paper are not available from DICOM and are not used.",
     },
     "dl_u": {
         "paper": "Xu et al., 2025 (DL-UM, ultrasound branch DL-U)",
         "architecture": "VGG19-style branch: blocks of 2, 2, 4, 4, 4 convolutions, BN + ReLU after each block's last convolution, max-pool after blocks 1-4; deep supervision heads (GAP -> FC64 -> FC1) after every block; focal loss on all heads. CAM of the block-5 head, exact (affine head).",
-        "deviations": "Quarter-width filters (16..128) and 96-112 px input for the CPU budget; from scratch. ROI grown by 30 % of the shortest side, min-max normalised, as the paper.",
+        "deviations": "Quarter-width filters (16..128) and 96-112 px input for the CPU budget; from scratch. ROI grown by 30 % of the shortest side, min-max normalised, as the paper. AdamW at 1e-3 instead of the paper's Adam at 1e-4; focal loss with alpha 0.25, gamma 2 (the paper gives neither) on class-balanced batches; the checkpoint is chosen by validation AUC, not the lowest validation loss. The served CAM is block 5's only (the paper shows one per block).",
         "limits": "The fused DL-UM network needs paired US and MG of the same lesion; no public set has them, so only the branches are trained.",
     },
     "dl_m": {
@@ -57,7 +57,7 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
     "mupnet": {
         "paper": "Yan et al., Commun Med 2024 (MUP-Net)",
         "architecture": "ResNet-18 backbone per modality (M = 1 here: B-mode), 10 prototypes (5 per class), log similarity with top-k pooling, class-connected last layer (+1 / -0.5); stages: joint training, projection onto the nearest own-class training patch (BI-RADS 2/3/4a benign, 4c/5 malignant candidates), last-layer training. Explanation: prototype contributions and the prototype patches (side files).",
-        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; from scratch; no warm-up epochs (the trunk is random, so freezing it first would not help).",
+        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; from scratch; no warm-up epochs (the trunk is random, so freezing it first would not help). The three stages run once, not repeated through training as in the paper, and two pairs of the shipped prototypes were projected onto the same training patch. Loss: CE + 0.8 clustering - 0.08 separation + 1e-4 L1 on the cross-class weights, the signs of the authors' released code (the paper's printed equations read the other way). Top-k pooling takes 5 of the 16 positions of the 4x4 latent map. BI-RADS 2 is admitted among the benign prototype candidates (the paper: 3/4a). Contributions are shown toward the malignant logit (similarity x malignant weight), not normalised per class as in the paper's figures. Adam with per-part rates and cosine decay for 10 epochs instead of the paper's 80.",
         "limits": "BUSI images carry no BI-RADS and so are never prototypes.",
     },
 }

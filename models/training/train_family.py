@@ -197,7 +197,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "cldlr": FamilySpec(
         "cldlr", "malignancy", US_DATASETS, lambda: cldlr.VGG11Radiomics(width=CLDLR_WIDTH), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=12, batch_size=16, learning_rate=5e-4, input_size=128,
+        epochs=10, batch_size=16, learning_rate=5e-4, input_size=128,
         notes="VGG11 feature network; the SVMs are fitted in the finish stage",
     ),
     "dl_u": FamilySpec(
@@ -212,7 +212,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "mupnet": FamilySpec(
         "mupnet", "malignancy", US_DATASETS, lambda: mupnet.MUPNet(modalities=1), _mupnet_loss, _mupnet_positive, ZSCORE_ROI,
-        epochs=12, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer,
+        epochs=10, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer,
         notes="MUP-Net with M = 1 (B-mode): no public Doppler or elastography set exists",
     ),
 }

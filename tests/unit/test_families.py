@@ -144,3 +144,13 @@ def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
     for name, want, have in zip(outputs, expected, got):
         assert have.shape == want.shape, name
         assert np.abs(have - want).max() < 1e-4, name
+
+
+@pytest.mark.parametrize("family", ["dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"])
+def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -> None:
+    # `make train-FAMILY` must rebuild the bundled model's recipe, not a drifted one.
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+    from models.training.train_family import FAMILIES
+
+    spec, training = FAMILIES[family], read_manifest(BUNDLED_MODEL_DIR)[family].parameters["training"]
+    assert (spec.epochs, spec.learning_rate, spec.batch_size) == (training["epochs"], training["learning_rate"], training["batch_size"])
