@@ -56,8 +56,8 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
     },
     "mupnet": {
         "paper": "Yan et al., Commun Med 2024 (MUP-Net)",
-        "architecture": "ResNet-18 backbone per modality (M = 1 here: B-mode), 10 prototypes (5 per class), log similarity with top-k pooling, class-connected last layer (+1 / -0.5); stages: joint training, projection onto the nearest own-class training patch (BI-RADS 2/3/4a benign, 4c/5 malignant candidates), last-layer training. Explanation: prototype contributions and the prototype patches (side files).",
-        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; from scratch; no warm-up epochs (the trunk is random, so freezing it first would not help). The three stages run once, not repeated through training as in the paper, and two pairs of the shipped prototypes were projected onto the same training patch. Loss: CE + 0.8 clustering - 0.08 separation + 1e-4 L1 on the cross-class weights, the signs of the authors' released code (the paper's printed equations read the other way). Top-k pooling takes 5 of the 16 positions of the 4x4 latent map. BI-RADS 2 is admitted among the benign prototype candidates (the paper: 3/4a). Contributions are shown toward the malignant logit (similarity x malignant weight), not normalised per class as in the paper's figures. Adam with per-part rates and cosine decay for 10 epochs instead of the paper's 80.",
+        "architecture": "ResNet-18 backbone per modality (M = 1 here: B-mode), 10 prototypes (5 per class), log similarity with top-k pooling, class-connected last layer (+1 / -0.5); stages, repeated as in the paper: joint training, projection onto an own-class training patch (BI-RADS 2/3/4a benign, 4c/5 malignant candidates), last-layer training; three cycles, the best on validation kept. Explanation: each prototype's share of the malignancy log-odds and the prototype patches (side files).",
+        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; from scratch; no warm-up epochs (the trunk is random, so freezing it first would not help). The stages repeat three times in all (10 joint epochs, then twice 5 joint epochs at a tenth of the rates before projecting again), not through the paper's 80 epochs. Each prototype is projected onto a different training image, the nearest one not already taken by a nearer prototype; the paper projects each onto its nearest patch independently, which can show the same patch twice. Loss: CE + 0.8 clustering - 0.08 separation + 1e-4 L1 on the cross-class weights, the signs of the authors' released code (the paper's printed equations read the other way). Top-k pooling takes 5 of the 16 positions of the 4x4 latent map. BI-RADS 2 is admitted among the benign prototype candidates (the paper: 3/4a). Contributions are each prototype's share of the malignancy log-odds (similarity x (malignant weight - benign weight)), which sum to the log-odds the probability is made of, not normalised per class as in the paper's figures. Adam with per-part rates, cosine decay over the first 10 joint epochs and a tenth of the rates for the 10 between projections: 20 joint epochs in all instead of the paper's 80.",
         "limits": "BUSI images carry no BI-RADS and so are never prototypes.",
     },
 }
@@ -135,7 +135,8 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
         + (f"{training['autocast']} autocast (fp32 weights), " if training.get("autocast") else "")
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
-        f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
+        + _stage_cycles(training)
+        + f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),
     ]
@@ -281,6 +282,17 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
         "",
     ]
     return "\n".join(lines)
+
+
+def _stage_cycles(training: Mapping[str, Any]) -> str:
+    """MUP-Net's repeated projection and last-layer stages, where the export recorded them."""
+    cycles = training.get("push_cycles")
+    if not cycles:
+        return ""
+    return (
+        f"Then {cycles} cycles of projection and last-layer training, each after the first preceded by "
+        f"{training.get('push_epochs')} joint epochs; cycle {training.get('chosen_cycle')} (counting from 0) scored best on validation and is served. "
+    )
 
 
 def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:

@@ -45,7 +45,10 @@ class PrototypeEvidence:
     malignant
         The class the prototype belongs to.
     contribution
-        Similarity x last-layer weight toward the malignant logit.
+        The prototype's share of the malignancy log-odds: similarity x
+        (malignant - benign last-layer weight); the shares of all prototypes
+        sum to the log-odds. (Graphs before 0.6.0 gave similarity x
+        malignant weight, a share of the malignant logit alone.)
     patch
         The prototype's source patch, uint8 grayscale (64 x 64).
     source

@@ -95,6 +95,9 @@ def _draw_prototypes(
 ) -> None:
     """Lesion 1's strongest prototypes (MUP-Net) as thumbnails down the right edge, each with its contribution.
 
+    The contribution printed under a thumbnail is the prototype's signed
+    share of the malignancy log-odds: positive pushes toward malignant.
+
     A prototype is a patch of a training image; showing it lets the reader
     judge whether "this looks like that" holds. Red frame: malignant
     prototype; green: benign. Marked in ``footprint`` so the legend avoids them.

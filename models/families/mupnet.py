@@ -43,6 +43,10 @@ for the reasoning):
 * the last layer is frozen in the warm-up and joint stages (the paper's
   stage 1 optimises only ``f^m`` and ``P``) and is the only thing trained
   in stage 3;
+* projection gives every prototype of a modality its own source image
+  (:func:`project_prototypes`, ``distinct_sources``): the paper projects
+  each onto its nearest patch independently, which can show a radiologist
+  the same patch as two prototypes;
 * backbones start from scratch: no ImageNet weights can be fetched here.
 """
 
@@ -587,6 +591,7 @@ def joint_optimizer(
     add_on_lr: float = 3e-3,
     prototype_lr: float = 3e-3,
     weight_decay: float = 1e-3,
+    rate_scale: float = 1.0,
 ) -> torch.optim.Adam:
     """Adam for stage 1 (paper: Adam, weight decay 0.001).
 
@@ -597,13 +602,15 @@ def joint_optimizer(
     prototypes 3e-3; warm-up add-on 2e-3) and decays the trunk and add-on
     weights, not the prototypes. We default to the script's groups since
     they are what produced the published model; pass other rates to follow
-    the text. With ``warm`` the trunk group is left out.
+    the text. With ``warm`` the trunk group is left out. ``rate_scale``
+    multiplies every rate (0.1: the paper's rate after one of its tenfold
+    decays, for the joint epochs between repeated projections).
     """
     groups: list[dict[str, Any]] = []
     if not warm:
-        groups.append({"params": list(model.trunks.parameters()), "lr": trunk_lr, "weight_decay": weight_decay})
-    groups.append({"params": list(model.add_ons.parameters()), "lr": add_on_lr, "weight_decay": weight_decay})
-    groups.append({"params": [model.prototypes], "lr": prototype_lr, "weight_decay": 0.0})
+        groups.append({"params": list(model.trunks.parameters()), "lr": rate_scale * trunk_lr, "weight_decay": weight_decay})
+    groups.append({"params": list(model.add_ons.parameters()), "lr": rate_scale * add_on_lr, "weight_decay": weight_decay})
+    groups.append({"params": [model.prototypes], "lr": rate_scale * prototype_lr, "weight_decay": 0.0})
     return torch.optim.Adam(groups)
 
 
@@ -695,9 +702,29 @@ def _eligibility(eligible: torch.Tensor | None, batch: int, modalities: int, dev
     return eligible
 
 
+@dataclass
+class _Candidate:
+    """One training image's nearest latent patch to one prototype."""
+
+    distance: float
+    sample: int
+    row: int
+    col: int
+    patch: torch.Tensor  # (C,) the latent vector the prototype becomes
+    own_map: torch.Tensor  # (h, w) log similarity of the source image to that vector
+
+
+def _keep_nearest(pool: list[_Candidate], new: list[_Candidate], keep: int) -> list[_Candidate]:
+    """The ``keep`` nearest of ``pool + new``; ``sorted`` is stable and ``sample`` breaks ties, so the earliest wins."""
+    return sorted(pool + new, key=lambda c: (c.distance, c.sample))[:keep]
+
+
 @torch.no_grad()
 def project_prototypes(
-    model: MUPNet, loader: Iterable[Sequence[torch.Tensor]], percentile: float = ACTIVATION_PERCENTILE
+    model: MUPNet,
+    loader: Iterable[Sequence[torch.Tensor]],
+    percentile: float = ACTIVATION_PERCENTILE,
+    distinct_sources: bool = True,
 ) -> ProjectionRecord:
     """Paper stage 2: replace each prototype by its nearest latent training patch of its own class.
 
@@ -717,6 +744,16 @@ def project_prototypes(
         ``eligible[:, m]``.
     percentile
         Threshold of the activation box (95 as in ProtoPNet).
+    distinct_sources
+        Give every prototype of a modality a different source image. The
+        paper (and ProtoPNet) project each prototype onto its nearest
+        patch independently, so two prototypes can land on the same patch
+        and show a radiologist the same case twice, as two of the 0.3.0
+        model's pairs did. With this on, prototypes are assigned in order
+        of their nearest distance, and each takes the nearest patch of an
+        image no earlier prototype of its modality took. Where a class has
+        fewer eligible images than prototypes, the last ones fall back to
+        their nearest patch, shared or not. ``False``: the paper's rule.
 
     Raises
     ------
@@ -729,12 +766,9 @@ def project_prototypes(
     device = _device(model)
     modalities, per_modality = model.modalities, model.prototypes_per_modality
     count = modalities * per_modality
-    best = torch.full((modalities, per_modality), math.inf, device=device)
-    vectors = model.prototypes.detach().clone()
-    source = torch.full((count,), -1, dtype=torch.long)
-    position = torch.zeros(count, 2, dtype=torch.long)
-    rf_box = torch.zeros(count, 4, dtype=torch.long)
-    act_box = torch.zeros(count, 4, dtype=torch.long)
+    # One image can serve at most one prototype, so the per_modality nearest images always leave one free.
+    keep = per_modality if distinct_sources else 1
+    pools: list[list[list[_Candidate]]] = [[[] for _ in range(per_modality)] for _ in range(modalities)]
     proto_class = model.prototype_class.reshape(modalities, per_modality)
     image_size = (0, 0)
     seen = 0
@@ -744,33 +778,45 @@ def project_prototypes(
             size, image_size = images.shape[0], (int(images.shape[-2]), int(images.shape[-1]))
             latent = model.latent(images)
             distances = model.activations(latent).distance_maps  # (B, M, P, h, w)
-            height, width = distances.shape[-2:]
+            width = distances.shape[-1]
             allowed = _eligibility(eligible, size, modalities, device)
             candidate = (labels[:, None, None] == proto_class[None]) & allowed[:, :, None]  # (B, M, P)
             masked = distances.masked_fill(~candidate[..., None, None], math.inf)
-            flat = masked.permute(1, 2, 0, 3, 4).reshape(modalities, per_modality, -1)
-            batch_best, where = flat.min(dim=-1)
-            improved = batch_best < best  # strict: the first of equal candidates wins
-            for m, j in torch.nonzero(improved).tolist():
-                index = int(where[m, j])
-                b, rest = divmod(index, height * width)
-                row, col = divmod(rest, width)
-                patch = latent[b, m, :, row, col]
-                g = m * per_modality + j
-                best[m, j] = batch_best[m, j]
-                vectors[m, j] = patch
-                source[g] = seen + b
-                position[g] = torch.tensor([row, col])
-                rf_box[g] = torch.tensor(model.receptive_field.box(row, col, *image_size))
-                # Map of the source image against the patch itself, i.e. against the prototype after projection.
-                own = (latent[b, m] - patch[:, None, None]).pow(2).sum(dim=0)
-                own_map = torch.log((own + 1.0) / (own + model.epsilon))
-                act_box[g] = torch.tensor(_activation_box(own_map, image_size, percentile))
+            per_image, where = masked.flatten(-2).min(dim=-1)  # (B, M, P): each image's nearest patch
+            for m in range(modalities):
+                for j in range(per_modality):
+                    nearest = torch.argsort(per_image[:, m, j], stable=True)[:keep]
+                    fresh = []
+                    for b in nearest.tolist():
+                        if not math.isfinite(float(per_image[b, m, j])):
+                            break
+                        row, col = divmod(int(where[b, m, j]), width)
+                        patch = latent[b, m, :, row, col].clone()
+                        # Map of the source image against the patch itself, i.e. against the prototype after projection.
+                        own = (latent[b, m] - patch[:, None, None]).pow(2).sum(dim=0)
+                        own_map = torch.log((own + 1.0) / (own + model.epsilon))
+                        fresh.append(_Candidate(float(per_image[b, m, j]), seen + b, row, col, patch, own_map))
+                    pools[m][j] = _keep_nearest(pools[m][j], fresh, keep)
             seen += size
-        missing = torch.nonzero(~torch.isfinite(best)).tolist()
+        missing = [(m, j) for m in range(modalities) for j in range(per_modality) if not pools[m][j]]
         if missing:
             names = ", ".join(f"modality {m} prototype {j} (class {int(proto_class[m, j])})" for m, j in missing)
             raise ValueError(f"no eligible projection candidate for {names}")
+        chosen = _assign_sources(pools)
+        vectors = model.prototypes.detach().clone()
+        source = torch.zeros(count, dtype=torch.long)
+        position = torch.zeros(count, 2, dtype=torch.long)
+        distance = torch.zeros(count)
+        rf_box = torch.zeros(count, 4, dtype=torch.long)
+        act_box = torch.zeros(count, 4, dtype=torch.long)
+        for m in range(modalities):
+            for j in range(per_modality):
+                pick, g = chosen[m][j], m * per_modality + j
+                vectors[m, j] = pick.patch
+                source[g], distance[g] = pick.sample, pick.distance
+                position[g] = torch.tensor([pick.row, pick.col])
+                rf_box[g] = torch.tensor(model.receptive_field.box(pick.row, pick.col, *image_size))
+                act_box[g] = torch.tensor(_activation_box(pick.own_map, image_size, percentile))
         model.prototypes.copy_(vectors)
     finally:
         model.train(was_training)
@@ -778,12 +824,26 @@ def project_prototypes(
         prototype_class=model.prototype_class.detach().cpu().clone(),
         source_index=source,
         position=position,
-        distance=best.flatten().cpu(),
+        distance=distance,
         receptive_field_box=rf_box,
         activation_box=act_box,
         image_size=image_size,
         modalities=modalities,
     )
+
+
+def _assign_sources(pools: list[list[list[_Candidate]]]) -> list[list[_Candidate]]:
+    """Per modality, nearest prototype first: each takes its nearest candidate whose image is still free."""
+    chosen: list[list[_Candidate]] = []
+    for modality in pools:
+        taken: set[int] = set()
+        picks: dict[int, _Candidate] = {}
+        for j in sorted(range(len(modality)), key=lambda k: (modality[k][0].distance, k)):
+            pick = next((c for c in modality[j] if c.sample not in taken), modality[j][0])
+            taken.add(pick.sample)
+            picks[j] = pick
+        chosen.append([picks[j] for j in range(len(modality))])
+    return chosen
 
 
 def _normalise_birads(value: str | None) -> str | None:

@@ -32,7 +32,7 @@ from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha25
 from models.training.data import SPLIT_RULE
 from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, chosen_checkpoint, clinical_features, load_best
 
-VERSION = "0.5.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32
+VERSION = "0.6.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",
@@ -47,11 +47,15 @@ NAMES = {
 class MUPNetServingWrapper(nn.Module):
     """MUP-Net (M = 1) behind the image-only serving interface.
 
-    Outputs: ``logits``; ``contributions`` (B, P) of every prototype toward
-    the malignant class (similarity x last-layer weight, summing to the
-    malignant logit); ``cam``: the similarity maps weighted by each
-    prototype's malignant-minus-benign weight, the map of what moved the
-    log-odds (a Grad-CAM equivalent for this linear head).
+    Outputs: ``logits``; ``contributions`` (B, P): every prototype's share
+    of the malignancy log-odds, its similarity times its malignant-minus-benign
+    last-layer weight. The layer has no bias (eq. 3), so the shares sum
+    exactly to ``logits[:, 1] - logits[:, 0]``, the log-odds the probability
+    is made of, and a positive share pushes toward malignant whichever class
+    the prototype belongs to (0.3.0 graphs gave the malignant logit's shares,
+    which leave out what the benign logit does); ``cam``: the similarity maps
+    weighted the same way, the map of what moved the log-odds (a Grad-CAM
+    equivalent for this linear head).
     """
 
     def __init__(self, model: mupnet.MUPNet) -> None:
@@ -61,8 +65,9 @@ class MUPNetServingWrapper(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         output = self.model(image[:, None])
         weight = self.model.last_layer.weight
-        contributions = output.similarities * weight[1][None, :]
-        cam = torch.einsum("g,bghw->bhw", weight[1] - weight[0], output.similarity_maps)
+        toward_malignant = weight[1] - weight[0]
+        contributions = output.similarities * toward_malignant[None, :]
+        cam = torch.einsum("g,bghw->bhw", toward_malignant, output.similarity_maps)
         return output.logits, contributions, cam
 
 
@@ -126,6 +131,21 @@ def weight_choice(work: Path) -> dict[str, Any]:
         epochs = [int(e) for e in state["epochs"]]
         return {"best_epoch": epochs[-1], "weight_average": {"epochs": epochs, "val_auc": float(state["score"]), "batch_norm": "recomputed on one epoch of training crops"}}
     return {"best_epoch": int(state["epoch"])}
+
+
+def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
+    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for others)."""
+    if spec.name != "mupnet":
+        return {}
+    finish = Path(config.work) / "finish.json"
+    summary = json.loads(finish.read_text()) if finish.is_file() else {}
+    return {
+        "push_cycles": config.push_cycles,
+        "push_epochs": config.push_epochs,
+        "chosen_cycle": summary.get("chosen_cycle"),
+        "prototype_sources": "distinct images per modality",
+        "contributions": "share of the malignancy log-odds",
+    }
 
 
 def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
@@ -217,6 +237,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
             **weight_choice(work),
+            **mupnet_cycles(spec, config),
             "initialisation": initialisation(config),
             "notes": spec.notes,
         },

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -145,6 +146,8 @@ class FamilySpec:
     input_size: int
     notes: str = ""
     optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None  # default: AdamW over trainable parameters
+    push_cycles: int = 1  # MUP-Net: how many times its projection and last-layer stages run (the paper repeats them)
+    push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
 
 
 def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -212,7 +215,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "mupnet": FamilySpec(
         "mupnet", "malignancy", US_DATASETS, lambda: mupnet.MUPNet(modalities=1), _mupnet_loss, _mupnet_positive, ZSCORE_ROI,
-        epochs=10, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer,
+        epochs=10, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer, push_cycles=3, push_epochs=5,
         notes="MUP-Net with M = 1 (B-mode): no public Doppler or elastography set exists",
     ),
 }
@@ -262,6 +265,8 @@ class RunConfig(TrainConfig):
     birads_aux: float = 0.0  # weight of the BI-RADS-category auxiliary loss (0: the paper's recipe alone)
     swa_epochs: int = 0  # average the weights of the last N epochs instead of keeping the best epoch (0: best epoch)
     init: str = ""  # checkpoint the network starts from (a pretraining run's best.pt); "" = random
+    push_cycles: int = 1  # MUP-Net: projection + last-layer cycles (FamilySpec.push_cycles)
+    push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
 
 
 @torch.no_grad()
@@ -444,6 +449,27 @@ def load_initial_weights(model: nn.Module, checkpoint: Path) -> None:
         raise SystemExit(f"--init {checkpoint} does not fit this network: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
 
 
+class BalancedBatches:
+    """Augmented training batches drawn with replacement, both classes equally often.
+
+    Balanced sampling instead of a weighted loss: focal and cross-entropy
+    losses then see both classes equally.
+    """
+
+    def __init__(self, spec: FamilySpec, train: list[LesionSample], config: RunConfig) -> None:
+        self.spec, self.train, self.config = spec, train, config
+        self.labels = np.array([s.label for s in train])
+        positives, negatives = max(1, int((self.labels == 1).sum())), max(1, int((self.labels == 0).sum()))
+        self.weights = np.where(self.labels == 1, 0.5 / positives, 0.5 / negatives)
+        self.steps_per_epoch = max(1, len(train) // config.batch_size)
+
+    def draw(self, rng: np.random.Generator) -> tuple[npt.NDArray[np.int64], Tensor, Tensor]:
+        """Indices, augmented inputs and labels of one batch."""
+        index = rng.choice(len(self.train), size=self.config.batch_size, p=self.weights)
+        x = torch.from_numpy(np.concatenate([self.spec.roi.training_input(self.train[i], self.config.input_size, rng) for i in index]))
+        return index, x, torch.from_numpy(self.labels[index]).long()
+
+
 def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
     """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC.
 
@@ -475,18 +501,14 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     start, best = checkpoints.resume(model, optimizer)
     average = WeightAverage(Path(config.work)) if config.swa_epochs > 0 else None
     rng = np.random.default_rng(config.seed + start)
-    labels = np.array([s.label for s in train])
-    # Balanced sampling instead of a weighted loss: focal and cross-entropy losses then see both classes equally.
-    sample_weight = np.where(labels == 1, 0.5 / max(1, (labels == 1).sum()), 0.5 / max(1, (labels == 0).sum()))
-    steps_per_epoch = max(1, len(train) // config.batch_size)
+    sampler = BalancedBatches(spec, train, config)
+    steps_per_epoch = sampler.steps_per_epoch
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
         losses = []
         for step in range(steps_per_epoch):
-            index = rng.choice(len(train), size=config.batch_size, p=sample_weight)
-            x = torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in index]))
-            y = torch.from_numpy(labels[index]).long()
+            index, x, y = sampler.draw(rng)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 loss = spec.loss(model, x, y)
@@ -627,8 +649,25 @@ def finish_cldlr(spec: FamilySpec, config: RunConfig, samples: dict[str, list[Le
     return summary
 
 
-def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> dict[str, float]:
-    """Paper stages 2 and 3: project every prototype onto its nearest own-class training patch, then train the last layer.
+#: Joint-stage rates after a projection, as a fraction of stage 1's: the paper divides its rate by ten every 5 epochs.
+PUSH_JOINT_RATE = 0.1
+LAST_LAYER_EPOCHS = 8
+
+
+def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> dict[str, Any]:
+    """Paper stages 2 and 3, and the paper's repetition of all three stages.
+
+    Each cycle projects every prototype onto an own-class training patch
+    (:func:`models.families.mupnet.project_prototypes`, each prototype on a
+    different image), then trains the last layer alone for
+    :data:`LAST_LAYER_EPOCHS` epochs, keeping its best validation epoch. The
+    paper: "These three stages were repeated throughout the whole training
+    process." So every cycle after the first begins with ``config.push_epochs``
+    joint epochs (stage 1 again: trunk, add-on layers and prototypes, last
+    layer frozen) at :data:`PUSH_JOINT_RATE` of stage 1's rates, from the
+    previous cycle's model. Of the ``config.push_cycles`` cycles, the one
+    whose projected model scores highest on validation is kept, as ProtoPNet
+    keeps its best post-projection checkpoint.
 
     Candidates follow the paper's BI-RADS rule for B-mode (benign from
     BI-RADS 3/4a, malignant from 4c/5; 2 counts as benign): only BUS-BRA and
@@ -637,13 +676,47 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     work = Path(config.work)
     model = load_best(spec, work)
     assert isinstance(model, mupnet.MUPNet)
-    train = samples["train"]
+    train, val_labels = samples["train"], [s.label for s in samples["val"]]
     images = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in train]))[:, None]
     labels = torch.tensor([s.label for s in train])
     # Projection by pathology (the classes of the prototypes), restricted by BI-RADS as the paper does.
     eligible = mupnet.projection_eligibility([s.record.birads or None for s in train], labels, modalities=("bmode",))
-    batches = [(images[k : k + 32], labels[k : k + 32], eligible[k : k + 32]) for k in range(0, len(train), 32)]
-    record = mupnet.project_prototypes(model, batches)
+    projection_batches = [(images[k : k + 32], labels[k : k + 32], eligible[k : k + 32]) for k in range(0, len(train), 32)]
+    generator = np.random.default_rng(config.seed)
+    sampler = BalancedBatches(spec, train, config)
+    cycles: list[dict[str, float]] = []
+    best_score = -math.inf
+    for cycle in range(max(1, config.push_cycles)):
+        if cycle:
+            optimizer = mupnet.joint_optimizer(model, rate_scale=PUSH_JOINT_RATE)
+            for _ in range(config.push_epochs):
+                batches = [sampler.draw(generator)[1:] for _ in range(sampler.steps_per_epoch)]
+                mupnet.train_joint_epoch(model, [(x[:, None], y) for x, y in batches], optimizer)
+        after_joint = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
+        record = mupnet.project_prototypes(model, projection_batches)
+        after_projection = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
+        best_layer, best_state = after_projection, copy.deepcopy(model.state_dict())
+        optimizer = mupnet.last_layer_optimizer(model)
+        for _ in range(LAST_LAYER_EPOCHS):
+            order = generator.permutation(len(train))
+            shuffled = [(images[order[k : k + 32]], labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
+            mupnet.train_last_layer_epoch(model, shuffled, optimizer)
+            score = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
+            if score > best_layer:
+                best_layer, best_state = score, copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+        cycles.append({"val_auc_before_projection": after_joint, "val_auc_after_projection": after_projection, "val_auc_after_last_layer": best_layer})
+        print(json.dumps({"family": spec.name, "cycle": cycle, **cycles[-1]}), flush=True)
+        if best_layer > best_score:
+            best_score = best_layer
+            torch.save({"model": model.state_dict(), "cycle": cycle}, work / "projected.pt")
+            _save_prototypes(record, train, images, work)
+    chosen = int(torch.load(work / "projected.pt", map_location="cpu", weights_only=False)["cycle"])
+    return {"cycles": cycles, "chosen_cycle": chosen, "val_auc": best_score}
+
+
+def _save_prototypes(record: mupnet.ProjectionRecord, train: list[LesionSample], images: Tensor, work: Path) -> None:
+    """``prototypes.json`` (where each prototype came from) and ``prototype_patches.npz`` (64 px pictures of them)."""
     sources = [{**row, "source_id": f"{train[int(row['source_index'])].record.dataset}/{train[int(row['source_index'])].record.image_id}"} for row in record.as_dicts()]
     (work / "prototypes.json").write_text(json.dumps(sources, indent=2))
     patches = []
@@ -654,23 +727,9 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         patch = picture[y0:y1, x0:x1] if y1 > y0 and x1 > x0 else picture
         patches.append(cv2.resize(patch, (64, 64), interpolation=cv2.INTER_AREA))
     np.savez_compressed(work / "prototype_patches.npz", patches=np.stack(patches), classes=np.array([int(r["class"]) for r in sources]))
-    optimizer = mupnet.last_layer_optimizer(model)
-    generator = np.random.default_rng(config.seed)
-    best, best_state = auc([s.label for s in samples["val"]], positive_scores(spec, model, samples["val"], config.input_size)), copy.deepcopy(model.state_dict())
-    after_projection = best
-    for _ in range(8):
-        order = generator.permutation(len(train))
-        shuffled = [(images[order[k : k + 32]], labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
-        mupnet.train_last_layer_epoch(model, shuffled, optimizer)
-        score = auc([s.label for s in samples["val"]], positive_scores(spec, model, samples["val"], config.input_size))
-        if score > best:
-            best, best_state = score, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    torch.save({"model": model.state_dict()}, work / "projected.pt")
-    return {"val_auc_after_projection": after_projection, "val_auc_after_last_layer": best}
 
 
-FINISHERS: dict[str, Callable[[FamilySpec, RunConfig, dict[str, list[LesionSample]]], dict[str, float]]] = {
+FINISHERS: dict[str, Callable[[FamilySpec, RunConfig, dict[str, list[LesionSample]]], dict[str, Any]]] = {
     "dlr_lh": finish_dlr,
     "dlr_bm": finish_dlr,
     "cldlr": finish_cldlr,
@@ -697,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape-aux", type=float, default=0.0, help="weight of the training-only shape-descriptor loss (0: the paper's recipe alone)")
     parser.add_argument("--birads-aux", type=float, default=0.0, help="weight of the training-only BI-RADS-category loss (ordinal; lesions without a category carry none)")
     parser.add_argument("--swa-epochs", type=int, default=0, help="export the mean of the last N epochs' weights (batch norm recomputed) instead of the best validation epoch")
+    parser.add_argument("--push-cycles", type=int, help="MUP-Net: projection + last-layer cycles (default: the recipe's)")
+    parser.add_argument("--push-epochs", type=int, help="MUP-Net: joint epochs before each projection after the first (default: the recipe's)")
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -719,6 +780,8 @@ def main(argv: list[str] | None = None) -> None:
         birads_aux=args.birads_aux,
         swa_epochs=args.swa_epochs,
         init=args.init,
+        push_cycles=args.push_cycles if args.push_cycles is not None else spec.push_cycles,
+        push_epochs=args.push_epochs if args.push_epochs is not None else spec.push_epochs,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

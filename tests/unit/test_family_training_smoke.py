@@ -89,6 +89,23 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
         score = load_family_scorer(entry, models).score(np.full((120, 160), 100, np.uint8), (40, 30, 50, 40))
         assert len(score.prototypes) == 3 and score.prototypes[0].patch.shape == (64, 64)
         assert {p.source for p in score.prototypes} <= {p["source_id"] for p in prototypes}
+        # Four training images per class for five prototypes per class: every image serves, one per class twice.
+        assert len({p["source_id"] for p in prototypes}) == 8
+        # The paper's stages ran as many times as the recipe says, and the export names the cycle it kept.
+        finish = json.loads((tmp_path / "work" / "finish.json").read_text())
+        spec = train_family.FAMILIES["mupnet"]
+        assert len(finish["cycles"]) == spec.push_cycles == entry.parameters["training"]["push_cycles"] > 1
+        assert entry.parameters["training"]["chosen_cycle"] == finish["chosen_cycle"] in range(spec.push_cycles)
+        # Served contributions are shares of the malignancy log-odds: they sum to logit(malignant) - logit(benign).
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(verified_path(entry, models)), providers=["CPUExecutionProvider"])
+        dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        for seed in (0, 1):
+            pixels = np.random.default_rng(seed).normal(size=(1, 1, 32, 32)).astype(dtype)
+            logits, contributions = (o.astype(np.float64) for o in session.run(["logits", "contributions"], {"image": pixels}))
+            assert contributions.shape == (1, 10)
+            assert contributions.sum() == pytest.approx(logits[0, 1] - logits[0, 0], abs=2e-2)
     report = evaluate(tiny_busbra, models, [family], "all", tmp_path / "evaluation", resamples=50)
     overall = report["families"][family]["classification"]["all"]
     assert overall["n"] == 16 and overall["n_positive"] == (8 if family != "dlr_lh" else 10)

@@ -243,6 +243,46 @@ def test_projection_picks_the_nearest_candidate() -> None:
         assert record.distance[j].item() == pytest.approx(distances.min().item(), rel=1e-5)
 
 
+def _two_benign_prototypes_on_image_zero(images: torch.Tensor, labels: torch.Tensor) -> MUPNet:
+    """A model whose two benign prototypes both sit on a patch of image 0, so both would project there."""
+    model = _model(1, prototypes=4).eval()
+    with torch.no_grad():
+        patch = model.latent(images[:1])[0, 0, :, 0, 0]
+        model.prototypes[0, 0] = patch
+        model.prototypes[0, 1] = patch + 1e-3
+    return model
+
+
+def test_projection_gives_each_prototype_its_own_source_image() -> None:
+    images, labels = _batch(6, 1)  # benign: 0, 2, 4
+    model = _two_benign_prototypes_on_image_zero(images, labels)
+    record = project_prototypes(model, list(iterate_batches(images, labels, 4)))
+    benign = [int(record.source_index[j]) for j in (0, 1)]
+    assert 0 in benign and len(set(benign)) == 2  # the nearer prototype keeps image 0, the other moves on
+    assert set(benign) <= {0, 2, 4}
+    assert len({int(v) for v in record.source_index}) == 4  # and no image serves two prototypes
+    latent = _latent_all(model, list(iterate_batches(images, labels, 4)))
+    for j in range(4):
+        row, col = (int(v) for v in record.position[j])
+        assert torch.equal(model.prototypes.detach()[0, j], latent[int(record.source_index[j]), 0, :, row, col])
+
+
+def test_paper_projection_may_share_a_source_image() -> None:
+    images, labels = _batch(6, 1)
+    model = _two_benign_prototypes_on_image_zero(images, labels)
+    record = project_prototypes(model, list(iterate_batches(images, labels, 4)), distinct_sources=False)
+    assert int(record.source_index[0]) == int(record.source_index[1]) == 0
+
+
+def test_projection_shares_an_image_only_when_a_class_has_too_few() -> None:
+    images, labels = _batch(6, 1)
+    model = _two_benign_prototypes_on_image_zero(images, labels)
+    eligible = torch.tensor([True, True, False, True, False, True])  # one benign candidate for two benign prototypes
+    record = project_prototypes(model, list(iterate_batches(images, labels, 4, eligible)))
+    assert int(record.source_index[0]) == int(record.source_index[1]) == 0
+    assert len({int(record.source_index[j]) for j in (2, 3)}) == 2
+
+
 def test_projection_without_candidates_fails_loudly() -> None:
     model = _model(1, prototypes=2)
     images = torch.randn(2, 1, 1, SIZE, SIZE)
