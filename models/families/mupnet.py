@@ -43,8 +43,9 @@ for the reasoning):
 * the last layer is frozen in the warm-up and joint stages (the paper's
   stage 1 optimises only ``f^m`` and ``P``) and is the only thing trained
   in stage 3;
-* projection gives every prototype of a modality its own source image
-  (:func:`project_prototypes`, ``distinct_sources``): the paper projects
+* projection gives every prototype of a modality its own source image, or
+  its own patient where the caller names them (:func:`project_prototypes`,
+  ``distinct_sources``, ``source_groups``): the paper projects
   each onto its nearest patch independently, which can show a radiologist
   the same patch as two prototypes;
 * backbones start from scratch: no ImageNet weights can be fetched here.
@@ -708,6 +709,7 @@ class _Candidate:
 
     distance: float
     sample: int
+    group: object  # the source's patient (or the sample itself): no two prototypes of a modality share one
     row: int
     col: int
     patch: torch.Tensor  # (C,) the latent vector the prototype becomes
@@ -715,8 +717,14 @@ class _Candidate:
 
 
 def _keep_nearest(pool: list[_Candidate], new: list[_Candidate], keep: int) -> list[_Candidate]:
-    """The ``keep`` nearest of ``pool + new``; ``sorted`` is stable and ``sample`` breaks ties, so the earliest wins."""
-    return sorted(pool + new, key=lambda c: (c.distance, c.sample))[:keep]
+    """The ``keep`` nearest of ``pool + new``, one per group; ``sample`` breaks ties, so the earliest wins."""
+    nearest: list[_Candidate] = []
+    groups: set[object] = set()
+    for candidate in sorted(pool + new, key=lambda c: (c.distance, c.sample)):
+        if candidate.group not in groups:
+            groups.add(candidate.group)
+            nearest.append(candidate)
+    return nearest[:keep]
 
 
 @torch.no_grad()
@@ -725,6 +733,7 @@ def project_prototypes(
     loader: Iterable[Sequence[torch.Tensor]],
     percentile: float = ACTIVATION_PERCENTILE,
     distinct_sources: bool = True,
+    source_groups: Sequence[object] | None = None,
 ) -> ProjectionRecord:
     """Paper stage 2: replace each prototype by its nearest latent training patch of its own class.
 
@@ -748,12 +757,17 @@ def project_prototypes(
         Give every prototype of a modality a different source image. The
         paper (and ProtoPNet) project each prototype onto its nearest
         patch independently, so two prototypes can land on the same patch
-        and show a radiologist the same case twice, as two of the 0.3.0
+        and show a radiologist the same case twice, as two of the 0.2.0
         model's pairs did. With this on, prototypes are assigned in order
-        of their nearest distance, and each takes the nearest patch of an
-        image no earlier prototype of its modality took. Where a class has
-        fewer eligible images than prototypes, the last ones fall back to
+        of their nearest distance, and each takes the nearest patch of a
+        source no earlier prototype of its modality took. Where a class has
+        fewer eligible sources than prototypes, the last ones fall back to
         their nearest patch, shared or not. ``False``: the paper's rule.
+    source_groups
+        With ``distinct_sources``, the patient of every sample in loader
+        order (any hashable): two images of one patient, such as both
+        breasts or two copies of one scan, count as one source. ``None``:
+        every image is its own source.
 
     Raises
     ------
@@ -766,8 +780,9 @@ def project_prototypes(
     device = _device(model)
     modalities, per_modality = model.modalities, model.prototypes_per_modality
     count = modalities * per_modality
-    # One image can serve at most one prototype, so the per_modality nearest images always leave one free.
+    # One source serves at most one prototype, so the per_modality nearest sources always leave one free.
     keep = per_modality if distinct_sources else 1
+    group_of = (lambda sample: source_groups[sample]) if source_groups is not None else (lambda sample: sample)
     pools: list[list[list[_Candidate]]] = [[[] for _ in range(per_modality)] for _ in range(modalities)]
     proto_class = model.prototype_class.reshape(modalities, per_modality)
     image_size = (0, 0)
@@ -795,7 +810,7 @@ def project_prototypes(
                         # Map of the source image against the patch itself, i.e. against the prototype after projection.
                         own = (latent[b, m] - patch[:, None, None]).pow(2).sum(dim=0)
                         own_map = torch.log((own + 1.0) / (own + model.epsilon))
-                        fresh.append(_Candidate(float(per_image[b, m, j]), seen + b, row, col, patch, own_map))
+                        fresh.append(_Candidate(float(per_image[b, m, j]), seen + b, group_of(seen + b), row, col, patch, own_map))
                     pools[m][j] = _keep_nearest(pools[m][j], fresh, keep)
             seen += size
         missing = [(m, j) for m in range(modalities) for j in range(per_modality) if not pools[m][j]]
@@ -833,14 +848,14 @@ def project_prototypes(
 
 
 def _assign_sources(pools: list[list[list[_Candidate]]]) -> list[list[_Candidate]]:
-    """Per modality, nearest prototype first: each takes its nearest candidate whose image is still free."""
+    """Per modality, nearest prototype first: each takes its nearest candidate whose source is still free."""
     chosen: list[list[_Candidate]] = []
     for modality in pools:
-        taken: set[int] = set()
+        taken: set[object] = set()
         picks: dict[int, _Candidate] = {}
         for j in sorted(range(len(modality)), key=lambda k: (modality[k][0].distance, k)):
-            pick = next((c for c in modality[j] if c.sample not in taken), modality[j][0])
-            taken.add(pick.sample)
+            pick = next((c for c in modality[j] if c.group not in taken), modality[j][0])
+            taken.add(pick.group)
             picks[j] = pick
         chosen.append([picks[j] for j in range(len(modality))])
     return chosen

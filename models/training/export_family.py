@@ -52,7 +52,7 @@ class MUPNetServingWrapper(nn.Module):
     last-layer weight. The layer has no bias (eq. 3), so the shares sum
     exactly to ``logits[:, 1] - logits[:, 0]``, the log-odds the probability
     is made of, and a positive share pushes toward malignant whichever class
-    the prototype belongs to (0.3.0 graphs gave the malignant logit's shares,
+    the prototype belongs to (0.2.0 graphs gave the malignant logit's shares,
     which leave out what the benign logit does); ``cam``: the similarity maps
     weighted the same way, the map of what moved the log-odds (a Grad-CAM
     equivalent for this linear head).
@@ -138,12 +138,15 @@ def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
     if spec.name != "mupnet":
         return {}
     finish = Path(config.work) / "finish.json"
-    summary = json.loads(finish.read_text()) if finish.is_file() else {}
+    if not finish.is_file():
+        raise SystemExit(f"export mupnet: {finish} is missing; run the finish stage first")
+    summary = json.loads(finish.read_text())
+    # What the finish stage ran, not this command's flags: an export-only run may have been given others.
     return {
-        "push_cycles": config.push_cycles,
-        "push_epochs": config.push_epochs,
-        "chosen_cycle": summary.get("chosen_cycle"),
-        "prototype_sources": "distinct images per modality",
+        "push_cycles": len(summary["cycles"]),
+        "push_epochs": summary["push_epochs"],
+        "chosen_cycle": summary["chosen_cycle"],
+        "prototype_sources": summary["prototype_sources"],
         "contributions": "share of the malignancy log-odds",
     }
 

@@ -267,6 +267,7 @@ class RunConfig(TrainConfig):
     init: str = ""  # checkpoint the network starts from (a pretraining run's best.pt); "" = random
     push_cycles: int = 1  # MUP-Net: projection + last-layer cycles (FamilySpec.push_cycles)
     push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
+    prototype_sources: str = "image"  # MUP-Net: no two prototypes of a modality on one "image" or on one "patient"
 
 
 @torch.no_grad()
@@ -693,7 +694,8 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
                 batches = [sampler.draw(generator)[1:] for _ in range(sampler.steps_per_epoch)]
                 mupnet.train_joint_epoch(model, [(x[:, None], y) for x, y in batches], optimizer)
         after_joint = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
-        record = mupnet.project_prototypes(model, projection_batches)
+        groups = [s.record.patient for s in train] if config.prototype_sources == "patient" else None
+        record = mupnet.project_prototypes(model, projection_batches, source_groups=groups)
         after_projection = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
         best_layer, best_state = after_projection, copy.deepcopy(model.state_dict())
         optimizer = mupnet.last_layer_optimizer(model)
@@ -712,7 +714,13 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             torch.save({"model": model.state_dict(), "cycle": cycle}, work / "projected.pt")
             _save_prototypes(record, train, images, work)
     chosen = int(torch.load(work / "projected.pt", map_location="cpu", weights_only=False)["cycle"])
-    return {"cycles": cycles, "chosen_cycle": chosen, "val_auc": best_score}
+    return {
+        "cycles": cycles,
+        "push_epochs": config.push_epochs,
+        "chosen_cycle": chosen,
+        "val_auc": best_score,
+        "prototype_sources": f"one {config.prototype_sources} per prototype, per modality",
+    }
 
 
 def _save_prototypes(record: mupnet.ProjectionRecord, train: list[LesionSample], images: Tensor, work: Path) -> None:
@@ -758,6 +766,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--swa-epochs", type=int, default=0, help="export the mean of the last N epochs' weights (batch norm recomputed) instead of the best validation epoch")
     parser.add_argument("--push-cycles", type=int, help="MUP-Net: projection + last-layer cycles (default: the recipe's)")
     parser.add_argument("--push-epochs", type=int, help="MUP-Net: joint epochs before each projection after the first (default: the recipe's)")
+    parser.add_argument(
+        "--prototype-sources", choices=("image", "patient"), default="image",
+        help="MUP-Net: each prototype from a different image (default) or a different patient",
+    )
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -782,6 +794,7 @@ def main(argv: list[str] | None = None) -> None:
         init=args.init,
         push_cycles=args.push_cycles if args.push_cycles is not None else spec.push_cycles,
         push_epochs=args.push_epochs if args.push_epochs is not None else spec.push_epochs,
+        prototype_sources=args.prototype_sources,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
