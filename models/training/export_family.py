@@ -113,13 +113,19 @@ def initialisation(config: RunConfig) -> str:
     checkpoint = Path(config.init)
     settings_file = checkpoint.parent / "config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    recipe = (
-        f"SimCLR self-supervised pretraining of this network (models.training.pretrain; {settings.get('epochs', '?')} epochs, "
-        f"temperature {settings.get('temperature', '?')}, ultrasound images of the train and validation splits, labels unused, "
-        "normal images included)"
-        if settings.get("temperature") is not None
-        else "a checkpoint of this network"
-    )
+    if settings.get("temperature") is not None:
+        recipe = (
+            f"SimCLR self-supervised pretraining of this network (models.training.pretrain; {settings.get('epochs', '?')} epochs, "
+            f"temperature {settings.get('temperature', '?')}, ultrasound images of the train and validation splits, labels unused, "
+            "normal images included)"
+        )
+    elif settings.get("family"):
+        recipe = (
+            f"the network of {settings['family']} trained by its own recipe ({settings.get('epochs', '?')} epochs on its train split, "
+            "its checkpoint chosen on its validation split; the splits are the same for every family, so no test image was seen)"
+        )
+    else:
+        recipe = "a checkpoint of this network"
     return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
 
 

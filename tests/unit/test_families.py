@@ -156,3 +156,32 @@ def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -
     assert (spec.epochs, spec.learning_rate, spec.batch_size) == (training["epochs"], training["learning_rate"], training["batch_size"])
     # MUP-Net's repeated stages; before 0.6.0 no export recorded them, and every family ran one cycle.
     assert (spec.push_cycles, spec.push_epochs) == (training.get("push_cycles", 1), training.get("push_epochs", 0))
+
+
+
+def test_initialisation_names_what_the_start_checkpoint_came_from(tmp_path: Path) -> None:
+    import json
+
+    from models.registry import sha256_of
+    from models.training.export_family import initialisation
+    from models.training.train_family import RunConfig
+
+    def card_line(init: str) -> str:
+        config = RunConfig(
+            part="dlr_lh", datasets="d", work="w", epochs=1, batch_size=1, learning_rate=1e-3, input_size=32,
+            seed=0, threads=1, max_minutes=1.0, bf16=False, family="dlr_lh", holdout="", init=init,
+        )
+        return initialisation(config)
+
+    assert card_line("").startswith("random")
+    family_run, pretraining, bare = (tmp_path / name for name in ("family", "pretrain", "bare"))
+    for folder in (family_run, pretraining, bare):
+        folder.mkdir()
+        (folder / "best.pt").write_bytes(folder.name.encode())
+    # A family run's config.json names its family; a SimCLR run's names its temperature; a bare file says neither.
+    (family_run / "config.json").write_text(json.dumps({"family": "dlr_bm", "epochs": 30}))
+    (pretraining / "config.json").write_text(json.dumps({"family": "dl_u", "epochs": 20, "temperature": 0.2}))
+    assert card_line(str(family_run / "best.pt")).startswith("the network of dlr_bm trained by its own recipe (30 epochs")
+    assert card_line(str(pretraining / "best.pt")).startswith("SimCLR self-supervised pretraining")
+    assert card_line(str(bare / "best.pt")).startswith("a checkpoint of this network")
+    assert sha256_of(family_run / "best.pt") in card_line(str(family_run / "best.pt"))
