@@ -135,6 +135,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
         + (f"{training['autocast']} autocast (fp32 weights), " if training.get("autocast") else "")
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; best validation epoch {training.get('best_epoch')}. "
+        + _roi_rule(parameters)
         + _stage_cycles(training)
         + f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",
@@ -282,6 +283,14 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
         "",
     ]
     return "\n".join(lines)
+
+
+def _roi_rule(parameters: Mapping[str, Any]) -> str:
+    """The ROI growth the export recorded and serving applies (a run may override the family's default)."""
+    if "roi_expand" not in parameters:
+        return ""
+    side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
+    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side. "
 
 
 def _stage_cycles(training: Mapping[str, Any]) -> str:

@@ -35,7 +35,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,19 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+def with_roi_padding(spec: FamilySpec, padding: float | None) -> FamilySpec:
+    """``spec`` with its lesion box grown by ``padding`` (None: unchanged).
+
+    Training, validation, the export and serving all cut the ROI through
+    ``spec.roi``, so one override keeps them in step.
+    """
+    if padding is None:
+        return spec
+    if not 0.0 <= padding <= 2.0:
+        raise ValueError(f"ROI padding {padding} is outside 0-2 (a fraction of the box added on every side)")
+    return replace(spec, roi=replace(spec.roi, padding=padding))
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -268,6 +281,7 @@ class RunConfig(TrainConfig):
     push_cycles: int = 1  # MUP-Net: projection + last-layer cycles (FamilySpec.push_cycles)
     push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
     prototype_sources: str = "image"  # MUP-Net: no two prototypes of a modality on one "image" or on one "patient"
+    roi_padding: float | None = None  # box growth on every side at serving (None: the family's RoiStyle.padding)
 
 
 @torch.no_grad()
@@ -770,6 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         "--prototype-sources", choices=("image", "patient"), default="image",
         help="MUP-Net: each prototype from a different image (default) or a different patient",
     )
+    parser.add_argument("--roi-padding", type=float, help="grow the lesion box by this fraction on every side (default: the family's); the export records it for serving")
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -795,7 +810,9 @@ def main(argv: list[str] | None = None) -> None:
         push_cycles=args.push_cycles if args.push_cycles is not None else spec.push_cycles,
         push_epochs=args.push_epochs if args.push_epochs is not None else spec.push_epochs,
         prototype_sources=args.prototype_sources,
+        roi_padding=args.roi_padding,
     )
+    spec = with_roi_padding(spec, config.roi_padding)
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)

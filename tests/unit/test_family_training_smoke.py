@@ -135,6 +135,32 @@ def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: 
         train_family.ShapeHead(train_family.FAMILIES["mupnet"].build(), 32)
 
 
+def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    spec = train_family.FAMILIES["dlr_bm"]
+    wider = train_family.with_roi_padding(spec, 0.5)
+    assert train_family.with_roi_padding(spec, None) is spec and spec.roi.padding == 0.2
+    # A 100x50 box grown by half of each side on every side, inside a large image.
+    assert wider.roi.box((200, 200, 100, 50), (1000, 1000)) == (150, 175, 200, 100)
+    with pytest.raises(ValueError, match="outside"):
+        train_family.with_roi_padding(spec, -0.1)
+    models = tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--roi-padding", "0.45"]
+    )
+    assert json.loads((tmp_path / "work" / "config.json").read_text())["roi_padding"] == 0.45
+    parameters = read_manifest(models)["dl_u"].parameters
+    # DL-U keeps its own rule (a fraction of the shortest side); only the fraction changes, and serving reads it.
+    assert (parameters["roi_expand"], parameters["roi_expand_shortest_side"]) == (0.45, True)
+    from models.cards import card_markdown
+
+    card = card_markdown(read_manifest(models)["dl_u"], {}, None, str(tiny_busbra))
+    assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
+
+
 def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.evaluate import evaluate
     from models.pipeline import SEGMENTATION_ROLES
