@@ -25,12 +25,22 @@ import torch
 from onnxconverter_common import float16
 from torch import nn
 
-from models.evaluation import youden_threshold
+from models.evaluation import auc, youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
-from models.families.onnx_export import export_graph
+from models.families.ensemble import MemberMean
+from models.families.onnx_export import export_graph, int8_convolution_weights
 from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 from models.training.data import SPLIT_RULE
-from models.training.train_family import SHAPE_TARGETS, FamilySpec, LesionSample, RunConfig, chosen_checkpoint, clinical_features, load_best
+from models.training.train_family import (
+    SHAPE_TARGETS,
+    FamilySpec,
+    LesionSample,
+    RunConfig,
+    chosen_checkpoint,
+    clinical_features,
+    load_best,
+    member_configs,
+)
 
 VERSION = "0.6.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages
 FP16_TOLERANCE = 0.05
@@ -106,6 +116,53 @@ def _positive(spec: FamilySpec, first_output: npt.NDArray[np.float32]) -> float:
     return float(1.0 / (1.0 + np.exp(-first_output.reshape(-1)[0])))
 
 
+def feed_for(session: Any, feed: dict[str, npt.NDArray[np.float32]]) -> dict[str, npt.NDArray[Any]]:
+    """``feed`` cast to the graph's input types (float16 graphs take float16 inputs)."""
+    types = {i.name: i.type for i in session.get_inputs()}
+    return {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
+
+
+def first_outputs(path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], output: str) -> list[npt.NDArray[np.float32]]:
+    """The graph's ``output`` for every feed, as float32."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [np.asarray(session.run([output], feed_for(session, feed))[0], dtype=np.float32) for feed in feeds]
+
+
+def largest_difference(path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], references: list[npt.NDArray[np.float32]], output: str) -> float:
+    """Largest absolute difference between the graph's ``output`` and ``references`` over ``feeds``."""
+    return max(float(np.abs(got - reference).max()) for got, reference in zip(first_outputs(path, feeds, output), references))
+
+
+#: An int8 graph replaces the float one only if no validation lesion's served
+#: probability moves by this much or more ...
+INT8_PROBABILITY_TOLERANCE = 0.05
+#: ... and the validation AUC does not drop by this much or more.
+INT8_AUC_TOLERANCE = 0.005
+
+
+def int8_storage(count: int, labels: list[int], as_float: list[float], as_int8: list[float], reference: str) -> dict[str, Any]:
+    """How far int8 convolution weights move the served probability on validation lesions, and whether that is accepted.
+
+    The check is on the probability the SR reports, not on raw logits: int8
+    noise of 0.1 on a logit of -9 changes nothing a reader sees, while the
+    same on a logit near 0 moves the probability by 0.025.
+    """
+    shift = float(np.abs(np.asarray(as_int8) - np.asarray(as_float)).max())
+    auc_float, auc_int8 = auc(labels, as_float), auc(labels, as_int8)
+    return {
+        "convolution_weights": "int8, symmetric, one float32 scale per output channel; dequantised once when the session starts",
+        "weights_stored_int8": count,
+        "compared_with": reference,
+        "validation_lesions": len(labels),
+        "max_probability_shift": shift,
+        "val_auc_float": auc_float,
+        "val_auc_int8": auc_int8,
+        "accepted": shift < INT8_PROBABILITY_TOLERANCE and auc_float - auc_int8 < INT8_AUC_TOLERANCE,
+    }
+
+
 def initialisation(config: RunConfig) -> str:
     """How the network was initialised, for the manifest and the card."""
     if not config.init:
@@ -129,8 +186,34 @@ def initialisation(config: RunConfig) -> str:
     return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
 
 
-def weight_choice(work: Path) -> dict[str, Any]:
-    """Which weights were exported: the best validation epoch, or the mean of the last epochs (``--swa-epochs``)."""
+def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, list[str], list[str]]:
+    """The family's serving graph: one network's, or the :class:`MemberMean` of a seed ensemble's members."""
+    built = [_wrapper(spec, load_best(spec, Path(member.work)), Path(member.work)) for member in member_configs(config)]
+    if len(built) == 1:
+        return built[0]
+    _, inputs, outputs = built[0]
+    return MemberMean([wrapper for wrapper, _, _ in built]), inputs, outputs
+
+
+def weight_choice(config: RunConfig) -> dict[str, Any]:
+    """Which weights were exported: best epoch, weight average (``--swa-epochs``), or each seed-ensemble member's."""
+    members = member_configs(config)
+    if len(members) > 1:
+        chosen = [_single_weight_choice(Path(member.work)) for member in members]
+        scores = [float(torch.load(chosen_checkpoint(Path(m.work)), map_location="cpu", weights_only=False)["score"]) for m in members]
+        return {
+            "ensemble": {
+                "members": len(members),
+                "seeds": [member.seed for member in members],
+                "best_epochs": [choice["best_epoch"] for choice in chosen],
+                "member_val_auc": scores,
+                "combination": "element-wise mean of the members' outputs (logits and maps), one ONNX graph",
+            }
+        }
+    return _single_weight_choice(Path(config.work))
+
+
+def _single_weight_choice(work: Path) -> dict[str, Any]:
     checkpoint = chosen_checkpoint(work)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if checkpoint.name == "swa.pt":
@@ -159,11 +242,9 @@ def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
 
 def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
     """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
-    import onnxruntime as ort
-
     work = Path(config.work)
     size = config.input_size
-    wrapper, inputs, outputs = _wrapper(spec, load_best(spec, work), work)
+    wrapper, inputs, outputs = serving_wrapper(spec, config)
     wrapper.eval()
     val_feeds = _feeds(spec, samples["val"], size)
     output.mkdir(parents=True, exist_ok=True)
@@ -174,32 +255,31 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         export_graph(wrapper, example, fp32, inputs, outputs)
         fp16 = Path(tmp) / "fp16.onnx"
         onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=False), str(fp16))
-        worst = {}
-        for label, path in (("fp32", fp32), ("fp16", fp16)):
-            try:
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail type; fp32 is the safe fallback
-                if label == "fp32":
-                    raise
-                print(f"fp16 graph of {spec.name} does not load ({exc}); keeping fp32", flush=True)
-                worst[label] = float("inf")
-                continue
-            types = {i.name: i.type for i in session.get_inputs()}
-            worst[label] = 0.0
-            for feed in val_feeds[:16]:
-                with torch.no_grad():
-                    reference = wrapper(*(torch.from_numpy(feed[name]) for name in inputs))[0].numpy()
-                cast = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
-                got = session.run([outputs[0]], cast)[0].astype(np.float32)
-                worst[label] = max(worst[label], float(np.abs(got - reference).max()))
+        with torch.no_grad():
+            references = [wrapper(*(torch.from_numpy(feed[name]) for name in inputs))[0].numpy() for feed in val_feeds[:16]]
+        worst = {"fp32": largest_difference(fp32, val_feeds[:16], references, outputs[0])}
+        try:
+            worst["fp16"] = largest_difference(fp16, val_feeds[:16], references, outputs[0])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail type; fp32 is the safe fallback
+            print(f"fp16 graph of {spec.name} does not load ({exc}); keeping fp32", flush=True)
+            worst["fp16"] = float("inf")
         chosen = fp16 if worst["fp16"] <= FP16_TOLERANCE else fp32
+        precision = "float16" if chosen == fp16 else "float32"
+        weight_storage: dict[str, Any] | None = None
+        if spec.int8_weights:
+            compressed, count = int8_convolution_weights(onnx.load(str(chosen)))
+            int8 = Path(tmp) / "int8.onnx"
+            onnx.save(compressed, str(int8))
+            labels = [s.label for s in samples["val"]]
+            as_float = [_positive(spec, first) for first in first_outputs(chosen, val_feeds, outputs[0])]
+            as_int8 = [_positive(spec, first) for first in first_outputs(int8, val_feeds, outputs[0])]
+            weight_storage = int8_storage(count, labels, as_float, as_int8, f"the {precision} graph")
+            if weight_storage["accepted"]:
+                chosen = int8
+            else:
+                print(f"int8 weights of {spec.name} change what is served too much ({weight_storage}); keeping {precision}", flush=True)
         shutil.copyfile(chosen, output / file_name)
-    session = ort.InferenceSession(str(output / file_name), providers=["CPUExecutionProvider"])
-    types = {i.name: i.type for i in session.get_inputs()}
-    val_scores = []
-    for feed in val_feeds:
-        cast = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
-        val_scores.append(_positive(spec, np.asarray(session.run([outputs[0]], cast)[0], dtype=np.float32)))
+    val_scores = [_positive(spec, first) for first in first_outputs(output / file_name, val_feeds, outputs[0])]
     side_files: dict[str, str] = {}
     if spec.name == "mupnet":
         for source, name in (("prototype_patches.npz", "mupnet_prototype_patches.npz"), ("prototypes.json", "mupnet_prototypes.json")):
@@ -212,9 +292,10 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             side_files[variant] = name
         from models.svm import SvmModel
 
-        deep = [np.asarray(session.run(["deep_features"], {"image": f["image"].astype(np.float16) if types["image"] == "tensor(float16)" else f["image"]})[0][0], dtype=np.float64) for f in val_feeds]
+        deep = [np.asarray(features[0], dtype=np.float64) for features in first_outputs(output / file_name, val_feeds, "deep_features")]
         svm = SvmModel.load(output / side_files["cldlr"])
         val_scores = [float(svm.probability(np.concatenate([d, clinical_features(s)]))[0]) for d, s in zip(deep, samples["val"])]
+    served_val_auc = auc([s.label for s in samples["val"]], val_scores)
     parameters: dict[str, Any] = {
         "family": spec.name,
         "task": spec.task,
@@ -226,7 +307,8 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         "roi_expand": spec.roi.padding,
         "roi_expand_shortest_side": spec.roi.shortest_side,
         "operating_point": youden_threshold([s.label for s in samples["val"]], val_scores),
-        "precision": "float16" if chosen == fp16 else "float32",
+        "precision": precision,
+        "weight_storage": weight_storage,
         "max_abs_diff_fp32": worst["fp32"],
         "max_abs_diff_fp16": worst["fp16"] if math.isfinite(worst["fp16"]) else None,
         "side_files": {k: {"file": v, "sha256": sha256_of(output / v)} for k, v in side_files.items()},
@@ -245,9 +327,10 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "autocast": "bfloat16" if config.bf16 else None,
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
-            **weight_choice(work),
+            **weight_choice(config),
             **mupnet_cycles(spec, config),
             "initialisation": initialisation(config),
+            "val_auc_as_served": served_val_auc,
             "notes": spec.notes,
         },
     }

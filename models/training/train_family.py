@@ -48,6 +48,7 @@ from torch.nn import functional
 
 from models.evaluation import auc
 from models.families import cldlr, dlr, dlum, mupnet
+from models.families.ensemble import ENSEMBLE_FAMILIES
 from models.preprocess import (
     Box,
     crop,
@@ -148,6 +149,7 @@ class FamilySpec:
     optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None  # default: AdamW over trainable parameters
     push_cycles: int = 1  # MUP-Net: how many times its projection and last-layer stages run (the paper repeats them)
     push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
+    int8_weights: bool = False  # export: store convolution weights as int8 when the graph's output stays within tolerance
 
 
 def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -190,12 +192,12 @@ CLDLR_WIDTH = 0.5
 FAMILIES: dict[str, FamilySpec] = {
     "dlr_lh": FamilySpec(
         "dlr_lh", "birads_high", ("busbra", "breast_lesions"), lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
         notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
     ),
     "dlr_bm": FamilySpec(
         "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
     "cldlr": FamilySpec(
@@ -282,6 +284,26 @@ class RunConfig(TrainConfig):
     push_epochs: int = 0  # MUP-Net: joint epochs before each projection after the first
     prototype_sources: str = "image"  # MUP-Net: no two prototypes of a modality on one "image" or on one "patient"
     roi_padding: float | None = None  # box growth on every side at serving (None: the family's RoiStyle.padding)
+    ensemble: int = 1  # seed-ensemble members (1: one network, the paper's recipe); see member_configs
+
+
+def member_configs(config: RunConfig) -> list[RunConfig]:
+    """One run per seed-ensemble member: ``config`` itself when ``ensemble`` is 1.
+
+    Member ``k`` trains in ``WORK/member-k`` with seed ``seed + k``, so member
+    0 is the single-network run of the same seed, every member resumes on its
+    own, and adding members later leaves the trained ones untouched.
+    """
+    if config.ensemble < 1:
+        raise ValueError(f"an ensemble needs at least one member, not {config.ensemble}")
+    if config.ensemble == 1:
+        return [config]
+    if config.family not in ENSEMBLE_FAMILIES:
+        raise ValueError(
+            f"{config.family} cannot be a seed ensemble: its side models (SVMs, projected prototypes) belong to one network; "
+            f"ensembles are built for {', '.join(sorted(ENSEMBLE_FAMILIES))}"
+        )
+    return [replace(config, work=str(Path(config.work) / f"member-{k}"), seed=config.seed + k, ensemble=1) for k in range(config.ensemble)]
 
 
 @torch.no_grad()
@@ -785,6 +807,10 @@ def main(argv: list[str] | None = None) -> None:
         help="MUP-Net: each prototype from a different image (default) or a different patient",
     )
     parser.add_argument("--roi-padding", type=float, help="grow the lesion box by this fraction on every side (default: the family's); the export records it for serving")
+    parser.add_argument(
+        "--ensemble", type=int, default=1,
+        help="train this many members from seeds SEED, SEED+1, ... (in WORK/member-K) and export their mean as one graph (dl_u, dl_m, dlr_bm, dlr_lh)",
+    )
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -811,7 +837,12 @@ def main(argv: list[str] | None = None) -> None:
         push_epochs=args.push_epochs if args.push_epochs is not None else spec.push_epochs,
         prototype_sources=args.prototype_sources,
         roi_padding=args.roi_padding,
+        ensemble=args.ensemble,
     )
+    try:
+        members = member_configs(config)
+    except ValueError as exc:
+        parser.error(str(exc))
     spec = with_roi_padding(spec, config.roi_padding)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -821,12 +852,18 @@ def main(argv: list[str] | None = None) -> None:
     (work / "config.json").write_text(json.dumps({**asdict(config), "notes": spec.notes}, indent=2))
     samples = split_samples(spec, Path(config.datasets), config.holdout or None)
     print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)
-    if args.stage in ("network", "all"):
-        train_network(spec, config, samples)
-    if args.stage in ("finish", "all") and spec.name in FINISHERS:
-        summary = FINISHERS[spec.name](spec, config, samples)
-        (work / "finish.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps({"family": spec.name, "finished": summary}), flush=True)
+    for member in members:
+        member_work = Path(member.work)
+        if member is not config:
+            member_work.mkdir(parents=True, exist_ok=True)
+            (member_work / "config.json").write_text(json.dumps({**asdict(member), "notes": spec.notes}, indent=2))
+            seed_everything(member.seed)
+        if args.stage in ("network", "all"):
+            train_network(spec, member, samples)
+        if args.stage in ("finish", "all") and spec.name in FINISHERS:
+            summary = FINISHERS[spec.name](spec, member, samples)
+            (member_work / "finish.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps({"family": spec.name, "work": member.work, "finished": summary}), flush=True)
     if args.stage in ("export", "all"):
         from models.training.export_family import export_family
 

@@ -161,6 +161,91 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
     assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
 
 
+def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from models.cards import card_markdown
+    from models.registry import read_manifest
+    from models.training import train_family
+    from models.training.export_family import serving_wrapper
+
+    work, models = tmp_path / "work", tmp_path / "models"
+    arguments = ["--datasets", str(tiny_busbra), "--work", str(work), "--output", str(models),
+                 "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--seed", "7"]
+    train_family.main(["dl_u", "--ensemble", "2", *arguments])
+    members = [json.loads((work / f"member-{k}" / "config.json").read_text()) for k in range(2)]
+    assert [m["seed"] for m in members] == [7, 8] and all((work / f"member-{k}" / "best.pt").is_file() for k in range(2))
+    first, second = (torch.load(work / f"member-{k}" / "best.pt", weights_only=False)["model"] for k in range(2))
+    assert any(not torch.equal(first[name], second[name]) for name in first)  # different seeds, different networks
+    entry = read_manifest(models)["dl_u"]
+    ensemble = entry.parameters["training"]["ensemble"]
+    assert ensemble["members"] == 2 and ensemble["seeds"] == [7, 8] and len(ensemble["member_val_auc"]) == 2
+    assert 0.0 <= entry.parameters["training"]["val_auc_as_served"] <= 1.0
+    # The served graph is the members' mean: its logit equals the mean of each member's own logit.
+    config = train_family.RunConfig(
+        part="dl_u", family="dl_u", datasets=str(tiny_busbra), work=str(work), holdout="", epochs=1, batch_size=4,
+        learning_rate=1e-3, input_size=32, seed=7, threads=1, max_minutes=float("inf"), bf16=False, ensemble=2,
+    )
+    spec = train_family.FAMILIES["dl_u"]
+    image = np.random.default_rng(0).normal(size=(1, 1, 32, 32)).astype(np.float32)
+    singles = [serving_wrapper(spec, member)[0].eval() for member in train_family.member_configs(config)]
+    with torch.no_grad():
+        expected = float(np.mean([single(torch.from_numpy(image))[0].item() for single in singles]))
+    session = ort.InferenceSession(str(models / entry.file), providers=["CPUExecutionProvider"])
+    feed = image.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else image
+    served = float(session.run(["logit"], {"image": feed})[0].reshape(-1)[0])
+    assert abs(served - expected) < 0.05
+    card = card_markdown(entry, {}, None, str(tiny_busbra))
+    assert "seed ensemble of 2 networks" in card and "seed 8 (epoch 0" in card
+    with pytest.raises(SystemExit):  # CLDLR's SVMs belong to one network: refused before any training
+        train_family.main(["cldlr", "--ensemble", "2", *arguments])
+
+
+def test_dlr_seed_ensemble_fits_each_members_age_mlp(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.registry import read_manifest
+
+    from models.training import train_family
+
+    work, models = tmp_path / "work", tmp_path / "models"
+    train_family.main(
+        ["dlr_bm", "--ensemble", "2", "--datasets", str(tiny_busbra), "--work", str(work), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+    )
+    # The paper's MLP over [embedding, age] is fitted on each member's own embedding.
+    assert all((work / f"member-{k}" / "mlp.pt").is_file() and (work / f"member-{k}" / "finish.json").is_file() for k in range(2))
+    entry = read_manifest(models)["dlr_bm"]
+    assert entry.parameters["training"]["ensemble"]["members"] == 2
+    assert entry.parameters["inputs"] == ["image", "clinical"] and entry.parameters["outputs"] == ["logits", "image_logits", "cam"]
+
+
+def test_compressing_a_bundled_graph_checks_it_on_validation_lesions(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.cards import card_markdown
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest, sha256_of, write_manifest
+    from models.training.compress_weights import CompressionRefused, compress_family
+
+    datasets = tiny_busbra
+    entry = read_manifest(BUNDLED_MODEL_DIR)["dlr_lh"]
+    if (entry.parameters.get("weight_storage") or {}).get("accepted"):
+        pytest.skip("the bundled DLR_LH is already int8")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(BUNDLED_MODEL_DIR / entry.file, models)
+    write_manifest({"dlr_lh": entry}, models)
+    before = (models / entry.file).stat().st_size
+    updated = compress_family("dlr_lh", models, datasets)
+    storage = updated.parameters["weight_storage"]
+    assert storage["accepted"] and storage["weights_stored_int8"] > 40 and storage["validation_lesions"] > 0
+    assert (models / entry.file).stat().st_size < 0.6 * before
+    assert updated.sha256 == sha256_of(models / entry.file) != entry.sha256 and updated.version == f"{entry.version}+int8"
+    assert json.loads((models / "manifest.json").read_text())["models"]["dlr_lh"]["sha256"] == updated.sha256
+    assert "convolution weights stored as int8" in card_markdown(updated, {}, None, str(datasets))
+    assert not list(models.glob("*.int8-candidate"))
+    with pytest.raises(CompressionRefused, match="already"):
+        compress_family("dlr_lh", models, datasets)
+
+
 def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.evaluate import evaluate
     from models.pipeline import SEGMENTATION_ROLES
