@@ -117,6 +117,13 @@ def _operating_point_and_metrics(parameters: Mapping[str, Any], family_report: M
     ]
 
 
+def _ensemble_deviation(training: Mapping[str, Any]) -> str:
+    ensemble = training.get("ensemble")
+    if not ensemble:
+        return ""
+    return f" Served as the mean of {ensemble['members']} networks trained by the same recipe from {ensemble['members']} seeds; the paper trains one."
+
+
 def _weights_chosen(training: Mapping[str, Any]) -> str:
     """Which weights the graph holds: one best validation epoch, or a seed ensemble's members."""
     ensemble = training.get("ensemble")
@@ -145,7 +152,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         "",
         f"**Initialisation:** {training.get('initialisation', 'random (from scratch)')}.",
         "",
-        f"**Deviations from the paper:** {text.get('deviations', 'none recorded')}",
+        f"**Deviations from the paper:** {text.get('deviations', 'none recorded')}" + _ensemble_deviation(training),
         "",
         "## Data and split",
         "",

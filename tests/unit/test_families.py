@@ -156,6 +156,10 @@ def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -
     assert (spec.epochs, spec.learning_rate, spec.batch_size) == (training["epochs"], training["learning_rate"], training["batch_size"])
     # MUP-Net's repeated stages; before 0.6.0 no export recorded them, and every family ran one cycle.
     assert (spec.push_cycles, spec.push_epochs) == (training.get("push_cycles", 1), training.get("push_epochs", 0))
+    # Seed ensembles (absent: one network) and int8 convolution weights are part of the recipe too.
+    assert spec.ensemble == (training.get("ensemble") or {}).get("members", 1)
+    storage = read_manifest(BUNDLED_MODEL_DIR)[family].parameters.get("weight_storage") or {}
+    assert spec.int8_weights == bool(storage.get("accepted"))
 
 
 

@@ -198,7 +198,7 @@ def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Pat
     served = float(session.run(["logit"], {"image": feed})[0].reshape(-1)[0])
     assert abs(served - expected) < 0.05
     card = card_markdown(entry, {}, None, str(tiny_busbra))
-    assert "seed ensemble of 2 networks" in card and "seed 8 (epoch 0" in card
+    assert "seed ensemble of 2 networks" in card and "seed 8 (epoch 0" in card and "from 2 seeds; the paper trains one" in card
     with pytest.raises(SystemExit):  # CLDLR's SVMs belong to one network: refused before any training
         train_family.main(["cldlr", "--ensemble", "2", *arguments])
 
