@@ -43,6 +43,8 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
     parameters = entry.parameters
     if (parameters.get("weight_storage") or {}).get("accepted"):
         raise CompressionRefused(f"{role}: its convolution weights are already stored as int8")
+    if parameters.get("family", role) == "cldlr":
+        raise CompressionRefused(f"{role}: its served score is its SVM's, not the graph's first output, which is all this check reads")
     spec = with_roi_padding(FAMILIES[parameters.get("family", role)], parameters.get("roi_expand"))
     samples = split_samples(spec, datasets, parameters.get("trained_without"))
     feeds = _feeds(spec, samples["val"], int(parameters["input_size"]))
