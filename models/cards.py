@@ -124,6 +124,16 @@ def _ensemble_deviation(training: Mapping[str, Any]) -> str:
     return f" Served as the mean of {ensemble['members']} networks trained by the same recipe from {ensemble['members']} seeds; the paper trains one."
 
 
+def _augmentation_rule(training: Mapping[str, Any]) -> str:
+    """The training-crop augmentation in words (models.training.train_family.RoiStyle.training_input)."""
+    if training.get("augmentation") == "strong":
+        return (
+            "Training crops: the box shifted up to 15 %, each side scaled 0.85-1.15, turned up to 15 degrees, flipped left-right, "
+            "with gamma, speckle, contrast, brightness and blur varied. "
+        )
+    return "Training crops: the box shifted up to 10 % and its padding varied, flipped left-right, with gamma and speckle varied. "
+
+
 def _weights_chosen(training: Mapping[str, Any]) -> str:
     """Which weights the graph holds: one best validation epoch, or a seed ensemble's members."""
     ensemble = training.get("ensemble")
@@ -172,6 +182,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         + (f"{training['autocast']} autocast (fp32 weights), " if training.get("autocast") else "")
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; {_weights_chosen(training)}. "
         + _roi_rule(parameters)
+        + _augmentation_rule(training)
         + _stage_cycles(training)
         + f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",

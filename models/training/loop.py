@@ -60,6 +60,35 @@ def augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) ->
     return noisy
 
 
+def rotated_crop(image: npt.NDArray[np.uint8], box: tuple[int, int, int, int], degrees: float) -> npt.NDArray[np.uint8]:
+    """The ``box`` (x, y, w, h) of ``image`` turned by ``degrees`` about its centre; outside the image is mirrored.
+
+    Sampling the turned window straight from the full image keeps real
+    tissue in the corners, where rotating the cut crop would leave black
+    wedges that no served ROI has.
+    """
+    x, y, w, h = box
+    # Pixel centres sit on integers, so a w-pixel box is centred at x + (w - 1) / 2: at 0 degrees this is crop() exactly.
+    centre = (x + (w - 1) / 2.0, y + (h - 1) / 2.0)
+    matrix = cv2.getRotationMatrix2D(centre, degrees, 1.0)
+    matrix[:, 2] = matrix[:, 2] + ((w - 1) / 2.0 - centre[0], (h - 1) / 2.0 - centre[1])
+    turned = cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    return np.asarray(turned, dtype=np.uint8)
+
+
+def augment_contrast_and_blur(image: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """Contrast x0.8-1.25 about mid-grey, brightness +-8 % of full scale, and a light Gaussian blur one time in three.
+
+    Stand-ins for what differs between scanners and presets (gain, dynamic
+    range, speckle smoothing); used by the ``strong`` ROI augmentation.
+    """
+    scaled = (image.astype(np.float32) - 127.5) * rng.uniform(0.8, 1.25) + 127.5 + rng.uniform(-0.08, 0.08) * 255.0
+    if rng.random() < 1 / 3:
+        scaled = np.asarray(cv2.GaussianBlur(scaled, (0, 0), sigmaX=rng.uniform(0.5, 1.2)), dtype=np.float32)
+    adjusted: npt.NDArray[np.uint8] = np.clip(scaled, 0, 255).astype(np.uint8)
+    return adjusted
+
+
 def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
     """One optimisation step; returns the loss as a float for logging."""
     optimizer.zero_grad()

@@ -161,6 +161,24 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
     assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
 
 
+def test_strong_augmentation_is_recorded_in_the_config_the_manifest_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.cards import card_markdown
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    models = tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--augmentation", "strong"]
+    )
+    assert json.loads((tmp_path / "work" / "config.json").read_text())["augmentation"] == "strong"
+    entry = read_manifest(models)["dl_u"]
+    assert entry.parameters["training"]["augmentation"] == "strong"
+    assert "turned up to 15 degrees" in card_markdown(entry, {}, None, str(tiny_busbra))
+    with pytest.raises(SystemExit):
+        train_family.main(["dl_u", "--datasets", str(tiny_busbra), "--augmentation", "extreme"])
+
+
 def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Path, tmp_path: Path) -> None:
     import numpy as np
     import onnxruntime as ort
