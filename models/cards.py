@@ -134,6 +134,14 @@ def _augmentation_rule(training: Mapping[str, Any]) -> str:
     return "Training crops: the box shifted up to 10 % and its padding varied, flipped left-right, with gamma and speckle varied. "
 
 
+def _mixup_rule(training: Mapping[str, Any]) -> str:
+    """Whether training batches were blended (models.training.train_family.mixup_loss); the papers do not."""
+    alpha = training.get("mixup")
+    if not alpha:
+        return ""
+    return f"Each training batch blended with a shuffled copy of itself (mixup, weights from Beta({alpha:g}, {alpha:g})); the paper does not. "
+
+
 def _weights_chosen(training: Mapping[str, Any]) -> str:
     """Which weights the graph holds: one best validation epoch, or a seed ensemble's members."""
     ensemble = training.get("ensemble")
@@ -183,6 +191,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; {_weights_chosen(training)}. "
         + _roi_rule(parameters)
         + _augmentation_rule(training)
+        + _mixup_rule(training)
         + _stage_cycles(training)
         + f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
         "",

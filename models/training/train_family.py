@@ -322,6 +322,7 @@ class RunConfig(TrainConfig):
     roi_padding: float | None = None  # box growth on every side at serving (None: the family's RoiStyle.padding)
     ensemble: int = 1  # seed-ensemble members (1: one network, the paper's recipe); see member_configs
     augmentation: str | None = None  # training-crop augmentation (RoiStyle.training_input; None: the recipe's)
+    mixup: float = 0.0  # Beta(a, a) of mixup between training crops (0: no mixing, the papers' recipes)
 
 
 def member_configs(config: RunConfig) -> list[RunConfig]:
@@ -544,13 +545,65 @@ class BalancedBatches:
         return index, x, torch.from_numpy(self.labels[index]).long()
 
 
+class OneForward(nn.Module):
+    """Runs the wrapped network on its first call and returns those outputs to every later call.
+
+    Mixup scores one forward pass against two label sets; the family losses
+    call the network themselves, so this lets two of them share one pass and
+    one backward graph.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs: Any = None
+
+    def forward(self, x: Tensor) -> Any:
+        if self.outputs is None:
+            self.outputs = self.model(x)
+        return self.outputs
+
+
+#: Families whose loss ties each training image to one class beyond its label: MUP-Net's cluster and separation costs
+#: pull an image's patches towards its own class's prototypes, which a blend of two images does not have.
+MIXUP_REFUSED = frozenset({"mupnet"})
+
+
+def check_mixup(config: RunConfig) -> None:
+    """Refuse mixup where its blended images would not mean what the loss assumes."""
+    if config.mixup < 0:
+        raise ValueError(f"--mixup is a Beta distribution's parameter and must be positive, not {config.mixup}")
+    if config.mixup == 0:
+        return
+    if config.family in MIXUP_REFUSED:
+        raise ValueError(f"{config.family} cannot train with mixup: its prototype costs tie each image to one class")
+    if config.shape_aux > 0 or config.birads_aux > 0:
+        raise ValueError("mixup cannot be combined with --shape-aux or --birads-aux: a blended crop has no single outline or category")
+
+
+def mixup_loss(spec: FamilySpec, model: nn.Module, x: Tensor, y: Tensor, alpha: float, rng: np.random.Generator) -> Tensor:
+    """The family's loss on a batch blended with a shuffled copy of itself (Zhang et al., ICLR 2018).
+
+    Each crop becomes ``lam * x + (1 - lam) * x[partner]`` with one
+    ``lam ~ Beta(alpha, alpha)`` per batch, and the loss is the same blend of
+    the family's loss against either label, so every family loss (softmax
+    cross-entropy, DL-UM's focal deep supervision) works unchanged.
+    """
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(len(y)))
+    once = OneForward(model)
+    mixed = lam * x + (1.0 - lam) * x[partner]
+    return lam * spec.loss(once, mixed, y) + (1.0 - lam) * spec.loss(once, mixed, y[partner])
+
+
 def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
     """Class-balanced mini-batches, AdamW with warm-up + cosine decay, best by validation AUC.
 
     With ``config.shape_aux`` > 0 the loss adds that weight times the
     :class:`ShapeHead`'s error on the ground-truth outline's shape descriptors;
     with ``config.birads_aux`` > 0, that weight times the :class:`BiradsHead`'s
-    error on the BI-RADS category. With ``config.swa_epochs`` > 0 the exported
+    error on the BI-RADS category. With ``config.mixup`` > 0 each batch is
+    blended with a shuffled copy of itself (:func:`mixup_loss`). With ``config.swa_epochs`` > 0 the exported
     network is the mean of the last that many epochs' weights (``swa.pt``),
     its batch-norm statistics recomputed, instead of the best validation epoch.
     """
@@ -585,7 +638,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             index, x, y = sampler.draw(rng)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = spec.loss(model, x, y)
+                loss = mixup_loss(spec, model, x, y, config.mixup, rng) if config.mixup > 0 else spec.loss(model, x, y)
             if shape_head is not None and targets is not None:
                 loss = loss.float() + config.shape_aux * shape_head.loss(targets[index])
             if birads_head is not None and categories is not None:
@@ -854,6 +907,10 @@ def main(argv: list[str] | None = None) -> None:
         help="training-crop augmentation: standard (shift, padding, flip, gamma, speckle) or strong (adds rotation, box "
         "scaling, contrast, brightness, blur); default: the recipe's",
     )
+    parser.add_argument(
+        "--mixup", type=float, default=0.0,
+        help="blend each training batch with a shuffled copy of itself, weights from Beta(A, A) (e.g. 0.2; 0: off, the papers' recipes)",
+    )
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -882,8 +939,10 @@ def main(argv: list[str] | None = None) -> None:
         roi_padding=args.roi_padding,
         ensemble=args.ensemble if args.ensemble is not None else spec.ensemble,
         augmentation=args.augmentation,
+        mixup=args.mixup,
     )
     try:
+        check_mixup(config)
         members = member_configs(config)
     except ValueError as exc:
         parser.error(str(exc))

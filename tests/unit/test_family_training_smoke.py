@@ -161,7 +161,7 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
     assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
 
 
-def test_strong_augmentation_is_recorded_in_the_config_the_manifest_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
+def test_strong_augmentation_and_mixup_are_recorded_in_the_config_the_manifest_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.cards import card_markdown
     from models.registry import read_manifest
     from models.training import train_family
@@ -169,14 +169,20 @@ def test_strong_augmentation_is_recorded_in_the_config_the_manifest_and_the_card
     models = tmp_path / "models"
     train_family.main(
         ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
-         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--augmentation", "strong"]
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--augmentation", "strong", "--mixup", "0.2"]
     )
-    assert json.loads((tmp_path / "work" / "config.json").read_text())["augmentation"] == "strong"
+    config = json.loads((tmp_path / "work" / "config.json").read_text())
+    assert config["augmentation"] == "strong" and config["mixup"] == 0.2
     entry = read_manifest(models)["dl_u"]
-    assert entry.parameters["training"]["augmentation"] == "strong"
-    assert "turned up to 15 degrees" in card_markdown(entry, {}, None, str(tiny_busbra))
+    assert entry.parameters["training"]["augmentation"] == "strong" and entry.parameters["training"]["mixup"] == 0.2
+    card = card_markdown(entry, {}, None, str(tiny_busbra))
+    assert "turned up to 15 degrees" in card and "mixup, weights from Beta(0.2, 0.2)" in card
     with pytest.raises(SystemExit):
         train_family.main(["dl_u", "--datasets", str(tiny_busbra), "--augmentation", "extreme"])
+    for refused in (["mupnet", "--mixup", "0.2"], ["dl_u", "--mixup", "0.2", "--shape-aux", "0.5"], ["dl_u", "--mixup", "-1"]):
+        with pytest.raises(SystemExit):
+            train_family.main([*refused, "--datasets", str(tiny_busbra), "--work", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
 def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Path, tmp_path: Path) -> None:
