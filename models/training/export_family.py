@@ -170,10 +170,16 @@ def initialisation(config: RunConfig) -> str:
     checkpoint = Path(config.init)
     settings_file = checkpoint.parent / "config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    if settings.get("temperature") is not None:
+    if settings.get("objective") == "masks":
+        recipe = (
+            f"mask pretraining of this network (models.training.mask_pretraining; {settings.get('epochs', '?')} epochs of Dice + "
+            "cross-entropy on the lesion outlines of the training split's ultrasound images through a feature-pyramid decoder that "
+            "was then dropped; normal images included, benign/malignant and BI-RADS labels unused, epoch chosen by validation Dice)"
+        )
+    elif settings.get("temperature") is not None:
         recipe = (
             f"SimCLR self-supervised pretraining of this network (models.training.pretrain; {settings.get('epochs', '?')} epochs, "
-            f"temperature {settings.get('temperature', '?')}, ultrasound images of the train and validation splits, labels unused, "
+            f"temperature {settings.get('temperature', '?')}, ultrasound images of the training split, labels unused, "
             "normal images included)"
         )
     elif settings.get("family"):

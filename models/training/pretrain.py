@@ -1,8 +1,8 @@
-"""Self-supervised pretraining (SimCLR) of a family's network on ultrasound images, labels unused.
+"""Pretraining of a family's network on ultrasound images: SimCLR here, lesion outlines in ``mask_pretraining``.
 
 The papers start from ImageNet weights, which cannot be had here. This
 recipe is the issue's suggested stand-in: contrastive pretraining of the
-family's own network on every ultrasound image of the development sets
+family's own network on every ultrasound image of the training split
 (normal images included), then ``breastai train FAMILY --init
 runs/pretrain/FAMILY/best.pt`` fine-tunes it with the paper's recipe.
 
@@ -15,11 +15,16 @@ runs/pretrain/FAMILY/best.pt`` fine-tunes it with the paper's recipe.
 - Loss: NT-Xent (``monai.losses.ContrastiveLoss``) on a two-layer projection
   of the network's pooled features (its second output), which is dropped
   after pretraining.
-- Images of the held-out test split are left out, so the test numbers stay
-  those of images no stage of training has seen.
+- Images of the validation and test splits are left out: validation later
+  picks the fine-tuned checkpoint and the operating point, and the test
+  numbers stay those of images no stage of training has seen.
 - Checkpoints: ``best.pt`` by a linear probe's validation AUC (logistic
   regression on the frozen pooled features of the training lesions), which
   is the only place labels enter, and only to choose the epoch.
+
+``--objective masks`` pretrains on the lesion outlines instead
+(:mod:`models.training.mask_pretraining`); its checkpoint starts a family
+the same way.
 """
 
 from __future__ import annotations
@@ -48,16 +53,22 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PretrainImage:
-    """One grayscale image and, where it has a lesion mask, the box of its largest lesion."""
+    """One grayscale image and, where it has a lesion mask, the box of its largest lesion and the mask."""
 
     image: npt.NDArray[np.uint8]
     box: Box | None
+    mask: npt.NDArray[np.uint8] | None = None
+
+    def lesion_mask(self) -> npt.NDArray[np.uint8]:
+        """The 0/1 lesion mask, all zeros for an image without lesions."""
+        return self.mask if self.mask is not None else np.zeros(self.image.shape[:2], dtype=np.uint8)
 
 
 @dataclass(frozen=True)
 class PretrainConfig(TrainConfig):
     family: str
-    temperature: float
+    temperature: float | None  # SimCLR's; None for mask pretraining
+    objective: str = "simclr"  # or "masks" (models.training.mask_pretraining)
 
 
 def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",)) -> list[PretrainImage]:
@@ -71,8 +82,9 @@ def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",)) -> 
         if record.split not in splits:
             continue
         gray = read_gray(record.image_path)
-        box = mask_box(read_mask(record, gray.shape)) if record.mask_path is not None else None
-        images.append(PretrainImage(gray, box))
+        mask = read_mask(record, gray.shape) if record.mask_path is not None else None
+        box = mask_box(mask) if mask is not None else None
+        images.append(PretrainImage(gray, box, mask if box is not None else None))
     return images
 
 
@@ -87,8 +99,8 @@ def anchor_region(item: PretrainImage, rng: np.random.Generator) -> tuple[float,
     return rng.uniform(side / 2, cols - side / 2), rng.uniform(side / 2, rows - side / 2), side, side
 
 
-def contrastive_view(item: PretrainImage, region: tuple[float, float, float, float], spec: FamilySpec, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
-    """One augmented view of ``region``, cut and normalised as ``spec`` cuts its ROIs: shape (1, 1, size, size)."""
+def jittered_window(item: PretrainImage, region: tuple[float, float, float, float], rng: np.random.Generator) -> tuple[Box, bool]:
+    """``region`` shifted by up to 20 % and scaled 0.75-1.3, clipped to the image; and whether to mirror it."""
     rows, cols = item.image.shape[:2]
     cx, cy, w, h = region
     scale = rng.uniform(0.75, 1.3)
@@ -97,8 +109,14 @@ def contrastive_view(item: PretrainImage, region: tuple[float, float, float, flo
     cy += rng.uniform(-0.2, 0.2) * h
     x0 = int(np.clip(cx - w / 2, 0, cols - 8))
     y0 = int(np.clip(cy - h / 2, 0, rows - 8))
-    roi = crop(item.image, (x0, y0, int(min(w, cols - x0)), int(min(h, rows - y0))))
-    if rng.random() < 0.5:
+    return (x0, y0, int(min(w, cols - x0)), int(min(h, rows - y0))), bool(rng.random() < 0.5)
+
+
+def contrastive_view(item: PretrainImage, region: tuple[float, float, float, float], spec: FamilySpec, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """One augmented view of ``region``, cut and normalised as ``spec`` cuts its ROIs: shape (1, 1, size, size)."""
+    box, mirrored = jittered_window(item, region, rng)
+    roi = crop(item.image, box)
+    if mirrored:
         roi = roi[:, ::-1]
     return spec.roi.tensor(augment_intensity(np.ascontiguousarray(roi), rng), size)
 
@@ -140,6 +158,8 @@ def linear_probe_auc(spec: FamilySpec, model: nn.Module, train: list[LesionSampl
 
 def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], probe: dict[str, list[LesionSample]]) -> None:
     """SimCLR epochs over ``images``; ``best.pt`` holds the network (without the projection) of the best probe epoch."""
+    if config.temperature is None:
+        raise ValueError("SimCLR needs a temperature")
     model = spec.build()
     head = ProjectionHead(pooled_width(model, config.input_size))
     loss_fn = ContrastiveLoss(temperature=config.temperature)
@@ -178,23 +198,26 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=sorted(name for name, spec in FAMILIES.items() if spec.datasets != ("mias",) and name != "mupnet"))
+    parser.add_argument("--objective", choices=("simclr", "masks"), default="simclr",
+                        help="simclr: contrastive, labels unused (this module); masks: learn the lesion outlines (models.training.mask_pretraining)")
     parser.add_argument("--datasets", default="../shared/datasets")
-    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain/FAMILY)")
+    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain/FAMILY, runs/pretrain-masks/FAMILY)")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per step (the loss sees 2x this many views)")
+    parser.add_argument("--batch-size", type=int, default=64, help="SimCLR: pairs per step (the loss sees 2x this many views)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--input-size", type=int, help="default: the family's own input size")
-    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--temperature", type=float, default=0.2, help="SimCLR only")
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=float("inf"))
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
+    masks = args.objective == "masks"
     config = PretrainConfig(
-        part=f"pretrain-{spec.name}",
+        part=f"pretrain-{args.objective}-{spec.name}" if masks else f"pretrain-{spec.name}",
         datasets=args.datasets,
-        work=args.work or f"runs/pretrain/{spec.name}",
+        work=args.work or f"runs/pretrain{'-masks' if masks else ''}/{spec.name}",
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -204,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         bf16=args.bf16,
         family=spec.name,
-        temperature=args.temperature,
+        temperature=None if masks else args.temperature,
+        objective=args.objective,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -212,9 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     Path(config.work).mkdir(parents=True, exist_ok=True)
     (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
     images = pretraining_images(Path(config.datasets))
+    print(json.dumps({"pretrain": spec.name, "objective": config.objective, "images": len(images), "with_lesion_box": sum(i.box is not None for i in images)}), flush=True)
+    if masks:
+        from models.training.mask_pretraining import pretrain_masks  # imported here: it builds on this module
+
+        pretrain_masks(spec, config, images, pretraining_images(Path(config.datasets), ("val",)))
+        return
     records = [r for r in load_records(Path(config.datasets), spec.datasets) if r.split in ("train", "val")]
     probe = {split: lesion_samples([r for r in records if r.split == split], spec.task) for split in ("train", "val")}
-    print(json.dumps({"pretrain": spec.name, "images": len(images), "with_lesion_box": sum(i.box is not None for i in images)}), flush=True)
     pretrain(spec, config, images, probe)
 
 

@@ -178,14 +178,17 @@ def test_initialisation_names_what_the_start_checkpoint_came_from(tmp_path: Path
         return initialisation(config)
 
     assert card_line("").startswith("random")
-    family_run, pretraining, bare = (tmp_path / name for name in ("family", "pretrain", "bare"))
-    for folder in (family_run, pretraining, bare):
+    family_run, pretraining, masks, bare = (tmp_path / name for name in ("family", "pretrain", "masks", "bare"))
+    for folder in (family_run, pretraining, masks, bare):
         folder.mkdir()
         (folder / "best.pt").write_bytes(folder.name.encode())
-    # A family run's config.json names its family; a SimCLR run's names its temperature; a bare file says neither.
+    # A family run's config.json names its family; a SimCLR run's names its temperature; a mask run's its objective; a bare file says neither.
     (family_run / "config.json").write_text(json.dumps({"family": "dlr_bm", "epochs": 30}))
     (pretraining / "config.json").write_text(json.dumps({"family": "dl_u", "epochs": 20, "temperature": 0.2}))
+    (masks / "config.json").write_text(json.dumps({"family": "dl_u", "epochs": 30, "temperature": None, "objective": "masks"}))
     assert card_line(str(family_run / "best.pt")).startswith("the network of dlr_bm trained by its own recipe (30 epochs")
     assert card_line(str(pretraining / "best.pt")).startswith("SimCLR self-supervised pretraining")
+    assert "training split" in card_line(str(pretraining / "best.pt"))
+    assert card_line(str(masks / "best.pt")).startswith("mask pretraining of this network (models.training.mask_pretraining; 30 epochs")
     assert card_line(str(bare / "best.pt")).startswith("a checkpoint of this network")
     assert sha256_of(family_run / "best.pt") in card_line(str(family_run / "best.pt"))

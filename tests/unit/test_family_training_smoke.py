@@ -331,6 +331,46 @@ def test_simclr_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: 
         train_family.load_initial_weights(train_family.FAMILIES["cldlr"].build(), work / "best.pt")
 
 
+def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from models.registry import read_manifest, sha256_of
+    from models.training import pretrain, train_family
+
+    work = tmp_path / "pretrain-masks"
+    pretrain.main(
+        ["dlr_bm", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--epochs", "2", "--batch-size", "4",
+         "--input-size", "32", "--threads", "1"]
+    )
+    log = [json.loads(line) for line in (work / "train.log").read_text().splitlines()]
+    assert [entry["part"] for entry in log] == ["pretrain-masks-dlr_bm"] * 2
+    assert all(0.0 <= entry["val_dice"] <= 1.0 and np.isfinite(entry["loss"]) for entry in log)
+    assert json.loads((work / "config.json").read_text())["objective"] == "masks"
+    pretrained = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
+    assert set(pretrained) == set(train_family.FAMILIES["dlr_bm"].build().state_dict())  # the decoder is not part of the network
+    assert (work / "mask_decoder.pt").is_file()
+
+    # Resuming after the last epoch trains nothing more and keeps the log as it was.
+    pretrain.main(
+        ["dlr_bm", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--epochs", "2", "--batch-size", "4",
+         "--input-size", "32", "--threads", "1"]
+    )
+    assert len((work / "train.log").read_text().splitlines()) == 2
+
+    models = tmp_path / "models"
+    train_family.main(
+        ["dlr_bm", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--init", str(work / "best.pt")]
+    )
+    initialisation = read_manifest(models)["dlr_bm"].parameters["training"]["initialisation"]
+    assert initialisation.startswith("mask pretraining of this network") and sha256_of(work / "best.pt") in initialisation
+    from models.cards import card_markdown
+
+    card = card_markdown(read_manifest(models)["dlr_bm"], {}, None, str(tiny_busbra))
+    assert "**Initialisation:** mask pretraining of this network" in card
+
+
 def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_it(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.registry import read_manifest
     from models.training.external import main as external_main

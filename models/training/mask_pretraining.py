@@ -1,0 +1,208 @@
+"""Mask pretraining: a family's network learns to outline lesions before it learns to grade them.
+
+The papers start from ImageNet weights, which cannot be had here. SimCLR
+(:mod:`models.training.pretrain`) was one stand-in and gave DL-U nothing.
+This is the other: supervised pretraining on the task the development
+sets label most densely, the lesion outline, whose margin is what the
+BI-RADS lexicon grades.
+
+- Network: the family's own network, unchanged. Forward hooks tap the end
+  of each of its resolution stages (:func:`stage_modules`); a small
+  feature-pyramid decoder (:class:`MaskDecoder`, Lin et al. 2017: 1x1
+  laterals, top-down upsample-and-add, one 3x3 convolution) turns them into
+  a mask at the finest stage's resolution. The decoder is dropped after
+  pretraining, so ``best.pt`` loads into ``breastai train FAMILY --init``
+  like a SimCLR checkpoint.
+- Views: the same windows as SimCLR's (a lesion box grown 0-60 %, jittered,
+  mirrored at random; a random square on images without a lesion, whose
+  target is empty), cut and normalised as the family cuts its ROIs, with the
+  mask cut from the same window.
+- Loss: Dice + binary cross-entropy (``monai.losses.DiceCELoss``) against
+  the window's mask resized to the input size.
+- Data: training-split ultrasound images only (normal images included).
+  The benign/malignant and BI-RADS labels are never read: ``best.pt`` is the
+  epoch with the highest Dice on the validation images' lesion windows as
+  the family cuts them for serving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.nn import functional
+
+from models.families.cldlr import VGG11Radiomics
+from models.families.dlr import DLRNet
+from models.families.dlum import DLUMBranch
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step
+from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
+from models.training.train_family import FamilySpec
+
+Tensor = torch.Tensor
+DECODER_FILE = "mask_decoder.pt"
+
+
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs end each resolution stage of a family's network, finest first.
+
+    DLR (ResNet): the stem and the four residual stages. DL-U / DL-M: the
+    five VGG19-style blocks (their outputs before max-pooling, which the
+    deep-supervision heads also read). CLDLR (VGG11): the ReLU before each
+    max-pooling and the last one.
+    """
+    if isinstance(model, DLRNet):
+        return [model.trunk.stem, *model.trunk.stages]
+    if isinstance(model, DLUMBranch):
+        return list(model.blocks)
+    if isinstance(model, VGG11Radiomics):
+        layers = list(model.features)
+        ends = [layers[i - 1] for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+        return [*ends, layers[-1]]
+    raise SystemExit(f"mask pretraining knows the stages of DLR, DL-U/DL-M and CLDLR networks, not {type(model).__name__}")
+
+
+@contextmanager
+def tapped(modules: list[nn.Module]) -> Iterator[list[Tensor]]:
+    """Collect each module's output, in the order of ``modules``, while the block runs."""
+    outputs: dict[int, Tensor] = {}
+    handles = [module.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(index, out)) for index, module in enumerate(modules)]
+    taken: list[Tensor] = []
+    try:
+        yield taken
+    finally:
+        for handle in handles:
+            handle.remove()
+    taken.extend(outputs[index] for index in sorted(outputs))
+
+
+class MaskDecoder(nn.Module):
+    """Feature-pyramid decoder: stage features (finest first) in, mask logits at the finest stage's size out."""
+
+    def __init__(self, channels: list[int], width: int = 32) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, kernel_size=1) for c in channels)
+        self.head = nn.Sequential(
+            nn.Conv2d(width, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, 1, kernel_size=1)
+        )
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        merged: Tensor = self.lateral[-1](features[-1])
+        for lateral, finer in zip(reversed(self.lateral[:-1]), reversed(features[:-1])):
+            merged = functional.interpolate(merged, size=finer.shape[-2:], mode="bilinear", align_corners=False) + lateral(finer)
+        logits: Tensor = self.head(merged)
+        return logits
+
+
+class MaskPretrainer(nn.Module):
+    """The family's network plus the decoder: image in, mask logits at the input size out."""
+
+    def __init__(self, network: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.network = network
+        self.stages = stage_modules(network)
+        was_training = network.training
+        network.eval()
+        with torch.no_grad(), tapped(self.stages) as features:
+            network(torch.zeros(2, 1, input_size, input_size))
+        network.train(was_training)
+        self.decoder = MaskDecoder([int(f.shape[1]) for f in features])
+
+    def forward(self, image: Tensor) -> Tensor:
+        with tapped(self.stages) as features:
+            self.network(image)
+        return functional.interpolate(self.decoder(features), size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def mask_window(item: PretrainImage, region: tuple[float, float, float, float], spec: FamilySpec, size: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """One augmented (image, mask) pair of ``region``, as ``spec`` cuts ROIs: shapes (1, 1, size, size) each."""
+    box, mirrored = jittered_window(item, region, rng)
+    image, mask = (np.ascontiguousarray(a[box[1] : box[1] + box[3], box[0] : box[0] + box[2]]) for a in (item.image, item.lesion_mask()))
+    if mirrored:
+        image, mask = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    return spec.roi.tensor(augment_intensity(image, rng), size), mask_target(mask, size)
+
+
+def mask_target(mask: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+    """A 0/1 mask resized to the network's input, shape (1, 1, size, size)."""
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA if min(mask.shape) >= size else cv2.INTER_LINEAR)
+    return (resized >= 0.5).astype(np.float32)[None, None]
+
+
+@dataclass(frozen=True)
+class ValidationWindows:
+    """The validation images' lesion windows as the family cuts them for serving, with their masks."""
+
+    images: Tensor
+    masks: Tensor
+
+
+def validation_windows(items: list[PretrainImage], spec: FamilySpec, size: int) -> ValidationWindows:
+    """Stack the serving-padding windows of every validation image that has a lesion."""
+    images, masks = [], []
+    for item in items:
+        if item.box is None:
+            continue
+        x, y, w, h = spec.roi.box(item.box, item.image.shape[:2])
+        images.append(spec.roi.tensor(item.image[y : y + h, x : x + w], size))
+        masks.append(mask_target(item.lesion_mask()[y : y + h, x : x + w], size))
+    if not images:
+        raise SystemExit("mask pretraining needs validation images with lesion masks to choose its checkpoint")
+    return ValidationWindows(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(masks)))
+
+
+def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int = 64) -> float:
+    """Mean per-window Dice of the thresholded prediction (a window both empty counts 1)."""
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(windows.images), batch_size):
+            predicted = (model(windows.images[start : start + batch_size]) > 0).float().flatten(1)
+            truth = windows.masks[start : start + batch_size].flatten(1)
+            overlap = (predicted * truth).sum(1)
+            total = predicted.sum(1) + truth.sum(1)
+            scores.append(torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)))
+    model.train()
+    return float(torch.cat(scores).mean())
+
+
+def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]) -> None:
+    """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best validation-Dice epoch."""
+    model = MaskPretrainer(spec.build(), config.input_size)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    work = Path(config.work)
+    checkpoints = Checkpoints(work)
+    start, best = checkpoints.resume(model.network, optimizer)
+    decoder_file = work / DECODER_FILE
+    if start and decoder_file.is_file():
+        model.decoder.load_state_dict(torch.load(decoder_file, map_location="cpu", weights_only=True))
+    windows = validation_windows(validation, spec, config.input_size)
+    rng = np.random.default_rng(config.seed + start)
+    steps_per_epoch = max(1, len(images) // config.batch_size)
+    began = time.monotonic()
+    for epoch in range(start, config.epochs):
+        model.train()
+        order = rng.permutation(len(images))
+        losses = []
+        for step in range(steps_per_epoch):
+            batch = [images[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+            pairs = [mask_window(item, anchor_region(item, rng), spec, config.input_size, rng) for item in batch]
+            x = torch.from_numpy(np.concatenate([image for image, _ in pairs]))
+            target = torch.from_numpy(np.concatenate([mask for _, mask in pairs]))
+            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(x)
+            losses.append(optimise_step(optimizer, loss_fn(logits.float(), target)))
+        torch.save(model.decoder.state_dict(), decoder_file)
+        best, stop = checkpoints.end_epoch(model.network, optimizer, epoch, losses, "val_dice", mean_dice(model, windows), best, began, config)
+        if stop:
+            break
