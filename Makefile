@@ -5,7 +5,7 @@
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family
-#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export)
+#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export; DLR_BM after its mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
 #   make train-consensus  refit the consensus of the exported families (after any family changed)
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
@@ -60,7 +60,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) $(MASK_PRETRAINED) train-lexicon train-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -162,7 +162,15 @@ train: train-venv
 TRAIN_FLAGS   ?= $(if $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes),--bf16,)
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
-	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS)
+	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS) $(INIT_$*)
+
+# DLR_BM starts from mask pretraining of its ResNet-50 (lesion outlines of the training split, no labels); the
+# pretraining resumes from its last.pt, so a finished one costs nothing when make runs it again.
+MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm)
+INIT_dlr_bm   := --init runs/pretrain-masks/dlr_bm/best.pt
+train-dlr_bm: pretrain-masks-dlr_bm
+$(MASK_PRETRAINED): pretrain-masks-%: train-venv
+	$(VENV)/bin/breastai train pretrain $* --objective masks --epochs 20 --batch-size 32 --datasets $(DATASETS) $(TRAIN_FLAGS)
 
 # External validation: train the consensus members without one dataset, fit their consensus on the rest, score all
 # of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
