@@ -97,6 +97,15 @@ def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float
     return float(loss.detach())
 
 
+def epoch_batches(rng: np.random.Generator, count: int, batch_size: int) -> list[npt.NDArray[np.int64]]:
+    """One epoch's batches: a fresh permutation of ``count`` items cut into full batches.
+
+    The last partial batch is dropped: a batch of one breaks batch norm on 1x1 feature maps.
+    """
+    order = rng.permutation(count)
+    return [order[step * batch_size : (step + 1) * batch_size] for step in range(max(1, count // batch_size))]
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
     """Linear warm-up then cosine decay; groups with their own ``base_lr`` keep their ratio to ``base``."""
     lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

@@ -43,7 +43,7 @@ from torch.nn import functional
 from models.families.cldlr import VGG11Radiomics
 from models.families.dlr import DLRNet
 from models.families.dlum import DLUMBranch
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, epoch_batches, optimise_step
 from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
 from models.training.train_family import FamilySpec
 
@@ -191,10 +191,9 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
-        order = rng.permutation(len(images))
         losses = []
-        for step in range(steps_per_epoch):
-            batch = [images[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        for step, index in enumerate(epoch_batches(rng, len(images), config.batch_size)):
+            batch = [images[i] for i in index]
             pairs = [mask_window(item, anchor_region(item, rng), spec, config.input_size, rng) for item in batch]
             x = torch.from_numpy(np.concatenate([image for image, _ in pairs]))
             target = torch.from_numpy(np.concatenate([mask for _, mask in pairs]))

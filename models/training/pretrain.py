@@ -44,7 +44,7 @@ from torch import nn
 from models.evaluation import auc
 from models.preprocess import Box, crop
 from models.training.data import US_DATASETS, load_records, mask_box, read_gray, read_mask
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, optimise_step, seed_everything
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, epoch_batches, optimise_step, seed_everything
 from models.training.train_family import FAMILIES, FamilySpec, LesionSample, lesion_samples, network_outputs
 from models.training.train_reference import TrainConfig
 
@@ -176,10 +176,9 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
     for epoch in range(start, config.epochs):
         model.train()
         head.train()
-        order = rng.permutation(len(images))
         losses = []
-        for step in range(steps_per_epoch):
-            batch = [images[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
+        for step, index in enumerate(epoch_batches(rng, len(images), config.batch_size)):
+            batch = [images[i] for i in index]
             regions = [anchor_region(item, rng) for item in batch]
             first = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))
             second = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))

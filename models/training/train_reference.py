@@ -33,7 +33,7 @@ from models.networks import lesion_refiner, lesion_segmenter, recalibrate_batch_
 from models.preprocess import crop, expand_box, standardise
 from models.refine import refiner_window
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
-from models.training.loop import Checkpoints, augment_geometry, augment_intensity, cosine_lr, optimise_step, seed_everything
+from models.training.loop import Checkpoints, augment_geometry, augment_intensity, cosine_lr, epoch_batches, optimise_step, seed_everything
 
 
 @dataclass(frozen=True)
@@ -98,17 +98,15 @@ def _fit_segmentation(
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
-    # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
     steps_per_epoch = max(1, count // config.batch_size)
     bce = nn.BCEWithLogitsLoss()
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
-        order = rng.permutation(count)
         losses = []
-        for step in range(steps_per_epoch):
+        for step, index in enumerate(epoch_batches(rng, count, config.batch_size)):
             xs, ys = [], []
-            for i in order[step * config.batch_size : (step + 1) * config.batch_size]:
+            for i in index:
                 image, mask = augment_geometry(*pair(int(i), rng), rng)
                 assert mask is not None
                 xs.append(standardise(augment_intensity(image, rng), size)[0])
@@ -255,15 +253,12 @@ def train_classifier(config: TrainConfig) -> None:
     labels = np.array([s.malignant for s in train])
     weights = torch.tensor([len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    # Drop the last partial batch: a batch of one breaks batch norm on 1x1 feature maps.
     steps_per_epoch = max(1, len(train) // config.batch_size)
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
-        order = rng.permutation(len(train))
         losses = []
-        for step in range(steps_per_epoch):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        for step, index in enumerate(epoch_batches(rng, len(train), config.batch_size)):
             x = torch.from_numpy(np.concatenate([standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]))
             y = torch.from_numpy(labels[index]).long()
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)

@@ -86,3 +86,14 @@ def test_every_training_crop_keeps_the_lesion_near_its_centre(augmentation: str)
         centre_y, centre_x = np.argwhere(dark).mean(axis=0)
         assert abs(centre_y - 31.5) < 64 * 0.2 and abs(centre_x - 31.5) < 64 * 0.2
         assert dark.mean() > 0.15  # the lesion fills a good part of every crop
+
+
+def test_epoch_batches_are_one_permutation_cut_into_full_batches() -> None:
+    from models.training.loop import epoch_batches
+
+    batches = epoch_batches(np.random.default_rng(7), 11, 4)
+    # 11 items in batches of 4: two full batches; the partial third (3 items) is dropped, none is repeated.
+    assert [len(b) for b in batches] == [4, 4]
+    drawn = np.concatenate(batches)
+    assert len(set(drawn.tolist())) == 8 and set(drawn.tolist()) <= set(range(11))
+    assert [len(b) for b in epoch_batches(np.random.default_rng(7), 3, 4)] == [3]  # fewer items than a batch: one short batch
