@@ -33,13 +33,13 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
     "dlr_bm": {
         "paper": "Lu et al., QIMS 2025 (DLR_BM)",
         "architecture": "As DLR_LH (ResNet-50, FC-128 + FC-2, age MLP), trained on benign vs malignant.",
-        "deviations": "The paper trains BM on BI-RADS 4A lesions only; public sets hold too few (BrEaST: 34 4A lesions), so BM is trained on every US lesion with a pathology label and the 4A co-decision is tallied on BrEaST's 4A cases; its operating point (Youden on validation lesions of every category) therefore calls few 4A lesions benign, so downgrades are rarer than the paper's. 128 px input; from scratch; ROI and Grad-CAM as DLR_LH.",
+        "deviations": "The paper trains BM on BI-RADS 4A lesions only; public sets hold too few (BrEaST: 34 4A lesions), so BM is trained on every US lesion with a pathology label and the 4A co-decision is tallied on BrEaST's 4A cases; its operating point (Youden on validation lesions of every category) therefore calls few 4A lesions benign, so downgrades are rarer than the paper's. 128 px input; no ImageNet weights (see Initialisation); ROI and Grad-CAM as DLR_LH.",
         "limits": "BUSI labels are not all biopsy-proven. Co-decision counts on public 4A cases are small.",
     },
     "cldlr": {
         "paper": "Yang et al., Sci Rep 2024 (CLDLR)",
         "architecture": "VGG11 (configuration A, batch norm) -> GAP -> FC-512 -> FC-512 -> FC-2; deep features from the penultimate FC; RBF SVMs on clinical only, DLR only, and DLR + clinical (served), Platt-scaled on validation data.",
-        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; from scratch. Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction. The paper selects BI-RADS 4 lesions only; here every lesion with a pathology label trains and is scored. VGG11 with batch norm. ROI: the mask's box grown by 20 % per side (the paper: the mask's rectangle).",
+        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; no ImageNet weights (see Initialisation). Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction. The paper selects BI-RADS 4 lesions only; here every lesion with a pathology label trains and is scored. VGG11 with batch norm. ROI: the mask's box grown by 20 % per side (the paper: the mask's rectangle).",
         "limits": "Menopause, margin, calcification, posterior features and Doppler flow of the paper are not available from DICOM and are not used.",
     },
     "dl_u": {
