@@ -60,7 +60,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) $(MASK_PRETRAINED) train-lexicon train-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -166,18 +166,18 @@ $(addprefix train-,$(FAMILIES)): train-%: train-venv
 
 # DLR_BM and CLDLR start from mask pretraining of their own network (lesion outlines of the training split, no
 # labels); the pretraining resumes from its last.pt, so a finished one costs nothing when make runs it again.
+# Its epochs and batch size are the recipe's (REFERENCE_MASK_PRETRAINING in models/training/mask_pretraining.py).
 MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm cldlr)
-PRETRAIN_EPOCHS_dlr_bm := 20
-PRETRAIN_EPOCHS_cldlr  := 10
+.PHONY: $(MASK_PRETRAINED)
 INIT_dlr_bm   := --init runs/pretrain-masks/dlr_bm/best.pt
 INIT_cldlr    := --init runs/pretrain-masks/cldlr/best.pt
 train-dlr_bm: pretrain-masks-dlr_bm
 train-cldlr: pretrain-masks-cldlr
 $(MASK_PRETRAINED): pretrain-masks-%: train-venv
-	$(VENV)/bin/breastai train pretrain $* --objective masks --epochs $(PRETRAIN_EPOCHS_$*) --batch-size 32 --datasets $(DATASETS) $(TRAIN_FLAGS)
+	$(VENV)/bin/breastai train pretrain $* --objective masks --datasets $(DATASETS) $(TRAIN_FLAGS)
 
-# External validation: train the consensus members without one dataset, fit their consensus on the rest, score all
-# of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
+# External validation: train the consensus members without one dataset (DLR_BM and CLDLR after their mask pretraining,
+# also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
 HOLDOUT       ?= busbra
 external: train-venv
 	$(VENV)/bin/breastai train external --holdout $(HOLDOUT) --datasets $(DATASETS) $(TRAIN_FLAGS)

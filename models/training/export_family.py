@@ -189,6 +189,8 @@ def initialisation(config: RunConfig) -> str:
         )
     else:
         recipe = "a checkpoint of this network"
+    if settings.get("holdout"):
+        recipe += f", without any image of {settings['holdout']}"
     return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
 
 

@@ -7,8 +7,13 @@ validation split of the remaining datasets, scores every model as served on
 *all* images of the held-out dataset (``breastai evaluate DATA/busbra --split
 all``), and writes one card, ``models/cards/external/without_<holdout>.md``.
 
-Nothing of the held-out dataset takes part in training, in the choice of the
-checkpoint, or in either operating point. Each step is resumable: the family
+Families whose reference recipe starts from mask pretraining
+(:data:`models.training.mask_pretraining.REFERENCE_MASK_PRETRAINING`) get
+it here too, with the same epochs, run without the held-out dataset
+(``runs/pretrain-masks/FAMILY-without-HOLDOUT``), so the external figure is
+that of the shipped recipes. Nothing of the held-out dataset takes part in
+pretraining, in training, in the choice of a checkpoint, or in either
+operating point. Each step is resumable: the family
 recipes keep their checkpoints (default ``runs/families/FAMILY-without-HOLDOUT``)
 and a rerun continues where the last one stopped. The weights stay in
 ``runs/external-HOLDOUT/weights`` and are not shipped.
@@ -35,6 +40,7 @@ def run_external(
     cards: Path | None,
     train_options: Sequence[str] = (),
     resamples: int = 1000,
+    pretrain_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train ``families`` without ``holdout``, fit their consensus, evaluate on all of ``holdout``.
 
@@ -59,7 +65,10 @@ def run_external(
     weights = root / "weights"
     for family in families:
         family_work = ["--work", str(root / family)] if work is not None else []
-        train_family.main([family, "--datasets", str(datasets), "--holdout", holdout, "--output", str(weights), *family_work, *train_options])
+        pretrain_work = root / f"pretrain-masks-{family}" if work is not None else None
+        start = pretrain_without(family, datasets, holdout, pretrain_work, train_options, pretrain_epochs)
+        init = ["--init", str(start / "best.pt")] if start is not None else []
+        train_family.main([family, "--datasets", str(datasets), "--holdout", holdout, "--output", str(weights), *family_work, *init, *train_options])
     roles = list(families)
     if len(families) > 1:
         fit_consensus(datasets, weights, families, holdout)
@@ -68,6 +77,42 @@ def run_external(
     if cards is not None:
         write_external_card(report, root, holdout, families, cards)
     return report
+
+
+def pretrain_without(
+    family: str, datasets: Path, holdout: str, work: Path | None, train_options: Sequence[str], epochs: int | None = None
+) -> Path | None:
+    """Run ``family``'s reference mask pretraining without ``holdout``; its checkpoint folder, or None if the recipe has none.
+
+    Resumable like the pretraining itself. ``epochs`` overrides the recipe's.
+    Of the family options only those that mean the same to the pretraining
+    (``--bf16``, ``--threads``, ``--input-size``) are passed on.
+    """
+    from models.training import pretrain
+    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
+
+    if family not in REFERENCE_MASK_PRETRAINING:
+        return None
+    folder = work or Path(f"runs/pretrain-masks/{family}-without-{holdout}")
+    shared = _shared_options(train_options)
+    if epochs is not None:
+        shared += ["--epochs", str(epochs)]
+    pretrain.main([family, "--objective", "masks", "--holdout", holdout, "--datasets", str(datasets), "--work", str(folder), *shared])
+    return folder
+
+
+SHARED_WITH_PRETRAINING = ("--threads", "--input-size")
+
+
+def _shared_options(train_options: Sequence[str]) -> list[str]:
+    """``--bf16``, ``--threads N`` and ``--input-size N`` (either spelling) out of the family options."""
+    shared: list[str] = []
+    for index, option in enumerate(train_options):
+        if option == "--bf16" or option.startswith(tuple(f"{name}=" for name in SHARED_WITH_PRETRAINING)):
+            shared.append(option)
+        elif option in SHARED_WITH_PRETRAINING and index + 1 < len(train_options):
+            shared.extend(train_options[index : index + 2])
+    return shared
 
 
 def write_external_card(report: dict[str, Any], root: Path, holdout: str, families: Sequence[str], cards: Path) -> Path:
@@ -109,12 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints, weights and the evaluation (default: runs/families/FAMILY-without-HOLDOUT and runs/external-HOLDOUT)")
     parser.add_argument("--cards", type=Path, default=Path(__file__).resolve().parents[1] / "cards" / "external", help="where the card is written")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="mask-pretraining epochs (default: each recipe's own)")
     args, train_options = parser.parse_known_args(argv)
     if any(option == "--init" or option.startswith("--init=") for option in train_options):
-        # Self-supervised pretraining (models/training/pretrain.py) sees every dataset's training images, the held-out one's too.
-        parser.error("--init is refused here: the pretrained weights have seen the held-out dataset, so the test would not be external")
+        # A checkpoint from elsewhere may have seen the held-out dataset; the reference pretraining is rerun without it instead.
+        parser.error("--init is refused here: a given checkpoint may have seen the held-out dataset; the families whose recipe "
+                     "starts from mask pretraining get it here, without the held-out dataset")
     families = [f for f in args.families.split(",") if f]
-    report = run_external(args.datasets, args.holdout, families, args.work, args.cards, train_options, args.resamples)
+    report = run_external(args.datasets, args.holdout, families, args.work, args.cards, train_options, args.resamples, args.pretrain_epochs)
     for role, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})
         if overall:

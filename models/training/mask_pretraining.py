@@ -49,6 +49,15 @@ from models.training.train_family import FamilySpec
 
 Tensor = torch.Tensor
 DECODER_FILE = "mask_decoder.pt"
+# The reference recipes that start from mask pretraining, and its epochs for each (chosen on validation AUC as served;
+# README "What changed in 0.7.0"). `make train-FAMILY` and `breastai train external` both read them from here.
+REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 20, "cldlr": 10}
+MASK_PRETRAINING_BATCH = 32
+
+
+def mask_pretraining_recipe(family: str) -> tuple[int, int]:
+    """Epochs and batch size of ``family``'s mask pretraining: its reference recipe's, else 20 epochs."""
+    return REFERENCE_MASK_PRETRAINING.get(family, 20), MASK_PRETRAINING_BATCH
 
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:

@@ -69,17 +69,19 @@ class PretrainConfig(TrainConfig):
     family: str
     temperature: float | None  # SimCLR's; None for mask pretraining
     objective: str = "simclr"  # or "masks" (models.training.mask_pretraining)
+    holdout: str = ""  # a dataset left out entirely (external validation, models.training.external)
 
 
-def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",)) -> list[PretrainImage]:
+def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",), holdout: str = "") -> list[PretrainImage]:
     """Every ultrasound image of ``splits`` (normal ones included), with its lesion box where it has a mask.
 
     Training images only by default: the validation split later picks the
     fine-tuned checkpoint and the operating point, and should be as unseen as the test.
+    ``holdout`` names a dataset none of whose images is read (external validation).
     """
     images = []
     for record in load_records(datasets, US_DATASETS):
-        if record.split not in splits:
+        if record.split not in splits or record.dataset == holdout:
             continue
         gray = read_gray(record.image_path)
         mask = read_mask(record, gray.shape) if record.mask_path is not None else None
@@ -201,8 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="simclr: contrastive, labels unused (this module); masks: learn the lesion outlines (models.training.mask_pretraining)")
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain/FAMILY, runs/pretrain-masks/FAMILY)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64, help="SimCLR: pairs per step (the loss sees 2x this many views)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 20, or the reference recipe's for --objective masks (REFERENCE_MASK_PRETRAINING)")
+    parser.add_argument("--batch-size", type=int, default=None, help="SimCLR: pairs per step, the loss sees 2x this many views (default 64); masks: windows per step (default 32)")
+    parser.add_argument("--holdout", default="", help="leave this dataset out entirely (external validation)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--input-size", type=int, help="default: the family's own input size")
     parser.add_argument("--temperature", type=float, default=0.2, help="SimCLR only")
@@ -213,12 +216,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     masks = args.objective == "masks"
+    epochs, batch_size = 20, 64
+    if masks:
+        from models.training.mask_pretraining import mask_pretraining_recipe  # imported here: it builds on this module
+
+        epochs, batch_size = mask_pretraining_recipe(spec.name)
+    suffix = f"-without-{args.holdout}" if args.holdout else ""
     config = PretrainConfig(
         part=f"pretrain-{args.objective}-{spec.name}" if masks else f"pretrain-{spec.name}",
         datasets=args.datasets,
-        work=args.work or f"runs/pretrain{'-masks' if masks else ''}/{spec.name}",
-        epochs=args.epochs,
-        batch_size=args.batch_size,
+        work=args.work or f"runs/pretrain{'-masks' if masks else ''}/{spec.name}{suffix}",
+        epochs=args.epochs or epochs,
+        batch_size=args.batch_size or batch_size,
         learning_rate=args.learning_rate,
         input_size=args.input_size or spec.input_size,
         seed=args.seed,
@@ -228,20 +237,21 @@ def main(argv: list[str] | None = None) -> None:
         family=spec.name,
         temperature=None if masks else args.temperature,
         objective=args.objective,
+        holdout=args.holdout,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     Path(config.work).mkdir(parents=True, exist_ok=True)
     (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    images = pretraining_images(Path(config.datasets))
+    images = pretraining_images(Path(config.datasets), holdout=config.holdout)
     print(json.dumps({"pretrain": spec.name, "objective": config.objective, "images": len(images), "with_lesion_box": sum(i.box is not None for i in images)}), flush=True)
     if masks:
-        from models.training.mask_pretraining import pretrain_masks  # imported here: it builds on this module
+        from models.training.mask_pretraining import pretrain_masks
 
-        pretrain_masks(spec, config, images, pretraining_images(Path(config.datasets), ("val",)))
+        pretrain_masks(spec, config, images, pretraining_images(Path(config.datasets), ("val",), config.holdout))
         return
-    records = [r for r in load_records(Path(config.datasets), spec.datasets) if r.split in ("train", "val")]
+    records = [r for r in load_records(Path(config.datasets), spec.datasets) if r.split in ("train", "val") and r.dataset != config.holdout]
     probe = {split: lesion_samples([r for r in records if r.split == split], spec.task) for split in ("train", "val")}
     pretrain(spec, config, images, probe)
 

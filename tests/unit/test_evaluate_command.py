@@ -171,6 +171,20 @@ def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: 
     assert not (tmp_path / "cards").exists()
 
 
+def test_external_validation_passes_the_pretraining_only_the_options_that_mean_the_same_to_it() -> None:
+    from models.training.external import _shared_options
+
+    options = ["--epochs", "30", "--bf16", "--threads", "2", "--input-size=64", "--batch-size", "16", "--threads"]
+    assert _shared_options(options) == ["--bf16", "--threads", "2", "--input-size=64"]  # a trailing flag without its value is dropped
+
+
+def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
+    from models.training.mask_pretraining import mask_pretraining_recipe
+
+    assert mask_pretraining_recipe("dlr_bm") == (20, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
+    assert mask_pretraining_recipe("dl_u") == (20, 32)  # no reference recipe: the command's plain default
+
+
 def test_external_validation_refuses_pretrained_weights_that_saw_the_held_out_set(tmp_path: Path) -> None:
     from models.training.external import main as external_main
 

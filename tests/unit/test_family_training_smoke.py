@@ -395,12 +395,24 @@ def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_i
         writer.writeheader()
         writer.writerows(chosen)
 
+    from models.training.pretrain import pretraining_images
+
+    assert len(pretraining_images(root)) == 16 and len(pretraining_images(root, holdout="busbra")) == 8  # busi's 8 training images
+
     work, cards = tmp_path / "external", tmp_path / "cards"
     external_main(
         ["--holdout", "busbra", "--datasets", str(root), "--families", "dl_u,cldlr", "--work", str(work), "--cards", str(cards),
-         "--resamples", "20", "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+         "--resamples", "20", "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--pretrain-epochs", "1"]
     )
+    # CLDLR's reference recipe starts from mask pretraining, so its external run does too, without busbra; DL-U's does not.
+    pretraining = json.loads((work / "pretrain-masks-cldlr" / "config.json").read_text())
+    assert pretraining["holdout"] == "busbra" and pretraining["objective"] == "masks" and pretraining["epochs"] == 1
+    assert pretraining["input_size"] == 32 and pretraining["threads"] == 1
+    assert not (work / "pretrain-masks-dl_u").exists()
     entries = read_manifest(work / "weights")
+    assert entries["cldlr"].parameters["training"]["initialisation"].startswith("mask pretraining of this network")
+    assert "without any image of busbra" in entries["cldlr"].parameters["training"]["initialisation"]
+    assert entries["dl_u"].parameters["training"]["initialisation"].startswith("random")
     for family in ("dl_u", "cldlr"):
         training = entries[family].parameters["training"]
         assert training["datasets"] == ["busi"] and training["cases"]["train"] == 8 and training["cases"]["val"] == 4
