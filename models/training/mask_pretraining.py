@@ -40,9 +40,11 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn import functional
 
+from models.families.backbones import ResNetTrunk
 from models.families.cldlr import VGG11Radiomics
 from models.families.dlr import DLRNet
 from models.families.dlum import DLUMBranch
+from models.families.mupnet import MUPNet
 from models.training.loop import Checkpoints, augment_intensity, cosine_lr, epoch_batches, optimise_step
 from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
 from models.training.train_family import FamilySpec
@@ -63,20 +65,33 @@ def mask_pretraining_recipe(family: str) -> tuple[int, int]:
 def stage_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose outputs end each resolution stage of a family's network, finest first.
 
-    DLR (ResNet): the stem and the four residual stages. DL-U / DL-M: the
-    five VGG19-style blocks (their outputs before max-pooling, which the
+    DLR (ResNet): the stem and the four residual stages. MUP-Net with one
+    modality: the same of its ResNet-18 trunk. DL-U / DL-M: the five
+    VGG19-style blocks (their outputs before max-pooling, which the
     deep-supervision heads also read). CLDLR (VGG11): the ReLU before each
     max-pooling and the last one.
     """
     if isinstance(model, DLRNet):
         return [model.trunk.stem, *model.trunk.stages]
+    if isinstance(model, MUPNet) and model.modalities == 1:
+        trunk = image_path(model)
+        assert isinstance(trunk, ResNetTrunk)
+        return [trunk.stem, *trunk.stages]
     if isinstance(model, DLUMBranch):
         return list(model.blocks)
     if isinstance(model, VGG11Radiomics):
         layers = list(model.features)
         ends = [layers[i - 1] for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
         return [*ends, layers[-1]]
-    raise SystemExit(f"mask pretraining knows the stages of DLR, DL-U/DL-M and CLDLR networks, not {type(model).__name__}")
+    raise SystemExit(f"mask pretraining knows the stages of DLR, DL-U/DL-M, CLDLR and one-modality MUP-Net networks, not {type(model).__name__}")
+
+
+def image_path(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that takes a (B, 1, H, W) image through every tapped stage: MUP-Net's trunk, else the network."""
+    if isinstance(model, MUPNet):
+        trunk: nn.Module = model.trunks[0]
+        return trunk
+    return model
 
 
 @contextmanager
@@ -119,15 +134,16 @@ class MaskPretrainer(nn.Module):
         self.network = network
         self.stages = stage_modules(network)
         was_training = network.training
+        self.body = image_path(network)
         network.eval()
         with torch.no_grad(), tapped(self.stages) as features:
-            network(torch.zeros(2, 1, input_size, input_size))
+            self.body(torch.zeros(2, 1, input_size, input_size))
         network.train(was_training)
         self.decoder = MaskDecoder([int(f.shape[1]) for f in features])
 
     def forward(self, image: Tensor) -> Tensor:
         with tapped(self.stages) as features:
-            self.network(image)
+            self.body(image)
         return functional.interpolate(self.decoder(features), size=image.shape[-2:], mode="bilinear", align_corners=False)
 
 

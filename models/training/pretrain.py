@@ -198,7 +198,8 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("family", choices=sorted(name for name, spec in FAMILIES.items() if spec.datasets != ("mias",) and name != "mupnet"))
+    parser.add_argument("family", choices=sorted(name for name, spec in FAMILIES.items() if spec.datasets != ("mias",)),
+                        help="mupnet: --objective masks only (SimCLR reads a pooled feature MUP-Net does not have)")
     parser.add_argument("--objective", choices=("simclr", "masks"), default="simclr",
                         help="simclr: contrastive, labels unused (this module); masks: learn the lesion outlines (models.training.mask_pretraining)")
     parser.add_argument("--datasets", default="../shared/datasets")
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     masks = args.objective == "masks"
+    if spec.name == "mupnet" and not masks:
+        parser.error("SimCLR pretraining reads the network's pooled features, which MUP-Net does not have: use --objective masks")
     epochs, batch_size = 20, 64
     if masks:
         from models.training.mask_pretraining import mask_pretraining_recipe  # imported here: it builds on this module

@@ -371,6 +371,25 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     assert "**Initialisation:** mask pretraining of this network" in card
 
 
+def test_mask_pretrained_mupnet_checkpoint_starts_its_trunk(tiny_busbra: Path, tmp_path: Path) -> None:
+    import torch
+
+    from models.training import pretrain, train_family
+
+    work = tmp_path / "pretrain-masks"
+    pretrain.main(
+        ["mupnet", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--epochs", "1", "--batch-size", "4",
+         "--input-size", "32", "--threads", "1"]
+    )
+    pretrained = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
+    model = train_family.FAMILIES["mupnet"].build()
+    fresh = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    train_family.load_initial_weights(model, work / "best.pt")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], pretrained[name]) for name in loaded)
+    assert not torch.equal(loaded["trunks.0.stem.0.weight"], fresh["trunks.0.stem.0.weight"])  # the trunk did learn the outlines
+
+
 def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_it(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.registry import read_manifest
     from models.training.external import main as external_main

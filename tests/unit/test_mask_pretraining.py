@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,27 +19,31 @@ from models.training.train_family import FAMILIES  # noqa: E402
         ("dl_u", [32, 16, 8, 4, 2]),  # five VGG19-style blocks, read before their max-pooling
         ("dlr_bm", [8, 8, 4, 2, 1]),  # ResNet stem (stride 4), then layer1 (same size) to layer4
         ("cldlr", [32, 16, 8, 4, 2]),  # VGG11: the ReLU before each max-pool, and the last one
+        ("mupnet", [8, 8, 4, 2, 1]),  # its one ResNet-18 trunk, tapped like DLR's ResNet-50
     ],
 )
 def test_the_decoder_reads_every_resolution_stage_and_outlines_at_the_input_size(family: str, sizes: list[int]) -> None:
     model = mask_pretraining.MaskPretrainer(FAMILIES[family].build(), 32)
     image = torch.randn(2, 1, 32, 32)
     with mask_pretraining.tapped(model.stages) as features:
-        model.network(image)
+        model.body(image)
     assert [int(f.shape[-1]) for f in features] == sizes
     logits = model(image)
     assert logits.shape == (2, 1, 32, 32)
     logits.square().mean().backward()
     untouched = {name.split(".")[1] for name, p in model.named_parameters() if p.grad is None}
-    # Only the classification heads sit outside the path from the image to the mask; every convolution learns.
-    assert untouched <= {"heads", "embed", "head", "fc1", "fc2", "out"}
-    assert all(p.grad is not None for p in model.network.parameters() if p.dim() == 4)
+    # Only the classification heads (MUP-Net: the prototype layers) sit outside the path from the image to the mask;
+    # every convolution on that path learns.
+    assert untouched <= {"heads", "embed", "head", "fc1", "fc2", "out", "add_ons", "prototypes", "last_layer"}
+    assert all(p.grad is not None for p in model.body.parameters() if p.dim() == 4)
     assert not any(module._forward_hooks for module in model.stages)  # the taps are removed after each pass
 
 
 def test_refuses_a_network_whose_stages_it_does_not_know() -> None:
+    from models.families.mupnet import MUPNet
+
     with pytest.raises(SystemExit, match="not MUPNet"):
-        mask_pretraining.stage_modules(FAMILIES["mupnet"].build())
+        mask_pretraining.stage_modules(MUPNet(modalities=3))  # three trunks: which one would the mask teach?
 
 
 def test_a_window_cuts_image_and_mask_alike() -> None:
@@ -79,3 +85,9 @@ def test_mean_dice_matches_hand_computed_values() -> None:
     # third window: nothing predicted, nothing there: counts 1
     windows = mask_pretraining.ValidationWindows(torch.zeros(3, 1, 4, 4), truth)
     assert mask_pretraining.mean_dice(Fixed(predicted), windows, batch_size=2) == pytest.approx((2 / 3 + 1 + 1) / 3)  # type: ignore[arg-type]
+
+
+def test_mupnet_is_offered_mask_pretraining_but_not_simclr(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as refused:
+        pretrain.main(["mupnet", "--datasets", str(tmp_path), "--work", str(tmp_path)])
+    assert refused.value.code == 2  # an argparse error, before any data is read or folder written
