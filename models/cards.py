@@ -405,10 +405,11 @@ def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str,
     lines = [
         f"# External validation: trained without {holdout}, tested on all of {holdout}",
         "",
-        f"Recipe: `{recipe}` (`models/training/external.py`): each family's own recipe with `--holdout {holdout}`, "
+        f"Recipe: `{recipe}` (`models/training/external.py`): each family's own recipe with `--holdout {holdout}` "
+        f"(mask pretraining first where the recipe has it, also without `{holdout}`), "
         f"the consensus fitted on the remaining datasets' validation split, then "
         f"`breastai evaluate <datasets>/{holdout} --split all` on the exported models, as served.",
-        f"No image of `{holdout}` took part in training, in the choice of a checkpoint or in an operating point. "
+        f"No image of `{holdout}` took part in pretraining, in training, in the choice of a checkpoint or in an operating point. "
         f"The weights of this run are not shipped: the bundled models are trained with `{holdout}`'s training folds.",
         "",
         *(f"- {note}" for note in notes),

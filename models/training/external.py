@@ -139,11 +139,21 @@ def _training_notes(weights: Path, families: Sequence[str]) -> list[str]:
     for family in families:
         training = manifest[family]["parameters"]["training"]
         cases, positives = training["cases"], training["positives"]
+        start = str(training.get("initialisation", ""))
+        started = "" if not start or start.startswith("random") else f" Started from {start.split(' (', 1)[0]}, {_pretraining_size(start)}."
         lines.append(
             f"`{family}`: trained on {cases['train']} lesions ({positives['train']} malignant) of {', '.join(training['datasets'])}; "
-            f"{cases['val']} for validation ({positives['val']} malignant), which chose epoch {training['best_epoch']} of {training['epochs']}."
+            f"{cases['val']} for validation ({positives['val']} malignant), which chose epoch {training['best_epoch']} of {training['epochs']}.{started}"
         )
     return lines
+
+
+def _pretraining_size(initialisation: str) -> str:
+    """"N epochs, without any image of X" out of an initialisation line (models.training.export_family.initialisation)."""
+    epochs = initialisation.split("; ", 1)[1].split(" ", 1)[0] if "; " in initialisation else "?"
+    without = initialisation.split(", without any image of ", 1)
+    held = without[1].split(",", 1)[0] if len(without) == 2 else ""
+    return f"{epochs} epoch{'' if epochs == '1' else 's'}" + (f", without any image of `{held}`" if held else "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -444,6 +444,7 @@ def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_i
     card = (cards / "without_busbra.md").read_text()
     assert card.startswith("# External validation: trained without busbra") and entries["consensus"].sha256 in card
     assert "`dl_u`: trained on 8 lesions (4 malignant) of busi; 4 for validation (2 malignant)" in card
+    assert "of 1. Started from mask pretraining of this network, 1 epoch, without any image of `busbra`." in card
     assert "## birads_reader" in card and "Not a model" in card  # the radiologists' categories of the same lesions
 
 
