@@ -5,7 +5,7 @@
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family
-#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export; DLR_BM and CLDLR after their mask pretraining)
+#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
 #   make train-consensus  refit the consensus of the exported families (after any family changed)
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
@@ -164,20 +164,22 @@ TRAIN_FLAGS   ?= $(if $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS) $(INIT_$*)
 
-# DLR_BM and CLDLR start from mask pretraining of their own network (lesion outlines of the training split, no
+# DLR_BM, CLDLR and MUP-Net start from mask pretraining of their own network (lesion outlines of the training split, no
 # labels); the pretraining resumes from its last.pt, so a finished one costs nothing when make runs it again.
 # Its epochs and batch size are the recipe's (REFERENCE_MASK_PRETRAINING in models/training/mask_pretraining.py).
-MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm cldlr)
+MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm cldlr mupnet)
 .PHONY: $(MASK_PRETRAINED)
 INIT_dlr_bm   := --init runs/pretrain-masks/dlr_bm/best.pt
 INIT_cldlr    := --init runs/pretrain-masks/cldlr/best.pt
+INIT_mupnet   := --init runs/pretrain-masks/mupnet/best.pt
 train-dlr_bm: pretrain-masks-dlr_bm
 train-cldlr: pretrain-masks-cldlr
+train-mupnet: pretrain-masks-mupnet
 $(MASK_PRETRAINED): pretrain-masks-%: train-venv
 	$(VENV)/bin/breastai train pretrain $* --objective masks --datasets $(DATASETS) $(TRAIN_FLAGS)
 
-# External validation: train the consensus members without one dataset (DLR_BM and CLDLR after their mask pretraining,
-# also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
+# External validation: train the consensus members without one dataset (DLR_BM, CLDLR and MUP-Net after their mask
+# pretraining, also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
 HOLDOUT       ?= busbra
 external: train-venv
 	$(VENV)/bin/breastai train external --holdout $(HOLDOUT) --datasets $(DATASETS) $(TRAIN_FLAGS)

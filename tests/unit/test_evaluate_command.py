@@ -181,8 +181,18 @@ def test_external_validation_passes_the_pretraining_only_the_options_that_mean_t
 def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
     from models.training.mask_pretraining import mask_pretraining_recipe
 
+    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
+
     assert mask_pretraining_recipe("dlr_bm") == (20, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
+    assert mask_pretraining_recipe("mupnet") == (20, 32)
     assert mask_pretraining_recipe("dl_u") == (20, 32)  # no reference recipe: the command's plain default
+    # make train-FAMILY pretrains exactly the families whose reference recipe has it, from their own checkpoint.
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    listed = next(line for line in makefile.splitlines() if line.startswith("MASK_PRETRAINED :="))
+    assert listed.split(",", 1)[1].rstrip(")").split() == list(REFERENCE_MASK_PRETRAINING)
+    for family in REFERENCE_MASK_PRETRAINING:
+        assert f"train-{family}: pretrain-masks-{family}" in makefile
+        assert f"--init runs/pretrain-masks/{family}/best.pt" in makefile
 
 
 def test_external_validation_refuses_pretrained_weights_that_saw_the_held_out_set(tmp_path: Path) -> None:
