@@ -335,6 +335,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "autocast": "bfloat16" if config.bf16 else None,
             "augmentation": spec.roi.augmentation,
             "mixup": config.mixup or None,
+            "warm_epochs": config.warm_epochs or None,
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
             **weight_choice(config),

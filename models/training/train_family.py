@@ -323,6 +323,7 @@ class RunConfig(TrainConfig):
     ensemble: int = 1  # seed-ensemble members (1: one network, the paper's recipe); see member_configs
     augmentation: str | None = None  # training-crop augmentation (RoiStyle.training_input; None: the recipe's)
     mixup: float = 0.0  # Beta(a, a) of mixup between training crops (0: no mixing, the papers' recipes)
+    warm_epochs: int = 0  # MUP-Net: the first N epochs train the add-on layers and prototypes only (ProtoPNet's warm-up)
 
 
 def member_configs(config: RunConfig) -> list[RunConfig]:
@@ -569,6 +570,22 @@ class OneForward(nn.Module):
 MIXUP_REFUSED = frozenset({"mupnet"})
 
 
+def check_warm_epochs(config: RunConfig) -> None:
+    """Warm-up epochs are MUP-Net's stage before stage 1, and must leave joint epochs after them."""
+    if config.warm_epochs == 0:
+        return
+    if config.family != "mupnet":
+        raise ValueError("--warm-epochs is MUP-Net's warm-up (trunk frozen while the prototypes settle); other families have none")
+    if not 0 < config.warm_epochs < config.epochs:
+        raise ValueError(f"--warm-epochs must lie between 1 and --epochs - 1 ({config.epochs - 1}), not {config.warm_epochs}")
+
+
+def set_epoch_stage(model: nn.Module, epoch: int, config: RunConfig) -> None:
+    """MUP-Net's trunk stays frozen through the warm-up epochs (its optimiser skips parameters without a gradient)."""
+    if isinstance(model, mupnet.MUPNet) and config.warm_epochs:
+        mupnet.set_trainable(model, "warm" if epoch < config.warm_epochs else "joint")
+
+
 def check_mixup(config: RunConfig) -> None:
     """Refuse mixup where its blended images would not mean what the loss assumes."""
     if config.mixup < 0:
@@ -633,6 +650,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
+        set_epoch_stage(model, epoch, config)
         losses = []
         for step in range(steps_per_epoch):
             index, x, y = sampler.draw(rng)
@@ -911,6 +929,10 @@ def main(argv: list[str] | None = None) -> None:
         "--mixup", type=float, default=0.0,
         help="blend each training batch with a shuffled copy of itself, weights from Beta(A, A) (e.g. 0.2; 0: off, the papers' recipes)",
     )
+    parser.add_argument(
+        "--warm-epochs", type=int, default=0,
+        help="MUP-Net: the first N of --epochs train the add-on layers and prototypes only, the trunk frozen (ProtoPNet's warm-up; 0: none)",
+    )
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -940,9 +962,11 @@ def main(argv: list[str] | None = None) -> None:
         ensemble=args.ensemble if args.ensemble is not None else spec.ensemble,
         augmentation=args.augmentation,
         mixup=args.mixup,
+        warm_epochs=args.warm_epochs,
     )
     try:
         check_mixup(config)
+        check_warm_epochs(config)
         members = member_configs(config)
     except ValueError as exc:
         parser.error(str(exc))

@@ -474,3 +474,32 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, modalities: int) -> None:
         assert torch.allclose(torch.from_numpy(value), reference, atol=1e-4, rtol=0), name
     # The contributions toward each class sum to that class's logit in the served graph too.
     assert torch.allclose(torch.from_numpy(got[2]).sum(-1), torch.from_numpy(got[0]), atol=1e-4)
+
+
+def test_warm_up_epochs_train_the_prototypes_with_the_trunk_frozen_then_everything() -> None:
+    from models.training.train_family import RunConfig, check_warm_epochs, set_epoch_stage
+
+    def config(family: str = "mupnet", warm: int = 2, epochs: int = 10) -> RunConfig:
+        return RunConfig(
+            part=family, datasets="d", work="w", epochs=epochs, batch_size=2, learning_rate=1e-3, input_size=SIZE,
+            seed=0, threads=1, max_minutes=1.0, bf16=False, family=family, holdout="", warm_epochs=warm,
+        )
+
+    model = _model(modalities=1)
+    optimizer = joint_optimizer(model)  # one optimiser for the whole run, trunk group included
+    images, labels = _batch(4, modalities=1)
+    for epoch, trunk_moves in ((0, False), (1, False), (2, True)):
+        set_epoch_stage(model, epoch, config())
+        trunk = [p.detach().clone() for p in model.trunks.parameters()]
+        prototypes = model.prototypes.detach().clone()
+        optimizer.zero_grad(set_to_none=True)
+        mupnet_loss(model, model(images), labels).total.backward()
+        optimizer.step()
+        moved = any(not torch.equal(before, after) for before, after in zip(trunk, model.trunks.parameters()))
+        assert moved is trunk_moves, epoch
+        assert not torch.equal(prototypes, model.prototypes)  # the prototypes learn in both stages
+    check_warm_epochs(config(warm=0))
+    check_warm_epochs(config(warm=5))
+    for refused in (config(family="dl_u"), config(warm=10), config(warm=-1)):
+        with pytest.raises(ValueError, match="warm-epochs"):
+            check_warm_epochs(refused)
