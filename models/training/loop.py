@@ -113,6 +113,30 @@ def cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: i
         group["lr"] = lr * float(group.get("base_lr", base)) / base
 
 
+def check_resumable(work: Path, settings: dict[str, object], defining: tuple[str, ...]) -> None:
+    """Refuse to resume the run in ``work`` if it was started with other values of the ``defining`` settings.
+
+    A run resumes from ``work/last.pt``; its ``config.json`` holds the
+    settings it was started with. Resuming under other ones would export
+    the old weights described by the new settings.
+
+    Raises
+    ------
+    SystemExit
+        Naming each differing setting, old and new, and how to start afresh.
+    """
+    saved, checkpoint = work / "config.json", work / "last.pt"
+    if not (saved.is_file() and checkpoint.is_file()):
+        return
+    before = json.loads(saved.read_text())
+    changed = [f"{name}: {before[name]!r} -> {settings[name]!r}" for name in defining if name in before and name in settings and before[name] != settings[name]]
+    if changed:
+        raise SystemExit(
+            f"{work} holds a run started with other settings ({'; '.join(changed)}); resuming it would export its weights "
+            "under the new ones. Remove that folder or pass another --work."
+        )
+
+
 class Checkpoints:
     """Resume-able training state in ``work``: last.pt every epoch, best.pt on improvement."""
 

@@ -44,7 +44,7 @@ from torch import nn
 from models.evaluation import auc
 from models.preprocess import Box, crop
 from models.training.data import US_DATASETS, load_records, mask_box, read_gray, read_mask
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, epoch_batches, optimise_step, seed_everything
+from models.training.loop import Checkpoints, augment_intensity, check_resumable, cosine_lr, epoch_batches, optimise_step, seed_everything
 from models.training.train_family import FAMILIES, FamilySpec, LesionSample, lesion_samples, network_outputs
 from models.training.train_reference import TrainConfig
 
@@ -70,6 +70,10 @@ class PretrainConfig(TrainConfig):
     temperature: float | None  # SimCLR's; None for mask pretraining
     objective: str = "simclr"  # or "masks" (models.training.mask_pretraining)
     holdout: str = ""  # a dataset left out entirely (external validation, models.training.external)
+
+
+# Settings that make a different pretrained network (a run resumes only under the same ones; epochs may grow).
+PRETRAINING_DEFINING = ("family", "objective", "holdout", "seed", "batch_size", "learning_rate", "input_size", "temperature")
 
 
 def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",), holdout: str = "") -> list[PretrainImage]:
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
+    check_resumable(Path(config.work), asdict(config), PRETRAINING_DEFINING)
     Path(config.work).mkdir(parents=True, exist_ok=True)
     (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
     images = pretraining_images(Path(config.datasets), holdout=config.holdout)

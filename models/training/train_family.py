@@ -71,6 +71,7 @@ from models.training.loop import (
     Checkpoints,
     augment_contrast_and_blur,
     augment_intensity,
+    check_resumable,
     cosine_lr,
     optimise_step,
     rotated_crop,
@@ -586,6 +587,15 @@ def set_epoch_stage(model: nn.Module, epoch: int, config: RunConfig) -> None:
         mupnet.set_trainable(model, "warm" if epoch < config.warm_epochs else "joint")
 
 
+# Settings that make a different network: a checkpoint trained under other values must not be resumed under these
+# (its export would name the new start or recipe while holding the old weights). Epochs may grow, threads and
+# time limits may change between sessions.
+RUN_DEFINING = (
+    "family", "holdout", "init", "seed", "batch_size", "learning_rate", "input_size", "shape_aux", "birads_aux",
+    "roi_padding", "augmentation", "mixup", "warm_epochs",
+)
+
+
 def check_mixup(config: RunConfig) -> None:
     """Refuse mixup where its blended images would not mean what the loss assumes."""
     if config.mixup < 0:
@@ -975,6 +985,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     work = Path(config.work)
+    check_resumable(work, asdict(config), RUN_DEFINING)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps({**asdict(config), "notes": spec.notes}, indent=2))
     samples = split_samples(spec, Path(config.datasets), config.holdout or None)
@@ -982,6 +993,7 @@ def main(argv: list[str] | None = None) -> None:
     for member in members:
         member_work = Path(member.work)
         if member is not config:
+            check_resumable(member_work, asdict(member), RUN_DEFINING)
             member_work.mkdir(parents=True, exist_ok=True)
             (member_work / "config.json").write_text(json.dumps({**asdict(member), "notes": spec.notes}, indent=2))
             seed_everything(member.seed)

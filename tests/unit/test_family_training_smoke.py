@@ -365,6 +365,15 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     )
     initialisation = read_manifest(models)["dlr_bm"].parameters["training"]["initialisation"]
     assert initialisation.startswith("mask pretraining of this network") and sha256_of(work / "best.pt") in initialisation
+    # The same folder cannot then be resumed from random weights: its export would call the pretrained weights random.
+    with pytest.raises(SystemExit, match="init: .* -> ''"):
+        train_family.main(
+            ["dlr_bm", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+             "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+        )
+    # Nor a pretraining under another seed.
+    with pytest.raises(SystemExit, match="seed: 20261121 -> 5"):
+        pretrain.main(["dlr_bm", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--seed", "5"])
     from models.cards import card_markdown
 
     card = card_markdown(read_manifest(models)["dlr_bm"], {}, None, str(tiny_busbra))

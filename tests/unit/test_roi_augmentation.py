@@ -97,3 +97,18 @@ def test_epoch_batches_are_one_permutation_cut_into_full_batches() -> None:
     drawn = np.concatenate(batches)
     assert len(set(drawn.tolist())) == 8 and set(drawn.tolist()) <= set(range(11))
     assert [len(b) for b in epoch_batches(np.random.default_rng(7), 3, 4)] == [3]  # fewer items than a batch: one short batch
+
+
+def test_a_run_resumes_only_under_the_settings_it_was_started_with(tmp_path: Path) -> None:
+    import json
+
+    from models.training.loop import check_resumable
+
+    started = {"family": "dlr_bm", "init": "", "seed": 1, "epochs": 30, "threads": 2}
+    defining = ("family", "init", "seed")
+    (tmp_path / "config.json").write_text(json.dumps(started))
+    check_resumable(tmp_path, {**started, "init": "runs/pretrain-masks/dlr_bm/best.pt"}, defining)  # no checkpoint yet: nothing to resume
+    (tmp_path / "last.pt").write_bytes(b"checkpoint")
+    check_resumable(tmp_path, {**started, "epochs": 40, "threads": 1}, defining)  # more epochs, other threads: same run
+    with pytest.raises(SystemExit, match=r"init: '' -> 'runs/pretrain-masks/dlr_bm/best.pt'; seed: 1 -> 2\).*another --work"):
+        check_resumable(tmp_path, {**started, "init": "runs/pretrain-masks/dlr_bm/best.pt", "seed": 2}, defining)
