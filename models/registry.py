@@ -7,8 +7,12 @@ checksum, so a corrupted or swapped file is refused rather than run.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +89,56 @@ def write_manifest(entries: dict[str, ModelEntry], model_dir: Path, default_pipe
     }
     if default_pipelines:
         body["default_pipelines"] = default_pipelines
-    path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    # Written beside and renamed over, so a reader never sees half a manifest.
+    staging = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
+    staging.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, path)
     return path
+
+
+@contextmanager
+def manifest_lock(model_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a model folder's manifest while it is read, changed and written.
+
+    ``make train`` runs exports side by side (the segmenter lane beside the
+    families), and each export rewrites the whole manifest: without the lock
+    one export's entry could be lost to another's write. The lock is on the
+    folder itself (``flock`` on its descriptor), so no lock file is left in it.
+    """
+    descriptor = os.open(model_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def merge_into_manifest(
+    model_dir: Path,
+    changed: dict[str, ModelEntry],
+    update_pipelines: Callable[[dict[str, list[str]]], dict[str, list[str]]] | None = None,
+) -> Path:
+    """Add or replace ``changed`` in the folder's manifest, keeping every other entry as it is now on disk.
+
+    The manifest is read again under :func:`manifest_lock`, so entries that
+    another export wrote after the caller started are kept.
+    ``update_pipelines`` maps the default pipelines found on disk to the new
+    ones (kept as they are when not given).
+
+    Raises
+    ------
+    ModelRegistryError
+        The manifest on disk is malformed: it is left for a person to look at
+        rather than replaced by one that lists only ``changed``.
+    """
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / MANIFEST_NAME
+    with manifest_lock(model_dir):
+        entries = read_manifest(model_dir) if path.exists() else {}
+        pipelines = json.loads(path.read_text()).get("default_pipelines") if path.exists() else None
+        if update_pipelines is not None:
+            pipelines = update_pipelines({str(k): [str(r) for r in v] for k, v in (pipelines or {}).items()})
+        return write_manifest({**entries, **changed}, model_dir, pipelines)
 
 
 def verified_path(entry: ModelEntry, model_dir: Path | None = None) -> Path:

@@ -27,7 +27,7 @@ import onnx
 
 from models.evaluation import youden_threshold
 from models.families.onnx_export import int8_convolution_weights
-from models.registry import ModelEntry, read_manifest, sha256_of, write_manifest
+from models.registry import ModelEntry, merge_into_manifest, read_manifest, sha256_of
 from models.training.export_family import _feeds, _positive, first_outputs, int8_storage
 from models.training.train_family import FAMILIES, split_samples, with_roi_padding
 
@@ -80,8 +80,7 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
             "training": training,
         },
     )
-    entries[role] = updated
-    write_manifest(entries, model_dir)
+    merge_into_manifest(model_dir, {role: updated})
     return updated
 
 

@@ -29,7 +29,7 @@ from models.evaluation import auc, youden_threshold
 from models.families import cldlr, dlr, dlum, mupnet
 from models.families.ensemble import MemberMean
 from models.families.onnx_export import export_graph, int8_convolution_weights
-from models.registry import ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+from models.registry import ModelEntry, merge_into_manifest, sha256_of
 from models.training.data import SPLIT_RULE
 from models.training.train_family import (
     SHAPE_TARGETS,
@@ -346,11 +346,6 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         },
     }
     entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=VERSION, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
-    try:
-        entries = read_manifest(output)
-    except ModelRegistryError:
-        entries = {}
-    entries[spec.name] = entry
-    write_manifest(entries, output)
+    merge_into_manifest(output, {spec.name: entry})
     print(f"exported {spec.name}: {parameters['precision']}, operating point {parameters['operating_point']:.3f}", flush=True)
     return entry

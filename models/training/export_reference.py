@@ -31,7 +31,7 @@ from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrap
 from models.pipeline import BModePipeline, load_bmode_pipeline
 from models.preprocess import crop, expand_box, standardise
 from models.refine import WINDOW_EXPAND
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, sha256_of
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 
 VERSION = "0.1.0"
@@ -273,14 +273,6 @@ n = {e2e['n']}; lesion images with no lesion detected: {e2e['images_with_no_lesi
     )
 
 
-def _existing_entries(out: Path) -> dict[str, ModelEntry]:
-    """The model folder's other models (the families), kept when the reference models are re-exported."""
-    try:
-        return read_manifest(out)
-    except ModelRegistryError:
-        return {}
-
-
 def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any], records: list[Record], val: list[Record], out: Path) -> None:
     """Export the segmenter into ``out`` and merge it into the manifest; ``breastai evaluate`` measures it and writes its card."""
     seg_size = int(seg_meta["config"]["input_size"])
@@ -293,7 +285,7 @@ def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any],
         sha256=sha256_of(out / "us_segmenter.onnx"),
         parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"], **exported},
     )
-    write_manifest({**_existing_entries(out), "us_segmenter": entry}, out)
+    merge_into_manifest(out, {"us_segmenter": entry})
 
 
 def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
@@ -318,7 +310,7 @@ def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
             "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none", **exported,
         },
     )
-    write_manifest({**_existing_entries(out), "us_refiner": entry}, out)
+    merge_into_manifest(out, {"us_refiner": entry})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             parameters={"input_size": cls_size, "roi_expand": ROI_EXPAND, "train_epoch": cls_meta["epoch"], **cls_export},
         ),
     }
-    write_manifest({**_existing_entries(out), **entries}, out)
+    merge_into_manifest(out, entries)
     if args.no_evaluate:
         return
     pipeline = load_bmode_pipeline(out)
@@ -385,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     cls_metrics = _evaluate_classifier(pipeline, val, test)
     e2e_metrics = _evaluate_end_to_end(pipeline, test)
     entries["us_classifier"].parameters["operating_point"] = cls_metrics["operating_point"]["threshold"]
-    write_manifest({**_existing_entries(out), **entries}, out)
+    merge_into_manifest(out, entries)
     metrics = {"segmenter": seg_metrics, "classifier": cls_metrics, "end_to_end": e2e_metrics}
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     counts = {

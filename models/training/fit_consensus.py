@@ -16,14 +16,13 @@ member makes the service refuse the stale consensus at start-up).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from models.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
 from models.evaluate import lesion_boxes, score_family
 from models.evaluation import auc, youden_threshold
-from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, read_manifest, write_manifest
+from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
 from models.training.data import US_DATASETS, load_records
 
 DEFAULT_MEMBERS = ("dlr_bm", "cldlr", "dl_u", "mupnet")
@@ -89,11 +88,7 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
             },
         },
     )
-    entries[ROLE] = entry
-    body = json.loads((model_dir / MANIFEST_NAME).read_text())
-    pipelines = {str(k): [str(r) for r in v] for k, v in body.get("default_pipelines", {}).items()}
-    pipelines["US"] = [ROLE, *(r for r in pipelines.get("US", list(members)) if r != ROLE)]
-    write_manifest(entries, model_dir, pipelines)
+    merge_into_manifest(model_dir, {ROLE: entry}, lambda pipelines: {**pipelines, "US": [ROLE, *(r for r in pipelines.get("US", list(members)) if r != ROLE)]})
     return entry
 
 

@@ -29,7 +29,7 @@ from models.evaluation import auc, youden_threshold
 from models.lexicon import DESCRIPTOR_NAMES, LEXICON_KIND, LogisticModel, box_ellipse, describe
 from models.pipeline import SEGMENTATION_ROLES, load_refiner, load_segmenter, segment_lesions
 from models.preprocess import Box
-from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, read_manifest, sha256_of, write_manifest
+from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
 from models.training.data import US_DATASETS, Record, birads_high, load_records, read_gray
 
 VERSION = "0.4.0"
@@ -105,9 +105,7 @@ def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regul
             },
         },
     )
-    entries[role] = entry
-    body = json.loads((model_dir / MANIFEST_NAME).read_text())
-    write_manifest(entries, model_dir, {str(k): [str(r) for r in v] for k, v in body.get("default_pipelines", {}).items()})
+    merge_into_manifest(model_dir, {role: entry})
     return entry
 
 

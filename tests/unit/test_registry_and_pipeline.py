@@ -121,3 +121,49 @@ def test_the_refiner_redraws_the_outline_and_is_named_with_the_segmenter() -> No
     assert refiner[1].info in pipeline.model_infos  # a new refiner means new result UIDs
     analysis = pipeline.analyse(image)
     assert analysis.segmenter == info and analysis.lesions[0].area_px == refined[0].area_px
+
+
+def _merge_roles(model_dir: str, prefix: str, count: int) -> None:
+    """One export process: merges ``count`` entries of its own, one at a time."""
+    from models.registry import ModelEntry, merge_into_manifest
+
+    for index in range(count):
+        role = f"{prefix}_{index}"
+        merge_into_manifest(Path(model_dir), {role: ModelEntry(role=role, name=role, version="1", file=f"{role}.onnx", sha256="0" * 64)})
+
+
+def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
+    """make train exports families beside the segmenter lane: no export may drop another's entry."""
+    import multiprocessing
+
+    from models.registry import ModelEntry, merge_into_manifest, write_manifest
+
+    write_manifest({}, tmp_path, default_pipelines={"US": ["dl_u"]})
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_merge_roles, args=(str(tmp_path), f"writer{w}", 15)) for w in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    entries = read_manifest(tmp_path)
+    assert set(entries) == {f"writer{w}_{i}" for w in range(4) for i in range(15)}
+
+    # a stale caller (read long ago) still only replaces what it changed; pipelines kept unless updated
+    merge_into_manifest(tmp_path, {"late": ModelEntry(role="late", name="late", version="2", file="late.json", sha256="1" * 64)})
+    import json
+
+    body = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(body["models"]) == 61 and body["default_pipelines"] == {"US": ["dl_u"]}
+    merge_into_manifest(tmp_path, {}, lambda pipelines: {**pipelines, "US": ["late", *pipelines["US"]]})
+    assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": ["late", "dl_u"]}
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "manifest.json"]  # no lock or staging file left behind
+
+
+def test_a_malformed_manifest_is_not_replaced_by_an_export(tmp_path: Path) -> None:
+    from models.registry import ModelEntry, merge_into_manifest
+
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelRegistryError, match="malformed"):
+        merge_into_manifest(tmp_path, {"dl_u": ModelEntry(role="dl_u", name="x", version="1", file="x.onnx", sha256="0" * 64)})
+    assert (tmp_path / "manifest.json").read_text() == "{not json"
