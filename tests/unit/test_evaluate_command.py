@@ -220,3 +220,27 @@ def test_evaluating_one_folder_does_not_score_the_mammograms_beside_it(tmp_path:
     assert report["families"]["dl_m"] == {"note": "no labelled lesion for this task in the data"}
     main(["evaluate", str(mias), "--split", "all", "--families", "dl_m", "--output", str(tmp_path / "mg"), "--resamples", "20"])
     assert json.loads((tmp_path / "mg" / "report.json").read_text())["families"]["dl_m"]["classification"]["all"]["n"] == 1
+
+
+def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
+    """make train's plan (make -n): two stages at a time, every one told its thread share, the lexicon after the export."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+    def plan(*variables: str) -> list[str]:
+        done = subprocess.run(["make", "-n", "train", *variables], cwd=root, env=environment, capture_output=True, text=True, timeout=120, check=True)
+        return done.stdout.splitlines()
+
+    lines = plan("TRAIN_THREADS=1")
+    assert any(line.startswith("make -j2 ") and "IN_MAKE_TRAIN=1" in line for line in lines)
+    stages = [line for line in lines if "models.training.train_reference" in line or "breastai train" in line]
+    trained = [line for line in stages if "breastai train lexicon" not in line and "breastai train consensus" not in line]
+    assert trained and all(line.endswith("--threads 1") or "--threads 1 " in line for line in trained)
+    for family in ("dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"):
+        assert any(f"breastai train {family} " in line for line in stages)
+    order = [next(i for i, line in enumerate(lines) if needle in line) for needle in ("train_reference segmenter", "train_reference refiner", "models.training.export_reference", "breastai train lexicon", "breastai train consensus", "breastai evaluate")]
+    assert order == sorted(order)
+    assert any(line.startswith("make -j1 ") for line in plan("TRAIN_JOBS=1"))
