@@ -56,8 +56,9 @@ def recalibrate_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) 
         layer.reset_running_stats()
         layer.momentum = None  # cumulative moving average
         layer.train()
+    device = next(network.parameters()).device
     for batch in batches:
-        network(batch)
+        network(batch.to(device))
     for layer, (momentum, training) in zip(layers, saved):
         layer.momentum = momentum
         layer.train(training)

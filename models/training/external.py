@@ -86,7 +86,7 @@ def pretrain_without(
 
     Resumable like the pretraining itself. ``epochs`` overrides the recipe's.
     Of the family options only those that mean the same to the pretraining
-    (``--bf16``, ``--threads``, ``--input-size``) are passed on.
+    (``--bf16``, ``--threads``, ``--input-size``, ``--device``) are passed on.
     """
     from models.training import pretrain
     from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
@@ -101,11 +101,11 @@ def pretrain_without(
     return folder
 
 
-SHARED_WITH_PRETRAINING = ("--threads", "--input-size")
+SHARED_WITH_PRETRAINING = ("--threads", "--input-size", "--device")
 
 
 def _shared_options(train_options: Sequence[str]) -> list[str]:
-    """``--bf16``, ``--threads N`` and ``--input-size N`` (either spelling) out of the family options."""
+    """``--bf16``, ``--threads N``, ``--input-size N`` and ``--device D`` (either spelling) out of the family options."""
     shared: list[str] = []
     for index, option in enumerate(train_options):
         if option == "--bf16" or option.startswith(tuple(f"{name}=" for name in SHARED_WITH_PRETRAINING)):

@@ -31,6 +31,39 @@ class RunLimits(Protocol):
     def max_minutes(self) -> float: ...
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def training_device(requested: str) -> torch.device:
+    """Where a recipe trains: ``auto`` takes the first CUDA GPU torch can use, else the CPU.
+
+    Checkpoints are loaded onto the CPU and the export runs there, so a run
+    may be resumed or exported on another kind of machine than it began on.
+
+    Raises
+    ------
+    SystemExit
+        ``cuda`` was asked for and torch sees no CUDA GPU (a CPU build of torch, no driver, or no device).
+    """
+    if requested not in DEVICES:
+        raise SystemExit(f"unknown training device {requested!r}: one of {', '.join(DEVICES)}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, no driver, or no device); use --device cpu or auto")
+    return torch.device("cuda")
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device ``model``'s weights are on (inputs are sent there)."""
+    return next(model.parameters()).device
+
+
+def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on ``device`` when ``enabled`` (``--bf16``); weights and optimiser state stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -45,7 +45,7 @@ from models.families.cldlr import VGG11Radiomics
 from models.families.dlr import DLRNet
 from models.families.dlum import DLUMBranch
 from models.families.mupnet import MUPNet
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, epoch_batches, optimise_step
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, device_of, epoch_batches, mixed_precision, optimise_step, training_device
 from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
 from models.training.train_family import FamilySpec
 
@@ -187,11 +187,12 @@ def validation_windows(items: list[PretrainImage], spec: FamilySpec, size: int) 
 def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int = 64) -> float:
     """Mean per-window Dice of the thresholded prediction (a window both empty counts 1)."""
     model.eval()
+    device = device_of(model)
     scores = []
     with torch.no_grad():
         for start in range(0, len(windows.images), batch_size):
-            predicted = (model(windows.images[start : start + batch_size]) > 0).float().flatten(1)
-            truth = windows.masks[start : start + batch_size].flatten(1)
+            predicted = (model(windows.images[start : start + batch_size].to(device)) > 0).float().flatten(1)
+            truth = windows.masks[start : start + batch_size].to(device).flatten(1)
             overlap = (predicted * truth).sum(1)
             total = predicted.sum(1) + truth.sum(1)
             scores.append(torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)))
@@ -201,7 +202,8 @@ def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int
 
 def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]) -> None:
     """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best validation-Dice epoch."""
-    model = MaskPretrainer(spec.build(), config.input_size)
+    device = training_device(config.device)
+    model = MaskPretrainer(spec.build(), config.input_size).to(device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     work = Path(config.work)
@@ -220,10 +222,10 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
         for step, index in enumerate(epoch_batches(rng, len(images), config.batch_size)):
             batch = [images[i] for i in index]
             pairs = [mask_window(item, anchor_region(item, rng), spec, config.input_size, rng) for item in batch]
-            x = torch.from_numpy(np.concatenate([image for image, _ in pairs]))
-            target = torch.from_numpy(np.concatenate([mask for _, mask in pairs]))
+            x = torch.from_numpy(np.concatenate([image for image, _ in pairs])).to(device)
+            target = torch.from_numpy(np.concatenate([mask for _, mask in pairs])).to(device)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with mixed_precision(device, config.bf16):
                 logits = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits.float(), target)))
         torch.save(model.decoder.state_dict(), decoder_file)

@@ -44,7 +44,18 @@ from torch import nn
 from models.evaluation import auc
 from models.preprocess import Box, crop
 from models.training.data import US_DATASETS, load_records, mask_box, read_gray, read_mask
-from models.training.loop import Checkpoints, augment_intensity, check_resumable, cosine_lr, epoch_batches, optimise_step, seed_everything
+from models.training.loop import (
+    DEVICES,
+    Checkpoints,
+    augment_intensity,
+    check_resumable,
+    cosine_lr,
+    epoch_batches,
+    mixed_precision,
+    optimise_step,
+    seed_everything,
+    training_device,
+)
 from models.training.train_family import FAMILIES, FamilySpec, LesionSample, lesion_samples, network_outputs
 from models.training.train_reference import TrainConfig
 
@@ -166,8 +177,11 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
     """SimCLR epochs over ``images``; ``best.pt`` holds the network (without the projection) of the best probe epoch."""
     if config.temperature is None:
         raise ValueError("SimCLR needs a temperature")
+    device = training_device(config.device)
     model = spec.build()
     head = ProjectionHead(pooled_width(model, config.input_size))
+    model.to(device)
+    head.to(device)
     loss_fn = ContrastiveLoss(temperature=config.temperature)
     parameters = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
@@ -186,10 +200,10 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
         for step, index in enumerate(epoch_batches(rng, len(images), config.batch_size)):
             batch = [images[i] for i in index]
             regions = [anchor_region(item, rng) for item in batch]
-            first = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))
-            second = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)]))
+            first = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)])).to(device)
+            second = torch.from_numpy(np.concatenate([contrastive_view(item, r, spec, config.input_size, rng) for item, r in zip(batch, regions)])).to(device)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with mixed_precision(device, config.bf16):
                 projected = head(model(torch.cat([first, second]))[1])
             left, right = projected.float().chunk(2)
             losses.append(optimise_step(optimizer, loss_fn(left, right)))
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=float("inf"))
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints and the export stay device-independent")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
     masks = args.objective == "masks"
@@ -241,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_minutes=args.max_minutes,
         bf16=args.bf16,
+        device=args.device,
         family=spec.name,
         temperature=None if masks else args.temperature,
         objective=args.objective,

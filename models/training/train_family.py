@@ -68,14 +68,18 @@ from models.training.data import (
     read_mask,
 )
 from models.training.loop import (
+    DEVICES,
     Checkpoints,
     augment_contrast_and_blur,
     augment_intensity,
     check_resumable,
     cosine_lr,
+    device_of,
+    mixed_precision,
     optimise_step,
     rotated_crop,
     seed_everything,
+    training_device,
 )
 from models.training.train_reference import TrainConfig
 
@@ -350,10 +354,11 @@ def member_configs(config: RunConfig) -> list[RunConfig]:
 def positive_scores(spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32) -> npt.NDArray[np.float64]:
     """P(positive) for every sample, eval mode, serving-style ROI."""
     model.eval()
+    device = device_of(model)
     scores: list[float] = []
     for start in range(0, len(samples), batch):
-        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]]))
-        scores.extend(float(v) for v in spec.positive_probability(model, x))
+        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]])).to(device)
+        scores.extend(float(v) for v in spec.positive_probability(model, x).float().cpu())
     return np.asarray(scores)
 
 
@@ -617,7 +622,7 @@ def mixup_loss(spec: FamilySpec, model: nn.Module, x: Tensor, y: Tensor, alpha: 
     cross-entropy, DL-UM's focal deep supervision) works unchanged.
     """
     lam = float(rng.beta(alpha, alpha))
-    partner = torch.from_numpy(rng.permutation(len(y)))
+    partner = torch.from_numpy(rng.permutation(len(y))).to(x.device)
     once = OneForward(model)
     mixed = lam * x + (1.0 - lam) * x[partner]
     return lam * spec.loss(once, mixed, y) + (1.0 - lam) * spec.loss(once, mixed, y[partner])
@@ -642,6 +647,10 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     targets = torch.from_numpy(shape_targets(train)) if shape_head is not None else None
     birads_head = BiradsHead(model, config.input_size) if config.birads_aux > 0 else None
     categories = torch.from_numpy(birads_targets(train)) if birads_head is not None else None
+    device = training_device(config.device)
+    for part in (model, shape_head, birads_head):
+        if part is not None:
+            part.to(device)  # before the optimiser is built, so that it holds the moved parameters
     if spec.optimizer is not None:
         optimizer = spec.optimizer(model, config.learning_rate)
     else:
@@ -664,13 +673,14 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         losses = []
         for step in range(steps_per_epoch):
             index, x, y = sampler.draw(rng)
+            x, y = x.to(device), y.to(device)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with mixed_precision(device, config.bf16):
                 loss = mixup_loss(spec, model, x, y, config.mixup, rng) if config.mixup > 0 else spec.loss(model, x, y)
             if shape_head is not None and targets is not None:
-                loss = loss.float() + config.shape_aux * shape_head.loss(targets[index])
+                loss = loss.float() + config.shape_aux * shape_head.loss(targets[index].to(device))
             if birads_head is not None and categories is not None:
-                loss = loss.float() + config.birads_aux * birads_head.loss(categories[index])
+                loss = loss.float() + config.birads_aux * birads_head.loss(categories[index].to(device))
             losses.append(optimise_step(optimizer, loss.float()))
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
         if average is not None and epoch >= config.epochs - config.swa_epochs:
@@ -733,10 +743,11 @@ def clinical_features(sample: LesionSample) -> list[float]:
 def network_outputs(spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32) -> npt.NDArray[np.float32]:
     """The network's second output (DLR embedding, CLDLR deep features) for every sample."""
     model.eval()
+    device = device_of(model)
     rows = []
     for start in range(0, len(samples), batch):
-        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]]))
-        rows.append(model(x)[1].numpy())
+        x = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, size) for s in samples[start : start + batch]])).to(device)
+        rows.append(model(x)[1].float().cpu().numpy())
     return np.concatenate(rows).astype(np.float32)
 
 
@@ -914,7 +925,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
-    parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX)")
+    parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX, or a GPU)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints and the export stay device-independent")
     parser.add_argument("--shape-aux", type=float, default=0.0, help="weight of the training-only shape-descriptor loss (0: the paper's recipe alone)")
     parser.add_argument("--birads-aux", type=float, default=0.0, help="weight of the training-only BI-RADS-category loss (ordinal; lesions without a category carry none)")
     parser.add_argument("--swa-epochs", type=int, default=0, help="export the mean of the last N epochs' weights (batch norm recomputed) instead of the best validation epoch")
@@ -961,6 +973,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_minutes=args.max_minutes,
         bf16=args.bf16,
+        device=args.device,
         shape_aux=args.shape_aux,
         birads_aux=args.birads_aux,
         swa_epochs=args.swa_epochs,

@@ -1,0 +1,101 @@
+"""Where the recipes train: the CPU by default here, a CUDA GPU where torch sees one (``--device``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.training.loop import device_of, mixed_precision, training_device  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch on this machine")
+
+
+def test_auto_takes_a_gpu_only_where_torch_sees_one() -> None:
+    assert training_device("cpu") == torch.device("cpu")
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match="unknown training device"):
+        training_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_asking_for_cuda_without_one_says_why_instead_of_training_on_the_cpu() -> None:
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        training_device("cuda")
+
+
+def test_mixed_precision_is_bf16_autocast_on_the_device_only_when_asked() -> None:
+    layer = torch.nn.Linear(4, 2)
+    x = torch.ones(3, 4)
+    with mixed_precision(device_of(layer), True):
+        assert layer(x).dtype == torch.bfloat16
+    with mixed_precision(device_of(layer), False):
+        assert layer(x).dtype == torch.float32
+
+
+def _tiny_busbra(root: Path) -> Path:
+    """Eight real BUS-BRA lesions, both classes in train and val (the smoke tests' data, smaller)."""
+    import csv
+    import shutil
+
+    from models.training.data import split_for
+
+    source = Path("/work/shared/datasets/busbra")
+    for candidate in (Path(__file__).resolve().parents[3] / "shared" / "datasets" / "busbra", source):
+        if (candidate / "labels.csv").is_file():
+            source = candidate
+            break
+    else:
+        pytest.skip("development datasets not found")
+    with (source / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = []
+    for split, count in (("train", 3), ("val", 1), ("test", 1)):
+        for pathology in ("benign", "malignant"):
+            chosen += [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology][:count]
+    folder = root / "busbra"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for row in chosen:
+        shutil.copy(next((source / "images").glob(f"{row['id']}.*")), folder / "images")
+        shutil.copy(source / "masks" / f"{row['id']}.png", folder / "masks")
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+    return root
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, tmp_path: Path) -> None:
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    datasets = _tiny_busbra(tmp_path / "datasets")
+    work, models = tmp_path / "work", tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(datasets), "--work", str(work), "--output", str(models), "--device", device,
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+    )
+    assert json.loads((work / "config.json").read_text())["device"] == device
+    # the checkpoint loads on a machine without the training device, and the export ran from it
+    state = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(t.device.type == "cpu" for t in state.values())
+    assert read_manifest(models)["dl_u"].parameters["max_abs_diff_fp32"] < 1e-3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp_path: Path) -> None:
+    from models.training import pretrain, train_reference
+
+    datasets = _tiny_busbra(tmp_path / "datasets")
+    pretrain.main(["dl_u", "--objective", "masks", "--datasets", str(datasets), "--work", str(tmp_path / "masks"), "--device", device,
+                   "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"])
+    assert json.loads((tmp_path / "masks" / "config.json").read_text())["device"] == device
+    assert 0.0 <= json.loads((tmp_path / "masks" / "train.log").read_text().splitlines()[0])["val_dice"] <= 1.0
+    train_reference.main(["segmenter", "--datasets", str(datasets), "--work", str(tmp_path / "segmenter"), "--device", device,
+                          "--epochs", "1", "--batch-size", "4", "--input-size", "64", "--threads", "1"])
+    assert 0.0 <= json.loads((tmp_path / "segmenter" / "train.log").read_text().splitlines()[0])["val_dice_lesion_images"] <= 1.0
