@@ -21,6 +21,7 @@ from models.findings import ModelInfo
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_NAME = "manifest.json"
+MANIFEST_LOCK_NAME = ".manifest.lock"  # empty; only ever flock-ed (git-ignored)
 
 
 class ModelRegistryError(Exception):
@@ -91,8 +92,11 @@ def write_manifest(entries: dict[str, ModelEntry], model_dir: Path, default_pipe
         body["default_pipelines"] = default_pipelines
     # Written beside and renamed over, so a reader never sees half a manifest.
     staging = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
-    staging.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    try:
+        staging.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
     return path
 
 
@@ -102,10 +106,12 @@ def manifest_lock(model_dir: Path) -> Iterator[None]:
 
     ``make train`` runs exports side by side (the segmenter lane beside the
     families), and each export rewrites the whole manifest: without the lock
-    one export's entry could be lost to another's write. The lock is on the
-    folder itself (``flock`` on its descriptor), so no lock file is left in it.
+    one export's entry could be lost to another's write. The lock is taken on
+    ``.manifest.lock`` beside the manifest, opened for writing: on NFS Linux
+    emulates ``flock`` with POSIX locks, which refuse a read-only descriptor
+    (such as a folder's).
     """
-    descriptor = os.open(model_dir, os.O_RDONLY)
+    descriptor = os.open(model_dir / MANIFEST_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield

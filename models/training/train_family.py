@@ -488,10 +488,11 @@ class WeightAverage:
             return
         count = len(self.epochs)
         for name, value in model.state_dict().items():
-            if not value.is_floating_point() or name not in self.mean:
-                self.mean[name] = value.detach().clone()
+            weights = value.detach().cpu()  # the mean lives on the CPU, as it is loaded on resume, whatever the training device
+            if not weights.is_floating_point() or name not in self.mean:
+                self.mean[name] = weights.clone()
             else:
-                self.mean[name] += (value.detach() - self.mean[name]) / (count + 1)
+                self.mean[name] += (weights - self.mean[name]) / (count + 1)
         self.epochs.append(epoch)
         self.save()
 
@@ -840,7 +841,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     BrEaST images carry BI-RADS, so BUSI images are never prototypes.
     """
     work = Path(config.work)
-    model = load_best(spec, work)
+    model = load_best(spec, work).to(training_device(config.device))  # its repeated joint epochs are whole-network training
     assert isinstance(model, mupnet.MUPNet)
     train, val_labels = samples["train"], [s.label for s in samples["val"]]
     images = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in train]))[:, None]

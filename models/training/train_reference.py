@@ -261,22 +261,23 @@ def train_classifier(config: TrainConfig) -> None:
     records = load_records(Path(config.datasets))
     train = roi_samples([r for r in records if r.split == "train"])
     val = roi_samples([r for r in records if r.split == "val"])
-    model = roi_classifier()
+    device = training_device(config.device)
+    model = roi_classifier().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     labels = np.array([s.malignant for s in train])
     weights = torch.tensor([len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
     steps_per_epoch = max(1, len(train) // config.batch_size)
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
         losses = []
         for step, index in enumerate(epoch_batches(rng, len(train), config.batch_size)):
-            x = torch.from_numpy(np.concatenate([standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]))
-            y = torch.from_numpy(labels[index]).long()
+            x = torch.from_numpy(np.concatenate([standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index])).to(device)
+            y = torch.from_numpy(labels[index]).long().to(device)
             cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
             logits, _ = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits, y)))
@@ -292,8 +293,8 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
     scores = []
     for sample in samples:
         roi = crop(sample.image, expand_box(sample.box, sample.image.shape[:2], 0.2))
-        logits, _ = model(torch.from_numpy(standardise(roi, size)))
-        scores.append(float(torch.softmax(logits, 1)[0, 1]))
+        logits, _ = model(torch.from_numpy(standardise(roi, size)).to(device_of(model)))
+        scores.append(float(torch.softmax(logits.float(), 1)[0, 1]))
     return auc([s.malignant for s in samples], scores)
 
 

@@ -149,7 +149,7 @@ def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
     entries = read_manifest(tmp_path)
     assert set(entries) == {f"writer{w}_{i}" for w in range(4) for i in range(15)}
 
-    # a stale caller (read long ago) still only replaces what it changed; pipelines kept unless updated
+    # a merge replaces only what it names; the default pipelines are kept unless the caller updates them
     merge_into_manifest(tmp_path, {"late": ModelEntry(role="late", name="late", version="2", file="late.json", sha256="1" * 64)})
     import json
 
@@ -157,7 +157,7 @@ def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
     assert len(body["models"]) == 61 and body["default_pipelines"] == {"US": ["dl_u"]}
     merge_into_manifest(tmp_path, {}, lambda pipelines: {**pipelines, "US": ["late", *pipelines["US"]]})
     assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": ["late", "dl_u"]}
-    assert not [p.name for p in tmp_path.iterdir() if p.name != "manifest.json"]  # no lock or staging file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.lock", "manifest.json"]  # no staging file left behind
 
 
 def test_a_malformed_manifest_is_not_replaced_by_an_export(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_mixed_precision_is_bf16_autocast_on_the_device_only_when_asked() -> Non
 
 
 def _tiny_busbra(root: Path) -> Path:
-    """Eight real BUS-BRA lesions, both classes in train and val (the smoke tests' data, smaller)."""
+    """Ten real BUS-BRA lesions, both classes in every split; training ones MUP-Net may project onto (BI-RADS 2/3 benign, 5 malignant)."""
     import csv
     import shutil
 
@@ -54,8 +54,8 @@ def _tiny_busbra(root: Path) -> Path:
         rows = list(csv.DictReader(handle))
     chosen = []
     for split, count in (("train", 3), ("val", 1), ("test", 1)):
-        for pathology in ("benign", "malignant"):
-            chosen += [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology][:count]
+        for pathology, birads in (("benign", ("2", "3")), ("malignant", ("5",))):
+            chosen += [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads][:count]
     folder = root / "busbra"
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
@@ -69,22 +69,27 @@ def _tiny_busbra(root: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("family", ["dl_u", "mupnet"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, tmp_path: Path) -> None:
+def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, family: str, tmp_path: Path) -> None:
     from models.registry import read_manifest
     from models.training import train_family
 
     datasets = _tiny_busbra(tmp_path / "datasets")
     work, models = tmp_path / "work", tmp_path / "models"
     train_family.main(
-        ["dl_u", "--datasets", str(datasets), "--work", str(work), "--output", str(models), "--device", device,
+        [family, "--datasets", str(datasets), "--work", str(work), "--output", str(models), "--device", device,
          "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
     )
     assert json.loads((work / "config.json").read_text())["device"] == device
-    # the checkpoint loads on a machine without the training device, and the export ran from it
-    state = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
+    # the weights were trained on the device (where torch saved them from), and load on the CPU, where the export ran
+    saved_on: list[str] = []
+    state = torch.load(work / "best.pt", map_location=lambda storage, location: saved_on.append(location) or storage, weights_only=False)["model"]
+    assert saved_on and all(location.startswith(device) for location in saved_on)
     assert all(t.device.type == "cpu" for t in state.values())
-    assert read_manifest(models)["dl_u"].parameters["max_abs_diff_fp32"] < 1e-3
+    assert read_manifest(models)[family].parameters["max_abs_diff_fp32"] < 1e-3
+    if family == "mupnet":  # the projection and last-layer cycles ran too, on the same device
+        assert (work / "projected.pt").is_file() and json.loads((work / "finish.json").read_text())["cycles"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
