@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score the models on a labelled image folder; reports with CIs, ROC and calibration PNGs", description="Score exported models, as served, on a folder laid out like shared/datasets (images/, masks/, labels.csv).")
     add_evaluate_arguments(evaluate)
     train = commands.add_parser("train", help="train one model family (needs the train extra: make train-venv)", description="Train one model family; arguments after FAMILY go to python -m models.training.train_family (see --help there).")
-    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet (the ABVS three-plane family has no public training data: models/cards/abvs_three_plane.md); consensus (fits the consensus of the exported families), lexicon (fits the lexicon-descriptor model on the folder's outlines); those two need no torch; pretrain (SimCLR self-supervised pretraining: 'train pretrain dl_u', then 'train dl_u --init runs/pretrain/dl_u/best.pt'); external (external validation: 'train external --holdout busbra' trains the consensus members without busbra, fits their consensus and scores all of busbra)")
+    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet (the ABVS three-plane family has no public training data: models/cards/abvs_three_plane.md); consensus (fits the consensus of the exported families), lexicon (fits the lexicon-descriptor model on the folder's outlines); those two need no torch; pretrain (SimCLR self-supervised pretraining: 'train pretrain dl_u', then 'train dl_u --init runs/pretrain/dl_u/best.pt'); external (external validation: 'train external --holdout busbra' trains the consensus members without busbra, fits their consensus and scores all of busbra); crossval (K-fold out-of-fold AUC of dl_m or dl_u over the training and validation lesions: 'train crossval dl_m --report FILE')")
     train.add_argument("options", nargs=argparse.REMAINDER, help="e.g. --datasets ../shared/datasets --stage all")
     return parser
 
@@ -210,6 +210,10 @@ def _train(args: argparse.Namespace) -> int:
         from models.training import external
 
         external.main(args.options)
+    elif args.family == "crossval":
+        from models.training import cross_validate
+
+        cross_validate.main(args.options)
     else:
         train_family.main([args.family, *args.options])
     return 0

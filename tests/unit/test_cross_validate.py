@@ -1,0 +1,85 @@
+"""K-fold cross-validation of a family's recipe (DL-M on mini-MIAS): folds by patient, last-epoch scores, pooled AUC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from models.training.cross_validate import CROSS_VALIDATED, compare, main, patient_folds  # noqa: E402
+from models.training.data import Record  # noqa: E402
+from models.training.train_family import LesionSample  # noqa: E402
+
+
+def _sample(patient: str, label: int, index: int) -> LesionSample:
+    record = Record(dataset="mias", image_id=f"{patient}-{index}", image_path=Path("unused.png"), mask_path=None,
+                    malignant=label, patient=patient, device="mias", split="train")
+    return LesionSample(record, np.zeros((8, 8), np.uint8), (0, 0, 4, 4), label)
+
+
+def test_folds_keep_a_patient_together_and_share_out_each_class() -> None:
+    samples = [_sample(f"woman-{w}", int(w < 8), k) for w in range(20) for k in range(1 + w % 2)]
+    folds = patient_folds(samples, 4)
+    by_patient: dict[str, set[int]] = {}
+    for sample, fold in zip(samples, folds):
+        by_patient.setdefault(sample.record.patient, set()).add(fold)
+    assert all(len(f) == 1 for f in by_patient.values())
+    positive_patients_per_fold = [sum(1 for p, f in by_patient.items() if f == {k} and int(p.split("-")[1]) < 8) for k in range(4)]
+    assert positive_patients_per_fold == [2, 2, 2, 2]
+    assert patient_folds(list(reversed(samples)), 4) == list(reversed(folds))  # the input order does not decide the folds
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        patient_folds(samples, 1)
+    with pytest.raises(ValueError, match="cannot fill"):
+        patient_folds(samples[:3], 4)
+
+
+def _synthetic_mias(root: Path, women: int = 16) -> Path:
+    """Two MLO views a woman, one finding each; malignant findings bright, benign ones dim (the label is learnable)."""
+    import cv2
+
+    folder = root / "mias"
+    (folder / "images").mkdir(parents=True)
+    rows = ["id,ref,tissue,abnormality,severity,x,y,radius,image_id"]
+    rng = np.random.default_rng(0)
+    for number in range(1, 2 * women + 1):
+        malignant = ((number + 1) // 2) % 2 == 0
+        image = rng.normal(60, 10, (128, 128)).clip(0, 255).astype(np.uint8)
+        cv2.circle(image, (64, 64), 14, 200 if malignant else 110, -1)
+        name = f"mdb{number:03d}"
+        cv2.imwrite(str(folder / "images" / f"{name}.png"), image)
+        rows.append(f"mias_{name},{name},G,CIRC,{'M' if malignant else 'B'},64,64,14,{name}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_cross_validation_scores_each_training_finding_once_with_a_network_that_never_saw_it(tmp_path: Path) -> None:
+    from models.training.train_family import FAMILIES, split_samples
+
+    datasets = _synthetic_mias(tmp_path / "datasets")
+    report_file = tmp_path / "dl_m.json"
+    options = ["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu"]
+    main([*options, "--work", str(tmp_path / "work"), "--report", str(report_file)])
+    report = json.loads(report_file.read_text())
+    samples = split_samples(FAMILIES["dl_m"], datasets)
+    pooled = {f"mias/{s.record.image_id}" for s in samples["train"] + samples["val"]}
+    assert set(report["cases_by_key"]) == pooled and report["cases"] == len(pooled)
+    assert not {f"mias/{s.record.image_id}" for s in samples["test"]} & set(report["cases_by_key"])
+    assert 0.0 <= report["auc"] <= 1.0 and report["auc_ci95"][0] <= report["auc"] <= report["auc_ci95"][1]
+    assert sorted({c["fold"] for c in report["cases_by_key"].values()}) == [0, 1, 2]
+    for fold in range(3):  # each fold's network trained without the findings it scored
+        log = [json.loads(line) for line in (tmp_path / "work" / f"fold-{fold}" / "train.log").read_text().splitlines()]
+        assert [entry["epoch"] for entry in log] == [0, 1]
+        assert json.loads((tmp_path / "work" / f"fold-{fold}" / "config.json").read_text())["folds"] == 3
+    # the same recipe against itself: no difference
+    assert compare(report, report)["delta_auc"] == 0.0
+    # a different recipe cannot resume in the same folder
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")])
+
+
+def test_only_families_whose_score_is_the_network_are_cross_validated() -> None:
+    assert CROSS_VALIDATED == ("dl_m", "dl_u")
