@@ -11,7 +11,9 @@ The K held-out folds' scores are pooled into one out-of-fold AUC with a
 patient-level bootstrap interval (:func:`models.evaluation.bootstrap_ci`).
 Test findings are never read.
 
-Two recipes (say, random weights against ``--init`` from another network)
+``--choose-epoch`` scores each fold instead as the recipe runs on the fixed
+split: with the epoch chosen on an inner validation fold of its training
+part. Two recipes (say, random weights against ``--init`` from another network)
 are compared on the same findings with ``--against``: the clustered DeLong
 test of :func:`models.evaluation.delong_test` on their out-of-fold scores.
 
@@ -79,28 +81,44 @@ def case_key(sample: LesionSample) -> str:
     return f"{sample.record.dataset}/{sample.record.image_id}"
 
 
-def last_epoch_model(spec: FamilySpec, work: Path) -> torch.nn.Module:
-    """The network as the last epoch left it (``last.pt``), not the checkpoint chosen on the fold being scored."""
+def trained_model(spec: FamilySpec, work: Path, checkpoint: str) -> torch.nn.Module:
+    """The fold's network from ``last.pt`` (the last epoch) or ``best.pt`` (the epoch chosen on its inner validation)."""
     model = spec.build()
-    model.load_state_dict(torch.load(work / "last.pt", map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(torch.load(work / checkpoint, map_location="cpu", weights_only=False)["model"])
     return model.eval()
 
 
-def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int) -> dict[str, Any]:
-    """Train the recipe once per fold without it, score it with the last epoch's weights; pool the held-out scores."""
+def inner_split(kept: list[LesionSample], folds: int) -> tuple[list[LesionSample], list[LesionSample]]:
+    """Training and inner-validation lesions out of a fold's training part: one of ``folds`` patient folds validates."""
+    inner = patient_folds(kept, folds)
+    return [s for s, f in zip(kept, inner) if f != 0], [s for s, f in zip(kept, inner) if f == 0]
+
+
+def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int, choose_epoch: bool = False) -> dict[str, Any]:
+    """Train the recipe once per fold without it, score the fold it left out; pool the held-out scores.
+
+    ``choose_epoch`` False scores each fold with its run's last epoch. True
+    is the recipe as it runs on the fixed split: a fold's training part
+    gives up one of ``folds`` patient folds as an inner validation set, on
+    which the epoch is chosen (``best.pt``), and that epoch scores the fold.
+    """
     assignment = patient_folds(pooled, folds)
     scores: dict[str, float] = {}
     fold_auc: list[float | None] = []
     for fold in range(folds):
         kept = [s for s, f in zip(pooled, assignment) if f != fold]
         held_out = [s for s, f in zip(pooled, assignment) if f == fold]
+        train, validation = inner_split(kept, folds) if choose_epoch else (kept, held_out)
         run = replace(config, work=str(Path(config.work) / f"fold-{fold}"), part=f"{config.part}-fold-{fold}")
-        check_resumable(Path(run.work), {**asdict(run), "folds": folds}, (*RUN_DEFINING, "epochs", "folds"))
+        settings = {**asdict(run), "folds": folds, "choose_epoch": choose_epoch}
+        check_resumable(Path(run.work), settings, (*RUN_DEFINING, "epochs", "folds", "choose_epoch"))
         Path(run.work).mkdir(parents=True, exist_ok=True)
-        (Path(run.work) / "config.json").write_text(json.dumps({**asdict(run), "folds": folds}, indent=2))
+        (Path(run.work) / "config.json").write_text(json.dumps(settings, indent=2))
         seed_everything(run.seed)
-        train_network(spec, run, {"train": kept, "val": held_out})
-        fold_scores = positive_scores(spec, last_epoch_model(spec, Path(run.work)), held_out, run.input_size)
+        # Without choose_epoch the held-out fold is the run's "val" only to be logged: last.pt scores it, not best.pt.
+        train_network(spec, run, {"train": train, "val": validation})
+        model = trained_model(spec, Path(run.work), "best.pt" if choose_epoch else "last.pt")
+        fold_scores = positive_scores(spec, model, held_out, run.input_size)
         scores.update({case_key(s): float(v) for s, v in zip(held_out, fold_scores)})
         labels = [s.label for s in held_out]
         fold_auc.append(auc(labels, fold_scores) if 0 < sum(labels) < len(labels) else None)
@@ -112,7 +130,11 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
         "family": spec.name,
         "folds": folds,
         "epochs": config.epochs,
-        "scored_with": "last epoch of each fold's run (no checkpoint chosen on the fold it scores)",
+        "scored_with": (
+            f"the epoch chosen on an inner validation fold (one of {folds} patient folds of the training part)"
+            if choose_epoch
+            else "last epoch of each fold's run (no checkpoint chosen on the fold it scores)"
+        ),
         "init": config.init or "random",
         "seed": config.seed,
         "cases": len(pooled),
@@ -147,13 +169,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", help="an earlier report of the same family: compare on the same findings (DeLong)")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--init", default="", help="start every fold from this checkpoint (default: random weights)")
+    parser.add_argument(
+        "--choose-epoch", action="store_true",
+        help="score each fold with the epoch chosen on an inner validation fold, as the recipe chooses it on its split (default: the last epoch)",
+    )
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
-    suffix = "-init" if args.init else ""
+    suffix = ("-init" if args.init else "") + ("-chosen-epoch" if args.choose_epoch else "")
     config = RunConfig(
         part=f"crossval-{spec.name}",
         family=spec.name,
@@ -178,14 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     if len({s.label for s in pooled}) < 2:
         raise SystemExit(f"cross-validation needs both classes among the training and validation lesions of {config.datasets}")
     try:
-        report = cross_validate(spec, config, pooled, args.folds)
+        report = cross_validate(spec, config, pooled, args.folds, args.choose_epoch)
     except ValueError as exc:
         parser.error(str(exc))
     if args.against:
         report["comparison"] = compare(report, json.loads(Path(args.against).read_text()))
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    summary = {k: report[k] for k in ("family", "init", "folds", "epochs", "cases", "positives", "auc", "auc_ci95", "fold_auc")}
+    summary = {k: report[k] for k in ("family", "init", "folds", "epochs", "scored_with", "cases", "positives", "auc", "auc_ci95", "fold_auc")}
     print(json.dumps({**summary, **({"comparison": report["comparison"]} if args.against else {})}), flush=True)
 
 

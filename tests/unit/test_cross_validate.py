@@ -81,5 +81,36 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
         main([*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")])
 
 
+def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.training import cross_validate
+    from models.training.cross_validate import inner_split
+
+    samples = [_sample(f"woman-{w}", int(w < 8), k) for w in range(20) for k in range(1 + w % 2)]
+    train, validation = inner_split(samples, 5)
+    assert validation and train and len(train) + len(validation) == len(samples)
+    assert not {s.record.patient for s in train} & {s.record.patient for s in validation}
+    assert {s.label for s in validation} == {0, 1}
+
+    datasets = _synthetic_mias(tmp_path / "datasets", women=20)
+    report_file = tmp_path / "chosen.json"
+    seen: list[dict[str, set[str]]] = []
+    original = cross_validate.train_network
+
+    def recording(spec, config, samples):  # type: ignore[no-untyped-def]
+        seen.append({split: {f"{s.record.dataset}/{s.record.image_id}" for s in part} for split, part in samples.items()})
+        original(spec, config, samples)
+
+    monkeypatch.setattr(cross_validate, "train_network", recording)
+    main(["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu", "--choose-epoch",
+          "--work", str(tmp_path / "work"), "--report", str(report_file)])
+    report = json.loads(report_file.read_text())
+    assert report["scored_with"].startswith("the epoch chosen on an inner validation fold")
+    assert len(seen) == 3
+    for fold, run in enumerate(seen):  # the epoch was chosen on lesions of other folds, never on the ones it scored
+        held_out = {k for k, c in report["cases_by_key"].items() if c["fold"] == fold}
+        assert held_out and run["val"] and not (run["val"] | run["train"]) & held_out
+        assert run["val"] | run["train"] | held_out == set(report["cases_by_key"])
+
+
 def test_only_families_whose_score_is_the_network_are_cross_validated() -> None:
     assert CROSS_VALIDATED == ("dl_m", "dl_u")
