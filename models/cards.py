@@ -8,6 +8,7 @@ operating point and how it was chosen, known limits, and the file's sha256.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ def _mixup_rule(training: Mapping[str, Any]) -> str:
 def _weights_chosen(training: Mapping[str, Any]) -> str:
     """Which weights the graph holds: one best validation epoch, or a seed ensemble's members."""
     ensemble = training.get("ensemble")
+    if not ensemble and "last_epoch" in training:
+        return f"the last epoch ({training['last_epoch']}) of the fixed schedule, not one chosen on the validation split, which is too small to choose it"
     if not ensemble:
         return f"best validation epoch {training.get('best_epoch')}"
     members = ", ".join(
@@ -159,7 +162,48 @@ def _weights_chosen(training: Mapping[str, Any]) -> str:
     )
 
 
-def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str) -> str:
+def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The recipe's K-fold out-of-fold AUCs (``breastai train crossval ... --record``), each rule it was scored under."""
+    if not records:
+        return []
+    first = records[0]
+    lines = [
+        "",
+        "## Cross-validation (training and validation findings, test not used)",
+        "",
+        f"The recipe trained {first['folds']} times, each time without one fold of patients (folds balanced for the label), "
+        f"and scored the fold it left out; the out-of-fold scores of all {first['cases']} findings ({first['positives']} positive, "
+        f"{first['patients']} patients) are pooled into one AUC, 95 % interval by 1000 bootstrap resamples over patients. "
+        "Recipe: `breastai train crossval`.",
+        "",
+        "| start | weights that scored each fold | epochs | AUC (95% CI) | per-fold AUC |",
+        "|---|---|---:|---|---|",
+    ]
+    for record in records:
+        folds = ", ".join("–" if value is None else f"{value:.2f}" for value in record["fold_auc"])
+        low, high = record["auc_ci95"]
+        lines.append(f"| {record['init']} | {record['scored_with']} | {record['epochs']} | {record['auc']:.3f} ({low:.3f}–{high:.3f}) | {folds} |")
+    for record in records:
+        comparison = record.get("comparison")
+        if comparison:
+            against = comparison["against"]
+            lines.append(
+                f"\nOn the same {comparison['cases']} findings, {record['scored_with']} against {against['scored_with']} "
+                f"({against['init']} start): ΔAUC {comparison['delta_auc']:+.3f}, p = {comparison['p_value']:.2f} (DeLong, clustered by patient)."
+            )
+    return lines
+
+
+def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """``<role>.json`` records of ``folder`` (``models/cards/crossval``), by role; empty where there is none."""
+    if not folder.is_dir():
+        return {}
+    return {path.stem: list(json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))}
+
+
+def card_markdown(
+    entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str, cross_validation: Sequence[Mapping[str, Any]] = ()
+) -> str:
     """One model card as Markdown."""
     text = FAMILY_TEXT.get(entry.role, {})
     parameters = entry.parameters
@@ -210,6 +254,7 @@ def card_markdown(entry: ModelEntry, family_report: Mapping[str, Any], four_a: M
     if four_a:
         lines += ["", "## BI-RADS 4A co-decision (DLR_LH + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
+    lines += _cross_validation_section(cross_validation)
     lines += ["", "## Known limits", "", f"- {text.get('limits', '')}", "- Trained and measured on public research datasets; performance at a new site, scanner or population must be checked there (`breastai evaluate` on local data).", ""]
     return "\n".join(lines)
 
@@ -360,9 +405,16 @@ def _stage_cycles(training: Mapping[str, Any]) -> str:
     )
 
 
-def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path) -> list[Path]:
-    """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card."""
+def write_cards(
+    report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path, cross_validation: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+) -> list[Path]:
+    """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card.
+
+    ``cross_validation`` (role -> records) defaults to what ``folder/crossval`` holds.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    if cross_validation is None:
+        cross_validation = read_cross_validation(folder / "crossval")
     written = []
     if report.get("segmentation") and "us_segmenter" in entries:
         path = folder / "us_segmenter.md"
@@ -378,7 +430,7 @@ def write_cards(report: Mapping[str, Any], entries: Mapping[str, ModelEntry], fo
         elif is_lexicon(entries[role]):
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:
-            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data"))))
+            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data")), cross_validation.get(role, ())))
         written.append(path)
     return written
 

@@ -156,7 +156,24 @@ def compare(report: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     result = delong_test(
         [c["label"] for c in cases], [c["score"] for c in cases], [other["cases_by_key"][k]["score"] for k in keys], clusters=[c["patient"] for c in cases]
     )
-    return {"against_init": other["init"], "cases": len(keys), "delta_auc": result.difference, "p_value": result.p_value}
+    return {
+        "against": {"init": other["init"], "scored_with": other["scored_with"], "auc": result.auc_b},
+        "cases": len(keys),
+        "delta_auc": result.difference,
+        "p_value": result.p_value,
+    }
+
+
+#: What makes two summaries the same recipe: a new run of it replaces the old one in a record.
+RECIPE_KEYS = ("family", "init", "scored_with", "folds", "epochs", "seed")
+
+
+def record_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Keep ``summary`` in the JSON list at ``path``, replacing an earlier one of the same recipe (:data:`RECIPE_KEYS`)."""
+    records = json.loads(path.read_text()) if path.is_file() else []
+    records = [r for r in records if any(r.get(k) != summary.get(k) for k in RECIPE_KEYS)] + [summary]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=None, help="checkpoint folder, one fold-K run inside (default runs/crossval/FAMILY[-init])")
     parser.add_argument("--report", required=True, help="where the JSON report (out-of-fold scores included) is written")
     parser.add_argument("--against", help="an earlier report of the same family: compare on the same findings (DeLong)")
+    parser.add_argument(
+        "--record", help="also keep the summary (no per-finding scores) in this JSON list, replacing one of the same recipe: "
+        "models/cards/crossval/FAMILY.json is what the family's model card shows",
+    )
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--init", default="", help="start every fold from this checkpoint (default: random weights)")
     parser.add_argument(
@@ -211,8 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         report["comparison"] = compare(report, json.loads(Path(args.against).read_text()))
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    summary = {k: report[k] for k in ("family", "init", "folds", "epochs", "scored_with", "cases", "positives", "auc", "auc_ci95", "fold_auc")}
-    print(json.dumps({**summary, **({"comparison": report["comparison"]} if args.against else {})}), flush=True)
+    summary = {k: v for k, v in report.items() if k != "cases_by_key"}
+    if args.record:
+        record_summary(Path(args.record), summary)
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.cards import write_cards
+from models.cards import read_cross_validation, write_cards
 from models.registry import BUNDLED_MODEL_DIR, read_manifest
 
 CARDS = BUNDLED_MODEL_DIR.parent / "cards"
@@ -14,7 +14,7 @@ CARDS = BUNDLED_MODEL_DIR.parent / "cards"
 def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -> None:
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
     entries = read_manifest()
-    written = write_cards(report, entries, tmp_path)
+    written = write_cards(report, entries, tmp_path, read_cross_validation(CARDS / "crossval"))
     # The refiner is the segmentation's second stage: the segmenter's card describes and pins it.
     assert {p.name for p in written} == {f"{role}.md" for role in entries if role != "us_refiner"}, "every bundled model has a card"
     for path in written:

@@ -114,3 +114,39 @@ def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_pat
 
 def test_only_families_whose_score_is_the_network_are_cross_validated() -> None:
     assert CROSS_VALIDATED == ("dl_m", "dl_u")
+
+
+def test_dl_m_exports_the_last_epoch_of_its_schedule_and_its_card_says_so(tmp_path: Path) -> None:
+    import torch
+
+    from models.cards import _weights_chosen
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    datasets = _synthetic_mias(tmp_path / "datasets", women=24)  # 24: the validation women include both classes
+    work, models = tmp_path / "work", tmp_path / "models"
+    train_family.main(["dl_m", "--datasets", str(datasets), "--work", str(work), "--output", str(models), "--epochs", "3", "--threads", "1", "--device", "cpu"])
+    training = read_manifest(models)["dl_m"].parameters["training"]
+    assert training["last_epoch"] == 2 and "best_epoch" not in training
+    assert _weights_chosen(training).startswith("the last epoch (2) of the fixed schedule")
+    last = torch.load(work / "last.pt", map_location="cpu", weights_only=False)
+    exported = train_family.load_best(train_family.FAMILIES["dl_m"], work)
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in last["model"].items())
+    # the families that choose on validation still do
+    assert train_family.chosen_checkpoint(work).name == "best.pt"
+
+
+def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_path: Path) -> None:
+    from models.cards import _cross_validation_section, read_cross_validation
+    from models.training.cross_validate import record_summary
+
+    base = {"family": "dl_m", "init": "random", "scored_with": "last epoch", "folds": 5, "epochs": 30, "seed": 1,
+            "cases": 73, "positives": 33, "patients": 65, "auc": 0.6, "auc_ci95": [0.5, 0.7], "fold_auc": [0.6, None, 0.7, 0.5, 0.6]}
+    record = tmp_path / "crossval" / "dl_m.json"
+    record_summary(record, base)
+    record_summary(record, {**base, "scored_with": "chosen epoch", "auc": 0.5})
+    record_summary(record, {**base, "auc": 0.65})  # the same recipe again: replaces its first run
+    records = read_cross_validation(tmp_path / "crossval")["dl_m"]
+    assert [(r["scored_with"], r["auc"]) for r in records] == [("chosen epoch", 0.5), ("last epoch", 0.65)]
+    section = "\n".join(_cross_validation_section(records))
+    assert "0.650 (0.500–0.700)" in section and "0.60, –, 0.70" in section and "73 findings" in section
