@@ -8,56 +8,30 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from models.training.data import split_for
+from tests.training_data import development_datasets, write_busbra_subset
 
-def _datasets() -> Path:
-    """BREASTAI_DATASETS, else shared/datasets beside the checkout, else the development machine's /work/shared."""
-    candidates = [Path(p) for p in (os.environ.get("BREASTAI_DATASETS"),) if p]
-    candidates += [Path(__file__).resolve().parents[3] / "shared" / "datasets", Path("/work/shared/datasets")]
-    return next((c for c in candidates if (c / "busbra" / "labels.csv").is_file()), candidates[0])
-
-
-DATASETS = _datasets()
+DATASETS = development_datasets()
 BUSBRA = DATASETS / "busbra"
 pytestmark = pytest.mark.skipif(not (BUSBRA / "labels.csv").is_file(), reason=f"development datasets not at {DATASETS}")
-
-
-def _pick(rows: list[dict[str, str]], split: str, pathology: str, birads: tuple[str, ...], count: int) -> list[dict[str, str]]:
-    chosen = [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads]
-    return chosen[:count]
 
 
 @pytest.fixture(scope="module")
 def tiny_busbra(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 real BUS-BRA images chosen so that train and val hold both classes and MUP-Net has prototype candidates."""
-    with (BUSBRA / "labels.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    chosen = (
-        _pick(rows, "train", "benign", ("2", "3"), 4)
-        + _pick(rows, "train", "malignant", ("5",), 4)
-        + _pick(rows, "val", "benign", ("2", "3"), 2)
-        + _pick(rows, "val", "malignant", ("4", "5"), 2)
-        + _pick(rows, "test", "benign", ("2", "3", "4"), 2)
-        + _pick(rows, "test", "malignant", ("4", "5"), 2)
+    return write_busbra_subset(
+        tmp_path_factory.mktemp("datasets"),
+        [
+            ("train", "benign", ("2", "3"), 4), ("train", "malignant", ("5",), 4),
+            ("val", "benign", ("2", "3"), 2), ("val", "malignant", ("4", "5"), 2),
+            ("test", "benign", ("2", "3", "4"), 2), ("test", "malignant", ("4", "5"), 2),
+        ],
     )
-    root = tmp_path_factory.mktemp("datasets")
-    folder = root / "busbra"
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    for row in chosen:
-        shutil.copy(next((BUSBRA / "images").glob(f"{row['id']}.*")), folder / "images")
-        shutil.copy(BUSBRA / "masks" / f"{row['id']}.png", folder / "masks")
-    with (folder / "labels.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(chosen)
-    return root
 
 
 @pytest.mark.parametrize("family", ["dl_u", "cldlr", "dlr_lh", "mupnet"])

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from models.training.loop import device_of, mixed_precision, training_device  # noqa: E402
+from tests.training_data import development_datasets, write_busbra_subset  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch on this machine")
 
@@ -38,35 +39,10 @@ def test_mixed_precision_is_bf16_autocast_on_the_device_only_when_asked() -> Non
 
 def _tiny_busbra(root: Path) -> Path:
     """Ten real BUS-BRA lesions, both classes in every split; training ones MUP-Net may project onto (BI-RADS 2/3 benign, 5 malignant)."""
-    import csv
-    import shutil
-
-    from models.training.data import split_for
-
-    source = Path("/work/shared/datasets/busbra")
-    for candidate in (Path(__file__).resolve().parents[3] / "shared" / "datasets" / "busbra", source):
-        if (candidate / "labels.csv").is_file():
-            source = candidate
-            break
-    else:
+    if not (development_datasets() / "busbra" / "labels.csv").is_file():
         pytest.skip("development datasets not found")
-    with (source / "labels.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    chosen = []
-    for split, count in (("train", 3), ("val", 1), ("test", 1)):
-        for pathology, birads in (("benign", ("2", "3")), ("malignant", ("5",))):
-            chosen += [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads][:count]
-    folder = root / "busbra"
-    (folder / "images").mkdir(parents=True)
-    (folder / "masks").mkdir()
-    for row in chosen:
-        shutil.copy(next((source / "images").glob(f"{row['id']}.*")), folder / "images")
-        shutil.copy(source / "masks" / f"{row['id']}.png", folder / "masks")
-    with (folder / "labels.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(chosen)
-    return root
+    picks = [(split, pathology, birads, count) for split, count in (("train", 3), ("val", 1), ("test", 1)) for pathology, birads in (("benign", ("2", "3")), ("malignant", ("5",)))]
+    return write_busbra_subset(root, picks)
 
 
 @pytest.mark.parametrize("family", ["dl_u", "mupnet"])
