@@ -146,8 +146,6 @@ def _mixup_rule(training: Mapping[str, Any]) -> str:
 def _weights_chosen(training: Mapping[str, Any]) -> str:
     """Which weights the graph holds: one best validation epoch, or a seed ensemble's members."""
     ensemble = training.get("ensemble")
-    if not ensemble and "last_epoch" in training:
-        return f"the last epoch ({training['last_epoch']}) of the fixed schedule, not one chosen on the validation split, which is too small to choose it"
     if not ensemble:
         return f"best validation epoch {training.get('best_epoch')}"
     members = ", ".join(
@@ -163,35 +161,51 @@ def _weights_chosen(training: Mapping[str, Any]) -> str:
 
 
 def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The recipe's K-fold out-of-fold AUCs (``breastai train crossval ... --record``), each rule it was scored under."""
+    """The recipe's K-fold AUCs (``breastai train crossval ... --record``), each rule it was scored under."""
     if not records:
         return []
-    first = records[0]
     lines = [
         "",
         "## Cross-validation (training and validation findings, test not used)",
         "",
-        f"The recipe trained {first['folds']} times, each time without one fold of patients (folds balanced for the label), "
-        f"and scored the fold it left out; the out-of-fold scores of all {first['cases']} findings ({first['positives']} positive, "
-        f"{first['patients']} patients) are pooled into one AUC, 95 % interval by 1000 bootstrap resamples over patients. "
-        "Recipe: `breastai train crossval`.",
+        "The recipe trained once per fold of patients (folds balanced for the label), each time without that fold, and scored "
+        "the fold it left out. AUC within folds: only (positive, negative) pairs of one fold, ranked by that fold's network; "
+        "95 % interval from 1000 patient resamples within folds. The AUC of all out-of-fold scores pooled also compares the "
+        "folds' networks' score levels. Recipe: `breastai train crossval`.",
         "",
-        "| start | weights that scored each fold | epochs | AUC (95% CI) | per-fold AUC |",
-        "|---|---|---:|---|---|",
+        "| start | weights that scored each fold | folds | findings (positive) | epochs | AUC within folds (95% CI) | per-fold AUC | pooled AUC |",
+        "|---|---|---:|---|---:|---|---|---:|",
     ]
-    for record in records:
+
+    def row(record: Mapping[str, Any], scored_with: str) -> str:
         folds = ", ".join("–" if value is None else f"{value:.2f}" for value in record["fold_auc"])
         low, high = record["auc_ci95"]
-        lines.append(f"| {record['init']} | {record['scored_with']} | {record['epochs']} | {record['auc']:.3f} ({low:.3f}–{high:.3f}) | {folds} |")
+        pooled = f"{record['auc_pooled']:.3f}" if record.get("auc_pooled") is not None else "–"
+        return (
+            f"| {record.get('init', 'random')} | {scored_with} | {record['folds']} | {record['cases']} ({record['positives']}) | {record['epochs']} "
+            f"| {record['auc']:.3f} ({low:.3f}–{high:.3f}) | {folds} | {pooled} |"
+        )
+
+    notes = []
     for record in records:
+        lines.append(row(record, record["scored_with"]))
+        same_runs = record.get("same_runs_last_epoch")
+        if same_runs:
+            lines.append(row({**record, **same_runs, "auc_pooled": None}, "the same runs' last epochs"))
+            difference = same_runs["chosen_minus_last"]
+            notes.append(
+                f"Chosen epoch against the same runs' last epochs: ΔAUC {difference['delta_auc']:+.3f} "
+                f"({difference['delta_ci95'][0]:+.3f} to {difference['delta_ci95'][1]:+.3f}), p = {difference['p_value']:.2f} (paired patient bootstrap)."
+            )
         comparison = record.get("comparison")
         if comparison:
             against = comparison["against"]
-            lines.append(
-                f"\nOn the same {comparison['cases']} findings, {record['scored_with']} against {against['scored_with']} "
-                f"({against['init']} start): ΔAUC {comparison['delta_auc']:+.3f}, p = {comparison['p_value']:.2f} (DeLong, clustered by patient)."
+            notes.append(
+                f"{record['scored_with'].capitalize()} ({record.get('init', 'random')} start) against {against['scored_with']} ({against['init']} start), "
+                f"same {comparison['cases']} findings and folds: ΔAUC {comparison['delta_auc']:+.3f} "
+                f"({comparison['delta_ci95'][0]:+.3f} to {comparison['delta_ci95'][1]:+.3f}), p = {comparison['p_value']:.2f} (paired patient bootstrap)."
             )
-    return lines
+    return lines + [line for note in notes for line in ("", note)]
 
 
 def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:

@@ -5,24 +5,29 @@ test split 22 (8): an epoch chosen on the first and an AUC read on the
 second are both mostly chance. Here the training and validation findings
 are pooled and dealt into K folds by patient (mini-MIAS: by woman), balanced
 for the label. The recipe trains K times, each time without one fold, for a
-fixed number of epochs, and the fold it left out is scored with the *last*
+fixed number of epochs, and scores the fold it left out with the *last*
 epoch's weights, so no checkpoint is chosen on the cases it is scored on.
-The K held-out folds' scores are pooled into one out-of-fold AUC with a
-patient-level bootstrap interval (:func:`models.evaluation.bootstrap_ci`).
-Test findings are never read.
 
-``--choose-epoch`` scores each fold instead as the recipe runs on the fixed
-split: with the epoch chosen on an inner validation fold of its training
-part. Two recipes (say, random weights against ``--init`` from another network)
-are compared on the same findings with ``--against``: the clustered DeLong
-test of :func:`models.evaluation.delong_test` on their out-of-fold scores.
+Each fold's network ranks only its own fold, so the headline AUC counts
+(positive, negative) pairs within a fold only (:func:`within_fold_auc`),
+with a 95 % interval from patient resamples drawn within each fold. The AUC
+of all out-of-fold scores pooled is reported too; it also compares the
+folds' networks' score levels, which no single served network has, and
+reads lower where those differ.
+
+``--choose-epoch`` holds out an inner validation fold of each training part
+and scores with the epoch chosen on it (as the other families choose theirs
+on the fixed split), and scores the same runs' last epochs beside it: the
+two rules compared on the same networks. ``--against`` compares two reports
+of one family on the same findings and folds (paired patient bootstrap of
+the within-fold AUC difference).
 
 Only families whose served score is the network's own output (``dl_u``,
 ``dl_m``) are cross-validated: the others add a fitted stage (MLP, SVM,
 prototype projection) that this does not repeat.
 
-    breastai train crossval dl_m --folds 5 --report runs/crossval/dl_m.json
-    breastai train crossval dl_m --init runs/families/dl_u/best.pt --report runs/crossval/dl_m-from-dl_u.json --against runs/crossval/dl_m.json
+    breastai train crossval dl_m --folds 5 --report runs/crossval/dl_m.json --record models/cards/crossval/dl_m.json
+    breastai train crossval dl_m --choose-epoch --report runs/crossval/dl_m-chosen-epoch.json --against runs/crossval/dl_m.json
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from models.evaluation import auc, bootstrap_ci, delong_test
+from models.evaluation import auc, bootstrap_ci
 from models.training.loop import DEVICES, check_resumable, seed_everything
 from models.training.train_family import (
     FAMILIES,
@@ -94,17 +100,87 @@ def inner_split(kept: list[LesionSample], folds: int) -> tuple[list[LesionSample
     return [s for s, f in zip(kept, inner) if f != 0], [s for s, f in zip(kept, inner) if f == 0]
 
 
-def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int, choose_epoch: bool = False) -> dict[str, Any]:
-    """Train the recipe once per fold without it, score the fold it left out; pool the held-out scores.
+def within_fold_auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> float:
+    """AUC over the (positive, negative) pairs of one fold each, pooled over folds.
 
-    ``choose_epoch`` False scores each fold with its run's last epoch. True
-    is the recipe as it runs on the fixed split: a fold's training part
-    gives up one of ``folds`` patient folds as an inner validation set, on
-    which the epoch is chosen (``best.pt``), and that epoch scores the fold.
+    Each fold's network ranks only its own fold's findings, so only pairs
+    within a fold compare like with like; pairs across folds would also
+    compare the folds' networks' calibrations, which the one served network
+    does not have. Equals the folds' AUCs weighted by their pair counts.
+    Folds with one class only add no pair.
+    """
+    concordant, pairs = 0.0, 0
+    for fold in np.unique(folds):
+        inside = folds == fold
+        positives, negatives = int(labels[inside].sum()), int((1 - labels[inside]).sum())
+        if positives and negatives:
+            concordant += auc(labels[inside], scores[inside]) * positives * negatives
+            pairs += positives * negatives
+    if not pairs:
+        raise ValueError("no fold holds both classes")
+    return concordant / pairs
+
+
+def within_fold_bootstrap(
+    labels: npt.NDArray[np.int64], score_sets: list[npt.NDArray[np.float64]], folds: npt.NDArray[np.int64], patients: list[str], resamples: int = 1000, seed: int = 0
+) -> npt.NDArray[np.float64]:
+    """:func:`within_fold_auc` of every score set on ``resamples`` patient-level resamples drawn within each fold.
+
+    Each fold keeps its number of patients, drawn with replacement from its
+    own; every score set is measured on the same draw, so differences
+    between them are paired. Returns shape (resamples, len(score_sets)).
+    """
+    rng = np.random.default_rng(seed)
+    members: list[list[npt.NDArray[np.int64]]] = []
+    for fold in np.unique(folds):
+        by_patient: dict[str, list[int]] = defaultdict(list)
+        for position in np.flatnonzero(folds == fold):
+            by_patient[patients[position]].append(int(position))
+        members.append([np.asarray(v) for v in by_patient.values()])
+    values = np.empty((resamples, len(score_sets)))
+    drawn = 0
+    while drawn < resamples:
+        draw = np.concatenate([np.concatenate([group[k] for k in rng.integers(0, len(group), len(group))]) for group in members])
+        try:
+            values[drawn] = [within_fold_auc(labels[draw], scores[draw], folds[draw]) for scores in score_sets]
+        except ValueError:  # no fold of this draw holds both classes: drawn again, as models.evaluation.bootstrap_ci does
+            continue
+        drawn += 1
+    return values
+
+
+def _interval(values: npt.NDArray[np.float64]) -> list[float]:
+    low, high = np.quantile(values, [0.025, 0.975])
+    return [float(low), float(high)]
+
+
+def _paired_difference(difference: float, draws: npt.NDArray[np.float64]) -> dict[str, Any]:
+    """Difference of two within-fold AUCs, its paired-bootstrap interval and two-sided p (the share of draws across 0, doubled)."""
+    share = float(np.mean(draws <= 0)) if difference > 0 else float(np.mean(draws >= 0))
+    return {"delta_auc": difference, "delta_ci95": _interval(draws), "p_value": min(1.0, 2 * share)}
+
+
+def _fold_aucs(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> list[float | None]:
+    return [auc(labels[folds == k], scores[folds == k]) if 0 < labels[folds == k].sum() < (folds == k).sum() else None for k in np.unique(folds)]
+
+
+def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int, choose_epoch: bool = False) -> dict[str, Any]:
+    """Train the recipe once per fold without it and score the fold it left out.
+
+    ``choose_epoch`` False scores each fold with its run's last epoch (the
+    fold is the run's validation set only to be logged). True holds out one
+    of ``folds`` patient folds of each training part as an inner validation
+    set, on which the epoch is chosen (``best.pt``) as the family recipes
+    choose theirs on the fixed split; the same runs' last epochs are scored
+    too, so the two rules are compared on the same networks.
+
+    The headline AUC counts pairs within a fold only (:func:`within_fold_auc`),
+    with a patient bootstrap within folds; the pooled AUC over all
+    out-of-fold scores is reported beside it.
     """
     assignment = patient_folds(pooled, folds)
-    scores: dict[str, float] = {}
-    fold_auc: list[float | None] = []
+    chosen: dict[str, float] = {}
+    last: dict[str, float] = {}
     for fold in range(folds):
         kept = [s for s, f in zip(pooled, assignment) if f != fold]
         held_out = [s for s, f in zip(pooled, assignment) if f == fold]
@@ -115,18 +191,19 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
         Path(run.work).mkdir(parents=True, exist_ok=True)
         (Path(run.work) / "config.json").write_text(json.dumps(settings, indent=2))
         seed_everything(run.seed)
-        # Without choose_epoch the held-out fold is the run's "val" only to be logged: last.pt scores it, not best.pt.
         train_network(spec, run, {"train": train, "val": validation})
-        model = trained_model(spec, Path(run.work), "best.pt" if choose_epoch else "last.pt")
-        fold_scores = positive_scores(spec, model, held_out, run.input_size)
-        scores.update({case_key(s): float(v) for s, v in zip(held_out, fold_scores)})
-        labels = [s.label for s in held_out]
-        fold_auc.append(auc(labels, fold_scores) if 0 < sum(labels) < len(labels) else None)
-    labels = [s.label for s in pooled]
-    pooled_scores = [scores[case_key(s)] for s in pooled]
+        last.update(zip(map(case_key, held_out), map(float, positive_scores(spec, trained_model(spec, Path(run.work), "last.pt"), held_out, run.input_size))))
+        if choose_epoch:
+            chosen.update(zip(map(case_key, held_out), map(float, positive_scores(spec, trained_model(spec, Path(run.work), "best.pt"), held_out, run.input_size))))
+    scored = chosen if choose_epoch else last
+    labels = np.asarray([s.label for s in pooled])
+    fold_of = np.asarray(assignment)
     patients = [s.record.patient for s in pooled]
-    low, high = bootstrap_ci(labels, pooled_scores, resamples=1000, clusters=patients)
-    return {
+    scores = np.asarray([scored[case_key(s)] for s in pooled])
+    last_scores = np.asarray([last[case_key(s)] for s in pooled])
+    draws = within_fold_bootstrap(labels, [scores, last_scores], fold_of, patients)
+    headline = within_fold_auc(labels, scores, fold_of)
+    report: dict[str, Any] = {
         "family": spec.name,
         "folds": folds,
         "epochs": config.epochs,
@@ -137,35 +214,58 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
         ),
         "init": config.init or "random",
         "seed": config.seed,
+        "bf16": config.bf16,
         "cases": len(pooled),
-        "positives": int(sum(labels)),
+        "positives": int(labels.sum()),
         "patients": len(set(patients)),
-        "auc": auc(labels, pooled_scores),
-        "auc_ci95": [low, high],
-        "fold_auc": fold_auc,
-        "cases_by_key": {case_key(s): {"label": s.label, "patient": s.record.patient, "fold": f, "score": scores[case_key(s)]} for s, f in zip(pooled, assignment)},
+        "auc": headline,
+        "auc_ci95": _interval(draws[:, 0]),
+        "auc_measure": "pairs within a fold only (each fold's network ranks its own findings); 95 % interval from 1000 patient resamples within folds",
+        "fold_auc": _fold_aucs(labels, scores, fold_of),
+        "auc_pooled": auc(labels, scores),
+        "auc_pooled_ci95": list(bootstrap_ci(labels, scores, resamples=1000, clusters=patients)),
     }
+    if choose_epoch:
+        same_runs = within_fold_auc(labels, last_scores, fold_of)
+        report["same_runs_last_epoch"] = {
+            "auc": same_runs,
+            "auc_ci95": _interval(draws[:, 1]),
+            "fold_auc": _fold_aucs(labels, last_scores, fold_of),
+            "chosen_minus_last": _paired_difference(headline - same_runs, draws[:, 0] - draws[:, 1]),
+        }
+    report["cases_by_key"] = {case_key(s): {"label": s.label, "patient": s.record.patient, "fold": f, "score": scored[case_key(s)]} for s, f in zip(pooled, assignment)}
+    return report
 
 
 def compare(report: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Clustered DeLong test of two cross-validation reports on the findings both scored."""
-    keys = sorted(set(report["cases_by_key"]) & set(other["cases_by_key"]))
-    if not keys:
-        raise SystemExit("the two cross-validation reports share no finding")
-    cases = [report["cases_by_key"][k] for k in keys]
-    result = delong_test(
-        [c["label"] for c in cases], [c["score"] for c in cases], [other["cases_by_key"][k]["score"] for k in keys], clusters=[c["patient"] for c in cases]
-    )
+    """Within-fold AUC difference of two reports of one family on the same findings and folds, with a paired patient bootstrap.
+
+    Raises
+    ------
+    SystemExit
+        The reports are of different families, or disagree on a finding's label, patient or fold.
+    """
+    if report["family"] != other["family"]:
+        raise SystemExit(f"cannot compare a {report['family']} report with a {other['family']} one")
+    keys = sorted(report["cases_by_key"])
+    if set(keys) != set(other["cases_by_key"]):
+        raise SystemExit("the two cross-validation reports did not score the same findings")
+    mine, theirs = [report["cases_by_key"][k] for k in keys], [other["cases_by_key"][k] for k in keys]
+    if any((a["label"], a["patient"], a["fold"]) != (b["label"], b["patient"], b["fold"]) for a, b in zip(mine, theirs)):
+        raise SystemExit("the two cross-validation reports disagree on a finding's label, patient or fold")
+    labels, folds = np.asarray([c["label"] for c in mine]), np.asarray([c["fold"] for c in mine])
+    scores, other_scores = np.asarray([c["score"] for c in mine]), np.asarray([c["score"] for c in theirs])
+    draws = within_fold_bootstrap(labels, [scores, other_scores], folds, [c["patient"] for c in mine])
+    difference = within_fold_auc(labels, scores, folds) - within_fold_auc(labels, other_scores, folds)
     return {
-        "against": {"init": other["init"], "scored_with": other["scored_with"], "auc": result.auc_b},
+        "against": {"init": other["init"], "scored_with": other["scored_with"], "auc": within_fold_auc(labels, other_scores, folds)},
         "cases": len(keys),
-        "delta_auc": result.difference,
-        "p_value": result.p_value,
+        **_paired_difference(difference, draws[:, 0] - draws[:, 1]),
     }
 
 
 #: What makes two summaries the same recipe: a new run of it replaces the old one in a record.
-RECIPE_KEYS = ("family", "init", "scored_with", "folds", "epochs", "seed")
+RECIPE_KEYS = ("family", "init", "scored_with", "folds", "epochs", "seed", "bf16")
 
 
 def record_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -192,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default="", help="start every fold from this checkpoint (default: random weights)")
     parser.add_argument(
         "--choose-epoch", action="store_true",
-        help="score each fold with the epoch chosen on an inner validation fold, as the recipe chooses it on its split (default: the last epoch)",
+        help="score each fold with the epoch chosen on an inner validation fold (and, beside it, the same runs' last epochs); default: the last epoch",
     )
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0)

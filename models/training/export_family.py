@@ -42,7 +42,7 @@ from models.training.train_family import (
     member_configs,
 )
 
-VERSION = "0.7.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages; 0.7.0: DLR_BM and CLDLR from mask pretraining, DL-M keeps its last epoch
+VERSION = "0.7.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages; 0.7.0: DLR_BM and CLDLR from mask pretraining
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",
@@ -203,33 +203,30 @@ def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, lis
     return MemberMean([wrapper for wrapper, _, _ in built]), inputs, outputs
 
 
-def weight_choice(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
-    """Which weights were exported: best or last epoch, weight average (``--swa-epochs``), or each seed-ensemble member's."""
+def weight_choice(config: RunConfig) -> dict[str, Any]:
+    """Which weights were exported: best epoch, weight average (``--swa-epochs``), or each seed-ensemble member's."""
     members = member_configs(config)
-    keep_last = spec.keep_last_epoch
     if len(members) > 1:
-        chosen = [_single_weight_choice(Path(member.work), keep_last) for member in members]
-        scores = [float(torch.load(chosen_checkpoint(Path(m.work), keep_last), map_location="cpu", weights_only=False)["score"]) for m in members]
+        chosen = [_single_weight_choice(Path(member.work)) for member in members]
+        scores = [float(torch.load(chosen_checkpoint(Path(m.work)), map_location="cpu", weights_only=False)["score"]) for m in members]
         return {
             "ensemble": {
                 "members": len(members),
                 "seeds": [member.seed for member in members],
-                "best_epochs": [choice.get("best_epoch", choice.get("last_epoch")) for choice in chosen],
+                "best_epochs": [choice["best_epoch"] for choice in chosen],
                 "member_val_auc": scores,
                 "combination": "element-wise mean of the members' outputs (logits and maps), one ONNX graph",
             }
         }
-    return _single_weight_choice(Path(config.work), keep_last)
+    return _single_weight_choice(Path(config.work))
 
 
-def _single_weight_choice(work: Path, keep_last_epoch: bool) -> dict[str, Any]:
-    checkpoint = chosen_checkpoint(work, keep_last_epoch)
+def _single_weight_choice(work: Path) -> dict[str, Any]:
+    checkpoint = chosen_checkpoint(work)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if checkpoint.name == "swa.pt":
         epochs = [int(e) for e in state["epochs"]]
         return {"best_epoch": epochs[-1], "weight_average": {"epochs": epochs, "val_auc": float(state["score"]), "batch_norm": "recomputed on one epoch of training crops"}}
-    if checkpoint.name == "last.pt":
-        return {"last_epoch": int(state["epoch"])}
     return {"best_epoch": int(state["epoch"])}
 
 
@@ -341,7 +338,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "warm_epochs": config.warm_epochs or None,
             "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
             "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
-            **weight_choice(spec, config),
+            **weight_choice(config),
             **mupnet_cycles(spec, config),
             "initialisation": initialisation(config),
             "val_auc_as_served": served_val_auc,

@@ -204,7 +204,7 @@ class Checkpoints:
         return best, False
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float) -> float:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "score": score, "best": max(best, score)}
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": max(best, score)}
         torch.save(state, self.work / "last.tmp")
         (self.work / "last.tmp").replace(self.work / "last.pt")
         if score > best:

@@ -182,9 +182,6 @@ class FamilySpec:
     # ResNet-50s, which are 47.5 MB each in fp16 against a 150 MB budget for every bundled weight.
     int8_weights: bool = False
     ensemble: int = 1  # seed-ensemble members the recipe trains (RunConfig.ensemble)
-    # Export the last epoch of the fixed schedule instead of the best validation epoch: for a validation split too small
-    # to choose one (DL-M: 12 findings, 3 malignant; `breastai train crossval dl_m` measured both rules).
-    keep_last_epoch: bool = False
 
 
 def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -247,7 +244,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "dl_m": FamilySpec(
         "dl_m", "malignancy", ("mias",), lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=96, keep_last_epoch=True,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=96,
         notes="DL-UM mammography branch on mini-MIAS finding patches (circle around the listed centre and radius)",
     ),
     "mupnet": FamilySpec(
@@ -716,16 +713,16 @@ def finish_weight_average(
 def load_best(spec: FamilySpec, work: Path) -> nn.Module:
     """The family's network to export, in eval mode: the finished weight average if the run made one, else the best epoch."""
     model = spec.build()
-    model.load_state_dict(torch.load(chosen_checkpoint(work, spec.keep_last_epoch), map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(torch.load(chosen_checkpoint(work), map_location="cpu", weights_only=False)["model"])
     return model.eval()
 
 
-def chosen_checkpoint(work: Path, keep_last_epoch: bool = False) -> Path:
-    """``swa.pt`` once a ``--swa-epochs`` run has finished its average, else ``last.pt`` or ``best.pt`` (:attr:`FamilySpec.keep_last_epoch`)."""
+def chosen_checkpoint(work: Path) -> Path:
+    """``swa.pt`` once a ``--swa-epochs`` run has finished its average, else ``best.pt``."""
     swa = work / "swa.pt"
     if swa.is_file() and torch.load(swa, map_location="cpu", weights_only=False).get("final"):
         return swa
-    return work / ("last.pt" if keep_last_epoch else "best.pt")
+    return work / "best.pt"
 
 
 # --------------------------------------------------------------------------- finish stage

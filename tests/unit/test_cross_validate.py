@@ -56,11 +56,33 @@ def _synthetic_mias(root: Path, women: int = 16) -> Path:
     return root
 
 
-def test_cross_validation_scores_each_training_finding_once_with_a_network_that_never_saw_it(tmp_path: Path) -> None:
+def _recording(monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict[str, set[str]]], list[str]]:
+    """Record what each fold's run trained and validated on, and which checkpoint scored a fold."""
+    from models.training import cross_validate
+
+    runs: list[dict[str, set[str]]] = []
+    checkpoints: list[str] = []
+    train_network, trained_model = cross_validate.train_network, cross_validate.trained_model
+
+    def recording_train(spec, config, samples):  # type: ignore[no-untyped-def]
+        runs.append({split: {f"{s.record.dataset}/{s.record.image_id}" for s in part} for split, part in samples.items()})
+        train_network(spec, config, samples)
+
+    def recording_model(spec, work, checkpoint):  # type: ignore[no-untyped-def]
+        checkpoints.append(checkpoint)
+        return trained_model(spec, work, checkpoint)
+
+    monkeypatch.setattr(cross_validate, "train_network", recording_train)
+    monkeypatch.setattr(cross_validate, "trained_model", recording_model)
+    return runs, checkpoints
+
+
+def test_cross_validation_scores_each_training_finding_once_with_a_network_that_never_saw_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from models.training.train_family import FAMILIES, split_samples
 
     datasets = _synthetic_mias(tmp_path / "datasets")
     report_file = tmp_path / "dl_m.json"
+    runs, checkpoints = _recording(monkeypatch)
     options = ["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu"]
     main([*options, "--work", str(tmp_path / "work"), "--report", str(report_file)])
     report = json.loads(report_file.read_text())
@@ -68,21 +90,43 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
     pooled = {f"mias/{s.record.image_id}" for s in samples["train"] + samples["val"]}
     assert set(report["cases_by_key"]) == pooled and report["cases"] == len(pooled)
     assert not {f"mias/{s.record.image_id}" for s in samples["test"]} & set(report["cases_by_key"])
-    assert 0.0 <= report["auc"] <= 1.0 and report["auc_ci95"][0] <= report["auc"] <= report["auc_ci95"][1]
+    assert 0.0 <= report["auc"] <= 1.0 and 0.0 <= report["auc_ci95"][0] <= report["auc_ci95"][1] <= 1.0
     assert sorted({c["fold"] for c in report["cases_by_key"].values()}) == [0, 1, 2]
-    for fold in range(3):  # each fold's network trained without the findings it scored
+    assert len(runs) == 3 and checkpoints == ["last.pt"] * 3  # the last epoch scored each fold, never the epoch best on it
+    for fold, run in enumerate(runs):  # each fold's network trained without the findings it scored
+        held_out = {k for k, c in report["cases_by_key"].items() if c["fold"] == fold}
+        assert not run["train"] & held_out and run["train"] | held_out == pooled
         log = [json.loads(line) for line in (tmp_path / "work" / f"fold-{fold}" / "train.log").read_text().splitlines()]
         assert [entry["epoch"] for entry in log] == [0, 1]
         assert json.loads((tmp_path / "work" / f"fold-{fold}" / "config.json").read_text())["folds"] == 3
-    # the same recipe against itself: no difference
+    # the same recipe against itself: no difference; a report of other findings or labels is refused
     assert compare(report, report)["delta_auc"] == 0.0
+    relabelled = json.loads(json.dumps(report))
+    first = next(iter(relabelled["cases_by_key"].values()))
+    first["label"] = 1 - first["label"]
+    with pytest.raises(SystemExit, match="disagree"):
+        compare(report, relabelled)
     # a different recipe cannot resume in the same folder
     with pytest.raises(SystemExit, match="other settings"):
         main([*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")])
 
 
+def test_within_fold_auc_counts_only_pairs_inside_a_fold() -> None:
+    from models.training.cross_validate import within_fold_auc, within_fold_bootstrap
+
+    labels = np.array([1, 0, 1, 0, 0])
+    folds = np.array([0, 0, 1, 1, 1])
+    # fold 0 ranks its pair right (1 of 1); fold 1 ranks 1 of its 2 pairs right; fold 1's scores are all higher than
+    # fold 0's, so pooling would add cross-fold pairs: the within-fold AUC is (1 + 1) / 3
+    scores = np.array([0.2, 0.1, 0.8, 0.9, 0.7])
+    assert within_fold_auc(labels, scores, folds) == pytest.approx(2 / 3)
+    draws = within_fold_bootstrap(labels, [scores, scores], folds, ["a", "b", "c", "d", "e"], resamples=50)
+    assert draws.shape == (50, 2) and np.array_equal(draws[:, 0], draws[:, 1])
+    with pytest.raises(ValueError, match="both classes"):
+        within_fold_auc(np.array([1, 0]), np.array([0.5, 0.5]), np.array([0, 1]))
+
+
 def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from models.training import cross_validate
     from models.training.cross_validate import inner_split
 
     samples = [_sample(f"woman-{w}", int(w < 8), k) for w in range(20) for k in range(1 + w % 2)]
@@ -93,19 +137,14 @@ def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_pat
 
     datasets = _synthetic_mias(tmp_path / "datasets", women=20)
     report_file = tmp_path / "chosen.json"
-    seen: list[dict[str, set[str]]] = []
-    original = cross_validate.train_network
-
-    def recording(spec, config, samples):  # type: ignore[no-untyped-def]
-        seen.append({split: {f"{s.record.dataset}/{s.record.image_id}" for s in part} for split, part in samples.items()})
-        original(spec, config, samples)
-
-    monkeypatch.setattr(cross_validate, "train_network", recording)
+    seen, checkpoints = _recording(monkeypatch)
     main(["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu", "--choose-epoch",
           "--work", str(tmp_path / "work"), "--report", str(report_file)])
     report = json.loads(report_file.read_text())
     assert report["scored_with"].startswith("the epoch chosen on an inner validation fold")
-    assert len(seen) == 3
+    assert len(seen) == 3 and sorted(checkpoints) == ["best.pt"] * 3 + ["last.pt"] * 3  # both rules, on the same runs
+    same_runs = report["same_runs_last_epoch"]
+    assert same_runs["chosen_minus_last"]["delta_auc"] == pytest.approx(report["auc"] - same_runs["auc"])
     for fold, run in enumerate(seen):  # the epoch was chosen on lesions of other folds, never on the ones it scored
         held_out = {k for k, c in report["cases_by_key"].items() if c["fold"] == fold}
         assert held_out and run["val"] and not (run["val"] | run["train"]) & held_out
@@ -114,26 +153,6 @@ def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_pat
 
 def test_only_families_whose_score_is_the_network_are_cross_validated() -> None:
     assert CROSS_VALIDATED == ("dl_m", "dl_u")
-
-
-def test_dl_m_exports_the_last_epoch_of_its_schedule_and_its_card_says_so(tmp_path: Path) -> None:
-    import torch
-
-    from models.cards import _weights_chosen
-    from models.registry import read_manifest
-    from models.training import train_family
-
-    datasets = _synthetic_mias(tmp_path / "datasets", women=24)  # 24: the validation women include both classes
-    work, models = tmp_path / "work", tmp_path / "models"
-    train_family.main(["dl_m", "--datasets", str(datasets), "--work", str(work), "--output", str(models), "--epochs", "3", "--threads", "1", "--device", "cpu"])
-    training = read_manifest(models)["dl_m"].parameters["training"]
-    assert training["last_epoch"] == 2 and "best_epoch" not in training
-    assert _weights_chosen(training).startswith("the last epoch (2) of the fixed schedule")
-    last = torch.load(work / "last.pt", map_location="cpu", weights_only=False)
-    exported = train_family.load_best(train_family.FAMILIES["dl_m"], work)
-    assert all(torch.equal(exported.state_dict()[k], v) for k, v in last["model"].items())
-    # the families that choose on validation still do
-    assert train_family.chosen_checkpoint(work).name == "best.pt"
 
 
 def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_path: Path) -> None:
@@ -149,4 +168,4 @@ def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_pa
     records = read_cross_validation(tmp_path / "crossval")["dl_m"]
     assert [(r["scored_with"], r["auc"]) for r in records] == [("chosen epoch", 0.5), ("last epoch", 0.65)]
     section = "\n".join(_cross_validation_section(records))
-    assert "0.650 (0.500–0.700)" in section and "0.60, –, 0.70" in section and "73 findings" in section
+    assert "| 0.650 (0.500–0.700) | 0.60, –, 0.70, 0.50, 0.60 |" in section and "| 73 (33) |" in section
