@@ -7,6 +7,7 @@ an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -55,8 +56,10 @@ def training_device(requested: str) -> torch.device:
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device ``model``'s weights are on (inputs are sent there)."""
-    return next(model.parameters()).device
+    """The device ``model``'s weights (or buffers) are on, where inputs are sent; the CPU for a module that holds neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
