@@ -169,8 +169,10 @@ train-reference: train-venv
 	$(PY) -m models.training.train_reference refiner --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
 
-# The longest stages first, so that neither lane is left with a long one at the end.
-train-stages: train-lexicon $(addprefix train-,$(FAMILIES))
+# The longest stages first, so that neither lane is left with a long one at the end (DLR_BM with its pretraining is
+# the longest, then DLR_LH; the segmenter lane runs beside them).
+TRAIN_ORDER   := dlr_bm dlr_lh mupnet cldlr dl_u dl_m
+train-stages: train-lexicon $(addprefix train-,$(TRAIN_ORDER))
 ifdef IN_MAKE_TRAIN
 train-lexicon: train-reference
 endif
@@ -179,22 +181,24 @@ endif
 # ten times slower where it has neither (measured on an AMD EPYC without AVX-512), so it is on only where the CPU has them.
 TRAIN_FLAGS   ?= $(if $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes),--bf16,)
 
-$(addprefix train-,$(FAMILIES)): train-%: train-venv
-	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS) $(INIT_$*)
-
 # DLR_BM, CLDLR and MUP-Net start from mask pretraining of their own network (lesion outlines of the training split, no
 # labels); the pretraining resumes from its last.pt, so a finished one costs nothing when make runs it again.
 # Its epochs and batch size are the recipe's (REFERENCE_MASK_PRETRAINING in models/training/mask_pretraining.py).
+# A family and its pretraining are one job: as a separate prerequisite, a pretraining that ended let make -j hand the
+# free slot to a later, shorter family, so DLR_BM (the longest) started last (seen in the 2026-12-05 run).
 MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm cldlr mupnet)
 .PHONY: $(MASK_PRETRAINED)
 INIT_dlr_bm   := --init runs/pretrain-masks/dlr_bm/best.pt
 INIT_cldlr    := --init runs/pretrain-masks/cldlr/best.pt
 INIT_mupnet   := --init runs/pretrain-masks/mupnet/best.pt
-train-dlr_bm: pretrain-masks-dlr_bm
-train-cldlr: pretrain-masks-cldlr
-train-mupnet: pretrain-masks-mupnet
+pretrain_masks = $(VENV)/bin/breastai train pretrain $(1) --objective masks --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
+
+$(addprefix train-,$(FAMILIES)): train-%: train-venv
+	$(if $(filter pretrain-masks-$*,$(MASK_PRETRAINED)),$(call pretrain_masks,$*))
+	$(VENV)/bin/breastai train $* --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS) $(INIT_$*)
+
 $(MASK_PRETRAINED): pretrain-masks-%: train-venv
-	$(VENV)/bin/breastai train pretrain $* --objective masks --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
+	$(call pretrain_masks,$*)
 
 # External validation: train the consensus members without one dataset (DLR_BM, CLDLR and MUP-Net after their mask
 # pretraining, also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).

@@ -186,13 +186,19 @@ def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
     assert mask_pretraining_recipe("dlr_bm") == (20, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
     assert mask_pretraining_recipe("mupnet") == (20, 32)
     assert mask_pretraining_recipe("dl_u") == (20, 32)  # no reference recipe: the command's plain default
-    # make train-FAMILY pretrains exactly the families whose reference recipe has it, from their own checkpoint.
+    # make train-FAMILY pretrains exactly the families whose reference recipe has it, in the same job, then trains
+    # from their own checkpoint.
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     listed = next(line for line in makefile.splitlines() if line.startswith("MASK_PRETRAINED :="))
     assert listed.split(",", 1)[1].rstrip(")").split() == list(REFERENCE_MASK_PRETRAINING)
-    for family in REFERENCE_MASK_PRETRAINING:
-        assert f"train-{family}: pretrain-masks-{family}" in makefile
-        assert f"--init runs/pretrain-masks/{family}/best.pt" in makefile
+    for family in ("dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"):
+        plan = [line for line in _make_plan(f"train-{family}") if "breastai train" in line]
+        if family in REFERENCE_MASK_PRETRAINING:
+            assert plan[0].startswith(f".venv/bin/breastai train pretrain {family} --objective masks")
+            assert plan[1].startswith(f".venv/bin/breastai train {family} ") and f"--init runs/pretrain-masks/{family}/best.pt" in plan[1]
+            assert len(plan) == 2
+        else:
+            assert len(plan) == 1 and "--init" not in plan[0]
 
 
 def test_external_validation_refuses_pretrained_weights_that_saw_the_held_out_set(tmp_path: Path) -> None:
@@ -222,17 +228,22 @@ def test_evaluating_one_folder_does_not_score_the_mammograms_beside_it(tmp_path:
     assert json.loads((tmp_path / "mg" / "report.json").read_text())["families"]["dl_m"]["classification"]["all"]["n"] == 1
 
 
-def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
-    """make train's plan (make -n): two stages at a time, every one told its thread share, the lexicon after the export."""
+def _make_plan(*arguments: str) -> list[str]:
+    """What ``make -n ARGUMENTS`` would run, from the checkout's root, outside any make running this test."""
     import os
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
     environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    done = subprocess.run(["make", "-n", *arguments], cwd=root, env=environment, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.splitlines()
+
+
+def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
+    """make train's plan (make -n): two stages at a time, every one told its thread share, the lexicon after the export."""
 
     def plan(*variables: str) -> list[str]:
-        done = subprocess.run(["make", "-n", "train", *variables], cwd=root, env=environment, capture_output=True, text=True, timeout=120, check=True)
-        return done.stdout.splitlines()
+        return _make_plan("train", *variables)
 
     lines = plan("TRAIN_THREADS=1")
     assert any(line.startswith("make -j2 ") and "IN_MAKE_TRAIN=1" in line for line in lines)
@@ -243,4 +254,7 @@ def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
         assert any(f"breastai train {family} " in line for line in stages)
     order = [next(i for i, line in enumerate(lines) if needle in line) for needle in ("train_reference segmenter", "train_reference refiner", "models.training.export_reference", "breastai train lexicon", "breastai train consensus", "breastai evaluate")]
     assert order == sorted(order)
+    # the longest family (DLR_BM, with its pretraining) is the first the second lane takes
+    families = [line.split()[2] for line in lines if line.startswith(".venv/bin/breastai train ") and line.split()[2] not in ("lexicon", "consensus", "pretrain")]
+    assert families[0] == "dlr_bm" and sorted(families) == sorted(["dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"])
     assert any(line.startswith("make -j1 ") for line in plan("TRAIN_JOBS=1"))
