@@ -60,7 +60,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train train-reference train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -159,23 +159,28 @@ NPROC         := $(shell nproc 2>/dev/null || echo 2)
 TRAIN_THREADS ?= $(shell n=$$(( $(NPROC) / $(TRAIN_JOBS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
 train: train-venv
-	$(MAKE) -j$(TRAIN_JOBS) --no-print-directory IN_MAKE_TRAIN=1 THREAD_FLAGS='--threads $(TRAIN_THREADS)' train-stages
+	$(MAKE) -j$(TRAIN_JOBS) --no-print-directory THREAD_FLAGS='--threads $(TRAIN_THREADS)' train-stages
 	$(MAKE) train-consensus
 	$(MAKE) evaluate
 
-# The segmenter and its refiner, exported into models/weights (the lexicon reads their outlines).
-train-reference: train-venv
+# The segmenter and its refiner, exported into models/weights.
+define train_reference_commands
 	$(PY) -m models.training.train_reference segmenter --datasets $(DATASETS) $(THREAD_FLAGS)
 	$(PY) -m models.training.train_reference refiner --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
 	$(PY) -m models.training.export_reference --datasets $(DATASETS)
+endef
+train_lexicon_command = $(VENV)/bin/breastai train lexicon --datasets $(DATASETS)
+train-reference: train-venv
+	$(train_reference_commands)
 
-# The longest stages first, so that neither lane is left with a long one at the end (DLR_BM with its pretraining is
-# the longest, then DLR_LH; the segmenter lane runs beside them).
+# One job per lane stage, with no prerequisite between them: make -j passes over a target whose prerequisite is still
+# running and gives free slots to later ones, so a waiting target starts last (seen on 2026-12-05). The segmenter lane
+# is one job (the lexicon reads the new outlines); each family is one job with its mask pretraining; longest first.
 TRAIN_ORDER   := dlr_bm dlr_lh mupnet cldlr dl_u dl_m
-train-stages: train-lexicon $(addprefix train-,$(TRAIN_ORDER))
-ifdef IN_MAKE_TRAIN
-train-lexicon: train-reference
-endif
+train-stages: train-segmentation-lane $(addprefix train-,$(TRAIN_ORDER))
+train-segmentation-lane: train-venv
+	$(train_reference_commands)
+	$(train_lexicon_command)
 
 # bf16 autocast: about 1.6x faster where the CPU has AVX512-BF16 or AMX (the reference runs used it), but about
 # ten times slower where it has neither (measured on an AMD EPYC without AVX-512), so it is on only where the CPU has them.
@@ -208,7 +213,7 @@ external: train-venv
 
 # Lexicon descriptors read on the folder's own outlines: refit after the segmenter or refiner changed (scikit-learn, no torch).
 train-lexicon: train-venv
-	$(VENV)/bin/breastai train lexicon --datasets $(DATASETS)
+	$(train_lexicon_command)
 
 # Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
 train-consensus: venv

@@ -246,7 +246,7 @@ def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
         return _make_plan("train", *variables)
 
     lines = plan("TRAIN_THREADS=1")
-    assert any(line.startswith("make -j2 ") and "IN_MAKE_TRAIN=1" in line for line in lines)
+    assert any(line.startswith("make -j2 ") and line.endswith("train-stages") for line in lines)
     stages = [line for line in lines if "models.training.train_reference" in line or "breastai train" in line]
     trained = [line for line in stages if "breastai train lexicon" not in line and "breastai train consensus" not in line]
     assert trained and all(line.endswith("--threads 1") or "--threads 1 " in line for line in trained)
@@ -258,3 +258,55 @@ def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
     families = [line.split()[2] for line in lines if line.startswith(".venv/bin/breastai train ") and line.split()[2] not in ("lexicon", "consensus", "pretrain")]
     assert families[0] == "dlr_bm" and sorted(families) == sorted(["dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"])
     assert any(line.startswith("make -j1 ") for line in plan("TRAIN_JOBS=1"))
+
+
+STAND_IN_STAGE = """#!/bin/sh
+# stands in for a training stage: logs its start and end, and takes a time of the real stage's order
+case "$*" in
+  *"train_reference segmenter"*|*"train_reference refiner"*|*"pretrain dlr_bm"*) t=0.8;;
+  *"train dlr_bm"*) t=1.2;; *"train dlr_lh"*) t=1.0;; *"train mupnet"*) t=0.4;; *) t=0.2;;
+esac
+echo "START $*" >> "$STAGE_LOG"
+sleep $t
+echo "END $*" >> "$STAGE_LOG"
+"""
+
+
+def test_make_train_keeps_two_lanes_busy_longest_first(tmp_path: Path) -> None:
+    """make -j2 train-stages with stand-in stages: the real scheduling, not a dry run."""
+    import os
+    import subprocess
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    stage = venv / "bin" / "stage"
+    stage.write_text(STAND_IN_STAGE)
+    stage.chmod(0o755)
+    for name in ("breastai", "python"):
+        (venv / "bin" / name).symlink_to(stage)
+    (venv / ".stamp-serve").touch()
+    (venv / ".stamp-train").touch()  # newer than .stamp-serve and pyproject.toml: nothing to install
+    log = tmp_path / "stages.log"
+    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    subprocess.run(
+        ["make", "-j2", "--no-print-directory", f"VENV={venv}", "THREAD_FLAGS=--threads 1", "train-stages"],
+        cwd=Path(__file__).resolve().parents[2], env={**environment, "STAGE_LOG": str(log)}, capture_output=True, timeout=120, check=True,
+    )
+    events = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    starts = [what for event, what in events if event == "START"]
+    # the segmenter lane and the longest family begin together
+    first_two = starts[:2]
+    assert any("models.training.train_reference segmenter" in what for what in first_two)
+    assert any(what.startswith("train pretrain dlr_bm ") for what in first_two)
+    # the lexicon starts as soon as the export it reads has ended, in the same lane
+    export_end = events.index(["END", next(what for event, what in events if "export_reference" in what)])
+    assert events[export_end + 1][0] == "START" and events[export_end + 1][1].startswith("train lexicon")
+    # every family once, after its pretraining where it has one; never more than two stages at once
+    for family in ("dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"):
+        assert sum(what.startswith(f"train {family} ") for what in starts) == 1
+    for family in ("dlr_bm", "mupnet", "cldlr"):
+        assert starts.index(next(w for w in starts if w.startswith(f"train pretrain {family} "))) < starts.index(next(w for w in starts if w.startswith(f"train {family} ")))
+    running = 0
+    for event, _ in events:
+        running += 1 if event == "START" else -1
+        assert running <= 2
