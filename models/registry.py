@@ -138,13 +138,28 @@ def merge_into_manifest(
         rather than replaced by one that lists only ``changed``.
     """
     model_dir.mkdir(parents=True, exist_ok=True)
-    path = model_dir / MANIFEST_NAME
     with manifest_lock(model_dir):
-        entries = read_manifest(model_dir) if path.exists() else {}
-        pipelines = json.loads(path.read_text()).get("default_pipelines") if path.exists() else None
-        if update_pipelines is not None:
-            pipelines = update_pipelines({str(k): [str(r) for r in v] for k, v in (pipelines or {}).items()})
-        return write_manifest({**entries, **changed}, model_dir, pipelines)
+        return merge_while_locked(model_dir, changed, update_pipelines)
+
+
+def merge_while_locked(
+    model_dir: Path,
+    changed: dict[str, ModelEntry],
+    update_pipelines: Callable[[dict[str, list[str]]], dict[str, list[str]]] | None = None,
+) -> Path:
+    """:func:`merge_into_manifest` for a caller that already holds :func:`manifest_lock`.
+
+    A caller that must check the manifest and replace a model file as one
+    step (``compress_weights``) takes the lock itself; ``flock`` locks belong
+    to an open file, so taking it a second time in the same process would
+    wait for ever.
+    """
+    path = model_dir / MANIFEST_NAME
+    entries = read_manifest(model_dir) if path.exists() else {}
+    pipelines = json.loads(path.read_text()).get("default_pipelines") if path.exists() else None
+    if update_pipelines is not None:
+        pipelines = update_pipelines({str(k): [str(r) for r in v] for k, v in (pipelines or {}).items()})
+    return write_manifest({**entries, **changed}, model_dir, pipelines)
 
 
 def verified_path(entry: ModelEntry, model_dir: Path | None = None) -> Path:

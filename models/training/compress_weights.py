@@ -27,7 +27,7 @@ import onnx
 
 from models.evaluation import youden_threshold
 from models.families.onnx_export import int8_convolution_weights
-from models.registry import ModelEntry, merge_into_manifest, read_manifest, sha256_of
+from models.registry import ModelEntry, manifest_lock, merge_while_locked, read_manifest, sha256_of
 from models.training.export_family import _feeds, _positive, first_outputs, int8_storage
 from models.training.train_family import FAMILIES, split_samples, with_roi_padding
 
@@ -64,23 +64,30 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
         storage = int8_storage(count, labels, as_float, as_int8, f"the previous graph, sha256 {entry.sha256}")
         if not storage["accepted"]:
             raise CompressionRefused(f"{role}: int8 weights change what is served too much: {storage}")
-        candidate.replace(graph)
+        training = dict(parameters.get("training", {}))
+        training["val_auc_as_served"] = storage["val_auc_int8"]
+        updated = dataclasses.replace(
+            entry,
+            version=f"{entry.version}+int8",  # same network, different file: the SR's algorithm version must tell them apart
+            sha256=sha256_of(candidate),
+            parameters={
+                **parameters,
+                "operating_point": youden_threshold(labels, as_int8),
+                "weight_storage": storage,
+                "training": training,
+            },
+        )
+        # The check above took a while; an export may have replaced the graph
+        # meanwhile. Compare, replace and record under one lock, so a newer
+        # network is never overwritten by the compressed copy of an older one.
+        with manifest_lock(model_dir):
+            now = read_manifest(model_dir).get(role)
+            if now is None or now.sha256 != entry.sha256 or sha256_of(graph) != entry.sha256:
+                raise CompressionRefused(f"{role}: its graph was replaced while it was being checked; nothing was written, run the command again")
+            candidate.replace(graph)
+            merge_while_locked(model_dir, {role: updated})
     finally:
         candidate.unlink(missing_ok=True)
-    training = dict(parameters.get("training", {}))
-    training["val_auc_as_served"] = storage["val_auc_int8"]
-    updated = dataclasses.replace(
-        entry,
-        version=f"{entry.version}+int8",  # same network, different file: the SR's algorithm version must tell them apart
-        sha256=sha256_of(graph),
-        parameters={
-            **parameters,
-            "operating_point": youden_threshold(labels, as_int8),
-            "weight_storage": storage,
-            "training": training,
-        },
-    )
-    merge_into_manifest(model_dir, {role: updated})
     return updated
 
 

@@ -248,6 +248,34 @@ def test_compressing_a_bundled_graph_checks_it_on_validation_lesions(tiny_busbra
         compress_family("cldlr", models, tiny_busbra)
 
 
+def test_compressing_refuses_a_graph_an_export_replaced_meanwhile(tiny_busbra: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import models.training.compress_weights as compress_weights
+    from models.registry import BUNDLED_MODEL_DIR, merge_into_manifest, read_manifest, sha256_of, write_manifest
+
+    entry = read_manifest(BUNDLED_MODEL_DIR)["dl_u"]
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(BUNDLED_MODEL_DIR / entry.file, models)
+    write_manifest({"dl_u": entry}, models)
+    newer = (models / entry.file).read_bytes() + b"\n"  # stands in for a retrained network's graph
+    checked = compress_weights.int8_storage
+
+    def export_lands_during_the_check(*args: object, **kwargs: object) -> dict[str, object]:
+        # What a concurrent `breastai train dl_u` export does: new file, then its manifest entry.
+        (models / entry.file).write_bytes(newer)
+        merge_into_manifest(models, {"dl_u": dataclasses.replace(entry, version="9.9.9", sha256=sha256_of(models / entry.file))})
+        return checked(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compress_weights, "int8_storage", export_lands_during_the_check)
+    with pytest.raises(compress_weights.CompressionRefused, match="replaced while"):
+        compress_weights.compress_family("dl_u", models, tiny_busbra)
+    assert (models / entry.file).read_bytes() == newer
+    assert read_manifest(models)["dl_u"].version == "9.9.9"
+    assert not list(models.glob("*.int8-candidate"))
+
+
 def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Path, tmp_path: Path) -> None:
     from models.evaluate import evaluate
     from models.pipeline import SEGMENTATION_ROLES
