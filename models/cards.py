@@ -195,7 +195,7 @@ def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]
             difference = same_runs["chosen_minus_last"]
             notes.append(
                 f"Chosen epoch against the same runs' last epochs: ΔAUC {difference['delta_auc']:+.3f} "
-                f"({difference['delta_ci95'][0]:+.3f} to {difference['delta_ci95'][1]:+.3f}), p = {difference['p_value']:.2f} (paired patient bootstrap)."
+                f"({difference['delta_ci95'][0]:+.3f} to {difference['delta_ci95'][1]:+.3f}), {_bootstrap_p(difference)} (paired patient bootstrap)."
             )
         comparison = record.get("comparison")
         if comparison:
@@ -203,9 +203,17 @@ def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]
             notes.append(
                 f"{record['scored_with'].capitalize()} ({record.get('init', 'random')} start) against {against['scored_with']} ({against['init']} start), "
                 f"same {comparison['cases']} findings and folds: ΔAUC {comparison['delta_auc']:+.3f} "
-                f"({comparison['delta_ci95'][0]:+.3f} to {comparison['delta_ci95'][1]:+.3f}), p = {comparison['p_value']:.2f} (paired patient bootstrap)."
+                f"({comparison['delta_ci95'][0]:+.3f} to {comparison['delta_ci95'][1]:+.3f}), {_bootstrap_p(comparison)} (paired patient bootstrap)."
             )
     return lines + [line for note in notes for line in ("", note)]
+
+
+def _bootstrap_p(difference: Mapping[str, Any]) -> str:
+    """A bootstrap p-value as text: 0 means no resample crossed 0, which bounds p by 1 / resamples, not at 0."""
+    resamples = int(difference.get("resamples", 1000))  # records written before the count was kept used 1000
+    if difference["p_value"] == 0:
+        return f"p < {1 / resamples:.3g}"
+    return f"p = {difference['p_value']:.2f}"
 
 
 def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:

@@ -12,8 +12,13 @@ Each fold's network ranks only its own fold, so the headline AUC counts
 (positive, negative) pairs within a fold only (:func:`within_fold_auc`),
 with a 95 % interval from patient resamples drawn within each fold. The AUC
 of all out-of-fold scores pooled is reported too; it also compares the
-folds' networks' score levels, which no single served network has, and
-reads lower where those differ.
+folds' networks' score levels, which no single served network has, so it
+differs from the within-fold AUC (either way) where those levels differ.
+
+The intervals and paired tests resample patients and hold each fold's
+network fixed: they measure how the AUC varies with the findings, not with
+another training run of the recipe (a different seed), which comes on top
+when two recipes trained in separate runs are compared.
 
 ``--choose-epoch`` holds out an inner validation fold of each training part
 and scores with the epoch chosen on it (as the other families choose theirs
@@ -100,6 +105,42 @@ def inner_split(kept: list[LesionSample], folds: int) -> tuple[list[LesionSample
     return [s for s, f in zip(kept, inner) if f != 0], [s for s, f in zip(kept, inner) if f == 0]
 
 
+def findings_fingerprint(train: list[LesionSample], validation: list[LesionSample]) -> str:
+    """sha256 of which findings a fold's run trains and validates on, so a resumed run is known to be the same one."""
+    body = json.dumps({"train": sorted(map(case_key, train)), "val": sorted(map(case_key, validation))})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def fold_plans(
+    pooled: list[LesionSample], assignment: list[int], folds: int, choose_epoch: bool
+) -> list[tuple[list[LesionSample], list[LesionSample], list[LesionSample]]]:
+    """(training, validation, held-out) lesions of each fold's run, checked before any of them trains.
+
+    The run's validation set (the held-out fold itself, or with
+    ``choose_epoch`` an inner fold of the training part) is scored every
+    epoch, which needs both classes; without this check a fold short of one
+    class would stop the command after the folds before it had trained.
+
+    Raises
+    ------
+    ValueError
+        A validation set holds one class only (fewer patients of a class than folds).
+    """
+    plans = []
+    for fold in range(folds):
+        kept = [s for s, f in zip(pooled, assignment) if f != fold]
+        held_out = [s for s, f in zip(pooled, assignment) if f == fold]
+        train, validation = inner_split(kept, folds) if choose_epoch else (kept, held_out)
+        if len({s.label for s in validation}) < 2:
+            which = "the inner validation fold of fold" if choose_epoch else "fold"
+            raise ValueError(
+                f"{which} {fold} holds one class only ({len(validation)} findings): "
+                f"fewer than {folds} patients of a class; use fewer --folds"
+            )
+        plans.append((train, validation, held_out))
+    return plans
+
+
 def within_fold_auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> float:
     """AUC over the (positive, negative) pairs of one fold each, pooled over folds.
 
@@ -121,6 +162,10 @@ def within_fold_auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float6
     return concordant / pairs
 
 
+#: Draws allowed per kept resample before giving up (a draw without a fold holding both classes is drawn again).
+MAX_DRAWS_PER_RESAMPLE = 20
+
+
 def within_fold_bootstrap(
     labels: npt.NDArray[np.int64], score_sets: list[npt.NDArray[np.float64]], folds: npt.NDArray[np.int64], patients: list[str], resamples: int = 1000, seed: int = 0
 ) -> npt.NDArray[np.float64]:
@@ -130,6 +175,7 @@ def within_fold_bootstrap(
     own; every score set is measured on the same draw, so differences
     between them are paired. Returns shape (resamples, len(score_sets)).
     """
+    within_fold_auc(labels, score_sets[0], folds)  # raises at once where no draw could ever hold a pair
     rng = np.random.default_rng(seed)
     members: list[list[npt.NDArray[np.int64]]] = []
     for fold in np.unique(folds):
@@ -138,8 +184,11 @@ def within_fold_bootstrap(
             by_patient[patients[position]].append(int(position))
         members.append([np.asarray(v) for v in by_patient.values()])
     values = np.empty((resamples, len(score_sets)))
-    drawn = 0
+    drawn = attempts = 0
     while drawn < resamples:
+        attempts += 1
+        if attempts > MAX_DRAWS_PER_RESAMPLE * resamples:
+            raise ValueError(f"only {drawn} of {attempts} patient resamples held a fold with both classes: too few pairs to bootstrap")
         draw = np.concatenate([np.concatenate([group[k] for k in rng.integers(0, len(group), len(group))]) for group in members])
         try:
             values[drawn] = [within_fold_auc(labels[draw], scores[draw], folds[draw]) for scores in score_sets]
@@ -155,9 +204,15 @@ def _interval(values: npt.NDArray[np.float64]) -> list[float]:
 
 
 def _paired_difference(difference: float, draws: npt.NDArray[np.float64]) -> dict[str, Any]:
-    """Difference of two within-fold AUCs, its paired-bootstrap interval and two-sided p (the share of draws across 0, doubled)."""
+    """Difference of two within-fold AUCs, its paired-bootstrap interval and two-sided p (the share of draws across 0, doubled).
+
+    No difference at all gives p = 1. A p of 0 means no draw crossed 0: it
+    is below 1 / len(draws), not zero, and the cards print it so.
+    """
+    if difference == 0:
+        return {"delta_auc": 0.0, "delta_ci95": _interval(draws), "p_value": 1.0, "resamples": len(draws)}
     share = float(np.mean(draws <= 0)) if difference > 0 else float(np.mean(draws >= 0))
-    return {"delta_auc": difference, "delta_ci95": _interval(draws), "p_value": min(1.0, 2 * share)}
+    return {"delta_auc": difference, "delta_ci95": _interval(draws), "p_value": min(1.0, 2 * share), "resamples": len(draws)}
 
 
 def _fold_aucs(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> list[float | None]:
@@ -179,15 +234,14 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
     out-of-fold scores is reported beside it.
     """
     assignment = patient_folds(pooled, folds)
+    plans = fold_plans(pooled, assignment, folds, choose_epoch)
     chosen: dict[str, float] = {}
     last: dict[str, float] = {}
-    for fold in range(folds):
-        kept = [s for s, f in zip(pooled, assignment) if f != fold]
-        held_out = [s for s, f in zip(pooled, assignment) if f == fold]
-        train, validation = inner_split(kept, folds) if choose_epoch else (kept, held_out)
+    for fold, (train, validation, held_out) in enumerate(plans):
         run = replace(config, work=str(Path(config.work) / f"fold-{fold}"), part=f"{config.part}-fold-{fold}")
-        settings = {**asdict(run), "folds": folds, "choose_epoch": choose_epoch}
-        check_resumable(Path(run.work), settings, (*RUN_DEFINING, "epochs", "folds", "choose_epoch"))
+        settings = {**asdict(run), "folds": folds, "choose_epoch": choose_epoch, "findings": findings_fingerprint(train, validation)}
+        # "findings": a finished fold trained on other data (another --datasets, new near-duplicates) must not be reused.
+        check_resumable(Path(run.work), settings, (*RUN_DEFINING, "epochs", "folds", "choose_epoch", "findings"))
         Path(run.work).mkdir(parents=True, exist_ok=True)
         (Path(run.work) / "config.json").write_text(json.dumps(settings, indent=2))
         seed_everything(run.seed)
@@ -283,12 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--work", default=None, help="checkpoint folder, one fold-K run inside (default runs/crossval/FAMILY[-init])")
     parser.add_argument("--report", required=True, help="where the JSON report (out-of-fold scores included) is written")
-    parser.add_argument("--against", help="an earlier report of the same family: compare on the same findings (DeLong)")
+    parser.add_argument("--against", help="an earlier report of the same family: compare on the same findings (paired patient bootstrap of the within-fold AUC difference)")
     parser.add_argument(
         "--record", help="also keep the summary (no per-finding scores) in this JSON list, replacing one of the same recipe: "
         "models/cards/crossval/FAMILY.json is what the family's model card shows",
     )
-    parser.add_argument("--epochs", type=int, help="default: the recipe's")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--init", default="", help="start every fold from this checkpoint (default: random weights)")
     parser.add_argument(
         "--choose-epoch", action="store_true",
@@ -299,6 +353,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    # Read before hours of training, so a missing or malformed file is found now.
+    against = json.loads(Path(args.against).read_text()) if args.against else None
+    if against is not None and against.get("family") != args.family:
+        parser.error(f"--against {args.against} is a {against.get('family')} report, not {args.family}")
     spec = FAMILIES[args.family]
     suffix = ("-init" if args.init else "") + ("-chosen-epoch" if args.choose_epoch else "")
     config = RunConfig(
@@ -307,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         datasets=args.datasets,
         work=args.work or f"runs/crossval/{spec.name}{suffix}",
         holdout="",
-        epochs=args.epochs or spec.epochs,
+        epochs=spec.epochs if args.epochs is None else args.epochs,
         batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
         input_size=spec.input_size,
@@ -328,10 +388,11 @@ def main(argv: list[str] | None = None) -> None:
         report = cross_validate(spec, config, pooled, args.folds, args.choose_epoch)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.against:
-        report["comparison"] = compare(report, json.loads(Path(args.against).read_text()))
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # kept even if the comparison below refuses
+    if against is not None:
+        report["comparison"] = compare(report, against)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: v for k, v in report.items() if k != "cases_by_key"}
     if args.record:
         record_summary(Path(args.record), summary)

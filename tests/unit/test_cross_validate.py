@@ -109,6 +109,17 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
     # a different recipe cannot resume in the same folder
     with pytest.raises(SystemExit, match="other settings"):
         main([*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")])
+    # nor the same recipe on other findings: a finished fold may have trained on what is now held out
+    assert "findings" in json.loads((tmp_path / "work" / "fold-0" / "config.json").read_text())
+    labels_csv = datasets / "mias" / "labels.csv"
+    header, _dropped, *rest = labels_csv.read_text().splitlines(keepends=True)
+    labels_csv.write_text(header + "".join(rest))  # one image fewer (and every later finding's key moves)
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*options, "--work", str(tmp_path / "work"), "--report", str(tmp_path / "fewer.json")])
+    # an --against file that is not there is found before any training
+    with pytest.raises(FileNotFoundError):
+        main([*options, "--work", str(tmp_path / "fresh"), "--report", str(tmp_path / "x.json"), "--against", str(tmp_path / "missing.json")])
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_within_fold_auc_counts_only_pairs_inside_a_fold() -> None:
@@ -169,3 +180,66 @@ def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_pa
     assert [(r["scored_with"], r["auc"]) for r in records] == [("chosen epoch", 0.5), ("last epoch", 0.65)]
     section = "\n".join(_cross_validation_section(records))
     assert "| 0.650 (0.500–0.700) | 0.60, –, 0.70, 0.50, 0.60 |" in section and "| 73 (33) |" in section
+
+
+def test_the_bootstrap_draws_a_patients_findings_together_and_keeps_each_folds_size() -> None:
+    from models.training.cross_validate import within_fold_bootstrap
+
+    # Patient "p" has three findings in fold 0; every other patient one. Findings of one patient carry equal scores
+    # and labels here, so each draw's AUC is a function of which patients it drew; with findings drawn one at a time,
+    # p's three would come in counts other than 0, 3, 6, ... and the fold sizes would vary.
+    labels = np.array([1, 1, 1, 0, 0, 1, 0, 0, 1, 0])
+    folds = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    patients = ["p", "p", "p", "q", "r", "s", "t", "u", "v", "w"]
+    rng = np.random.default_rng(3)
+    scores = rng.random(10)
+    scores[:3] = scores[0]
+    drawn: list[np.ndarray] = []
+    import models.training.cross_validate as cross_validate
+
+    real = cross_validate.within_fold_auc
+
+    def watching(labels_: np.ndarray, scores_: np.ndarray, folds_: np.ndarray) -> float:
+        drawn.append(folds_.copy())
+        return real(labels_, scores_, folds_)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cross_validate, "within_fold_auc", watching)
+    try:
+        values = within_fold_bootstrap(labels, [scores], folds, patients, resamples=200)
+    finally:
+        monkeypatch.undo()
+    assert values.shape == (200, 1)
+    resampled = drawn[1:]  # the first call is the up-front check on the data as it is
+    # fold 0 has three patients (p, q, r): p brings 3 findings, q and r one each, so its size is 3 patients' worth
+    sizes = {int((f == 0).sum()) for f in resampled}
+    assert sizes <= {3, 5, 7, 9} and len(sizes) > 1
+    assert {int((f == 1).sum()) for f in resampled} == {5}
+    with pytest.raises(ValueError, match="both classes"):
+        within_fold_bootstrap(np.array([1, 0]), [np.array([0.2, 0.1])], np.array([0, 1]), ["a", "b"], resamples=5)
+
+
+def test_paired_difference_p_value_counts_draws_on_the_far_side_of_zero() -> None:
+    from models.cards import _bootstrap_p
+    from models.training.cross_validate import _paired_difference
+
+    draws = np.array([-0.01] * 10 + [0.05] * 90)
+    above = _paired_difference(0.04, draws)
+    assert above["p_value"] == pytest.approx(0.2) and above["resamples"] == 100
+    below = _paired_difference(-0.04, -draws)
+    assert below["p_value"] == pytest.approx(0.2)
+    assert _paired_difference(0.0, draws)["p_value"] == 1.0
+    never = _paired_difference(0.05, np.full(1000, 0.05))
+    assert never["p_value"] == 0.0 and _bootstrap_p(never) == "p < 0.001"
+    assert _bootstrap_p(above) == "p = 0.20"
+
+
+def test_a_fold_short_of_one_class_stops_before_any_training() -> None:
+    from models.training.cross_validate import fold_plans, patient_folds
+
+    # two malignant patients cannot give each of three folds a malignant finding
+    samples = [_sample(f"woman-{w}", int(w < 2), 0) for w in range(9)]
+    with pytest.raises(ValueError, match="fold 0 holds one class only"):
+        fold_plans(samples, patient_folds(samples, 3), 3, choose_epoch=False)
+    plans = fold_plans(samples, patient_folds(samples, 2), 2, choose_epoch=False)
+    assert [len(p[2]) for p in plans] == [5, 4]
