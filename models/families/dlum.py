@@ -144,7 +144,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
 
 def branch_loss(block_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Deep supervision: focal loss summed over the five block heads."""
-    return sum((focal_loss(block_logits[:, k], targets) for k in range(block_logits.shape[1])), torch.zeros(()))
+    return sum((focal_loss(block_logits[:, k], targets) for k in range(block_logits.shape[1])), block_logits.new_zeros((), dtype=torch.float32))  # on the logits' device; float32 as before, so bf16 heads still sum in float32
 
 
 def dlum_loss(fused_logit: torch.Tensor, us_logits: torch.Tensor, mg_logits: torch.Tensor, targets: torch.Tensor, consistency_weight: float = 1.0) -> torch.Tensor:

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -63,7 +64,16 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on ``device`` when ``enabled`` (``--bf16``); weights and optimiser state stay fp32."""
+    """bfloat16 autocast on ``device`` when ``enabled`` (``--bf16``); weights and optimiser state stay fp32.
+
+    Raises
+    ------
+    SystemExit
+        ``enabled`` on a GPU without native bfloat16 (before Ampere): torch
+        would emulate it, many times slower than float32, without a word.
+    """
+    if enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise SystemExit(f"--bf16: {torch.cuda.get_device_name(device)} has no native bfloat16; train without --bf16 on it")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -174,7 +184,14 @@ def check_resumable(work: Path, settings: dict[str, object], defining: tuple[str
 
 
 class Checkpoints:
-    """Resume-able training state in ``work``: last.pt every epoch, best.pt on improvement."""
+    """Resume-able training state in ``work``: last.pt every epoch, best.pt on improvement.
+
+    ``companions`` are modules trained beside the network but not part of
+    what ``best.pt`` exports (a mask decoder, a projection head, auxiliary
+    heads): their weights go into ``last.pt`` with the network's and the
+    optimiser's, in one file, so a resumed run never pairs optimiser state
+    with weights from another epoch or with freshly initialised heads.
+    """
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -185,20 +202,58 @@ class Checkpoints:
             handle.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    def resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        companions: Mapping[str, nn.Module] | None = None,
+        legacy_files: Mapping[str, str] | None = None,
+    ) -> tuple[int, float]:
+        """Load ``last.pt`` into ``model``, ``optimizer`` and ``companions``; (first epoch to run, best score so far).
+
+        ``legacy_files`` names, per companion, the file in ``work`` where
+        earlier versions kept its weights beside ``last.pt``; it is read
+        where ``last.pt`` has none, so their runs still resume.
+
+        Raises
+        ------
+        SystemExit
+            ``last.pt`` lacks a companion's weights (written by a version that
+            did not keep them): resuming would train it from random weights
+            with the optimiser state of trained ones.
+        """
         last = self.work / "last.pt"
         if not last.is_file():
             return 0, -1.0
         state = torch.load(last, map_location="cpu", weights_only=False)
+        saved = dict(state.get("companions", {}))
+        for name, file in (legacy_files or {}).items():
+            if name not in saved and (self.work / file).is_file():
+                saved[name] = torch.load(self.work / file, map_location="cpu", weights_only=True)
+        missing = sorted(set(companions or {}) - set(saved))
+        if missing:
+            raise SystemExit(f"{last} holds no weights for {', '.join(missing)}; remove {self.work} to start this run afresh")
         model.load_state_dict(state["model"])
+        for name, module in (companions or {}).items():
+            module.load_state_dict(saved[name])
         optimizer.load_state_dict(state["optimizer"])
         return int(state["epoch"]) + 1, float(state["best"])
 
     def end_epoch(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], metric: str, score: float, best: float, began: float, config: RunLimits
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        losses: list[float],
+        metric: str,
+        score: float,
+        best: float,
+        began: float,
+        config: RunLimits,
+        companions: Mapping[str, nn.Module] | None = None,
     ) -> tuple[float, bool]:
         """Checkpoint, log one JSON line, and say whether the time budget is spent."""
-        best = self.save(model, optimizer, epoch, score, best)
+        best = self.save(model, optimizer, epoch, score, best, companions)
         minutes = (time.monotonic() - began) / 60
         self.log({"part": config.part, "epoch": epoch, "loss": float(np.mean(losses)), metric: score, "best": best, "minutes": minutes})
         if minutes > config.max_minutes:
@@ -206,8 +261,16 @@ class Checkpoints:
             return best, True
         return best, False
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float) -> float:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": max(best, score)}
+    def save(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float, companions: Mapping[str, nn.Module] | None = None
+    ) -> float:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "best": max(best, score),
+            "companions": {name: module.state_dict() for name, module in (companions or {}).items()},
+        }
         torch.save(state, self.work / "last.tmp")
         (self.work / "last.tmp").replace(self.work / "last.pt")
         if score > best:

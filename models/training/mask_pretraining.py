@@ -50,7 +50,8 @@ from models.training.pretrain import PretrainConfig, PretrainImage, anchor_regio
 from models.training.train_family import FamilySpec
 
 Tensor = torch.Tensor
-DECODER_FILE = "mask_decoder.pt"
+#: Where runs before the decoder went into last.pt kept it (read on resume only).
+LEGACY_DECODER_FILE = "mask_decoder.pt"
 # The reference recipes that start from mask pretraining, and its epochs for each (chosen on validation AUC as served;
 # README "What changed in 0.7.0"). `make train-FAMILY` and `breastai train external` both read them from here.
 REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 20, "cldlr": 10, "mupnet": 20}
@@ -208,10 +209,8 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     work = Path(config.work)
     checkpoints = Checkpoints(work)
-    start, best = checkpoints.resume(model.network, optimizer)
-    decoder_file = work / DECODER_FILE
-    if start and decoder_file.is_file():
-        model.decoder.load_state_dict(torch.load(decoder_file, map_location="cpu", weights_only=True))
+    companions = {"decoder": model.decoder}
+    start, best = checkpoints.resume(model.network, optimizer, companions, legacy_files={"decoder": LEGACY_DECODER_FILE})
     windows = validation_windows(validation, spec, config.input_size)
     rng = np.random.default_rng(config.seed + start)
     steps_per_epoch = max(1, len(images) // config.batch_size)
@@ -228,7 +227,6 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
             with mixed_precision(device, config.bf16):
                 logits = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits.float(), target)))
-        torch.save(model.decoder.state_dict(), decoder_file)
-        best, stop = checkpoints.end_epoch(model.network, optimizer, epoch, losses, "val_dice", mean_dice(model, windows), best, began, config)
+        best, stop = checkpoints.end_epoch(model.network, optimizer, epoch, losses, "val_dice", mean_dice(model, windows), best, began, config, companions)
         if stop:
             break

@@ -186,10 +186,9 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
     parameters = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
     checkpoints = Checkpoints(Path(config.work))
-    start, best = checkpoints.resume(model, optimizer)
-    head_file = Path(config.work) / "projection.pt"
-    if start and head_file.is_file():
-        head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    companions = {"projection_head": head}
+    # Runs before the head went into last.pt kept it in projection.pt.
+    start, best = checkpoints.resume(model, optimizer, companions, legacy_files={"projection_head": "projection.pt"})
     rng = np.random.default_rng(config.seed + start)
     steps_per_epoch = max(1, len(images) // config.batch_size)
     began = time.monotonic()
@@ -207,9 +206,8 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
                 projected = head(model(torch.cat([first, second]))[1])
             left, right = projected.float().chunk(2)
             losses.append(optimise_step(optimizer, loss_fn(left, right)))
-        torch.save(head.state_dict(), head_file)
         score = linear_probe_auc(spec, model, probe["train"], probe["val"], config.input_size)
-        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "probe_val_auc", score, best, began, config)
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "probe_val_auc", score, best, began, config, companions)
         if stop:
             break
 

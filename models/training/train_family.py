@@ -513,7 +513,7 @@ def recompute_batch_norm(spec: FamilySpec, model: nn.Module, batches: Sequence[T
         m.momentum = None  # cumulative mean over the batches
     model.train()
     for x in batches:
-        spec.positive_probability(model, x)
+        spec.positive_probability(model, x.to(device_of(model)))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -662,7 +662,8 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])  # per-group rates keep their ratios under the schedule
     checkpoints = Checkpoints(Path(config.work))
-    start, best = checkpoints.resume(model, optimizer)
+    heads = {name: head for name, head in (("shape_head", shape_head), ("birads_head", birads_head)) if head is not None}
+    start, best = checkpoints.resume(model, optimizer, heads)
     average = WeightAverage(Path(config.work)) if config.swa_epochs > 0 else None
     rng = np.random.default_rng(config.seed + start)
     sampler = BalancedBatches(spec, train, config)
@@ -686,7 +687,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
         if average is not None and epoch >= config.epochs - config.swa_epochs:
             average.add(model, epoch)
-        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config)
+        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, "val_auc", score, best, began, config, heads)
         if stop:
             break
     if average is not None and average.epochs and average.epochs[-1] == config.epochs - 1:
@@ -697,7 +698,7 @@ def finish_weight_average(
     spec: FamilySpec, config: RunConfig, train: list[LesionSample], val: list[LesionSample], average: WeightAverage, rng: np.random.Generator
 ) -> None:
     """Load the averaged weights, recompute batch-norm statistics on one epoch of training crops, score and save."""
-    model = spec.build()
+    model = spec.build().to(training_device(config.device))  # one epoch of forward passes and the validation scores: on the GPU where there is one
     model.load_state_dict(average.mean)
     batches = [
         torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in rng.choice(len(train), size=config.batch_size)]))
@@ -705,7 +706,7 @@ def finish_weight_average(
     ]
     recompute_batch_norm(spec, model, batches)
     score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))
-    average.mean = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    average.mean = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # the mean is kept on the CPU
     average.save(score=score, final=True)
     Checkpoints(Path(config.work)).log({"part": config.part, "swa_epochs": average.epochs, "val_auc": score})
 

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int
     threads: int
     max_minutes: float
-    bf16: bool  # CPU autocast: about 1.6x faster on processors with AVX512-BF16/AMX, weights stay fp32
+    bf16: bool  # bfloat16 autocast on the training device (CPU: about 1.6x faster with AVX512-BF16/AMX; a GPU needs native bf16), weights stay fp32
     # auto: a CUDA GPU where torch sees one, else the CPU (loop.training_device); keyword-only so subclasses may add fields
     device: str = field(default="auto", kw_only=True)
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes (about 1.6x faster on CPUs with AVX512-BF16; the refiner was trained with it)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes on the training device (about 1.6x faster on CPUs with AVX512-BF16; on a GPU, one with native bf16; the refiner was trained with it)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints and the export stay device-independent")
     args = parser.parse_args(argv)
     defaults = DEFAULTS[args.part]

@@ -351,7 +351,8 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     assert json.loads((work / "config.json").read_text())["objective"] == "masks"
     pretrained = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
     assert set(pretrained) == set(train_family.FAMILIES["dlr_bm"].build().state_dict())  # the decoder is not part of the network
-    assert (work / "mask_decoder.pt").is_file()
+    decoder = torch.load(work / "last.pt", map_location="cpu", weights_only=False)["companions"]["decoder"]
+    assert decoder and not set(decoder) & set(pretrained)  # kept for resuming, in the same file as the network's epoch
 
     # Resuming after the last epoch trains nothing more and keeps the log as it was.
     pretrain.main(

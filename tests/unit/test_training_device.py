@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -37,6 +38,40 @@ def test_mixed_precision_is_bf16_autocast_on_the_device_only_when_asked() -> Non
         assert layer(x).dtype == torch.float32
 
 
+def test_bf16_on_a_gpu_without_native_bf16_stops_instead_of_emulating(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(SystemExit, match="V100.*no native bfloat16"):
+        mixed_precision(torch.device("cuda"), True)
+    assert not mixed_precision(torch.device("cuda"), False)._enabled  # float32 there is fine
+
+
+def _saved_on(checkpoint: Path, key: str = "model") -> list[str]:
+    """Where torch saved each tensor of ``checkpoint[key]`` from ("cpu", "cuda:0"); loading itself happens on the CPU."""
+    locations: list[str] = []
+    torch.load(checkpoint, map_location=lambda storage, location: locations.append(location) or storage, weights_only=False)[key]
+    return locations
+
+
+@pytest.mark.parametrize("family", ["dl_u", "dlr_bm", "mupnet", "cldlr"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_each_family_loss_and_step_run_on_the_device_without_the_datasets(device: str, family: str) -> None:
+    """A check that needs no data folder, so a GPU machine without one still runs it: every constant a loss builds must be on the inputs' device."""
+    from models.training.loop import optimise_step
+    from models.training.train_family import FAMILIES
+
+    spec = FAMILIES[family]
+    model = spec.build().to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 1, spec.input_size, spec.input_size, device=device)
+    y = torch.tensor([0, 1, 0, 1], device=device)
+    native_bf16 = device == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
+    with mixed_precision(torch.device(device), native_bf16):
+        loss = spec.loss(model, x, y)
+    assert loss.device.type == device and np.isfinite(optimise_step(optimizer, loss.float()))
+    assert all(p.device.type == device for p in model.parameters())
+
+
 def _tiny_busbra(root: Path) -> Path:
     """Ten real BUS-BRA lesions, both classes in every split; training ones MUP-Net may project onto (BI-RADS 2/3 benign, 5 malignant)."""
     if not (development_datasets() / "busbra" / "labels.csv").is_file():
@@ -59,13 +94,14 @@ def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, famil
     )
     assert json.loads((work / "config.json").read_text())["device"] == device
     # the weights were trained on the device (where torch saved them from), and load on the CPU, where the export ran
-    saved_on: list[str] = []
-    state = torch.load(work / "best.pt", map_location=lambda storage, location: saved_on.append(location) or storage, weights_only=False)["model"]
+    saved_on = _saved_on(work / "best.pt")
     assert saved_on and all(location.startswith(device) for location in saved_on)
+    state = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
     assert all(t.device.type == "cpu" for t in state.values())
     assert read_manifest(models)[family].parameters["max_abs_diff_fp32"] < 1e-3
     if family == "mupnet":  # the projection and last-layer cycles ran too, on the same device
-        assert (work / "projected.pt").is_file() and json.loads((work / "finish.json").read_text())["cycles"]
+        assert json.loads((work / "finish.json").read_text())["cycles"]
+        assert all(location.startswith(device) for location in _saved_on(work / "projected.pt"))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -77,6 +113,8 @@ def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp
                    "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"])
     assert json.loads((tmp_path / "masks" / "config.json").read_text())["device"] == device
     assert 0.0 <= json.loads((tmp_path / "masks" / "train.log").read_text().splitlines()[0])["val_dice"] <= 1.0
+    assert all(location.startswith(device) for location in _saved_on(tmp_path / "masks" / "last.pt"))
     train_reference.main(["segmenter", "--datasets", str(datasets), "--work", str(tmp_path / "segmenter"), "--device", device,
                           "--epochs", "1", "--batch-size", "4", "--input-size", "64", "--threads", "1"])
     assert 0.0 <= json.loads((tmp_path / "segmenter" / "train.log").read_text().splitlines()[0])["val_dice_lesion_images"] <= 1.0
+    assert all(location.startswith(device) for location in _saved_on(tmp_path / "segmenter" / "last.pt"))
