@@ -29,6 +29,8 @@ flushed and fsynced, renamed into place and the directory fsynced before
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +39,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,6 +84,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Held locked (``flock``) by the process that owns a ``tmp/`` folder, so others can tell a live idle one from a dead one.
+ALIVE_LOCK = ".alive"
+
+
+def _close_all(descriptors: list[int]) -> None:
+    while descriptors:
+        os.close(descriptors.pop())
+
+
+def _locked_by_a_live_process(folder: Path) -> bool:
+    """Whether some process holds the ``flock`` on ``folder/.alive`` (a folder without one, from before the lock, is not)."""
+    try:
+        descriptor = os.open(folder / ALIVE_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(descriptor)  # closing also releases the lock this call may have taken
+    return False
+
+
 def _write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync dir."""
     tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.tmp"
@@ -123,32 +152,59 @@ class Spool:
         # worker or listener that starts (and cleans up after its own crashed
         # predecessor) never deletes another live process's half-written file.
         self._tmp_root = self.root / "tmp"
-        self.tmp_dir = self._tmp_root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._own_tmp = self._tmp_root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.incoming_dir = self.root / "incoming"
         self.studies_dir = self.root / "studies"
         self.dead_dir = self.root / "dead"
-        for directory in (self.tmp_dir, self.incoming_dir, self.studies_dir, self.dead_dir):
+        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
+        weakref.finalize(self, _close_all, self._alive_descriptor)
+        _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
         self._clean_tmp()
 
-    def _clean_tmp(self, stale_after_s: float = 24 * 3600.0) -> None:
-        """Remove temporary folders of processes that are long gone.
+    @property
+    def tmp_dir(self) -> Path:
+        """This process's temporary folder, made again (and locked again) if something removed it.
 
-        Only folders untouched for ``stale_after_s`` go: a folder that old
-        belongs to a dead process (a live one renames its files away within
-        seconds), whichever host or PID it came from.
+        Files are written here, fsynced, then renamed into place. Another
+        process's clean-up, an operator or a tmp reaper may remove the
+        folder while this process is idle; without remaking it every
+        C-STORE would fail until a restart.
+        """
+        if not self._own_tmp.is_dir():
+            self._own_tmp.mkdir(parents=True, exist_ok=True)
+            self._hold_alive_lock()
+        return self._own_tmp
+
+    def _hold_alive_lock(self) -> None:
+        """Hold an exclusive ``flock`` on ``tmp_dir/.alive`` for as long as this spool lives (see :meth:`_clean_tmp`)."""
+        _close_all(self._alive_descriptor)
+        descriptor = os.open(self._own_tmp / ALIVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._alive_descriptor.append(descriptor)
+
+    def _clean_tmp(self, stale_after_s: float = 24 * 3600.0) -> None:
+        """Remove temporary folders of processes that are gone.
+
+        A folder goes when it is untouched for ``stale_after_s`` **and** no
+        process holds the lock on its ``.alive`` file. Age alone is not
+        enough: a listener that received nothing over a weekend has an old
+        folder and is still alive. The lock alone is not trusted either,
+        since ``flock`` across hosts depends on the shared file system.
         """
         cutoff = time.time() - stale_after_s
         for leftover in self._tmp_root.iterdir():
-            if leftover == self.tmp_dir:
+            if leftover == self._own_tmp:
                 continue
             try:
-                if leftover.stat().st_mtime < cutoff:
-                    if leftover.is_dir():
-                        shutil.rmtree(leftover, ignore_errors=True)
-                    else:
-                        leftover.unlink(missing_ok=True)
+                if leftover.stat().st_mtime >= cutoff or (leftover.is_dir() and _locked_by_a_live_process(leftover)):
+                    continue
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
             except FileNotFoundError:
                 continue
 

@@ -48,8 +48,13 @@ class StudyResults:
 
     @property
     def datasets(self) -> list[Dataset]:
-        """Everything to deliver, the report first."""
-        return ([self.report] if self.report is not None else []) + list(self.overlays)
+        """Everything to deliver, the report last.
+
+        The report refers to the overlays, so they should be in the PACS
+        before it; and if the PACS refuses an overlay for good (the job is
+        dead-lettered), no report is left standing without its images.
+        """
+        return list(self.overlays) + ([self.report] if self.report is not None else [])
 
 
 def read_header(path: Path) -> Dataset:

@@ -26,16 +26,29 @@ log = structlog.get_logger(__name__)
 
 # PS3.4 Annex B.2.3 C-STORE statuses. Warnings (0xB000 coercion, 0xB006
 # elements discarded, 0xB007 data set does not match SOP class) still mean
-# the object was stored.
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-# 0xA7xx "Refused: out of resources" and 0x0213 "resource limitation" may clear
-# up by themselves; 0x0122 (SOP class not supported) and 0x0124 (not
-# authorised) are configuration errors that retrying cannot fix.
+# the object was stored. 0x0111 (PS3.7 C.4: duplicate SOP Instance), which
+# some archives answer to a re-send, means it is there already: our result
+# UIDs are derived from the job, so the stored copy is this same object.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0111}
+# 0xA7xx "Refused: out of resources", 0x0213 "resource limitation" and
+# 0x0110 "processing failure" (PS3.7 C.4: a failure on the archive's side,
+# as our own listener answers when its disk fails) may clear up by
+# themselves; 0x0122 (SOP class not supported) and 0x0124 (not authorised)
+# are configuration errors that retrying cannot fix.
 _TRANSIENT_PREFIX = 0xA700
+_TRANSIENT = {0x0213, 0x0110}
 
 
 def _is_transient(status: int) -> bool:
-    return (status & 0xFF00) == _TRANSIENT_PREFIX or status == 0x0213
+    return (status & 0xFF00) == _TRANSIENT_PREFIX or status in _TRANSIENT
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
@@ -43,11 +56,18 @@ def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
 
     A temporary file in the same directory is fsynced and renamed over the
     target, so a reader never sees half a file and a re-send replaces it.
+    The folders the rename and any new study or series folder changed are
+    fsynced too before this returns: the job is acknowledged and its spool
+    files deleted afterwards, so the results must survive a power cut.
     """
     written = []
+    changed: set[Path] = set()
     for dataset in datasets:
         target = folder / str(dataset.StudyInstanceUID) / str(dataset.SeriesInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        for directory in (target.parent.parent, target.parent):
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                changed.add(directory.parent)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
         try:
             with os.fdopen(handle, "wb") as stream:
@@ -58,7 +78,10 @@ def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        changed.add(target.parent)
         written.append(target)
+    for directory in sorted(changed, key=lambda d: len(d.parts), reverse=True):  # the deepest first: its entry is then in place
+        _fsync_directory(directory)
     return written
 
 
@@ -75,7 +98,9 @@ def store_to_pacs(datasets: Sequence[Dataset], destination: Destination, calling
         cannot change.
     """
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    # connection_timeout bounds the TCP connect too: without it an unreachable host holds each attempt for the OS's
+    # connect timeout (about two minutes), and a job's retries could outlast the broker's delivery acknowledgement timeout.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     for sop_class in sorted({str(d.SOPClassUID) for d in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
@@ -138,7 +163,10 @@ class ResultSender:
         """Deliver all objects everywhere, or raise; returns only when every destination accepted all."""
         for destination in self._destinations:
             if destination.path is not None:
-                write_to_folder(datasets, destination.path)
+                try:
+                    write_to_folder(datasets, destination.path)
+                except OSError as exc:  # a full or unmounted disk clears up; the job goes back to the queue to retry later
+                    raise DestinationUnavailable(f"cannot write results to {destination.path}: {exc}") from exc
                 continue
             for attempt in range(1, self._retries + 1):
                 try:

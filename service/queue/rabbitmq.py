@@ -30,8 +30,11 @@ Failure handling (the handler decides with the exception tree):
   StudyJob: republished to the dead-letter exchange with
   ``x-breastai-reason`` / ``x-breastai-failure`` headers (confirmed), then
   acked;
-- a consumer that dies mid-job returns the message; the quorum queue's
-  ``x-delivery-limit`` dead-letters a message that keeps killing consumers.
+- a consumer that dies mid-job returns the message; with a spool, each
+  delivery is also counted in the job's folder before the handler runs,
+  and a delivery past ``job_retry_limit`` is dead-lettered without running
+  it (RabbitMQ 4.3 no longer counts such returns in ``x-delivery-count``);
+  the quorum queue's ``x-delivery-limit`` is the last guard.
 
 Spool ownership (when a spool was given): after the ack the job directory
 is removed with ``spool.complete``; on dead-lettering it is moved to
@@ -80,6 +83,10 @@ class _Outcome:
     action: str  # "ack" | "requeue" | "dead"
     reason: str = ""
     failure: str = ""
+
+
+#: What RabbitMQ's 406 PRECONDITION_FAILED says when a delivery outlived ``consumer_timeout`` (not a queue mismatch).
+_ACK_TIMEOUT_TEXT = "delivery acknowledgement"
 
 
 class RabbitMQJobQueue:
@@ -238,9 +245,14 @@ class RabbitMQJobQueue:
             except (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError, pex.AuthenticationError) as exc:
                 raise ConfigurationError(f"RabbitMQ refused the connection: {type(exc).__name__}: {exc}") from exc
             except pex.ChannelClosedByBroker as exc:
-                if exc.reply_code == 406:
+                if exc.reply_code == 406 and _ACK_TIMEOUT_TEXT in str(exc.reply_text):
+                    # A job held past the broker's consumer_timeout (30 min by default): the message goes back to the
+                    # queue and is counted; this worker reconnects rather than exit (a crash loop across workers).
+                    log.warning("broker closed the channel: delivery acknowledgement timed out; reconnecting", reason=str(exc.reply_text))
+                elif exc.reply_code == 406:
                     raise ConfigurationError(f"queue {self.queue_name!r} exists with other arguments: {exc.reply_text}") from exc
-                raise QueueUnavailable(f"broker closed the channel: {exc.reply_code} {exc.reply_text}") from exc
+                else:
+                    raise QueueUnavailable(f"broker closed the channel: {exc.reply_code} {exc.reply_text}") from exc
             except pex.AMQPChannelError as exc:
                 raise QueueUnavailable(f"consumer channel failed: {type(exc).__name__}: {exc}") from exc
             except pex.ConnectionClosedByBroker as exc:
@@ -324,7 +336,12 @@ class RabbitMQJobQueue:
         stop: threading.Event,
     ) -> None:
         with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
-            outcome = self._decide(job, deliveries, handler, stop)
+            counted = self._count_delivery(job.job_id)
+            deliveries = max(deliveries, counted)
+            if counted > self._retry_limit:
+                outcome = self._give_up(job, counted)
+            else:
+                outcome = self._decide(job, deliveries, handler, stop)
             settle: Callable[[], None] = functools.partial(
                 self._settle, channel, method, properties, body, outcome, deliveries
             )
@@ -333,6 +350,40 @@ class RabbitMQJobQueue:
             except (pex.AMQPError, OSError, RuntimeError) as exc:
                 # The connection is gone; the broker redelivers the message.
                 log.warning("cannot settle job, connection closed; it will be redelivered", error=type(exc).__name__)
+
+    def _count_delivery(self, job_id: str) -> int:
+        """Count this delivery in the job's spool folder (0 without a spool or a job folder).
+
+        The broker's ``x-delivery-count`` does not see every return: from
+        RabbitMQ 4.3 a message returned because its consumer died (out of
+        memory, a native crash in a model) is redelivered without counting,
+        so a job that kills every worker would loop for ever. The count in
+        the spool is written before the handler runs and survives the crash.
+        """
+        if self._spool is None:
+            return 0
+        try:
+            return self._spool.increment_attempts(job_id)
+        except (OSError, JobSchemaError):  # no job folder here (a worker without the shared spool, or already done)
+            return 0
+
+    def _give_up(self, job: StudyJob, counted: int) -> _Outcome:
+        metrics.JOBS_FAILED.labels(kind="permanent").inc()
+        outcome = _Outcome(
+            "dead",
+            f"delivered {counted} times, {self._retry_limit} allowed: earlier deliveries ended without a result "
+            "(a worker stopped or crashed while handling it)",
+            "permanent",
+        )
+        self._move_to_dead(job, outcome.reason)
+        return outcome
+
+    def _move_to_dead(self, job: StudyJob, reason: str) -> None:
+        if self._spool is not None:
+            try:
+                self._spool.dead_letter(job.job_id, reason)
+            except (OSError, JobSchemaError) as exc:
+                log.error("cannot move dead job in the spool", error=type(exc).__name__, reason=str(exc))
 
     def _decide(self, job: StudyJob, deliveries: int, handler: JobHandler, stop: threading.Event) -> _Outcome:
         try:
@@ -355,11 +406,7 @@ class RabbitMQJobQueue:
             outcome = _Outcome("dead", f"{type(exc).__name__}: {exc}", "permanent")
         else:
             return _Outcome("ack")
-        if self._spool is not None:
-            try:
-                self._spool.dead_letter(job.job_id, outcome.reason)
-            except (OSError, JobSchemaError) as exc:
-                log.error("cannot move dead job in the spool", error=type(exc).__name__, reason=str(exc))
+        self._move_to_dead(job, outcome.reason)
         return outcome
 
     def _settle(

@@ -15,7 +15,7 @@ import pika
 import pytest
 from pydicom.dataset import Dataset
 
-from service.errors import InvalidInstance, QueueUnavailable, TransientError
+from service.errors import ConfigurationError, InvalidInstance, QueueUnavailable, TransientError
 from service.queue import JobQueue, open_queue
 from service.queue.rabbitmq import FAILURE_HEADER, REASON_HEADER, RabbitMQJobQueue
 from service.schema import InstanceRef, StudyJob
@@ -243,6 +243,61 @@ def test_permanent_failure_goes_to_dead_queue_with_reason(
     assert StudyJob.from_json(body).job_id == job_id
     assert ready_count(broker, queue_name) == 0
     assert "pixel data cannot be decoded" in (spool_dir / "dead" / job_id / "reason.txt").read_text()
+
+
+def test_a_job_whose_earlier_deliveries_never_finished_is_dead_lettered_unrun(
+    make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
+    spool_dir: Path, us_dataset: Callable[..., Dataset],
+) -> None:
+    """RabbitMQ 4.3 does not count a return after a consumer died: the spool's own count stops a job that kills workers."""
+    spool = Spool(spool_dir)
+    ds = us_dataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
+    job_id = spool.seal_study(ds.StudyInstanceUID)
+    assert job_id
+    for _ in range(3):  # three deliveries that each took a worker down before it could settle (job_retry_limit=3)
+        spool.increment_attempts(job_id)
+    queue = make_queue(spool)
+    queue.publish(spool.load_job(job_id))
+    consumer = Consumer(queue, lambda job: None)
+    try:
+        _method, properties, _body = get_one(broker, f"{queue_name}.dead", wait)
+    finally:
+        consumer.close()
+    assert consumer.seen == []  # not run a fourth time
+    assert properties.headers[FAILURE_HEADER] == "permanent"
+    assert "delivered 4 times, 3 allowed" in properties.headers[REASON_HEADER]
+    assert "delivered 4 times" in (spool_dir / "dead" / job_id / "reason.txt").read_text()
+
+
+def test_an_acknowledgement_timeout_reconnects_but_a_queue_mismatch_stops(
+    make_queue: Callable[..., RabbitMQJobQueue], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pika import exceptions as pex
+
+    queue = make_queue()
+    stop = threading.Event()
+    sessions: list[int] = []
+
+    def session(handler: Any, stop_event: threading.Event) -> None:
+        sessions.append(1)
+        if len(sessions) == 1:
+            raise pex.ChannelClosedByBroker(406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. "
+                                                 "Timeout value used: 1800000 ms.")
+        stop_event.set()
+
+    monkeypatch.setattr(queue, "_consume_session", session)
+    queue.consume(lambda job: None, stop)  # returns once the second session ends, instead of raising
+    assert len(sessions) == 2
+
+    def mismatch(handler: Any, stop_event: threading.Event) -> None:
+        raise pex.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'jobs'")
+
+    monkeypatch.setattr(queue, "_consume_session", mismatch)
+    with pytest.raises(ConfigurationError, match="other arguments"):
+        queue.consume(lambda job: None, threading.Event())
 
 
 def test_malformed_body_goes_to_dead_queue(

@@ -51,3 +51,6 @@ def test_reprocessing_yields_the_same_result_uids(tmp_path: Path) -> None:
     second = process_study(list(reversed(paths)), pipeline, ReportContext())
     assert [d.SOPInstanceUID for d in first.datasets] == [d.SOPInstanceUID for d in second.datasets]
     assert len({d.SOPInstanceUID for d in first.datasets}) == 1 + 2 * len(pipeline.families)
+    # the report goes last: the overlays it refers to are in the PACS before it
+    assert first.report is not None and first.datasets[-1] is first.report
+    assert all(d.Modality != "SR" for d in first.datasets[:-1])

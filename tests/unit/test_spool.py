@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from service.errors import InvalidInstance, JobSchemaError
 from service.schema import StudyJob
-from service.spool import Spool
+from service.spool import ALIVE_LOCK, Spool
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -40,7 +41,7 @@ def test_store_instance_layout_and_hash(spool_dir: Path, us_dataset: Callable[..
     assert stored.path == spool_dir / "incoming" / STUDY / f"{sop}.dcm"
     assert stored.path.read_bytes() == data
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
-    assert list(spool.tmp_dir.iterdir()) == []
+    assert [p.name for p in spool.tmp_dir.iterdir()] == [ALIVE_LOCK]  # nothing left behind but the liveness lock
 
 
 def test_same_sop_twice_overwrites(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
@@ -75,7 +76,7 @@ def test_failed_write_leaves_nothing_visible(
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
     assert visible_files(spool) == []
-    assert list(spool.tmp_dir.iterdir()) == []
+    assert [p.name for p in spool.tmp_dir.iterdir()] == [ALIVE_LOCK]  # nothing left behind but the liveness lock
 
 
 def test_failed_write_midway_keeps_earlier_version(
@@ -261,3 +262,27 @@ def test_a_second_spool_on_the_same_root_keeps_the_first_ones_temporary_files(tm
     os.utime(old, (0, 0))
     Spool(tmp_path)
     assert not old.exists(), "a long-dead process's folder is cleaned up"
+
+
+def test_an_idle_live_spools_old_temporary_folder_is_kept_and_a_removed_one_comes_back(tmp_path: Path, us_dataset: Dataset) -> None:
+    """A listener idle over a weekend keeps its folder; if something removes it anyway, the next C-STORE still lands."""
+    listener = Spool(tmp_path)
+    os.utime(listener.tmp_dir, (0, 0))  # untouched for decades, as far as the clock can tell
+    Spool(tmp_path)  # a worker starting
+    assert listener.tmp_dir.is_dir()
+    # gone all the same (an operator, a tmp reaper): the next store makes it again and succeeds
+    shutil.rmtree(listener.tmp_dir)
+    sop, data = encoded(us_dataset)
+    assert listener.store_instance(STUDY, sop, data).path.read_bytes() == data
+    os.utime(listener.tmp_dir, (0, 0))
+    Spool(tmp_path)
+    assert listener.tmp_dir.is_dir(), "the remade folder is locked again"
+    # once its spool is gone (the process ended), an old folder is cleaned up
+    folder = listener.tmp_dir
+    del listener
+    import gc
+
+    gc.collect()
+    os.utime(folder, (0, 0))
+    Spool(tmp_path)
+    assert not folder.exists()
