@@ -56,6 +56,8 @@ ATTEMPTS_FILE = "attempts"
 REASON_FILE = "reason.txt"
 CALLING_AE_FILE = "calling_ae.json"
 INSTANCE_SUFFIX = ".dcm"
+#: How long a completed job's id is remembered (``done/``), to acknowledge late duplicate deliveries of it.
+COMPLETED_KEEP_S = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -156,13 +158,25 @@ class Spool:
         self.incoming_dir = self.root / "incoming"
         self.studies_dir = self.root / "studies"
         self.dead_dir = self.root / "dead"
-        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir):
+        self.done_dir = self.root / "done"
+        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir, self.done_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
         weakref.finalize(self, _close_all, self._alive_descriptor)
         _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
         self._clean_tmp()
+        self._forget_old_completions()
+
+    def _forget_old_completions(self, keep_s: float = COMPLETED_KEEP_S) -> None:
+        """Drop completion records older than ``keep_s``: no broker holds a duplicate that long."""
+        cutoff = time.time() - keep_s
+        for record in self.done_dir.iterdir():
+            try:
+                if record.stat().st_mtime < cutoff:
+                    record.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
     @property
     def tmp_dir(self) -> Path:
@@ -443,11 +457,23 @@ class Spool:
             if digest != ref.sha256:
                 raise IntegrityError(f"spooled file changed since sealing: {ref.path}")
 
+    def is_completed(self, job_id: str) -> bool:
+        """Whether :meth:`complete` ran for ``job_id`` (within the last :data:`COMPLETED_KEEP_S`).
+
+        A message broker may deliver a job again after it was acknowledged
+        and its folder removed (a publish retried after a lost confirm, a
+        re-publish whose marker write failed): such a copy is a duplicate
+        to acknowledge, not a job whose files went missing.
+        """
+        return (self.done_dir / self._job_dir(job_id).name).is_file()
+
     def complete(self, job_id: str) -> bool:
-        """Remove a finished job's directory. Idempotent; returns whether it existed."""
+        """Record ``job_id`` as done (:meth:`is_completed`) and remove its directory. Idempotent; returns whether it existed."""
         job_dir = self._job_dir(job_id)
         if not job_dir.exists():
             return False
+        # Recorded before the folder goes: a crash in between leaves a done job with its files, never a lost record.
+        _write_durably(self.done_dir / job_id, datetime.now(timezone.utc).isoformat().encode("ascii"), self.tmp_dir)
         # Rename first so that a crash mid-delete never leaves a half job under studies/.
         trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
@@ -474,7 +500,9 @@ class Spool:
             _fsync_dir(self.dead_dir)
         elif not target.is_dir():
             return None
-        _write_durably(target / REASON_FILE, (reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
+        earlier = (target / REASON_FILE).read_text("utf-8") if (target / REASON_FILE).is_file() else ""
+        # A later delivery of a job already dead adds its reason under the first, which says what went wrong.
+        _write_durably(target / REASON_FILE, (earlier + reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
         return target
 
     def _job_dir(self, job_id: str) -> Path:

@@ -80,7 +80,7 @@ _MAX_REASON = 2000
 
 @dataclass(frozen=True)
 class _Outcome:
-    action: str  # "ack" | "requeue" | "dead"
+    action: str  # "ack" | "duplicate" (ack a copy of a job already completed) | "requeue" | "dead"
     reason: str = ""
     failure: str = ""
 
@@ -336,12 +336,7 @@ class RabbitMQJobQueue:
         stop: threading.Event,
     ) -> None:
         with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
-            counted = self._count_delivery(job.job_id)
-            deliveries = max(deliveries, counted)
-            if counted > self._retry_limit:
-                outcome = self._give_up(job, counted)
-            else:
-                outcome = self._decide(job, deliveries, handler, stop)
+            outcome = self._outcome(job, deliveries, handler, stop)
             settle: Callable[[], None] = functools.partial(
                 self._settle, channel, method, properties, body, outcome, deliveries
             )
@@ -350,6 +345,23 @@ class RabbitMQJobQueue:
             except (pex.AMQPError, OSError, RuntimeError) as exc:
                 # The connection is gone; the broker redelivers the message.
                 log.warning("cannot settle job, connection closed; it will be redelivered", error=type(exc).__name__)
+
+    def _outcome(self, job: StudyJob, deliveries: int, handler: JobHandler, stop: threading.Event) -> _Outcome:
+        """What to do with one delivery: a duplicate of a completed job is acknowledged unrun, a job past its limit given up."""
+        if self._already_completed(job.job_id):
+            return _Outcome("duplicate")
+        counted = self._count_delivery(job.job_id)
+        if counted > self._retry_limit:
+            return self._give_up(job, counted)
+        return self._decide(job, max(deliveries, counted), handler, stop)
+
+    def _already_completed(self, job_id: str) -> bool:
+        if self._spool is None:
+            return False
+        try:
+            return self._spool.is_completed(job_id)
+        except (OSError, JobSchemaError):
+            return False
 
     def _count_delivery(self, job_id: str) -> int:
         """Count this delivery in the job's spool folder (0 without a spool or a job folder).
@@ -430,6 +442,9 @@ class RabbitMQJobQueue:
                     self._spool.complete(str(properties.message_id))
                 except (OSError, JobSchemaError) as exc:
                     log.error("cannot remove completed job from the spool", error=type(exc).__name__, reason=str(exc))
+        elif outcome.action == "duplicate":
+            channel.basic_ack(method.delivery_tag)
+            log.info("duplicate delivery of a job already completed; acknowledged without running", delivery=deliveries)
         elif outcome.action == "requeue":
             # basic.reject, not basic.nack: RabbitMQ 4 counts x-delivery-count
             # (our retry limit) only for rejects; 3.x counts both.

@@ -272,6 +272,35 @@ def test_a_job_whose_earlier_deliveries_never_finished_is_dead_lettered_unrun(
     assert "delivered 4 times" in (spool_dir / "dead" / job_id / "reason.txt").read_text()
 
 
+def test_a_duplicate_of_a_completed_job_is_acknowledged_without_running(
+    make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
+    spool_dir: Path, us_dataset: Callable[..., Dataset],
+) -> None:
+    """A second copy (a publish retried after a lost confirm) arrives after the first was done and its folder removed."""
+    spool = Spool(spool_dir)
+    ds = us_dataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
+    job_id = spool.seal_study(ds.StudyInstanceUID)
+    assert job_id
+    job = spool.load_job(job_id)
+    queue = make_queue(spool)
+    queue.publish(job)
+    consumer = Consumer(queue, lambda job: None)
+    try:
+        assert wait(lambda: spool.is_completed(job_id), 10.0)
+        queue.publish(job)  # the duplicate
+        sentinel = make_job()
+        queue.publish(sentinel)  # prefetch 1: it is delivered only once the duplicate was settled
+        assert wait(lambda: sentinel.job_id in consumer.seen, 10.0)
+    finally:
+        consumer.close()
+    assert consumer.seen == [job_id, sentinel.job_id]  # the duplicate never ran
+    assert ready_count(broker, queue_name) == 0
+    assert ready_count(broker, f"{queue_name}.dead") == 0 and not (spool_dir / "dead" / job_id).exists()
+
+
 def test_an_acknowledgement_timeout_reconnects_but_a_queue_mismatch_stops(
     make_queue: Callable[..., RabbitMQJobQueue], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -209,12 +209,20 @@ def test_complete_dead_letter_and_markers(spool_dir: Path, us_dataset: Callable[
     assert spool.is_published(job_a)
     assert spool.increment_attempts(job_a) == 1
     assert spool.increment_attempts(job_a) == 2
+    assert not spool.is_completed(job_a)
     assert spool.complete(job_a) is True
     assert spool.complete(job_a) is False  # idempotent
     assert not (spool_dir / "studies" / job_a).exists()
+    assert spool.is_completed(job_a) and not spool.is_completed(job_b)  # a later duplicate delivery is known as one
     dead = spool.dead_letter(job_b, "PermanentError: undecodable pixels")
     assert dead == spool_dir / "dead" / job_b
     assert (dead / "reason.txt").read_text().strip() == "PermanentError: undecodable pixels"
+    # a later delivery of the dead job adds its reason; the first one, which says what went wrong, stays
+    spool.dead_letter(job_b, "IntegrityError: spooled instance missing")
+    assert (dead / "reason.txt").read_text().splitlines() == ["PermanentError: undecodable pixels", "IntegrityError: spooled instance missing"]
+    # completion records are forgotten after a month, when a spool opens
+    os.utime(spool_dir / "done" / job_a, (0, 0))
+    assert not Spool(spool_dir).is_completed(job_a)
     assert not spool.is_sealed(job_b)
     assert spool.dead_letter("20990101T000000Z-000000000000", "x") is None
     with pytest.raises(JobSchemaError):
