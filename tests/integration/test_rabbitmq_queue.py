@@ -104,6 +104,18 @@ def ready_count(channel: Any, queue: str) -> int:
     return int(channel.queue_declare(queue, passive=True).method.message_count)
 
 
+def sealed_job(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> tuple[Spool, str]:
+    """A spool holding one sealed study of one real ultrasound instance, and its job id."""
+    spool = Spool(spool_dir)
+    ds = us_dataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
+    job_id = spool.seal_study(ds.StudyInstanceUID)
+    assert job_id
+    return spool, job_id
+
+
 def test_open_queue_builds_rabbitmq(rabbitmq_url: str, queue_name: str, spool_dir: Path) -> None:
     queue = open_queue(Settings(queue="rabbitmq", amqp_url=rabbitmq_url, queue_name=queue_name), Spool(spool_dir))
     assert isinstance(queue, RabbitMQJobQueue) and isinstance(queue, JobQueue)
@@ -218,13 +230,7 @@ def test_permanent_failure_goes_to_dead_queue_with_reason(
     make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
     spool_dir: Path, us_dataset: Callable[..., Dataset],
 ) -> None:
-    spool = Spool(spool_dir)
-    ds = us_dataset()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
-    job_id = spool.seal_study(ds.StudyInstanceUID)
-    assert job_id
+    spool, job_id = sealed_job(spool_dir, us_dataset)
     queue = make_queue(spool)
     queue.publish(spool.load_job(job_id))
 
@@ -250,13 +256,7 @@ def test_a_job_whose_earlier_deliveries_never_finished_is_dead_lettered_unrun(
     spool_dir: Path, us_dataset: Callable[..., Dataset],
 ) -> None:
     """RabbitMQ 4.3 does not count a return after a consumer died: the spool's own count stops a job that kills workers."""
-    spool = Spool(spool_dir)
-    ds = us_dataset()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
-    job_id = spool.seal_study(ds.StudyInstanceUID)
-    assert job_id
+    spool, job_id = sealed_job(spool_dir, us_dataset)
     for _ in range(3):  # three deliveries that each took a worker down before it could settle (job_retry_limit=3)
         spool.increment_attempts(job_id)
     queue = make_queue(spool)
@@ -277,13 +277,7 @@ def test_a_duplicate_of_a_completed_job_is_acknowledged_without_running(
     spool_dir: Path, us_dataset: Callable[..., Dataset],
 ) -> None:
     """A second copy (a publish retried after a lost confirm) arrives after the first was done and its folder removed."""
-    spool = Spool(spool_dir)
-    ds = us_dataset()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
-    job_id = spool.seal_study(ds.StudyInstanceUID)
-    assert job_id
+    spool, job_id = sealed_job(spool_dir, us_dataset)
     job = spool.load_job(job_id)
     queue = make_queue(spool)
     queue.publish(job)
