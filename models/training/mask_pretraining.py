@@ -45,7 +45,7 @@ from models.families.cldlr import VGG11Radiomics
 from models.families.dlr import DLRNet
 from models.families.dlum import DLUMBranch
 from models.families.mupnet import MUPNet
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, device_of, epoch_batches, mixed_precision, optimise_step, training_device
+from models.training.loop import Checkpoints, augment_intensity, cosine_lr, device_of, epoch_batches, mixed_precision, optimise_step, to_training_device, training_device
 from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
 from models.training.train_family import FamilySpec
 
@@ -204,7 +204,7 @@ def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int
 def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]) -> None:
     """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best validation-Dice epoch."""
     device = training_device(config.device)
-    model = MaskPretrainer(spec.build(), config.input_size).to(device)
+    model = to_training_device(MaskPretrainer(spec.build(), config.input_size), device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     work = Path(config.work)

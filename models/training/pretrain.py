@@ -54,6 +54,7 @@ from models.training.loop import (
     mixed_precision,
     optimise_step,
     seed_everything,
+    to_training_device,
     training_device,
 )
 from models.training.train_family import FAMILIES, FamilySpec, LesionSample, lesion_samples, network_outputs
@@ -180,8 +181,8 @@ def pretrain(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImag
     device = training_device(config.device)
     model = spec.build()
     head = ProjectionHead(pooled_width(model, config.input_size))
-    model.to(device)
-    head.to(device)
+    to_training_device(model, device)
+    to_training_device(head, device)
     loss_fn = ContrastiveLoss(temperature=config.temperature)
     parameters = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)

@@ -79,6 +79,7 @@ from models.training.loop import (
     optimise_step,
     rotated_crop,
     seed_everything,
+    to_training_device,
     training_device,
 )
 from models.training.train_reference import TrainConfig
@@ -651,7 +652,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     device = training_device(config.device)
     for part in (model, shape_head, birads_head):
         if part is not None:
-            part.to(device)  # before the optimiser is built, so that it holds the moved parameters
+            to_training_device(part, device)  # before the optimiser is built, so that it holds the moved parameters
     if spec.optimizer is not None:
         optimizer = spec.optimizer(model, config.learning_rate)
     else:
@@ -698,7 +699,7 @@ def finish_weight_average(
     spec: FamilySpec, config: RunConfig, train: list[LesionSample], val: list[LesionSample], average: WeightAverage, rng: np.random.Generator
 ) -> None:
     """Load the averaged weights, recompute batch-norm statistics on one epoch of training crops, score and save."""
-    model = spec.build().to(training_device(config.device))  # one epoch of forward passes and the validation scores: on the GPU where there is one
+    model = to_training_device(spec.build(), training_device(config.device))  # one epoch of forward passes and the validation scores: on the GPU where there is one
     model.load_state_dict(average.mean)
     batches = [
         torch.from_numpy(np.concatenate([spec.roi.training_input(train[i], config.input_size, rng) for i in rng.choice(len(train), size=config.batch_size)]))
@@ -842,7 +843,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     BrEaST images carry BI-RADS, so BUSI images are never prototypes.
     """
     work = Path(config.work)
-    model = load_best(spec, work).to(training_device(config.device))  # its repeated joint epochs are whole-network training
+    model = to_training_device(load_best(spec, work), training_device(config.device))  # its repeated joint epochs are whole-network training
     assert isinstance(model, mupnet.MUPNet)
     train, val_labels = samples["train"], [s.label for s in samples["val"]]
     images = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in train]))[:, None]

@@ -44,6 +44,7 @@ from models.training.loop import (
     mixed_precision,
     optimise_step,
     seed_everything,
+    to_training_device,
     training_device,
 )
 
@@ -89,7 +90,7 @@ def train_segmenter(config: TrainConfig) -> None:
     val_x, val_y = _segmentation_arrays(val, size)
     _fit_segmentation(
         lesion_segmenter(), config, len(train), lambda i, _rng: (train_x[i], train_y[i]),
-        lambda model: _validate_segmenter(model, train_x, val_x, val_y, size), "val_dice_lesion_images",
+        lambda model: _validate_segmenter(model, train_x, val_x, val_y, size), "val_dice_lesion_images", channels_last=True,
     )
 
 
@@ -100,6 +101,7 @@ def _fit_segmentation(
     pair: Callable[[int, np.random.Generator], tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]],
     validate: Callable[[nn.Module], float],
     metric: str,
+    channels_last: bool,
 ) -> None:
     """Dice + BCE epochs over ``count`` (image, mask) pairs, each augmented, checkpointed and scored by ``validate``.
 
@@ -109,7 +111,7 @@ def _fit_segmentation(
     """
     size = config.input_size
     device = training_device(config.device)
-    model.to(device)
+    to_training_device(model, device, channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)
@@ -221,6 +223,7 @@ def train_refiner(config: TrainConfig) -> None:
     _fit_segmentation(
         lesion_refiner(), config, len(train), lambda i, rng: refiner_pair(train[i], config.input_size, rng),
         lambda model: _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size), "val_dice_windows",
+        channels_last=False,  # instance norm is slower in NHWC (see to_training_device)
     )
 
 
@@ -262,7 +265,7 @@ def train_classifier(config: TrainConfig) -> None:
     train = roi_samples([r for r in records if r.split == "train"])
     val = roi_samples([r for r in records if r.split == "val"])
     device = training_device(config.device)
-    model = roi_classifier().to(device)
+    model = to_training_device(roi_classifier(), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     checkpoints = Checkpoints(Path(config.work))
     start, best = checkpoints.resume(model, optimizer)

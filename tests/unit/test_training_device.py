@@ -118,3 +118,23 @@ def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp
                           "--epochs", "1", "--batch-size", "4", "--input-size", "64", "--threads", "1"])
     assert 0.0 <= json.loads((tmp_path / "segmenter" / "train.log").read_text().splitlines()[0])["val_dice_lesion_images"] <= 1.0
     assert all(location.startswith(device) for location in _saved_on(tmp_path / "segmenter" / "last.pt"))
+
+
+def test_training_layout_is_channels_last_and_checkpoints_load_back_into_the_default_layout() -> None:
+    """The NHWC layout is memory order only: a checkpoint of a network trained in it gives the same outputs in a fresh NCHW one."""
+    from models.training.loop import to_training_device
+    from models.training.train_family import FAMILIES
+
+    torch.manual_seed(0)
+    trained = to_training_device(FAMILIES["cldlr"].build(), torch.device("cpu")).eval()
+    convolutions = [m.weight for m in trained.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    assert not all(w.is_contiguous() for w in convolutions)  # one input channel is both layouts at once; the rest are not
+    fresh = FAMILIES["cldlr"].build().eval()
+    fresh.load_state_dict(trained.state_dict())
+    assert all(m.weight.is_contiguous() for m in fresh.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(trained(x)[0], fresh(x)[0], atol=1e-4)
+    kept = to_training_device(torch.nn.Conv2d(4, 4, 3), torch.device("cpu"), channels_last=False)
+    assert kept.weight.is_contiguous()  # the refiner's choice: instance norm is slower in NHWC
