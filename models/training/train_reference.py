@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
+from monai.networks.nets.basic_unet import UpCat
 from torch import nn
 
 from models.evaluation import auc, dice
@@ -212,6 +213,22 @@ def refiner_pair(
     return resized, target.astype(np.uint8)
 
 
+def without_zero_width_padding(network: nn.Module, input_size: int) -> nn.Module:
+    """``network`` (a MONAI BasicUNet) with its decoder's edge padding switched off where it can never pad anything.
+
+    Each decoder stage replicate-pads its upsampled features by one pixel
+    where an odd side lost a row to pooling; at a side divisible by 16 (four
+    poolings) none is lost, but the pad still copies every feature map, in
+    the forward pass and the backward. Switching it off leaves the outputs
+    identical. Training only: the exported graph keeps MONAI's default.
+    """
+    if input_size % 16 == 0:
+        for stage in network.modules():
+            if isinstance(stage, UpCat):
+                stage.is_pad = False
+    return network
+
+
 def train_refiner(config: TrainConfig) -> None:
     """Dice + BCE training of the close-up UNet on jittered windows around every training lesion."""
     records = load_records(Path(config.datasets))
@@ -221,7 +238,7 @@ def train_refiner(config: TrainConfig) -> None:
     # Batch-norm statistics are recalibrated on training windows (serving rule), never on validation ones.
     calibration = np.stack([refiner_pair(lesion, config.input_size, None)[0] for lesion in train[:: max(1, len(train) // 256)]])
     _fit_segmentation(
-        lesion_refiner(), config, len(train), lambda i, rng: refiner_pair(train[i], config.input_size, rng),
+        without_zero_width_padding(lesion_refiner(), config.input_size), config, len(train), lambda i, rng: refiner_pair(train[i], config.input_size, rng),
         lambda model: _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size), "val_dice_windows",
         channels_last=False,  # instance norm is slower in NHWC (see to_training_device)
     )

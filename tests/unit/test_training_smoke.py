@@ -89,3 +89,26 @@ def test_refiner_windows_follow_the_lesion_and_export_into_the_manifest(tiny: Pa
     assert refiner is not None
     mask = refine_mask(refiner[0], 48, lesion.image, lesion.mask.astype(bool))
     assert mask.shape == lesion.image.shape and mask.any()
+
+
+@pytest.mark.parametrize("input_size", [128, 120])
+def test_refiner_trains_without_zero_width_padding_and_computes_the_same(input_size: int) -> None:
+    """Switching the decoder's pad off (sides divisible by 16 only) changes neither outputs nor gradients."""
+    import torch
+    from monai.networks.nets.basic_unet import UpCat
+
+    from models.networks import lesion_refiner
+
+    torch.manual_seed(0)
+    default = lesion_refiner()
+    fast = train_reference.without_zero_width_padding(lesion_refiner(), input_size)
+    fast.load_state_dict(default.state_dict())
+    stages = [m for m in fast.modules() if isinstance(m, UpCat)]
+    assert stages and all(stage.is_pad == (input_size % 16 != 0) for stage in stages)
+    x = torch.randn(2, 1, input_size, input_size)
+    outputs = [network(x) for network in (default, fast)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    for network, output in zip((default, fast), outputs):
+        output.square().mean().backward()
+    for a, b in zip(default.parameters(), fast.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
