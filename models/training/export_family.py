@@ -347,5 +347,6 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     }
     entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=VERSION, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
     merge_into_manifest(output, {spec.name: entry})
-    print(f"exported {spec.name}: {parameters['precision']}, operating point {parameters['operating_point']:.3f}", flush=True)
+    storage = " with int8 convolution weights" if (parameters.get("weight_storage") or {}).get("accepted") else ""
+    print(f"exported {spec.name}: {parameters['precision']}{storage}, operating point {parameters['operating_point']:.3f}", flush=True)
     return entry
