@@ -414,10 +414,14 @@ def mupnet_loss(model: MUPNet, output: MUPNetOutput, labels: torch.Tensor, weigh
 
     ``total = CE + w.clustering * Clst - w.separation * Sep + w.l1 * L1``.
     """
-    cross_entropy = F.cross_entropy(output.logits, labels)
+    return _loss_terms(model, output.logits, output.min_distances, labels, weights)
+
+
+def _loss_terms(model: MUPNet, logits: torch.Tensor, min_distances: torch.Tensor, labels: torch.Tensor, weights: LossWeights) -> LossTerms:
+    cross_entropy = F.cross_entropy(logits, labels)
     own = model.prototype_class[None, :] == labels[:, None]  # (B, M*P)
-    clustering = _min_distance_to(model, output.min_distances, own)
-    separation = _min_distance_to(model, output.min_distances, ~own)
+    clustering = _min_distance_to(model, min_distances, own)
+    separation = _min_distance_to(model, min_distances, ~own)
     l1 = last_layer_l1(model)
     total = cross_entropy + weights.clustering * clustering - weights.separation * separation + weights.l1 * l1
     return LossTerms(total, cross_entropy, clustering, separation, l1)
@@ -486,13 +490,59 @@ class EpochStats:
         return self
 
 
-def _unpack(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(images, labels)`` or ``(images, labels, eligible)`` from a loader batch."""
+class FrozenEvidence(NamedTuple):
+    """What the last layer and the loss read of each image while nothing upstream of the last layer trains.
+
+    In paper stage 3 the model runs in eval mode with everything but
+    ``w_h`` frozen, so every image's similarities and minimum distances stay
+    the same from one epoch to the next. :func:`frozen_evidence` computes
+    them once; :func:`train_last_layer_epoch` then trains on them with the
+    same updates as on the images, without running the trunks every epoch.
+    """
+
+    similarities: torch.Tensor  # (N, M*P)
+    min_distances: torch.Tensor  # (N, M*P)
+
+    def take(self, index: torch.Tensor) -> FrozenEvidence:
+        """The rows ``index`` (a batch)."""
+        return FrozenEvidence(self.similarities[index], self.min_distances[index])
+
+    def to(self, device: torch.device) -> FrozenEvidence:
+        return FrozenEvidence(self.similarities.to(device), self.min_distances.to(device))
+
+
+@torch.no_grad()
+def frozen_evidence(model: MUPNet, batches: Iterable[torch.Tensor]) -> FrozenEvidence:
+    """:class:`FrozenEvidence` of every image in ``batches`` (each ``(B, M, C, H, W)``), in order; eval mode."""
+    model.eval()
+    device = _device(model)
+    similarities, min_distances = [], []
+    for images in batches:
+        output = model(images.to(device))
+        similarities.append(output.similarities)
+        min_distances.append(output.min_distances)
+    return FrozenEvidence(torch.cat(similarities), torch.cat(min_distances))
+
+
+def evidence_probability(model: MUPNet, evidence: FrozenEvidence) -> torch.Tensor:
+    """``(N, K)`` class probabilities from frozen evidence: the model's softmax output on the images it came from."""
+    with torch.no_grad():
+        return torch.softmax(model.last_layer(evidence.similarities.to(_device(model))), dim=1)
+
+
+LoaderBatch = Sequence[Any]  # (images | FrozenEvidence, labels) or (images, labels, eligible)
+
+
+def _unpack(batch: LoaderBatch, device: torch.device) -> tuple[torch.Tensor | FrozenEvidence, torch.Tensor, torch.Tensor | None]:
+    """``(images, labels)``, ``(evidence, labels)`` or ``(images, labels, eligible)`` from a loader batch."""
     if len(batch) not in (2, 3):
-        raise ValueError("MUP-Net batches are (images, labels) or (images, labels, eligible)")
-    images, labels = batch[0].to(device), batch[1].to(device).long()
+        raise ValueError("MUP-Net batches are (images, labels), (evidence, labels) or (images, labels, eligible)")
+    inputs = batch[0]
+    if not isinstance(inputs, (torch.Tensor, FrozenEvidence)):
+        raise TypeError(f"MUP-Net batch inputs are images or FrozenEvidence, not {type(inputs).__name__}")
+    labels = batch[1].to(device).long()
     eligible = batch[2].to(device).bool() if len(batch) == 3 else None
-    return images, labels, eligible
+    return inputs.to(device), labels, eligible
 
 
 def set_trainable(model: MUPNet, stage: Literal["warm", "joint", "last"]) -> None:
@@ -517,26 +567,30 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_epoch(
-    model: MUPNet, loader: Iterable[Sequence[torch.Tensor]], optimizer: torch.optim.Optimizer, weights: LossWeights
-) -> EpochStats:
+def _run_epoch(model: MUPNet, loader: Iterable[LoaderBatch], optimizer: torch.optim.Optimizer, weights: LossWeights) -> EpochStats:
     stats = EpochStats()
     device = _device(model)
     for batch in loader:
-        images, labels, _ = _unpack(batch, device)
+        inputs, labels, _ = _unpack(batch, device)
         optimizer.zero_grad(set_to_none=True)
-        output = model(images)
-        terms = mupnet_loss(model, output, labels, weights)
+        if isinstance(inputs, FrozenEvidence):
+            if any(p.requires_grad for p in (*model.trunks.parameters(), *model.add_ons.parameters(), model.prototypes)):
+                raise ValueError("frozen evidence trains the last layer only (paper stage 3)")
+            logits, min_distances = model.last_layer(inputs.similarities), inputs.min_distances
+        else:
+            output = model(inputs)
+            logits, min_distances = output.logits, output.min_distances
+        terms = _loss_terms(model, logits, min_distances, labels, weights)
         terms.total.backward()
         optimizer.step()
-        correct = int((output.logits.argmax(dim=1) == labels).sum())
+        correct = int((logits.argmax(dim=1) == labels).sum())
         stats._add(terms, correct, int(labels.shape[0]))
     return stats._finish()
 
 
 def train_joint_epoch(
     model: MUPNet,
-    loader: Iterable[Sequence[torch.Tensor]],
+    loader: Iterable[LoaderBatch],
     optimizer: torch.optim.Optimizer,
     *,
     warm: bool = False,
@@ -566,7 +620,7 @@ def train_joint_epoch(
 
 def train_last_layer_epoch(
     model: MUPNet,
-    loader: Iterable[Sequence[torch.Tensor]],
+    loader: Iterable[LoaderBatch],
     optimizer: torch.optim.Optimizer,
     *,
     weights: LossWeights = LossWeights(),
@@ -577,7 +631,10 @@ def train_last_layer_epoch(
     moves), so the gradient is that of CE + ``weights.l1`` * L1. The model
     runs in eval mode: in train mode batch norm would still update its
     running statistics and move the latent patches away from the
-    prototypes that stage 2 just projected onto them.
+    prototypes that stage 2 just projected onto them. ``loader`` yields
+    ``(images, labels)`` or, for the same updates without running the
+    trunks again, ``(FrozenEvidence, labels)`` (:func:`frozen_evidence`,
+    computed after the projection).
     """
     set_trainable(model, "last")
     model.eval()
@@ -790,6 +847,8 @@ def project_prototypes(
     try:
         for batch in loader:
             images, labels, eligible = _unpack(batch, device)
+            if not isinstance(images, torch.Tensor):
+                raise TypeError("projection searches the images' latent patches, not frozen evidence")
             size, image_size = images.shape[0], (int(images.shape[-2]), int(images.shape[-1]))
             latent = model.latent(images)
             distances = model.activations(latent).distance_maps  # (B, M, P, h, w)

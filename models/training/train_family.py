@@ -843,7 +843,8 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     BrEaST images carry BI-RADS, so BUSI images are never prototypes.
     """
     work = Path(config.work)
-    model = to_training_device(load_best(spec, work), training_device(config.device))  # its repeated joint epochs are whole-network training
+    device = training_device(config.device)
+    model = to_training_device(load_best(spec, work), device)  # its repeated joint epochs are whole-network training
     assert isinstance(model, mupnet.MUPNet)
     train, val_labels = samples["train"], [s.label for s in samples["val"]]
     images = torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in train]))[:, None]
@@ -851,6 +852,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     # Projection by pathology (the classes of the prototypes), restricted by BI-RADS as the paper does.
     eligible = mupnet.projection_eligibility([s.record.birads or None for s in train], labels, modalities=("bmode",))
     projection_batches = [(images[k : k + 32], labels[k : k + 32], eligible[k : k + 32]) for k in range(0, len(train), 32)]
+    val_inputs = [torch.from_numpy(np.concatenate([spec.roi.evaluation_input(s, config.input_size) for s in samples["val"][k : k + 32]])) for k in range(0, len(samples["val"]), 32)]
     generator = np.random.default_rng(config.seed)
     sampler = BalancedBatches(spec, train, config)
     cycles: list[dict[str, float]] = []
@@ -864,14 +866,17 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         after_joint = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
         groups = [s.record.patient for s in train] if config.prototype_sources == "patient" else None
         record = mupnet.project_prototypes(model, projection_batches, source_groups=groups)
-        after_projection = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
+        # Only the last layer moves from here to the cycle's end: the trunks run once, not once per epoch.
+        train_evidence = mupnet.frozen_evidence(model, (batch for batch, _, _ in projection_batches))
+        val_evidence = mupnet.frozen_evidence(model, (x[:, None] for x in val_inputs))
+        after_projection = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].numpy())
         best_layer, best_state = after_projection, copy.deepcopy(model.state_dict())
         optimizer = mupnet.last_layer_optimizer(model)
         for _ in range(LAST_LAYER_EPOCHS):
-            order = generator.permutation(len(train))
-            shuffled = [(images[order[k : k + 32]], labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
+            order = torch.from_numpy(generator.permutation(len(train)))
+            shuffled = [(train_evidence.take(order[k : k + 32]), labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
             mupnet.train_last_layer_epoch(model, shuffled, optimizer)
-            score = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
+            score = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].numpy())
             if score > best_layer:
                 best_layer, best_state = score, copy.deepcopy(model.state_dict())
         model.load_state_dict(best_state)

@@ -19,7 +19,9 @@ from models.families.mupnet import (  # noqa: E402
     MUPNet,
     contribution_scores,
     contributions_from,
+    evidence_probability,
     export_onnx,
+    frozen_evidence,
     iterate_batches,
     joint_optimizer,
     last_layer_optimizer,
@@ -503,3 +505,32 @@ def test_warm_up_epochs_train_the_prototypes_with_the_trunk_frozen_then_everythi
     for refused in (config(family="dl_u"), config(warm=10), config(warm=-1)):
         with pytest.raises(ValueError, match="warm-epochs"):
             check_warm_epochs(refused)
+
+
+def test_last_layer_stage_on_frozen_evidence_makes_the_same_updates_as_on_the_images() -> None:
+    model = _model(1)
+    images, labels = _batch(6, 1)
+    on_images = _model(1)
+    on_images.load_state_dict(model.state_dict())
+    evidence = frozen_evidence(model, [images[:4], images[4:]])
+    assert evidence.similarities.shape == (6, 4) and evidence.min_distances.shape == (6, 4)
+    order = torch.tensor([5, 0, 3, 1, 4, 2])
+    batches = [order[:3], order[3:]]
+    stats = train_last_layer_epoch(model, [(evidence.take(b), labels[b]) for b in batches], last_layer_optimizer(model, lr=1e-2))
+    reference = train_last_layer_epoch(on_images, [(images[b], labels[b]) for b in batches], last_layer_optimizer(on_images, lr=1e-2))
+    assert not torch.equal(model.last_layer.weight, _model(1).last_layer.weight)  # it trained
+    assert torch.allclose(model.last_layer.weight, on_images.last_layer.weight, atol=1e-6)
+    assert stats.loss == pytest.approx(reference.loss, rel=1e-5) and stats.clustering == pytest.approx(reference.clustering, rel=1e-5)
+    # The evidence still describes the model, whose trunk did not move: its probabilities are the model's own.
+    with torch.no_grad():
+        expected = torch.softmax(on_images.eval()(images).logits, dim=1)
+    assert torch.allclose(evidence_probability(model, evidence), expected, atol=1e-6)
+
+
+def test_frozen_evidence_is_refused_where_the_trunk_trains() -> None:
+    model = _model(1)
+    images, labels = _batch(2, 1)
+    evidence = frozen_evidence(model, [images])
+    with pytest.raises(ValueError, match="last layer only"):
+        train_joint_epoch(model, [(evidence, labels)], torch.optim.Adam(model.parameters()))
+
