@@ -53,8 +53,9 @@ for the reasoning):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -567,7 +568,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _run_epoch(model: MUPNet, loader: Iterable[LoaderBatch], optimizer: torch.optim.Optimizer, weights: LossWeights) -> EpochStats:
+Precision = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def _run_epoch(
+    model: MUPNet, loader: Iterable[LoaderBatch], optimizer: torch.optim.Optimizer, weights: LossWeights, precision: Precision = contextlib.nullcontext
+) -> EpochStats:
     stats = EpochStats()
     device = _device(model)
     for batch in loader:
@@ -578,8 +584,9 @@ def _run_epoch(model: MUPNet, loader: Iterable[LoaderBatch], optimizer: torch.op
                 raise ValueError("frozen evidence trains the last layer only (paper stage 3)")
             logits, min_distances = model.last_layer(inputs.similarities), inputs.min_distances
         else:
-            output = model(inputs)
-            logits, min_distances = output.logits, output.min_distances
+            with precision():
+                output = model(inputs)
+            logits, min_distances = output.logits.float(), output.min_distances.float()
         terms = _loss_terms(model, logits, min_distances, labels, weights)
         terms.total.backward()
         optimizer.step()
@@ -595,6 +602,7 @@ def train_joint_epoch(
     *,
     warm: bool = False,
     weights: LossWeights = LossWeights(),
+    precision: Precision = contextlib.nullcontext,
 ) -> EpochStats:
     """One epoch of paper stage 1 (or of the warm-up before it) with the full loss of eq. (6).
 
@@ -612,10 +620,14 @@ def train_joint_epoch(
         Train only the add-on layers and prototypes (trunks frozen).
     weights
         Loss coefficients.
+    precision
+        Context the forward pass runs in, e.g. bfloat16 autocast
+        (``models.training.loop.mixed_precision``); the loss is taken in
+        float32. Default: the parameters' own precision.
     """
     set_trainable(model, "warm" if warm else "joint")
     model.train()
-    return _run_epoch(model, loader, optimizer, weights)
+    return _run_epoch(model, loader, optimizer, weights, precision)
 
 
 def train_last_layer_epoch(

@@ -834,7 +834,11 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     process." So every cycle after the first begins with ``config.push_epochs``
     joint epochs (stage 1 again: trunk, add-on layers and prototypes, last
     layer frozen) at :data:`PUSH_JOINT_RATE` of stage 1's rates, from the
-    previous cycle's model. Of the ``config.push_cycles`` cycles, the one
+    previous cycle's model, in the precision stage 1 trained in
+    (``--bf16``: bfloat16 autocast). The last-layer epochs train on
+    :class:`models.families.mupnet.FrozenEvidence` computed once after the
+    projection, which gives the same updates as running the frozen trunk
+    over the images every epoch. Of the ``config.push_cycles`` cycles, the one
     whose projected model scores highest on validation is kept, as ProtoPNet
     keeps its best post-projection checkpoint.
 
@@ -862,7 +866,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             optimizer = mupnet.joint_optimizer(model, rate_scale=PUSH_JOINT_RATE)
             for _ in range(config.push_epochs):
                 batches = [sampler.draw(generator)[1:] for _ in range(sampler.steps_per_epoch)]
-                mupnet.train_joint_epoch(model, [(x[:, None], y) for x, y in batches], optimizer)
+                mupnet.train_joint_epoch(model, [(x[:, None], y) for x, y in batches], optimizer, precision=lambda: mixed_precision(device, config.bf16))
         after_joint = auc(val_labels, positive_scores(spec, model, samples["val"], config.input_size))
         groups = [s.record.patient for s in train] if config.prototype_sources == "patient" else None
         record = mupnet.project_prototypes(model, projection_batches, source_groups=groups)

@@ -534,3 +534,21 @@ def test_frozen_evidence_is_refused_where_the_trunk_trains() -> None:
     with pytest.raises(ValueError, match="last layer only"):
         train_joint_epoch(model, [(evidence, labels)], torch.optim.Adam(model.parameters()))
 
+
+def test_joint_epoch_runs_its_forward_pass_in_the_given_precision() -> None:
+    model = _model(1)
+    images, labels = _batch(2, 1)
+    entered: list[torch.dtype] = []
+
+    class Recording(torch.autocast):
+        def __enter__(self) -> None:
+            super().__enter__()
+            entered.append(torch.get_autocast_dtype("cpu"))
+
+    before = _snapshot(model)
+    stats = train_joint_epoch(
+        model, [(images, labels)], joint_optimizer(model), precision=lambda: Recording("cpu", dtype=torch.bfloat16)
+    )
+    assert entered == [torch.bfloat16]
+    assert math.isfinite(stats.loss) and model.prototypes.dtype == torch.float32
+    assert not torch.equal(before["prototypes"], model.prototypes.detach())
