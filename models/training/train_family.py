@@ -873,14 +873,14 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         # Only the last layer moves from here to the cycle's end: the trunks run once, not once per epoch.
         train_evidence = mupnet.frozen_evidence(model, (batch for batch, _, _ in projection_batches))
         val_evidence = mupnet.frozen_evidence(model, (x[:, None] for x in val_inputs))
-        after_projection = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].numpy())
+        after_projection = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].cpu().numpy())
         best_layer, best_state = after_projection, copy.deepcopy(model.state_dict())
         optimizer = mupnet.last_layer_optimizer(model)
         for _ in range(LAST_LAYER_EPOCHS):
             order = torch.from_numpy(generator.permutation(len(train)))
             shuffled = [(train_evidence.take(order[k : k + 32]), labels[order[k : k + 32]]) for k in range(0, len(train), 32)]
             mupnet.train_last_layer_epoch(model, shuffled, optimizer)
-            score = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].numpy())
+            score = auc(val_labels, mupnet.evidence_probability(model, val_evidence)[:, 1].cpu().numpy())
             if score > best_layer:
                 best_layer, best_state = score, copy.deepcopy(model.state_dict())
         model.load_state_dict(best_state)
