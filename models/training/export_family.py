@@ -42,7 +42,7 @@ from models.training.train_family import (
     member_configs,
 )
 
-VERSION = "0.7.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages; 0.7.0: DLR_BM and CLDLR from mask pretraining
+VERSION = "0.8.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages; 0.7.0: DLR_BM and CLDLR from mask pretraining; 0.8.0: DLR_BM's shorter recipe (12 pretraining epochs, 20 epochs)
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",

@@ -28,7 +28,7 @@ from models.training.data import US_DATASETS, load_records
 DEFAULT_MEMBERS = ("dlr_bm", "cldlr", "dl_u", "mupnet")
 ROLE = "consensus"
 NAME = "BreastAI-Consensus-MeanLogOdds"
-VERSION = "0.6.0"  # 0.4.0: refit after MUP-Net 0.6.0, on the near-duplicate-aware validation split; 0.5.0: after DLR_BM and CLDLR 0.7.0; 0.6.0: after MUP-Net 0.7.0
+VERSION = "0.7.0"  # 0.4.0: refit after MUP-Net 0.6.0, on the near-duplicate-aware validation split; 0.5.0: after DLR_BM and CLDLR 0.7.0; 0.6.0: after MUP-Net 0.7.0; 0.7.0: after DLR_BM 0.8.0
 
 
 def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFAULT_MEMBERS, holdout: str = "") -> ModelEntry:

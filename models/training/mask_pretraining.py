@@ -53,8 +53,8 @@ Tensor = torch.Tensor
 #: Where runs before the decoder went into last.pt kept it (read on resume only).
 LEGACY_DECODER_FILE = "mask_decoder.pt"
 # The reference recipes that start from mask pretraining, and its epochs for each (chosen on validation AUC as served;
-# models/HISTORY.md "What changed in 0.7.0"). `make train-FAMILY` and `breastai train external` both read them from here.
-REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 20, "cldlr": 10, "mupnet": 20}
+# models/HISTORY.md "What changed in 0.7.0"; DLR_BM's 12, for time, in "DLR_BM 0.8.0"). `make train-FAMILY` and `breastai train external` both read them from here.
+REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 12, "cldlr": 10, "mupnet": 20}
 MASK_PRETRAINING_BATCH = 32
 
 

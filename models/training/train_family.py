@@ -230,7 +230,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "dlr_bm": FamilySpec(
         "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
+        epochs=20, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
     "cldlr": FamilySpec(

@@ -183,7 +183,7 @@ def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
 
     from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
 
-    assert mask_pretraining_recipe("dlr_bm") == (20, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
+    assert mask_pretraining_recipe("dlr_bm") == (12, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
     assert mask_pretraining_recipe("mupnet") == (20, 32)
     assert mask_pretraining_recipe("dl_u") == (20, 32)  # no reference recipe: the command's plain default
     # make train-FAMILY pretrains exactly the families whose reference recipe has it, in the same job, then trains
