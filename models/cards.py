@@ -413,7 +413,8 @@ def _roi_rule(parameters: Mapping[str, Any]) -> str:
     if "roi_expand" not in parameters:
         return ""
     side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
-    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side. "
+    square = ", then its short side widened to a square (the resize keeps the lesion's shape)" if parameters.get("roi_square") else ""
+    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
 
 
 def _stage_cycles(training: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from models.backend import Backend, OnnxRuntimeBackend
 from models.cam import normalise_cam
 from models.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, standardise
+from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, square_box, standardise
 from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
 from models.svm import SvmModel
 
@@ -90,6 +90,7 @@ class FamilyScorer:
         self.threshold = float(parameters.get("operating_point", 0.5))
         self._padding = float(parameters.get("roi_expand", 0.2))
         self._shortest_side = bool(parameters.get("roi_expand_shortest_side", False))
+        self._square = bool(parameters.get("roi_square", False))
         self._minmax = parameters.get("roi_normalisation", "zscore") == "minmax"
         self._inputs = tuple(parameters.get("inputs", ["image"]))
         side_files: dict[str, Path] = {}
@@ -113,10 +114,9 @@ class FamilyScorer:
         return self.entry.info
 
     def roi_box(self, box: Box, shape: tuple[int, int]) -> Box:
-        """The lesion box grown as this family's paper grows it."""
-        if self._shortest_side:
-            return expand_box_by_shortest_side(box, shape, self._padding)
-        return expand_box(box, shape, self._padding)
+        """The lesion box grown as this family's paper grows it, widened to a square where the model was trained on squares."""
+        grown = expand_box_by_shortest_side(box, shape, self._padding) if self._shortest_side else expand_box(box, shape, self._padding)
+        return square_box(grown, shape) if self._square else grown
 
     def score(self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = NO_CLINICAL_CONTEXT) -> FamilyScore:
         """Score the lesion in ``box`` of the grayscale image ``gray``."""

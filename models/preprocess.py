@@ -53,6 +53,26 @@ def crop(gray: npt.NDArray[np.uint8], box: Box) -> npt.NDArray[np.uint8]:
     return gray[y : y + h, x : x + w]
 
 
+def square_box(box: Box, image_shape: tuple[int, int]) -> Box:
+    """Widen the short side of an (x, y, w, h) box to make it square, about the same centre, moved inside the image.
+
+    Resizing a w x h crop to a square input stretches it: a lesion wider
+    than tall and one taller than wide (the BI-RADS lexicon's orientation,
+    "not parallel" being a sign of malignancy) both come out round, and the
+    speckle is scaled differently along each axis. A square window keeps
+    shape, orientation and speckle isotropic. Near the image's edge the
+    window is moved inward rather than clipped, so it stays square; only a
+    window larger than the image is cut to it.
+    """
+    x, y, w, h = box
+    rows, cols = image_shape
+    side = max(w, h)
+    side_x, side_y = min(side, cols), min(side, rows)
+    x0 = int(np.clip(round(x + (w - side_x) / 2), 0, cols - side_x))
+    y0 = int(np.clip(round(y + (h - side_y) / 2), 0, rows - side_y))
+    return x0, y0, max(1, side_x), max(1, side_y)
+
+
 def expand_box_by_shortest_side(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
     """Grow a box by ``fraction`` of its *shortest* side on every side (DL-UM uses 30 %), clipped."""
     x, y, w, h = box

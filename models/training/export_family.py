@@ -314,6 +314,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         "roi_normalisation": spec.roi.normalisation,
         "roi_expand": spec.roi.padding,
         "roi_expand_shortest_side": spec.roi.shortest_side,
+        "roi_square": spec.roi.square,
         "operating_point": youden_threshold([s.label for s in samples["val"]], val_scores),
         "precision": precision,
         "weight_storage": weight_storage,

@@ -55,6 +55,7 @@ from models.preprocess import (
     expand_box,
     expand_box_by_shortest_side,
     min_max,
+    square_box,
     standardise,
 )
 from models.training.data import (
@@ -111,12 +112,12 @@ class RoiStyle:
     padding: float  # box growth at evaluation/serving
     shortest_side: bool  # DL-UM grows by a fraction of the shortest side
     augmentation: str = "standard"  # training crops only: see training_input
+    square: bool = False  # widen the grown box to a square (preprocess.square_box) so the resize does not stretch it
 
     def box(self, box: Box, shape: tuple[int, int], padding: float | None = None) -> Box:
         fraction = self.padding if padding is None else padding
-        if self.shortest_side:
-            return expand_box_by_shortest_side(box, shape, fraction)
-        return expand_box(box, shape, fraction)
+        grown = expand_box_by_shortest_side(box, shape, fraction) if self.shortest_side else expand_box(box, shape, fraction)
+        return square_box(grown, shape) if self.square else grown
 
     def tensor(self, roi: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
         return min_max(roi, size) if self.normalisation == "minmax" else standardise(roi, size)
@@ -269,6 +270,11 @@ def with_roi_padding(spec: FamilySpec, padding: float | None) -> FamilySpec:
     return replace(spec, roi=replace(spec.roi, padding=padding))
 
 
+def with_square_roi(spec: FamilySpec, square: bool) -> FamilySpec:
+    """``spec`` with square ROIs (:func:`models.preprocess.square_box`) in training, validation, export and serving when ``square``."""
+    return replace(spec, roi=replace(spec.roi, square=True)) if square else spec
+
+
 def with_augmentation(spec: FamilySpec, augmentation: str | None) -> FamilySpec:
     """``spec`` with its training crops augmented the ``augmentation`` way (None: the recipe's); serving is unchanged."""
     if augmentation is None:
@@ -330,6 +336,7 @@ class RunConfig(TrainConfig):
     augmentation: str | None = None  # training-crop augmentation (RoiStyle.training_input; None: the recipe's)
     mixup: float = 0.0  # Beta(a, a) of mixup between training crops (0: no mixing, the papers' recipes)
     warm_epochs: int = 0  # MUP-Net: the first N epochs train the add-on layers and prototypes only (ProtoPNet's warm-up)
+    square_roi: bool = False  # cut square ROIs around the grown box instead of stretching it (RoiStyle.square)
 
 
 def member_configs(config: RunConfig) -> list[RunConfig]:
@@ -599,7 +606,7 @@ def set_epoch_stage(model: nn.Module, epoch: int, config: RunConfig) -> None:
 # time limits may change between sessions.
 RUN_DEFINING = (
     "family", "holdout", "init", "seed", "batch_size", "learning_rate", "input_size", "shape_aux", "birads_aux",
-    "roi_padding", "augmentation", "mixup", "warm_epochs",
+    "roi_padding", "augmentation", "mixup", "warm_epochs", "square_roi",
 )
 
 
@@ -967,6 +974,11 @@ def main(argv: list[str] | None = None) -> None:
         "--warm-epochs", type=int, default=0,
         help="MUP-Net: the first N of --epochs train the add-on layers and prototypes only, the trunk frozen (ProtoPNet's warm-up; 0: none)",
     )
+    parser.add_argument(
+        "--square-roi", action="store_true",
+        help="cut a square around the grown lesion box (its short side widened) so that the resize keeps the lesion's shape and "
+        "orientation; default: the box itself, stretched to the input size as the papers' crops are; the export records it for serving",
+    )
     parser.add_argument("--init", default="", help="start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); default: random")
     args = parser.parse_args(argv)
     spec = FAMILIES[args.family]
@@ -998,6 +1010,7 @@ def main(argv: list[str] | None = None) -> None:
         augmentation=args.augmentation,
         mixup=args.mixup,
         warm_epochs=args.warm_epochs,
+        square_roi=args.square_roi,
     )
     try:
         check_mixup(config)
@@ -1005,7 +1018,7 @@ def main(argv: list[str] | None = None) -> None:
         members = member_configs(config)
     except ValueError as exc:
         parser.error(str(exc))
-    spec = with_augmentation(with_roi_padding(spec, config.roi_padding), config.augmentation)
+    spec = with_square_roi(with_augmentation(with_roi_padding(spec, config.roi_padding), config.augmentation), config.square_roi)
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.training.data import split_for
@@ -133,6 +134,26 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
 
     card = card_markdown(read_manifest(models)["dl_u"], {}, None, str(tiny_busbra))
     assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
+
+
+def test_square_roi_reaches_the_config_the_served_entry_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
+    from models.cards import card_markdown
+    from models.family_runtime import load_family_scorer
+    from models.registry import read_manifest
+    from models.training import train_family
+
+    models = tmp_path / "models"
+    train_family.main(
+        ["dl_u", "--datasets", str(tiny_busbra), "--work", str(tmp_path / "work"), "--output", str(models),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1", "--square-roi"]
+    )
+    assert json.loads((tmp_path / "work" / "config.json").read_text())["square_roi"] is True
+    entry = read_manifest(models)["dl_u"]
+    assert entry.parameters["roi_square"] is True
+    assert "on every side, then its short side widened to a square" in card_markdown(entry, {}, None, str(tiny_busbra))
+    gray = np.zeros((300, 400), dtype=np.uint8)
+    # DL-U grows a 90 x 30 box by 30 % of its shortest side (9 px) per side: 108 x 48, served as 108 x 108.
+    assert load_family_scorer(entry, models).score(gray, (150, 100, 90, 30)).roi_box == (141, 61, 108, 108)
 
 
 def test_strong_augmentation_and_mixup_are_recorded_in_the_config_the_manifest_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:

@@ -112,3 +112,50 @@ def test_a_run_resumes_only_under_the_settings_it_was_started_with(tmp_path: Pat
     check_resumable(tmp_path, {**started, "epochs": 40, "threads": 1}, defining)  # more epochs, other threads: same run
     with pytest.raises(SystemExit, match=r"init: '' -> 'runs/pretrain-masks/dlr_bm/best.pt'; seed: 1 -> 2\).*another --work"):
         check_resumable(tmp_path, {**started, "init": "runs/pretrain-masks/dlr_bm/best.pt", "seed": 2}, defining)
+
+
+@pytest.mark.parametrize(
+    ("box", "expected"),
+    [
+        ((10, 20, 30, 10), (10, 10, 30, 30)),  # wider than tall: widened about its centre
+        ((40, 5, 8, 24), (32, 5, 24, 24)),  # taller than wide
+        ((0, 0, 50, 10), (0, 0, 50, 50)),  # at the top-left corner: moved inward, not clipped
+        ((150, 90, 40, 10), (150, 60, 40, 40)),  # at the bottom edge
+        ((0, 20, 180, 40), (0, 0, 180, 100)),  # wider than the image is tall: only then cut to the image
+    ],
+)
+def test_square_box_keeps_the_box_inside_a_square_window(box: tuple[int, int, int, int], expected: tuple[int, int, int, int]) -> None:
+    from models.preprocess import square_box
+
+    window = square_box(box, (100, 200))
+    assert window == expected
+    x, y, w, h = box
+    wx, wy, ww, wh = window
+    assert wx <= x and wy <= y and x + w <= wx + ww and min(y + h, 100) <= wy + wh  # the lesion stays whole
+    assert 0 <= wx and 0 <= wy and wx + ww <= 200 and wy + wh <= 100
+
+
+def test_square_rois_keep_a_lesions_orientation_that_the_stretched_box_loses() -> None:
+    wide, tall = _lesion_sample((60, 80, 90, 30)), _lesion_sample((110, 40, 30, 90))
+    stretched = train_family.FAMILIES["dlr_bm"]
+    square = train_family.with_square_roi(stretched, True)
+    assert train_family.with_square_roi(stretched, False) is stretched and square.roi.square
+
+    def dark_extent(spec: train_family.FamilySpec, sample: train_family.LesionSample) -> tuple[int, int]:
+        crop = spec.roi.evaluation_input(sample, 64)[0, 0]
+        rows, cols = np.nonzero(crop < (crop.min() + crop.max()) / 2)
+        return int(np.ptp(rows)) + 1, int(np.ptp(cols)) + 1
+
+    # The stretched box turns both lesions into the same near-round blob.
+    for sample in (wide, tall):
+        rows, cols = dark_extent(stretched, sample)
+        assert abs(rows - cols) <= 4
+    # The square window keeps them 3:1 and 1:3.
+    rows, cols = dark_extent(square, wide)
+    assert cols > 2.5 * rows
+    rows, cols = dark_extent(square, tall)
+    assert rows > 2.5 * cols
+    crops = [square.roi.training_input(wide, 64, np.random.default_rng(k))[0, 0] for k in range(6)]
+    for crop in crops:
+        rows_idx, cols_idx = np.nonzero(crop < (crop.min() + crop.max()) / 2)
+        assert np.ptp(cols_idx) > 2 * np.ptp(rows_idx)  # training crops are square windows too
