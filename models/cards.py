@@ -288,6 +288,13 @@ SEGMENTER_LIMITS = (
 )
 
 
+def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
+    """Which epoch the refiner shipped from, and of how many where the export recorded its recipe (since 0.5.0)."""
+    epoch = int(parameters.get("train_epoch", 0)) + 1
+    epochs = (parameters.get("training") or {}).get("epochs")
+    return f"Epoch {epoch} of {epochs}, chosen" if epochs else f"Epoch {epoch}, chosen"
+
+
 def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None) -> str:
     """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out lesion images."""
     parameters = entry.parameters
@@ -310,7 +317,7 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
                 f"(each lesion's box grown by {refiner.parameters.get('window_expand')} of its size per side, jittered in training as "
                 f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component at about its "
                 "native resolution; the refined component that overlaps the coarse one most replaces it (none: the coarse one stays). "
-                f"Best of {refiner.parameters.get('train_epoch', 0) + 1} epochs by validation Dice on the windows "
+                f"{_refiner_epoch(refiner.parameters)} by validation Dice on the windows "
                 f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py refiner --bf16`.",
                 "",
             ]

@@ -35,7 +35,7 @@ from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, 
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 
 VERSION = "0.1.0"
-REFINER_VERSION = "0.4.0"
+REFINER_VERSION = "0.5.0"
 FP16_TOLERANCE = 0.05  # max abs difference of logits accepted for the fp16 file
 ROI_EXPAND = 0.2
 CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
@@ -67,6 +67,14 @@ def _export(module: torch.nn.Module, size: int, outputs: list[str], destination:
         chosen = fp16 if worst["fp16"] <= FP16_TOLERANCE else fp32
         destination.write_bytes(chosen.read_bytes())
     return {"precision": "float16" if chosen == fp16 else "float32", "max_abs_logit_diff_fp32": worst["fp32"], "max_abs_logit_diff_fp16": worst["fp16"]}
+
+
+RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "seed")
+
+
+def training_recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's recipe as the manifest records it, so that a test can hold ``make train`` to the shipped model's."""
+    return {key: config[key] for key in RECIPE_KEYS}
 
 
 def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -283,7 +291,8 @@ def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any],
     entry = ModelEntry(
         role="us_segmenter", name="BreastAI-US-UNet-EffB0", version=VERSION, file="us_segmenter.onnx",
         sha256=sha256_of(out / "us_segmenter.onnx"),
-        parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"], **exported},
+        parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"],
+                    "training": training_recipe(seg_meta["config"]), **exported},
     )
     merge_into_manifest(out, {"us_segmenter": entry})
 
@@ -307,7 +316,8 @@ def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
         sha256=sha256_of(out / "us_refiner.onnx"),
         parameters={
             "input_size": size, "threshold": 0.5, "window_expand": WINDOW_EXPAND, "train_epoch": meta["epoch"],
-            "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none", **exported,
+            "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none",
+            "training": training_recipe(meta["config"]), **exported,
         },
     )
     merge_into_manifest(out, {"us_refiner": entry})

@@ -32,7 +32,7 @@ from models.preprocess import Box
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
 from models.training.data import US_DATASETS, Record, birads_high, load_records, read_gray
 
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 TASKS = {"malignancy": ("lexicon", "BreastAI-US-Lexicon-Logistic"), "birads_high": ("lexicon_lh", "BreastAI-US-Lexicon-Logistic-LH")}
 
 

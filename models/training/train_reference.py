@@ -320,7 +320,7 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
 
 DEFAULTS = {
     "segmenter": {"epochs": 9, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
-    "refiner": {"epochs": 24, "batch_size": 16, "learning_rate": 2e-3, "input_size": 128},
+    "refiner": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-3, "input_size": 128},
     "classifier": {"epochs": 18, "batch_size": 32, "learning_rate": 1e-3, "input_size": 128},
 }
 

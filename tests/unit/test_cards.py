@@ -44,3 +44,11 @@ def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> 
         overall = report["families"][role]["classification"]["all"]
         assert f"| All | {overall['n']} |" in text and f"{overall['auc']:.3f} (" in text
     assert "## DeLong comparisons, malignancy" in text
+
+
+def test_segmenter_card_says_which_refiner_epoch_shipped_and_of_how_many() -> None:
+    from models.cards import _refiner_epoch
+
+    assert _refiner_epoch({"train_epoch": 9, "training": {"epochs": 12}}) == "Epoch 10 of 12, chosen"
+    # Before 0.5.0 the export did not record the recipe: the card cannot say how many epochs ran.
+    assert _refiner_epoch({"train_epoch": 15}) == "Epoch 16, chosen"
