@@ -519,3 +519,40 @@ def test_weight_average_is_the_running_mean_and_counts_an_epoch_once(tmp_path: P
     average.add(layer, 2)  # a resumed run repeating its last epoch
     resumed = WeightAverage(tmp_path)
     assert resumed.epochs == [0, 1, 2] and torch.allclose(resumed.mean["weight"], torch.full((1, 2), 3.0))
+
+
+def test_lh_member_trial_trains_on_lh_labels_and_mixes_with_dlr_lh_by_image(tiny_busbra: Path, tmp_path: Path) -> None:
+    import csv
+    import importlib.util
+
+    import numpy as np
+
+    from models.training import train_family
+    from models.training.data import birads_high
+
+    spec_file = Path(__file__).resolve().parents[2] / "scripts" / "trial_lh_members.py"
+    module_spec = importlib.util.spec_from_file_location("trial_lh_members", spec_file)
+    assert module_spec is not None and module_spec.loader is not None
+    trial = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(trial)
+
+    val = train_family.split_samples(train_family.FAMILIES["dlr_lh"], tiny_busbra)["val"]
+    predictions = tmp_path / "predictions.csv"
+    with predictions.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["family", "id", "dataset", "device", "label", "probability", "positive"])
+        for sample in val:  # a perfect DLR_LH: the mix must find each image's score by its id
+            high = birads_high(sample.record.birads)
+            writer.writerow(["dlr_lh", sample.record.image_id, "busbra", "x", high, 0.9 if high else 0.1, high])
+            writer.writerow(["consensus", sample.record.image_id, "busbra", "x", sample.label, 0.5, 0])
+    lines = trial.main(
+        ["dl_u", "--seed", "3", "--datasets", str(tiny_busbra), "--predictions", str(predictions), "--work-root", str(tmp_path / "trial"),
+         "--epochs", "1", "--batch-size", "4", "--input-size", "32"]
+    )
+    assert lines[0].startswith(f"dl_u_lh seed 3 all n={len(val)}: alone ") and "dlr_lh 1.000" in lines[0]
+    assert lines[1].startswith(f"dl_u_lh seed 3 busbra n={len(val)}: ")
+    work = tmp_path / "trial" / "dl_u_lh_3"
+    assert np.load(work / "val_scores.npy").shape == (len(val),)
+    config = json.loads((work / "config.json").read_text())
+    assert (config["family"], config["epochs"], config["input_size"], config["bf16"]) == ("dl_u_lh", 1, 32, False)
+    assert "dl_u_lh" not in train_family.FAMILIES  # the trial's family does not outlive it
