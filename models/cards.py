@@ -289,9 +289,9 @@ SEGMENTER_LIMITS = (
 
 
 def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
-    """Which epoch the refiner shipped from, and of how many where the export recorded its recipe (since 0.5.0)."""
+    """Which epoch the refiner shipped from, and of how many ran where the export recorded it (since 0.5.0)."""
     epoch = int(parameters.get("train_epoch", 0)) + 1
-    epochs = (parameters.get("training") or {}).get("epochs")
+    epochs = (parameters.get("training") or {}).get("epochs_run")
     return f"Epoch {epoch} of {epochs}, chosen" if epochs else f"Epoch {epoch}, chosen"
 
 

@@ -72,9 +72,12 @@ def _export(module: torch.nn.Module, size: int, outputs: list[str], destination:
 RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "seed")
 
 
-def training_recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """The run's recipe as the manifest records it, so that a test can hold ``make train`` to the shipped model's."""
-    return {key: config[key] for key in RECIPE_KEYS}
+def training_recipe(config: dict[str, Any], epochs_run: int) -> dict[str, Any]:
+    """The run's recipe as the manifest records it, so that a test can hold ``make train`` to the shipped model's.
+
+    ``epochs_run`` differs from the recipe's ``epochs`` where ``--max-minutes`` stopped the run early.
+    """
+    return {**{key: config[key] for key in RECIPE_KEYS}, "epochs_run": epochs_run}
 
 
 def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -82,7 +85,8 @@ def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     config = json.loads((work / part / "config.json").read_text())
     model = lesion_segmenter() if part == "segmenter" else lesion_refiner() if part == "refiner" else roi_classifier()
     model.load_state_dict(state["model"])
-    return model, {"epoch": int(state["epoch"]), "val_score": float(state["score"]), "config": config}
+    last = torch.load(work / part / "last.pt", map_location="cpu", weights_only=False)
+    return model, {"epoch": int(state["epoch"]), "val_score": float(state["score"]), "config": config, "epochs_run": int(last["epoch"]) + 1}
 
 
 def _evaluate_segmenter(pipeline: BModePipeline, records: list[Record]) -> dict[str, Any]:
@@ -292,7 +296,7 @@ def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any],
         role="us_segmenter", name="BreastAI-US-UNet-EffB0", version=VERSION, file="us_segmenter.onnx",
         sha256=sha256_of(out / "us_segmenter.onnx"),
         parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"],
-                    "training": training_recipe(seg_meta["config"]), **exported},
+                    "training": training_recipe(seg_meta["config"], seg_meta["epochs_run"]), **exported},
     )
     merge_into_manifest(out, {"us_segmenter": entry})
 
@@ -317,7 +321,7 @@ def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
         parameters={
             "input_size": size, "threshold": 0.5, "window_expand": WINDOW_EXPAND, "train_epoch": meta["epoch"],
             "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none",
-            "training": training_recipe(meta["config"]), **exported,
+            "training": training_recipe(meta["config"], meta["epochs_run"]), **exported,
         },
     )
     merge_into_manifest(out, {"us_refiner": entry})
@@ -371,7 +375,10 @@ def main(argv: list[str] | None = None) -> None:
         "us_segmenter": ModelEntry(
             role="us_segmenter", name="BreastAI-US-UNet-EffB0", version=VERSION, file="us_segmenter.onnx",
             sha256=sha256_of(out / "us_segmenter.onnx"),
-            parameters={"input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"], **seg_export},
+            parameters={
+                "input_size": seg_size, "threshold": 0.5, "min_area_fraction": 0.002, "train_epoch": seg_meta["epoch"],
+                "training": training_recipe(seg_meta["config"], seg_meta["epochs_run"]), **seg_export,
+            },
         ),
         "us_classifier": ModelEntry(
             role="us_classifier", name="BreastAI-US-ROI-ResNet18", version=VERSION, file="us_classifier.onnx",

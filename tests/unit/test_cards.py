@@ -49,6 +49,8 @@ def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> 
 def test_segmenter_card_says_which_refiner_epoch_shipped_and_of_how_many() -> None:
     from models.cards import _refiner_epoch
 
-    assert _refiner_epoch({"train_epoch": 9, "training": {"epochs": 12}}) == "Epoch 10 of 12, chosen"
+    assert _refiner_epoch({"train_epoch": 9, "training": {"epochs": 12, "epochs_run": 12}}) == "Epoch 10 of 12, chosen"
+    # A run that --max-minutes stopped early says how many epochs ran, not how many the recipe planned.
+    assert _refiner_epoch({"train_epoch": 3, "training": {"epochs": 12, "epochs_run": 5}}) == "Epoch 4 of 5, chosen"
     # Before 0.5.0 the export did not record the recipe: the card cannot say how many epochs ran.
     assert _refiner_epoch({"train_epoch": 15}) == "Epoch 16, chosen"
