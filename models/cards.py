@@ -46,7 +46,7 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
     "dl_u": {
         "paper": "Xu et al., 2025 (DL-UM, ultrasound branch DL-U)",
         "architecture": "VGG19-style branch: blocks of 2, 2, 4, 4, 4 convolutions, BN + ReLU after each block's last convolution, max-pool after blocks 1-4; deep supervision heads (GAP -> FC64 -> FC1) after every block; focal loss on all heads. CAM of the block-5 head, exact (affine head).",
-        "deviations": "Quarter-width filters (16..128) and 96-112 px input for the CPU budget; from scratch. ROI grown by 30 % of the shortest side, min-max normalised, as the paper. AdamW at 1e-3 instead of the paper's Adam at 1e-4; focal loss with alpha 0.25, gamma 2 (the paper gives neither) on class-balanced batches; the checkpoint is chosen by validation AUC, not the lowest validation loss. The served CAM is block 5's only (the paper shows one per block).",
+        "deviations": "Quarter-width filters (16..128) and 96 px input for the CPU budget; from scratch. ROI grown by 30 % of the shortest side, min-max normalised, as the paper. AdamW at 1e-3 instead of the paper's Adam at 1e-4; focal loss with alpha 0.25, gamma 2 (the paper gives neither) on class-balanced batches; the checkpoint is chosen by validation AUC, not the lowest validation loss. The served CAM is block 5's only (the paper shows one per block).",
         "limits": "The fused DL-UM network needs paired US and MG of the same lesion; no public set has them, so only the branches are trained.",
     },
     "dl_m": {
@@ -253,7 +253,7 @@ def card_markdown(
     lines += [
         "",
         f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
-        + (f"{training['autocast']} autocast (fp32 weights), " if training.get("autocast") else "")
+        + _precision(training)
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; {_weights_chosen(training)}. "
         + _roi_rule(parameters)
         + _augmentation_rule(training)
@@ -422,6 +422,15 @@ def _roi_rule(parameters: Mapping[str, Any]) -> str:
     side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
     square = ", then its short side widened to a square (the resize keeps the lesion's shape)" if parameters.get("roi_square") else ""
     return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
+
+
+def _precision(training: Mapping[str, Any]) -> str:
+    """The arithmetic the network was trained in; exports before autocast existed recorded none, so they say nothing."""
+    if "autocast" not in training:
+        return ""
+    if training["autocast"]:
+        return f"{training['autocast']} autocast (fp32 weights), "
+    return "fp32 (no autocast), "
 
 
 def _stage_cycles(training: Mapping[str, Any]) -> str:

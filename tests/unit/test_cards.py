@@ -54,3 +54,14 @@ def test_segmenter_card_says_which_refiner_epoch_shipped_and_of_how_many() -> No
     assert _refiner_epoch({"train_epoch": 3, "training": {"epochs": 12, "epochs_run": 5}}) == "Epoch 4 of 5, chosen"
     # Before 0.5.0 the export did not record the recipe: the card cannot say how many epochs ran.
     assert _refiner_epoch({"train_epoch": 15}) == "Epoch 16, chosen"
+
+
+def test_the_card_names_the_arithmetic_the_network_was_trained_in() -> None:
+    from models.cards import _precision
+
+    assert _precision({"autocast": "bfloat16"}) == "bfloat16 autocast (fp32 weights), "
+    # An explicit null is a run without autocast; an export from before autocast existed recorded nothing to report.
+    assert _precision({"autocast": None}) == "fp32 (no autocast), "
+    assert _precision({}) == ""
+    assert "fp32 (no autocast)" in (CARDS / "dl_u.md").read_text()
+    assert "bfloat16 autocast" in (CARDS / "dlr_bm.md").read_text()
