@@ -42,7 +42,6 @@ from models.training.train_family import (
     member_configs,
 )
 
-VERSION = "0.8.0"  # 0.3.0: longer schedules under bf16 autocast (DLR_BM, DL-U); 0.5.0: DL-U retrained in fp32; 0.6.0: MUP-Net with repeated stages; 0.7.0: DLR_BM and CLDLR from mask pretraining; 0.8.0: DLR_BM's shorter recipe (12 pretraining epochs, 20 epochs)
 FP16_TOLERANCE = 0.05
 NAMES = {
     "dlr_lh": "BreastAI-DLR_LH-ResNet50",
@@ -346,7 +345,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "notes": spec.notes,
         },
     }
-    entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=VERSION, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
+    entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=spec.version, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
     merge_into_manifest(output, {spec.name: entry})
     storage = " with int8 convolution weights" if (parameters.get("weight_storage") or {}).get("accepted") else ""
     print(f"exported {spec.name}: {parameters['precision']}{storage}, operating point {parameters['operating_point']:.3f}", flush=True)

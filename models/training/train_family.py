@@ -176,6 +176,10 @@ class FamilySpec:
     batch_size: int
     learning_rate: float
     input_size: int
+    # The recipe's release, written into the export and from there into every SR's algorithm version: it changes when
+    # the recipe does, so a model is traceable to the recipe that made it (a retrained model of the same recipe keeps
+    # the version and differs by its sha256).
+    version: str
     notes: str = ""
     optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None  # default: AdamW over trainable parameters
     push_cycles: int = 1  # MUP-Net: how many times its projection and last-layer stages run (the paper repeats them)
@@ -226,32 +230,32 @@ CLDLR_WIDTH = 0.5
 FAMILIES: dict[str, FamilySpec] = {
     "dlr_lh": FamilySpec(
         "dlr_lh", "birads_high", ("busbra", "breast_lesions"), lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True, version="0.3.0",
         notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
     ),
     "dlr_bm": FamilySpec(
         "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=20, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True,
+        epochs=20, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True, version="0.8.0",
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
     "cldlr": FamilySpec(
         "cldlr", "malignancy", US_DATASETS, lambda: cldlr.VGG11Radiomics(width=CLDLR_WIDTH), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=10, batch_size=16, learning_rate=5e-4, input_size=128,
+        epochs=10, batch_size=16, learning_rate=5e-4, input_size=128, version="0.7.0",
         notes="VGG11 feature network; the SVMs are fitted in the finish stage",
     ),
     "dl_u": FamilySpec(
         "dl_u", "malignancy", US_DATASETS, lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
-        epochs=40, batch_size=16, learning_rate=1e-3, input_size=96,
+        epochs=40, batch_size=16, learning_rate=1e-3, input_size=96, version="0.5.0",
         notes="DL-UM ultrasound branch, focal loss on all five block heads",
     ),
     "dl_m": FamilySpec(
         "dl_m", "malignancy", ("mias",), lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
-        epochs=30, batch_size=16, learning_rate=1e-3, input_size=96,
+        epochs=30, batch_size=16, learning_rate=1e-3, input_size=96, version="0.2.0",
         notes="DL-UM mammography branch on mini-MIAS finding patches (circle around the listed centre and radius)",
     ),
     "mupnet": FamilySpec(
         "mupnet", "malignancy", US_DATASETS, lambda: mupnet.MUPNet(modalities=1), _mupnet_loss, _mupnet_positive, ZSCORE_ROI,
-        epochs=10, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer, push_cycles=3, push_epochs=5,
+        epochs=10, batch_size=16, learning_rate=2e-4, input_size=128, optimizer=_mupnet_optimizer, push_cycles=3, push_epochs=5, version="0.7.0",
         notes="MUP-Net with M = 1 (B-mode): no public Doppler or elastography set exists",
     ),
 }

@@ -160,6 +160,9 @@ def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -
     assert spec.ensemble == (training.get("ensemble") or {}).get("members", 1)
     storage = read_manifest(BUNDLED_MODEL_DIR)[family].parameters.get("weight_storage") or {}
     assert spec.int8_weights == bool(storage.get("accepted"))
+    # The version an export writes (and every SR then reports) is the recipe's release; compress_weights marks its
+    # int8 copy of the same network with "+int8".
+    assert read_manifest(BUNDLED_MODEL_DIR)[family].version.removesuffix("+int8") == spec.version
 
 
 

@@ -51,6 +51,7 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
     entry = read_manifest(models)[family]
     verified_path(entry, models)
     assert entry.parameters["family"] == family and 0.0 <= entry.parameters["operating_point"] <= 1.0
+    assert entry.version == train_family.FAMILIES[family].version  # the recipe's release, not one counter for all
     assert entry.parameters["max_abs_diff_fp32"] < 1e-3
     if family == "cldlr":
         assert set(entry.parameters["side_files"]) == {"clinical", "dlr", "cldlr"}
