@@ -190,7 +190,7 @@ def initialisation(config: RunConfig) -> str:
         recipe = "a checkpoint of this network"
     if settings.get("holdout"):
         recipe += f", without any image of {settings['holdout']}"
-    return f"{recipe}, then trained with the paper's recipe; start checkpoint sha256 {sha256_of(checkpoint)}"
+    return f"{recipe}, then trained with its family's recipe (the card lists where it departs from the paper); start checkpoint sha256 {sha256_of(checkpoint)}"
 
 
 def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, list[str], list[str]]:

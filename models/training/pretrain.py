@@ -4,7 +4,7 @@ The papers start from ImageNet weights, which cannot be had here. This
 recipe is the issue's suggested stand-in: contrastive pretraining of the
 family's own network on every ultrasound image of the training split
 (normal images included), then ``breastai train FAMILY --init
-runs/pretrain/FAMILY/best.pt`` fine-tunes it with the paper's recipe.
+runs/pretrain/FAMILY/best.pt`` fine-tunes it with its family's recipe.
 
 - Views (SimCLR, Chen et al. 2020): each image gives one anchor region, a
   lesion box grown by 0-60 % where the image has a mask (the masks place
