@@ -5,9 +5,10 @@
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
-#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
+#   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
 #   make train-consensus  refit the consensus of the exported families (after any family changed)
+#   make train-lh-consensus  opt-in: DL-U's network on LH (dl_u_lh) and its mean with DLR_LH, read by the 4A co-decision
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
 #   make external       external validation: the consensus members trained without HOLDOUT (busbra), scored on all of it
 #   make samples        regenerate samples/ (scripts/make_samples.py)
@@ -30,7 +31,7 @@ VAR_DIR       ?= var
 # The development datasets (read-only; never committed).
 DATASETS      ?= ../shared/datasets
 # Paper model families with real training data (see MODELS.md), and where `make evaluate` writes.
-FAMILIES      := dlr_lh dlr_bm cldlr dl_u dl_m mupnet
+FAMILIES      := dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet
 EVALUATION    ?= var/evaluation
 # Flags of `breastai serve` (see `breastai serve --help`); override on the command line.
 # CPU is implicit (ONNX Runtime) and the reference models are the bundled default
@@ -60,7 +61,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -218,6 +219,11 @@ train-lexicon: train-venv
 # Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
 train-consensus: venv
 	$(VENV)/bin/breastai train consensus --datasets $(DATASETS)
+
+# Opt-in, not part of make train (it missed the adoption bar: README "Models"): DL-U's network trained on DLR_LH's
+# BI-RADS 2/3 vs 4/5 labels (two seeds), averaged with DLR_LH as consensus_lh, which the 4A co-decision then reads.
+train-lh-consensus: train-dl_u_lh
+	$(VENV)/bin/breastai train consensus --task birads_high --datasets $(DATASETS)
 
 # The cards quote the evaluation, and tests/unit/test_cards.py checks them against the copy kept beside them.
 evaluate: venv

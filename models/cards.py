@@ -49,6 +49,12 @@ FAMILY_TEXT: dict[str, dict[str, str]] = {
         "deviations": "Quarter-width filters (16..128) and 96 px input for the CPU budget; from scratch. ROI grown by 30 % of its shortest side on every side (the paper's 'expanded by 30% of their shortest lengths' could also mean 30 % in all), min-max normalised, as the paper. AdamW at 1e-3 (weight decay 1e-4, one-epoch warm-up, cosine decay) instead of the paper's Adam at 1e-4; focal loss with alpha 0.25, gamma 2 (the paper gives neither) on class-balanced batches; the checkpoint is chosen by validation AUC, not the lowest validation loss; one train/validation/test split instead of the paper's five-fold cross-validation. The served CAM is block 5's only (the paper shows one per block).",
         "limits": "The fused DL-UM network needs paired US and MG of the same lesion; no public set has them, so only the branches are trained.",
     },
+    "dl_u_lh": {
+        "paper": "Xu et al., 2025 (DL-UM's ultrasound branch) on the task of Lu et al., QIMS 2025 (DLR_LH)",
+        "architecture": "DL-U's network and recipe (VGG19-style branch, deep supervision, focal loss, CAM of the block-5 head), trained on DLR_LH's labels: BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST. It serves as a member of the LH consensus (`consensus_lh`), beside DLR_LH, whose mean the 4A co-decision reads.",
+        "deviations": "Neither paper trains this model: DL-UM classifies benign vs malignant, and Lu et al. read LH from DLR_LH alone. It is here because a second LH network of another architecture, averaged with DLR_LH, ranked validation lesions better than DLR_LH alone or two DLR_LH seeds (`models/HISTORY.md`). DL-U's own deviations from its paper apply (quarter width, 96 px, AdamW at 1e-3, focal alpha 0.25 and gamma 2, the checkpoint by validation AUC, one split).",
+        "limits": "Learns the *assessed* BI-RADS category (2/3 vs 4/5) as the radiologists of BUS-BRA and BrEaST assigned it, not pathology.",
+    },
     "dl_m": {
         "paper": "Xu et al., 2025 (DL-UM, mammography branch DL-M)",
         "architecture": "As DL-U, on mammography patches.",
@@ -224,9 +230,14 @@ def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def card_markdown(
-    entry: ModelEntry, family_report: Mapping[str, Any], four_a: Mapping[str, Any] | None, data: str, cross_validation: Sequence[Mapping[str, Any]] = ()
+    entry: ModelEntry,
+    family_report: Mapping[str, Any],
+    four_a: Mapping[str, Any] | None,
+    data: str,
+    cross_validation: Sequence[Mapping[str, Any]] = (),
+    four_a_lh: str = "dlr_lh",
 ) -> str:
-    """One model card as Markdown."""
+    """One model card as Markdown (``four_a_lh``: the role whose LH score the 4A co-decision read)."""
     text = FAMILY_TEXT.get(entry.role, {})
     parameters = entry.parameters
     training = parameters.get("training", {})
@@ -274,7 +285,8 @@ def card_markdown(
             report_markdown(comparisons=family_report["variants"]),
         ]
     if four_a:
-        lines += ["", "## BI-RADS 4A co-decision (DLR_LH + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
+        lh = "DLR_LH" if four_a_lh == "dlr_lh" else f"`{four_a_lh}` (LH)"
+        lines += ["", f"## BI-RADS 4A co-decision ({lh} + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
     lines += _cross_validation_section(cross_validation)
     lines += ["", "## Known limits", "", f"- {text.get('limits', '')}", "- Trained and measured on public research datasets; performance at a new site, scanner or population must be checked there (`breastai evaluate` on local data).", ""]
@@ -336,11 +348,28 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
 
 
 def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str) -> str:
-    """The consensus's card: its members, the fitted operating point, and its metrics as served."""
+    """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point, and its metrics as served."""
     parameters = entry.parameters
     fitted = parameters.get("fitted", {})
     members = list(parameters.get("members", []))
-    lines = _card_opening(entry, "- **Role:** `consensus` — one headline score from the paper families (`models/consensus.py`)")
+    lh = parameters.get("task") == "birads_high"
+    if lh:
+        identity = f"- **Role:** `{entry.role}` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads (`models/consensus.py`)"
+        why = (
+            "**Deviations from the paper:** Lu et al. read DLR_LH alone. Here DLR_LH is averaged with DL-U's network trained on the "
+            "same labels (`dl_u_lh`, its own card): two networks of different architecture, whose errors are only partly shared. "
+            "It reads the LH score; the BM side of the co-decision is DLR_BM's, as in the paper."
+        )
+        positives, recipe = "assessed BI-RADS 4/5", "`breastai train consensus --task birads_high`"
+    else:
+        identity = "- **Role:** `consensus` — one headline score from the paper families (`models/consensus.py`)"
+        why = (
+            "**Deviations from the papers:** none of the papers ensembles families; this is the project's headline score because "
+            "on the validation split the mean ranked lesions better than any single member (see below), and it needs no weights "
+            "that could be tuned to that split."
+        )
+        positives, recipe = "malignant", "`breastai train consensus`"
+    lines = _card_opening(entry, identity)
     lines += [
         f"The mean of the log-odds of {', '.join(f'`{m}`' for m in members)}, with equal weights "
         "(each member's probability clipped to [1e-4, 1 - 1e-4]); the explanation map is the mean of the members' maps over the "
@@ -350,16 +379,14 @@ def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: st
         "",
         "**Initialisation:** nothing is trained; the members are described in their own cards.",
         "",
-        "**Deviations from the papers:** none of the papers ensembles families; this is the project's headline score because "
-        "on the validation split the mean ranked lesions better than any single member (see below), and it needs no weights "
-        "that could be tuned to that split.",
+        why,
         "",
         "## Data and fitting",
         "",
         f"Only the operating point is fitted: on the validation split ({fitted.get('cases', 'n/a')} lesions, "
-        f"{fitted.get('positives', 'n/a')} malignant; {', '.join(fitted.get('datasets', []))}), members scored as served. "
+        f"{fitted.get('positives', 'n/a')} {positives}; {', '.join(fitted.get('datasets', []))}), members scored as served. "
         f"Validation AUC {fitted.get('auc', 'n/a')} against members {fitted.get('member_auc', {})}. "
-        "Recipe: `breastai train consensus` (`models/training/fit_consensus.py`).",
+        f"Recipe: {recipe} (`models/training/fit_consensus.py`).",
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "with the members as served"),
         "",
@@ -368,6 +395,7 @@ def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: st
         "- The members share their training data and the segmenter's lesion box, so their errors are correlated: the gain over "
         "the best member is modest, and the DeLong comparisons in `models/cards/evaluation/report.md` say whether it is "
         "distinguishable from zero.",
+        *(["- Learns the *assessed* BI-RADS category, as DLR_LH does, not pathology."] if lh else []),
         "- Every member's limits apply (see their cards).",
         "",
     ]
@@ -462,14 +490,15 @@ def write_cards(
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
             continue
-        four_a = report.get("four_a_co_decision") if role in ("dlr_lh", "dlr_bm") else None
+        four_a_lh = str(report.get("four_a_lh_model", "dlr_lh"))  # reports before the LH consensus: DLR_LH
+        four_a = report.get("four_a_co_decision") if role in ("dlr_lh", "dl_u_lh", "dlr_bm") else None
         path = folder / f"{role}.md"
         if is_consensus(entries[role]):
             path.write_text(consensus_card(entries[role], family_report, str(report.get("data"))))
         elif is_lexicon(entries[role]):
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:
-            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data")), cross_validation.get(role, ())))
+            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data")), cross_validation.get(role, ()), four_a_lh))
         written.append(path)
     return written
 

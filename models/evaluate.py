@@ -42,7 +42,7 @@ from models.family_runtime import ClinicalContext, FamilyScorer
 from models.lesions import Component
 from models.lexicon import LexiconScorer
 from models.findings import FamilyScore, ModelInfo
-from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
+from models.pipeline import LH_ROLES, SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
 from models.training.data import EXCLUDED, Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
@@ -320,8 +320,10 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         save_roc_png(output / f"roc_{task}.png", curves, title=f"ROC, {task}")
         # The readers' "probabilities" are the Atlas's category midpoints: no calibration to show.
         save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
-    if "dlr_lh" in scored and "dlr_bm" in scored:
-        report["four_a_co_decision"] = four_a_tally(scored["dlr_lh"], scored["dlr_bm"])
+    lh_role = next((role for role in LH_ROLES if role in scored), None)
+    if lh_role is not None and "dlr_bm" in scored:
+        report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored["dlr_bm"])
+        report["four_a_lh_model"] = lh_role
     outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
     if outlined:  # a mammography-only folder has no ultrasound masks to score
         report["segmentation"] = segmentation_report(outlined, resamples=resamples)

@@ -124,7 +124,7 @@ class Lesion:
         Every configured family's result, the primary one (which gave
         ``malignancy_probability`` and ``cam``) first.
     co_decision
-        DLR_LH + DLR_BM's BI-RADS 4A recommendation when both ran.
+        The BI-RADS 4A recommendation of DLR_BM with the LH score (the LH consensus, or DLR_LH) when both ran.
     """
 
     outline_xy: npt.NDArray[np.float32]

@@ -14,7 +14,8 @@ Arrays in, findings out. Given the grayscale scan region of one frame:
 4. a consensus entry (:mod:`models.consensus`) combines its member
    families' scores of the lesion into one;
 5. the first malignancy family is the primary score (legend, overlay); with
-   both DLR models the BI-RADS 4A co-decision is added.
+   DLR_BM and an LH score (the LH consensus, or DLR_LH alone) the BI-RADS
+   4A co-decision is added.
 
 Which families run is configuration: a list of manifest roles, by default
 the manifest's ``default_pipelines`` entry for the modality. A consensus in
@@ -189,8 +190,8 @@ class BModePipeline:
         primary = scores[0]
         by_family = {s.family: s for s in scores}
         decision = None
-        if "dlr_lh" in by_family and "dlr_bm" in by_family:
-            lh, bm = by_family["dlr_lh"], by_family["dlr_bm"]
+        lh, bm = lh_score(by_family), by_family.get("dlr_bm")
+        if lh is not None and bm is not None:
             decision = co_decision(lh.probability, bm.probability, lh.threshold, bm.threshold)
         return Lesion(
             outline_xy=outline,
@@ -201,6 +202,16 @@ class BModePipeline:
             family_scores=scores,
             co_decision=decision,
         )
+
+
+#: Where the 4A co-decision reads its BI-RADS 2/3 vs 4/5 score, first present: the LH consensus (DLR_LH with DL-U's
+#: network trained on the same labels, models.training.fit_consensus) where it runs, else DLR_LH alone, as the paper.
+LH_ROLES = ("consensus_lh", "dlr_lh")
+
+
+def lh_score(by_family: Mapping[str, FamilyScore]) -> FamilyScore | None:
+    """The LH score the BI-RADS 4A co-decision reads (:data:`LH_ROLES`), or None when no LH model ran."""
+    return next((by_family[role] for role in LH_ROLES if role in by_family), None)
 
 
 TASK_LABELS = {"malignancy": "malignancy", "birads_high": "BI-RADS 4/5"}

@@ -3,8 +3,11 @@
     breastai evaluate ../shared/datasets --split val --output runs/val
     python scripts/trial_lh_members.py dl_u --seed 20261121 --bf16 --predictions runs/val/predictions.csv
 
-DLR_LH (BI-RADS 2/3 vs 4/5) is the only LH model the service has, and seed
-ensembles of it did not help (``models/HISTORY.md``). This asks whether a
+DLR_LH (BI-RADS 2/3 vs 4/5) was the only LH model the service had, and seed
+ensembles of it did not help (``models/HISTORY.md``). What this trial found
+for DL-U's network is now a recipe (``dl_u_lh``) and an opt-in served role
+(``consensus_lh``, ``make train-lh-consensus``); the trial stays for the
+other families' networks. This asks whether a
 network of another architecture, trained on the same LH labels with its own
 family's recipe (loss, ROI, epochs), adds to it: it trains that network
 (stage ``network`` of ``breastai train``, one thread unless told) under

@@ -19,7 +19,7 @@ from torch import nn
 #: Families whose serving outputs can be averaged member by member. CLDLR's
 #: SVMs and MUP-Net's projected prototypes belong to one network's feature
 #: space, so a mean over members would not be the paper's model.
-ENSEMBLE_FAMILIES = frozenset({"dl_u", "dl_m", "dlr_bm", "dlr_lh"})
+ENSEMBLE_FAMILIES = frozenset({"dl_u", "dl_u_lh", "dl_m", "dlr_bm", "dlr_lh"})
 
 
 class MemberMean(nn.Module):

@@ -63,8 +63,9 @@ from models.training.train_family import (
     train_network,
 )
 
-#: Families whose served score is the network's output, so that cross-validating the network cross-validates the model.
-CROSS_VALIDATED = tuple(sorted(name for name in FAMILIES if name not in FINISHERS))
+#: Families whose served score is one network's output, so that cross-validating the network cross-validates the model
+#: (a seed ensemble's served score is several networks' mean, which the folds here do not train).
+CROSS_VALIDATED = tuple(sorted(name for name, spec in FAMILIES.items() if name not in FINISHERS and spec.ensemble == 1))
 
 
 def patient_folds(samples: list[LesionSample], folds: int) -> list[int]:

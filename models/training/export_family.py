@@ -48,6 +48,7 @@ NAMES = {
     "dlr_bm": "BreastAI-DLR_BM-ResNet50",
     "cldlr": "BreastAI-CLDLR-VGG11-SVM",
     "dl_u": "BreastAI-DL-U-VGG19style",
+    "dl_u_lh": "BreastAI-DL-U-LH-VGG19style",
     "dl_m": "BreastAI-DL-M-VGG19style",
     "mupnet": "BreastAI-MUP-Net-ResNet18-Bmode",
 }

@@ -1,4 +1,4 @@
-"""Fit the consensus entry (:mod:`models.consensus`) of a model folder on the validation split.
+"""Fit a consensus entry (:mod:`models.consensus`) of a model folder on the validation split.
 
 ``python -m models.training.fit_consensus --datasets ../shared/datasets``
 (or ``breastai train consensus``) scores each member family exactly as
@@ -6,8 +6,14 @@ served (exported graphs, ground-truth lesion box) on the validation split,
 takes the mean of their log-odds, picks the operating point by Youden's J,
 and writes ``consensus.json`` (the members' sha256) plus the manifest entry.
 Nothing else is fitted: the weights are equal by design, so the validation
-split decides only the threshold. The consensus becomes the first entry of
-the folder's default US list, i.e. the headline score.
+split decides only the threshold. The benign/malignant consensus becomes
+the first entry of the folder's default US list, i.e. the headline score.
+
+``--task birads_high`` fits the BI-RADS 2/3 vs 4/5 consensus
+(``consensus_lh.json``, role ``consensus_lh``) of DLR_LH and DL-U's network
+trained on the same labels (``dl_u_lh``), by the same rule; it takes
+DLR_LH's place in the US list, and the BI-RADS 4A co-decision reads it
+instead of DLR_LH alone.
 
 Needs no torch; run it again whenever a member is retrained (a changed
 member makes the service refuse the stale consensus at start-up).
@@ -16,7 +22,8 @@ member makes the service refuse the stale consensus at start-up).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
@@ -25,14 +32,72 @@ from models.evaluation import auc, youden_threshold
 from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
 from models.training.data import US_DATASETS, load_records
 
-DEFAULT_MEMBERS = ("dlr_bm", "cldlr", "dl_u", "mupnet")
-ROLE = "consensus"
-NAME = "BreastAI-Consensus-MeanLogOdds"
-VERSION = "0.7.0"  # 0.4.0: refit after MUP-Net 0.6.0, on the near-duplicate-aware validation split; 0.5.0: after DLR_BM and CLDLR 0.7.0; 0.6.0: after MUP-Net 0.7.0; 0.7.0: after DLR_BM 0.8.0
+@dataclass(frozen=True)
+class ConsensusRecipe:
+    """One consensus the project fits: its role, identity, task, default members and where it sits in the US list."""
+
+    role: str
+    name: str
+    version: str
+    task: str
+    members: tuple[str, ...]
+    datasets: tuple[str, ...]
+    headline: bool  # first in the US list (the headline score) rather than in place of its first member
 
 
-def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFAULT_MEMBERS, holdout: str = "") -> ModelEntry:
+#: ``breastai train consensus [--task T]``: the benign/malignant headline, and the BI-RADS 2/3 vs 4/5 score the 4A
+#: co-decision reads (``models.pipeline.lh_score``). Both are the same rule, equal-weight mean log-odds.
+CONSENSUSES = {
+    "malignancy": ConsensusRecipe(
+        "consensus",
+        "BreastAI-Consensus-MeanLogOdds",
+        # 0.4.0: refit after MUP-Net 0.6.0, on the near-duplicate-aware validation split; 0.5.0: after DLR_BM and CLDLR
+        # 0.7.0; 0.6.0: after MUP-Net 0.7.0; 0.7.0: after DLR_BM 0.8.0
+        "0.7.0",
+        "malignancy",
+        ("dlr_bm", "cldlr", "dl_u", "mupnet"),
+        US_DATASETS,
+        headline=True,
+    ),
+    "birads_high": ConsensusRecipe(
+        "consensus_lh",
+        "BreastAI-Consensus-LH-MeanLogOdds",
+        "0.1.0",
+        "birads_high",
+        ("dlr_lh", "dl_u_lh"),
+        ("busbra", "breast_lesions"),
+        headline=False,
+    ),
+}
+DEFAULT_MEMBERS = CONSENSUSES["malignancy"].members
+
+
+def _us_list(recipe: ConsensusRecipe, members: Sequence[str]) -> Callable[[dict[str, list[str]]], dict[str, list[str]]]:
+    """How fitting ``recipe`` changes the folder's default US list.
+
+    The headline goes first. Another consensus takes its first member's
+    place (or goes last when the list lacks it), and the members stay
+    where they are: a consensus brings any member the list lacks with it.
+    """
+
+    def update(pipelines: dict[str, list[str]]) -> dict[str, list[str]]:
+        current = [r for r in pipelines.get("US", list(members)) if r != recipe.role]
+        if recipe.headline:
+            return {**pipelines, "US": [recipe.role, *current]}
+        at = current.index(members[0]) if members[0] in current else len(current)
+        return {**pipelines, "US": [*current[:at], recipe.role, *current[at:]]}
+
+    return update
+
+
+def fit_consensus(
+    datasets: Path, model_dir: Path, members: Sequence[str] = (), holdout: str = "", task: str = "malignancy"
+) -> ModelEntry:
     """Score the members on the validation split, choose the operating point, write file and manifest entry.
+
+    ``task`` picks the consensus (:data:`CONSENSUSES`): ``malignancy`` (role
+    ``consensus``) or ``birads_high`` (role ``consensus_lh``); every member
+    must answer that task. No ``members``: the task's own (:data:`CONSENSUSES`).
 
     ``holdout`` names a dataset the members were trained without (external
     validation, ``breastai train FAMILY --holdout``): its images are left out
@@ -44,14 +109,16 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
         A member is not in the folder, is not a benign/malignant US model, or
         the validation split has no labelled lesion.
     """
+    recipe = CONSENSUSES[task]
+    members = tuple(members) or recipe.members
     entries = read_manifest(model_dir)
     for role in members:
         entry = entries.get(role)
         if entry is None:
             raise SystemExit(f"fit_consensus: {role} is not in {model_dir / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
-        if entry.parameters.get("task", "malignancy") != "malignancy" or entry.parameters.get("modality", "US") != "US":
-            raise SystemExit(f"fit_consensus: {role} is not a benign/malignant ultrasound model")
-    records = [r for r in load_records(datasets, US_DATASETS) if r.split == "val" and r.dataset != holdout]
+        if entry.parameters.get("task", "malignancy") != task or entry.parameters.get("modality", "US") != "US":
+            raise SystemExit(f"fit_consensus: {role} is not an ultrasound model of the {task} task")
+    records = [r for r in load_records(datasets, recipe.datasets) if r.split == "val" and r.dataset != holdout]
     lesions = lesion_boxes(records)
     scored = {role: {c.record.image_id: c for c in score_family(entries[role], model_dir, lesions)} for role in members}
     ids = [i for i in scored[members[0]] if all(i in scored[role] for role in members)]
@@ -60,19 +127,19 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
     labels = [scored[members[0]][i].label for i in ids]
     combined = [mean_log_odds([scored[role][i].score.probability for role in members]) for i in ids]
     member_auc = {role: round(auc(labels, [scored[role][i].score.probability for i in ids]), 4) for role in members}
-    file_name = f"{ROLE}.json"
+    file_name = f"{recipe.role}.json"
     digest = write_consensus_file(model_dir / file_name, {role: entries[role] for role in members})
     datasets_used = sorted({scored[members[0]][i].record.dataset for i in ids})
     entry = ModelEntry(
-        role=ROLE,
-        name=NAME,
-        version=VERSION,
+        role=recipe.role,
+        name=recipe.name,
+        version=recipe.version,
         file=file_name,
         sha256=digest,
         parameters={
             "kind": CONSENSUS_KIND,
-            "family": ROLE,
-            "task": "malignancy",
+            "family": recipe.role,
+            "task": task,
             "modality": "US",
             "members": list(members),
             "operating_point": youden_threshold(labels, combined),
@@ -88,7 +155,7 @@ def fit_consensus(datasets: Path, model_dir: Path, members: Sequence[str] = DEFA
             },
         },
     )
-    merge_into_manifest(model_dir, {ROLE: entry}, lambda pipelines: {**pipelines, "US": [ROLE, *(r for r in pipelines.get("US", list(members)) if r != ROLE)]})
+    merge_into_manifest(model_dir, {recipe.role: entry}, _us_list(recipe, members))
     return entry
 
 
@@ -97,13 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry")
     parser.add_argument("--holdout", default="", help="the dataset the members were trained without (left out of the validation split too)")
-    parser.add_argument("--members", default=",".join(DEFAULT_MEMBERS), help="comma-separated member roles (benign/malignant US families)")
+    parser.add_argument("--task", choices=sorted(CONSENSUSES), default="malignancy", help="malignancy (role consensus, the headline) or birads_high (role consensus_lh, read by the 4A co-decision)")
+    parser.add_argument("--members", default="", help="comma-separated member roles of the task's US families (default: the task's members)")
     args = parser.parse_args(argv)
     members = tuple(m for m in args.members.split(",") if m)
-    entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout)
+    entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout, args.task)
     fitted = entry.parameters["fitted"]
     print(
-        f"consensus of {', '.join(members)}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
+        f"{entry.role} of {', '.join(entry.parameters['members'])}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
         f"operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
         flush=True,
     )

@@ -248,6 +248,11 @@ FAMILIES: dict[str, FamilySpec] = {
         epochs=40, batch_size=16, learning_rate=1e-3, input_size=96, version="0.5.0",
         notes="DL-UM ultrasound branch, focal loss on all five block heads",
     ),
+    "dl_u_lh": FamilySpec(
+        "dl_u_lh", "birads_high", ("busbra", "breast_lesions"), lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
+        epochs=40, batch_size=16, learning_rate=1e-3, input_size=96, ensemble=2, version="0.1.0",
+        notes="DL-U's network and recipe on DLR_LH's task (BI-RADS 2/3 vs 4/5): a second LH member beside DLR_LH, two seeds",
+    ),
     "dl_m": FamilySpec(
         "dl_m", "malignancy", ("mias",), lambda: dlum.DLUMBranch(width=DLUM_WIDTH), _deep_supervision, _branch_positive, DLUM_ROI,
         epochs=30, batch_size=16, learning_rate=1e-3, input_size=96, version="0.2.0",

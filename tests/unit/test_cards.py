@@ -65,3 +65,26 @@ def test_the_card_names_the_arithmetic_the_network_was_trained_in() -> None:
     assert _precision({}) == ""
     assert "fp32 (no autocast)" in (CARDS / "dl_u.md").read_text()
     assert "bfloat16 autocast" in (CARDS / "dlr_bm.md").read_text()
+
+
+def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_it(tmp_path: Path) -> None:
+    """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the 4A call read."""
+    from models.cards import card_markdown, consensus_card
+    from models.registry import ModelEntry
+
+    report = json.loads((CARDS / "evaluation" / "report.json").read_text())
+    lh_report = report["families"]["dlr_lh"]
+    fitted = {"split": "val", "datasets": ["breast_lesions", "busbra"], "cases": 144, "positives": 61, "auc": 0.9112, "member_auc": {"dlr_lh": 0.9022, "dl_u_lh": 0.9057}}
+    parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "members": ["dlr_lh", "dl_u_lh"], "operating_point": 0.366, "fitted": fitted}
+    entry = ModelEntry("consensus_lh", "BreastAI-Consensus-LH-MeanLogOdds", "0.1.0", "consensus_lh.json", "a" * 64, parameters)
+    text = consensus_card(entry, lh_report, "../shared/datasets")
+    assert "`consensus_lh` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads" in text
+    assert "`dlr_lh`, `dl_u_lh`" in text and "61 assessed BI-RADS 4/5" in text and "--task birads_high" in text
+    assert "headline" not in text and "Score >= **0.366**" in text
+    headline = consensus_card(read_manifest()["consensus"], report["families"]["consensus"], "../shared/datasets")
+    assert "one headline score" in headline and "malignant" in headline and "--task" not in headline
+
+    dlr_bm = read_manifest()["dlr_bm"]
+    four_a = report["four_a_co_decision"]
+    assert "(DLR_LH + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d")
+    assert "(`consensus_lh` (LH) + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh")

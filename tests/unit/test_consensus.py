@@ -64,6 +64,15 @@ def test_scorer_combines_members_into_one_traceable_score() -> None:
         scorer.combine({"a": _score("a", 0.9, cam, (0, 0, 10, 10))}, (20, 20))
 
 
+def _dark_oval_image(seed: int) -> np.ndarray:
+    """A 300x400 speckled scan with a dark oval lesion inside the box (140, 115, 120, 70)."""
+    rng = np.random.default_rng(seed)
+    image = np.clip(rng.normal(120, 25, (300, 400)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:300, :400]
+    image[((xx - 200) / 60.0) ** 2 + ((yy - 150) / 35.0) ** 2 <= 1] = 30
+    return image
+
+
 def _bundle_copy(tmp_path: Path) -> dict[str, ModelEntry]:
     for item in BUNDLED_MODEL_DIR.iterdir():
         if item.suffix in (".onnx", ".npz", ".json"):
@@ -125,10 +134,7 @@ def test_pipeline_serves_the_consensus_first_with_its_members_reported(tmp_path:
     pipeline = load_bmode_pipeline(tmp_path)
     assert pipeline.families == ("pair", "dl_u", "dlr_bm", "mupnet")  # members the list did not name are appended
     assert pipeline.classifier_info == ModelInfo("Pair", "1", digest)
-    rng = np.random.default_rng(0)
-    image = np.clip(rng.normal(120, 25, (300, 400)), 0, 255).astype(np.uint8)
-    yy, xx = np.mgrid[:300, :400]
-    image[((xx - 200) / 60.0) ** 2 + ((yy - 150) / 35.0) ** 2 <= 1] = 30
+    image = _dark_oval_image(0)
     lesion = pipeline.score_lesion(image, (140, 115, 120, 70), np.zeros((0, 2), np.float32), 100)
     by_family = {s.family: s for s in lesion.family_scores}
     assert lesion.malignancy_probability == pytest.approx(mean_log_odds([by_family["dlr_bm"].probability, by_family["mupnet"].probability]))
@@ -137,3 +143,46 @@ def test_pipeline_serves_the_consensus_first_with_its_members_reported(tmp_path:
     (tmp_path / "pair.json").write_text((tmp_path / "pair.json").read_text().replace("dlr_bm", "dlr_bm "))
     with pytest.raises(ModelRegistryError, match="sha256"):
         load_bmode_pipeline(tmp_path)
+
+
+def test_fitting_places_the_headline_first_and_the_lh_consensus_where_dlr_lh_was() -> None:
+    from models.training.fit_consensus import CONSENSUSES, _us_list
+
+    listed = {"US": ["consensus", "dlr_bm", "dlr_lh", "mupnet"], "MG": ["dl_m"]}
+    headline, lh = CONSENSUSES["malignancy"], CONSENSUSES["birads_high"]
+    assert (headline.role, lh.role) == ("consensus", "consensus_lh") and lh.members[0] == "dlr_lh" and lh.task == "birads_high"
+    assert _us_list(lh, lh.members)(listed) == {"US": ["consensus", "dlr_bm", "consensus_lh", "dlr_lh", "mupnet"], "MG": ["dl_m"]}
+    # refitting moves nothing, and a list without DLR_LH gets it last
+    refitted = _us_list(lh, lh.members)(_us_list(lh, lh.members)(listed))
+    assert refitted["US"] == ["consensus", "dlr_bm", "consensus_lh", "dlr_lh", "mupnet"]
+    assert _us_list(lh, lh.members)({"US": ["consensus", "dl_u"]})["US"] == ["consensus", "dl_u", "consensus_lh"]
+    assert _us_list(headline, headline.members)({"US": ["dl_u", "consensus"]})["US"] == ["consensus", "dl_u"]
+
+
+def test_the_4a_co_decision_reads_the_lh_consensus_where_it_runs(tmp_path: Path) -> None:
+    from models.decisions import co_decision
+    from models.pipeline import lh_score
+
+    cam = np.ones((4, 4), np.float32)
+    dlr_lh, lh_consensus = _score("dlr_lh", 0.2, cam, (0, 0, 4, 4)), _score("consensus_lh", 0.7, cam, (0, 0, 4, 4))
+    assert lh_score({"dlr_lh": dlr_lh, "consensus_lh": lh_consensus}) is lh_consensus
+    assert lh_score({"dlr_lh": dlr_lh}) is dlr_lh and lh_score({"dlr_bm": dlr_lh}) is None
+
+    # served: an LH consensus of DLR_LH and a second LH graph (DL-U's file standing in for it) decides the 4A call
+    entries = _bundle_copy(tmp_path)
+    second = entries["dl_u"]
+    entries["lh_second"] = ModelEntry("lh_second", second.name, second.version, second.file, second.sha256, {**second.parameters, "task": "birads_high", "family": "lh_second"})
+    members = {r: entries[r] for r in ("dlr_lh", "lh_second")}
+    digest = write_consensus_file(tmp_path / "consensus_lh.json", members)
+    parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "modality": "US", "operating_point": 0.35, "members": list(members)}
+    entries["consensus_lh"] = ModelEntry("consensus_lh", "LH", "1", "consensus_lh.json", digest, parameters)
+    write_manifest(entries, tmp_path, default_pipelines={"US": ["dlr_bm", "consensus_lh"]})
+    pipeline = load_bmode_pipeline(tmp_path)
+    assert pipeline.families == ("dlr_bm", "consensus_lh", "dlr_lh", "lh_second")
+    image = _dark_oval_image(1)
+    lesion = pipeline.score_lesion(image, (140, 115, 120, 70), np.zeros((0, 2), np.float32), 100)
+    by_family = {s.family: s for s in lesion.family_scores}
+    lh, bm = by_family["consensus_lh"], by_family["dlr_bm"]
+    assert lh.task == "birads_high" and lh.threshold == 0.35
+    assert lh.probability == pytest.approx(mean_log_odds([by_family["dlr_lh"].probability, by_family["lh_second"].probability]))
+    assert lesion.co_decision == co_decision(lh.probability, bm.probability, 0.35, bm.threshold)

@@ -260,6 +260,15 @@ def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
     assert any(line.startswith("make -j1 ") for line in plan("TRAIN_JOBS=1"))
 
 
+def test_make_train_lh_consensus_trains_the_second_lh_network_then_fits_the_lh_consensus() -> None:
+    """The opt-in LH consensus (not in make train): dl_u_lh's recipe, then the consensus refitted for the birads_high task."""
+    lines = _make_plan("train-lh-consensus")
+    trained = next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/breastai train dl_u_lh "))
+    fitted = next(i for i, line in enumerate(lines) if "breastai train consensus --task birads_high " in line)
+    assert trained < fitted
+    assert not any("breastai train dl_u_lh " in line for line in _make_plan("train", "TRAIN_THREADS=1"))
+
+
 STAND_IN_STAGE = """#!/bin/sh
 # stands in for a training stage: logs its start and end, and takes a time of the real stage's order
 case "$*" in

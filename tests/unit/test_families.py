@@ -166,6 +166,16 @@ def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -
 
 
 
+def test_the_second_lh_network_is_dl_u_recipe_on_dlr_lh_labels() -> None:
+    # dl_u_lh (opt-in, not bundled, so the test above cannot hold it to a shipped model) is DL-U's recipe on LH's data.
+    from models.training.train_family import FAMILIES
+
+    lh, dl_u, dlr_lh = FAMILIES["dl_u_lh"], FAMILIES["dl_u"], FAMILIES["dlr_lh"]
+    assert (lh.task, lh.datasets) == (dlr_lh.task, dlr_lh.datasets) == ("birads_high", ("busbra", "breast_lesions"))
+    assert (lh.epochs, lh.learning_rate, lh.batch_size, lh.input_size, lh.roi) == (dl_u.epochs, dl_u.learning_rate, dl_u.batch_size, dl_u.input_size, dl_u.roi)
+    assert (lh.loss, lh.positive_probability) == (dl_u.loss, dl_u.positive_probability) and lh.ensemble == 2
+
+
 def test_initialisation_names_what_the_start_checkpoint_came_from(tmp_path: Path) -> None:
     import json
 

@@ -89,6 +89,33 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
     assert (tmp_path / "evaluation" / f"roc_{entry.parameters['task']}.png").stat().st_size > 1000
 
 
+def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tmp_path: Path) -> None:
+    """make train-lh-consensus on a few images: dl_u_lh (two seeds, one graph) beside DLR_LH, their consensus fitted and evaluated."""
+    from models.evaluate import evaluate
+    from models.registry import read_manifest, verified_path
+    from models.training import train_family
+    from models.training.fit_consensus import fit_consensus
+
+    models = tmp_path / "models"
+    for family in ("dlr_lh", "dl_u_lh"):
+        train_family.main(
+            [family, "--datasets", str(tiny_busbra), "--work", str(tmp_path / family), "--output", str(models),
+             "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+        )
+    members = read_manifest(models)["dl_u_lh"].parameters["training"]["ensemble"]
+    assert members["members"] == 2 and members["seeds"] == [20261121, 20261122]
+    assert all((tmp_path / "dl_u_lh" / f"member-{k}" / "best.pt").is_file() for k in (0, 1))
+    entry = fit_consensus(tiny_busbra, models, task="birads_high")
+    assert entry.role == "consensus_lh" and entry.parameters["task"] == "birads_high" and entry.parameters["members"] == ["dlr_lh", "dl_u_lh"]
+    verified_path(entry, models)
+    assert json.loads((models / "manifest.json").read_text())["default_pipelines"]["US"][0] == "consensus_lh"
+    with pytest.raises(SystemExit, match="not an ultrasound model of the malignancy task"):
+        fit_consensus(tiny_busbra, models, ("dlr_lh", "dl_u_lh"))
+    report = evaluate(tiny_busbra, models, ["consensus_lh", "dlr_lh", "dl_u_lh"], "all", tmp_path / "evaluation", resamples=50)
+    assert report["families"]["consensus_lh"]["classification"]["all"]["n"] == 16
+    assert report["families"]["consensus_lh"]["task"] == "birads_high"
+
+
 def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: Path, tmp_path: Path) -> None:
     import numpy as np
 
