@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,19 @@ class CoDecision:
     lh_high: bool
     bm_malignant: bool
     recommendation: Recommendation
+
+
+#: Where the 4A co-decision reads its BI-RADS 2/3 vs 4/5 score, first present: the LH consensus (DLR_LH with DL-U's
+#: network trained on the same labels, models.training.fit_consensus) where it runs, else DLR_LH alone, as the paper.
+#: Its benign/malignant score is always DLR_BM's (BM_ROLE).
+LH_ROLES = ("consensus_lh", "dlr_lh")
+BM_ROLE = "dlr_bm"
+Score = TypeVar("Score")
+
+
+def lh_score(by_family: Mapping[str, Score]) -> Score | None:
+    """The LH score the BI-RADS 4A co-decision reads (:data:`LH_ROLES`) of one lesion's scores by family, or None."""
+    return next((by_family[role] for role in LH_ROLES if role in by_family), None)
 
 
 def co_decision(lh_probability: float, bm_probability: float, lh_threshold: float, bm_threshold: float) -> CoDecision:

@@ -35,14 +35,14 @@ import numpy as np
 import numpy.typing as npt
 
 from models.consensus import is_consensus, load_consensus_scorer
-from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, co_decision
+from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, LH_ROLES, co_decision
 from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
 from models.family_runtime import ClinicalContext, FamilyScorer
 from models.lesions import Component
 from models.lexicon import LexiconScorer
 from models.findings import FamilyScore, ModelInfo
-from models.pipeline import LH_ROLES, SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
+from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 from models.preprocess import Box
 from models.training.data import EXCLUDED, Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
@@ -321,8 +321,8 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         # The readers' "probabilities" are the Atlas's category midpoints: no calibration to show.
         save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
     lh_role = next((role for role in LH_ROLES if role in scored), None)
-    if lh_role is not None and "dlr_bm" in scored:
-        report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored["dlr_bm"])
+    if lh_role is not None and BM_ROLE in scored:
+        report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored[BM_ROLE])
         report["four_a_lh_model"] = lh_role
     outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
     if outlined:  # a mammography-only folder has no ultrasound masks to score

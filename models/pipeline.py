@@ -37,7 +37,7 @@ import numpy.typing as npt
 from models.backend import Backend, OnnxRuntimeBackend
 from models.cam import paste
 from models.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
-from models.decisions import co_decision
+from models.decisions import BM_ROLE, co_decision, lh_score
 from models.family_runtime import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
 from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from models.lesions import Component, find_components, outline_of, resize_probability
@@ -190,7 +190,7 @@ class BModePipeline:
         primary = scores[0]
         by_family = {s.family: s for s in scores}
         decision = None
-        lh, bm = lh_score(by_family), by_family.get("dlr_bm")
+        lh, bm = lh_score(by_family), by_family.get(BM_ROLE)
         if lh is not None and bm is not None:
             decision = co_decision(lh.probability, bm.probability, lh.threshold, bm.threshold)
         return Lesion(
@@ -202,16 +202,6 @@ class BModePipeline:
             family_scores=scores,
             co_decision=decision,
         )
-
-
-#: Where the 4A co-decision reads its BI-RADS 2/3 vs 4/5 score, first present: the LH consensus (DLR_LH with DL-U's
-#: network trained on the same labels, models.training.fit_consensus) where it runs, else DLR_LH alone, as the paper.
-LH_ROLES = ("consensus_lh", "dlr_lh")
-
-
-def lh_score(by_family: Mapping[str, FamilyScore]) -> FamilyScore | None:
-    """The LH score the BI-RADS 4A co-decision reads (:data:`LH_ROLES`), or None when no LH model ran."""
-    return next((by_family[role] for role in LH_ROLES if role in by_family), None)
 
 
 TASK_LABELS = {"malignancy": "malignancy", "birads_high": "BI-RADS 4/5"}

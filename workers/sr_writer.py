@@ -55,6 +55,7 @@ import pydicom
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
+from models.decisions import BM_ROLE, lh_score
 from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from workers.dicom_reader import SourceFrame
 from workers.uids import derive_uid
@@ -434,6 +435,21 @@ def _finding_site(ds: pydicom.Dataset) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=laterality)
 
 
+def _four_a_inputs(lesion: Lesion) -> tuple[str, str]:
+    """Name and version of the LH and BM models whose calls made the lesion's 4A re-stratification (as the pipeline chose them).
+
+    Raises
+    ------
+    ValueError
+        The lesion has a re-stratification but not both scores it reads.
+    """
+    by_family = {s.family: s for s in lesion.family_scores}
+    lh, bm = lh_score(by_family), by_family.get(BM_ROLE)
+    if lh is None or bm is None:
+        raise ValueError("a lesion carries a BI-RADS 4A re-stratification without the LH and BM scores it was made from")
+    return (f"{lh.model.name} {lh.model.version}", f"{bm.model.name} {bm.model.version}")
+
+
 def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12 container holding the advisory notice and the models."""
     models = sorted(
@@ -443,8 +459,10 @@ def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerC
     )
     notes = sorted({f"{s.model.name}: {note}" for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores for note in s.notes})
     text = f"{DISCLAIMER} Models: " + ", ".join(f"{name} {version}" for name, version in models) + "."
-    if any(lesion.co_decision is not None for a in analysed for lesion in a.analysis.lesions):
-        text += " The BI-RADS 4A re-stratification applies only to lesions a radiologist assessed as 4A."
+    four_a_inputs = sorted({_four_a_inputs(lesion) for a in analysed for lesion in a.analysis.lesions if lesion.co_decision is not None})
+    if four_a_inputs:
+        read = "; ".join(f"{lh} (BI-RADS 4/5) with {bm} (malignancy)" for lh, bm in four_a_inputs)
+        text += f" The BI-RADS 4A re-stratification applies only to lesions a radiologist assessed as 4A; it reads {read}, each at its operating point."
     if notes:
         text += " Inputs: " + "; ".join(notes) + "."
     container = hd.sr.ContainerContentItem(

@@ -161,7 +161,7 @@ def test_fitting_places_the_headline_first_and_the_lh_consensus_where_dlr_lh_was
 
 def test_the_4a_co_decision_reads_the_lh_consensus_where_it_runs(tmp_path: Path) -> None:
     from models.decisions import co_decision
-    from models.pipeline import lh_score
+    from models.decisions import lh_score
 
     cam = np.ones((4, 4), np.float32)
     dlr_lh, lh_consensus = _score("dlr_lh", 0.2, cam, (0, 0, 4, 4)), _score("consensus_lh", 0.7, cam, (0, 0, 4, 4))

@@ -254,6 +254,7 @@ def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pa
     assert algorithm == ["Model-mupnet"]
     comment = sr.ContentSequence[-1].ContentSequence[0].TextValue
     assert "Model-dlr_lh: patient age not available" in comment and "only to lesions a radiologist assessed as 4A" in comment
+    assert "it reads Model-dlr_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy), each at its operating point." in comment
     if shutil.which("dciodvfy"):
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
