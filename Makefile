@@ -7,7 +7,7 @@
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
-#   make train-consensus  refit the consensus of the exported families (after any family changed)
+#   make train-consensus  refit the consensus of the exported families, and the LH one where the folder has it (after any family changed)
 #   make train-lh-consensus  opt-in: DL-U's network on LH (dl_u_lh) and its mean with DLR_LH, read by the 4A co-decision
 #   make evaluate       breastai evaluate on the held-out split; regenerates models/cards
 #   make external       external validation: the consensus members trained without HOLDOUT (busbra), scored on all of it
@@ -216,7 +216,8 @@ external: train-venv
 train-lexicon: train-venv
 	$(train_lexicon_command)
 
-# Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split).
+# Equal-weight mean log-odds of the exported families; only its operating point is fitted (validation split). Refits
+# the headline and any other consensus the folder has (the opt-in LH one below), so retrained members leave none stale.
 train-consensus: venv
 	$(VENV)/bin/breastai train consensus --datasets $(DATASETS)
 

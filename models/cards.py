@@ -16,6 +16,7 @@ from typing import Any
 from models.consensus import is_consensus
 from models.lexicon import is_lexicon
 from models.evaluation_report import report_markdown
+from models.decisions import BM_ROLE
 from models.registry import ModelEntry
 
 INTENDED_USE = (
@@ -229,6 +230,15 @@ def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:
     return {path.stem: list(json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))}
 
 
+def _four_a_section(four_a: Mapping[str, Any] | None, four_a_lh: str) -> list[str]:
+    """The 4A co-decision's tally on test lesions assessed 4A, naming the LH model it read (DLR_LH, or the LH consensus)."""
+    if not four_a:
+        return []
+    lh = "DLR_LH" if four_a_lh == "dlr_lh" else f"`{four_a_lh}`"
+    lines = ["", f"## BI-RADS 4A co-decision ({lh} + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
+    return lines + [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
+
+
 def card_markdown(
     entry: ModelEntry,
     family_report: Mapping[str, Any],
@@ -284,10 +294,7 @@ def card_markdown(
             "",
             report_markdown(comparisons=family_report["variants"]),
         ]
-    if four_a:
-        lh = "DLR_LH" if four_a_lh == "dlr_lh" else f"`{four_a_lh}` (LH)"
-        lines += ["", f"## BI-RADS 4A co-decision ({lh} + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
+    lines += _four_a_section(four_a, four_a_lh)
     lines += _cross_validation_section(cross_validation)
     lines += ["", "## Known limits", "", f"- {text.get('limits', '')}", "- Trained and measured on public research datasets; performance at a new site, scanner or population must be checked there (`breastai evaluate` on local data).", ""]
     return "\n".join(lines)
@@ -347,7 +354,9 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
     return "\n".join(lines)
 
 
-def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str) -> str:
+def consensus_card(
+    entry: ModelEntry, family_report: Mapping[str, Any], data: str, four_a: Mapping[str, Any] | None = None, four_a_lh: str = "dlr_lh"
+) -> str:
     """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point, and its metrics as served."""
     parameters = entry.parameters
     fitted = parameters.get("fitted", {})
@@ -389,6 +398,7 @@ def consensus_card(entry: ModelEntry, family_report: Mapping[str, Any], data: st
         f"Recipe: {recipe} (`models/training/fit_consensus.py`).",
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "with the members as served"),
+        *_four_a_section(four_a, four_a_lh),
         "",
         "## Known limits",
         "",
@@ -483,6 +493,9 @@ def write_cards(
     if cross_validation is None:
         cross_validation = read_cross_validation(folder / "crossval")
     written = []
+    # The 4A tally goes on the cards of the two models it read and, where the LH one is a consensus, of its members.
+    four_a_lh = str(report.get("four_a_lh_model", "dlr_lh"))  # reports from before the LH consensus: DLR_LH
+    four_a_roles = {BM_ROLE, four_a_lh, *(entries[four_a_lh].parameters.get("members", []) if four_a_lh in entries else [])}
     if report.get("segmentation") and "us_segmenter" in entries:
         path = folder / "us_segmenter.md"
         path.write_text(segmenter_card(entries["us_segmenter"], report["segmentation"], str(report.get("data")), entries.get("us_refiner")))
@@ -490,11 +503,10 @@ def write_cards(
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
             continue
-        four_a_lh = str(report.get("four_a_lh_model", "dlr_lh"))  # reports before the LH consensus: DLR_LH
-        four_a = report.get("four_a_co_decision") if role in ("dlr_lh", "dl_u_lh", "dlr_bm") else None
+        four_a = report.get("four_a_co_decision") if role in four_a_roles else None
         path = folder / f"{role}.md"
         if is_consensus(entries[role]):
-            path.write_text(consensus_card(entries[role], family_report, str(report.get("data"))))
+            path.write_text(consensus_card(entries[role], family_report, str(report.get("data")), four_a, four_a_lh))
         elif is_lexicon(entries[role]):
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.consensus import is_consensus, load_consensus_scorer
-from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, LH_ROLES, co_decision
+from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, co_decision, lh_score
 from models.evaluation import dice, hausdorff95, iou
 from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
 from models.family_runtime import ClinicalContext, FamilyScorer
@@ -320,7 +320,7 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         save_roc_png(output / f"roc_{task}.png", curves, title=f"ROC, {task}")
         # The readers' "probabilities" are the Atlas's category midpoints: no calibration to show.
         save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
-    lh_role = next((role for role in LH_ROLES if role in scored), None)
+    lh_role = lh_score({role: role for role in scored})
     if lh_role is not None and BM_ROLE in scored:
         report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored[BM_ROLE])
         report["four_a_lh_model"] = lh_role

@@ -13,7 +13,9 @@ the first entry of the folder's default US list, i.e. the headline score.
 (``consensus_lh.json``, role ``consensus_lh``) of DLR_LH and DL-U's network
 trained on the same labels (``dl_u_lh``), by the same rule; it takes
 DLR_LH's place in the US list, and the BI-RADS 4A co-decision reads it
-instead of DLR_LH alone.
+instead of DLR_LH alone. Without ``--task`` the headline is fitted, then
+every other consensus the folder already has (so ``make train``, which
+retrains DLR_LH, refits an opted-in LH consensus too).
 
 Needs no torch; run it again whenever a member is retrained (a changed
 member makes the service refuse the stale consensus at start-up).
@@ -22,7 +24,7 @@ member makes the service refuse the stale consensus at start-up).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class ConsensusRecipe:
 
 
 #: ``breastai train consensus [--task T]``: the benign/malignant headline, and the BI-RADS 2/3 vs 4/5 score the 4A
-#: co-decision reads (``models.pipeline.lh_score``). Both are the same rule, equal-weight mean log-odds.
+#: co-decision reads (``models.decisions.lh_score``). Both are the same rule, equal-weight mean log-odds.
 CONSENSUSES = {
     "malignancy": ConsensusRecipe(
         "consensus",
@@ -106,8 +108,8 @@ def fit_consensus(
     Raises
     ------
     SystemExit
-        A member is not in the folder, is not a benign/malignant US model, or
-        the validation split has no labelled lesion.
+        A member is not in the folder, is not an ultrasound model of ``task``,
+        or the validation split has no labelled lesion for it.
     """
     recipe = CONSENSUSES[task]
     members = tuple(members) or recipe.members
@@ -159,22 +161,37 @@ def fit_consensus(
     return entry
 
 
+def consensus_tasks(task: str | None, present: Collection[str]) -> list[str]:
+    """The consensuses one ``breastai train consensus`` fits: ``task`` alone, or the headline and every other one ``present`` has."""
+    if task is not None:
+        return [task]
+    return ["malignancy", *(other for other, recipe in CONSENSUSES.items() if other != "malignancy" and recipe.role in present)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry")
     parser.add_argument("--holdout", default="", help="the dataset the members were trained without (left out of the validation split too)")
-    parser.add_argument("--task", choices=sorted(CONSENSUSES), default="malignancy", help="malignancy (role consensus, the headline) or birads_high (role consensus_lh, read by the 4A co-decision)")
-    parser.add_argument("--members", default="", help="comma-separated member roles of the task's US families (default: the task's members)")
+    parser.add_argument(
+        "--task", choices=sorted(CONSENSUSES),
+        help="fit this consensus only: malignancy (role consensus, the headline) or birads_high (role consensus_lh, read by the 4A "
+        "co-decision); default: the headline, then every other consensus the folder already has, so that retrained members never "
+        "leave one stale",
+    )
+    parser.add_argument("--members", default="", help="comma-separated member roles (default: the task's own); with --task only")
     args = parser.parse_args(argv)
     members = tuple(m for m in args.members.split(",") if m)
-    entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout, args.task)
-    fitted = entry.parameters["fitted"]
-    print(
-        f"{entry.role} of {', '.join(entry.parameters['members'])}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
-        f"operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
-        flush=True,
-    )
+    if members and args.task is None:
+        parser.error("--members needs --task")
+    for task in consensus_tasks(args.task, read_manifest(args.model_dir)):
+        entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout, task)
+        fitted = entry.parameters["fitted"]
+        print(
+            f"{entry.role} of {', '.join(entry.parameters['members'])}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
+            f"operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

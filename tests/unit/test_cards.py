@@ -74,12 +74,12 @@ def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_i
 
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
     lh_report = report["families"]["dlr_lh"]
-    fitted = {"split": "val", "datasets": ["breast_lesions", "busbra"], "cases": 144, "positives": 61, "auc": 0.9112, "member_auc": {"dlr_lh": 0.9022, "dl_u_lh": 0.9057}}
+    fitted = {"split": "val", "datasets": ["breast_lesions", "busbra"], "cases": 144, "positives": 71, "auc": 0.9112, "member_auc": {"dlr_lh": 0.9022, "dl_u_lh": 0.9057}}
     parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "members": ["dlr_lh", "dl_u_lh"], "operating_point": 0.366, "fitted": fitted}
     entry = ModelEntry("consensus_lh", "BreastAI-Consensus-LH-MeanLogOdds", "0.1.0", "consensus_lh.json", "a" * 64, parameters)
     text = consensus_card(entry, lh_report, "../shared/datasets")
     assert "`consensus_lh` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads" in text
-    assert "`dlr_lh`, `dl_u_lh`" in text and "61 assessed BI-RADS 4/5" in text and "--task birads_high" in text
+    assert "`dlr_lh`, `dl_u_lh`" in text and "71 assessed BI-RADS 4/5" in text and "--task birads_high" in text
     assert "headline" not in text and "Score >= **0.366**" in text
     headline = consensus_card(read_manifest()["consensus"], report["families"]["consensus"], "../shared/datasets")
     assert "one headline score" in headline and "malignant" in headline and "--task" not in headline
@@ -87,4 +87,15 @@ def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_i
     dlr_bm = read_manifest()["dlr_bm"]
     four_a = report["four_a_co_decision"]
     assert "(DLR_LH + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d")
-    assert "(`consensus_lh` (LH) + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh")
+    assert "(`consensus_lh` + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh")
+
+    # write_cards puts the tally on the cards of the models it read: DLR_BM, the LH consensus and its members, not others
+    from models.cards import write_cards
+
+    entries = {**read_manifest(), "consensus_lh": entry}
+    lh_report = {**report, "four_a_lh_model": "consensus_lh", "families": {r: report["families"][r] for r in ("dlr_bm", "dlr_lh", "dl_u")}}
+    lh_report["families"]["consensus_lh"] = report["families"]["dlr_lh"]
+    written = {p.stem: p.read_text() for p in write_cards(lh_report, entries, tmp_path, {})}
+    heading = "## BI-RADS 4A co-decision (`consensus_lh` + DLR_BM, test cases assessed 4A)"
+    assert all(heading in written[r] for r in ("dlr_bm", "dlr_lh", "consensus_lh")) and heading not in written["dl_u"]
+    assert not any("## BI-RADS 4A co-decision (DLR_LH" in text for text in written.values())

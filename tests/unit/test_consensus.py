@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.consensus import ConsensusScorer, common_box, consensus_map, is_consensus, load_consensus_scorer, mean_log_odds, write_consensus_file
-from models.findings import FamilyScore, ModelInfo
+from models.findings import FamilyScore, Lesion, ModelInfo
 from models.pipeline import load_bmode_pipeline
 from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 
@@ -159,6 +159,15 @@ def test_fitting_places_the_headline_first_and_the_lh_consensus_where_dlr_lh_was
     assert _us_list(headline, headline.members)({"US": ["dl_u", "consensus"]})["US"] == ["consensus", "dl_u"]
 
 
+def test_refitting_without_a_task_refits_every_consensus_the_folder_has() -> None:
+    # make train retrains DLR_LH and runs `breastai train consensus`: an opted-in LH consensus must not be left stale
+    from models.training.fit_consensus import consensus_tasks
+
+    assert consensus_tasks(None, {"consensus", "dlr_lh", "dlr_bm"}) == ["malignancy"]
+    assert consensus_tasks(None, {"consensus", "consensus_lh", "dlr_lh"}) == ["malignancy", "birads_high"]
+    assert consensus_tasks("birads_high", {"consensus"}) == ["birads_high"]
+
+
 def test_the_4a_co_decision_reads_the_lh_consensus_where_it_runs(tmp_path: Path) -> None:
     from models.decisions import co_decision
     from models.decisions import lh_score
@@ -174,15 +183,26 @@ def test_the_4a_co_decision_reads_the_lh_consensus_where_it_runs(tmp_path: Path)
     entries["lh_second"] = ModelEntry("lh_second", second.name, second.version, second.file, second.sha256, {**second.parameters, "task": "birads_high", "family": "lh_second"})
     members = {r: entries[r] for r in ("dlr_lh", "lh_second")}
     digest = write_consensus_file(tmp_path / "consensus_lh.json", members)
-    parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "modality": "US", "operating_point": 0.35, "members": list(members)}
-    entries["consensus_lh"] = ModelEntry("consensus_lh", "LH", "1", "consensus_lh.json", digest, parameters)
-    write_manifest(entries, tmp_path, default_pipelines={"US": ["dlr_bm", "consensus_lh"]})
-    pipeline = load_bmode_pipeline(tmp_path)
-    assert pipeline.families == ("dlr_bm", "consensus_lh", "dlr_lh", "lh_second")
-    image = _dark_oval_image(1)
-    lesion = pipeline.score_lesion(image, (140, 115, 120, 70), np.zeros((0, 2), np.float32), 100)
+
+    def served(operating_point: float) -> Lesion:
+        parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "modality": "US", "operating_point": operating_point, "members": list(members)}
+        entries["consensus_lh"] = ModelEntry("consensus_lh", "LH", "1", "consensus_lh.json", digest, parameters)
+        write_manifest(entries, tmp_path, default_pipelines={"US": ["dlr_bm", "consensus_lh"]})
+        pipeline = load_bmode_pipeline(tmp_path)
+        assert pipeline.families == ("dlr_bm", "consensus_lh", "dlr_lh", "lh_second")
+        return pipeline.score_lesion(_dark_oval_image(1), (140, 115, 120, 70), np.zeros((0, 2), np.float32), 100)
+
+    first = {s.family: s for s in served(0.35).family_scores}
+    assert first["consensus_lh"].task == "birads_high"
+    assert first["consensus_lh"].probability == pytest.approx(mean_log_odds([first["dlr_lh"].probability, first["lh_second"].probability]))
+    # an operating point just under the consensus's score calls LH high where DLR_LH alone calls it low (it must, for the
+    # test to tell which one the co-decision read): the decision is the consensus's, not DLR_LH's
+    dlr_lh = first["dlr_lh"]
+    assert dlr_lh.probability < dlr_lh.threshold
+    point = 0.9 * first["consensus_lh"].probability
+    lesion = served(point)
     by_family = {s.family: s for s in lesion.family_scores}
     lh, bm = by_family["consensus_lh"], by_family["dlr_bm"]
-    assert lh.task == "birads_high" and lh.threshold == 0.35
-    assert lh.probability == pytest.approx(mean_log_odds([by_family["dlr_lh"].probability, by_family["lh_second"].probability]))
-    assert lesion.co_decision == co_decision(lh.probability, bm.probability, 0.35, bm.threshold)
+    assert lh.positive and lh.threshold == point
+    assert lesion.co_decision == co_decision(lh.probability, bm.probability, point, bm.threshold)
+    assert lesion.co_decision != co_decision(dlr_lh.probability, bm.probability, dlr_lh.threshold, bm.threshold)

@@ -97,7 +97,7 @@ def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tm
     from models.training.fit_consensus import fit_consensus
 
     models = tmp_path / "models"
-    for family in ("dlr_lh", "dl_u_lh"):
+    for family in ("dlr_lh", "dl_u_lh", "dlr_bm"):
         train_family.main(
             [family, "--datasets", str(tiny_busbra), "--work", str(tmp_path / family), "--output", str(models),
              "--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
@@ -111,9 +111,11 @@ def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tm
     assert json.loads((models / "manifest.json").read_text())["default_pipelines"]["US"][0] == "consensus_lh"
     with pytest.raises(SystemExit, match="not an ultrasound model of the malignancy task"):
         fit_consensus(tiny_busbra, models, ("dlr_lh", "dl_u_lh"))
-    report = evaluate(tiny_busbra, models, ["consensus_lh", "dlr_lh", "dl_u_lh"], "all", tmp_path / "evaluation", resamples=50)
+    report = evaluate(tiny_busbra, models, ["consensus_lh", "dlr_lh", "dl_u_lh", "dlr_bm"], "all", tmp_path / "evaluation", resamples=50)
     assert report["families"]["consensus_lh"]["classification"]["all"]["n"] == 16
     assert report["families"]["consensus_lh"]["task"] == "birads_high"
+    assert report["four_a_lh_model"] == "consensus_lh"  # the tally read the LH consensus, not DLR_LH alone
+    assert evaluate(tiny_busbra, models, ["dlr_lh", "dlr_bm"], "all", tmp_path / "without", resamples=50)["four_a_lh_model"] == "dlr_lh"
 
 
 def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: Path, tmp_path: Path) -> None:

@@ -259,3 +259,33 @@ def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pa
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+
+
+def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_inputs_is_refused(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+    from models.decisions import co_decision
+
+    single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
+    base = square_lesion_analysis((220, 280), size=30, probability=0.87)
+    scores = (
+        _family_score("dlr_bm", "malignancy", 0.87, 0.5),
+        _family_score("consensus_lh", "birads_high", 0.7, 0.4),
+        _family_score("dlr_lh", "birads_high", 0.2, 0.6),
+    )
+    lesion = dataclasses.replace(base.lesions[0], family_scores=scores, co_decision=co_decision(0.7, 0.87, 0.4, 0.5))
+    analysis = dataclasses.replace(base, lesions=(lesion,), classifier=scores[0].model)
+    sr = build_report([AnalysedFrame(single, analysis)], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
+    comment = sr.ContentSequence[-1].ContentSequence[0].TextValue
+    assert "it reads Model-consensus_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy)" in comment and "Model-dlr_lh 9.9 (BI-RADS" not in comment
+    [group] = _groups(sr)
+    # "CALL-CONSENSUS_LH" is longer than Code Value's 16 characters: highdicom encodes it as Long Code Value (PS3.3 8.8)
+    concept = [i.ConceptNameCodeSequence[0] for i in group.ContentSequence if i.ValueType == "CODE"]
+    assert any(c.get("LongCodeValue") == "CALL-CONSENSUS_LH" and "CodeValue" not in c for c in concept)
+    names = {c.get("CodeValue") or c.get("LongCodeValue"): i for c, i in zip(concept, (i for i in group.ContentSequence if i.ValueType == "CODE"))}
+    assert names["BIRADS4A-RESTRAT"].ConceptCodeSequence[0].CodeValue == "UPGRADE"  # the consensus's high LH, BM malignant
+    if shutil.which("dciodvfy"):
+        path = tmp_path / "sr.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == []
+    orphan = dataclasses.replace(lesion, family_scores=scores[1:])  # no DLR_BM score behind the call
+    with pytest.raises(ValueError, match="without the LH and BM scores"):
+        build_report([AnalysedFrame(single, dataclasses.replace(analysis, lesions=(orphan,)))], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
