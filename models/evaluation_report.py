@@ -122,6 +122,40 @@ def _grouped(cases: Sequence[CasePrediction], key: Callable[[CasePrediction], st
 # ---------------------------------------------------------------- classification
 
 
+PROBABILITY_CLIP = 1e-6
+
+
+def per_patient(cases: Sequence[CasePrediction]) -> tuple[list[CasePrediction], int]:
+    """One prediction per patient (cluster): the mean log-odds of its images' scores, and how many patients were left out.
+
+    A patient's images are pooled only where they all carry one label (BUS-BRA's
+    two views of its one biopsied tumour; a group of near-duplicate scans);
+    a patient whose images disagree holds several lesions and is left out,
+    counted. The pooled case takes the patient's dataset and device where
+    its images share them ("mixed" otherwise) and is its own cluster.
+    """
+    patients = _grouped(cases, lambda case: case.cluster or f"case:{case.case_id}")
+    pooled: list[CasePrediction] = []
+    mixed = 0
+    for patient, images in patients.items():
+        if len({image.label for image in images}) > 1:
+            mixed += 1
+            continue
+        clipped = np.clip([image.score for image in images], PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+        mean = float(np.mean(np.log(clipped / (1.0 - clipped))))
+        datasets, devices = {image.dataset for image in images}, {image.device for image in images}
+        pooled.append(
+            CasePrediction(
+                patient,
+                datasets.pop() if len(datasets) == 1 else "mixed",
+                devices.pop() if len(devices) == 1 else "mixed",
+                images[0].label,
+                float(1.0 / (1.0 + math.exp(-mean))),
+            )
+        )
+    return pooled, mixed
+
+
 def _classification_group(
     cases: Sequence[CasePrediction], threshold: float, resamples: int, seed: int, level: float, calibration_bins: int
 ) -> JsonDict:
@@ -197,7 +231,11 @@ def classification_report(
         ``sensitivity``, ``specificity``, ``ppv``, ``npv``, ``accuracy``,
         ``brier`` (Brier 1950), ``ece`` and ``note``. Undefined values are
         None (e.g. AUC of a one-class subgroup, PPV with no positive calls)
-        and ``note`` says why; otherwise ``note`` is None.
+        and ``note`` says why; otherwise ``note`` is None. Where some patient
+        (cluster) has several images, also ``"per_patient"``: ``{"rule",
+        "left_out_mixed_labels", "all": group, "by_dataset": {name: group}}``
+        over one score per patient (:func:`per_patient`), its datasets only
+        where pooling changed them.
     """
     if not cases:
         raise ValueError("classification_report needs at least one case")
@@ -206,7 +244,7 @@ def classification_report(
     def group(members: Sequence[CasePrediction]) -> JsonDict:
         return _classification_group(members, threshold, resamples, seed, level, calibration_bins)
 
-    return {
+    report: JsonDict = {
         "threshold": float(threshold),
         "level": level,
         "resamples": resamples,
@@ -217,6 +255,22 @@ def classification_report(
         "by_dataset": {name: group(members) for name, members in _grouped(cases, lambda c: c.dataset).items()},
         "by_device": {name: group(members) for name, members in _grouped(cases, lambda c: c.device).items()},
     }
+    patients, mixed = per_patient(cases)
+    if len(patients) + mixed < len(cases):  # some patient has several images: the per-patient reading differs
+        pooled_datasets = {c.dataset for c in patients if c.dataset != "mixed"}
+        image_counts = {name: len(members) for name, members in _grouped(cases, lambda c: c.dataset).items()}
+        report["per_patient"] = {
+            "rule": "mean log-odds of each patient's images, where they share one label",
+            "left_out_mixed_labels": mixed,
+            "all": group(patients),
+            # only the datasets where pooling changed something (a patient with several images)
+            "by_dataset": {
+                name: group(members)
+                for name, members in _grouped(patients, lambda c: c.dataset).items()
+                if name in pooled_datasets and len(members) < image_counts.get(name, 0)
+            },
+        }
+    return report
 
 
 # ---------------------------------------------------------------- model comparison
@@ -445,6 +499,10 @@ def _subgroups(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
     labelled: list[tuple[str, Mapping[str, Any]]] = [("All", report["all"])]
     labelled += [(f"Dataset: {name}", group) for name, group in report["by_dataset"].items()]
     labelled += [(f"Device: {name}", group) for name, group in report["by_device"].items()]
+    patients = report.get("per_patient")
+    if patients:
+        labelled += [("All, per patient", patients["all"])]
+        labelled += [(f"Dataset: {name}, per patient", group) for name, group in patients["by_dataset"].items()]
     return labelled
 
 
@@ -471,6 +529,12 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
         )
         if group.get("note"):
             notes.append(f"- {_cell(name)}: {group['note']}")
+    patients = report.get("per_patient")
+    if patients:
+        notes.append(
+            "- Per patient: one score per patient, the mean log-odds of its images (for BUS-BRA, the views of its one tumour), where its images "
+            f"share one label; {patients['left_out_mixed_labels']} patient(s) with images of both labels left out."
+        )
     return lines + ([""] + notes if notes else [])
 
 

@@ -239,3 +239,38 @@ def test_reports_count_a_patient_once_however_many_images_it_has() -> None:
     assert report_twice["all"]["auc"] == pytest.approx(report_once["all"]["auc"])
     # Same resampled patients, so the same interval (clusters are coded in the order of their keys).
     assert report_twice["all"]["auc_ci"] == pytest.approx(report_once["all"]["auc_ci"])
+
+
+def test_per_patient_pools_each_patients_images_by_mean_log_odds() -> None:
+    from models.evaluation_report import per_patient
+
+    def logit(p: float) -> float:
+        return math.log(p / (1 - p))
+
+    cases = [
+        # busbra: three patients with two views each, one patient whose views disagree on the label (two lesions)
+        CasePrediction("p1-l", "busbra", "GE", 1, 0.9, "busbra-1"), CasePrediction("p1-r", "busbra", "GE", 1, 0.4, "busbra-1"),
+        CasePrediction("p2-l", "busbra", "GE", 0, 0.6, "busbra-2"), CasePrediction("p2-r", "busbra", "Toshiba", 0, 0.2, "busbra-2"),
+        CasePrediction("p3-l", "busbra", "GE", 1, 0.7, "busbra-3"), CasePrediction("p3-r", "busbra", "GE", 1, 0.5, "busbra-3"),
+        CasePrediction("p4-l", "busbra", "GE", 1, 0.8, "busbra-4"), CasePrediction("p4-r", "busbra", "GE", 0, 0.3, "busbra-4"),
+        # busi: one image per patient, so pooling changes nothing there
+        CasePrediction("b1", "busi", "busi", 0, 0.35, "busi-b1"), CasePrediction("b2", "busi", "busi", 1, 0.45, "busi-b2"),
+    ]
+    pooled, mixed = per_patient(cases)
+    assert mixed == 1 and [c.case_id for c in pooled] == ["busbra-1", "busbra-2", "busbra-3", "busi-b1", "busi-b2"]
+    by_id = {c.case_id: c for c in pooled}
+    expected = 1 / (1 + math.exp(-(logit(0.9) + logit(0.4)) / 2))  # 0.7101
+    assert by_id["busbra-1"].score == pytest.approx(expected) and by_id["busbra-1"].label == 1
+    assert by_id["busbra-2"].device == "mixed" and by_id["busbra-2"].dataset == "busbra" and by_id["busbra-1"].cluster == ""
+
+    report = classification_report(cases, threshold=0.5, resamples=RESAMPLES)
+    patients = report["per_patient"]
+    assert patients["left_out_mixed_labels"] == 1 and patients["all"]["n"] == 5 and set(patients["by_dataset"]) == {"busbra"}
+    # busbra per patient: positives 0.710 (p1) and 0.604 (p3) against the negative 0.380 (p2): AUC 1
+    assert patients["by_dataset"]["busbra"]["auc"] == pytest.approx(1.0) and report["by_dataset"]["busbra"]["auc"] < 1.0
+    # all patients: positives 0.710, 0.604, 0.45 against negatives 0.380, 0.35: every pair ordered, AUC 1
+    assert patients["all"]["auc"] == pytest.approx(1.0)
+    text = report_markdown(classification=report)
+    assert "| All, per patient | 5 | 3 |" in text and "| Dataset: busbra, per patient | 3 | 2 |" in text and "1 patient(s) with images of both labels" in text
+    # one image per patient: no per-patient section at all
+    assert "per_patient" not in classification_report([c for c in cases if c.dataset == "busi"], threshold=0.5, resamples=RESAMPLES)
