@@ -285,7 +285,10 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             "model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256, "file": entry.file},
             "task": cases[0].score.task,
             "operating_point": cases[0].score.threshold,
-            "classification": classification_report(_predictions(cases), threshold=cases[0].score.threshold, resamples=resamples),
+            # Per patient only for ultrasound: a mini-MIAS patient is a woman with findings in either breast, not views of one lesion.
+            "classification": classification_report(
+                _predictions(cases), threshold=cases[0].score.threshold, resamples=resamples, pool_patients=modality == "US"
+            ),
         }
         variants = variant_predictions(cases)
         if variants:

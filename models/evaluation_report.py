@@ -205,6 +205,7 @@ def classification_report(
     *,
     level: float = 0.95,
     calibration_bins: int = 10,
+    pool_patients: bool = True,
 ) -> JsonDict:
     """Discrimination, operating-point and calibration statistics, overall and per subgroup.
 
@@ -220,6 +221,12 @@ def classification_report(
         or over clusters where the cases name them (:class:`CasePrediction`).
     calibration_bins : int
         Equal-width bins of the expected calibration error.
+    pool_patients : bool
+        Whether a patient's images may be read as views of one lesion, so
+        that the per-patient summary below means something: true for
+        ultrasound (BUS-BRA's ``case`` is its one biopsied tumour; a group of
+        near-duplicate scans is one scan), false for mini-MIAS, whose
+        patient is a woman with findings in either breast.
 
     Returns
     -------
@@ -231,8 +238,9 @@ def classification_report(
         ``sensitivity``, ``specificity``, ``ppv``, ``npv``, ``accuracy``,
         ``brier`` (Brier 1950), ``ece`` and ``note``. Undefined values are
         None (e.g. AUC of a one-class subgroup, PPV with no positive calls)
-        and ``note`` says why; otherwise ``note`` is None. Where some patient
-        (cluster) has several images, also ``"per_patient"``: ``{"rule",
+        and ``note`` says why; otherwise ``note`` is None. With
+        ``pool_patients``, where some patient (cluster) has several images,
+        also ``"per_patient"``: ``{"rule",
         "left_out_mixed_labels", "all": group, "by_dataset": {name: group}}``
         over one score per patient (:func:`per_patient`), its datasets only
         where pooling changed them.
@@ -255,7 +263,7 @@ def classification_report(
         "by_dataset": {name: group(members) for name, members in _grouped(cases, lambda c: c.dataset).items()},
         "by_device": {name: group(members) for name, members in _grouped(cases, lambda c: c.device).items()},
     }
-    patients, mixed = per_patient(cases)
+    patients, mixed = per_patient(cases) if pool_patients else ([], len(cases))
     if len(patients) + mixed < len(cases):  # some patient has several images: the per-patient reading differs
         pooled_datasets = {c.dataset for c in patients if c.dataset != "mixed"}
         image_counts = {name: len(members) for name, members in _grouped(cases, lambda c: c.dataset).items()}
@@ -532,8 +540,8 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
     patients = report.get("per_patient")
     if patients:
         notes.append(
-            "- Per patient: one score per patient, the mean log-odds of its images (for BUS-BRA, the views of its one tumour), where its images "
-            f"share one label; {patients['left_out_mixed_labels']} patient(s) with images of both labels left out."
+            "- Per patient: one score per patient, the mean log-odds of its images where they share one label (meant for several views "
+            f"of one lesion, as BUS-BRA's two of its one tumour); {patients['left_out_mixed_labels']} patient(s) with images of both labels left out."
         )
     return lines + ([""] + notes if notes else [])
 

@@ -272,5 +272,28 @@ def test_per_patient_pools_each_patients_images_by_mean_log_odds() -> None:
     assert patients["all"]["auc"] == pytest.approx(1.0)
     text = report_markdown(classification=report)
     assert "| All, per patient | 5 | 3 |" in text and "| Dataset: busbra, per patient | 3 | 2 |" in text and "1 patient(s) with images of both labels" in text
-    # one image per patient: no per-patient section at all
+    # one image per patient: no per-patient section at all; nor where images of one patient are not views of one lesion
     assert "per_patient" not in classification_report([c for c in cases if c.dataset == "busi"], threshold=0.5, resamples=RESAMPLES)
+    assert "per_patient" not in classification_report(cases, threshold=0.5, resamples=RESAMPLES, pool_patients=False)
+
+
+def test_per_patient_ranks_by_mean_log_odds_not_mean_probability_and_clips_certainty() -> None:
+    from models.evaluation_report import per_patient
+
+    cases = [
+        # a: one confident view and one doubtful one; b: two middling views. Mean probability ranks b over a (0.595
+        # against 0.7); mean log-odds ranks a over b (sigmoid((4.595 - 1.386) / 2) = 0.833 against 0.7).
+        CasePrediction("a1", "views", "s", 1, 0.99, "a"), CasePrediction("a2", "views", "s", 1, 0.2, "a"),
+        CasePrediction("b1", "views", "s", 0, 0.7, "b"), CasePrediction("b2", "views", "s", 0, 0.7, "b"),
+        # c: a score of exactly 1 is clipped to 1 - 1e-6 before its log-odds, so the mean stays finite
+        CasePrediction("c1", "views", "s", 1, 1.0, "c"), CasePrediction("c2", "views", "s", 1, 0.5, "c"),
+        CasePrediction("d1", "views", "s", 0, 0.1, "d"), CasePrediction("d2", "views", "s", 0, 0.3, "d"),
+    ]
+    pooled = {c.case_id: c.score for c in per_patient(cases)[0]}
+    assert pooled["a"] == pytest.approx(1 / (1 + math.exp(-(math.log(99) + math.log(0.25)) / 2)))
+    assert pooled["b"] == pytest.approx(0.7)
+    assert pooled["c"] == pytest.approx(1 / (1 + math.exp(-math.log((1 - 1e-6) / 1e-6) / 2)))
+    report = classification_report(cases, threshold=0.5, resamples=RESAMPLES)["per_patient"]
+    assert report["all"]["auc"] == pytest.approx(1.0)  # a mean of probabilities would put b above a: 0.75
+    # four independent patients: the interval resamples patients, not images
+    assert report["all"]["n"] == 4 and report["all"]["auc_ci"] is not None and len(report["all"]["auc_ci"]) == 2
