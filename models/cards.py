@@ -109,6 +109,25 @@ def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
     return [*lines, "", "## Intended use", "", INTENDED_USE, "", "## Model", ""]
 
 
+SPLIT_RULE_TEXT = (
+    "Split: BUS-BRA by its patient-level fold (fold 4 = test; one case in ten of folds 1-3 = validation); "
+    "BUSI and BrEaST by a stable hash of the image id (20 % test, 10 % validation);"
+)
+
+
+def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
+    """What rebuilds this model: ``make train-ROLE``, spelled out where a mask pretraining runs first."""
+    seed = f" --seed {training['seed']}" if training.get("seed") is not None else ""
+    train = f"`breastai train {role}{seed}`"
+    if str(training.get("initialisation", "")).startswith("mask pretraining"):
+        return (
+            f"Recipe: `make train-{role}`, which runs `breastai train pretrain {role} --objective masks{seed}`, then "
+            f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` (`models/training/train_family.py`; "
+            "the seed is the recipe's default)."
+        )
+    return f"Recipe: `make train-{role}`, which runs {train} (`models/training/train_family.py`; the seed is the recipe's default)."
+
+
 def _operating_point_and_metrics(parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str) -> list[str]:
     """The card sections every classifier shares: its operating point and its held-out metrics."""
     return [
@@ -262,8 +281,8 @@ def card_markdown(
         "## Data and split",
         "",
         f"Datasets: {', '.join(training.get('datasets', []))}. Task: `{parameters.get('task')}`. "
-        "Split: BUS-BRA by its patient-level fold (fold 4 = test; one case in ten of folds 1-3 = validation); "
-        "BUSI and BrEaST by a stable hash of the image id (20 % test, 10 % validation); mini-MIAS by woman (image pair). "
+        + SPLIT_RULE_TEXT
+        + " mini-MIAS by woman (image pair). "
         + _near_duplicate_note(training),
         "",
         "| split | lesions | positive |",
@@ -280,7 +299,7 @@ def card_markdown(
         + _augmentation_rule(training)
         + _mixup_rule(training)
         + _stage_cycles(training)
-        + f"Recipe: `breastai train {entry.role}` (`models/training/train_family.py`).",
+        + _recipe_commands(entry.role, training),
         "",
         *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),
     ]
@@ -314,6 +333,36 @@ def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
     return f"Epoch {epoch} of {epochs}, chosen" if epochs else f"Epoch {epoch}, chosen"
 
 
+def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[str]:
+    """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was set."""
+    training = parameters.get("training") or {}
+    if training:
+        run = (
+            f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
+            f"{_precision(training)}seed {training.get('seed')}, input {parameters.get('input_size')} px; epoch "
+            f"{int(parameters.get('train_epoch', 0)) + 1} of {training.get('epochs_run')}, chosen by Dice on the validation split's lesion images. "
+            + (f"{training['history']}" if training.get("history") else "")
+        ).rstrip()
+    else:
+        run = "This export recorded no training run. "
+    return [
+        "## Data and split",
+        "",
+        "Images: BUSI, BUS-BRA and BrEaST, lesion and normal images (a normal image is trained towards an empty mask). "
+        + SPLIT_RULE_TEXT
+        + " the same assignment as every family's. "
+        + run,
+        "",
+        "## Operating point",
+        "",
+        f"A pixel is lesion where its probability is at least {parameters.get('threshold')}, and a connected component counts "
+        f"only from {float(parameters.get('min_area_fraction', 0)):.1%} of the image up. Both were fixed when the pipeline was "
+        "written, not tuned on any split. On validation no threshold separated false outlines on normal images from real "
+        "lesions (Known limits).",
+        "",
+    ]
+
+
 def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None) -> str:
     """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out lesion images."""
     parameters = entry.parameters
@@ -341,6 +390,7 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
                 "",
             ]
         ),
+        *_segmenter_data_and_operating_point(parameters),
         f"## Metrics (held-out test split, lesion images, as served{'' if refiner is None else ': segmenter then refiner'}; data: `{data}`)",
         "",
         report_markdown(segmentation=segmentation),

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--input-size", type=int, help="default: the family's own input size")
     parser.add_argument("--temperature", type=float, default=0.2, help="SimCLR only")
-    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--seed", type=int, help="default: the family recipe's seed (FamilySpec.seed), which its shipped model's pretraining used")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=float("inf"))
     parser.add_argument("--bf16", action="store_true")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or batch_size,
         learning_rate=args.learning_rate,
         input_size=args.input_size or spec.input_size,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else spec.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
         bf16=args.bf16,

@@ -83,7 +83,7 @@ from models.training.loop import (
     to_training_device,
     training_device,
 )
-from models.training.train_reference import TrainConfig
+from models.training.train_reference import DEFAULT_SEED, TrainConfig
 
 Tensor = torch.Tensor
 
@@ -188,6 +188,9 @@ class FamilySpec:
     # ResNet-50s, which are 47.5 MB each in fp16 against a 150 MB budget for every bundled weight.
     int8_weights: bool = False
     ensemble: int = 1  # seed-ensemble members the recipe trains (RunConfig.ensemble)
+    # The seed the shipped model was trained from (its mask pretraining's too), so that `make train-FAMILY` rebuilds
+    # that run and not a sibling of it; a recipe whose shipped run was chosen among seeds names the one it shipped.
+    seed: int = DEFAULT_SEED
 
 
 def _softmax_ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -235,7 +238,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "dlr_bm": FamilySpec(
         "dlr_bm", "malignancy", US_DATASETS, lambda: dlr.DLRNet(depth=50), _softmax_ce, _softmax_positive, ZSCORE_ROI,
-        epochs=20, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True, version="0.8.0",
+        epochs=20, batch_size=16, learning_rate=1e-3, input_size=128, int8_weights=True, version="0.8.0", seed=20261122,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
     "cldlr": FamilySpec(
@@ -950,7 +953,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "weights"), help="model folder the export writes into (its manifest is updated)")
-    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--seed", type=int, help="default: the seed the shipped model was trained from (the recipe's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
     parser.add_argument("--bf16", action="store_true", help="train the network under bfloat16 autocast (CPU with AVX512-BF16/AMX, or a GPU)")
@@ -1002,7 +1005,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size or spec.batch_size,
         learning_rate=args.learning_rate or spec.learning_rate,
         input_size=args.input_size or spec.input_size,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else spec.seed,
         threads=args.threads,
         max_minutes=args.max_minutes,
         bf16=args.bf16,

@@ -318,7 +318,7 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
     return auc([s.malignant for s in samples], scores)
 
 
-DEFAULT_SEED = 20261121  # the bundled refiner was trained with it (its manifest entry records the seed)
+DEFAULT_SEED = 20261121  # the bundled refiner and segmenter were trained with it, and every family but DLR_BM (FamilySpec.seed); manifests record it
 DEFAULTS = {
     "segmenter": {"epochs": 9, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
     "refiner": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-3, "input_size": 128},

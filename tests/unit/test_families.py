@@ -108,6 +108,18 @@ def test_four_a_co_decision(lh: float, bm: float, expected: Recommendation) -> N
     assert decision.recommendation is expected
 
 
+def test_segmenter_gives_one_logit_per_pixel_of_any_side_divisible_by_32() -> None:
+    from models.networks import lesion_segmenter
+
+    torch.manual_seed(0)
+    network = lesion_segmenter().eval()
+    with torch.no_grad():
+        for rows, cols in ((64, 64), (96, 160)):
+            assert network(torch.randn(2, 1, rows, cols)).shape == (2, 1, rows, cols)
+    # Batch-norm momentum is PyTorch's 0.1, not MONAI's TensorFlow-style 0.01 (see lesion_segmenter).
+    assert {m.momentum for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)} == {0.1}
+
+
 def test_average_frame_probabilities() -> None:
     assert average_frame_probabilities([0.2, 0.4, 0.9]) == pytest.approx(0.5)
     with pytest.raises(ValueError):
@@ -118,14 +130,23 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: l
     torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=outputs, opset_version=18, dynamo=False)
 
 
-@pytest.mark.parametrize("family", ["dlr", "cldlr", "dl_u"])
+@pytest.mark.parametrize("family", ["dlr", "cldlr", "dl_u", "dl_um_fused", "us_segmenter"])
 def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
     import onnxruntime as ort
+
+    from models.networks import SegmenterExportWrapper, lesion_segmenter
 
     torch.manual_seed(4)
     image = torch.randn(1, 1, 64, 64)
     wrapper: torch.nn.Module
-    if family == "dlr":
+    if family == "dl_um_fused":
+        # Ships no weights (no paired US + MG data), but its card promises that the graph exports faithfully.
+        wrapper = dlum.FusedExportWrapper(dlum.DLUM(width=0.125))
+        inputs = {"us": image, "mg": torch.randn(1, 1, 64, 64)}
+        outputs = ["fused_logit", "us_logit", "mg_logit", "us_cam", "mg_cam"]
+    elif family == "us_segmenter":
+        wrapper, inputs, outputs = SegmenterExportWrapper(lesion_segmenter()), {"image": image}, ["logits"]
+    elif family == "dlr":
         wrapper = dlr.DLRExportWrapper(dlr.DLRNet(depth=18), dlr.AgeFusionMLP())
         inputs = {"image": image, "clinical": torch.tensor([[0.61, 1.0]])}
         outputs = ["logits", "image_logits", "cam"]
@@ -138,9 +159,11 @@ def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
     wrapper.eval()
     _export(wrapper, inputs, outputs, tmp_path / "model.onnx")
     with torch.no_grad():
-        expected = [t.numpy() for t in wrapper(*inputs.values())]
+        result = wrapper(*inputs.values())
+    expected = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(outputs, {k: v.numpy() for k, v in inputs.items()})
+    assert len(got) == len(expected) == len(outputs)
     for name, want, have in zip(outputs, expected, got):
         assert have.shape == want.shape, name
         assert np.abs(have - want).max() < 1e-4, name
@@ -154,6 +177,8 @@ def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -
 
     spec, training = FAMILIES[family], read_manifest(BUNDLED_MODEL_DIR)[family].parameters["training"]
     assert (spec.epochs, spec.learning_rate, spec.batch_size) == (training["epochs"], training["learning_rate"], training["batch_size"])
+    # The shipped run's seed too: DLR_BM 0.8.0 was the better of two seeds, and the default rebuilt the other one.
+    assert spec.seed == training["seed"]
     # MUP-Net's repeated stages; before 0.6.0 no export recorded them, and every family ran one cycle.
     assert (spec.push_cycles, spec.push_epochs) == (training.get("push_cycles", 1), training.get("push_epochs", 0))
     # Seed ensembles (absent: one network) and int8 convolution weights are part of the recipe too.

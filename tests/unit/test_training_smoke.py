@@ -92,12 +92,14 @@ def test_refiner_windows_follow_the_lesion_and_export_into_the_manifest(tiny: Pa
     assert mask.shape == lesion.image.shape and mask.any()
 
 
-def test_the_refiner_recipe_is_the_one_the_shipped_refiner_was_trained_with() -> None:
-    # `make train` must rebuild the bundled refiner's recipe; 0.5.0 is the first export that records it.
+@pytest.mark.parametrize("part", ["segmenter", "refiner"])
+def test_the_segmentation_recipes_are_the_ones_the_shipped_models_were_trained_with(part: str) -> None:
+    # `make train` must rebuild the bundled models' recipes. The refiner's 0.5.0 is the first export that recorded
+    # its own; the segmenter's 0.1.0 record was read back from the commit that shipped it.
     from models.registry import BUNDLED_MODEL_DIR, read_manifest
 
-    shipped = read_manifest(BUNDLED_MODEL_DIR)["us_refiner"].parameters
-    recipe = train_reference.DEFAULTS["refiner"]
+    shipped = read_manifest(BUNDLED_MODEL_DIR)[f"us_{part}"].parameters
+    recipe = train_reference.DEFAULTS[part]
     assert (recipe["epochs"], recipe["batch_size"], recipe["learning_rate"], recipe["input_size"]) == (
         shipped["training"]["epochs"], shipped["training"]["batch_size"], shipped["training"]["learning_rate"], shipped["input_size"]
     )
