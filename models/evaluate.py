@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -243,8 +244,9 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         raise SystemExit(f"models {', '.join(unknown)} are not in {model_dir / 'manifest.json'} (it has: {', '.join(sorted(entries))})")
     root = data.parent if (data / "labels.csv").is_file() else data
     names = dataset_names(data)
+    without_image: list[str] = []
     try:
-        records = load_records(root, names) if names else []
+        records = load_records(root, names, missing=without_image) if names else []
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"breastai evaluate: {exc}") from exc
     excluded = sum(r.split == EXCLUDED for r in records)
@@ -262,6 +264,10 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         "statistics": STATISTICS_NOTE,
         "families": {},
     }
+    if without_image:
+        # A site's folder with rows whose images were not copied: say so, or its n would silently shrink.
+        report["rows_without_image"] = {"count": len(without_image), "first": without_image[:20]}
+        print(f"breastai evaluate: {len(without_image)} labelled row(s) have no image in images/ and are not scored (first: {', '.join(without_image[:5])})", file=sys.stderr)
     scored: dict[str, list[ScoredCase]] = {}
     members_only: dict[str, list[ScoredCase]] = {}  # scored for a consensus but not asked for
     for family in families:
@@ -338,6 +344,8 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
                 writer.writerow([family, c.record.image_id, c.record.dataset, c.record.device, c.label, f"{c.score.probability:.6f}", int(c.score.positive)])
     (output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     markdown = [report_markdown(segmentation=report.get("segmentation"), title="Segmentation")] if "segmentation" in report else []
+    if without_image:
+        markdown.insert(0, f"**{len(without_image)} labelled row(s) had no image in `images/` and were not scored** (first: {', '.join(without_image[:20])}).")
     for family, body in report["families"].items():
         if "classification" in body:
             markdown.append(report_markdown(classification=body["classification"], title=family))

@@ -145,8 +145,15 @@ def apply_near_duplicates(records: list[Record], groups: dict[tuple[str, str], s
     return [replaced.get((r.dataset, r.image_id), r) for r in records]
 
 
-def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path | None = NEAR_DUPLICATES) -> list[Record]:
-    """List every image of the named datasets under ``root``, near-duplicates grouped (:func:`apply_near_duplicates`)."""
+def load_records(
+    root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path | None = NEAR_DUPLICATES, missing: list[str] | None = None
+) -> list[Record]:
+    """List every image of the named datasets under ``root``, near-duplicates grouped (:func:`apply_near_duplicates`).
+
+    A ``labels.csv`` row whose image is not in ``images/`` is skipped; where
+    ``missing`` is given, ``dataset/id`` of each such row is appended to it,
+    so that a caller can say how many labelled cases it could not read.
+    """
     records: list[Record] = []
     for dataset in datasets:
         folder = root / dataset
@@ -157,6 +164,8 @@ def load_records(root: Path, datasets: tuple[str, ...] = US_DATASETS, near_dupli
                 image_id = row["id"]
                 images = list((folder / "images").glob(f"{image_id}.*"))
                 if not images:
+                    if missing is not None:
+                        missing.append(f"{dataset}/{image_id}")
                     continue
                 mask = folder / "masks" / f"{image_id}.png"
                 label = _label_of(row, dataset)

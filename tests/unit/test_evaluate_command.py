@@ -163,6 +163,21 @@ def test_the_radiologists_birads_is_reported_beside_the_families_on_the_same_les
     assert "Not a model" in (out / "report.md").read_text()
 
 
+def test_labelled_rows_without_an_image_are_counted_and_named_not_silently_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    site = _synthetic_site(tmp_path, count=4)
+    rows = (site / "labels.csv").read_text().splitlines()
+    (site / "labels.csv").write_text("\n".join([*rows, f"lost1,{rows[1].split(',', 1)[1]}", f"lost2,{rows[2].split(',', 1)[1]}"]) + "\n")
+    out = tmp_path / "out"
+    main(["evaluate", str(site), "--split", "all", "--families", "dl_u", "--output", str(out), "--resamples", "20"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_without_image"] == {"count": 2, "first": [f"{site.name}/lost1", f"{site.name}/lost2"]}
+    assert report["families"]["dl_u"]["classification"]["all"]["n"] == 4  # the four with images are scored
+    assert "2 labelled row(s) have no image" in capsys.readouterr().err
+    assert (out / "report.md").read_text().startswith("**2 labelled row(s) had no image")
+
+
 def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: Path) -> None:
     from models.training.external import main as external_main
 

@@ -125,3 +125,23 @@ def test_bundled_cldlr_also_scores_the_papers_comparison_svms() -> None:
         assert all(0.0 <= float(score.details[k]) <= 1.0 for k in ("dlr_only_probability", "clinical_only_probability"))
     assert young.details["dlr_only_probability"] == pytest.approx(old.details["dlr_only_probability"])  # image features only
     assert young.details["clinical_only_probability"] != pytest.approx(old.details["clinical_only_probability"])  # age reaches it
+
+
+@pytest.mark.parametrize(
+    "context,expected_notes",
+    [
+        (ClinicalContext(age_years=55, pixel_spacing_mm=0.1), set()),
+        (ClinicalContext(age_years=None, pixel_spacing_mm=0.1), {"patient age not available to the SVM"}),
+        (ClinicalContext(age_years=55, pixel_spacing_mm=None), {"pixel spacing unknown: lesion size not used"}),
+        (ClinicalContext(), {"patient age not available to the SVM", "pixel spacing unknown: lesion size not used"}),
+    ],
+)
+def test_bundled_cldlr_scores_without_a_clinical_variable_and_says_which(context: ClinicalContext, expected_notes: set[str]) -> None:
+    # The issue: CLDLR "runs, and says so, when one is missing"; the notes reach the SR's comment (test_sr_writer).
+    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+
+    scorer = load_family_scorer(read_manifest()["cldlr"], BUNDLED_MODEL_DIR)
+    gray = np.random.default_rng(4).integers(0, 255, (200, 300), dtype=np.uint8)
+    score = scorer.score(gray, (100, 50, 60, 40), context)
+    assert set(score.notes) == expected_notes
+    assert 0.0 <= score.probability <= 1.0 and score.positive == (score.probability >= float(read_manifest()["cldlr"].parameters["operating_point"]))
