@@ -116,16 +116,25 @@ SPLIT_RULE_TEXT = (
 
 
 def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
-    """What rebuilds this model: ``make train-ROLE``, spelled out where a mask pretraining runs first."""
+    """What rebuilds this model: ``make train-ROLE`` and the commands it runs, with the seed the model was trained from.
+
+    ``make`` passes no seed: each recipe's default is its shipped run's
+    (``FamilySpec.seed``, held to the manifest by a test), so the seed
+    printed here is what ``make`` runs for a bundled model; for a model
+    trained with another ``--seed`` it is that seed.
+    """
     seed = f" --seed {training['seed']}" if training.get("seed") is not None else ""
     train = f"`breastai train {role}{seed}`"
     if str(training.get("initialisation", "")).startswith("mask pretraining"):
         return (
             f"Recipe: `make train-{role}`, which runs `breastai train pretrain {role} --objective masks{seed}`, then "
-            f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` (`models/training/train_family.py`; "
-            "the seed is the recipe's default)."
+            f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` (`models/training/train_family.py`), "
+            "each with `--datasets` and, where the CPU has bf16 units, `--bf16`."
         )
-    return f"Recipe: `make train-{role}`, which runs {train} (`models/training/train_family.py`; the seed is the recipe's default)."
+    return (
+        f"Recipe: `make train-{role}`, which runs {train} (`models/training/train_family.py`) with `--datasets` and, "
+        "where the CPU has bf16 units, `--bf16`."
+    )
 
 
 def _operating_point_and_metrics(parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str) -> list[str]:

@@ -32,6 +32,7 @@ from models.training.loop import mixed_precision, to_training_device  # noqa: E4
 
 
 def network_and_loss(name: str) -> tuple[nn.Module, int, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The network, its recipe's input size, and a loss of its kind (softmax, deep supervision, or pixel-wise)."""
     if name == "dlr":
         return dlr.DLRNet(depth=50), 128, lambda m, x, y: functional.cross_entropy(m(x)[0], y)
     if name == "dlu":
@@ -42,6 +43,7 @@ def network_and_loss(name: str) -> tuple[nn.Module, int, Callable[[nn.Module, to
 
 
 def main() -> None:
+    """Time twelve steps of ``sys.argv``'s network, mode and precision; print the median of the last eight."""
     name, mode, precision = sys.argv[1:4]
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -49,7 +51,7 @@ def main() -> None:
     model = to_training_device(model, torch.device("cpu"))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    run = torch.compile(model) if mode == "compile" else model
+    run: nn.Module = torch.compile(model) if mode == "compile" else model  # type: ignore[assignment]  # compile returns the wrapped module
     x, y = torch.randn(16, 1, size, size), torch.randint(0, 2, (16,))
     times = []
     for _ in range(12):
@@ -57,7 +59,7 @@ def main() -> None:
         with mixed_precision(torch.device("cpu"), precision == "bf16"):
             loss = loss_of(run, x, y)
         optimizer.zero_grad()
-        loss.float().backward()
+        loss.float().backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         times.append(time.perf_counter() - began)
     print(f"{name} {mode} {precision}: median step {statistics.median(times[4:]):.3f} s, first step {times[0]:.1f} s")

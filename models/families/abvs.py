@@ -4,9 +4,11 @@ Liu et al. classify breast lesions seen by an automated breast volume
 scanner (ABVS) from three planes through the lesion: the transverse plane
 the transducer acquires, and the sagittal and coronal planes the
 workstation reconstructs from the volume ("Data collection"). Per plane, a
-UNet (EfficientNet-b0 encoder; :func:`models.networks.lesion_segmenter`)
-finds the lesion, and the bounding box of each connected component
-(:mod:`models.lesions`) gives the region of interest. Each plane's ROI then
+UNet finds the lesion, and the bounding box of each connected component
+gives the region of interest; here the lesion mask of the volume stands
+in for that UNet (:func:`models.training.abvs_volumes.plane_rois`), since
+without ABVS data nothing could check the B-mode segmenter
+(:func:`models.networks.lesion_segmenter`) on reconstructed planes. Each plane's ROI then
 goes through its own ResNet-50, and the features are fused ("Model
 development", equations 1 and 2):
 

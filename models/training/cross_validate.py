@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         "--choose-epoch", action="store_true",
         help="score each fold with the epoch chosen on an inner validation fold (and, beside it, the same runs' last epochs); default: the last epoch",
     )
-    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("--seed", type=int, help="default: the family recipe's seed (FamilySpec.seed)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
         input_size=spec.input_size,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else spec.seed,
         threads=args.threads,
         max_minutes=float("inf"),
         bf16=args.bf16,

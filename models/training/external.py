@@ -101,11 +101,12 @@ def pretrain_without(
     return folder
 
 
-SHARED_WITH_PRETRAINING = ("--threads", "--input-size", "--device")
+# A family's seed is its pretraining's too (FamilySpec.seed seeds both by default), so a --seed given to one reaches both.
+SHARED_WITH_PRETRAINING = ("--threads", "--input-size", "--device", "--seed")
 
 
 def _shared_options(train_options: Sequence[str]) -> list[str]:
-    """``--bf16``, ``--threads N``, ``--input-size N`` and ``--device D`` (either spelling) out of the family options."""
+    """``--bf16``, ``--threads N``, ``--input-size N``, ``--device D`` and ``--seed S`` (either spelling) out of the family options."""
     shared: list[str] = []
     for index, option in enumerate(train_options):
         if option == "--bf16" or option.startswith(tuple(f"{name}=" for name in SHARED_WITH_PRETRAINING)):

@@ -189,8 +189,9 @@ def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: 
 def test_external_validation_passes_the_pretraining_only_the_options_that_mean_the_same_to_it() -> None:
     from models.training.external import _shared_options
 
-    options = ["--epochs", "30", "--bf16", "--threads", "2", "--input-size=64", "--batch-size", "16", "--device", "cpu", "--threads"]
-    assert _shared_options(options) == ["--bf16", "--threads", "2", "--input-size=64", "--device", "cpu"]  # a trailing flag without its value is dropped
+    options = ["--epochs", "30", "--bf16", "--threads", "2", "--input-size=64", "--batch-size", "16", "--device", "cpu", "--seed", "7", "--threads"]
+    # A trailing flag without its value is dropped.
+    assert _shared_options(options) == ["--bf16", "--threads", "2", "--input-size=64", "--device", "cpu", "--seed", "7"]
 
 
 def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
