@@ -384,7 +384,7 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
         f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} of the image dropped. "
         "Trained from scratch (no pretrained encoder weights can be had here) with Dice + BCE on BUSI, BUS-BRA and BrEaST "
         "images, normal images included; batch-norm statistics recalibrated on the training images before export. "
-        "Recipe: `models/training/train_reference.py segmenter`.",
+        f"Recipe: `models/training/train_reference.py segmenter{_bf16_flag(entry.parameters)}`.",
         "",
         *(
             []
@@ -395,7 +395,7 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
                 f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component at about its "
                 "native resolution; the refined component that overlaps the coarse one most replaces it (none: the coarse one stays). "
                 f"{_refiner_epoch(refiner.parameters)} by validation Dice on the windows "
-                f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py refiner --bf16`.",
+                f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py refiner{_bf16_flag(refiner.parameters)}`.",
                 "",
             ]
         ),
@@ -519,6 +519,19 @@ def _roi_rule(parameters: Mapping[str, Any]) -> str:
     side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
     square = ", then its short side widened to a square (the resize keeps the lesion's shape)" if parameters.get("roi_square") else ""
     return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
+
+
+def _bf16_flag(parameters: Mapping[str, Any]) -> str:
+    """`` --bf16`` where a segmentation stage was trained under bf16 autocast.
+
+    Exports record it in ``training`` (``None``: fp32); the bundled refiner 0.5.0,
+    exported before that, recorded it beside (``"autocast": "bfloat16"`` or ``"none"``),
+    and the segmenter 0.1.0's ``training`` record, read back from the commit that
+    shipped it, says fp32.
+    """
+    training = parameters.get("training") or {}
+    autocast = training["autocast"] if "autocast" in training else parameters.get("autocast")
+    return " --bf16" if autocast == "bfloat16" else ""
 
 
 def _precision(training: Mapping[str, Any]) -> str:

@@ -76,8 +76,10 @@ def training_recipe(config: dict[str, Any], epochs_run: int) -> dict[str, Any]:
     """The run's recipe as the manifest records it, so that a test can hold ``make train`` to the shipped model's.
 
     ``epochs_run`` differs from the recipe's ``epochs`` where ``--max-minutes`` stopped the run early.
+    ``autocast`` is the arithmetic the run trained in (``None``: fp32), as the families' exports record it,
+    so a card can say whether ``--bf16`` rebuilds the model.
     """
-    return {**{key: config[key] for key in RECIPE_KEYS}, "epochs_run": epochs_run}
+    return {**{key: config[key] for key in RECIPE_KEYS}, "epochs_run": epochs_run, "autocast": "bfloat16" if config.get("bf16") else None}
 
 
 def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -320,7 +322,7 @@ def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
         sha256=sha256_of(out / "us_refiner.onnx"),
         parameters={
             "input_size": size, "threshold": 0.5, "window_expand": WINDOW_EXPAND, "train_epoch": meta["epoch"],
-            "val_dice_windows": round(meta["val_score"], 4), "autocast": "bfloat16" if meta["config"].get("bf16") else "none",
+            "val_dice_windows": round(meta["val_score"], 4),
             "training": training_recipe(meta["config"], meta["epochs_run"]), **exported,
         },
     )

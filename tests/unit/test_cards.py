@@ -67,6 +67,19 @@ def test_the_card_names_the_arithmetic_the_network_was_trained_in() -> None:
     assert "bfloat16 autocast" in (CARDS / "dlr_bm.md").read_text()
 
 
+def test_a_segmentation_card_gives_the_bf16_flag_only_for_a_stage_trained_under_it() -> None:
+    from models.cards import _bf16_flag
+
+    assert _bf16_flag({"training": {"autocast": "bfloat16"}}) == " --bf16"
+    assert _bf16_flag({"training": {"autocast": None}}) == ""
+    # The bundled refiner 0.5.0 recorded its arithmetic beside the training record, as "bfloat16" or "none".
+    assert _bf16_flag({"autocast": "bfloat16", "training": {"epochs": 12}}) == " --bf16"
+    assert _bf16_flag({"autocast": "none", "training": {"epochs": 12}}) == ""
+    assert _bf16_flag({}) == ""
+    segmentation = (CARDS / "us_segmenter.md").read_text()
+    assert "train_reference.py refiner --bf16`" in segmentation and "train_reference.py segmenter`" in segmentation
+
+
 def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_it(tmp_path: Path) -> None:
     """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the 4A call read."""
     from models.cards import card_markdown, consensus_card
