@@ -1,0 +1,107 @@
+"""Trial, not a recipe: how much malignancy signal the lesion's outline carries, true against served.
+
+    python scripts/trial_outline_descriptors.py [--datasets ../shared/datasets]
+
+Fits the lexicon model's logistic regression (:func:`models.training.fit_lexicon.fit_logistic`)
+on the descriptors of the training lesions' ground-truth outlines, then
+prints, on the validation lesions:
+
+- its AUC on the true outlines and on the served ones (the bundled
+  segmenter then refiner; the component ``breastai evaluate`` picks, the
+  box's ellipse where none reaches the box), overall and per dataset;
+- each outline descriptor's AUC on both, and the correlation of the two
+  values across lesions; the true outline's convexity alone on each
+  dataset's training lesions;
+- the same model on true outlines sent through the refiner's close-up
+  window at several sizes and back, to tell resolution from network.
+
+Nothing is exported or served, and test is not touched. About half a
+minute on two cores. ``models/HISTORY.md``, "The readers' outlines carry what the
+networks miss".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from models.evaluation import auc
+from models.lexicon import DESCRIPTOR_NAMES, describe
+from models.preprocess import Box
+from models.refine import refiner_window
+from models.registry import BUNDLED_MODEL_DIR
+from models.training.data import US_DATASETS, Record, load_records, read_gray, read_mask
+from models.training.fit_lexicon import _labelled, fit_logistic, served_descriptors
+
+OUTLINE_DESCRIPTORS = ("convexity", "solidity", "lobulations", "ellipse_mismatch", "orientation", "circularity", "radial_roughness")
+LOWER_IS_SUSPICIOUS = frozenset({"convexity", "solidity", "circularity"})
+
+
+def true_descriptors(lesions: list[tuple[Record, Box]], window_size: int | None = None) -> npt.NDArray[np.float64]:
+    """Descriptors of each lesion's ground-truth outline; with ``window_size``, after a round trip through the refiner's window at that size."""
+    rows = []
+    for record, box in lesions:
+        gray = read_gray(record.image_path)
+        mask = read_mask(record, gray.shape).astype(bool)
+        if window_size is not None:
+            x, y, w, h = refiner_window(box, (int(gray.shape[0]), int(gray.shape[1])))
+            small = cv2.resize(mask[y : y + h, x : x + w].astype(np.float32), (window_size, window_size), interpolation=cv2.INTER_LINEAR) >= 0.5
+            mask = np.zeros_like(mask)
+            mask[y : y + h, x : x + w] = cv2.resize(small.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+        rows.append(describe(gray, mask))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="../shared/datasets")
+    parser.add_argument("--window-sizes", default="96,128,192", help="refiner window sizes for the round trip (comma-separated)")
+    args = parser.parse_args(argv)
+    records = load_records(Path(args.datasets), US_DATASETS)
+    train, train_labels = _labelled([r for r in records if r.split == "train"], "malignancy")
+    val, val_labels = _labelled([r for r in records if r.split == "val"], "malignancy")
+    train_truth = true_descriptors(train)
+    model = fit_logistic(train_truth, train_labels, 1.0)
+    truth, served = true_descriptors(val), served_descriptors(BUNDLED_MODEL_DIR, val)
+    labels = np.asarray(val_labels)
+    datasets = np.array([record.dataset for record, _ in val])
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    on_truth = np.array([model.probability(row) for row in truth])
+    on_served = np.array([model.probability(row) for row in served])
+    say(f"lexicon fitted on true training outlines ({len(train)}), validation ({len(val)}): true {auc(labels, on_truth):.4f}, served {auc(labels, on_served):.4f}")
+    for name in sorted(set(datasets)):
+        chosen = datasets == name
+        say(f"  {name} ({chosen.sum()}): true {auc(labels[chosen], on_truth[chosen]):.3f}, served {auc(labels[chosen], on_served[chosen]):.3f}")
+    for name in OUTLINE_DESCRIPTORS:
+        column = DESCRIPTOR_NAMES.index(name)
+        sign = -1.0 if name in LOWER_IS_SUSPICIOUS else 1.0
+        correlation = float(np.corrcoef(truth[:, column], served[:, column])[0, 1])
+        say(
+            f"  {name}: true {auc(labels, sign * truth[:, column]):.3f}, served {auc(labels, sign * served[:, column]):.3f}, "
+            f"correlation {correlation:.2f}"
+        )
+    convexity = DESCRIPTOR_NAMES.index("convexity")
+    train_sets, train_y = np.array([record.dataset for record, _ in train]), np.asarray(train_labels)
+    for name in sorted(set(train_sets)):
+        chosen = train_sets == name
+        say(f"training lesions of {name} ({chosen.sum()}): true outline's convexity alone {auc(train_y[chosen], -train_truth[chosen, convexity]):.3f}")
+    for size in (int(s) for s in args.window_sizes.split(",")):
+        round_trip = true_descriptors(val, size)
+        say(
+            f"true outline through a {size} px window: lexicon {auc(labels, [model.probability(row) for row in round_trip]):.4f}, "
+            f"convexity {auc(labels, -round_trip[:, convexity]):.3f}"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
