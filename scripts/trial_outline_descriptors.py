@@ -6,8 +6,8 @@ Fits the lexicon model's logistic regression (:func:`models.training.fit_lexicon
 on the descriptors of the training lesions' ground-truth outlines, then
 prints, on the validation lesions:
 
-- its AUC on the true outlines and on the served ones (the bundled
-  segmenter then refiner; the component ``breastai evaluate`` picks, the
+- its AUC on the true outlines and on the served ones (the segmenter then
+  refiner of ``--model-dir``, the bundled ones by default; the component ``breastai evaluate`` picks, the
   box's ellipse where none reaches the box), overall and per dataset;
 - each outline descriptor's AUC on both, and the correlation of the two
   values across lesions; the true outline's convexity alone on each
@@ -59,14 +59,15 @@ def true_descriptors(lesions: list[tuple[Record, Box]], window_size: int | None 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="../shared/datasets")
-    parser.add_argument("--window-sizes", default="96,128,192", help="refiner window sizes for the round trip (comma-separated)")
+    parser.add_argument("--window-sizes", default="96,128,192", help="refiner window sizes for the round trip (comma-separated; empty: none)")
+    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="whose segmenter and refiner draw the served outlines")
     args = parser.parse_args(argv)
     records = load_records(Path(args.datasets), US_DATASETS)
     train, train_labels = _labelled([r for r in records if r.split == "train"], "malignancy")
     val, val_labels = _labelled([r for r in records if r.split == "val"], "malignancy")
     train_truth = true_descriptors(train)
     model = fit_logistic(train_truth, train_labels, 1.0)
-    truth, served = true_descriptors(val), served_descriptors(BUNDLED_MODEL_DIR, val)
+    truth, served = true_descriptors(val), served_descriptors(args.model_dir, val)
     labels = np.asarray(val_labels)
     datasets = np.array([record.dataset for record, _ in val])
     lines = []
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     for name in sorted(set(train_sets)):
         chosen = train_sets == name
         say(f"training lesions of {name} ({chosen.sum()}): true outline's convexity alone {auc(train_y[chosen], -train_truth[chosen, convexity]):.3f}")
-    for size in (int(s) for s in args.window_sizes.split(",")):
+    for size in (int(s) for s in args.window_sizes.split(",") if s):
         round_trip = true_descriptors(val, size)
         say(
             f"true outline through a {size} px window: lexicon {auc(labels, [model.probability(row) for row in round_trip]):.4f}, "

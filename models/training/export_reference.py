@@ -79,7 +79,8 @@ def training_recipe(config: dict[str, Any], epochs_run: int) -> dict[str, Any]:
     ``autocast`` is the arithmetic the run trained in (``None``: fp32), as the families' exports record it,
     so a card can say whether ``--bf16`` rebuilds the model.
     """
-    return {**{key: config[key] for key in RECIPE_KEYS}, "epochs_run": epochs_run, "autocast": "bfloat16" if config.get("bf16") else None}
+    boundary = {"boundary_weight": config["boundary_weight"]} if config.get("boundary_weight") else {}
+    return {**{key: config[key] for key in RECIPE_KEYS}, "epochs_run": epochs_run, "autocast": "bfloat16" if config.get("bf16") else None, **boundary}
 
 
 def _load(part: str, work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -129,3 +129,33 @@ def test_refiner_trains_without_zero_width_padding_and_computes_the_same(input_s
         output.square().mean().backward()
     for a, b in zip(default.parameters(), fast.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_outline_band_marks_the_pixels_within_reach_of_the_outline_on_both_sides() -> None:
+    import torch
+
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[0, 0, 4:12, 4:12] = 1
+    band = train_reference.outline_band(mask, reach=2)[0, 0]
+    assert band[2, 2] == 1 and band[5, 5] == 1  # two pixels outside, and the second row inside
+    assert band[6, 6] == 0 and band[1, 1] == 0 and band[0, 8] == 0  # deep inside, and three or more pixels outside
+    assert int(band.sum()) == 12 * 12 - 4 * 4  # the 12 x 12 square of reach around it less the 4 x 4 core
+    assert not train_reference.outline_band(torch.zeros(1, 1, 8, 8)).any()  # a normal image has no outline
+
+
+def test_the_refiner_trains_with_the_boundary_weight_and_records_it(tmp_path: Path) -> None:
+    from models.registry import read_manifest
+    from models.training import export_reference
+
+    tiny = _tiny_dataset(tmp_path)
+    work = tmp_path / "work"
+    train_reference.main(
+        ["refiner", "--datasets", str(tiny), "--work", str(work / "refiner"), "--epochs", "1", "--batch-size", "4", "--input-size", "48",
+         "--threads", "1", "--boundary-weight", "4"]
+    )
+    assert json.loads((work / "refiner" / "config.json").read_text())["boundary_weight"] == 4
+    out = tmp_path / "models"
+    export_reference.main(["--datasets", str(tiny), "--work", str(work), "--out", str(out), "--parts", "refiner"])
+    assert read_manifest(out)["us_refiner"].parameters["training"]["boundary_weight"] == 4
+    with pytest.raises(SystemExit):
+        train_reference.main(["classifier", "--datasets", str(tiny), "--work", str(work / "classifier"), "--boundary-weight", "1"])
