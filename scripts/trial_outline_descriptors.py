@@ -13,7 +13,11 @@ prints, on the validation lesions:
   values across lesions; the true outline's convexity alone on each
   dataset's training lesions;
 - the same model on true outlines sent through the refiner's close-up
-  window at several sizes and back, to tell resolution from network.
+  window at several sizes and back, to tell resolution from network;
+- the irregularity descriptors of the true outlines blurred at several
+  scales, to tell which scale carries the signal;
+- with ``--served-training``, true against served on the training lesions,
+  which the segmentation networks were fitted on.
 
 Nothing is exported or served, and test is not touched. About half a
 minute on two cores. ``models/HISTORY.md``, "The readers' outlines carry what the
@@ -41,12 +45,19 @@ OUTLINE_DESCRIPTORS = ("convexity", "solidity", "lobulations", "ellipse_mismatch
 LOWER_IS_SUSPICIOUS = frozenset({"convexity", "solidity", "circularity"})
 
 
-def true_descriptors(lesions: list[tuple[Record, Box]], window_size: int | None = None) -> npt.NDArray[np.float64]:
-    """Descriptors of each lesion's ground-truth outline; with ``window_size``, after a round trip through the refiner's window at that size."""
+def true_descriptors(lesions: list[tuple[Record, Box]], window_size: int | None = None, blur: float = 0.0) -> npt.NDArray[np.float64]:
+    """Descriptors of each lesion's ground-truth outline.
+
+    With ``window_size``, after a round trip through the refiner's window at
+    that size; with ``blur``, after a Gaussian blur of the mask whose sigma is
+    that fraction of the square root of the lesion's area, thresholded at one half.
+    """
     rows = []
     for record, box in lesions:
         gray = read_gray(record.image_path)
         mask = read_mask(record, gray.shape).astype(bool)
+        if blur > 0:
+            mask = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), blur * float(np.sqrt(mask.sum()))) >= 0.5
         if window_size is not None:
             x, y, w, h = refiner_window(box, (int(gray.shape[0]), int(gray.shape[1])))
             small = cv2.resize(mask[y : y + h, x : x + w].astype(np.float32), (window_size, window_size), interpolation=cv2.INTER_LINEAR) >= 0.5
@@ -61,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--window-sizes", default="96,128,192", help="refiner window sizes for the round trip (comma-separated; empty: none)")
     parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="whose segmenter and refiner draw the served outlines")
+    parser.add_argument("--blurs", default="0.02,0.05,0.1", help="blur the true outlines by these fractions of sqrt(area) (comma-separated; empty: none)")
+    parser.add_argument("--served-training", action="store_true", help="also compare true and served outlines on the training lesions (about two minutes)")
     args = parser.parse_args(argv)
     records = load_records(Path(args.datasets), US_DATASETS)
     train, train_labels = _labelled([r for r in records if r.split == "train"], "malignancy")
@@ -101,6 +114,18 @@ def main(argv: list[str] | None = None) -> list[str]:
             f"true outline through a {size} px window: lexicon {auc(labels, [model.probability(row) for row in round_trip]):.4f}, "
             f"convexity {auc(labels, -round_trip[:, convexity]):.3f}"
         )
+    irregularity = [(name, DESCRIPTOR_NAMES.index(name), -1.0 if name in LOWER_IS_SUSPICIOUS else 1.0) for name in ("convexity", "solidity", "lobulations")]
+    for blur in (float(s) for s in args.blurs.split(",") if s):
+        blurred = true_descriptors(val, blur=blur)
+        say(f"true outline blurred by {blur:g} sqrt(area): " + ", ".join(f"{name} {auc(labels, sign * blurred[:, column]):.3f}" for name, column, sign in irregularity))
+    if args.served_training:
+        served_train = served_descriptors(args.model_dir, train)
+        for name, column, sign in irregularity:
+            correlation = float(np.corrcoef(train_truth[:, column], served_train[:, column])[0, 1])
+            say(
+                f"training lesions, {name}: true {auc(train_y, sign * train_truth[:, column]):.3f}, "
+                f"served {auc(train_y, sign * served_train[:, column]):.3f}, correlation {correlation:.2f}"
+            )
     return lines
 
 
