@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 if TYPE_CHECKING:
-    from models.findings import ImageAnalysis
+    from models.inference.findings import ImageAnalysis
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 US_MULTIFRAME_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
@@ -175,7 +175,7 @@ def square_lesion_analysis(
     the crop's diagonal; each has a closed outline, its bounding box, and a
     CAM equal to 1 inside the square and 0 elsewhere.
     """
-    from models.findings import ImageAnalysis, Lesion, ModelInfo
+    from models.inference.findings import ImageAnalysis, Lesion, ModelInfo
 
     rows, columns = crop_shape
     side = size or max(4, min(rows, columns) // 5)

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from models.evaluate import add_evaluate_arguments, run_evaluate
+from models.evaluation.command import add_evaluate_arguments, run_evaluate
 from service.errors import BreastAIError, ConfigurationError
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.metrics import start_metrics_server
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
-    from models.pipeline import BModePipeline
+    from models.inference.pipeline import BModePipeline
     from workers.consumer import JobHandler
     from workers.sr_writer import ReportContext
 
@@ -64,8 +64,8 @@ def _report_context(settings: Settings) -> ReportContext:
 
 def _pipeline(model_dir: Path | None, families: tuple[str, ...]) -> BModePipeline:
     """The B-mode pipeline; a model folder that does not match the configuration stops the start-up."""
-    from models.pipeline import load_bmode_pipeline
-    from models.registry import ModelRegistryError
+    from models.inference.pipeline import load_bmode_pipeline
+    from models.inference.registry import ModelRegistryError
 
     try:
         return load_bmode_pipeline(model_dir, families=families)

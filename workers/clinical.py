@@ -15,7 +15,7 @@ import re
 
 import pydicom
 
-from models.family_runtime import ClinicalContext
+from models.inference.family_scorer import ClinicalContext
 from workers.dicom_reader import SourceFrame
 
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")

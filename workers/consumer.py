@@ -21,8 +21,8 @@ import structlog
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from models.pipeline import BModePipeline, family_view
-from models.preprocess import crop
+from models.inference.pipeline import BModePipeline, family_view
+from models.inference.preprocess import crop
 from service import metrics
 from service.logging import bind_job
 from service.errors import IntegrityError, InvalidInstance, PermanentError, UnsupportedInput

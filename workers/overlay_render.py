@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.findings import ImageAnalysis
+from models.inference.findings import ImageAnalysis
 
 DISCLAIMER = "AI result - not for diagnostic use"
 CAM_THRESHOLD = 0.2

@@ -15,7 +15,7 @@ import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
 
-from models.findings import ImageAnalysis
+from models.inference.findings import ImageAnalysis
 from workers.dicom_reader import SourceFrame
 from workers.overlay_render import DISCLAIMER, render_overlay
 from workers.sr_writer import ReportContext, patient_study_header

@@ -55,8 +55,8 @@ import pydicom
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
-from models.decisions import BM_ROLE, lh_score
-from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
+from models.inference.decisions import BM_ROLE, lh_score
+from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from workers.dicom_reader import SourceFrame
 from workers.uids import derive_uid
 

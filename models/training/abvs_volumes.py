@@ -6,7 +6,7 @@ What this is
     al. (Theranostics 2025) is exercised on volumes made here from the
     real hand-held B-mode images and lesion masks of the development
     datasets. One image becomes one volume indexed ``(z, y, x)`` = (sweep,
-    depth, lateral), the convention of :mod:`models.families.abvs`:
+    depth, lateral), the convention of :mod:`models.families.abvs.network`:
 
     * the central transverse slice is the real image, unchanged, and its
       lesion mask is the real mask (both resized to at most ``max_side``);
@@ -47,8 +47,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.families.abvs import Centre, extract_planes, frame_offsets, lesion_centre
-from models.preprocess import crop, expand_box, standardise
+from models.families.abvs.network import Centre, extract_planes, frame_offsets, lesion_centre
+from models.inference.preprocess import crop, expand_box, standardise
 from models.training.data import Record, mask_box, read_gray, read_mask
 
 Volume = npt.NDArray[np.uint8]
@@ -242,10 +242,10 @@ def plane_rois(
     in that plane's slice of ``lesion`` (the UNet + connected components +
     box stage of Liu et al., with the true mask standing in for the UNet),
     grown by ``expand`` (0: the paper's "lesion region" only), and
-    z-scored at ``size`` x ``size`` by :func:`models.preprocess.standardise`
+    z-scored at ``size`` x ``size`` by :func:`models.inference.preprocess.standardise`
     as serving does. Frames where any plane misses the lesion are left
     out; None when none is left. ``centre`` defaults to
-    :func:`models.families.abvs.lesion_centre` of the whole mask.
+    :func:`models.families.abvs.network.lesion_centre` of the whole mask.
     """
     centre = lesion_centre(lesion) if centre is None else centre
     stacks: tuple[list[npt.NDArray[np.float32]], ...] = ([], [], [])
@@ -280,7 +280,7 @@ def planes_dataset(
 
     Images without a label (normal) or without a lesion mask are skipped.
     ``frames`` neighbouring frames ``step`` voxels apart
-    (:func:`models.families.abvs.frame_offsets`) are taken per lesion for
+    (:func:`models.families.abvs.network.frame_offsets`) are taken per lesion for
     the paper's test-time probability averaging; ``frames=1`` gives the
     central planes only. Deterministic given ``seed``.
     """

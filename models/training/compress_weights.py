@@ -25,9 +25,9 @@ from pathlib import Path
 
 import onnx
 
-from models.evaluation import youden_threshold
+from models.evaluation.stats import youden_threshold
 from models.families.onnx_export import int8_convolution_weights
-from models.registry import ModelEntry, manifest_lock, merge_while_locked, read_manifest, sha256_of
+from models.inference.registry import ModelEntry, manifest_lock, merge_while_locked, read_manifest, sha256_of
 from models.training.export_family import _feeds, _positive, first_outputs, int8_storage
 from models.training.train_family import FAMILIES, split_samples, with_roi_padding
 

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from models.evaluation import auc, bootstrap_ci
+from models.evaluation.stats import auc, bootstrap_ci
 from models.training.loop import DEVICES, check_resumable, seed_everything
 from models.training.train_family import (
     FAMILIES,
@@ -193,7 +193,7 @@ def within_fold_bootstrap(
         draw = np.concatenate([np.concatenate([group[k] for k in rng.integers(0, len(group), len(group))]) for group in members])
         try:
             values[drawn] = [within_fold_auc(labels[draw], scores[draw], folds[draw]) for scores in score_sets]
-        except ValueError:  # no fold of this draw holds both classes: drawn again, as models.evaluation.bootstrap_ci does
+        except ValueError:  # no fold of this draw holds both classes: drawn again, as models.evaluation.stats.bootstrap_ci does
             continue
         drawn += 1
     return values

@@ -25,11 +25,14 @@ import torch
 from onnxconverter_common import float16
 from torch import nn
 
-from models.evaluation import auc, youden_threshold
-from models.families import cldlr, dlr, dlum, mupnet
+from models.evaluation.stats import auc, youden_threshold
+from models.families.cldlr import network as cldlr
+from models.families.dlr import network as dlr
+from models.families.dlum import network as dlum
+from models.families.mupnet import network as mupnet
 from models.families.ensemble import MemberMean
 from models.families.onnx_export import export_graph, int8_convolution_weights
-from models.registry import ModelEntry, merge_into_manifest, sha256_of
+from models.inference.registry import ModelEntry, merge_into_manifest, sha256_of
 from models.training.data import SPLIT_RULE
 from models.training.train_family import (
     SHAPE_TARGETS,
@@ -298,7 +301,7 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             name = f"cldlr_svm_{variant}.npz"
             shutil.copyfile(work / f"svm_{variant}.npz", output / name)
             side_files[variant] = name
-        from models.svm import SvmModel
+        from models.inference.svm import SvmModel
 
         deep = [np.asarray(features[0], dtype=np.float64) for features in first_outputs(output / file_name, val_feeds, "deep_features")]
         svm = SvmModel.load(output / side_files["cldlr"])

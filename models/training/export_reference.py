@@ -26,12 +26,12 @@ import onnx
 import torch
 from onnxconverter_common import float16
 
-from models.evaluation import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
-from models.networks import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
-from models.pipeline import BModePipeline, load_bmode_pipeline
-from models.preprocess import crop, expand_box, standardise
-from models.refine import WINDOW_EXPAND
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, sha256_of
+from models.evaluation.stats import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
+from models.families.segmentation.network import CamClassifier, CamExportWrapper, SegmenterExportWrapper, lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.inference.pipeline import BModePipeline, load_bmode_pipeline
+from models.inference.preprocess import crop, expand_box, standardise
+from models.inference.refine import WINDOW_EXPAND
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, sha256_of
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 
 VERSION = "0.1.0"
@@ -305,7 +305,7 @@ def _export_segmenter_only(segmenter: torch.nn.Module, seg_meta: dict[str, Any],
 
 
 def _export_refiner(work: Path, records: list[Record], out: Path) -> None:
-    """Export the close-up refiner (:mod:`models.refine`) into ``out`` and merge it into the manifest.
+    """Export the close-up refiner (:mod:`models.inference.refine`) into ``out`` and merge it into the manifest.
 
     Batch-norm statistics are recalibrated on training windows at the
     serving rule; fp16 is kept only within tolerance on validation windows.

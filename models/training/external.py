@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.cards import external_card
+from models.evaluation.cards import external_card
 from models.training.fit_consensus import DEFAULT_MEMBERS, fit_consensus
 
 
@@ -58,7 +58,7 @@ def run_external(
     """
     if not (datasets / holdout / "labels.csv").is_file():
         raise SystemExit(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
-    from models.evaluate import evaluate
+    from models.evaluation.command import evaluate
     from models.training import train_family
 
     root = work or Path(f"runs/external-{holdout}")
@@ -118,7 +118,7 @@ def _shared_options(train_options: Sequence[str]) -> list[str]:
 
 def write_external_card(report: dict[str, Any], root: Path, holdout: str, families: Sequence[str], cards: Path) -> Path:
     """``cards/without_<holdout>.md`` and its ROC plot from the run in ``root`` (weights and evaluation)."""
-    from models.evaluate import READER_ROLE
+    from models.evaluation.command import READER_ROLE
 
     cards.mkdir(parents=True, exist_ok=True)
     roles = [role for role in ("consensus", *families, READER_ROLE) if role in report["families"]]

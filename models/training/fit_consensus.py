@@ -1,4 +1,4 @@
-"""Fit a consensus entry (:mod:`models.consensus`) of a model folder on the validation split.
+"""Fit a consensus entry (:mod:`models.inference.consensus`) of a model folder on the validation split.
 
 ``python -m models.training.fit_consensus --datasets ../shared/datasets``
 (or ``breastai train consensus``) scores each member family exactly as
@@ -28,10 +28,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
-from models.evaluate import lesion_boxes, score_family
-from models.evaluation import auc, youden_threshold
-from models.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
+from models.inference.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
+from models.evaluation.command import lesion_boxes, score_family
+from models.evaluation.stats import auc, youden_threshold
+from models.inference.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
 from models.training.data import US_DATASETS, load_records
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ConsensusRecipe:
 
 
 #: ``breastai train consensus [--task T]``: the benign/malignant headline, and the BI-RADS 2/3 vs 4/5 score the 4A
-#: co-decision reads (``models.decisions.lh_score``). Both are the same rule, equal-weight mean log-odds.
+#: co-decision reads (``models.inference.decisions.lh_score``). Both are the same rule, equal-weight mean log-odds.
 CONSENSUSES = {
     "malignancy": ConsensusRecipe(
         "consensus",

@@ -1,4 +1,4 @@
-"""Fit the lexicon-descriptor model (:mod:`models.lexicon`) of a model folder.
+"""Fit the lexicon-descriptor model (:mod:`models.inference.lexicon`) of a model folder.
 
 ``python -m models.training.fit_lexicon --datasets ../shared/datasets``
 (or ``breastai train lexicon``) outlines every training lesion with the
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluate import lesion_boxes, served_mask_at
-from models.evaluation import auc, youden_threshold
-from models.lexicon import DESCRIPTOR_NAMES, LEXICON_KIND, LogisticModel, box_ellipse, describe
-from models.pipeline import SEGMENTATION_ROLES, load_refiner, load_segmenter, segment_lesions
-from models.preprocess import Box
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
+from models.evaluation.command import lesion_boxes, served_mask_at
+from models.evaluation.stats import auc, youden_threshold
+from models.inference.lexicon import DESCRIPTOR_NAMES, LEXICON_KIND, LogisticModel, box_ellipse, describe
+from models.inference.pipeline import SEGMENTATION_ROLES, load_refiner, load_segmenter, segment_lesions
+from models.inference.preprocess import Box
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
 from models.training.data import US_DATASETS, Record, birads_high, load_records, read_gray
 
 VERSION = "0.5.0"

@@ -41,10 +41,10 @@ from torch import nn
 from torch.nn import functional
 
 from models.families.backbones import ResNetTrunk
-from models.families.cldlr import VGG11Radiomics
-from models.families.dlr import DLRNet
-from models.families.dlum import DLUMBranch
-from models.families.mupnet import MUPNet
+from models.families.cldlr.network import VGG11Radiomics
+from models.families.dlr.network import DLRNet
+from models.families.dlum.network import DLUMBranch
+from models.families.mupnet.network import MUPNet
 from models.training.loop import Checkpoints, augment_intensity, cosine_lr, device_of, epoch_batches, mixed_precision, optimise_step, to_training_device, training_device
 from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
 from models.training.train_family import FamilySpec

@@ -41,8 +41,8 @@ import torch
 from monai.losses import ContrastiveLoss
 from torch import nn
 
-from models.evaluation import auc
-from models.preprocess import Box, crop
+from models.evaluation.stats import auc
+from models.inference.preprocess import Box, crop
 from models.training.data import US_DATASETS, load_records, mask_box, read_gray, read_mask
 from models.training.loop import (
     DEVICES,

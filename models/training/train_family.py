@@ -46,10 +46,13 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from models.evaluation import auc
-from models.families import cldlr, dlr, dlum, mupnet
+from models.evaluation.stats import auc
+from models.families.cldlr import network as cldlr
+from models.families.dlr import network as dlr
+from models.families.dlum import network as dlum
+from models.families.mupnet import network as mupnet
 from models.families.ensemble import ENSEMBLE_FAMILIES
-from models.preprocess import (
+from models.inference.preprocess import (
     Box,
     crop,
     expand_box,
@@ -283,7 +286,7 @@ def with_roi_padding(spec: FamilySpec, padding: float | None) -> FamilySpec:
 
 
 def with_square_roi(spec: FamilySpec, square: bool) -> FamilySpec:
-    """``spec`` with square ROIs (:func:`models.preprocess.square_box`) in training, validation, export and serving when ``square``."""
+    """``spec`` with square ROIs (:func:`models.inference.preprocess.square_box`) in training, validation, export and serving when ``square``."""
     return replace(spec, roi=replace(spec.roi, square=True)) if square else spec
 
 
@@ -392,7 +395,7 @@ def shape_targets(samples: list[LesionSample]) -> npt.NDArray[np.float32]:
     how regular a margin is, which a benign/malignant label alone does not.
     Horizontal flips, the only geometric augmentation of the ROI, leave them unchanged.
     """
-    from models.lexicon import DESCRIPTOR_NAMES, describe
+    from models.inference.lexicon import DESCRIPTOR_NAMES, describe
 
     columns = [DESCRIPTOR_NAMES.index(name) for name in SHAPE_TARGETS]
     rows = []
@@ -804,7 +807,7 @@ def finish_cldlr(spec: FamilySpec, config: RunConfig, samples: dict[str, list[Le
     """Fit the three SVMs the paper compares (clinical, DLR, CLDLR) with Platt scaling on validation data."""
     from sklearn.svm import SVC
 
-    from models.svm import SvmModel, fit_platt
+    from models.inference.svm import SvmModel, fit_platt
 
     work = Path(config.work)
     model = load_best(spec, work)
@@ -846,7 +849,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     """Paper stages 2 and 3, and the paper's repetition of all three stages.
 
     Each cycle projects every prototype onto an own-class training patch
-    (:func:`models.families.mupnet.project_prototypes`, each prototype on a
+    (:func:`models.families.mupnet.network.project_prototypes`, each prototype on a
     different image), then trains the last layer alone for
     :data:`LAST_LAYER_EPOCHS` epochs, keeping its best validation epoch. The
     paper: "These three stages were repeated throughout the whole training
@@ -855,7 +858,7 @@ def finish_mupnet(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
     layer frozen) at :data:`PUSH_JOINT_RATE` of stage 1's rates, from the
     previous cycle's model, in the precision stage 1 trained in
     (``--bf16``: bfloat16 autocast). The last-layer epochs train on
-    :class:`models.families.mupnet.FrozenEvidence` computed once after the
+    :class:`models.families.mupnet.network.FrozenEvidence` computed once after the
     projection, which gives the same updates as running the frozen trunk
     over the images every epoch. Of the ``config.push_cycles`` cycles, the one
     whose projected model scores highest on validation is kept, as ProtoPNet

@@ -30,10 +30,10 @@ from monai.networks.nets.basic_unet import UpCat
 from torch import nn
 from torch.nn import functional
 
-from models.evaluation import auc, dice
-from models.networks import lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
-from models.preprocess import crop, expand_box, standardise
-from models.refine import refiner_window
+from models.evaluation.stats import auc, dice
+from models.families.segmentation.network import lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.inference.preprocess import crop, expand_box, standardise
+from models.inference.refine import refiner_window
 from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 from models.training.loop import (
     DEVICES,
@@ -212,7 +212,7 @@ def refiner_pair(
 
     With ``rng`` the window is jittered the way a coarse box misses the
     lesion (grown by 10-45 % per side, each edge shifted by up to 10 % of
-    the box); without it, the serving rule (:data:`models.refine.WINDOW_EXPAND`).
+    the box); without it, the serving rule (:data:`models.inference.refine.WINDOW_EXPAND`).
     """
     x, y, w, h = lesion.box
     if rng is not None:

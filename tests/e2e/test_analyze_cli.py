@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from models.pipeline import default_families
+from models.inference.pipeline import default_families
 from tests.e2e.results import SC_CLASS, SR_CLASS, dciodvfy_errors
 
 ROOT = Path(__file__).resolve().parents[2]

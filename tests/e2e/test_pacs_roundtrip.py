@@ -16,8 +16,8 @@ from typing import Any, Callable
 import pydicom
 import pytest
 
-from models.pipeline import default_families
-from models.registry import read_manifest
+from models.inference.pipeline import default_families
+from models.inference.registry import read_manifest
 from tests.e2e.results import SC_CLASS, SR_CLASS, content_texts, dciodvfy_errors, download, dsrdump, instances_of_class, numeric_values, results_present
 from tests.integration.orthanc import OrthancServer
 

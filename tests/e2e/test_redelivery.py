@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_job_handled_twice_leaves_one_report_in_orthanc(orthanc_factory, sample_study: Path, tmp_path: Path) -> None:
-    from models.pipeline import load_bmode_pipeline
+    from models.inference.pipeline import load_bmode_pipeline
     from workers.consumer import JobHandler
     from workers.sender import ResultSender
     from workers.sr_writer import ReportContext

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from models.pipeline import BModePipeline, load_bmode_pipeline
+from models.inference.pipeline import BModePipeline, load_bmode_pipeline
 from tests.dicom_factory import dciodvfy_errors
 from tests.unit.test_vendor_files import VENDOR_FILES
 from workers.consumer import process_study

@@ -17,7 +17,7 @@ pytest.importorskip("monai", reason="the ABVS family needs the train extra (make
 
 from torch import nn
 
-from models.families.abvs import (
+from models.families.abvs.network import (
     EXPORT_INPUT_NAMES,
     EXPORT_OUTPUT_NAMES,
     MALIGNANT,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.cards import read_cross_validation, write_cards
-from models.registry import BUNDLED_MODEL_DIR, read_manifest
+from models.evaluation.cards import read_cross_validation, write_cards
+from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest
 
 CARDS = BUNDLED_MODEL_DIR.parent / "cards"
 
@@ -28,7 +28,7 @@ def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -
 
 
 def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> None:
-    from models.cards import external_card
+    from models.evaluation.cards import external_card
 
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
     roles = ["consensus", "dlr_bm", "dl_u"]
@@ -47,7 +47,7 @@ def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> 
 
 
 def test_segmenter_card_says_which_refiner_epoch_shipped_and_of_how_many() -> None:
-    from models.cards import _refiner_epoch
+    from models.evaluation.cards import _refiner_epoch
 
     assert _refiner_epoch({"train_epoch": 9, "training": {"epochs": 12, "epochs_run": 12}}) == "Epoch 10 of 12, chosen"
     # A run that --max-minutes stopped early says how many epochs ran, not how many the recipe planned.
@@ -57,7 +57,7 @@ def test_segmenter_card_says_which_refiner_epoch_shipped_and_of_how_many() -> No
 
 
 def test_the_card_names_the_arithmetic_the_network_was_trained_in() -> None:
-    from models.cards import _precision
+    from models.evaluation.cards import _precision
 
     assert _precision({"autocast": "bfloat16"}) == "bfloat16 autocast (fp32 weights), "
     # An explicit null is a run without autocast; an export from before autocast existed recorded nothing to report.
@@ -68,7 +68,7 @@ def test_the_card_names_the_arithmetic_the_network_was_trained_in() -> None:
 
 
 def test_a_segmentation_card_gives_the_bf16_flag_only_for_a_stage_trained_under_it() -> None:
-    from models.cards import _bf16_flag
+    from models.evaluation.cards import _bf16_flag
 
     assert _bf16_flag({"training": {"autocast": "bfloat16"}}) == " --bf16"
     assert _bf16_flag({"training": {"autocast": None}}) == ""
@@ -82,8 +82,8 @@ def test_a_segmentation_card_gives_the_bf16_flag_only_for_a_stage_trained_under_
 
 def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_it(tmp_path: Path) -> None:
     """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the 4A call read."""
-    from models.cards import card_markdown, consensus_card
-    from models.registry import ModelEntry
+    from models.evaluation.cards import card_markdown, consensus_card
+    from models.inference.registry import ModelEntry
 
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
     lh_report = report["families"]["dlr_lh"]
@@ -103,7 +103,7 @@ def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_i
     assert "(`consensus_lh` + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh")
 
     # write_cards puts the tally on the cards of the models it read: DLR_BM, the LH consensus and its members, not others
-    from models.cards import write_cards
+    from models.evaluation.cards import write_cards
 
     entries = {**read_manifest(), "consensus_lh": entry}
     lh_report = {**report, "four_a_lh_model": "consensus_lh", "families": {r: report["families"][r] for r in ("dlr_bm", "dlr_lh", "dl_u")}}

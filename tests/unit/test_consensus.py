@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.consensus import ConsensusScorer, common_box, consensus_map, is_consensus, load_consensus_scorer, mean_log_odds, write_consensus_file
-from models.findings import FamilyScore, Lesion, ModelInfo
-from models.pipeline import load_bmode_pipeline
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+from models.inference.consensus import ConsensusScorer, common_box, consensus_map, is_consensus, load_consensus_scorer, mean_log_odds, write_consensus_file
+from models.inference.findings import FamilyScore, Lesion, ModelInfo
+from models.inference.pipeline import load_bmode_pipeline
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 
 
 def _score(family: str, probability: float, cam: np.ndarray, box: tuple[int, int, int, int]) -> FamilyScore:
@@ -169,8 +169,8 @@ def test_refitting_without_a_task_refits_every_consensus_the_folder_has() -> Non
 
 
 def test_the_4a_co_decision_reads_the_lh_consensus_where_it_runs(tmp_path: Path) -> None:
-    from models.decisions import co_decision
-    from models.decisions import lh_score
+    from models.inference.decisions import co_decision
+    from models.inference.decisions import lh_score
 
     cam = np.ones((4, 4), np.float32)
     dlr_lh, lh_consensus = _score("dlr_lh", 0.2, cam, (0, 0, 4, 4)), _score("consensus_lh", 0.7, cam, (0, 0, 4, 4))

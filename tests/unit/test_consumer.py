@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.pipeline import load_bmode_pipeline
+from models.inference.pipeline import load_bmode_pipeline
 from service.errors import UnsupportedInput
 from tests.dicom_factory import make_us_dataset, synthetic_breast_image, write_dataset
 from workers.consumer import process_study

@@ -167,7 +167,7 @@ def test_only_families_whose_score_is_the_network_are_cross_validated() -> None:
 
 
 def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_path: Path) -> None:
-    from models.cards import _cross_validation_section, read_cross_validation
+    from models.evaluation.cards import _cross_validation_section, read_cross_validation
     from models.training.cross_validate import record_summary
 
     base = {"family": "dl_m", "init": "random", "scored_with": "last epoch", "folds": 5, "epochs": 30, "seed": 1,
@@ -220,7 +220,7 @@ def test_the_bootstrap_draws_a_patients_findings_together_and_keeps_each_folds_s
 
 
 def test_paired_difference_p_value_counts_draws_on_the_far_side_of_zero() -> None:
-    from models.cards import _bootstrap_p
+    from models.evaluation.cards import _bootstrap_p
     from models.training.cross_validate import _paired_difference
 
     draws = np.array([-0.01] * 10 + [0.05] * 90)

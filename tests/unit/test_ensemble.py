@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.families import dlum  # noqa: E402
+from models.families.dlum import network as dlum# noqa: E402
 from models.families.ensemble import MemberMean  # noqa: E402
 from models.families.onnx_export import export_graph  # noqa: E402
 

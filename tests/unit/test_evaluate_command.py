@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluate import ScoredCase, four_a_tally
-from models.findings import FamilyScore, ModelInfo
+from models.evaluation.command import ScoredCase, four_a_tally
+from models.inference.findings import FamilyScore, ModelInfo
 from models.training.data import Record
 from workers.cli import main
 
@@ -62,8 +62,8 @@ def _synthetic_site(root: Path, count: int = 6) -> Path:
 def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -> None:
     import csv
 
-    from models.consensus import is_consensus, mean_log_odds
-    from models.registry import read_manifest
+    from models.inference.consensus import is_consensus, mean_log_odds
+    from models.inference.registry import read_manifest
 
     entries = read_manifest()
     role = next(r for r, e in entries.items() if is_consensus(e))
@@ -98,7 +98,7 @@ def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -
 def test_variant_predictions_come_from_every_case_or_not_at_all() -> None:
     from dataclasses import replace
 
-    from models.evaluate import variant_predictions
+    from models.evaluation.command import variant_predictions
 
     cases = [_case("a", "4a", 0, 0.2, 0.5), _case("b", "4b", 1, 0.8, 0.5)]
     with_details = [replace(c, score=replace(c.score, details={"dlr_only_probability": p, "network_probability": 0.5})) for c, p in zip(cases, (0.3, 0.7))]
@@ -112,9 +112,9 @@ def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: P
     """A site that retrained one member evaluates it (and the segmenter) before refitting the consensus; serving refuses."""
     import json
 
-    from models.consensus import is_consensus
-    from models.pipeline import load_bmode_pipeline
-    from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+    from models.inference.consensus import is_consensus
+    from models.inference.pipeline import load_bmode_pipeline
+    from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
 
     models = tmp_path / "models"
     models.mkdir()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.evaluation import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
+from models.evaluation.stats import auc, bootstrap_ci, dice, mean_ci, operating_point, youden_threshold
 
 
 def test_auc_matches_hand_count() -> None:

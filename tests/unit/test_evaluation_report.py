@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluation import auc, delong_test, operating_point
-from models.evaluation_report import (
+from models.evaluation.stats import auc, delong_test, operating_point
+from models.evaluation.report import (
     CasePrediction,
     SegmentationRow,
     classification_report,
@@ -198,7 +198,7 @@ def test_markdown_tables() -> None:
 def test_plots_are_valid_pngs(tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
     pytest.importorskip("matplotlib")
-    from models.plots import save_reliability_png, save_roc_png
+    from models.evaluation.plots import save_reliability_png, save_roc_png
 
     cases = _synthetic_cases()
     everything = ([case.label for case in cases], [case.score for case in cases])
@@ -242,7 +242,7 @@ def test_reports_count_a_patient_once_however_many_images_it_has() -> None:
 
 
 def test_per_patient_pools_each_patients_images_by_mean_log_odds() -> None:
-    from models.evaluation_report import per_patient
+    from models.evaluation.report import per_patient
 
     def logit(p: float) -> float:
         return math.log(p / (1 - p))
@@ -278,7 +278,7 @@ def test_per_patient_pools_each_patients_images_by_mean_log_odds() -> None:
 
 
 def test_per_patient_ranks_by_mean_log_odds_not_mean_probability_and_clips_certainty() -> None:
-    from models.evaluation_report import per_patient
+    from models.evaluation.report import per_patient
 
     cases = [
         # a: one confident view and one doubtful one; b: two middling views. Mean probability ranks b over a (0.595

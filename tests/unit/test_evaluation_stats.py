@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from models.evaluation import (
+from models.evaluation.stats import (
     auc,
     auc_variance_delong,
     brier_score,
@@ -385,7 +385,7 @@ def test_clustered_variance_counts_the_pairs_inside_a_cluster() -> None:
 
 
 def test_cluster_bootstrap_of_copied_cases_equals_the_case_bootstrap_of_the_originals() -> None:
-    from models.evaluation import bootstrap_ci
+    from models.evaluation.stats import bootstrap_ci
 
     labels, a, _ = _correlated_scores(80, seed=6)
     copied_labels, (copied_a,), clusters = _copied_twice(labels, a)

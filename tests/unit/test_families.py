@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.decisions import Recommendation, average_frame_probabilities, co_decision
-from models.families import cldlr, dlr, dlum
+from models.inference.decisions import Recommendation, average_frame_probabilities, co_decision
+from models.families.cldlr import network as cldlr
+from models.families.dlr import network as dlr
+from models.families.dlum import network as dlum
 
 torch.set_num_threads(1)
 
@@ -109,7 +111,7 @@ def test_four_a_co_decision(lh: float, bm: float, expected: Recommendation) -> N
 
 
 def test_segmenter_gives_one_logit_per_pixel_of_any_side_divisible_by_32() -> None:
-    from models.networks import lesion_segmenter
+    from models.families.segmentation.network import lesion_segmenter
 
     torch.manual_seed(0)
     network = lesion_segmenter().eval()
@@ -134,7 +136,7 @@ def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: l
 def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from models.networks import SegmenterExportWrapper, lesion_segmenter
+    from models.families.segmentation.network import SegmenterExportWrapper, lesion_segmenter
 
     torch.manual_seed(4)
     image = torch.randn(1, 1, 64, 64)
@@ -172,7 +174,7 @@ def test_onnx_export_matches_pytorch(family: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"])
 def test_the_recipe_is_the_one_the_shipped_model_was_trained_with(family: str) -> None:
     # `make train-FAMILY` must rebuild the bundled model's recipe, not a drifted one.
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest
     from models.training.train_family import FAMILIES
 
     spec, training = FAMILIES[family], read_manifest(BUNDLED_MODEL_DIR)[family].parameters["training"]
@@ -204,7 +206,7 @@ def test_the_second_lh_network_is_dl_u_recipe_on_dlr_lh_labels() -> None:
 def test_initialisation_names_what_the_start_checkpoint_came_from(tmp_path: Path) -> None:
     import json
 
-    from models.registry import sha256_of
+    from models.inference.registry import sha256_of
     from models.training.export_family import initialisation
     from models.training.train_family import RunConfig
 

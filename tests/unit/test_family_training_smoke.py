@@ -37,8 +37,8 @@ def tiny_busbra(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("family", ["dl_u", "cldlr", "dlr_lh", "mupnet"])
 def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.evaluate import evaluate
-    from models.registry import read_manifest, verified_path
+    from models.evaluation.command import evaluate
+    from models.inference.registry import read_manifest, verified_path
     from models.training import train_family
 
     models = tmp_path / "models"
@@ -60,7 +60,7 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
         assert len(prototypes) == 10 and all(p["source_id"].startswith("busbra/") for p in prototypes)
         import numpy as np
 
-        from models.family_runtime import load_family_scorer
+        from models.inference.family_scorer import load_family_scorer
 
         score = load_family_scorer(entry, models).score(np.full((120, 160), 100, np.uint8), (40, 30, 50, 40))
         assert len(score.prototypes) == 3 and score.prototypes[0].patch.shape == (64, 64)
@@ -91,8 +91,8 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
 
 def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tmp_path: Path) -> None:
     """make train-lh-consensus on a few images: dl_u_lh (two seeds, one graph) beside DLR_LH, their consensus fitted and evaluated."""
-    from models.evaluate import evaluate
-    from models.registry import read_manifest, verified_path
+    from models.evaluation.command import evaluate
+    from models.inference.registry import read_manifest, verified_path
     from models.training import train_family
     from models.training.fit_consensus import fit_consensus
 
@@ -121,7 +121,7 @@ def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tm
 def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     samples = train_family.split_samples(train_family.FAMILIES["dl_u"], tiny_busbra)
@@ -141,7 +141,7 @@ def test_shape_auxiliary_loss_trains_and_is_recorded_in_the_export(tiny_busbra: 
 
 
 def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     spec = train_family.FAMILIES["dlr_bm"]
@@ -160,16 +160,16 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
     parameters = read_manifest(models)["dl_u"].parameters
     # DL-U keeps its own rule (a fraction of the shortest side); only the fraction changes, and serving reads it.
     assert (parameters["roi_expand"], parameters["roi_expand_shortest_side"]) == (0.45, True)
-    from models.cards import card_markdown
+    from models.evaluation.cards import card_markdown
 
     card = card_markdown(read_manifest(models)["dl_u"], {}, None, str(tiny_busbra))
     assert "ROI as served: the lesion box grown by 45% of its shortest side on every side." in card
 
 
 def test_square_roi_reaches_the_config_the_served_entry_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.cards import card_markdown
-    from models.family_runtime import load_family_scorer
-    from models.registry import read_manifest
+    from models.evaluation.cards import card_markdown
+    from models.inference.family_scorer import load_family_scorer
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     models = tmp_path / "models"
@@ -187,8 +187,8 @@ def test_square_roi_reaches_the_config_the_served_entry_and_the_card(tiny_busbra
 
 
 def test_strong_augmentation_and_mixup_are_recorded_in_the_config_the_manifest_and_the_card(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.cards import card_markdown
-    from models.registry import read_manifest
+    from models.evaluation.cards import card_markdown
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     models = tmp_path / "models"
@@ -215,8 +215,8 @@ def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Pat
     import onnxruntime as ort
     import torch
 
-    from models.cards import card_markdown
-    from models.registry import read_manifest
+    from models.evaluation.cards import card_markdown
+    from models.inference.registry import read_manifest
     from models.training import train_family
     from models.training.export_family import serving_wrapper
 
@@ -253,7 +253,7 @@ def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Pat
 
 
 def test_dlr_seed_ensemble_fits_each_members_age_mlp(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
 
     from models.training import train_family
 
@@ -270,8 +270,8 @@ def test_dlr_seed_ensemble_fits_each_members_age_mlp(tiny_busbra: Path, tmp_path
 
 
 def test_compressing_a_bundled_graph_checks_it_on_validation_lesions(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.cards import card_markdown
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest, sha256_of, write_manifest
+    from models.evaluation.cards import card_markdown
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest, sha256_of, write_manifest
     from models.training.compress_weights import CompressionRefused, compress_family
 
     # The bundled DL-U is stored in float16 (the DLR graphs already went through this tool).
@@ -303,7 +303,7 @@ def test_compressing_refuses_a_graph_an_export_replaced_meanwhile(tiny_busbra: P
     import dataclasses
 
     import models.training.compress_weights as compress_weights
-    from models.registry import BUNDLED_MODEL_DIR, merge_into_manifest, read_manifest, sha256_of, write_manifest
+    from models.inference.registry import BUNDLED_MODEL_DIR, merge_into_manifest, read_manifest, sha256_of, write_manifest
 
     entry = read_manifest(BUNDLED_MODEL_DIR)["dl_u"]
     models = tmp_path / "models"
@@ -328,9 +328,9 @@ def test_compressing_refuses_a_graph_an_export_replaced_meanwhile(tiny_busbra: P
 
 
 def test_lexicon_model_fits_on_served_outlines_and_is_evaluated(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.evaluate import evaluate
-    from models.pipeline import SEGMENTATION_ROLES
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
+    from models.evaluation.command import evaluate
+    from models.inference.pipeline import SEGMENTATION_ROLES
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
     from models.training.fit_lexicon import fit_lexicon
 
     bundled = read_manifest(BUNDLED_MODEL_DIR)
@@ -351,7 +351,7 @@ def test_simclr_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: 
     import numpy as np
     import torch
 
-    from models.registry import read_manifest, sha256_of
+    from models.inference.registry import read_manifest, sha256_of
     from models.training import pretrain, train_family
 
     spec = train_family.FAMILIES["dl_u"]
@@ -388,7 +388,7 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     import numpy as np
     import torch
 
-    from models.registry import read_manifest, sha256_of
+    from models.inference.registry import read_manifest, sha256_of
     from models.training import pretrain, train_family
 
     work = tmp_path / "pretrain-masks"
@@ -428,7 +428,7 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     # Nor a pretraining under another seed (the first ran under the recipe's, DLR_BM's shipped seed).
     with pytest.raises(SystemExit, match=f"seed: {train_family.FAMILIES['dlr_bm'].seed} -> 5"):
         pretrain.main(["dlr_bm", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--seed", "5"])
-    from models.cards import card_markdown
+    from models.evaluation.cards import card_markdown
 
     card = card_markdown(read_manifest(models)["dlr_bm"], {}, None, str(tiny_busbra))
     assert "**Initialisation:** mask pretraining of this network" in card
@@ -454,7 +454,7 @@ def test_mask_pretrained_mupnet_checkpoint_starts_its_trunk(tiny_busbra: Path, t
 
 
 def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_it(tiny_busbra: Path, tmp_path: Path) -> None:
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training.external import main as external_main
 
     root = tmp_path / "datasets"
@@ -515,7 +515,7 @@ def test_birads_auxiliary_and_weight_averaging_train_and_are_recorded_in_the_exp
     import numpy as np
     import torch
 
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     samples = train_family.split_samples(train_family.FAMILIES["dl_u"], tiny_busbra)
@@ -549,40 +549,3 @@ def test_weight_average_is_the_running_mean_and_counts_an_epoch_once(tmp_path: P
     average.add(layer, 2)  # a resumed run repeating its last epoch
     resumed = WeightAverage(tmp_path)
     assert resumed.epochs == [0, 1, 2] and torch.allclose(resumed.mean["weight"], torch.full((1, 2), 3.0))
-
-
-def test_lh_member_trial_trains_on_lh_labels_and_mixes_with_dlr_lh_by_image(tiny_busbra: Path, tmp_path: Path) -> None:
-    import csv
-    import importlib.util
-
-    import numpy as np
-
-    from models.training import train_family
-    from models.training.data import birads_high
-
-    spec_file = Path(__file__).resolve().parents[2] / "scripts" / "trial_lh_members.py"
-    module_spec = importlib.util.spec_from_file_location("trial_lh_members", spec_file)
-    assert module_spec is not None and module_spec.loader is not None
-    trial = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(trial)
-
-    val = train_family.split_samples(train_family.FAMILIES["dlr_lh"], tiny_busbra)["val"]
-    predictions = tmp_path / "predictions.csv"
-    with predictions.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["family", "id", "dataset", "device", "label", "probability", "positive"])
-        for sample in val:  # a perfect DLR_LH: the mix must find each image's score by its id
-            high = birads_high(sample.record.birads)
-            writer.writerow(["dlr_lh", sample.record.image_id, "busbra", "x", high, 0.9 if high else 0.1, high])
-            writer.writerow(["consensus", sample.record.image_id, "busbra", "x", sample.label, 0.5, 0])
-    lines = trial.main(
-        ["dl_u", "--seed", "3", "--datasets", str(tiny_busbra), "--predictions", str(predictions), "--work-root", str(tmp_path / "trial"),
-         "--epochs", "1", "--batch-size", "4", "--input-size", "32"]
-    )
-    assert lines[0].startswith(f"dl_u_lh seed 3 all n={len(val)}: alone ") and "dlr_lh 1.000" in lines[0]
-    assert lines[1].startswith(f"dl_u_lh seed 3 busbra n={len(val)}: ")
-    work = tmp_path / "trial" / "dl_u_lh_3"
-    assert np.load(work / "val_scores.npy").shape == (len(val),)
-    config = json.loads((work / "config.json").read_text())
-    assert (config["family"], config["epochs"], config["input_size"], config["bf16"]) == ("dl_u_lh", 1, 32, False)
-    assert "dl_u_lh" not in train_family.FAMILIES  # the trial's family does not outlive it

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.cam import normalise_cam, paste
-from models.findings import Lesion
-from models.lesions import find_components, outline_of
-from models.preprocess import crop, expand_box, standardise
+from models.inference.cam import normalise_cam, paste
+from models.inference.findings import Lesion
+from models.inference.lesions import find_components, outline_of
+from models.inference.preprocess import crop, expand_box, standardise
 
 
 def test_components_are_found_sorted_and_speckle_dropped() -> None:

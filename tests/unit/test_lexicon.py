@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.lexicon import (
+from models.inference.lexicon import (
     DESCRIPTOR_NAMES,
     LexiconScorer,
     LogisticModel,
@@ -19,7 +19,7 @@ from models.lexicon import (
     describe,
     load_lexicon_scorer,
 )
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of
 
 INDEX = {name: k for k, name in enumerate(DESCRIPTOR_NAMES)}
 

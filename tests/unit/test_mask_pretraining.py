@@ -40,7 +40,7 @@ def test_the_decoder_reads_every_resolution_stage_and_outlines_at_the_input_size
 
 
 def test_refuses_a_network_whose_stages_it_does_not_know() -> None:
-    from models.families.mupnet import MUPNet
+    from models.families.mupnet.network import MUPNet
 
     with pytest.raises(SystemExit, match="not MUPNet"):
         mask_pretraining.stage_modules(MUPNet(modalities=3))  # three trunks: which one would the mask teach?

@@ -50,7 +50,7 @@ def test_the_mixed_loss_is_the_label_blend_of_the_family_loss_on_the_blended_bat
 
 def test_both_label_terms_share_one_forward_pass_and_one_backward_graph() -> None:
     spec = train_family.FAMILIES["dl_u"]  # DL-UM's focal loss over five block heads, called twice
-    from models.families import dlum
+    from models.families.dlum import network as dlum
 
     net = dlum.DLUMBranch(width=0.125)
     calls = {"n": 0}

@@ -13,7 +13,7 @@ pytest.importorskip("monai", reason="MUP-Net needs the train extra (make train-v
 
 from torch import nn  # noqa: E402
 
-from models.families.mupnet import (  # noqa: E402
+from models.families.mupnet.network import (  # noqa: E402
     EXPORT_OUTPUT_NAMES,
     LossWeights,
     MUPNet,
@@ -465,7 +465,7 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, modalities: int) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == list(EXPORT_OUTPUT_NAMES)
     images = torch.rand(2, modalities, 1, SIZE, SIZE)
-    from models.families.mupnet import MUPNetExportWrapper
+    from models.families.mupnet.network import MUPNetExportWrapper
 
     with torch.no_grad():
         expected = MUPNetExportWrapper(model)(images)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from models.findings import ImageAnalysis, ModelInfo
+from models.inference.findings import ImageAnalysis, ModelInfo
 from tests.dicom_factory import square_lesion_analysis, synthetic_breast_image
 from workers.overlay_render import DISCLAIMER, combined_cam, legend_lines, render_overlay
 
@@ -109,7 +109,7 @@ def test_bad_input() -> None:
 def test_prototype_thumbnails_are_drawn_with_their_class_colour() -> None:
     import dataclasses
 
-    from models.findings import PrototypeEvidence
+    from models.inference.findings import PrototypeEvidence
 
     analysis = square_lesion_analysis((240, 320), size=40)
     gray = np.full((240, 320), 90, np.uint8)

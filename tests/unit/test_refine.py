@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from models.refine import WINDOW_EXPAND, refine_mask, refiner_window, window_probability
+from models.inference.refine import WINDOW_EXPAND, refine_mask, refiner_window, window_probability
 
 
 class DarkRegions:

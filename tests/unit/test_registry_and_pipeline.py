@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.pipeline import load_bmode_pipeline
-from models.registry import BUNDLED_MODEL_DIR, ModelRegistryError, read_manifest, sha256_of
+from models.inference.pipeline import load_bmode_pipeline
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelRegistryError, read_manifest, sha256_of
 
 
 def _a_us_classifier_role() -> str:
-    from models.pipeline import default_families
+    from models.inference.pipeline import default_families
 
     return default_families()[0]
 
@@ -81,8 +81,8 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
     import json
     import shutil
 
-    from models.pipeline import default_families, load_bmode_pipeline
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
+    from models.inference.pipeline import default_families, load_bmode_pipeline
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest, write_manifest
 
     for item in BUNDLED_MODEL_DIR.iterdir():
         if item.suffix in (".onnx", ".npz", ".json"):
@@ -101,7 +101,7 @@ def test_family_list_comes_from_configuration_then_manifest(tmp_path: Path) -> N
 
 
 def test_the_refiner_redraws_the_outline_and_is_named_with_the_segmenter() -> None:
-    from models.pipeline import load_refiner, load_segmenter, segment_lesions
+    from models.inference.pipeline import load_refiner, load_segmenter, segment_lesions
 
     image, truth = _hypoechoic_oval((360, 480), (240, 170), (70, 40), seed=1)
     segmenter, entry = load_segmenter()
@@ -125,7 +125,7 @@ def test_the_refiner_redraws_the_outline_and_is_named_with_the_segmenter() -> No
 
 def _merge_roles(model_dir: str, prefix: str, count: int) -> None:
     """One export process: merges ``count`` entries of its own, one at a time."""
-    from models.registry import ModelEntry, merge_into_manifest
+    from models.inference.registry import ModelEntry, merge_into_manifest
 
     for index in range(count):
         role = f"{prefix}_{index}"
@@ -136,7 +136,7 @@ def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
     """make train exports families beside the segmenter lane: no export may drop another's entry."""
     import multiprocessing
 
-    from models.registry import ModelEntry, merge_into_manifest, write_manifest
+    from models.inference.registry import ModelEntry, merge_into_manifest, write_manifest
 
     write_manifest({}, tmp_path, default_pipelines={"US": ["dl_u"]})
     context = multiprocessing.get_context("spawn")
@@ -161,7 +161,7 @@ def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
 
 
 def test_a_malformed_manifest_is_not_replaced_by_an_export(tmp_path: Path) -> None:
-    from models.registry import ModelEntry, merge_into_manifest
+    from models.inference.registry import ModelEntry, merge_into_manifest
 
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ModelRegistryError, match="malformed"):

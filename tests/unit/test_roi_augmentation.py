@@ -125,7 +125,7 @@ def test_a_run_resumes_only_under_the_settings_it_was_started_with(tmp_path: Pat
     ],
 )
 def test_square_box_keeps_the_box_inside_a_square_window(box: tuple[int, int, int, int], expected: tuple[int, int, int, int]) -> None:
-    from models.preprocess import square_box
+    from models.inference.preprocess import square_box
 
     window = square_box(box, (100, 200))
     assert window == expected

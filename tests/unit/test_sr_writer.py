@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from models.findings import FamilyScore, ImageAnalysis, ModelInfo
+from models.inference.findings import FamilyScore, ImageAnalysis, ModelInfo
 from tests.dicom_factory import (
     dciodvfy_errors,
     make_us_dataset,
@@ -230,7 +230,7 @@ def _family_score(family: str, task: str, probability: float, threshold: float, 
 
 
 def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
-    from models.decisions import co_decision
+    from models.inference.decisions import co_decision
 
     single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
     base = square_lesion_analysis((220, 280), size=30, probability=0.87)
@@ -262,7 +262,7 @@ def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pa
 
 
 def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_inputs_is_refused(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
-    from models.decisions import co_decision
+    from models.inference.decisions import co_decision
 
     single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
     base = square_lesion_analysis((220, 280), size=30, probability=0.87)

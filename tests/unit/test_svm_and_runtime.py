@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.svm import SVC
 
-from models.family_runtime import ClinicalContext, FamilyScorer, diameter_inputs, load_family_scorer
-from models.families import dlr
-from models.registry import ModelEntry, ModelRegistryError, sha256_of
-from models.svm import SvmModel, fit_platt
+from models.inference.family_scorer import ClinicalContext, FamilyScorer, diameter_inputs, load_family_scorer
+from models.families.dlr import network as dlr
+from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of
+from models.inference.svm import SvmModel, fit_platt
 from workers.clinical import patient_age_years
 
 
@@ -113,7 +113,7 @@ def test_scorer_refuses_a_side_file_that_does_not_match(tmp_path: Path) -> None:
 
 
 def test_bundled_cldlr_also_scores_the_papers_comparison_svms() -> None:
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest
 
     scorer = load_family_scorer(read_manifest()["cldlr"], BUNDLED_MODEL_DIR)
     gray = np.random.default_rng(4).integers(0, 255, (200, 300), dtype=np.uint8)
@@ -138,7 +138,7 @@ def test_bundled_cldlr_also_scores_the_papers_comparison_svms() -> None:
 )
 def test_bundled_cldlr_scores_without_a_clinical_variable_and_says_which(context: ClinicalContext, expected_notes: set[str]) -> None:
     # The issue: CLDLR "runs, and says so, when one is missing"; the notes reach the SR's comment (test_sr_writer).
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest
 
     scorer = load_family_scorer(read_manifest()["cldlr"], BUNDLED_MODEL_DIR)
     gray = np.random.default_rng(4).integers(0, 255, (200, 300), dtype=np.uint8)

@@ -83,7 +83,7 @@ def _tiny_busbra(root: Path) -> Path:
 @pytest.mark.parametrize("family", ["dl_u", "mupnet"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, family: str, tmp_path: Path) -> None:
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training import train_family
 
     datasets = _tiny_busbra(tmp_path / "datasets")

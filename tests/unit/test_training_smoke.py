@@ -66,9 +66,9 @@ def test_one_epoch_trains_checkpoints_and_logs(tiny: Path, tmp_path: Path, part:
 
 
 def test_refiner_windows_follow_the_lesion_and_export_into_the_manifest(tiny: Path, tmp_path: Path) -> None:
-    from models.pipeline import load_refiner
-    from models.refine import refine_mask
-    from models.registry import read_manifest
+    from models.inference.pipeline import load_refiner
+    from models.inference.refine import refine_mask
+    from models.inference.registry import read_manifest
     from models.training import export_reference
 
     records = [r for r in load_records(tiny, ("busi",)) if r.split == "train"]
@@ -97,7 +97,7 @@ def test_refiner_windows_follow_the_lesion_and_export_into_the_manifest(tiny: Pa
 def test_the_segmentation_recipes_are_the_ones_the_shipped_models_were_trained_with(part: str) -> None:
     # `make train` must rebuild the bundled models' recipes. The refiner's 0.5.0 is the first export that recorded
     # its own; the segmenter's 0.1.0 record was read back from the commit that shipped it.
-    from models.registry import BUNDLED_MODEL_DIR, read_manifest
+    from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest
 
     shipped = read_manifest(BUNDLED_MODEL_DIR)[f"us_{part}"].parameters
     recipe = train_reference.DEFAULTS[part]
@@ -114,7 +114,7 @@ def test_refiner_trains_without_zero_width_padding_and_computes_the_same(input_s
     import torch
     from monai.networks.nets.basic_unet import UpCat
 
-    from models.networks import lesion_refiner
+    from models.families.segmentation.network import lesion_refiner
 
     torch.manual_seed(0)
     default = lesion_refiner()
@@ -144,7 +144,7 @@ def test_outline_band_marks_the_pixels_within_reach_of_the_outline_on_both_sides
 
 
 def test_the_refiner_trains_with_the_boundary_weight_and_records_it(tmp_path: Path) -> None:
-    from models.registry import read_manifest
+    from models.inference.registry import read_manifest
     from models.training import export_reference
 
     tiny = _tiny_dataset(tmp_path)

@@ -8,7 +8,7 @@ UNet finds the lesion, and the bounding box of each connected component
 gives the region of interest; here the lesion mask of the volume stands
 in for that UNet (:func:`models.training.abvs_volumes.plane_rois`), since
 without ABVS data nothing could check the B-mode segmenter
-(:func:`models.networks.lesion_segmenter`) on reconstructed planes. Each plane's ROI then
+(:func:`models.families.segmentation.network.lesion_segmenter`) on reconstructed planes. Each plane's ROI then
 goes through its own ResNet-50, and the features are fused ("Model
 development", equations 1 and 2):
 
@@ -62,7 +62,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
+from models.inference.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
 from models.families.onnx_export import export_graph
 from models.families.backbones import ResNetTrunk
 
@@ -152,7 +152,7 @@ def rectify_and_normalise(cam: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """ReLU, then divide every map of a (N, ..., h, w) batch by its own maximum.
 
     A map without positive evidence stays all zeros instead of having
-    noise stretched to full scale (the convention of :mod:`models.cam`).
+    noise stretched to full scale (the convention of :mod:`models.inference.cam`).
     """
     positive = torch.relu(cam)
     peak = positive.amax(dim=(-2, -1), keepdim=True)
@@ -216,7 +216,7 @@ def analytic_plane_cams(model: ThreePlaneClassifier, maps: PlaneMaps) -> tuple[t
     tuple
         Logits (N, 2) and raw, unrectified maps (N, 2, h, w) per plane,
         channel ``k`` explaining class ``k`` (the layout of
-        :class:`models.networks.CamExportWrapper`).
+        :class:`models.families.segmentation.network.CamExportWrapper`).
     """
     transverse, sagittal, coronal = maps
     hidden = model.reduce(model.fuse(transverse, sagittal, coronal))
@@ -243,7 +243,7 @@ class ThreePlaneExportWrapper(nn.Module):
     (N, 2, h, w) per plane, computed in the graph by
     :func:`analytic_plane_cams`, so ONNX Runtime and TensorRT give the
     same heat-maps as PyTorch. Serving rectifies and normalises after
-    upsampling (:func:`models.cam.normalise_cam`), channel ``MALIGNANT``.
+    upsampling (:func:`models.inference.cam.normalise_cam`), channel ``MALIGNANT``.
     """
 
     def __init__(self, classifier: ThreePlaneClassifier) -> None:

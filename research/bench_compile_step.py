@@ -26,8 +26,9 @@ from torch.nn import functional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.families import dlr, dlum  # noqa: E402
-from models.networks import lesion_segmenter  # noqa: E402
+from models.families.dlr import network as dlr
+from models.families.dlum import network as dlum# noqa: E402
+from models.families.segmentation.network import lesion_segmenter  # noqa: E402
 from models.training.loop import mixed_precision, to_training_device  # noqa: E402
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.findings import ModelInfo
+from models.inference.findings import ModelInfo
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_LOCK_NAME = ".manifest.lock"  # empty; only ever flock-ed (git-ignored)
 

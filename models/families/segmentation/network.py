@@ -33,7 +33,7 @@ def lesion_segmenter() -> nn.Module:
 
 
 def lesion_refiner() -> nn.Module:
-    """The close-up refiner (:mod:`models.refine`): MONAI's BasicUNet, 16-256 channels, instance norm.
+    """The close-up refiner (:mod:`models.inference.refine`): MONAI's BasicUNet, 16-256 channels, instance norm.
 
     It sees one lesion window, not a whole scan, so it needs no large
     encoder: about 2 M parameters (4 MB in fp16), a quarter of the

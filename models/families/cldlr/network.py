@@ -7,7 +7,7 @@ compares them (its Method S1): clinical only, deep features only (DLR) and
 both (CLDLR). The SVM's probability is the "AI score".
 
 The PyTorch part here is the VGG11 network and its closed-form Grad-CAM;
-the SVM lives in :mod:`models.svm` (plain numpy at serving time).
+the SVM lives in :mod:`models.inference.svm` (plain numpy at serving time).
 
 Deviation, stated in the model card: the paper's VGG11 flattens a 7x7x512
 map into FC-4096 layers (about 120 M parameters). Here the last map is

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluation import auc, reliability_curve, roc_curve
+from models.evaluation.stats import auc, reliability_curve, roc_curve
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -4,14 +4,14 @@ Arrays in, findings out. Given the grayscale scan region of one frame:
 
 1. the UNet segmenter (EfficientNet-b0 encoder) gives a lesion probability map;
 2. threshold + connected components give lesion candidates; where the
-   model folder has one, the close-up refiner (:mod:`models.refine`)
+   model folder has one, the close-up refiner (:mod:`models.inference.refine`)
    re-outlines each at about its native resolution, and the outlines, boxes
    and areas come from the refined masks;
 3. each lesion's box, expanded as each paper expands it, is scored by every
-   configured family (:mod:`models.family_runtime`): benign/malignant or
+   configured family (:mod:`models.inference.family_scorer`): benign/malignant or
    BI-RADS-risk probability, decision at the model's operating point, and
    its explanation map computed inside the exported graph;
-4. a consensus entry (:mod:`models.consensus`) combines its member
+4. a consensus entry (:mod:`models.inference.consensus`) combines its member
    families' scores of the lesion into one;
 5. the first malignancy family is the primary score (legend, overlay); with
    DLR_BM and an LH score (the LH consensus, or DLR_LH alone) the BI-RADS
@@ -34,17 +34,17 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.backend import Backend, OnnxRuntimeBackend
-from models.cam import paste
-from models.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
-from models.decisions import BM_ROLE, co_decision, lh_score
-from models.family_runtime import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
-from models.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
-from models.lesions import Component, find_components, outline_of, resize_probability
-from models.lexicon import LexiconScorer, is_lexicon, load_lexicon_scorer
-from models.refine import refine_mask
-from models.preprocess import Box, standardise
-from models.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
+from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.cam import paste
+from models.inference.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
+from models.inference.decisions import BM_ROLE, co_decision, lh_score
+from models.inference.family_scorer import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
+from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
+from models.inference.lesions import Component, find_components, outline_of, resize_probability
+from models.inference.lexicon import LexiconScorer, is_lexicon, load_lexicon_scorer
+from models.inference.refine import refine_mask
+from models.inference.preprocess import Box, standardise
+from models.inference.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
 
 SEGMENTER_ROLE = "us_segmenter"
 REFINER_ROLE = "us_refiner"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from models.decisions import CoDecision
+from models.inference.decisions import CoDecision
 
 Box = tuple[int, int, int, int]
 

@@ -1,7 +1,7 @@
 """``breastai evaluate``: score exported models on a labelled folder and write honest reports.
 
 Runs the models exactly as served (ONNX Runtime through
-:mod:`models.family_runtime` and :mod:`models.pipeline`; no torch), on any
+:mod:`models.inference.family_scorer` and :mod:`models.inference.pipeline`; no torch), on any
 folder laid out like ``shared/datasets``: ``<name>/images/``,
 ``<name>/masks/`` and ``<name>/labels.csv`` (or one such folder).
 
@@ -35,17 +35,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.consensus import is_consensus, load_consensus_scorer
-from models.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, co_decision, lh_score
-from models.evaluation import dice, hausdorff95, iou
-from models.evaluation_report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
-from models.family_runtime import ClinicalContext, FamilyScorer
-from models.lesions import Component
-from models.lexicon import LexiconScorer
-from models.findings import FamilyScore, ModelInfo
-from models.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
-from models.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
-from models.preprocess import Box
+from models.inference.consensus import is_consensus, load_consensus_scorer
+from models.inference.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, co_decision, lh_score
+from models.evaluation.stats import dice, hausdorff95, iou
+from models.evaluation.report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
+from models.inference.family_scorer import ClinicalContext, FamilyScorer
+from models.inference.lesions import Component
+from models.inference.lexicon import LexiconScorer
+from models.inference.findings import FamilyScore, ModelInfo
+from models.inference.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
+from models.inference.preprocess import Box
 from models.training.data import EXCLUDED, Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
 
 STATISTICS_NOTE = (
@@ -188,7 +188,7 @@ def birads_reader(cases: Sequence[ScoredCase]) -> list[ScoredCase]:
     """The radiologists' own final assessment of the same lesions, scored as a reference reader.
 
     Each lesion's BI-RADS category (``labels.csv``) becomes the Atlas's
-    likelihood of malignancy (:data:`models.decisions.BIRADS_MALIGNANCY_LIKELIHOOD`),
+    likelihood of malignancy (:data:`models.inference.decisions.BIRADS_MALIGNANCY_LIKELIHOOD`),
     called positive from category 4 on (biopsy recommended). Lesions without
     a category (BUSI), or with 0 or 6, are left out. The readers had the whole
     examination, live scanning and the history, and their category decided
@@ -236,7 +236,7 @@ def variant_predictions(cases: Sequence[ScoredCase]) -> dict[str, list[CasePredi
 
 def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000) -> dict[str, Any]:
     """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``."""
-    from models.plots import save_reliability_png, save_roc_png
+    from models.evaluation.plots import save_reliability_png, save_roc_png
 
     entries = read_manifest(model_dir)
     unknown = [f for f in families if f not in entries]
@@ -379,7 +379,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         overall = body.get("classification", {}).get("all", {})
         print(f"{family:14s} n={overall.get('n')} AUC={overall.get('auc')} CI={overall.get('auc_ci')}")
     if args.cards:
-        from models.cards import write_cards
+        from models.evaluation.cards import write_cards
 
         for path in write_cards(report, entries, args.cards):
             print(f"card: {path}")

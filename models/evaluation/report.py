@@ -2,7 +2,7 @@
 
 Builds JSON-serialisable dictionaries from per-case predictions (what
 ``breastai evaluate`` writes) and renders them as Markdown tables for model
-cards. The statistics themselves live in :mod:`models.evaluation`.
+cards. The statistics themselves live in :mod:`models.evaluation.stats`.
 
 Every estimate comes with its uncertainty and its sample size, subgroups are
 reported separately (dataset, acquisition device), and a statistic that is
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.evaluation import (
+from models.evaluation.stats import (
     auc,
     bootstrap_ci,
     brier_score,
@@ -440,7 +440,7 @@ def segmentation_report(
         One row per image (:class:`SegmentationRow` or a plain tuple); images
         of one cluster (patient) are resampled together. An
         undefined value (NaN, e.g. HD95 with an empty mask, see
-        :func:`models.evaluation.hausdorff95`) is left out of that metric's
+        :func:`models.evaluation.stats.hausdorff95`) is left out of that metric's
         mean and counted in its ``n_undefined``.
     resamples, seed, level : int, int, float
         Percentile bootstrap of each mean over images, or over clusters where rows name them.

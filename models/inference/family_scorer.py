@@ -1,6 +1,6 @@
 """Serving side of the paper families: score one lesion ROI with one exported model.
 
-Torch-free: every family runs as an ONNX graph behind :class:`models.backend.Backend`,
+Torch-free: every family runs as an ONNX graph behind :class:`models.inference.backend.Backend`,
 described by its manifest entry (input size, ROI padding and normalisation,
 output names, operating point, side files). What differs between families
 is only how the graph's outputs become a probability:
@@ -8,7 +8,7 @@ is only how the graph's outputs become a probability:
 * two-way logits -> softmax (DLR, CLDLR's network, the ROI ResNet);
 * one logit -> sigmoid (DL-U / DL-M);
 * CLDLR -> the deep features plus the clinical variables DICOM carries ->
-  the SVM of :mod:`models.svm` (the paper's "AI score");
+  the SVM of :mod:`models.inference.svm` (the paper's "AI score");
 * MUP-Net -> two-way logits plus per-prototype contributions.
 
 Missing clinical inputs are not guessed: the model runs without them (its
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.backend import Backend, OnnxRuntimeBackend
-from models.cam import normalise_cam
-from models.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, square_box, standardise
-from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
-from models.svm import SvmModel
+from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.cam import normalise_cam
+from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
+from models.inference.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, square_box, standardise
+from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
+from models.inference.svm import SvmModel
 
 AGE_SCALE_YEARS = 100.0
 CLDLR_VARIANTS = ("dlr", "clinical")  # side-file keys of CLDLR's comparison SVMs

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.preprocess import Box
+from models.inference.preprocess import Box
 
 
 @dataclass(frozen=True)

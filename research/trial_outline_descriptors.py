@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluation import auc
-from models.lexicon import DESCRIPTOR_NAMES, describe
-from models.preprocess import Box
-from models.refine import refiner_window
-from models.registry import BUNDLED_MODEL_DIR
+from models.evaluation.stats import auc
+from models.inference.lexicon import DESCRIPTOR_NAMES, describe
+from models.inference.preprocess import Box
+from models.inference.refine import refiner_window
+from models.inference.registry import BUNDLED_MODEL_DIR
 from models.training.data import US_DATASETS, Record, load_records, read_gray, read_mask
 from models.training.fit_lexicon import _labelled, fit_logistic, served_descriptors
 

@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.consensus import is_consensus
-from models.lexicon import is_lexicon
-from models.evaluation_report import report_markdown
-from models.decisions import BM_ROLE
-from models.registry import ModelEntry
+from models.inference.consensus import is_consensus
+from models.inference.lexicon import is_lexicon
+from models.evaluation.report import report_markdown
+from models.inference.decisions import BM_ROLE
+from models.inference.registry import ModelEntry
 
 INTENDED_USE = (
     "Advisory decision support for radiologists reading breast imaging. The score is an AI estimate, "

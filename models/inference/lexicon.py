@@ -46,9 +46,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.findings import FamilyScore, ModelInfo
-from models.preprocess import Box, expand_box
-from models.registry import ModelEntry, ModelRegistryError, verified_path
+from models.inference.findings import FamilyScore, ModelInfo
+from models.inference.preprocess import Box, expand_box
+from models.inference.registry import ModelEntry, ModelRegistryError, verified_path
 
 FloatArray = npt.NDArray[np.float64]
 

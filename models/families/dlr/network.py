@@ -6,7 +6,7 @@ embedding and a 2-way output. A small MLP then fuses the 128-d embedding
 with the patient's age. DLR_LH separates BI-RADS 2/3 (low) from 4/5
 (high); DLR_BM separates benign from malignant, trained on every lesion
 with a pathology result (the paper's data_BM). Their joint reading of a
-BI-RADS 4A lesion is :func:`models.decisions.co_decision`.
+BI-RADS 4A lesion is :func:`models.inference.decisions.co_decision`.
 
 Grad-CAM on this head is not a plain class-activation map (the head is
 linear-ReLU-linear), but its gradient with respect to the pooled features

@@ -43,9 +43,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluation import auc
-from models.families import dlum
-from models.preprocess import crop
+from models.evaluation.stats import auc
+from models.families.dlum import network as dlum
+from models.inference.preprocess import crop
 from models.training import train_family
 from models.training.loop import augment_intensity
 from models.training.data import read_mask
@@ -102,9 +102,9 @@ def served_masks(samples: list[train_family.LesionSample]) -> dict[str, npt.NDAr
     The served component with the most pixels in the true box; where none
     reaches it, the box's ellipse, as the lexicon model falls back.
     """
-    from models.evaluate import served_mask_at
-    from models.lexicon import box_ellipse
-    from models.pipeline import load_refiner, load_segmenter, segment_lesions
+    from models.evaluation.command import served_mask_at
+    from models.inference.lexicon import box_ellipse
+    from models.inference.pipeline import load_refiner, load_segmenter, segment_lesions
 
     segmenter, entry = load_segmenter()
     refiner = load_refiner()

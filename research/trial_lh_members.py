@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from models.evaluation import auc
+from models.evaluation.stats import auc
 from models.training import train_family
 
 

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.cam import paste
-from models.findings import FamilyScore, ModelInfo
-from models.preprocess import Box
-from models.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
+from models.inference.cam import paste
+from models.inference.findings import FamilyScore, ModelInfo
+from models.inference.preprocess import Box
+from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
 
 CONSENSUS_KIND = "consensus"
 PROBABILITY_CLIP = 1e-4

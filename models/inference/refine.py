@@ -8,7 +8,7 @@ reads. The refiner is a second, smaller UNet (MONAI BasicUNet) that looks
 only at a window around one coarse component, resized to its input size,
 so a lesion of 100-300 px is outlined at about its native resolution.
 
-Pure numpy / OpenCV around one :class:`models.backend.Backend` call: the
+Pure numpy / OpenCV around one :class:`models.inference.backend.Backend` call: the
 window is the component's box grown by :data:`WINDOW_EXPAND` on every side
 (training jitters the same rule), and of the refined components the one
 that overlaps the coarse component most is kept. A refined outline that
@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.backend import Backend
-from models.preprocess import Box, expand_box, standardise
+from models.inference.backend import Backend
+from models.inference.preprocess import Box, expand_box, standardise
 
 WINDOW_EXPAND = 0.25  # fraction of the box added on every side, as in training
 
