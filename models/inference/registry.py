@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.errors import ModelRegistryError as ModelRegistryError  # raised here; defined in the one error tree
 from models.inference.findings import ModelInfo
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_LOCK_NAME = ".manifest.lock"  # empty; only ever flock-ed (git-ignored)
-
-
-class ModelRegistryError(Exception):
-    """A model is missing, unlisted, or does not match its recorded checksum."""
 
 
 @dataclass(frozen=True)
