@@ -8,7 +8,7 @@ branch, 96 px) or ``seg`` (the segmenter, 160 px); MODE ``eager`` or
 (autocast, as ``--bf16`` trains). Random inputs: a step's cost does not
 depend on the pixels. Prints the first step (which includes compilation)
 and the median of steps 5-12. Run the two modes side by side, one thread
-each, so that both see the same machine (``models/HISTORY.md`` has the
+each, so that both see the same machine (``docs/history.md`` has the
 figures).
 """
 

@@ -4,7 +4,7 @@
     python scripts/trial_lh_members.py dl_u --seed 20261121 --bf16 --predictions runs/val/predictions.csv
 
 DLR_LH (BI-RADS 2/3 vs 4/5) was the only LH model the service had, and seed
-ensembles of it did not help (``models/HISTORY.md``). What this trial found
+ensembles of it did not help (``docs/history.md``). What this trial found
 for DL-U's network is now a recipe (``dl_u_lh``) and an opt-in served role
 (``consensus_lh``, ``make train-lh-consensus``); the trial stays for the
 other families' networks. This asks whether a

@@ -26,7 +26,7 @@ Fixed before training: unless the mask-channel network beats its same-seed
 control by 0.01 or more on validation (all 176 lesions), first with the
 true outline and then with the served one, the lever is dropped without
 building a served path. It passed the first (0.958 against 0.923) and not
-the second (0.924 at best): ``models/HISTORY.md``, "The readers' outlines
+the second (0.924 at best): ``docs/history.md``, "The readers' outlines
 carry what the networks miss". Nothing is exported or served, and test is
 not touched.
 """
@@ -48,7 +48,7 @@ from models.families.dlum import network as dlum
 from models.inference.preprocess import crop
 from models.training import train_family
 from models.training.loop import augment_intensity
-from models.training.data import read_mask
+from models.datasets import read_mask
 
 
 def mask_tensor(mask: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:

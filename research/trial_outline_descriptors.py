@@ -20,7 +20,7 @@ prints, on the validation lesions:
   which the segmentation networks were fitted on.
 
 Nothing is exported or served, and test is not touched. About half a
-minute on two cores. ``models/HISTORY.md``, "The readers' outlines carry what the
+minute on two cores. ``docs/history.md``, "The readers' outlines carry what the
 networks miss".
 """
 
@@ -38,7 +38,7 @@ from models.inference.lexicon import DESCRIPTOR_NAMES, describe
 from models.inference.preprocess import Box
 from models.inference.refine import refiner_window
 from models.inference.registry import BUNDLED_MODEL_DIR
-from models.training.data import US_DATASETS, Record, load_records, read_gray, read_mask
+from models.datasets import US_DATASETS, Record, load_records, read_gray, read_mask
 from models.training.fit_lexicon import _labelled, fit_logistic, served_descriptors
 
 OUTLINE_DESCRIPTORS = ("convexity", "solidity", "lobulations", "ellipse_mismatch", "orientation", "circularity", "radial_roughness")

@@ -1,11 +1,11 @@
 """Find near-duplicate images in dataset folders and write them as groups.
 
-    python scripts/find_near_duplicates.py ../shared/datasets --output models/training/near_duplicates.csv
+    python scripts/find_near_duplicates.py ../shared/datasets --output models/near_duplicates.csv
 
 BUSI, for one, holds the same scan more than once: cropped or scaled a
 little differently, or the next frame of the same cine. Split by image, such
 copies land in training and test alike, and the test figures are no longer
-held out. ``models/training/data.py`` reads the groups this script writes:
+held out. ``models/datasets.py`` reads the groups this script writes:
 a group whose images fall in more than one split, or carry conflicting
 labels, is left out of every split, and the rest are one cluster for the
 bootstrap and DeLong statistics.
@@ -43,12 +43,14 @@ import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.training.data import US_DATASETS, Record, file_sha256, load_records, read_gray  # noqa: E402
+from models.datasets import US_DATASETS, Record, file_sha256, load_records, read_gray
 
 
 def thumbnails(images: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
     """Unit-norm, zero-mean 48 x 48 thumbnails, one row per image."""
-    rows = np.stack([cv2.resize(image, (48, 48), interpolation=cv2.INTER_AREA).astype(np.float32).ravel() for image in images])
+    rows = np.stack(
+        [cv2.resize(image, (48, 48), interpolation=cv2.INTER_AREA).astype(np.float32).ravel() for image in images]
+    )
     rows -= rows.mean(axis=1, keepdims=True)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True) + 1e-6
     return rows
@@ -58,7 +60,9 @@ def _high_pass(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.asarray(image - cv2.GaussianBlur(image, (0, 0), 2.0), dtype=np.float32)
 
 
-def same_scan(first: npt.NDArray[np.uint8], second: npt.NDArray[np.uint8], orb: cv2.ORB, min_inliers: int) -> tuple[int, float]:
+def same_scan(
+    first: npt.NDArray[np.uint8], second: npt.NDArray[np.uint8], orb: cv2.ORB, min_inliers: int
+) -> tuple[int, float]:
     """(RANSAC inliers, speckle correlation) of ``second`` registered onto ``first``.
 
     ORB keypoints at 400 px vote for one similarity transform; ``second`` is
@@ -125,20 +129,32 @@ def main() -> int:
     orb = cv2.ORB_create(1000)
     rows: list[tuple[str, str, str, str, str]] = []
     for dataset in args.datasets:
-        records: list[Record] = load_records(args.data, (dataset,), near_duplicates=None) if (args.data / dataset / "labels.csv").is_file() else []
+        records: list[Record] = (
+            load_records(args.data, (dataset,), near_duplicates=None)
+            if (args.data / dataset / "labels.csv").is_file()
+            else []
+        )
         if not records:
             continue
         images = [read_gray(r.image_path) for r in records]
         correlation = np.triu(thumbnails(images) @ thumbnails(images).T, 1)
         pairs = []
-        for a, b in zip(*np.nonzero(correlation > args.candidate)):
+        for a, b in zip(*np.nonzero(correlation > args.candidate), strict=False):
             _, speckle = same_scan(images[a], images[b], orb, args.inliers)
             if speckle >= args.speckle:
                 pairs.append((int(a), int(b)))
         for number, group in enumerate(groups_of(pairs, len(records)), start=1):
             for index in group:
                 record = records[index]
-                rows.append((dataset, f"{dataset}-copy-{number:03d}", record.image_id, f"{len(group)}", file_sha256(record.image_path)))
+                rows.append(
+                    (
+                        dataset,
+                        f"{dataset}-copy-{number:03d}",
+                        record.image_id,
+                        f"{len(group)}",
+                        file_sha256(record.image_path),
+                    )
+                )
         print(f"{dataset}: {len(pairs)} pairs, {len(groups_of(pairs, len(records)))} groups", file=sys.stderr)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="") as handle:

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.training.data import split_for
+from models.datasets import split_for
 
 
 def development_datasets() -> Path:
@@ -23,13 +23,18 @@ Pick = tuple[str, str, tuple[str, ...], int]
 
 
 def write_busbra_subset(root: Path, picks: Sequence[Pick]) -> Path:
-    """A ``busbra`` folder under ``root`` holding the first images of each pick (images, masks, labels.csv); returns ``root``."""
+    """A ``busbra`` folder under ``root`` holding the first images of each pick (images, masks, labels.csv); returns "
+    "``root``."""
     source = development_datasets() / "busbra"
     with (source / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     chosen: list[dict[str, str]] = []
     for split, pathology, birads, count in picks:
-        chosen += [r for r in rows if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads][:count]
+        chosen += [
+            r
+            for r in rows
+            if split_for("busbra", r["id"], r) == split and r["pathology"] == pathology and r["birads"] in birads
+        ][:count]
     folder = root / "busbra"
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()

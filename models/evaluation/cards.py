@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.inference.consensus import is_consensus
-from models.inference.lexicon import is_lexicon
 from models.evaluation.report import report_markdown
+from models.families.catalogue import card_texts
+from models.inference.consensus import is_consensus
 from models.inference.decisions import BM_ROLE
+from models.inference.lexicon import is_lexicon
 from models.inference.registry import ModelEntry
 
 INTENDED_USE = (
@@ -24,51 +25,6 @@ INTENDED_USE = (
     "**not a diagnosis**; it must not be used to rule a lesion in or out without a radiologist's reading. "
     "Not a medical device; not cleared or approved by any regulator."
 )
-
-FAMILY_TEXT: dict[str, dict[str, str]] = {
-    "dlr_lh": {
-        "paper": "Lu et al., QIMS 2025 (DLR_LH)",
-        "architecture": "ResNet-50 (standard 7x7 stride-2 stem), FC replaced by FC-128 (embedding) + FC-2; MLP over [embedding, age/100, age-known]. Grad-CAM of the log-odds on the last stage, in closed form inside the graph.",
-        "deviations": "128 px ROI input instead of 224 px (CPU budget); AdamW with warm-up and cosine decay; trained from scratch; class-balanced sampling. ROI: the largest lesion region's box grown by 20 % per side. Grad-CAM explains the image head (FC-2), not the age MLP that gives the served score. BUS-BRA carries no age, so most training cases have the age flag at 0. One train/validation/test split with the checkpoint chosen by validation AUC instead of the paper's five-fold cross-validation. Where the paper gives no detail: a ReLU between FC-128 and FC-2, and an age MLP of 64 hidden units with dropout 0.2. The 4A co-decision calls LH high (and BM malignant) at each model's operating point (Youden on validation lesions), where the paper uses each model's predicted class.",
-        "limits": "Learns the *assessed* BI-RADS category (2/3 vs 4/5) as the radiologists of BUS-BRA and BrEaST assigned it, not pathology.",
-    },
-    "dlr_bm": {
-        "paper": "Lu et al., QIMS 2025 (DLR_BM)",
-        "architecture": "As DLR_LH (ResNet-50, FC-128 + FC-2, age MLP), trained on benign vs malignant.",
-        "deviations": "None in the data rule, though BUSI's labels are not all biopsy-proven where the paper's are: as the paper's data_BM (every case with a pathology result, not only BI-RADS 4A ones; MODELS.md's summary says 'within BI-RADS 4A', which is where the paper applies the co-decision), BM is trained on every US lesion with a pathology label. The 4A co-decision is tallied on BrEaST's 4A cases (34 lesions), the only public ones. It calls a lesion malignant at BM's operating point (Youden on validation lesions of every category, not the predicted class the paper uses), which calls few 4A lesions benign, so downgrades are rarer than the paper's. One split instead of five-fold cross-validation, and the head and age MLP, as DLR_LH. 128 px input; no ImageNet weights (see Initialisation); ROI and Grad-CAM as DLR_LH.",
-        "limits": "BUSI labels are not all biopsy-proven. Co-decision counts on public 4A cases are small.",
-    },
-    "cldlr": {
-        "paper": "Yang et al., Sci Rep 2024 (CLDLR)",
-        "architecture": "VGG11 (configuration A, batch norm) -> GAP -> FC-512 -> FC-512 -> FC-2; deep features from the penultimate FC; RBF SVMs on clinical only, DLR only, and DLR + clinical (served), Platt-scaled on validation data.",
-        "deviations": "GAP + 512-wide FC layers instead of flatten + 4096 (weights and CPU budget; makes Grad-CAM exact in closed form); half-width convolutions; 128 px input; no ImageNet weights (see Initialisation). Clinical variables limited to what DICOM carries (age, maximum lesion diameter from the box and pixel spacing); only BrEaST has them in training, so the clinical-only SVM is weak by construction. The paper selects BI-RADS 4 lesions only; here every lesion with a pathology label trains and is scored. VGG11 with batch norm. ROI: the mask's box grown by 20 % per side (the paper: the mask's rectangle). Training: AdamW at 5e-4 (weight decay 1e-4) with a one-epoch warm-up and cosine decay over 10 epochs, class-balanced batches, the checkpoint chosen by validation AUC, after mask pretraining (see Initialisation); the paper trains with Adam at 0.005 for 200 epochs, batch 16.",
-        "limits": "Menopause, margin, calcification, posterior features and Doppler flow of the paper are not available from DICOM and are not used.",
-    },
-    "dl_u": {
-        "paper": "Xu et al., 2025 (DL-UM, ultrasound branch DL-U)",
-        "architecture": "VGG19-style branch: blocks of 2, 2, 4, 4, 4 convolutions, BN + ReLU after each block's last convolution, max-pool after blocks 1-4; deep supervision heads (GAP -> FC64 -> FC1) after every block; focal loss on all heads. CAM of the block-5 head, exact (affine head).",
-        "deviations": "Quarter-width filters (16..128) and 96 px input for the CPU budget; from scratch. ROI grown by 30 % of its shortest side on every side (the paper's 'expanded by 30% of their shortest lengths' could also mean 30 % in all), min-max normalised, as the paper. AdamW at 1e-3 (weight decay 1e-4, one-epoch warm-up, cosine decay) instead of the paper's Adam at 1e-4; focal loss with alpha 0.25, gamma 2 (the paper gives neither) on class-balanced batches; the checkpoint is chosen by validation AUC, not the lowest validation loss; one train/validation/test split instead of the paper's five-fold cross-validation. The served CAM is block 5's only (the paper shows one per block).",
-        "limits": "The fused DL-UM network needs paired US and MG of the same lesion; no public set has them, so only the branches are trained.",
-    },
-    "dl_u_lh": {
-        "paper": "Xu et al., 2025 (DL-UM's ultrasound branch) on the task of Lu et al., QIMS 2025 (DLR_LH)",
-        "architecture": "DL-U's network and recipe (VGG19-style branch, deep supervision, focal loss, CAM of the block-5 head), trained on DLR_LH's labels: BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST. It serves as a member of the LH consensus (`consensus_lh`), beside DLR_LH, whose mean the 4A co-decision reads.",
-        "deviations": "Neither paper trains this model: DL-UM classifies benign vs malignant, and Lu et al. read LH from DLR_LH alone. It is here because a second LH network of another architecture, averaged with DLR_LH, ranked validation lesions better than DLR_LH alone or two DLR_LH seeds (`models/HISTORY.md`). DL-U's own deviations from its paper apply (quarter width, 96 px, AdamW at 1e-3, focal alpha 0.25 and gamma 2, the checkpoint by validation AUC, one split).",
-        "limits": "Learns the *assessed* BI-RADS category (2/3 vs 4/5) as the radiologists of BUS-BRA and BrEaST assigned it, not pathology.",
-    },
-    "dl_m": {
-        "paper": "Xu et al., 2025 (DL-UM, mammography branch DL-M)",
-        "architecture": "As DL-U, on mammography patches.",
-        "deviations": "Trained on mini-MIAS finding patches (square around the listed centre and radius; digitised film, 400 um pixels): about 60 training findings. Network, loss, optimiser, ROI rule and checkpoint choice as DL-U, with the deviations from the paper its card lists (quarter width, 96 px, AdamW at 1e-3, focal alpha 0.25 and gamma 2, the checkpoint by validation AUC, one split instead of five-fold cross-validation).",
-        "limits": "Very small data; not validated on digital mammography; MG studies are not yet routed to this model by the service.",
-    },
-    "mupnet": {
-        "paper": "Yan et al., Commun Med 2024 (MUP-Net)",
-        "architecture": "ResNet-18 backbone per modality (M = 1 here: B-mode), 10 prototypes (5 per class), log similarity with top-k pooling, class-connected last layer (+1 / -0.5); stages, repeated as in the paper: joint training, projection onto an own-class training patch (BI-RADS 2/3/4a benign, 4c/5 malignant candidates), last-layer training; three cycles, the best on validation kept. Explanation: each prototype's share of the malignancy log-odds and the prototype patches (side files).",
-        "deviations": "M = 1: no public colour-Doppler or elastography set exists (M = 3 is implemented and unit-tested only). 128 px input; no ImageNet weights (see Initialisation); no warm-up epochs (`--warm-epochs 5` before the 10 joint epochs was tried on the mask-pretrained trunk: 0.885 on validation as served, against 0.897 without). The stages repeat three times in all (10 joint epochs, then twice 5 joint epochs at a tenth of the rates before projecting again), not through the paper's 80 epochs. Each prototype is projected onto a different training image, the nearest one not already taken by a nearer prototype; the paper projects each onto its nearest patch independently, which can show the same patch twice. Loss: CE + 0.8 clustering - 0.08 separation + 1e-4 L1 on the cross-class weights: ProtoPNet's weights, whose procedure the paper says it follows (refs. 33, 34); its eq. (6) as printed puts 0.8 on separation and -0.08 on clustering, which would push each patch away from its own class's prototypes (eq. (4), the clustering loss, taken with -0.08). Add-on layers between trunk and prototypes (1x1 conv, ReLU, 1x1 conv, sigmoid; 512 channels), which the paper does not describe. Batch 16 instead of 40; weight decay 1e-3 on every trunk and add-on weight, not only the batch-norm parameters; augmentation by box jitter, flip, gamma and speckle with class-balanced batches, where the paper uses flips, brightness and contrast of 0.9-1.1, 0.9-1 crops and rotations of up to 10 degrees with oversampled malignant cases; each last-layer stage runs 8 epochs and keeps its best validation epoch. Top-k pooling takes 5 of the 16 positions of the 4x4 latent map. BI-RADS 2 is admitted among the benign prototype candidates (the paper: 3/4a). Contributions are each prototype's share of the malignancy log-odds (similarity x (malignant weight - benign weight)), which sum to the log-odds the probability is made of, not normalised per class as in the paper's figures. Adam with per-part rates, cosine decay over the first 10 joint epochs and a tenth of the rates for the 10 between projections: 20 joint epochs in all instead of the paper's 80 at 0.001 cut by 90 % every 5 epochs.",
-        "limits": "BUSI images carry no BI-RADS and so are never prototypes.",
-    },
-}
 
 
 def _near_duplicate_note(training: Mapping[str, Any]) -> str:
@@ -80,7 +36,8 @@ def _near_duplicate_note(training: Mapping[str, Any]) -> str:
         )
     return (
         "Trained before near-duplicate scans were grouped: some BUSI training images have a copy in the test split. "
-        "The metrics below leave those copies out (`models/training/near_duplicates.csv`), so they are measured on unseen scans."
+        "The metrics below leave those copies out (`models/training/near_duplicates.csv`), so they are measured on "
+        "unseen scans."
     )
 
 
@@ -90,7 +47,8 @@ def _int8_note(parameters: Mapping[str, Any]) -> str:
     if not storage.get("accepted"):
         return ""
     return (
-        f" compute; convolution weights stored as int8, one scale per output channel: on {storage['validation_lesions']} validation lesions "
+        f" compute; convolution weights stored as int8, one scale per output channel: on "
+        f"{storage['validation_lesions']} validation lesions "
         f"the served probability moved by at most {storage['max_probability_shift']:.3f} and the AUC went from "
         f"{storage['val_auc_float']:.4f} to {storage['val_auc_int8']:.4f} against {storage['compared_with']}"
     )
@@ -102,7 +60,8 @@ def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
         f"# Model card: {entry.name} {entry.version}",
         "",
         identity,
-        f"- **File:** `{entry.file}` ({entry.parameters.get('precision', 'float32')}{_int8_note(entry.parameters)}), sha256 `{entry.sha256}`",
+        f"- **File:** `{entry.file}` ({entry.parameters.get('precision', 'float32')}{_int8_note(entry.parameters)}), "
+        f"sha256 `{entry.sha256}`",
     ]
     for name, side in entry.parameters.get("side_files", {}).items():
         lines.append(f"- **Side file ({name}):** `{side['file']}`, sha256 `{side['sha256']}`")
@@ -128,7 +87,8 @@ def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
     if str(training.get("initialisation", "")).startswith("mask pretraining"):
         return (
             f"Recipe: `make train-{role}`, which runs `breastai train pretrain {role} --objective masks{seed}`, then "
-            f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` (`models/training/train_family.py`), "
+            f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` "
+            f"(`models/training/train_family.py`), "
             "each with `--datasets` and, where the CPU has bf16 units, `--bf16`."
         )
     return (
@@ -137,17 +97,21 @@ def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
     )
 
 
-def _operating_point_and_metrics(parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str) -> list[str]:
+def _operating_point_and_metrics(
+    parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str
+) -> list[str]:
     """The card sections every classifier shares: its operating point and its held-out metrics."""
     return [
         "## Operating point",
         "",
-        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the validation split "
+        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the "
+        f"validation split "
         f"by Youden's J {how}; never on test data.",
         "",
         f"## Metrics (held-out test split, as served; data: `{data}`)",
         "",
-        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include segmentation misses.",
+        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include "
+        "segmentation misses.",
         "",
         report_markdown(classification=family_report.get("classification")),
     ]
@@ -157,25 +121,17 @@ def _ensemble_deviation(training: Mapping[str, Any]) -> str:
     ensemble = training.get("ensemble")
     if not ensemble:
         return ""
-    return f" Served as the mean of {ensemble['members']} networks trained by the same recipe from {ensemble['members']} seeds; the paper trains one."
+    return (
+        f" Served as the mean of {ensemble['members']} networks trained by the same recipe from {ensemble['members']} "
+        f"seeds; the paper trains one."
+    )
 
 
-def _augmentation_rule(training: Mapping[str, Any]) -> str:
-    """The training-crop augmentation in words (models.training.train_family.RoiStyle.training_input)."""
-    if training.get("augmentation") == "strong":
-        return (
-            "Training crops: the box shifted up to 15 %, each side scaled 0.85-1.15, turned up to 15 degrees, flipped left-right, "
-            "with gamma, speckle, contrast, brightness and blur varied. "
-        )
-    return "Training crops: the box shifted up to 10 % and its padding varied, flipped left-right, with gamma and speckle varied. "
-
-
-def _mixup_rule(training: Mapping[str, Any]) -> str:
-    """Whether training batches were blended (models.training.train_family.mixup_loss); the papers do not."""
-    alpha = training.get("mixup")
-    if not alpha:
-        return ""
-    return f"Each training batch blended with a shuffled copy of itself (mixup, weights from Beta({alpha:g}, {alpha:g})); the paper does not. "
+#: The training-crop augmentation in words (:func:`models.training.samples.training_input`), the same for every family.
+TRAINING_CROPS = (
+    "Training crops: the box shifted up to 10 % and its padding varied, flipped left-right, with gamma and speckle "
+    "varied. "
+)
 
 
 def _weights_chosen(training: Mapping[str, Any]) -> str:
@@ -185,11 +141,14 @@ def _weights_chosen(training: Mapping[str, Any]) -> str:
         return f"best validation epoch {training.get('best_epoch')}"
     members = ", ".join(
         f"seed {seed} (epoch {epoch}, validation AUC {score:.3f})"
-        for seed, epoch, score in zip(ensemble["seeds"], ensemble["best_epochs"], ensemble["member_val_auc"])
+        for seed, epoch, score in zip(
+            ensemble["seeds"], ensemble["best_epochs"], ensemble["member_val_auc"], strict=False
+        )
     )
     served = training.get("val_auc_as_served")
     return (
-        f"**seed ensemble of {ensemble['members']} networks**, each trained by this recipe and kept at its best validation epoch: {members}; "
+        f"**seed ensemble of {ensemble['members']} networks**, each trained by this recipe and kept at its best "
+        f"validation epoch: {members}; "
         f"served as the mean of their outputs (logits and maps) in one graph"
         + (f", validation AUC {served:.3f} as served" if served is not None else "")
     )
@@ -203,12 +162,16 @@ def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]
         "",
         "## Cross-validation (training and validation findings, test not used)",
         "",
-        "The recipe trained once per fold of patients (folds balanced for the label), each time without that fold, and scored "
-        "the fold it left out. AUC within folds: only (positive, negative) pairs of one fold, ranked by that fold's network; "
-        "95 % interval from 1000 patient resamples within folds. The AUC of all out-of-fold scores pooled also compares the "
+        "The recipe trained once per fold of patients (folds balanced for the label), each time without that fold, and "
+        "scored "
+        "the fold it left out. AUC within folds: only (positive, negative) pairs of one fold, ranked by that fold's "
+        "network; "
+        "95 % interval from 1000 patient resamples within folds. The AUC of all out-of-fold scores pooled also "
+        "compares the "
         "folds' networks' score levels. Recipe: `breastai train crossval`.",
         "",
-        "| start | weights that scored each fold | folds | findings (positive) | epochs | AUC within folds (95% CI) | per-fold AUC | pooled AUC |",
+        "| start | weights that scored each fold | folds | findings (positive) | epochs | AUC within folds (95% CI) | "
+        "per-fold AUC | pooled AUC |",
         "|---|---|---:|---|---:|---|---|---:|",
     ]
 
@@ -217,7 +180,8 @@ def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]
         low, high = record["auc_ci95"]
         pooled = f"{record['auc_pooled']:.3f}" if record.get("auc_pooled") is not None else "–"
         return (
-            f"| {record.get('init', 'random')} | {scored_with} | {record['folds']} | {record['cases']} ({record['positives']}) | {record['epochs']} "
+            f"| {record.get('init', 'random')} | {scored_with} | {record['folds']} | {record['cases']} "
+            f"({record['positives']}) | {record['epochs']} "
             f"| {record['auc']:.3f} ({low:.3f}–{high:.3f}) | {folds} | {pooled} |"
         )
 
@@ -230,15 +194,18 @@ def _cross_validation_section(records: Sequence[Mapping[str, Any]]) -> list[str]
             difference = same_runs["chosen_minus_last"]
             notes.append(
                 f"Chosen epoch against the same runs' last epochs: ΔAUC {difference['delta_auc']:+.3f} "
-                f"({difference['delta_ci95'][0]:+.3f} to {difference['delta_ci95'][1]:+.3f}), {_bootstrap_p(difference)} (paired patient bootstrap)."
+                f"({difference['delta_ci95'][0]:+.3f} to {difference['delta_ci95'][1]:+.3f}), "
+                f"{_bootstrap_p(difference)} (paired patient bootstrap)."
             )
         comparison = record.get("comparison")
         if comparison:
             against = comparison["against"]
             notes.append(
-                f"{record['scored_with'].capitalize()} ({record.get('init', 'random')} start) against {against['scored_with']} ({against['init']} start), "
+                f"{record['scored_with'].capitalize()} ({record.get('init', 'random')} start) against "
+                f"{against['scored_with']} ({against['init']} start), "
                 f"same {comparison['cases']} findings and folds: ΔAUC {comparison['delta_auc']:+.3f} "
-                f"({comparison['delta_ci95'][0]:+.3f} to {comparison['delta_ci95'][1]:+.3f}), {_bootstrap_p(comparison)} (paired patient bootstrap)."
+                f"({comparison['delta_ci95'][0]:+.3f} to {comparison['delta_ci95'][1]:+.3f}), "
+                f"{_bootstrap_p(comparison)} (paired patient bootstrap)."
             )
     return lines + [line for note in notes for line in ("", note)]
 
@@ -259,11 +226,18 @@ def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _four_a_section(four_a: Mapping[str, Any] | None, four_a_lh: str) -> list[str]:
-    """The 4A co-decision's tally on test lesions assessed 4A, naming the LH model it read (DLR_LH, or the LH consensus)."""
+    """The 4A co-decision's tally on test lesions assessed 4A, naming the LH model it read (DLR_LH, or the LH "
+    "consensus)."""
     if not four_a:
         return []
     lh = "DLR_LH" if four_a_lh == "dlr_lh" else f"`{four_a_lh}`"
-    lines = ["", f"## BI-RADS 4A co-decision ({lh} + DLR_BM, test cases assessed 4A)", "", "| recommendation | n | malignant | benign |", "|---|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## BI-RADS 4A co-decision ({lh} + DLR_BM, test cases assessed 4A)",
+        "",
+        "| recommendation | n | malignant | benign |",
+        "|---|---:|---:|---:|",
+    ]
     return lines + [f"| {name} | {row['n']} | {row['malignant']} | {row['benign']} |" for name, row in four_a.items()]
 
 
@@ -276,10 +250,10 @@ def card_markdown(
     four_a_lh: str = "dlr_lh",
 ) -> str:
     """One model card as Markdown (``four_a_lh``: the role whose LH score the 4A co-decision read)."""
-    text = FAMILY_TEXT.get(entry.role, {})
+    text = card_texts().get(entry.role, {})
     parameters = entry.parameters
     training = parameters.get("training", {})
-    lines = _card_opening(entry, f"- **Family:** `{entry.role}` — {text.get('paper', 'see MODELS.md')}")
+    lines = _card_opening(entry, f"- **Family:** `{entry.role}` — {text.get('paper', 'see docs/models.md')}")
     lines += [
         text.get("architecture", ""),
         "",
@@ -298,15 +272,18 @@ def card_markdown(
         "|---|---:|---:|",
     ]
     for split in ("train", "val", "test"):
-        lines.append(f"| {split} | {training.get('cases', {}).get(split, 'n/a')} | {training.get('positives', {}).get(split, 'n/a')} |")
+        lines.append(
+            f"| {split} | {training.get('cases', {}).get(split, 'n/a')} | "
+            f"{training.get('positives', {}).get(split, 'n/a')} |"
+        )
     lines += [
         "",
-        f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
+        f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate "
+        f"{training.get('learning_rate')}, "
         + _precision(training)
         + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; {_weights_chosen(training)}. "
         + _roi_rule(parameters)
-        + _augmentation_rule(training)
-        + _mixup_rule(training)
+        + TRAINING_CROPS
         + _stage_cycles(training)
         + _recipe_commands(entry.role, training),
         "",
@@ -317,14 +294,23 @@ def card_markdown(
             "",
             "## The paper's comparison models (same test lesions)",
             "",
-            "The paper compares the fused model with SVMs on the image features alone and on the clinical variables alone; "
+            "The paper compares the fused model with SVMs on the image features alone and on the clinical variables "
+            "alone; "
             "those SVMs are fitted with it and shipped as side files, and scored here on the same lesions.",
             "",
             report_markdown(comparisons=family_report["variants"]),
         ]
     lines += _four_a_section(four_a, four_a_lh)
     lines += _cross_validation_section(cross_validation)
-    lines += ["", "## Known limits", "", f"- {text.get('limits', '')}", "- Trained and measured on public research datasets; performance at a new site, scanner or population must be checked there (`breastai evaluate` on local data).", ""]
+    lines += [
+        "",
+        "## Known limits",
+        "",
+        f"- {text.get('limits', '')}",
+        "- Trained and measured on public research datasets; performance at a new site, scanner or population must be "
+        "checked there (`breastai evaluate` on local data).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -343,14 +329,16 @@ def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
 
 
 def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[str]:
-    """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was set."""
+    """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was "
+    "set."""
     training = parameters.get("training") or {}
     if training:
         run = (
-            f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate {training.get('learning_rate')}, "
+            f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate "
+            f"{training.get('learning_rate')}, "
             f"{_precision(training)}seed {training.get('seed')}, input {parameters.get('input_size')} px; epoch "
-            f"{int(parameters.get('train_epoch', 0)) + 1} of {training.get('epochs_run')}, chosen by Dice on the validation split's lesion images. "
-            + (f"{training['history']}" if training.get("history") else "")
+            f"{int(parameters.get('train_epoch', 0)) + 1} of {training.get('epochs_run')}, chosen by Dice on the "
+            f"validation split's lesion images. " + (f"{training['history']}" if training.get("history") else "")
         ).rstrip()
     else:
         run = "This export recorded no training run. "
@@ -364,25 +352,40 @@ def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[s
         "",
         "## Operating point",
         "",
-        f"A pixel is lesion where its probability is at least {parameters.get('threshold')}, and a connected component counts "
-        f"only from {float(parameters.get('min_area_fraction', 0)):.1%} of the image up. Both were fixed when the pipeline was "
-        "written, not tuned on any split. On validation no threshold separated false outlines on normal images from real "
+        f"A pixel is lesion where its probability is at least {parameters.get('threshold')}, and a connected component "
+        f"counts "
+        f"only from {float(parameters.get('min_area_fraction', 0)):.1%} of the image up. Both were fixed when the "
+        f"pipeline was "
+        "written, not tuned on any split. On validation no threshold separated false outlines on normal images from "
+        "real "
         "lesions (Known limits).",
         "",
     ]
 
 
-def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None) -> str:
-    """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out lesion images."""
+def segmenter_card(
+    entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None
+) -> str:
+    """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out "
+    "lesion images."""
     parameters = entry.parameters
-    lines = _card_opening(entry, "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (MODELS.md, all papers)")
+    lines = _card_opening(
+        entry,
+        "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (docs/models.md, all papers)",
+    )
     if refiner is not None:
-        lines[3:3] = [f"- **Refiner:** `{refiner.file}` ({refiner.name} {refiner.version}, {refiner.parameters.get('precision', 'float32')}), sha256 `{refiner.sha256}`"]
+        lines[3:3] = [
+            f"- **Refiner:** `{refiner.file}` ({refiner.name} {refiner.version}, "
+            f"{refiner.parameters.get('precision', 'float32')}), sha256 `{refiner.sha256}`"
+        ]
     lines += [
-        f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of {parameters.get('input_size')} px "
+        f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of "
+        f"{parameters.get('input_size')} px "
         "(per-image z-score), one lesion logit per pixel; threshold "
-        f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} of the image dropped. "
-        "Trained from scratch (no pretrained encoder weights can be had here) with Dice + BCE on BUSI, BUS-BRA and BrEaST "
+        f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} "
+        f"of the image dropped. "
+        "Trained from scratch (no pretrained encoder weights can be had here) with Dice + BCE on BUSI, BUS-BRA and "
+        "BrEaST "
         "images, normal images included; batch-norm statistics recalibrated on the training images before export. "
         f"Recipe: `models/training/train_reference.py segmenter{_bf16_flag(entry.parameters)}`.",
         "",
@@ -390,17 +393,23 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
             []
             if refiner is None
             else [
-                "**Second stage, the refiner** (`models/refine.py`): a smaller UNet (MONAI BasicUNet, 16-256 channels, instance norm), trained on close-up windows "
-                f"(each lesion's box grown by {refiner.parameters.get('window_expand')} of its size per side, jittered in training as "
-                f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component at about its "
-                "native resolution; the refined component that overlaps the coarse one most replaces it (none: the coarse one stays). "
+                "**Second stage, the refiner** (`models/inference/refine.py`): a smaller UNet (MONAI BasicUNet, 16-256 "
+                "channels, instance norm), trained on close-up windows "
+                f"(each lesion's box grown by {refiner.parameters.get('window_expand')} of its size per side, jittered "
+                f"in training as "
+                f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component "
+                f"at about its "
+                "native resolution; the refined component that overlaps the coarse one most replaces it (none: the "
+                "coarse one stays). "
                 f"{_refiner_epoch(refiner.parameters)} by validation Dice on the windows "
-                f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py refiner{_bf16_flag(refiner.parameters)}`.",
+                f"({refiner.parameters.get('val_dice_windows')}). Recipe: `models/training/train_reference.py "
+                f"refiner{_bf16_flag(refiner.parameters)}`.",
                 "",
             ]
         ),
         *_segmenter_data_and_operating_point(parameters),
-        f"## Metrics (held-out test split, lesion images, as served{'' if refiner is None else ': segmenter then refiner'}; data: `{data}`)",
+        f"## Metrics (held-out test split, lesion images, as "
+        f"served{'' if refiner is None else ': segmenter then refiner'}; data: `{data}`)",
         "",
         report_markdown(segmentation=segmentation),
         "",
@@ -414,35 +423,52 @@ def segmenter_card(entry: ModelEntry, segmentation: Mapping[str, Any], data: str
 
 
 def consensus_card(
-    entry: ModelEntry, family_report: Mapping[str, Any], data: str, four_a: Mapping[str, Any] | None = None, four_a_lh: str = "dlr_lh"
+    entry: ModelEntry,
+    family_report: Mapping[str, Any],
+    data: str,
+    four_a: Mapping[str, Any] | None = None,
+    four_a_lh: str = "dlr_lh",
 ) -> str:
-    """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point, and its metrics as served."""
+    """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point, "
+    "and its metrics as served."""
     parameters = entry.parameters
     fitted = parameters.get("fitted", {})
     members = list(parameters.get("members", []))
     lh = parameters.get("task") == "birads_high"
     if lh:
-        identity = f"- **Role:** `{entry.role}` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads (`models/consensus.py`)"
+        identity = (
+            f"- **Role:** `{entry.role}` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads "
+            f"(`models/inference/consensus.py`)"
+        )
         why = (
-            "**Deviations from the paper:** Lu et al. read DLR_LH alone. Here DLR_LH is averaged with DL-U's network trained on the "
-            "same labels (`dl_u_lh`, its own card): two networks of different architecture, whose errors are only partly shared. "
+            "**Deviations from the paper:** Lu et al. read DLR_LH alone. Here DLR_LH is averaged with DL-U's network "
+            "trained on the "
+            "same labels (`dl_u_lh`, its own card): two networks of different architecture, whose errors are only "
+            "partly shared. "
             "It reads the LH score; the BM side of the co-decision is DLR_BM's, as in the paper."
         )
         positives, recipe = "assessed BI-RADS 4/5", "`breastai train consensus --task birads_high`"
     else:
-        identity = "- **Role:** `consensus` — one headline score from the paper families (`models/consensus.py`)"
+        identity = (
+            "- **Role:** `consensus` — one headline score from the paper families (`models/inference/consensus.py`)"
+        )
         why = (
-            "**Deviations from the papers:** none of the papers ensembles families; this is the project's headline score because "
-            "on the validation split the mean ranked lesions better than any single member (see below), and it needs no weights "
+            "**Deviations from the papers:** none of the papers ensembles families; this is the project's headline "
+            "score because "
+            "on the validation split the mean ranked lesions better than any single member (see below), and it needs "
+            "no weights "
             "that could be tuned to that split."
         )
         positives, recipe = "malignant", "`breastai train consensus`"
     lines = _card_opening(entry, identity)
     lines += [
         f"The mean of the log-odds of {', '.join(f'`{m}`' for m in members)}, with equal weights "
-        "(each member's probability clipped to [1e-4, 1 - 1e-4]); the explanation map is the mean of the members' maps over the "
-        "region every member looked at. The file pins the sha256 of every member's graph and side files: a folder whose members "
-        "changed after fitting is refused at start-up. It is not a model of its own: each member keeps its own score, call and "
+        "(each member's probability clipped to [1e-4, 1 - 1e-4]); the explanation map is the mean of the members' maps "
+        "over the "
+        "region every member looked at. The file pins the sha256 of every member's graph and side files: a folder "
+        "whose members "
+        "changed after fitting is refused at start-up. It is not a model of its own: each member keeps its own score, "
+        "call and "
         "card in the report.",
         "",
         "**Initialisation:** nothing is trained; the members are described in their own cards.",
@@ -452,7 +478,8 @@ def consensus_card(
         "## Data and fitting",
         "",
         f"Only the operating point is fitted: on the validation split ({fitted.get('cases', 'n/a')} lesions, "
-        f"{fitted.get('positives', 'n/a')} {positives}; {', '.join(fitted.get('datasets', []))}), members scored as served. "
+        f"{fitted.get('positives', 'n/a')} {positives}; {', '.join(fitted.get('datasets', []))}), members scored as "
+        f"served. "
         f"Validation AUC {fitted.get('auc', 'n/a')} against members {fitted.get('member_auc', {})}. "
         f"Recipe: {recipe} (`models/training/fit_consensus.py`).",
         "",
@@ -461,8 +488,10 @@ def consensus_card(
         "",
         "## Known limits",
         "",
-        "- The members share their training data and the segmenter's lesion box, so their errors are correlated: the gain over "
-        "the best member is modest, and the DeLong comparisons in `models/cards/evaluation/report.md` say whether it is "
+        "- The members share their training data and the segmenter's lesion box, so their errors are correlated: the "
+        "gain over "
+        "the best member is modest, and the DeLong comparisons in `models/cards/evaluation/report.md` say whether it "
+        "is "
         "distinguishable from zero.",
         *(["- Learns the *assessed* BI-RADS category, as DLR_LH does, not pathology."] if lh else []),
         "- Every member's limits apply (see their cards).",
@@ -475,23 +504,35 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
     """The lexicon-descriptor model's card: what it measures, what it was fitted on, and its metrics as served."""
     parameters = entry.parameters
     fitted = parameters.get("fitted", {})
-    lines = _card_opening(entry, f"- **Role:** `{entry.role}` — BI-RADS lexicon descriptors of the served outline (`models/lexicon.py`)")
+    lines = _card_opening(
+        entry,
+        f"- **Role:** `{entry.role}` — BI-RADS lexicon descriptors of the served outline "
+        f"(`models/inference/lexicon.py`)",
+    )
     lines += [
-        "Fifteen quantitative stand-ins for the ACR BI-RADS ultrasound lexicon (shape, orientation, margin, echo pattern, "
-        "posterior features), measured on the lesion's outline as served (segmenter, then refiner) and the pixels around it, "
-        "then an L2-regularised logistic regression. Explanation: each descriptor's share of the log-odds (the three strongest "
-        "are in the score's details) and a map lighting the region each descriptor was read from, weighted by that share.",
+        "Fifteen quantitative stand-ins for the ACR BI-RADS ultrasound lexicon (shape, orientation, margin, echo "
+        "pattern, "
+        "posterior features), measured on the lesion's outline as served (segmenter, then refiner) and the pixels "
+        "around it, "
+        "then an L2-regularised logistic regression. Explanation: each descriptor's share of the log-odds (the three "
+        "strongest "
+        "are in the score's details) and a map lighting the region each descriptor was read from, weighted by that "
+        "share.",
         "",
         "**Initialisation:** nothing is learned but the regression's 16 coefficients.",
         "",
-        "**Relation to the papers:** CLDLR (Yang et al. 2024) feeds the radiologist's margin and posterior-feature readings to "
+        "**Relation to the papers:** CLDLR (Yang et al. 2024) feeds the radiologist's margin and posterior-feature "
+        "readings to "
         "its SVM; DICOM does not carry them, so this model measures them. It is not a paper family.",
         "",
         "## Data and fitting",
         "",
-        f"Fitted on the training split ({fitted.get('train_cases', 'n/a')} lesions, {fitted.get('train_positives', 'n/a')} positive; "
-        f"{', '.join(fitted.get('datasets', []))}) with C = {fitted.get('regularisation_C')}; validation AUC {fitted.get('val_auc')} "
-        f"on {fitted.get('val_cases')} lesions. The descriptors were read on the outlines of the segmentation models pinned in the "
+        f"Fitted on the training split ({fitted.get('train_cases', 'n/a')} lesions, "
+        f"{fitted.get('train_positives', 'n/a')} positive; "
+        f"{', '.join(fitted.get('datasets', []))}) with C = {fitted.get('regularisation_C')}; validation AUC "
+        f"{fitted.get('val_auc')} "
+        f"on {fitted.get('val_cases')} lesions. The descriptors were read on the outlines of the segmentation models "
+        f"pinned in the "
         "manifest entry; a folder with another segmenter or refiner refuses this model until it is refit. "
         "Recipe: `breastai train lexicon` (`models/training/fit_lexicon.py`).",
         "",
@@ -500,13 +541,18 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
         "## Known limits",
         "",
         "- The descriptors are only as good as the outline. On the validation split the same regression read on the "
-        "radiologists' own outlines reached AUC 0.95, against 0.85 on the coarse outlines and 0.86 on the refined ones: the "
-        "public sets' outlines carry margin detail (and drawing habits: convexity alone separates BUSI's classes almost "
+        "radiologists' own outlines reached AUC 0.95, against 0.85 on the coarse outlines and 0.86 on the refined "
+        "ones: the "
+        "public sets' outlines carry margin detail (and drawing habits: convexity alone separates BUSI's classes "
+        "almost "
         "perfectly) that ours do not reproduce.",
-        "- Measured here on the served outline of the ground-truth lesion (the served component that overlaps its box most); "
-        "no other model in the consensus, because on validation adding it did not raise the consensus's AUC (0.922 with it, "
+        "- Measured here on the served outline of the ground-truth lesion (the served component that overlaps its box "
+        "most); "
+        "no other model in the consensus, because on validation adding it did not raise the consensus's AUC (0.922 "
+        "with it, "
         "0.923 without).",
-        "- Scale-free by design (ratios and logs), but echo and posterior descriptors depend on gain and depth settings.",
+        "- Scale-free by design (ratios and logs), but echo and posterior descriptors depend on gain and depth "
+        "settings.",
         "",
     ]
     return "\n".join(lines)
@@ -517,8 +563,14 @@ def _roi_rule(parameters: Mapping[str, Any]) -> str:
     if "roi_expand" not in parameters:
         return ""
     side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
-    square = ", then its short side widened to a square (the resize keeps the lesion's shape)" if parameters.get("roi_square") else ""
-    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
+    square = (
+        ", then its short side widened to a square (the resize keeps the lesion's shape)"
+        if parameters.get("roi_square")
+        else ""
+    )
+    return (
+        f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
+    )
 
 
 def _bf16_flag(parameters: Mapping[str, Any]) -> str:
@@ -550,12 +602,16 @@ def _stage_cycles(training: Mapping[str, Any]) -> str:
         return ""
     return (
         f"Then {cycles} cycles of projection and last-layer training, each after the first preceded by "
-        f"{training.get('push_epochs')} joint epochs; cycle {training.get('chosen_cycle')} (counting from 0) scored best on validation and is served. "
+        f"{training.get('push_epochs')} joint epochs; cycle {training.get('chosen_cycle')} (counting from 0) scored "
+        f"best on validation and is served. "
     )
 
 
 def write_cards(
-    report: Mapping[str, Any], entries: Mapping[str, ModelEntry], folder: Path, cross_validation: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+    report: Mapping[str, Any],
+    entries: Mapping[str, ModelEntry],
+    folder: Path,
+    cross_validation: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> list[Path]:
     """Write ``<role>.md`` for every evaluated family of ``report``, and the segmenter's card.
 
@@ -567,10 +623,18 @@ def write_cards(
     written = []
     # The 4A tally goes on the cards of the two models it read and, where the LH one is a consensus, of its members.
     four_a_lh = str(report.get("four_a_lh_model", "dlr_lh"))  # reports from before the LH consensus: DLR_LH
-    four_a_roles = {BM_ROLE, four_a_lh, *(entries[four_a_lh].parameters.get("members", []) if four_a_lh in entries else [])}
+    four_a_roles = {
+        BM_ROLE,
+        four_a_lh,
+        *(entries[four_a_lh].parameters.get("members", []) if four_a_lh in entries else []),
+    }
     if report.get("segmentation") and "us_segmenter" in entries:
         path = folder / "us_segmenter.md"
-        path.write_text(segmenter_card(entries["us_segmenter"], report["segmentation"], str(report.get("data")), entries.get("us_refiner")))
+        path.write_text(
+            segmenter_card(
+                entries["us_segmenter"], report["segmentation"], str(report.get("data")), entries.get("us_refiner")
+            )
+        )
         written.append(path)
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
@@ -582,12 +646,23 @@ def write_cards(
         elif is_lexicon(entries[role]):
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:
-            path.write_text(card_markdown(entries[role], family_report, four_a, str(report.get("data")), cross_validation.get(role, ()), four_a_lh))
+            path.write_text(
+                card_markdown(
+                    entries[role],
+                    family_report,
+                    four_a,
+                    str(report.get("data")),
+                    cross_validation.get(role, ()),
+                    four_a_lh,
+                )
+            )
         written.append(path)
     return written
 
 
-def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str, recipe: str, notes: Sequence[str] = ()) -> str:
+def external_card(
+    report: Mapping[str, Any], roles: Sequence[str], holdout: str, recipe: str, notes: Sequence[str] = ()
+) -> str:
     """The external-validation card: ``roles`` trained without ``holdout``, scored on all of it (``--split all``).
 
     Parameters
@@ -613,14 +688,19 @@ def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str,
         f"(mask pretraining first where the recipe has it, also without `{holdout}`), "
         f"the consensus fitted on the remaining datasets' validation split, then "
         f"`breastai evaluate <datasets>/{holdout} --split all` on the exported models, as served.",
-        f"No image of `{holdout}` took part in pretraining, in training, in the choice of a checkpoint or in an operating point. "
+        f"No image of `{holdout}` took part in pretraining, in training, in the choice of a checkpoint or in an "
+        f"operating point. "
         f"The weights of this run are not shipped: the bundled models are trained with `{holdout}`'s training folds.",
         "",
         *(f"- {note}" for note in notes),
         "",
         "| model | version | sha256 |",
         "|---|---|---|",
-        *(f"| `{role}` | {families[role]['model']['version']} | `{families[role]['model']['sha256']}` |" for role in shown if families[role]["model"]["sha256"]),
+        *(
+            f"| `{role}` | {families[role]['model']['version']} | `{families[role]['model']['sha256']}` |"
+            for role in shown
+            if families[role]["model"]["sha256"]
+        ),
         "",
     ]
     for role in shown:
@@ -630,5 +710,10 @@ def external_card(report: Mapping[str, Any], roles: Sequence[str], holdout: str,
     for task, comparisons in report.get("comparisons", {}).items():
         lines += [report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"), ""]
     for task, comparisons in report.get("comparisons_with_readers", {}).items():
-        lines += [report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}"), ""]
+        lines += [
+            report_markdown(
+                comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}"
+            ),
+            "",
+        ]
     return "\n".join(lines)

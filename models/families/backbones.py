@@ -61,7 +61,7 @@ def vgg_blocks(config: Sequence[int | str], in_channels: int = 1, width: float =
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
-        out = max(8, int(round(int(item) * width)))
+        out = max(8, round(int(item) * width))
         layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out
     return nn.Sequential(*layers)
@@ -70,7 +70,7 @@ def vgg_blocks(config: Sequence[int | str], in_channels: int = 1, width: float =
 def vgg_out_channels(config: Sequence[int | str], width: float = 1.0) -> int:
     """Channels of the last convolution of :func:`vgg_blocks`."""
     last = [int(item) for item in config if item != "M"][-1]
-    return max(8, int(round(last * width)))
+    return max(8, round(last * width))
 
 
 def count_parameters(network: nn.Module) -> int:

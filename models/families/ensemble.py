@@ -44,4 +44,4 @@ class MemberMean(nn.Module):
         outputs = [member(*inputs) for member in self.members]
         if any(len(output) != len(outputs[0]) for output in outputs):
             raise ValueError("ensemble members return different numbers of outputs")
-        return tuple(torch.stack(list(parts)).mean(dim=0) for parts in zip(*outputs))
+        return tuple(torch.stack(list(parts)).mean(dim=0) for parts in zip(*outputs, strict=False))

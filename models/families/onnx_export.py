@@ -33,7 +33,9 @@ def export_graph(
     dynamic = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting a tensor to a Python", category=Warning)
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export", category=Warning)
+        warnings.filterwarnings(
+            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=Warning
+        )
         torch.onnx.export(
             wrapper,
             example,
@@ -51,7 +53,9 @@ def export_graph(
 INT8_MIN_ELEMENTS = 4096
 
 
-def int8_convolution_weights(model: onnx.ModelProto, min_elements: int = INT8_MIN_ELEMENTS) -> tuple[onnx.ModelProto, int]:
+def int8_convolution_weights(
+    model: onnx.ModelProto, min_elements: int = INT8_MIN_ELEMENTS
+) -> tuple[onnx.ModelProto, int]:
     """Store every large Conv weight as int8 with one scale per output channel.
 
     Each weight ``W`` (O, I, kh, kw) becomes ``q = round(W / s)`` with
@@ -83,8 +87,15 @@ def int8_convolution_weights(model: onnx.ModelProto, min_elements: int = INT8_MI
     kept, rebuild, count = [], [], 0
     for initializer in graph.initializer:
         weight = numpy_helper.to_array(initializer)
-        is_conv_weight = bool(users.get(initializer.name)) and all(use == ("Conv", 1) for use in users[initializer.name])
-        if not is_conv_weight or weight.ndim < 2 or weight.size < min_elements or weight.dtype not in (np.float16, np.float32):
+        is_conv_weight = bool(users.get(initializer.name)) and all(
+            use == ("Conv", 1) for use in users[initializer.name]
+        )
+        if (
+            not is_conv_weight
+            or weight.ndim < 2
+            or weight.size < min_elements
+            or weight.dtype not in (np.float16, np.float32)
+        ):
             kept.append(initializer)
             continue
         scale, quantised = _int8_per_channel(weight.astype(np.float32))
@@ -92,10 +103,14 @@ def int8_convolution_weights(model: onnx.ModelProto, min_elements: int = INT8_MI
         kept += [numpy_helper.from_array(quantised, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale")]
         rebuild += [
             helper.make_node("Cast", [f"{name}_int8"], [f"{name}_fp32"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{name}_fp32", f"{name}_scale"], [f"{name}_scaled" if weight.dtype != np.float32 else name]),
+            helper.make_node(
+                "Mul", [f"{name}_fp32", f"{name}_scale"], [f"{name}_scaled" if weight.dtype != np.float32 else name]
+            ),
         ]
         if weight.dtype != np.float32:
-            rebuild.append(helper.make_node("Cast", [f"{name}_scaled"], [name], to=helper.np_dtype_to_tensor_dtype(weight.dtype)))
+            rebuild.append(
+                helper.make_node("Cast", [f"{name}_scaled"], [name], to=helper.np_dtype_to_tensor_dtype(weight.dtype))
+            )
         count += 1
     del graph.initializer[:]
     graph.initializer.extend(kept)

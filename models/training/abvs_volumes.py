@@ -47,14 +47,16 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from models.datasets import Record, mask_box, read_gray, read_mask
 from models.families.abvs.network import Centre, extract_planes, frame_offsets, lesion_centre
 from models.inference.preprocess import crop, expand_box, standardise
-from models.training.data import Record, mask_box, read_gray, read_mask
 
 Volume = npt.NDArray[np.uint8]
 
 
-def fit_to_side(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.generic], max_side: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+def fit_to_side(
+    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.generic], max_side: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """Shrink an image (area) and its mask (nearest) so the long side is at most ``max_side``; mask becomes 0/1.
 
     Volumes are kept small because every voxel is synthesised; images that
@@ -78,12 +80,16 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int =
     return np.asarray(field / (field.std() + 1e-6), dtype=np.float32)
 
 
-def _scale_about(array: npt.NDArray[np.float32], scale: float, centre: tuple[float, float], border: int) -> npt.NDArray[np.float32]:
+def _scale_about(
+    array: npt.NDArray[np.float32], scale: float, centre: tuple[float, float], border: int
+) -> npt.NDArray[np.float32]:
     """Shrink a 2-D float array by ``scale`` about ``centre`` = (x, y), keeping its shape (bilinear)."""
     cx, cy = centre
     matrix = np.array([[scale, 0.0, (1.0 - scale) * cx], [0.0, scale, (1.0 - scale) * cy]], dtype=np.float64)
     rows, cols = array.shape
-    return np.asarray(cv2.warpAffine(array, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=border), dtype=np.float32)
+    return np.asarray(
+        cv2.warpAffine(array, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=border), dtype=np.float32
+    )
 
 
 def build_volume(
@@ -128,7 +134,9 @@ def build_volume(
         of the same shape. See the module docstring for what they are not.
     """
     if image.ndim != 2 or image.shape != np.asarray(mask).shape:
-        raise ValueError(f"image and mask must be 2-D arrays of one shape, got {image.shape} and {np.asarray(mask).shape}")
+        raise ValueError(
+            f"image and mask must be 2-D arrays of one shape, got {image.shape} and {np.asarray(mask).shape}"
+        )
     if depth < 5:
         raise ValueError("depth must be at least 5 slices")
     generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -182,12 +190,16 @@ def build_volume(
         a, b = float(np.sin(omega * delta)), float(1.0 - np.cos(omega * delta))
         map_x = grid_x + warp_px * (a * fields[0] + b * fields[1])
         map_y = grid_y + warp_px * (a * fields[2] + b * fields[3])
-        tissue = cv2.remap(background, map_x + float(drift_curve[z]), map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        tissue = cv2.remap(
+            background, map_x + float(drift_curve[z]), map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+        )
         warped_mask = cv2.remap(slice_mask, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT) >= 0.5
         warped_texture = cv2.remap(texture, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         alpha = cv2.GaussianBlur(warped_mask.astype(np.float32), (3, 3), 0.8)
         composed = alpha * warped_texture + (1.0 - alpha) * tissue
-        raw_noise = np.asarray(cv2.GaussianBlur(generator.standard_normal((rows, cols)).astype(np.float32), (3, 3), 0.8), dtype=np.float32)
+        raw_noise = np.asarray(
+            cv2.GaussianBlur(generator.standard_normal((rows, cols)).astype(np.float32), (3, 3), 0.8), dtype=np.float32
+        )
         noise = raw_noise / (raw_noise.std() + 1e-6)
         volume[z] = np.clip(composed * np.exp(speckle * noise), 0, 255).round().astype(np.uint8)
         lesion[z] = warped_mask.astype(np.uint8)
@@ -219,7 +231,9 @@ def central_lesion_centre(lesion: Volume) -> Centre:
     planes cut it.
     """
     centre_z = lesion.shape[0] // 2
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(np.ascontiguousarray(lesion[centre_z]), connectivity=8)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(lesion[centre_z]), connectivity=8
+    )
     if count <= 1:
         raise ValueError("the central slice holds no lesion")
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -255,7 +269,7 @@ def plane_rois(
         boxes = [mask_box(np.ascontiguousarray(m, dtype=np.uint8)) for m in masks]
         if any(box is None for box in boxes):
             continue
-        for stack, plane, box in zip(stacks, planes, boxes):
+        for stack, plane, box in zip(stacks, planes, boxes, strict=False):
             assert box is not None
             gray = np.ascontiguousarray(plane, dtype=np.uint8)
             stack.append(standardise(crop(gray, expand_box(box, (gray.shape[0], gray.shape[1]), expand)), size)[0])
@@ -292,7 +306,9 @@ def planes_dataset(
         mask = read_mask(record, (int(image.shape[0]), int(image.shape[1])))
         if not mask.any():
             continue
-        volume, lesion = build_volume(image, mask, depth, np.random.default_rng(record_seed(seed, record)), max_side=max_side)
+        volume, lesion = build_volume(
+            image, mask, depth, np.random.default_rng(record_seed(seed, record)), max_side=max_side
+        )
         rois = plane_rois(volume, lesion, offsets, size, expand, central_lesion_centre(lesion))
         if rois is None:
             continue

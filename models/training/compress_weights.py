@@ -25,14 +25,16 @@ from pathlib import Path
 
 import onnx
 
+from models.errors import TrainingError
 from models.evaluation.stats import youden_threshold
 from models.families.onnx_export import int8_convolution_weights
 from models.inference.registry import ModelEntry, manifest_lock, merge_while_locked, read_manifest, sha256_of
 from models.training.export_family import _feeds, _positive, first_outputs, int8_storage
-from models.training.train_family import FAMILIES, split_samples, with_roi_padding
+from models.training.samples import split_samples, with_roi_padding
+from models.training.train_family import FAMILIES
 
 
-class CompressionRefused(RuntimeError):
+class CompressionRefused(TrainingError):
     """The int8 graph would not serve what the float graph serves, or there is nothing to compress."""
 
 
@@ -44,7 +46,9 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
     if (parameters.get("weight_storage") or {}).get("accepted"):
         raise CompressionRefused(f"{role}: its convolution weights are already stored as int8")
     if parameters.get("family", role) == "cldlr":
-        raise CompressionRefused(f"{role}: its served score is its SVM's, not the graph's first output, which is all this check reads")
+        raise CompressionRefused(
+            f"{role}: its served score is its SVM's, not the graph's first output, which is all this check reads"
+        )
     spec = with_roi_padding(FAMILIES[parameters.get("family", role)], parameters.get("roi_expand"))
     samples = split_samples(spec, datasets, parameters.get("trained_without"))
     feeds = _feeds(spec, samples["val"], int(parameters["input_size"]))
@@ -68,7 +72,8 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
         training["val_auc_as_served"] = storage["val_auc_int8"]
         updated = dataclasses.replace(
             entry,
-            version=f"{entry.version}+int8",  # same network, different file: the SR's algorithm version must tell them apart
+            # same network, different file: the SR's algorithm version must tell them apart
+            version=f"{entry.version}+int8",
             sha256=sha256_of(candidate),
             parameters={
                 **parameters,
@@ -83,7 +88,10 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
         with manifest_lock(model_dir):
             now = read_manifest(model_dir).get(role)
             if now is None or now.sha256 != entry.sha256 or sha256_of(graph) != entry.sha256:
-                raise CompressionRefused(f"{role}: its graph was replaced while it was being checked; nothing was written, run the command again")
+                raise CompressionRefused(
+                    f"{role}: its graph was replaced while it was being checked; nothing was written, run the command "
+                    f"again"
+                )
             candidate.replace(graph)
             merge_while_locked(model_dir, {role: updated})
     finally:
@@ -100,20 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     for role in args.roles:
         before = read_manifest(Path(args.model_dir))[role]
         size_before = (Path(args.model_dir) / before.file).stat().st_size
-        try:
-            after = compress_family(role, Path(args.model_dir), Path(args.datasets))
-        except CompressionRefused as exc:
-            raise SystemExit(str(exc)) from exc
-        print(json.dumps({
-            "role": role,
-            "bytes_before": size_before,
-            "bytes_after": (Path(args.model_dir) / after.file).stat().st_size,
-            "operating_point_before": before.parameters.get("operating_point"),
-            "operating_point_after": after.parameters["operating_point"],
-            "val_auc_as_served": after.parameters["training"]["val_auc_as_served"],
-            "max_probability_shift": after.parameters["weight_storage"]["max_probability_shift"],
-            "val_auc_float": after.parameters["weight_storage"]["val_auc_float"],
-        }), flush=True)
+        after = compress_family(role, Path(args.model_dir), Path(args.datasets))
+        print(
+            json.dumps(
+                {
+                    "role": role,
+                    "bytes_before": size_before,
+                    "bytes_after": (Path(args.model_dir) / after.file).stat().st_size,
+                    "operating_point_before": before.parameters.get("operating_point"),
+                    "operating_point_after": after.parameters["operating_point"],
+                    "val_auc_as_served": after.parameters["training"]["val_auc_as_served"],
+                    "max_probability_shift": after.parameters["weight_storage"]["max_probability_shift"],
+                    "val_auc_float": after.parameters["weight_storage"]["val_auc_float"],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ Only families whose served score is the network's own output (``dl_u``,
 prototype projection) that this does not repeat.
 
     breastai train crossval dl_m --folds 5 --report runs/crossval/dl_m.json --record models/cards/crossval/dl_m.json
-    breastai train crossval dl_m --choose-epoch --report runs/crossval/dl_m-chosen-epoch.json --against runs/crossval/dl_m.json
+    breastai train crossval dl_m --choose-epoch --report runs/crossval/dl_m-chosen-epoch.json --against
+    runs/crossval/dl_m.json
 """
 
 from __future__ import annotations
@@ -49,23 +50,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from models.errors import TrainingError
 from models.evaluation.stats import auc, bootstrap_ci
+from models.families.spec import FamilySpec
 from models.training.loop import DEVICES, check_resumable, seed_everything
-from models.training.train_family import (
-    FAMILIES,
-    FINISHERS,
-    RUN_DEFINING,
-    FamilySpec,
-    LesionSample,
-    RunConfig,
-    positive_scores,
-    split_samples,
-    train_network,
-)
+from models.training.run_config import RUN_DEFINING, RunConfig
+from models.training.samples import LesionSample, positive_scores, split_samples
+from models.training.train_family import FAMILIES, train_network
 
 #: Families whose served score is one network's output, so that cross-validating the network cross-validates the model
 #: (a seed ensemble's served score is several networks' mean, which the folds here do not train).
-CROSS_VALIDATED = tuple(sorted(name for name, spec in FAMILIES.items() if name not in FINISHERS and spec.ensemble == 1))
+CROSS_VALIDATED = tuple(sorted(name for name, spec in FAMILIES.items() if spec.finish is None and spec.ensemble == 1))
 
 
 def patient_folds(samples: list[LesionSample], folds: int) -> list[int]:
@@ -94,7 +89,8 @@ def case_key(sample: LesionSample) -> str:
 
 
 def trained_model(spec: FamilySpec, work: Path, checkpoint: str) -> torch.nn.Module:
-    """The fold's network from ``last.pt`` (the last epoch) or ``best.pt`` (the epoch chosen on its inner validation)."""
+    """The fold's network from ``last.pt`` (the last epoch) or ``best.pt`` (the epoch chosen on its inner "
+    "validation)."""
     model = spec.build()
     model.load_state_dict(torch.load(work / checkpoint, map_location="cpu", weights_only=False)["model"])
     return model.eval()
@@ -103,7 +99,9 @@ def trained_model(spec: FamilySpec, work: Path, checkpoint: str) -> torch.nn.Mod
 def inner_split(kept: list[LesionSample], folds: int) -> tuple[list[LesionSample], list[LesionSample]]:
     """Training and inner-validation lesions out of a fold's training part: one of ``folds`` patient folds validates."""
     inner = patient_folds(kept, folds)
-    return [s for s, f in zip(kept, inner) if f != 0], [s for s, f in zip(kept, inner) if f == 0]
+    return [s for s, f in zip(kept, inner, strict=False) if f != 0], [
+        s for s, f in zip(kept, inner, strict=False) if f == 0
+    ]
 
 
 def findings_fingerprint(train: list[LesionSample], validation: list[LesionSample]) -> str:
@@ -129,8 +127,8 @@ def fold_plans(
     """
     plans = []
     for fold in range(folds):
-        kept = [s for s, f in zip(pooled, assignment) if f != fold]
-        held_out = [s for s, f in zip(pooled, assignment) if f == fold]
+        kept = [s for s, f in zip(pooled, assignment, strict=False) if f != fold]
+        held_out = [s for s, f in zip(pooled, assignment, strict=False) if f == fold]
         train, validation = inner_split(kept, folds) if choose_epoch else (kept, held_out)
         if len({s.label for s in validation}) < 2:
             which = "the inner validation fold of fold" if choose_epoch else "fold"
@@ -142,7 +140,9 @@ def fold_plans(
     return plans
 
 
-def within_fold_auc(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> float:
+def within_fold_auc(
+    labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]
+) -> float:
     """AUC over the (positive, negative) pairs of one fold each, pooled over folds.
 
     Each fold's network ranks only its own fold's findings, so only pairs
@@ -168,7 +168,12 @@ MAX_DRAWS_PER_RESAMPLE = 20
 
 
 def within_fold_bootstrap(
-    labels: npt.NDArray[np.int64], score_sets: list[npt.NDArray[np.float64]], folds: npt.NDArray[np.int64], patients: list[str], resamples: int = 1000, seed: int = 0
+    labels: npt.NDArray[np.int64],
+    score_sets: list[npt.NDArray[np.float64]],
+    folds: npt.NDArray[np.int64],
+    patients: list[str],
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> npt.NDArray[np.float64]:
     """:func:`within_fold_auc` of every score set on ``resamples`` patient-level resamples drawn within each fold.
 
@@ -189,11 +194,18 @@ def within_fold_bootstrap(
     while drawn < resamples:
         attempts += 1
         if attempts > MAX_DRAWS_PER_RESAMPLE * resamples:
-            raise ValueError(f"only {drawn} of {attempts} patient resamples held a fold with both classes: too few pairs to bootstrap")
-        draw = np.concatenate([np.concatenate([group[k] for k in rng.integers(0, len(group), len(group))]) for group in members])
+            raise ValueError(
+                f"only {drawn} of {attempts} patient resamples held a fold with both classes: too few pairs to "
+                f"bootstrap"
+            )
+        draw = np.concatenate(
+            [np.concatenate([group[k] for k in rng.integers(0, len(group), len(group))]) for group in members]
+        )
         try:
             values[drawn] = [within_fold_auc(labels[draw], scores[draw], folds[draw]) for scores in score_sets]
-        except ValueError:  # no fold of this draw holds both classes: drawn again, as models.evaluation.stats.bootstrap_ci does
+        except (
+            ValueError
+        ):  # no fold of this draw holds both classes: drawn again, as models.evaluation.stats.bootstrap_ci does
             continue
         drawn += 1
     return values
@@ -205,7 +217,7 @@ def _interval(values: npt.NDArray[np.float64]) -> list[float]:
 
 
 def _paired_difference(difference: float, draws: npt.NDArray[np.float64]) -> dict[str, Any]:
-    """Difference of two within-fold AUCs, its paired-bootstrap interval and two-sided p (the share of draws across 0, doubled).
+    """Difference of two within-fold AUCs, its paired-bootstrap interval and two-sided p (twice the share across 0).
 
     No difference at all gives p = 1. A p of 0 means no draw crossed 0: it
     is below 1 / len(draws), not zero, and the cards print it so.
@@ -213,14 +225,26 @@ def _paired_difference(difference: float, draws: npt.NDArray[np.float64]) -> dic
     if difference == 0:
         return {"delta_auc": 0.0, "delta_ci95": _interval(draws), "p_value": 1.0, "resamples": len(draws)}
     share = float(np.mean(draws <= 0)) if difference > 0 else float(np.mean(draws >= 0))
-    return {"delta_auc": difference, "delta_ci95": _interval(draws), "p_value": min(1.0, 2 * share), "resamples": len(draws)}
+    return {
+        "delta_auc": difference,
+        "delta_ci95": _interval(draws),
+        "p_value": min(1.0, 2 * share),
+        "resamples": len(draws),
+    }
 
 
-def _fold_aucs(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]) -> list[float | None]:
-    return [auc(labels[folds == k], scores[folds == k]) if 0 < labels[folds == k].sum() < (folds == k).sum() else None for k in np.unique(folds)]
+def _fold_aucs(
+    labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], folds: npt.NDArray[np.int64]
+) -> list[float | None]:
+    return [
+        auc(labels[folds == k], scores[folds == k]) if 0 < labels[folds == k].sum() < (folds == k).sum() else None
+        for k in np.unique(folds)
+    ]
 
 
-def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int, choose_epoch: bool = False) -> dict[str, Any]:
+def cross_validate(
+    spec: FamilySpec, config: RunConfig, pooled: list[LesionSample], folds: int, choose_epoch: bool = False
+) -> dict[str, Any]:
     """Train the recipe once per fold without it and score the fold it left out.
 
     ``choose_epoch`` False scores each fold with its run's last epoch (the
@@ -240,16 +264,40 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
     last: dict[str, float] = {}
     for fold, (train, validation, held_out) in enumerate(plans):
         run = replace(config, work=str(Path(config.work) / f"fold-{fold}"), part=f"{config.part}-fold-{fold}")
-        settings = {**asdict(run), "folds": folds, "choose_epoch": choose_epoch, "findings": findings_fingerprint(train, validation)}
-        # "findings": a finished fold trained on other data (another --datasets, new near-duplicates) must not be reused.
+        settings = {
+            **asdict(run),
+            "folds": folds,
+            "choose_epoch": choose_epoch,
+            "findings": findings_fingerprint(train, validation),
+        }
+        # "findings": a finished fold trained on other data (another --datasets, new near-duplicates) must not be
+        # reused.
         check_resumable(Path(run.work), settings, (*RUN_DEFINING, "epochs", "folds", "choose_epoch", "findings"))
         Path(run.work).mkdir(parents=True, exist_ok=True)
         (Path(run.work) / "config.json").write_text(json.dumps(settings, indent=2))
         seed_everything(run.seed)
         train_network(spec, run, {"train": train, "val": validation})
-        last.update(zip(map(case_key, held_out), map(float, positive_scores(spec, trained_model(spec, Path(run.work), "last.pt"), held_out, run.input_size))))
+        last.update(
+            zip(
+                map(case_key, held_out),
+                map(
+                    float,
+                    positive_scores(spec, trained_model(spec, Path(run.work), "last.pt"), held_out, run.input_size),
+                ),
+                strict=False,
+            )
+        )
         if choose_epoch:
-            chosen.update(zip(map(case_key, held_out), map(float, positive_scores(spec, trained_model(spec, Path(run.work), "best.pt"), held_out, run.input_size))))
+            chosen.update(
+                zip(
+                    map(case_key, held_out),
+                    map(
+                        float,
+                        positive_scores(spec, trained_model(spec, Path(run.work), "best.pt"), held_out, run.input_size),
+                    ),
+                    strict=False,
+                )
+            )
     scored = chosen if choose_epoch else last
     labels = np.asarray([s.label for s in pooled])
     fold_of = np.asarray(assignment)
@@ -275,7 +323,8 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
         "patients": len(set(patients)),
         "auc": headline,
         "auc_ci95": _interval(draws[:, 0]),
-        "auc_measure": "pairs within a fold only (each fold's network ranks its own findings); 95 % interval from 1000 patient resamples within folds",
+        "auc_measure": "pairs within a fold only (each fold's network ranks its own findings); 95 % interval from 1000 "
+        "patient resamples within folds",
         "fold_auc": _fold_aucs(labels, scores, fold_of),
         "auc_pooled": auc(labels, scores),
         "auc_pooled_ci95": list(bootstrap_ci(labels, scores, resamples=1000, clusters=patients)),
@@ -288,32 +337,42 @@ def cross_validate(spec: FamilySpec, config: RunConfig, pooled: list[LesionSampl
             "fold_auc": _fold_aucs(labels, last_scores, fold_of),
             "chosen_minus_last": _paired_difference(headline - same_runs, draws[:, 0] - draws[:, 1]),
         }
-    report["cases_by_key"] = {case_key(s): {"label": s.label, "patient": s.record.patient, "fold": f, "score": scored[case_key(s)]} for s, f in zip(pooled, assignment)}
+    report["cases_by_key"] = {
+        case_key(s): {"label": s.label, "patient": s.record.patient, "fold": f, "score": scored[case_key(s)]}
+        for s, f in zip(pooled, assignment, strict=False)
+    }
     return report
 
 
 def compare(report: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Within-fold AUC difference of two reports of one family on the same findings and folds, with a paired patient bootstrap.
+    """Within-fold AUC difference of two reports of one family on the same findings and folds; paired patient bootstrap.
 
     Raises
     ------
-    SystemExit
+    TrainingError
         The reports are of different families, or disagree on a finding's label, patient or fold.
     """
     if report["family"] != other["family"]:
-        raise SystemExit(f"cannot compare a {report['family']} report with a {other['family']} one")
+        raise TrainingError(f"cannot compare a {report['family']} report with a {other['family']} one")
     keys = sorted(report["cases_by_key"])
     if set(keys) != set(other["cases_by_key"]):
-        raise SystemExit("the two cross-validation reports did not score the same findings")
+        raise TrainingError("the two cross-validation reports did not score the same findings")
     mine, theirs = [report["cases_by_key"][k] for k in keys], [other["cases_by_key"][k] for k in keys]
-    if any((a["label"], a["patient"], a["fold"]) != (b["label"], b["patient"], b["fold"]) for a, b in zip(mine, theirs)):
-        raise SystemExit("the two cross-validation reports disagree on a finding's label, patient or fold")
+    if any(
+        (a["label"], a["patient"], a["fold"]) != (b["label"], b["patient"], b["fold"])
+        for a, b in zip(mine, theirs, strict=False)
+    ):
+        raise TrainingError("the two cross-validation reports disagree on a finding's label, patient or fold")
     labels, folds = np.asarray([c["label"] for c in mine]), np.asarray([c["fold"] for c in mine])
     scores, other_scores = np.asarray([c["score"] for c in mine]), np.asarray([c["score"] for c in theirs])
     draws = within_fold_bootstrap(labels, [scores, other_scores], folds, [c["patient"] for c in mine])
     difference = within_fold_auc(labels, scores, folds) - within_fold_auc(labels, other_scores, folds)
     return {
-        "against": {"init": other["init"], "scored_with": other["scored_with"], "auc": within_fold_auc(labels, other_scores, folds)},
+        "against": {
+            "init": other["init"],
+            "scored_with": other["scored_with"],
+            "auc": within_fold_auc(labels, other_scores, folds),
+        },
         "cases": len(keys),
         **_paired_difference(difference, draws[:, 0] - draws[:, 1]),
     }
@@ -324,7 +383,8 @@ RECIPE_KEYS = ("family", "init", "scored_with", "folds", "epochs", "seed", "bf16
 
 
 def record_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Keep ``summary`` in the JSON list at ``path``, replacing an earlier one of the same recipe (:data:`RECIPE_KEYS`)."""
+    """Keep ``summary`` in the JSON list at ``path``, replacing an earlier one of the same recipe "
+    "(:data:`RECIPE_KEYS`)."""
     records = json.loads(path.read_text()) if path.is_file() else []
     records = [r for r in records if any(r.get(k) != summary.get(k) for k in RECIPE_KEYS)] + [summary]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,18 +396,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("family", choices=CROSS_VALIDATED)
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--work", default=None, help="checkpoint folder, one fold-K run inside (default runs/crossval/FAMILY[-init])")
-    parser.add_argument("--report", required=True, help="where the JSON report (out-of-fold scores included) is written")
-    parser.add_argument("--against", help="an earlier report of the same family: compare on the same findings (paired patient bootstrap of the within-fold AUC difference)")
     parser.add_argument(
-        "--record", help="also keep the summary (no per-finding scores) in this JSON list, replacing one of the same recipe: "
+        "--work", default=None, help="checkpoint folder, one fold-K run inside (default runs/crossval/FAMILY[-init])"
+    )
+    parser.add_argument(
+        "--report", required=True, help="where the JSON report (out-of-fold scores included) is written"
+    )
+    parser.add_argument(
+        "--against",
+        help=(
+            "an earlier report of the same family: compare on the same findings (paired patient bootstrap of the "
+            "within-fold AUC difference)"
+        ),
+    )
+    parser.add_argument(
+        "--record",
+        help="also keep the summary (no per-finding scores) in this JSON list, replacing one of the same recipe: "
         "models/cards/crossval/FAMILY.json is what the family's model card shows",
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--init", default="", help="start every fold from this checkpoint (default: random weights)")
     parser.add_argument(
-        "--choose-epoch", action="store_true",
-        help="score each fold with the epoch chosen on an inner validation fold (and, beside it, the same runs' last epochs); default: the last epoch",
+        "--choose-epoch",
+        action="store_true",
+        help=(
+            "score each fold with the epoch chosen on an inner validation fold (and, beside it, the same runs' last "
+            "epochs); default: the last epoch"
+        ),
     )
     parser.add_argument("--seed", type=int, help="default: the family recipe's seed (FamilySpec.seed)")
     parser.add_argument("--threads", type=int, default=0)
@@ -384,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     samples = split_samples(spec, Path(config.datasets))
     pooled = samples["train"] + samples["val"]
     if len({s.label for s in pooled}) < 2:
-        raise SystemExit(f"cross-validation needs both classes among the training and validation lesions of {config.datasets}")
+        raise TrainingError(
+            f"cross-validation needs both classes among the training and validation lesions of {config.datasets}"
+        )
     try:
         report = cross_validate(spec, config, pooled, args.folds, args.choose_epoch)
     except ValueError as exc:

@@ -25,89 +25,27 @@ import torch
 from onnxconverter_common import float16
 from torch import nn
 
+from models.datasets import SPLIT_RULE
+from models.errors import TrainingError
 from models.evaluation.stats import auc, youden_threshold
-from models.families.cldlr import network as cldlr
-from models.families.dlr import network as dlr
-from models.families.dlum import network as dlum
-from models.families.mupnet import network as mupnet
+from models.families.dlr.network import clinical_vector
 from models.families.ensemble import MemberMean
 from models.families.onnx_export import export_graph, int8_convolution_weights
+from models.families.spec import FamilySpec
 from models.inference.registry import ModelEntry, merge_into_manifest, sha256_of
-from models.training.data import SPLIT_RULE
-from models.training.train_family import (
-    SHAPE_TARGETS,
-    FamilySpec,
-    LesionSample,
-    RunConfig,
-    chosen_checkpoint,
-    clinical_features,
-    load_best,
-    member_configs,
-)
+from models.inference.svm import SvmModel
+from models.training.run_config import RunConfig, member_configs
+from models.training.samples import LesionSample, clinical_features, evaluation_input, load_best
 
 FP16_TOLERANCE = 0.05
-NAMES = {
-    "dlr_lh": "BreastAI-DLR_LH-ResNet50",
-    "dlr_bm": "BreastAI-DLR_BM-ResNet50",
-    "cldlr": "BreastAI-CLDLR-VGG11-SVM",
-    "dl_u": "BreastAI-DL-U-VGG19style",
-    "dl_u_lh": "BreastAI-DL-U-LH-VGG19style",
-    "dl_m": "BreastAI-DL-M-VGG19style",
-    "mupnet": "BreastAI-MUP-Net-ResNet18-Bmode",
-}
-
-
-class MUPNetServingWrapper(nn.Module):
-    """MUP-Net (M = 1) behind the image-only serving interface.
-
-    Outputs: ``logits``; ``contributions`` (B, P): every prototype's share
-    of the malignancy log-odds, its similarity times its malignant-minus-benign
-    last-layer weight. The layer has no bias (eq. 3), so the shares sum
-    exactly to ``logits[:, 1] - logits[:, 0]``, the log-odds the probability
-    is made of, and a positive share pushes toward malignant whichever class
-    the prototype belongs to (0.2.0 graphs gave the malignant logit's shares,
-    which leave out what the benign logit does); ``cam``: the similarity maps
-    weighted the same way, the map of what moved the log-odds (a Grad-CAM
-    equivalent for this linear head).
-    """
-
-    def __init__(self, model: mupnet.MUPNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        output = self.model(image[:, None])
-        weight = self.model.last_layer.weight
-        toward_malignant = weight[1] - weight[0]
-        contributions = output.similarities * toward_malignant[None, :]
-        cam = torch.einsum("g,bghw->bhw", toward_malignant, output.similarity_maps)
-        return output.logits, contributions, cam
-
-
-def _wrapper(spec: FamilySpec, model: nn.Module, work: Path) -> tuple[nn.Module, list[str], list[str]]:
-    """The serving graph of a family, its input names and its output names."""
-    if spec.name in ("dlr_lh", "dlr_bm"):
-        mlp = dlr.AgeFusionMLP()
-        mlp.load_state_dict(torch.load(work / "mlp.pt", map_location="cpu", weights_only=False))
-        assert isinstance(model, dlr.DLRNet)
-        return dlr.DLRExportWrapper(model, mlp.eval()), ["image", "clinical"], ["logits", "image_logits", "cam"]
-    if spec.name == "cldlr":
-        assert isinstance(model, cldlr.VGG11Radiomics)
-        return cldlr.CLDLRExportWrapper(model), ["image"], ["logits", "deep_features", "cam"]
-    if spec.name == "mupnet":
-        projected = mupnet.MUPNet(modalities=1)
-        projected.load_state_dict(torch.load(work / "projected.pt", map_location="cpu", weights_only=False)["model"])
-        return MUPNetServingWrapper(projected.eval()), ["image"], ["logits", "contributions", "cam"]
-    assert isinstance(model, dlum.DLUMBranch)
-    return dlum.BranchExportWrapper(model), ["image"], ["logit", "block_logits", "cam"]
 
 
 def _feeds(spec: FamilySpec, samples: list[LesionSample], size: int) -> list[dict[str, npt.NDArray[np.float32]]]:
     feeds = []
     for sample in samples:
-        feed = {"image": spec.roi.evaluation_input(sample, size)}
-        if spec.name.startswith("dlr"):
-            feed["clinical"] = np.array([dlr.clinical_vector(sample.record.age_years)], dtype=np.float32)
+        feed = {"image": evaluation_input(spec.roi, sample, size)}
+        if spec.clinical_input:
+            feed["clinical"] = np.array([clinical_vector(sample.record.age_years)], dtype=np.float32)
         feeds.append(feed)
     return feeds
 
@@ -125,7 +63,9 @@ def feed_for(session: Any, feed: dict[str, npt.NDArray[np.float32]]) -> dict[str
     return {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
 
 
-def first_outputs(path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], output: str) -> list[npt.NDArray[np.float32]]:
+def first_outputs(
+    path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], output: str
+) -> list[npt.NDArray[np.float32]]:
     """The graph's ``output`` for every feed, as float32."""
     import onnxruntime as ort
 
@@ -133,9 +73,14 @@ def first_outputs(path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], o
     return [np.asarray(session.run([output], feed_for(session, feed))[0], dtype=np.float32) for feed in feeds]
 
 
-def largest_difference(path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], references: list[npt.NDArray[np.float32]], output: str) -> float:
+def largest_difference(
+    path: Path, feeds: list[dict[str, npt.NDArray[np.float32]]], references: list[npt.NDArray[np.float32]], output: str
+) -> float:
     """Largest absolute difference between the graph's ``output`` and ``references`` over ``feeds``."""
-    return max(float(np.abs(got - reference).max()) for got, reference in zip(first_outputs(path, feeds, output), references))
+    return max(
+        float(np.abs(got - reference).max())
+        for got, reference in zip(first_outputs(path, feeds, output), references, strict=False)
+    )
 
 
 #: An int8 graph replaces the float one only if no validation lesion's served
@@ -145,7 +90,9 @@ INT8_PROBABILITY_TOLERANCE = 0.05
 INT8_AUC_TOLERANCE = 0.005
 
 
-def int8_storage(count: int, labels: list[int], as_float: list[float], as_int8: list[float], reference: str) -> dict[str, Any]:
+def int8_storage(
+    count: int, labels: list[int], as_float: list[float], as_int8: list[float], reference: str
+) -> dict[str, Any]:
     """How far int8 convolution weights move the served probability on validation lesions, and whether that is accepted.
 
     The check is on the probability the SR reports, not on raw logits: int8
@@ -155,7 +102,8 @@ def int8_storage(count: int, labels: list[int], as_float: list[float], as_int8: 
     shift = float(np.abs(np.asarray(as_int8) - np.asarray(as_float)).max())
     auc_float, auc_int8 = auc(labels, as_float), auc(labels, as_int8)
     return {
-        "convolution_weights": "int8, symmetric, one float32 scale per output channel; dequantised once when the session starts",
+        "convolution_weights": "int8, symmetric, one float32 scale per output channel; dequantised once when the "
+        "session starts",
         "weights_stored_int8": count,
         "compared_with": reference,
         "validation_lesions": len(labels),
@@ -175,31 +123,35 @@ def initialisation(config: RunConfig) -> str:
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if settings.get("objective") == "masks":
         recipe = (
-            f"mask pretraining of this network (models.training.mask_pretraining; {settings.get('epochs', '?')} epochs of Dice + "
-            "cross-entropy on the lesion outlines of the training split's ultrasound images through a feature-pyramid decoder that "
-            "was then dropped; normal images included, benign/malignant and BI-RADS labels unused, epoch chosen by validation Dice)"
-        )
-    elif settings.get("temperature") is not None:
-        recipe = (
-            f"SimCLR self-supervised pretraining of this network (models.training.pretrain; {settings.get('epochs', '?')} epochs, "
-            f"temperature {settings.get('temperature', '?')}, ultrasound images of the training split, labels unused, "
-            "normal images included)"
+            f"mask pretraining of this network (models.training.mask_pretraining; {settings.get('epochs', '?')} epochs "
+            f"of Dice + "
+            "cross-entropy on the lesion outlines of the training split's ultrasound images through a feature-pyramid "
+            "decoder that "
+            "was then dropped; normal images included, benign/malignant and BI-RADS labels unused, epoch chosen by "
+            "validation Dice)"
         )
     elif settings.get("family"):
         recipe = (
-            f"the network of {settings['family']} trained by its own recipe ({settings.get('epochs', '?')} epochs on its train split, "
-            "its checkpoint chosen on its validation split; the splits are the same for every family, so no test image was seen)"
+            f"the network of {settings['family']} trained by its own recipe ({settings.get('epochs', '?')} epochs on "
+            f"its train split, "
+            "its checkpoint chosen on its validation split; the splits are the same for every family, so no test image "
+            "was seen)"
         )
     else:
         recipe = "a checkpoint of this network"
     if settings.get("holdout"):
         recipe += f", without any image of {settings['holdout']}"
-    return f"{recipe}, then trained with its family's recipe (the card lists where it departs from the paper); start checkpoint sha256 {sha256_of(checkpoint)}"
+    return (
+        f"{recipe}, then trained with its family's recipe (the card lists where it departs from the paper); start "
+        f"checkpoint sha256 {sha256_of(checkpoint)}"
+    )
 
 
 def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, list[str], list[str]]:
     """The family's serving graph: one network's, or the :class:`MemberMean` of a seed ensemble's members."""
-    built = [_wrapper(spec, load_best(spec, Path(member.work)), Path(member.work)) for member in member_configs(config)]
+    built = [
+        spec.serving_graph(load_best(spec, Path(member.work)), Path(member.work)) for member in member_configs(config)
+    ]
     if len(built) == 1:
         return built[0]
     _, inputs, outputs = built[0]
@@ -207,39 +159,32 @@ def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, lis
 
 
 def weight_choice(config: RunConfig) -> dict[str, Any]:
-    """Which weights were exported: best epoch, weight average (``--swa-epochs``), or each seed-ensemble member's."""
+    """Which weights were exported: the best validation epoch, or each seed-ensemble member's."""
     members = member_configs(config)
     if len(members) > 1:
-        chosen = [_single_weight_choice(Path(member.work)) for member in members]
-        scores = [float(torch.load(chosen_checkpoint(Path(m.work)), map_location="cpu", weights_only=False)["score"]) for m in members]
+        states = [torch.load(Path(m.work) / "best.pt", map_location="cpu", weights_only=False) for m in members]
         return {
             "ensemble": {
                 "members": len(members),
                 "seeds": [member.seed for member in members],
-                "best_epochs": [choice["best_epoch"] for choice in chosen],
-                "member_val_auc": scores,
+                "best_epochs": [int(state["epoch"]) for state in states],
+                "member_val_auc": [float(state["score"]) for state in states],
                 "combination": "element-wise mean of the members' outputs (logits and maps), one ONNX graph",
             }
         }
-    return _single_weight_choice(Path(config.work))
-
-
-def _single_weight_choice(work: Path) -> dict[str, Any]:
-    checkpoint = chosen_checkpoint(work)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if checkpoint.name == "swa.pt":
-        epochs = [int(e) for e in state["epochs"]]
-        return {"best_epoch": epochs[-1], "weight_average": {"epochs": epochs, "val_auc": float(state["score"]), "batch_norm": "recomputed on one epoch of training crops"}}
-    return {"best_epoch": int(state["epoch"])}
+    return {
+        "best_epoch": int(torch.load(Path(config.work) / "best.pt", map_location="cpu", weights_only=False)["epoch"])
+    }
 
 
 def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
-    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for others)."""
-    if spec.name != "mupnet":
+    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for "
+    "others)."""
+    if spec.finish != "prototypes":
         return {}
     finish = Path(config.work) / "finish.json"
     if not finish.is_file():
-        raise SystemExit(f"export mupnet: {finish} is missing; run the finish stage first")
+        raise TrainingError(f"export {spec.name}: {finish} is missing; run the finish stage first")
     summary = json.loads(finish.read_text())
     # What the finish stage ran, not this command's flags: an export-only run may have been given others.
     return {
@@ -251,7 +196,9 @@ def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
     }
 
 
-def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path) -> ModelEntry:
+def export_family(
+    spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]], output: Path
+) -> ModelEntry:
     """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
     work = Path(config.work)
     size = config.input_size
@@ -267,11 +214,13 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         fp16 = Path(tmp) / "fp16.onnx"
         onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=False), str(fp16))
         with torch.no_grad():
-            references = [wrapper(*(torch.from_numpy(feed[name]) for name in inputs))[0].numpy() for feed in val_feeds[:16]]
+            references = [
+                wrapper(*(torch.from_numpy(feed[name]) for name in inputs))[0].numpy() for feed in val_feeds[:16]
+            ]
         worst = {"fp32": largest_difference(fp32, val_feeds[:16], references, outputs[0])}
         try:
             worst["fp16"] = largest_difference(fp16, val_feeds[:16], references, outputs[0])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail type; fp32 is the safe fallback
+        except Exception as exc:
             print(f"fp16 graph of {spec.name} does not load ({exc}); keeping fp32", flush=True)
             worst["fp16"] = float("inf")
         chosen = fp16 if worst["fp16"] <= FP16_TOLERANCE else fp32
@@ -288,36 +237,40 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             if weight_storage["accepted"]:
                 chosen = int8
             else:
-                print(f"int8 weights of {spec.name} change what is served too much ({weight_storage}); keeping {precision}", flush=True)
+                print(
+                    f"int8 weights of {spec.name} change what is served too much ({weight_storage}); keeping "
+                    f"{precision}",
+                    flush=True,
+                )
         shutil.copyfile(chosen, output / file_name)
     val_scores = [_positive(spec, first) for first in first_outputs(output / file_name, val_feeds, outputs[0])]
     side_files: dict[str, str] = {}
-    if spec.name == "mupnet":
-        for source, name in (("prototype_patches.npz", "mupnet_prototype_patches.npz"), ("prototypes.json", "mupnet_prototypes.json")):
-            shutil.copyfile(work / source, output / name)
-            side_files[source.split(".")[0]] = name
-    if spec.name == "cldlr":
-        for variant in ("clinical", "dlr", "cldlr"):
-            name = f"cldlr_svm_{variant}.npz"
-            shutil.copyfile(work / f"svm_{variant}.npz", output / name)
-            side_files[variant] = name
-        from models.inference.svm import SvmModel
-
-        deep = [np.asarray(features[0], dtype=np.float64) for features in first_outputs(output / file_name, val_feeds, "deep_features")]
+    for source, key in spec.side_files:
+        side_files[key] = f"{spec.name}_{source}"
+        shutil.copyfile(work / source, output / side_files[key])
+    if (
+        spec.finish == "svms"
+    ):  # the served score is the CLDLR SVM's, over the graph's deep features and the clinical ones
+        deep = [
+            np.asarray(features[0], dtype=np.float64)
+            for features in first_outputs(output / file_name, val_feeds, "deep_features")
+        ]
         svm = SvmModel.load(output / side_files["cldlr"])
-        val_scores = [float(svm.probability(np.concatenate([d, clinical_features(s)]))[0]) for d, s in zip(deep, samples["val"])]
+        val_scores = [
+            float(svm.probability(np.concatenate([d, clinical_features(s)]))[0])
+            for d, s in zip(deep, samples["val"], strict=False)
+        ]
     served_val_auc = auc([s.label for s in samples["val"]], val_scores)
     parameters: dict[str, Any] = {
         "family": spec.name,
         "task": spec.task,
-        "modality": "MG" if spec.datasets == ("mias",) else "US",
+        "modality": spec.modality,
         "input_size": size,
         "inputs": inputs,
         "outputs": outputs,
         "roi_normalisation": spec.roi.normalisation,
         "roi_expand": spec.roi.padding,
         "roi_expand_shortest_side": spec.roi.shortest_side,
-        "roi_square": spec.roi.square,
         "operating_point": youden_threshold([s.label for s in samples["val"]], val_scores),
         "precision": precision,
         "weight_storage": weight_storage,
@@ -330,18 +283,13 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "datasets": [d for d in spec.datasets if any(s.record.dataset == d for s in samples["train"])],
             "cases": {split: len(items) for split, items in samples.items()},
             "positives": {split: sum(item.label for item in items) for split, items in samples.items()},
-            # Which split rule made these counts (models/training/data.py); absent: before near-duplicates were grouped.
+            # Which split rule made these counts (models/datasets.py); absent: before near-duplicates were grouped.
             "split_rule": SPLIT_RULE,
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "learning_rate": config.learning_rate,
             "seed": config.seed,
             "autocast": "bfloat16" if config.bf16 else None,
-            "augmentation": spec.roi.augmentation,
-            "mixup": config.mixup or None,
-            "warm_epochs": config.warm_epochs or None,
-            "shape_auxiliary": {"weight": config.shape_aux, "targets": list(SHAPE_TARGETS)} if config.shape_aux > 0 else None,
-            "birads_auxiliary": {"weight": config.birads_aux, "targets": "cumulative BI-RADS > 2, > 3, > 4"} if config.birads_aux > 0 else None,
             **weight_choice(config),
             **mupnet_cycles(spec, config),
             "initialisation": initialisation(config),
@@ -349,8 +297,19 @@ def export_family(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
             "notes": spec.notes,
         },
     }
-    entry = ModelEntry(role=spec.name, name=NAMES.get(spec.name, spec.name), version=spec.version, file=file_name, sha256=sha256_of(output / file_name), parameters=parameters)
+    entry = ModelEntry(
+        role=spec.name,
+        name=spec.model_name,
+        version=spec.version,
+        file=file_name,
+        sha256=sha256_of(output / file_name),
+        parameters=parameters,
+    )
     merge_into_manifest(output, {spec.name: entry})
     storage = " with int8 convolution weights" if (parameters.get("weight_storage") or {}).get("accepted") else ""
-    print(f"exported {spec.name}: {parameters['precision']}{storage}, operating point {parameters['operating_point']:.3f}", flush=True)
+    print(
+        f"exported {spec.name}: {parameters['precision']}{storage}, operating point "
+        f"{parameters['operating_point']:.3f}",
+        flush=True,
+    )
     return entry

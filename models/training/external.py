@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.errors import TrainingError
 from models.evaluation.cards import external_card
 from models.training.fit_consensus import DEFAULT_MEMBERS, fit_consensus
 
@@ -53,11 +54,11 @@ def run_external(
 
     Raises
     ------
-    SystemExit
+    TrainingError
         ``holdout`` is not a dataset folder under ``datasets``.
     """
     if not (datasets / holdout / "labels.csv").is_file():
-        raise SystemExit(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
+        raise TrainingError(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
     from models.evaluation.command import evaluate
     from models.training import train_family
 
@@ -68,7 +69,20 @@ def run_external(
         pretrain_work = root / f"pretrain-masks-{family}" if work is not None else None
         start = pretrain_without(family, datasets, holdout, pretrain_work, train_options, pretrain_epochs)
         init = ["--init", str(start / "best.pt")] if start is not None else []
-        train_family.main([family, "--datasets", str(datasets), "--holdout", holdout, "--output", str(weights), *family_work, *init, *train_options])
+        train_family.main(
+            [
+                family,
+                "--datasets",
+                str(datasets),
+                "--holdout",
+                holdout,
+                "--output",
+                str(weights),
+                *family_work,
+                *init,
+                *train_options,
+            ]
+        )
     roles = list(families)
     if len(families) > 1:
         fit_consensus(datasets, weights, families, holdout)
@@ -80,16 +94,20 @@ def run_external(
 
 
 def pretrain_without(
-    family: str, datasets: Path, holdout: str, work: Path | None, train_options: Sequence[str], epochs: int | None = None
+    family: str,
+    datasets: Path,
+    holdout: str,
+    work: Path | None,
+    train_options: Sequence[str],
+    epochs: int | None = None,
 ) -> Path | None:
-    """Run ``family``'s reference mask pretraining without ``holdout``; its checkpoint folder, or None if the recipe has none.
+    """Run ``family``'s reference mask pretraining without ``holdout``; its checkpoint folder (None: no recipe).
 
     Resumable like the pretraining itself. ``epochs`` overrides the recipe's.
     Of the family options only those that mean the same to the pretraining
     (``--bf16``, ``--threads``, ``--input-size``, ``--device``) are passed on.
     """
-    from models.training import pretrain
-    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
+    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING, main
 
     if family not in REFERENCE_MASK_PRETRAINING:
         return None
@@ -97,16 +115,31 @@ def pretrain_without(
     shared = _shared_options(train_options)
     if epochs is not None:
         shared += ["--epochs", str(epochs)]
-    pretrain.main([family, "--objective", "masks", "--holdout", holdout, "--datasets", str(datasets), "--work", str(folder), *shared])
+    main(
+        [
+            family,
+            "--objective",
+            "masks",
+            "--holdout",
+            holdout,
+            "--datasets",
+            str(datasets),
+            "--work",
+            str(folder),
+            *shared,
+        ]
+    )
     return folder
 
 
-# A family's seed is its pretraining's too (FamilySpec.seed seeds both by default), so a --seed given to one reaches both.
+# A family's seed is its pretraining's too (FamilySpec.seed seeds both by default), so a --seed given to one reaches
+# both.
 SHARED_WITH_PRETRAINING = ("--threads", "--input-size", "--device", "--seed")
 
 
 def _shared_options(train_options: Sequence[str]) -> list[str]:
-    """``--bf16``, ``--threads N``, ``--input-size N``, ``--device D`` and ``--seed S`` (either spelling) out of the family options."""
+    """``--bf16``, ``--threads N``, ``--input-size N``, ``--device D`` and ``--seed S`` (either spelling) out of the "
+    "family options."""
     shared: list[str] = []
     for index, option in enumerate(train_options):
         if option == "--bf16" or option.startswith(tuple(f"{name}=" for name in SHARED_WITH_PRETRAINING)):
@@ -141,16 +174,23 @@ def _training_notes(weights: Path, families: Sequence[str]) -> list[str]:
         training = manifest[family]["parameters"]["training"]
         cases, positives = training["cases"], training["positives"]
         start = str(training.get("initialisation", ""))
-        started = "" if not start or start.startswith("random") else f" Started from {start.split(' (', 1)[0]}, {_pretraining_size(start)}."
+        started = (
+            ""
+            if not start or start.startswith("random")
+            else f" Started from {start.split(' (', 1)[0]}, {_pretraining_size(start)}."
+        )
         lines.append(
-            f"`{family}`: trained on {cases['train']} lesions ({positives['train']} malignant) of {', '.join(training['datasets'])}; "
-            f"{cases['val']} for validation ({positives['val']} malignant), which chose epoch {training['best_epoch']} of {training['epochs']}.{started}"
+            f"`{family}`: trained on {cases['train']} lesions ({positives['train']} malignant) of "
+            f"{', '.join(training['datasets'])}; "
+            f"{cases['val']} for validation ({positives['val']} malignant), which chose epoch {training['best_epoch']} "
+            f"of {training['epochs']}.{started}"
         )
     return lines
 
 
 def _pretraining_size(initialisation: str) -> str:
-    """"N epochs, without any image of X" out of an initialisation line (models.training.export_family.initialisation)."""
+    """ "N epochs, without any image of X" out of an initialisation line "
+    "(models.training.export_family.initialisation)."""
     epochs = initialisation.split("; ", 1)[1].split(" ", 1)[0] if "; " in initialisation else "?"
     without = initialisation.split(", without any image of ", 1)
     held = without[1].split(",", 1)[0] if len(without) == 2 else ""
@@ -159,20 +199,53 @@ def _pretraining_size(initialisation: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--holdout", required=True, help="the dataset left out of training and tested on in full (e.g. busbra)")
+    parser.add_argument(
+        "--holdout", required=True, help="the dataset left out of training and tested on in full (e.g. busbra)"
+    )
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
-    parser.add_argument("--families", default=",".join(DEFAULT_MEMBERS), help="benign/malignant US families; more than one also gets a consensus")
-    parser.add_argument("--work", type=Path, default=None, help="folder for checkpoints, weights and the evaluation (default: runs/families/FAMILY-without-HOLDOUT and runs/external-HOLDOUT)")
-    parser.add_argument("--cards", type=Path, default=Path(__file__).resolve().parents[1] / "cards" / "external", help="where the card is written")
+    parser.add_argument(
+        "--families",
+        default=",".join(DEFAULT_MEMBERS),
+        help="benign/malignant US families; more than one also gets a consensus",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help=(
+            "folder for checkpoints, weights and the evaluation (default: runs/families/FAMILY-without-HOLDOUT and "
+            "runs/external-HOLDOUT)"
+        ),
+    )
+    parser.add_argument(
+        "--cards",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "cards" / "external",
+        help="where the card is written",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="mask-pretraining epochs (default: each recipe's own)")
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=None, help="mask-pretraining epochs (default: each recipe's own)"
+    )
     args, train_options = parser.parse_known_args(argv)
     if any(option == "--init" or option.startswith("--init=") for option in train_options):
-        # A checkpoint from elsewhere may have seen the held-out dataset; the reference pretraining is rerun without it instead.
-        parser.error("--init is refused here: a given checkpoint may have seen the held-out dataset; the families whose recipe "
-                     "starts from mask pretraining get it here, without the held-out dataset")
+        # A checkpoint from elsewhere may have seen the held-out dataset; the reference pretraining is rerun without it
+        # instead.
+        parser.error(
+            "--init is refused here: a given checkpoint may have seen the held-out dataset; the families whose recipe "
+            "starts from mask pretraining get it here, without the held-out dataset"
+        )
     families = [f for f in args.families.split(",") if f]
-    report = run_external(args.datasets, args.holdout, families, args.work, args.cards, train_options, args.resamples, args.pretrain_epochs)
+    report = run_external(
+        args.datasets,
+        args.holdout,
+        families,
+        args.work,
+        args.cards,
+        train_options,
+        args.resamples,
+        args.pretrain_epochs,
+    )
     for role, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})
         if overall:

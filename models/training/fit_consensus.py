@@ -28,11 +28,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.inference.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
+from models.datasets import US_DATASETS, load_records
+from models.errors import TrainingError
 from models.evaluation.command import lesion_boxes, score_family
 from models.evaluation.stats import auc, youden_threshold
+from models.inference.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
 from models.inference.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
-from models.training.data import US_DATASETS, load_records
+
 
 @dataclass(frozen=True)
 class ConsensusRecipe:
@@ -107,7 +109,7 @@ def fit_consensus(
 
     Raises
     ------
-    SystemExit
+    TrainingError
         A member is not in the folder, is not an ultrasound model of ``task``,
         or the validation split has no labelled lesion for it.
     """
@@ -117,15 +119,17 @@ def fit_consensus(
     for role in members:
         entry = entries.get(role)
         if entry is None:
-            raise SystemExit(f"fit_consensus: {role} is not in {model_dir / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
+            raise TrainingError(
+                f"fit_consensus: {role} is not in {model_dir / MANIFEST_NAME} (it has {', '.join(sorted(entries))})"
+            )
         if entry.parameters.get("task", "malignancy") != task or entry.parameters.get("modality", "US") != "US":
-            raise SystemExit(f"fit_consensus: {role} is not an ultrasound model of the {task} task")
+            raise TrainingError(f"fit_consensus: {role} is not an ultrasound model of the {task} task")
     records = [r for r in load_records(datasets, recipe.datasets) if r.split == "val" and r.dataset != holdout]
     lesions = lesion_boxes(records)
     scored = {role: {c.record.image_id: c for c in score_family(entries[role], model_dir, lesions)} for role in members}
     ids = [i for i in scored[members[0]] if all(i in scored[role] for role in members)]
     if not ids:
-        raise SystemExit("fit_consensus: no labelled lesion in the validation split")
+        raise TrainingError("fit_consensus: no labelled lesion in the validation split")
     labels = [scored[members[0]][i].label for i in ids]
     combined = [mean_log_odds([scored[role][i].score.probability for role in members]) for i in ids]
     member_auc = {role: round(auc(labels, [scored[role][i].score.probability for i in ids]), 4) for role in members}
@@ -162,24 +166,39 @@ def fit_consensus(
 
 
 def consensus_tasks(task: str | None, present: Collection[str]) -> list[str]:
-    """The consensuses one ``breastai train consensus`` fits: ``task`` alone, or the headline and every other one ``present`` has."""
+    """The consensuses one ``breastai train consensus`` fits: ``task`` alone, or the headline and every other one "
+    "``present`` has."""
     if task is not None:
         return [task]
-    return ["malignancy", *(other for other, recipe in CONSENSUSES.items() if other != "malignancy" and recipe.role in present)]
+    return [
+        "malignancy",
+        *(other for other, recipe in CONSENSUSES.items() if other != "malignancy" and recipe.role in present),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
-    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry")
-    parser.add_argument("--holdout", default="", help="the dataset the members were trained without (left out of the validation split too)")
     parser.add_argument(
-        "--task", choices=sorted(CONSENSUSES),
-        help="fit this consensus only: malignancy (role consensus, the headline) or birads_high (role consensus_lh, read by the 4A "
-        "co-decision); default: the headline, then every other consensus the folder already has, so that retrained members never "
-        "leave one stale",
+        "--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose manifest gets the consensus entry"
     )
-    parser.add_argument("--members", default="", help="comma-separated member roles (default: the task's own); with --task only")
+    parser.add_argument(
+        "--holdout",
+        default="",
+        help="the dataset the members were trained without (left out of the validation split too)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=sorted(CONSENSUSES),
+        help=(
+            "fit this consensus only: malignancy (role consensus, the headline) or birads_high (role consensus_lh, "
+            "read by the 4A co-decision); default: the headline, then every other consensus the folder already has, "
+            "so that retrained members never leave one stale"
+        ),
+    )
+    parser.add_argument(
+        "--members", default="", help="comma-separated member roles (default: the task's own); with --task only"
+    )
     args = parser.parse_args(argv)
     members = tuple(m for m in args.members.split(",") if m)
     if members and args.task is None:
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = fit_consensus(args.datasets, args.model_dir, members, args.holdout, task)
         fitted = entry.parameters["fitted"]
         print(
-            f"{entry.role} of {', '.join(entry.parameters['members'])}: validation AUC {fitted['auc']:.4f} (members {fitted['member_auc']}), "
+            f"{entry.role} of {', '.join(entry.parameters['members'])}: validation AUC {fitted['auc']:.4f} (members "
+            f"{fitted['member_auc']}), "
             f"operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
             flush=True,
         )

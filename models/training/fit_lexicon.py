@@ -24,16 +24,20 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from models.datasets import US_DATASETS, Record, birads_high, load_records, read_gray
+from models.errors import TrainingError
 from models.evaluation.command import lesion_boxes, served_mask_at
 from models.evaluation.stats import auc, youden_threshold
 from models.inference.lexicon import DESCRIPTOR_NAMES, LEXICON_KIND, LogisticModel, box_ellipse, describe
 from models.inference.pipeline import SEGMENTATION_ROLES, load_refiner, load_segmenter, segment_lesions
 from models.inference.preprocess import Box
 from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
-from models.training.data import US_DATASETS, Record, birads_high, load_records, read_gray
 
 VERSION = "0.5.0"
-TASKS = {"malignancy": ("lexicon", "BreastAI-US-Lexicon-Logistic"), "birads_high": ("lexicon_lh", "BreastAI-US-Lexicon-Logistic-LH")}
+TASKS = {
+    "malignancy": ("lexicon", "BreastAI-US-Lexicon-Logistic"),
+    "birads_high": ("lexicon_lh", "BreastAI-US-Lexicon-Logistic-LH"),
+}
 
 
 def served_descriptors(model_dir: Path, lesions: Sequence[tuple[Record, Box]]) -> npt.NDArray[np.float64]:
@@ -44,7 +48,9 @@ def served_descriptors(model_dir: Path, lesions: Sequence[tuple[Record, Box]]) -
     for record, box in lesions:
         gray = read_gray(record.image_path)
         mask = served_mask_at(segment_lesions(segmenter, entry, refiner, gray), box)
-        rows.append(describe(gray, mask if mask is not None else box_ellipse(box, (int(gray.shape[0]), int(gray.shape[1])))))
+        rows.append(
+            describe(gray, mask if mask is not None else box_ellipse(box, (int(gray.shape[0]), int(gray.shape[1]))))
+        )
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(DESCRIPTOR_NAMES))
 
 
@@ -65,7 +71,9 @@ def fit_logistic(features: npt.NDArray[np.float64], labels: Sequence[int], regul
     mean = features.mean(0)
     scale = features.std(0) + 1e-6
     machine = LogisticRegression(C=regularisation, max_iter=5000).fit((features - mean) / scale, np.asarray(labels))
-    return LogisticModel(DESCRIPTOR_NAMES, mean, scale, np.asarray(machine.coef_[0], dtype=np.float64), float(machine.intercept_[0]))
+    return LogisticModel(
+        DESCRIPTOR_NAMES, mean, scale, np.asarray(machine.coef_[0], dtype=np.float64), float(machine.intercept_[0])
+    )
 
 
 def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regularisation: float = 1.0) -> ModelEntry:
@@ -76,7 +84,7 @@ def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regul
     train, train_labels = _labelled([r for r in records if r.split == "train"], task)
     val, val_labels = _labelled([r for r in records if r.split == "val"], task)
     if not train or not val:
-        raise SystemExit(f"fit_lexicon: no labelled {task} lesion in the training or validation split of {datasets}")
+        raise TrainingError(f"fit_lexicon: no labelled {task} lesion in the training or validation split of {datasets}")
     model = fit_logistic(served_descriptors(model_dir, train), train_labels, regularisation)
     val_scores = [model.probability(row) for row in served_descriptors(model_dir, val)]
     path = model_dir / f"{role}.json"
@@ -112,13 +120,29 @@ def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regul
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=Path("../shared/datasets"))
-    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="model folder whose segmentation outlines the lesions and whose manifest gets the entry")
-    parser.add_argument("--task", choices=sorted(TASKS), default="malignancy", help="malignancy (role lexicon) or birads_high (role lexicon_lh)")
-    parser.add_argument("--regularisation", type=float, default=1.0, help="inverse L2 strength C of the logistic regression")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=BUNDLED_MODEL_DIR,
+        help="model folder whose segmentation outlines the lesions and whose manifest gets the entry",
+    )
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="malignancy",
+        help="malignancy (role lexicon) or birads_high (role lexicon_lh)",
+    )
+    parser.add_argument(
+        "--regularisation", type=float, default=1.0, help="inverse L2 strength C of the logistic regression"
+    )
     args = parser.parse_args(argv)
     entry = fit_lexicon(args.datasets, args.model_dir, args.task, args.regularisation)
     fitted = entry.parameters["fitted"]
-    print(f"{entry.role}: validation AUC {fitted['val_auc']:.4f} on {fitted['val_cases']} lesions, operating point {entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}", flush=True)
+    print(
+        f"{entry.role}: validation AUC {fitted['val_auc']:.4f} on {fitted['val_cases']} lesions, operating point "
+        f"{entry.parameters['operating_point']:.3f}, sha256 {entry.sha256}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from models.errors import TrainingError
+
 
 class RunLimits(Protocol):
     """What :meth:`Checkpoints.end_epoch` needs to know about a run."""
@@ -45,15 +47,18 @@ def training_device(requested: str) -> torch.device:
 
     Raises
     ------
-    SystemExit
+    TrainingError
         ``cuda`` was asked for and torch sees no CUDA GPU (a CPU build of torch, no driver, or no device).
     """
     if requested not in DEVICES:
-        raise SystemExit(f"unknown training device {requested!r}: one of {', '.join(DEVICES)}")
+        raise TrainingError(f"unknown training device {requested!r}: one of {', '.join(DEVICES)}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, no driver, or no device); use --device cpu or auto")
+        raise TrainingError(
+            "--device cuda: torch sees no CUDA GPU here (a CPU build of torch, no driver, or no device); use --device "
+            "cpu or auto"
+        )
     return torch.device("cuda")
 
 
@@ -78,7 +83,8 @@ def to_training_device(module: ModuleT, device: torch.device, channels_last: boo
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device ``model``'s weights (or buffers) are on, where inputs are sent; the CPU for a module that holds neither."""
+    """The device ``model``'s weights (or buffers) are on, where inputs are sent; the CPU for a module that holds "
+    "neither."""
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -89,12 +95,14 @@ def mixed_precision(device: torch.device, enabled: bool) -> torch.autocast:
 
     Raises
     ------
-    SystemExit
+    TrainingError
         ``enabled`` on a GPU without native bfloat16 (before Ampere): torch
         would emulate it, many times slower than float32, without a word.
     """
     if enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise SystemExit(f"--bf16: {torch.cuda.get_device_name(device)} has no native bfloat16; train without --bf16 on it")
+        raise TrainingError(
+            f"--bf16: {torch.cuda.get_device_name(device)} has no native bfloat16; train without --bf16 on it"
+        )
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -104,7 +112,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def augment_geometry(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, rng: np.random.Generator) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | None]:
+def augment_geometry(
+    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8] | None]:
     """Random horizontal flip, scale 0.85-1.15, rotation +-10 degrees, shift +-8 %."""
     if rng.random() < 0.5:
         image = image[:, ::-1]
@@ -112,10 +122,24 @@ def augment_geometry(image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] |
     rows, cols = image.shape
     matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-10, 10), rng.uniform(0.85, 1.15))
     matrix[:, 2] = matrix[:, 2] + rng.uniform(-0.08, 0.08, 2) * (cols, rows)
-    warped = np.asarray(cv2.warpAffine(np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
+    warped = np.asarray(
+        cv2.warpAffine(
+            np.ascontiguousarray(image), matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+        ),
+        dtype=np.uint8,
+    )
     warped_mask: npt.NDArray[np.uint8] | None = None
     if mask is not None:
-        warped_mask = np.asarray(cv2.warpAffine(np.ascontiguousarray(mask), matrix, (cols, rows), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT), dtype=np.uint8)
+        warped_mask = np.asarray(
+            cv2.warpAffine(
+                np.ascontiguousarray(mask),
+                matrix,
+                (cols, rows),
+                flags=cv2.INTER_NEAREST,
+                borderMode=cv2.BORDER_CONSTANT,
+            ),
+            dtype=np.uint8,
+        )
     return warped, warped_mask
 
 
@@ -125,35 +149,6 @@ def augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) ->
     scaled *= rng.normal(1.0, 0.05, scaled.shape).astype(np.float32)
     noisy: npt.NDArray[np.uint8] = np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
     return noisy
-
-
-def rotated_crop(image: npt.NDArray[np.uint8], box: tuple[int, int, int, int], degrees: float) -> npt.NDArray[np.uint8]:
-    """The ``box`` (x, y, w, h) of ``image`` turned by ``degrees`` about its centre; outside the image is mirrored.
-
-    Sampling the turned window straight from the full image keeps real
-    tissue in the corners, where rotating the cut crop would leave black
-    wedges that no served ROI has.
-    """
-    x, y, w, h = box
-    # Pixel centres sit on integers, so a w-pixel box is centred at x + (w - 1) / 2: at 0 degrees this is crop() exactly.
-    centre = (x + (w - 1) / 2.0, y + (h - 1) / 2.0)
-    matrix = cv2.getRotationMatrix2D(centre, degrees, 1.0)
-    matrix[:, 2] = matrix[:, 2] + ((w - 1) / 2.0 - centre[0], (h - 1) / 2.0 - centre[1])
-    turned = cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    return np.asarray(turned, dtype=np.uint8)
-
-
-def augment_contrast_and_blur(image: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
-    """Contrast x0.8-1.25 about mid-grey, brightness +-8 % of full scale, and a light Gaussian blur one time in three.
-
-    Stand-ins for what differs between scanners and presets (gain, dynamic
-    range, speckle smoothing); used by the ``strong`` ROI augmentation.
-    """
-    scaled = (image.astype(np.float32) - 127.5) * rng.uniform(0.8, 1.25) + 127.5 + rng.uniform(-0.08, 0.08) * 255.0
-    if rng.random() < 1 / 3:
-        scaled = np.asarray(cv2.GaussianBlur(scaled, (0, 0), sigmaX=rng.uniform(0.5, 1.2)), dtype=np.float32)
-    adjusted: npt.NDArray[np.uint8] = np.clip(scaled, 0, 255).astype(np.uint8)
-    return adjusted
 
 
 def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
@@ -175,7 +170,11 @@ def epoch_batches(rng: np.random.Generator, count: int, batch_size: int) -> list
 
 def cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
     """Linear warm-up then cosine decay; groups with their own ``base_lr`` keep their ratio to ``base``."""
-    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    lr = (
+        base * (step + 1) / warmup
+        if step < warmup
+        else base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr * float(group.get("base_lr", base)) / base
 
@@ -189,17 +188,22 @@ def check_resumable(work: Path, settings: dict[str, object], defining: tuple[str
 
     Raises
     ------
-    SystemExit
+    TrainingError
         Naming each differing setting, old and new, and how to start afresh.
     """
     saved, checkpoint = work / "config.json", work / "last.pt"
     if not (saved.is_file() and checkpoint.is_file()):
         return
     before = json.loads(saved.read_text())
-    changed = [f"{name}: {before[name]!r} -> {settings[name]!r}" for name in defining if name in before and name in settings and before[name] != settings[name]]
+    changed = [
+        f"{name}: {before[name]!r} -> {settings[name]!r}"
+        for name in defining
+        if name in before and name in settings and before[name] != settings[name]
+    ]
     if changed:
-        raise SystemExit(
-            f"{work} holds a run started with other settings ({'; '.join(changed)}); resuming it would export its weights "
+        raise TrainingError(
+            f"{work} holds a run started with other settings ({'; '.join(changed)}); resuming it would export its "
+            f"weights "
             "under the new ones. Remove that folder or pass another --work."
         )
 
@@ -238,7 +242,7 @@ class Checkpoints:
 
         Raises
         ------
-        SystemExit
+        TrainingError
             ``last.pt`` lacks a companion's weights (written by a version that
             did not keep them): resuming would train it from random weights
             with the optimiser state of trained ones.
@@ -253,7 +257,9 @@ class Checkpoints:
                 saved[name] = torch.load(self.work / file, map_location="cpu", weights_only=True)
         missing = sorted(set(companions or {}) - set(saved))
         if missing:
-            raise SystemExit(f"{last} holds no weights for {', '.join(missing)}; remove {self.work} to start this run afresh")
+            raise TrainingError(
+                f"{last} holds no weights for {', '.join(missing)}; remove {self.work} to start this run afresh"
+            )
         model.load_state_dict(state["model"])
         for name, module in (companions or {}).items():
             module.load_state_dict(saved[name])
@@ -276,14 +282,29 @@ class Checkpoints:
         """Checkpoint, log one JSON line, and say whether the time budget is spent."""
         best = self.save(model, optimizer, epoch, score, best, companions)
         minutes = (time.monotonic() - began) / 60
-        self.log({"part": config.part, "epoch": epoch, "loss": float(np.mean(losses)), metric: score, "best": best, "minutes": minutes})
+        self.log(
+            {
+                "part": config.part,
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                metric: score,
+                "best": best,
+                "minutes": minutes,
+            }
+        )
         if minutes > config.max_minutes:
             self.log({"part": config.part, "stopped": "max_minutes reached", "epoch": epoch})
             return best, True
         return best, False
 
     def save(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, score: float, best: float, companions: Mapping[str, nn.Module] | None = None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        score: float,
+        best: float,
+        companions: Mapping[str, nn.Module] | None = None,
     ) -> float:
         state = {
             "model": model.state_dict(),

@@ -27,11 +27,14 @@ BI-RADS lexicon grades.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -40,20 +43,43 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn import functional
 
+from models.errors import TrainingError
 from models.families.backbones import ResNetTrunk
+from models.families.catalogue import family_specs
 from models.families.cldlr.network import VGG11Radiomics
 from models.families.dlr.network import DLRNet
 from models.families.dlum.network import DLUMBranch
 from models.families.mupnet.network import MUPNet
-from models.training.loop import Checkpoints, augment_intensity, cosine_lr, device_of, epoch_batches, mixed_precision, optimise_step, to_training_device, training_device
-from models.training.pretrain import PretrainConfig, PretrainImage, anchor_region, jittered_window
-from models.training.train_family import FamilySpec
+from models.families.spec import FamilySpec
+from models.training.loop import (
+    DEVICES,
+    Checkpoints,
+    augment_intensity,
+    check_resumable,
+    cosine_lr,
+    device_of,
+    epoch_batches,
+    mixed_precision,
+    optimise_step,
+    seed_everything,
+    to_training_device,
+    training_device,
+)
+from models.training.pretrain import (
+    PRETRAINING_DEFINING,
+    PretrainConfig,
+    PretrainImage,
+    anchor_region,
+    jittered_window,
+    pretraining_images,
+)
 
 Tensor = torch.Tensor
 #: Where runs before the decoder went into last.pt kept it (read on resume only).
 LEGACY_DECODER_FILE = "mask_decoder.pt"
 # The reference recipes that start from mask pretraining, and its epochs for each (chosen on validation AUC as served;
-# models/HISTORY.md "What changed in 0.7.0"; DLR_BM's 12, for time, in "DLR_BM 0.8.0"). `make train-FAMILY` and `breastai train external` both read them from here.
+# docs/history.md "What changed in 0.7.0"; DLR_BM's 12, for time, in "DLR_BM 0.8.0"). `make train-FAMILY` and `breastai
+# train external` both read them from here.
 REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 12, "cldlr": 10, "mupnet": 20}
 MASK_PRETRAINING_BATCH = 32
 
@@ -84,11 +110,15 @@ def stage_modules(model: nn.Module) -> list[nn.Module]:
         layers = list(model.features)
         ends = [layers[i - 1] for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
         return [*ends, layers[-1]]
-    raise SystemExit(f"mask pretraining knows the stages of DLR, DL-U/DL-M, CLDLR and one-modality MUP-Net networks, not {type(model).__name__}")
+    raise TrainingError(
+        "mask pretraining knows the stages of DLR, DL-U/DL-M, CLDLR and one-modality MUP-Net networks, "
+        f"not {type(model).__name__}"
+    )
 
 
 def image_path(model: nn.Module) -> nn.Module:
-    """The part of ``model`` that takes a (B, 1, H, W) image through every tapped stage: MUP-Net's trunk, else the network."""
+    """The part of ``model`` that takes a (B, 1, H, W) image through every tapped stage: MUP-Net's trunk, else the "
+    "network."""
     if isinstance(model, MUPNet):
         trunk: nn.Module = model.trunks[0]
         return trunk
@@ -99,7 +129,10 @@ def image_path(model: nn.Module) -> nn.Module:
 def tapped(modules: list[nn.Module]) -> Iterator[list[Tensor]]:
     """Collect each module's output, in the order of ``modules``, while the block runs."""
     outputs: dict[int, Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(index, out)) for index, module in enumerate(modules)]
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(index, out))
+        for index, module in enumerate(modules)
+    ]
     taken: list[Tensor] = []
     try:
         yield taken
@@ -116,13 +149,18 @@ class MaskDecoder(nn.Module):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, kernel_size=1) for c in channels)
         self.head = nn.Sequential(
-            nn.Conv2d(width, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.Conv2d(width, 1, kernel_size=1)
+            nn.Conv2d(width, width, kernel_size=3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, kernel_size=1),
         )
 
     def forward(self, features: list[Tensor]) -> Tensor:
         merged: Tensor = self.lateral[-1](features[-1])
-        for lateral, finer in zip(reversed(self.lateral[:-1]), reversed(features[:-1])):
-            merged = functional.interpolate(merged, size=finer.shape[-2:], mode="bilinear", align_corners=False) + lateral(finer)
+        for lateral, finer in zip(reversed(self.lateral[:-1]), reversed(features[:-1]), strict=False):
+            merged = functional.interpolate(
+                merged, size=finer.shape[-2:], mode="bilinear", align_corners=False
+            ) + lateral(finer)
         logits: Tensor = self.head(merged)
         return logits
 
@@ -145,13 +183,24 @@ class MaskPretrainer(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         with tapped(self.stages) as features:
             self.body(image)
-        return functional.interpolate(self.decoder(features), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return functional.interpolate(
+            self.decoder(features), size=image.shape[-2:], mode="bilinear", align_corners=False
+        )
 
 
-def mask_window(item: PretrainImage, region: tuple[float, float, float, float], spec: FamilySpec, size: int, rng: np.random.Generator) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+def mask_window(
+    item: PretrainImage,
+    region: tuple[float, float, float, float],
+    spec: FamilySpec,
+    size: int,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """One augmented (image, mask) pair of ``region``, as ``spec`` cuts ROIs: shapes (1, 1, size, size) each."""
     box, mirrored = jittered_window(item, region, rng)
-    image, mask = (np.ascontiguousarray(a[box[1] : box[1] + box[3], box[0] : box[0] + box[2]]) for a in (item.image, item.lesion_mask()))
+    image, mask = (
+        np.ascontiguousarray(a[box[1] : box[1] + box[3], box[0] : box[0] + box[2]])
+        for a in (item.image, item.lesion_mask())
+    )
     if mirrored:
         image, mask = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
     return spec.roi.tensor(augment_intensity(image, rng), size), mask_target(mask, size)
@@ -159,7 +208,11 @@ def mask_window(item: PretrainImage, region: tuple[float, float, float, float], 
 
 def mask_target(mask: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
     """A 0/1 mask resized to the network's input, shape (1, 1, size, size)."""
-    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA if min(mask.shape) >= size else cv2.INTER_LINEAR)
+    resized = cv2.resize(
+        mask.astype(np.float32),
+        (size, size),
+        interpolation=cv2.INTER_AREA if min(mask.shape) >= size else cv2.INTER_LINEAR,
+    )
     return (resized >= 0.5).astype(np.float32)[None, None]
 
 
@@ -181,7 +234,7 @@ def validation_windows(items: list[PretrainImage], spec: FamilySpec, size: int) 
         images.append(spec.roi.tensor(item.image[y : y + h, x : x + w], size))
         masks.append(mask_target(item.lesion_mask()[y : y + h, x : x + w], size))
     if not images:
-        raise SystemExit("mask pretraining needs validation images with lesion masks to choose its checkpoint")
+        raise TrainingError("mask pretraining needs validation images with lesion masks to choose its checkpoint")
     return ValidationWindows(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(masks)))
 
 
@@ -201,8 +254,11 @@ def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int
     return float(torch.cat(scores).mean())
 
 
-def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]) -> None:
-    """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best validation-Dice epoch."""
+def pretrain_masks(
+    spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]
+) -> None:
+    """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best "
+    "validation-Dice epoch."""
     device = training_device(config.device)
     model = to_training_device(MaskPretrainer(spec.build(), config.input_size), device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
@@ -210,7 +266,9 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
     work = Path(config.work)
     checkpoints = Checkpoints(work)
     companions = {"decoder": model.decoder}
-    start, best = checkpoints.resume(model.network, optimizer, companions, legacy_files={"decoder": LEGACY_DECODER_FILE})
+    start, best = checkpoints.resume(
+        model.network, optimizer, companions, legacy_files={"decoder": LEGACY_DECODER_FILE}
+    )
     windows = validation_windows(validation, spec, config.input_size)
     rng = np.random.default_rng(config.seed + start)
     steps_per_epoch = max(1, len(images) // config.batch_size)
@@ -223,10 +281,102 @@ def pretrain_masks(spec: FamilySpec, config: PretrainConfig, images: list[Pretra
             pairs = [mask_window(item, anchor_region(item, rng), spec, config.input_size, rng) for item in batch]
             x = torch.from_numpy(np.concatenate([image for image, _ in pairs])).to(device)
             target = torch.from_numpy(np.concatenate([mask for _, mask in pairs])).to(device)
-            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            cosine_lr(
+                optimizer,
+                config.learning_rate,
+                epoch * steps_per_epoch + step,
+                config.epochs * steps_per_epoch,
+                steps_per_epoch,
+            )
             with mixed_precision(device, config.bf16):
                 logits = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits.float(), target)))
-        best, stop = checkpoints.end_epoch(model.network, optimizer, epoch, losses, "val_dice", mean_dice(model, windows), best, began, config, companions)
+        best, stop = checkpoints.end_epoch(
+            model.network,
+            optimizer,
+            epoch,
+            losses,
+            "val_dice",
+            mean_dice(model, windows),
+            best,
+            began,
+            config,
+            companions,
+        )
         if stop:
             break
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``breastai train pretrain FAMILY``: mask pretraining of a family's network, resumable in its run folder."""
+    families = family_specs()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=sorted(name for name, spec in families.items() if spec.modality == "US"))
+    parser.add_argument(
+        "--objective",
+        choices=("masks",),
+        default="masks",
+        help="the lesion outlines (the one objective kept; SimCLR was tried and not adopted)",
+    )
+    parser.add_argument("--datasets", default="../shared/datasets")
+    parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain-masks/FAMILY)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: the reference recipe's (REFERENCE_MASK_PRETRAINING)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"windows per step (default {MASK_PRETRAINING_BATCH})"
+    )
+    parser.add_argument("--holdout", default="", help="leave this dataset out entirely (external validation)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--input-size", type=int, help="default: the family's own input size")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="default: the family recipe's seed (FamilySpec.seed), which its shipped model's pretraining used",
+    )
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=float("inf"))
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints stay device-independent",
+    )
+    args = parser.parse_args(argv)
+    spec = families[args.family]
+    epochs, batch_size = mask_pretraining_recipe(spec.name)
+    suffix = f"-without-{args.holdout}" if args.holdout else ""
+    config = PretrainConfig(
+        part=f"pretrain-masks-{spec.name}",
+        datasets=args.datasets,
+        work=args.work or f"runs/pretrain-masks/{spec.name}{suffix}",
+        epochs=args.epochs or epochs,
+        batch_size=args.batch_size or batch_size,
+        learning_rate=args.learning_rate,
+        input_size=args.input_size or spec.input_size,
+        seed=args.seed if args.seed is not None else spec.seed,
+        threads=args.threads,
+        max_minutes=args.max_minutes,
+        bf16=args.bf16,
+        device=args.device,
+        family=spec.name,
+        holdout=args.holdout,
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    check_resumable(Path(config.work), asdict(config), PRETRAINING_DEFINING)
+    Path(config.work).mkdir(parents=True, exist_ok=True)
+    (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    images = pretraining_images(Path(config.datasets), holdout=config.holdout)
+    with_box = sum(i.box is not None for i in images)
+    print(
+        json.dumps({"pretrain": spec.name, "objective": "masks", "images": len(images), "with_lesion_box": with_box}),
+        flush=True,
+    )
+    pretrain_masks(spec, config, images, pretraining_images(Path(config.datasets), ("val",), config.holdout))
+
+
+if __name__ == "__main__":
+    main()

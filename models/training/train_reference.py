@@ -15,11 +15,11 @@ checkpoints. No pretrained weights exist here: networks start from scratch.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -28,13 +28,17 @@ import numpy.typing as npt
 import torch
 from monai.networks.nets.basic_unet import UpCat
 from torch import nn
-from torch.nn import functional
 
+from models.datasets import Record, load_records, mask_box, read_gray, read_mask
 from models.evaluation.stats import auc, dice
-from models.families.segmentation.network import lesion_refiner, lesion_segmenter, recalibrate_batch_norm, roi_classifier
+from models.families.segmentation.network import (
+    lesion_refiner,
+    lesion_segmenter,
+    recalibrate_batch_norm,
+    roi_classifier,
+)
 from models.inference.preprocess import crop, expand_box, standardise
 from models.inference.refine import refiner_window
-from models.training.data import Record, load_records, mask_box, read_gray, read_mask
 from models.training.loop import (
     DEVICES,
     Checkpoints,
@@ -49,28 +53,7 @@ from models.training.loop import (
     to_training_device,
     training_device,
 )
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    part: str
-    datasets: str
-    work: str
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    input_size: int
-    seed: int
-    threads: int
-    max_minutes: float
-    bf16: bool  # bfloat16 autocast on the training device (CPU: about 1.6x faster with AVX512-BF16/AMX; a GPU needs native bf16), weights stay fp32
-    # auto: a CUDA GPU where torch sees one, else the CPU (loop.training_device); keyword-only so subclasses may add fields
-    device: str = field(default="auto", kw_only=True)
-    # Segmenter and refiner: extra weight of the BCE term on pixels within two pixels of the true outline (0: the
-    # recipes' plain Dice + BCE). Dice + BCE rewards a smooth blob that covers the lesion; the malignancy signal is in
-    # the margin's irregularity, which smooth outlines lose (models/HISTORY.md, "The readers' outlines ...").
-    boundary_weight: float = field(default=0.0, kw_only=True)
-
+from models.training.run_config import DEFAULT_SEED, TrainConfig
 
 # --------------------------------------------------------------------------- segmenter
 
@@ -95,17 +78,14 @@ def train_segmenter(config: TrainConfig) -> None:
     train_x, train_y = _segmentation_arrays(train, size)
     val_x, val_y = _segmentation_arrays(val, size)
     _fit_segmentation(
-        lesion_segmenter(), config, len(train), lambda i, _rng: (train_x[i], train_y[i]),
-        lambda model: _validate_segmenter(model, train_x, val_x, val_y, size), "val_dice_lesion_images", channels_last=True,
+        lesion_segmenter(),
+        config,
+        len(train),
+        lambda i, _rng: (train_x[i], train_y[i]),
+        lambda model: _validate_segmenter(model, train_x, val_x, val_y, size),
+        "val_dice_lesion_images",
+        channels_last=True,
     )
-
-
-def outline_band(masks: torch.Tensor, reach: int = 2) -> torch.Tensor:
-    """1 on the pixels within ``reach`` pixels of a binary mask's outline (inside or out), 0 elsewhere; ``masks`` is (N, 1, H, W)."""
-    size = 2 * reach + 1
-    dilated = functional.max_pool2d(masks, size, stride=1, padding=reach)
-    eroded = 1 - functional.max_pool2d(1 - masks, size, stride=1, padding=reach)
-    return dilated - eroded
 
 
 def _fit_segmentation(
@@ -144,25 +124,36 @@ def _fit_segmentation(
                 xs.append(standardise(augment_intensity(image, rng), size)[0])
                 ys.append(mask[None].astype(np.float32))
             x, y = torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)
-            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            cosine_lr(
+                optimizer,
+                config.learning_rate,
+                epoch * steps_per_epoch + step,
+                config.epochs * steps_per_epoch,
+                steps_per_epoch,
+            )
             with mixed_precision(device, config.bf16):
                 logits = model(x)
             logits = logits.float()
             probability = torch.sigmoid(logits)
-            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1)
-            pixel_loss = (
-                functional.binary_cross_entropy_with_logits(logits, y, weight=1 + config.boundary_weight * outline_band(y))
-                if config.boundary_weight > 0
-                else bce(logits, y)
+            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (
+                probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1
             )
-            losses.append(optimise_step(optimizer, pixel_loss + soft_dice.mean()))
-        best, stop = checkpoints.end_epoch(model, optimizer, epoch, losses, metric, validate(model), best, began, config)
+            losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
+        best, stop = checkpoints.end_epoch(
+            model, optimizer, epoch, losses, metric, validate(model), best, began, config
+        )
         if stop:
             break
 
 
 @torch.no_grad()
-def _validate_segmenter(model: nn.Module, train_images: npt.NDArray[np.uint8], images: npt.NDArray[np.uint8], masks: npt.NDArray[np.uint8], size: int) -> float:
+def _validate_segmenter(
+    model: nn.Module,
+    train_images: npt.NDArray[np.uint8],
+    images: npt.NDArray[np.uint8],
+    masks: npt.NDArray[np.uint8],
+    size: int,
+) -> float:
     """Mean Dice on validation lesion images, after batch-norm recalibration on (a sample of) training images.
 
     Recalibrating a copy keeps the training state untouched while scoring
@@ -170,10 +161,16 @@ def _validate_segmenter(model: nn.Module, train_images: npt.NDArray[np.uint8], i
     """
     model = copy.deepcopy(model)
     sample = train_images[:: max(1, len(train_images) // 256)]
-    recalibrate_batch_norm(model, (torch.from_numpy(np.concatenate([standardise(i, size) for i in sample[k : k + 32]])) for k in range(0, len(sample), 32)))
+    recalibrate_batch_norm(
+        model,
+        (
+            torch.from_numpy(np.concatenate([standardise(i, size) for i in sample[k : k + 32]]))
+            for k in range(0, len(sample), 32)
+        ),
+    )
     model.eval()
     scores = []
-    for image, mask in zip(images, masks):
+    for image, mask in zip(images, masks, strict=False):
         if mask.sum() == 0:
             continue
         logits = model(torch.from_numpy(standardise(image, size)).to(device_of(model)))[0, 0].float().cpu().numpy()
@@ -220,7 +217,7 @@ def refiner_pair(
         y0 = y + rng.normal(0, 0.05) * h
         x1 = x + w + rng.normal(0, 0.05) * w
         y1 = y + h + rng.normal(0, 0.05) * h
-        box = (int(round(x0)), int(round(y0)), max(2, int(round(x1 - x0))), max(2, int(round(y1 - y0))))
+        box = (round(x0), round(y0), max(2, round(x1 - x0)), max(2, round(y1 - y0)))
         window = expand_box(box, lesion.image.shape[:2], float(rng.uniform(0.10, 0.45)))
     else:
         window = refiner_window(lesion.box, lesion.image.shape[:2])
@@ -251,13 +248,22 @@ def train_refiner(config: TrainConfig) -> None:
     """Dice + BCE training of the close-up UNet on jittered windows around every training lesion."""
     records = load_records(Path(config.datasets))
     train = lesion_images([r for r in records if r.split == "train"])
-    val = [refiner_pair(lesion, config.input_size, None) for lesion in lesion_images([r for r in records if r.split == "val"])]
+    val = [
+        refiner_pair(lesion, config.input_size, None)
+        for lesion in lesion_images([r for r in records if r.split == "val"])
+    ]
     val_windows, val_masks = np.stack([w for w, _ in val]), np.stack([m for _, m in val])
     # Batch-norm statistics are recalibrated on training windows (serving rule), never on validation ones.
-    calibration = np.stack([refiner_pair(lesion, config.input_size, None)[0] for lesion in train[:: max(1, len(train) // 256)]])
+    calibration = np.stack(
+        [refiner_pair(lesion, config.input_size, None)[0] for lesion in train[:: max(1, len(train) // 256)]]
+    )
     _fit_segmentation(
-        without_zero_width_padding(lesion_refiner(), config.input_size), config, len(train), lambda i, rng: refiner_pair(train[i], config.input_size, rng),
-        lambda model: _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size), "val_dice_windows",
+        without_zero_width_padding(lesion_refiner(), config.input_size),
+        config,
+        len(train),
+        lambda i, rng: refiner_pair(train[i], config.input_size, rng),
+        lambda model: _validate_segmenter(model, calibration, val_windows, val_masks, config.input_size),
+        "val_dice_windows",
         channels_last=False,  # instance norm is slower in NHWC (see to_training_device)
     )
 
@@ -306,7 +312,9 @@ def train_classifier(config: TrainConfig) -> None:
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     labels = np.array([s.malignant for s in train])
-    weights = torch.tensor([len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32)
+    weights = torch.tensor(
+        [len(labels) / (2 * (labels == 0).sum()), len(labels) / (2 * (labels == 1).sum())], dtype=torch.float32
+    )
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
     steps_per_epoch = max(1, len(train) // config.batch_size)
     began = time.monotonic()
@@ -314,9 +322,19 @@ def train_classifier(config: TrainConfig) -> None:
         model.train()
         losses = []
         for step, index in enumerate(epoch_batches(rng, len(train), config.batch_size)):
-            x = torch.from_numpy(np.concatenate([standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index])).to(device)
+            x = torch.from_numpy(
+                np.concatenate(
+                    [standardise(augment_intensity(jittered_roi(train[i], rng), rng), config.input_size) for i in index]
+                )
+            ).to(device)
             y = torch.from_numpy(labels[index]).long().to(device)
-            cosine_lr(optimizer, config.learning_rate, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch, steps_per_epoch)
+            cosine_lr(
+                optimizer,
+                config.learning_rate,
+                epoch * steps_per_epoch + step,
+                config.epochs * steps_per_epoch,
+                steps_per_epoch,
+            )
             logits, _ = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits, y)))
         score = _validate_classifier(model, val, config.input_size)
@@ -336,7 +354,6 @@ def _validate_classifier(model: nn.Module, samples: list[RoiSample], size: int) 
     return auc([s.malignant for s in samples], scores)
 
 
-DEFAULT_SEED = 20261121  # the bundled refiner and segmenter were trained with it, and every family but DLR_BM (FamilySpec.seed); manifests record it
 DEFAULTS = {
     "segmenter": {"epochs": 9, "batch_size": 16, "learning_rate": 2e-3, "input_size": 160},
     "refiner": {"epochs": 12, "batch_size": 16, "learning_rate": 2e-3, "input_size": 128},
@@ -355,16 +372,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes on the training device (about 1.6x faster on CPUs with AVX512-BF16; on a GPU, one with native bf16; the refiner was trained with it)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints and the export stay device-independent")
     parser.add_argument(
-        "--boundary-weight", type=float, default=0.0,
-        help="segmenter and refiner: extra BCE weight on pixels within two pixels of the true outline (0: the recipes' Dice + BCE)",
+        "--max-minutes", type=float, default=float("inf"), help="stop after the epoch that crosses this"
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help=(
+            "bfloat16 autocast for forward passes on the training device (about 1.6x faster on CPUs with AVX512-BF16; "
+            "on a GPU, one with native bf16; the refiner was trained with it)"
+        ),
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: a CUDA GPU where torch sees one, else the CPU; checkpoints and the export stay device-independent",
     )
     args = parser.parse_args(argv)
-    if args.boundary_weight and args.part == "classifier":
-        parser.error("--boundary-weight applies to the segmenter and the refiner")
     defaults = DEFAULTS[args.part]
     config = TrainConfig(
         part=args.part,
@@ -379,7 +404,6 @@ def main(argv: list[str] | None = None) -> None:
         max_minutes=args.max_minutes,
         bf16=args.bf16,
         device=args.device,
-        boundary_weight=args.boundary_weight,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

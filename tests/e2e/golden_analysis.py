@@ -39,7 +39,10 @@ def run_analyze(samples: Path, out: Path) -> list[Path]:
     """Run the real command line on ``samples`` and return the files it wrote."""
     result = subprocess.run(
         [sys.executable, "-m", "workers.cli", "analyze", str(samples), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     # samples/README.md is skipped, which sets exit status 1; anything else failing is a real error.
     assert result.returncode in (0, 1), result.stderr
@@ -53,8 +56,11 @@ def _content_items(items: Any, path: str) -> list[dict[str, Any]]:
     for index, item in enumerate(items):
         names = [f"{c.CodingSchemeDesignator}:{c.CodeValue}" for c in item.get("ConceptNameCodeSequence", [])]
         here = f"{path}/{index}:{names[0] if names else '-'}"
-        entry: dict[str, Any] = {"path": here, "type": str(item.get("ValueType", "")),
-                                 "relationship": str(item.get("RelationshipType", ""))}
+        entry: dict[str, Any] = {
+            "path": here,
+            "type": str(item.get("ValueType", "")),
+            "relationship": str(item.get("RelationshipType", "")),
+        }
         if "TextValue" in item:
             entry["text"] = str(item.TextValue)
         if "UID" in item:
@@ -79,8 +85,11 @@ def _thumbnail(pixels: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     """Block means over THUMBNAIL_BLOCK x THUMBNAIL_BLOCK tiles (edges cropped)."""
     rows = pixels.shape[0] // THUMBNAIL_BLOCK * THUMBNAIL_BLOCK
     cols = pixels.shape[1] // THUMBNAIL_BLOCK * THUMBNAIL_BLOCK
-    tiles = pixels[:rows, :cols].astype(np.float32).reshape(
-        rows // THUMBNAIL_BLOCK, THUMBNAIL_BLOCK, cols // THUMBNAIL_BLOCK, THUMBNAIL_BLOCK, -1)
+    tiles = (
+        pixels[:rows, :cols]
+        .astype(np.float32)
+        .reshape(rows // THUMBNAIL_BLOCK, THUMBNAIL_BLOCK, cols // THUMBNAIL_BLOCK, THUMBNAIL_BLOCK, -1)
+    )
     return tiles.mean(axis=(1, 3)).astype(np.float32)
 
 
@@ -93,13 +102,20 @@ def summarise(written: list[Path]) -> tuple[dict[str, Any], dict[str, npt.NDArra
         dataset: Dataset = pydicom.dcmread(path)
         uid = str(dataset.SOPInstanceUID)
         if str(dataset.SOPClassUID) == SR_CLASS:
-            reports[uid] = {"study": str(dataset.StudyInstanceUID), "series": str(dataset.SeriesInstanceUID),
-                            "content": _content_items(dataset.ContentSequence, "")}
+            reports[uid] = {
+                "study": str(dataset.StudyInstanceUID),
+                "series": str(dataset.SeriesInstanceUID),
+                "content": _content_items(dataset.ContentSequence, ""),
+            }
         elif str(dataset.SOPClassUID) == SC_CLASS:
             pixels = dataset.pixel_array
-            overlays[uid] = {"study": str(dataset.StudyInstanceUID), "series": str(dataset.SeriesInstanceUID),
-                             "description": str(dataset.SeriesDescription), "shape": list(pixels.shape),
-                             "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
+            overlays[uid] = {
+                "study": str(dataset.StudyInstanceUID),
+                "series": str(dataset.SeriesInstanceUID),
+                "description": str(dataset.SeriesDescription),
+                "shape": list(pixels.shape),
+                "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+            }
             thumbnails[uid] = _thumbnail(pixels)
         else:
             raise AssertionError(f"unexpected result class {dataset.SOPClassUID} in {path}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,9 @@ def test_sr_content_is_unchanged(golden_run: tuple[dict[str, Any], dict[str, Any
     for uid, report in expected["reports"].items():
         got = actual["reports"][uid]["content"]
         assert [item["path"] for item in got] == [item["path"] for item in report["content"]], f"SR {uid}: tree"
-        differing = [(want, have) for want, have in zip(report["content"], got) if not _same_item(want, have)]
+        differing = [
+            (want, have) for want, have in zip(report["content"], got, strict=False) if not _same_item(want, have)
+        ]
         assert differing == [], f"SR {uid}: first differing items {differing[:3]}"
     numbers = sum("number" in item for report in expected["reports"].values() for item in report["content"])
     assert numbers > 20, "the record must hold the SR's measurements"
@@ -81,5 +82,7 @@ def test_overlay_pixels_are_unchanged(golden_run: tuple[dict[str, Any], dict[str
             identical += 1
             continue
         difference = np.abs(actual_thumbnails[uid] - expected_thumbnails[uid]).max()
-        assert difference <= THUMBNAIL_MAX_DIFFERENCE, f"overlay {overlay['description']} {uid}: block means differ by {difference:.2f}"
+        assert difference <= THUMBNAIL_MAX_DIFFERENCE, (
+            f"overlay {overlay['description']} {uid}: block means differ by {difference:.2f}"
+        )
     assert len(expected["overlays"]) >= 18

@@ -17,6 +17,7 @@ pytest.importorskip("monai", reason="the ABVS family needs the train extra (make
 
 from torch import nn
 
+from models.datasets import load_records, read_gray, read_mask
 from models.families.abvs.network import (
     EXPORT_INPUT_NAMES,
     EXPORT_OUTPUT_NAMES,
@@ -42,7 +43,6 @@ from models.training.abvs_volumes import (
     central_lesion_centre,
     planes_dataset,
 )
-from models.training.data import load_records, read_gray, read_mask
 
 torch.set_num_threads(1)
 
@@ -116,7 +116,10 @@ def test_head_input_is_sum_of_transverse_and_sagittal_concatenated_with_coronal(
 
     # The same on the real trunks, their outputs caught by hooks.
     outputs: dict[str, torch.Tensor] = {}
-    handles = [getattr(model, name).register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out)) for name in EXPORT_INPUT_NAMES]
+    handles = [
+        getattr(model, name).register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+        for name in EXPORT_INPUT_NAMES
+    ]
     handles.append(model.reduce.register_forward_pre_hook(lambda module, args: outputs.__setitem__("head", args[0])))
     try:
         with torch.no_grad():
@@ -125,7 +128,9 @@ def test_head_input_is_sum_of_transverse_and_sagittal_concatenated_with_coronal(
         for handle in handles:
             handle.remove()
     pooled = {name: outputs[name].mean(dim=(2, 3)) for name in EXPORT_INPUT_NAMES}
-    assert torch.allclose(outputs["head"], torch.cat([pooled["transverse"] + pooled["sagittal"], pooled["coronal"]], 1), atol=1e-6)
+    assert torch.allclose(
+        outputs["head"], torch.cat([pooled["transverse"] + pooled["sagittal"], pooled["coronal"]], 1), atol=1e-6
+    )
 
 
 def test_transverse_and_sagittal_are_interchangeable_but_coronal_is_not(model: ThreePlaneClassifier) -> None:
@@ -166,7 +171,9 @@ def test_frame_probabilities_are_averaged_and_thresholded_at_one_half() -> None:
 # --- Grad-CAM ---------------------------------------------------------------------------
 
 
-def _reference_grad_cam(model: ThreePlaneClassifier, planes: tuple[torch.Tensor, ...], class_index: int) -> list[torch.Tensor]:
+def _reference_grad_cam(
+    model: ThreePlaneClassifier, planes: tuple[torch.Tensor, ...], class_index: int
+) -> list[torch.Tensor]:
     """Textbook Grad-CAM through the whole network with .backward(), independent of the module's shortcut."""
     model.zero_grad()
     logits, maps = model.forward_with_features(*planes)
@@ -190,13 +197,13 @@ def test_grad_cam_matches_textbook_and_in_graph_cam(model: ThreePlaneClassifier)
         raw = grad_cam(model, *planes, class_index=class_index, normalise=False)
         reference = _reference_grad_cam(model, planes, class_index)
         assert torch.allclose(raw.logits, logits, atol=1e-5)
-        for ours, textbook, in_graph in zip(raw[1:], reference, analytic):
+        for ours, textbook, in_graph in zip(raw[1:], reference, analytic, strict=False):
             scale = float(textbook.abs().max())
             assert scale > 0
             assert torch.allclose(ours, textbook, atol=1e-5 * scale)
             assert torch.allclose(in_graph[:, class_index], textbook, atol=1e-5 * scale)
     normalised = grad_cam(model, *planes)
-    for cam, in_graph in zip(normalised[1:], analytic):
+    for cam, in_graph in zip(normalised[1:], analytic, strict=False):
         assert cam.shape == (2, 2, 2) and float(cam.min()) >= 0 and float(cam.max()) <= 1 + 1e-6
         assert torch.allclose(cam, rectify_and_normalise(in_graph[:, MALIGNANT]), atol=1e-4)
 
@@ -226,13 +233,15 @@ def test_onnx_export_matches_pytorch(model: ThreePlaneClassifier, tmp_path: Path
     planes = _planes(batch=3, seed=7)  # a batch size other than the traced one
     with torch.no_grad():
         expected = ThreePlaneExportWrapper(model)(*planes)
-    got = session.run(list(EXPORT_OUTPUT_NAMES), {name: p.numpy() for name, p in zip(EXPORT_INPUT_NAMES, planes)})
+    got = session.run(
+        list(EXPORT_OUTPUT_NAMES), {name: p.numpy() for name, p in zip(EXPORT_INPUT_NAMES, planes, strict=False)}
+    )
     assert got[0].shape == (3, 2) and got[1].shape == (3, 2, 2, 2)
-    for name, ours, theirs in zip(EXPORT_OUTPUT_NAMES, expected, got):
+    for name, ours, theirs in zip(EXPORT_OUTPUT_NAMES, expected, got, strict=False):
         assert np.abs(ours.numpy() - theirs).max() < 1e-4, name
     # The exported map is the autograd Grad-CAM of the malignant class.
     autograd = grad_cam(model, *planes, normalise=False)
-    for cam, exported in zip(autograd[1:], got[1:]):
+    for cam, exported in zip(autograd[1:], got[1:], strict=False):
         assert np.allclose(cam.numpy(), exported[:, MALIGNANT], atol=1e-4)
 
 
@@ -302,7 +311,7 @@ def test_synthetic_volume_keeps_the_real_slice_and_sweeps_a_closed_lesion() -> N
     planes, masks = extract_planes(volume, centre), extract_planes(lesion, centre)
     assert all(m.any() for m in masks)
     # The lesion is dark in every plane, as it is in the real image.
-    for plane, plane_mask in zip(planes, masks):
+    for plane, plane_mask in zip(planes, masks, strict=False):
         assert plane[plane_mask > 0].mean() < plane[plane_mask == 0].mean() - 20
     # Slices away from the centre are not copies of it.
     assert not np.array_equal(volume[11], volume[12]) and not np.array_equal(volume[3], volume[20])

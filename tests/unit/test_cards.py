@@ -16,7 +16,9 @@ def test_cards_match_the_manifest_and_the_committed_evaluation(tmp_path: Path) -
     entries = read_manifest()
     written = write_cards(report, entries, tmp_path, read_cross_validation(CARDS / "crossval"))
     # The refiner is the segmentation's second stage: the segmenter's card describes and pins it.
-    assert {p.name for p in written} == {f"{role}.md" for role in entries if role != "us_refiner"}, "every bundled model has a card"
+    assert {p.name for p in written} == {f"{role}.md" for role in entries if role != "us_refiner"}, (
+        "every bundled model has a card"
+    )
     for path in written:
         committed = (CARDS / path.name).read_text()
         assert path.read_text() == committed, f"{path.name} is stale: rerun make evaluate"
@@ -34,9 +36,15 @@ def test_external_card_names_the_held_out_set_the_models_and_their_metrics() -> 
     roles = ["consensus", "dlr_bm", "dl_u"]
     subset = {
         "families": {role: report["families"][role] for role in roles},
-        "comparisons": {"malignancy": [c for c in report["comparisons"]["malignancy"] if {c["family_a"], c["family_b"]} <= set(roles)]},
+        "comparisons": {
+            "malignancy": [
+                c for c in report["comparisons"]["malignancy"] if {c["family_a"], c["family_b"]} <= set(roles)
+            ]
+        },
     }
-    text = external_card(subset, roles, "busbra", "breastai train external --holdout busbra", ["`dl_u`: trained on 514 lesions."])
+    text = external_card(
+        subset, roles, "busbra", "breastai train external --holdout busbra", ["`dl_u`: trained on 514 lesions."]
+    )
     assert text.startswith("# External validation: trained without busbra, tested on all of busbra")
     assert "`breastai train external --holdout busbra`" in text and "- `dl_u`: trained on 514 lesions." in text
     for role in roles:
@@ -81,15 +89,32 @@ def test_a_segmentation_card_gives_the_bf16_flag_only_for_a_stage_trained_under_
 
 
 def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_it(tmp_path: Path) -> None:
-    """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the 4A call read."""
+    """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the "
+    "4A call read."""
     from models.evaluation.cards import card_markdown, consensus_card
     from models.inference.registry import ModelEntry
 
     report = json.loads((CARDS / "evaluation" / "report.json").read_text())
     lh_report = report["families"]["dlr_lh"]
-    fitted = {"split": "val", "datasets": ["breast_lesions", "busbra"], "cases": 144, "positives": 71, "auc": 0.9112, "member_auc": {"dlr_lh": 0.9022, "dl_u_lh": 0.9057}}
-    parameters = {"kind": "consensus", "family": "consensus_lh", "task": "birads_high", "members": ["dlr_lh", "dl_u_lh"], "operating_point": 0.366, "fitted": fitted}
-    entry = ModelEntry("consensus_lh", "BreastAI-Consensus-LH-MeanLogOdds", "0.1.0", "consensus_lh.json", "a" * 64, parameters)
+    fitted = {
+        "split": "val",
+        "datasets": ["breast_lesions", "busbra"],
+        "cases": 144,
+        "positives": 71,
+        "auc": 0.9112,
+        "member_auc": {"dlr_lh": 0.9022, "dl_u_lh": 0.9057},
+    }
+    parameters = {
+        "kind": "consensus",
+        "family": "consensus_lh",
+        "task": "birads_high",
+        "members": ["dlr_lh", "dl_u_lh"],
+        "operating_point": 0.366,
+        "fitted": fitted,
+    }
+    entry = ModelEntry(
+        "consensus_lh", "BreastAI-Consensus-LH-MeanLogOdds", "0.1.0", "consensus_lh.json", "a" * 64, parameters
+    )
     text = consensus_card(entry, lh_report, "../shared/datasets")
     assert "`consensus_lh` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads" in text
     assert "`dlr_lh`, `dl_u_lh`" in text and "71 assessed BI-RADS 4/5" in text and "--task birads_high" in text
@@ -99,14 +124,23 @@ def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_i
 
     dlr_bm = read_manifest()["dlr_bm"]
     four_a = report["four_a_co_decision"]
-    assert "(DLR_LH + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d")
-    assert "(`consensus_lh` + DLR_BM, test cases assessed 4A)" in card_markdown(dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh")
+    assert "(DLR_LH + DLR_BM, test cases assessed 4A)" in card_markdown(
+        dlr_bm, report["families"]["dlr_bm"], four_a, "d"
+    )
+    assert "(`consensus_lh` + DLR_BM, test cases assessed 4A)" in card_markdown(
+        dlr_bm, report["families"]["dlr_bm"], four_a, "d", (), "consensus_lh"
+    )
 
-    # write_cards puts the tally on the cards of the models it read: DLR_BM, the LH consensus and its members, not others
+    # write_cards puts the tally on the cards of the models it read: DLR_BM, the LH consensus and its members, not
+    # others
     from models.evaluation.cards import write_cards
 
     entries = {**read_manifest(), "consensus_lh": entry}
-    lh_report = {**report, "four_a_lh_model": "consensus_lh", "families": {r: report["families"][r] for r in ("dlr_bm", "dlr_lh", "dl_u")}}
+    lh_report = {
+        **report,
+        "four_a_lh_model": "consensus_lh",
+        "families": {r: report["families"][r] for r in ("dlr_bm", "dlr_lh", "dl_u")},
+    }
     lh_report["families"]["consensus_lh"] = report["families"]["dlr_lh"]
     written = {p.stem: p.read_text() for p in write_cards(lh_report, entries, tmp_path, {})}
     heading = "## BI-RADS 4A co-decision (`consensus_lh` + DLR_BM, test cases assessed 4A)"

@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.training.loop import Checkpoints  # noqa: E402
+from models.errors import TrainingError
+from models.training.loop import Checkpoints
 
 
 def _parts(seed: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
@@ -40,12 +41,16 @@ def test_companions_are_saved_and_resumed_with_the_network(tmp_path: Path) -> No
 def test_a_checkpoint_without_a_companion_refuses_unless_an_old_side_file_has_it(tmp_path: Path) -> None:
     network, head, optimizer = _parts(0)
     _train_one_step(network, head, optimizer)
-    Checkpoints(tmp_path).save(network, optimizer, epoch=0, score=0.5, best=-1.0)  # as the auxiliary heads were (not) kept
+    Checkpoints(tmp_path).save(
+        network, optimizer, epoch=0, score=0.5, best=-1.0
+    )  # as the auxiliary heads were (not) kept
 
     fresh_network, fresh_head, fresh_optimizer = _parts(1)
-    with pytest.raises(SystemExit, match="no weights for head"):
+    with pytest.raises(TrainingError, match="no weights for head"):
         Checkpoints(tmp_path).resume(fresh_network, fresh_optimizer, {"head": fresh_head})
     # Earlier mask-pretraining and SimCLR runs kept theirs beside last.pt.
     torch.save(head.state_dict(), tmp_path / "side.pt")
-    assert Checkpoints(tmp_path).resume(fresh_network, fresh_optimizer, {"head": fresh_head}, legacy_files={"head": "side.pt"}) == (1, 0.5)
+    assert Checkpoints(tmp_path).resume(
+        fresh_network, fresh_optimizer, {"head": fresh_head}, legacy_files={"head": "side.pt"}
+    ) == (1, 0.5)
     assert torch.equal(fresh_head.weight, head.weight)

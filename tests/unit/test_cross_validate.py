@@ -10,14 +10,23 @@ import pytest
 
 pytest.importorskip("torch")
 
-from models.training.cross_validate import CROSS_VALIDATED, compare, main, patient_folds  # noqa: E402
-from models.training.data import Record  # noqa: E402
-from models.training.train_family import LesionSample  # noqa: E402
+from models.datasets import Record
+from models.errors import TrainingError
+from models.training.cross_validate import CROSS_VALIDATED, compare, main, patient_folds
+from models.training.train_family import LesionSample
 
 
 def _sample(patient: str, label: int, index: int) -> LesionSample:
-    record = Record(dataset="mias", image_id=f"{patient}-{index}", image_path=Path("unused.png"), mask_path=None,
-                    malignant=label, patient=patient, device="mias", split="train")
+    record = Record(
+        dataset="mias",
+        image_id=f"{patient}-{index}",
+        image_path=Path("unused.png"),
+        mask_path=None,
+        malignant=label,
+        patient=patient,
+        device="mias",
+        split="train",
+    )
     return LesionSample(record, np.zeros((8, 8), np.uint8), (0, 0, 4, 4), label)
 
 
@@ -25,12 +34,16 @@ def test_folds_keep_a_patient_together_and_share_out_each_class() -> None:
     samples = [_sample(f"woman-{w}", int(w < 8), k) for w in range(20) for k in range(1 + w % 2)]
     folds = patient_folds(samples, 4)
     by_patient: dict[str, set[int]] = {}
-    for sample, fold in zip(samples, folds):
+    for sample, fold in zip(samples, folds, strict=False):
         by_patient.setdefault(sample.record.patient, set()).add(fold)
     assert all(len(f) == 1 for f in by_patient.values())
-    positive_patients_per_fold = [sum(1 for p, f in by_patient.items() if f == {k} and int(p.split("-")[1]) < 8) for k in range(4)]
+    positive_patients_per_fold = [
+        sum(1 for p, f in by_patient.items() if f == {k} and int(p.split("-")[1]) < 8) for k in range(4)
+    ]
     assert positive_patients_per_fold == [2, 2, 2, 2]
-    assert patient_folds(list(reversed(samples)), 4) == list(reversed(folds))  # the input order does not decide the folds
+    assert patient_folds(list(reversed(samples)), 4) == list(
+        reversed(folds)
+    )  # the input order does not decide the folds
     with pytest.raises(ValueError, match="at least 2 folds"):
         patient_folds(samples, 1)
     with pytest.raises(ValueError, match="cannot fill"):
@@ -65,7 +78,9 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict[str, set[str]
     train_network, trained_model = cross_validate.train_network, cross_validate.trained_model
 
     def recording_train(spec, config, samples):  # type: ignore[no-untyped-def]
-        runs.append({split: {f"{s.record.dataset}/{s.record.image_id}" for s in part} for split, part in samples.items()})
+        runs.append(
+            {split: {f"{s.record.dataset}/{s.record.image_id}" for s in part} for split, part in samples.items()}
+        )
         train_network(spec, config, samples)
 
     def recording_model(spec, work, checkpoint):  # type: ignore[no-untyped-def]
@@ -77,13 +92,27 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict[str, set[str]
     return runs, checkpoints
 
 
-def test_cross_validation_scores_each_training_finding_once_with_a_network_that_never_saw_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cross_validation_scores_each_training_finding_once_with_a_network_that_never_saw_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from models.training.train_family import FAMILIES, split_samples
 
     datasets = _synthetic_mias(tmp_path / "datasets")
     report_file = tmp_path / "dl_m.json"
     runs, checkpoints = _recording(monkeypatch)
-    options = ["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu"]
+    options = [
+        "dl_m",
+        "--datasets",
+        str(datasets),
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     main([*options, "--work", str(tmp_path / "work"), "--report", str(report_file)])
     report = json.loads(report_file.read_text())
     samples = split_samples(FAMILIES["dl_m"], datasets)
@@ -92,7 +121,9 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
     assert not {f"mias/{s.record.image_id}" for s in samples["test"]} & set(report["cases_by_key"])
     assert 0.0 <= report["auc"] <= 1.0 and 0.0 <= report["auc_ci95"][0] <= report["auc_ci95"][1] <= 1.0
     assert sorted({c["fold"] for c in report["cases_by_key"].values()}) == [0, 1, 2]
-    assert len(runs) == 3 and checkpoints == ["last.pt"] * 3  # the last epoch scored each fold, never the epoch best on it
+    assert (
+        len(runs) == 3 and checkpoints == ["last.pt"] * 3
+    )  # the last epoch scored each fold, never the epoch best on it
     for fold, run in enumerate(runs):  # each fold's network trained without the findings it scored
         held_out = {k for k, c in report["cases_by_key"].items() if c["fold"] == fold}
         assert not run["train"] & held_out and run["train"] | held_out == pooled
@@ -104,21 +135,33 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
     relabelled = json.loads(json.dumps(report))
     first = next(iter(relabelled["cases_by_key"].values()))
     first["label"] = 1 - first["label"]
-    with pytest.raises(SystemExit, match="disagree"):
+    with pytest.raises(TrainingError, match="disagree"):
         compare(report, relabelled)
     # a different recipe cannot resume in the same folder
-    with pytest.raises(SystemExit, match="other settings"):
-        main([*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")])
+    with pytest.raises(TrainingError, match="other settings"):
+        main(
+            [*options[:-4], "--epochs", "3", "--work", str(tmp_path / "work"), "--report", str(tmp_path / "other.json")]
+        )
     # nor the same recipe on other findings: a finished fold may have trained on what is now held out
     assert "findings" in json.loads((tmp_path / "work" / "fold-0" / "config.json").read_text())
     labels_csv = datasets / "mias" / "labels.csv"
     header, _dropped, *rest = labels_csv.read_text().splitlines(keepends=True)
     labels_csv.write_text(header + "".join(rest))  # one image fewer (and every later finding's key moves)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(TrainingError, match="other settings"):
         main([*options, "--work", str(tmp_path / "work"), "--report", str(tmp_path / "fewer.json")])
     # an --against file that is not there is found before any training
     with pytest.raises(FileNotFoundError):
-        main([*options, "--work", str(tmp_path / "fresh"), "--report", str(tmp_path / "x.json"), "--against", str(tmp_path / "missing.json")])
+        main(
+            [
+                *options,
+                "--work",
+                str(tmp_path / "fresh"),
+                "--report",
+                str(tmp_path / "x.json"),
+                "--against",
+                str(tmp_path / "missing.json"),
+            ]
+        )
     assert not (tmp_path / "fresh").exists()
 
 
@@ -137,7 +180,9 @@ def test_within_fold_auc_counts_only_pairs_inside_a_fold() -> None:
         within_fold_auc(np.array([1, 0]), np.array([0.5, 0.5]), np.array([0, 1]))
 
 
-def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from models.training.cross_validate import inner_split
 
     samples = [_sample(f"woman-{w}", int(w < 8), k) for w in range(20) for k in range(1 + w % 2)]
@@ -149,8 +194,26 @@ def test_choosing_the_epoch_uses_an_inner_fold_of_the_training_part_only(tmp_pat
     datasets = _synthetic_mias(tmp_path / "datasets", women=20)
     report_file = tmp_path / "chosen.json"
     seen, checkpoints = _recording(monkeypatch)
-    main(["dl_m", "--datasets", str(datasets), "--folds", "3", "--epochs", "2", "--threads", "1", "--device", "cpu", "--choose-epoch",
-          "--work", str(tmp_path / "work"), "--report", str(report_file)])
+    main(
+        [
+            "dl_m",
+            "--datasets",
+            str(datasets),
+            "--folds",
+            "3",
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--choose-epoch",
+            "--work",
+            str(tmp_path / "work"),
+            "--report",
+            str(report_file),
+        ]
+    )
     report = json.loads(report_file.read_text())
     assert report["scored_with"].startswith("the epoch chosen on an inner validation fold")
     assert len(seen) == 3 and sorted(checkpoints) == ["best.pt"] * 3 + ["last.pt"] * 3  # both rules, on the same runs
@@ -170,8 +233,20 @@ def test_a_recorded_summary_replaces_the_same_recipe_and_reaches_the_card(tmp_pa
     from models.evaluation.cards import _cross_validation_section, read_cross_validation
     from models.training.cross_validate import record_summary
 
-    base = {"family": "dl_m", "init": "random", "scored_with": "last epoch", "folds": 5, "epochs": 30, "seed": 1,
-            "cases": 73, "positives": 33, "patients": 65, "auc": 0.6, "auc_ci95": [0.5, 0.7], "fold_auc": [0.6, None, 0.7, 0.5, 0.6]}
+    base = {
+        "family": "dl_m",
+        "init": "random",
+        "scored_with": "last epoch",
+        "folds": 5,
+        "epochs": 30,
+        "seed": 1,
+        "cases": 73,
+        "positives": 33,
+        "patients": 65,
+        "auc": 0.6,
+        "auc_ci95": [0.5, 0.7],
+        "fold_auc": [0.6, None, 0.7, 0.5, 0.6],
+    }
     record = tmp_path / "crossval" / "dl_m.json"
     record_summary(record, base)
     record_summary(record, {**base, "scored_with": "chosen epoch", "auc": 0.5})

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.training.data import EXCLUDED, NEAR_DUPLICATES, Record, apply_near_duplicates, load_records, split_for
+from models.datasets import EXCLUDED, NEAR_DUPLICATES, Record, apply_near_duplicates, load_records, split_for
 
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
@@ -20,15 +20,27 @@ def _record(image_id: str, split: str, malignant: int | None = 0) -> Record:
 
 def test_a_group_that_straddles_splits_or_labels_is_left_out_and_one_that_does_not_is_one_patient() -> None:
     records = [
-        _record("a1", "train"), _record("a2", "test"),  # copies in train and test
-        _record("b1", "train", 0), _record("b2", "train", 1),  # one scan called benign and malignant
-        _record("c1", "test"), _record("c2", "test"),  # copies inside the test split
+        _record("a1", "train"),
+        _record("a2", "test"),  # copies in train and test
+        _record("b1", "train", 0),
+        _record("b2", "train", 1),  # one scan called benign and malignant
+        _record("c1", "test"),
+        _record("c2", "test"),  # copies inside the test split
         _record("d", "val"),  # no copy
     ]
-    groups = {("busi", "a1"): "g-a", ("busi", "a2"): "g-a", ("busi", "b1"): "g-b", ("busi", "b2"): "g-b", ("busi", "c1"): "g-c", ("busi", "c2"): "g-c"}
+    groups = {
+        ("busi", "a1"): "g-a",
+        ("busi", "a2"): "g-a",
+        ("busi", "b1"): "g-b",
+        ("busi", "b2"): "g-b",
+        ("busi", "c1"): "g-c",
+        ("busi", "c2"): "g-c",
+    }
     result = {r.image_id: r for r in apply_near_duplicates(records, groups)}
     assert [result[i].split for i in ("a1", "a2", "b1", "b2")] == [EXCLUDED] * 4
-    assert (result["c1"].split, result["c2"].split) == ("test", "test") and result["c1"].patient == result["c2"].patient == "g-c"
+    assert (result["c1"].split, result["c2"].split) == ("test", "test") and result["c1"].patient == result[
+        "c2"
+    ].patient == "g-c"
     assert result["d"] == records[-1]
     assert [r.image_id for r in apply_near_duplicates(records, groups)] == [r.image_id for r in records]  # order kept
 
@@ -54,7 +66,9 @@ def test_a_site_folder_with_a_case_column_keeps_each_patient_in_one_split(tmp_pa
     assert all(len(s) == 1 for s in splits.values()) and len(splits) == 40
     assert {s for v in splits.values() for s in v} == {"train", "val", "test"}
     # Without a case column the rule is unchanged: by image id, as the published models were split.
-    assert split_for("busi", "busi_benign_001", {"id": "busi_benign_001"}) == split_for("busi", "busi_benign_001", {"id": "busi_benign_001", "case": ""})
+    assert split_for("busi", "busi_benign_001", {"id": "busi_benign_001"}) == split_for(
+        "busi", "busi_benign_001", {"id": "busi_benign_001", "case": ""}
+    )
 
 
 def test_the_committed_near_duplicate_list_names_images_that_exist() -> None:
@@ -97,11 +111,14 @@ def test_a_listed_id_counts_only_for_the_listed_image_file(tmp_path: Path) -> No
     records = load_records(tmp_path, ("busi",))
     assert [r.patient for r in records] == [f"busi-{row['id']}" for row in listed]
     # The same files listed under their own digests are grouped.
-    from models.training.data import file_sha256
+    from models.datasets import file_sha256
 
     own = tmp_path / "list.csv"
-    own.write_text("dataset,group,id,group_size,sha256\n" + "".join(
-        f"busi,g1,{row['id']},2,{file_sha256(next((site / 'images').glob(row['id'] + '.*')))}\n" for row in listed
-    ))
+    own.write_text(
+        "dataset,group,id,group_size,sha256\n"
+        + "".join(
+            f"busi,g1,{row['id']},2,{file_sha256(next((site / 'images').glob(row['id'] + '.*')))}\n" for row in listed
+        )
+    )
     regrouped = load_records(tmp_path, ("busi",), near_duplicates=own)
     assert {r.patient for r in regrouped} == {"g1"}

@@ -11,9 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from models.families.dlum import network as dlum# noqa: E402
-from models.families.ensemble import MemberMean  # noqa: E402
-from models.families.onnx_export import export_graph  # noqa: E402
+from models.errors import TrainingError
+from models.families.dlum import network as dlum
+from models.families.ensemble import MemberMean
+from models.families.onnx_export import export_graph
 
 
 def _branches(count: int) -> list[dlum.BranchExportWrapper]:
@@ -79,23 +80,37 @@ def test_onnx_export_of_an_ensemble_matches_pytorch(tmp_path: Path) -> None:
     got = session.run(None, {"image": image.numpy()})
     with torch.no_grad():
         expected = ensemble(image)
-    for served, reference in zip(got, expected):
+    for served, reference in zip(got, expected, strict=False):
         assert np.abs(served - reference.numpy()).max() < 1e-4
 
 
 def test_member_runs_get_their_own_folder_and_seed() -> None:
-    from models.training.train_family import RunConfig, member_configs
+    from models.training.run_config import RunConfig, member_configs
 
     config = RunConfig(
-        part="dl_u", family="dl_u", datasets="d", work="runs/x", holdout="", epochs=1, batch_size=4,
-        learning_rate=1e-3, input_size=32, seed=100, threads=1, max_minutes=1.0, bf16=False, ensemble=3,
+        part="dl_u",
+        family="dl_u",
+        datasets="d",
+        work="runs/x",
+        holdout="",
+        epochs=1,
+        batch_size=4,
+        learning_rate=1e-3,
+        input_size=32,
+        seed=100,
+        threads=1,
+        max_minutes=1.0,
+        bf16=False,
+        ensemble=3,
     )
     members = member_configs(config)
     assert [(m.work, m.seed, m.ensemble) for m in members] == [
-        (str(Path("runs/x/member-0")), 100, 1), (str(Path("runs/x/member-1")), 101, 1), (str(Path("runs/x/member-2")), 102, 1)
+        (str(Path("runs/x/member-0")), 100, 1),
+        (str(Path("runs/x/member-1")), 101, 1),
+        (str(Path("runs/x/member-2")), 102, 1),
     ]
     assert member_configs(replace(config, ensemble=1)) == [replace(config, ensemble=1)]
-    with pytest.raises(ValueError, match="one network"):
+    with pytest.raises(TrainingError, match="one network"):
         member_configs(replace(config, family="mupnet"))
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(TrainingError, match="at least one"):
         member_configs(replace(config, ensemble=0))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +11,18 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from models.families.onnx_export import _int8_per_channel, export_graph, int8_convolution_weights  # noqa: E402
+from models.families.onnx_export import _int8_per_channel, export_graph, int8_convolution_weights
 
 
 class _SmallNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+            torch.nn.Conv2d(1, 32, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
         )
         self.head = torch.nn.Linear(64, 2)
 
@@ -30,7 +32,10 @@ class _SmallNet(torch.nn.Module):
 
 def test_per_channel_scales_fit_each_channel_and_round_trip_closely() -> None:
     rng = np.random.default_rng(0)
-    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32) * np.array([1.0, 0.01, 5.0, 0.0], dtype=np.float32)[:, None, None, None]
+    weight = (
+        rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+        * np.array([1.0, 0.01, 5.0, 0.0], dtype=np.float32)[:, None, None, None]
+    )
     scale, quantised = _int8_per_channel(weight)
     assert quantised.dtype == np.int8 and scale.shape == (4, 1, 1, 1) and np.abs(quantised).max() <= 127
     restored = quantised.astype(np.float32) * scale
@@ -52,7 +57,9 @@ def test_graph_is_smaller_and_serves_the_same_outputs(tmp_path: Path) -> None:
     assert int8_convolution_weights(onnx.load(str(path)), min_elements=1)[1] == 2
     with torch.no_grad():
         reference = network(image).numpy()
-    got = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": image.numpy()})[0]
+    got = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image.numpy()}
+    )[0]
     assert np.abs(got - reference).max() < 0.01 * np.abs(reference).max() + 1e-3
     assert not np.array_equal(got, reference)  # the weights really changed
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.training import mask_pretraining, pretrain  # noqa: E402
-from models.training.train_family import FAMILIES  # noqa: E402
+from models.errors import TrainingError
+from models.training import mask_pretraining, pretrain
+from models.training.train_family import FAMILIES
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def test_the_decoder_reads_every_resolution_stage_and_outlines_at_the_input_size
 def test_refuses_a_network_whose_stages_it_does_not_know() -> None:
     from models.families.mupnet.network import MUPNet
 
-    with pytest.raises(SystemExit, match="not MUPNet"):
+    with pytest.raises(TrainingError, match="not MUPNet"):
         mask_pretraining.stage_modules(MUPNet(modalities=3))  # three trunks: which one would the mask teach?
 
 
@@ -85,9 +84,3 @@ def test_mean_dice_matches_hand_computed_values() -> None:
     # third window: nothing predicted, nothing there: counts 1
     windows = mask_pretraining.ValidationWindows(torch.zeros(3, 1, 4, 4), truth)
     assert mask_pretraining.mean_dice(Fixed(predicted), windows, batch_size=2) == pytest.approx((2 / 3 + 1 + 1) / 3)  # type: ignore[arg-type]
-
-
-def test_mupnet_is_offered_mask_pretraining_but_not_simclr(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as refused:
-        pretrain.main(["mupnet", "--datasets", str(tmp_path), "--work", str(tmp_path)])
-    assert refused.value.code == 2  # an argparse error, before any data is read or folder written

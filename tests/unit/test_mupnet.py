@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="MUP-Net needs the train extra (make train-venv)")
 pytest.importorskip("monai", reason="MUP-Net needs the train extra (make train-venv)")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from models.families.mupnet.network import (  # noqa: E402
+from models.families.mupnet.network import (
     EXPORT_OUTPUT_NAMES,
     LossWeights,
     MUPNet,
@@ -286,7 +286,10 @@ def test_projection_shares_an_image_only_when_a_class_has_too_few() -> None:
     eligible = torch.tensor([True, True, False, True, False, True])  # one benign candidate for two benign prototypes
     record = project_prototypes(model, list(iterate_batches(images, labels, 4, eligible)))
     assert int(record.source_index[0]) == int(record.source_index[1]) == 0  # no other benign image: shared
-    assert int(record.source_index[2]) == 1 and int(record.source_index[3]) in {3, 5}  # malignant ones could part: they do
+    assert int(record.source_index[2]) == 1 and int(record.source_index[3]) in {
+        3,
+        5,
+    }  # malignant ones could part: they do
 
 
 def test_projection_keeps_two_images_of_one_patient_apart() -> None:
@@ -303,7 +306,7 @@ def test_projection_keeps_two_images_of_one_patient_apart() -> None:
 
 
 def test_served_contributions_are_shares_of_the_log_odds() -> None:
-    from models.training.export_family import MUPNetServingWrapper
+    from models.families.mupnet.export import MUPNetServingWrapper
 
     model = MUPNet(modalities=1, prototypes_per_modality=4, prototype_channels=CHANNELS, top_k=3).eval()
     with torch.no_grad():
@@ -404,7 +407,11 @@ def test_stage_optimizers_hold_the_right_parameters() -> None:
     def ids(optimizer: torch.optim.Optimizer) -> set[int]:
         return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
-    joint, warm, last = ids(joint_optimizer(model)), ids(joint_optimizer(model, warm=True)), ids(last_layer_optimizer(model))
+    joint, warm, last = (
+        ids(joint_optimizer(model)),
+        ids(joint_optimizer(model, warm=True)),
+        ids(last_layer_optimizer(model)),
+    )
     trunk = {id(p) for p in model.trunks.parameters()}
     assert id(model.prototypes) in joint and id(model.prototypes) in warm
     assert trunk <= joint and not trunk & warm
@@ -471,40 +478,11 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, modalities: int) -> None:
         expected = MUPNetExportWrapper(model)(images)
     got = session.run(list(EXPORT_OUTPUT_NAMES), {"images": images.numpy()})
     shapes = [(2, 2), (2, modalities * 4), (2, 2, modalities * 4), (2, modalities * 4, SIZE, SIZE)]
-    for name, reference, value, shape in zip(EXPORT_OUTPUT_NAMES, expected, got, shapes):
+    for name, reference, value, shape in zip(EXPORT_OUTPUT_NAMES, expected, got, shapes, strict=False):
         assert value.shape == shape, name
         assert torch.allclose(torch.from_numpy(value), reference, atol=1e-4, rtol=0), name
     # The contributions toward each class sum to that class's logit in the served graph too.
     assert torch.allclose(torch.from_numpy(got[2]).sum(-1), torch.from_numpy(got[0]), atol=1e-4)
-
-
-def test_warm_up_epochs_train_the_prototypes_with_the_trunk_frozen_then_everything() -> None:
-    from models.training.train_family import RunConfig, check_warm_epochs, set_epoch_stage
-
-    def config(family: str = "mupnet", warm: int = 2, epochs: int = 10) -> RunConfig:
-        return RunConfig(
-            part=family, datasets="d", work="w", epochs=epochs, batch_size=2, learning_rate=1e-3, input_size=SIZE,
-            seed=0, threads=1, max_minutes=1.0, bf16=False, family=family, holdout="", warm_epochs=warm,
-        )
-
-    model = _model(modalities=1)
-    optimizer = joint_optimizer(model)  # one optimiser for the whole run, trunk group included
-    images, labels = _batch(4, modalities=1)
-    for epoch, trunk_moves in ((0, False), (1, False), (2, True)):
-        set_epoch_stage(model, epoch, config())
-        trunk = [p.detach().clone() for p in model.trunks.parameters()]
-        prototypes = model.prototypes.detach().clone()
-        optimizer.zero_grad(set_to_none=True)
-        mupnet_loss(model, model(images), labels).total.backward()
-        optimizer.step()
-        moved = any(not torch.equal(before, after) for before, after in zip(trunk, model.trunks.parameters()))
-        assert moved is trunk_moves, epoch
-        assert not torch.equal(prototypes, model.prototypes)  # the prototypes learn in both stages
-    check_warm_epochs(config(warm=0))
-    check_warm_epochs(config(warm=5))
-    for refused in (config(family="dl_u"), config(warm=10), config(warm=-1)):
-        with pytest.raises(ValueError, match="warm-epochs"):
-            check_warm_epochs(refused)
 
 
 def test_last_layer_stage_on_frozen_evidence_makes_the_same_updates_as_on_the_images() -> None:
@@ -516,11 +494,17 @@ def test_last_layer_stage_on_frozen_evidence_makes_the_same_updates_as_on_the_im
     assert evidence.similarities.shape == (6, 4) and evidence.min_distances.shape == (6, 4)
     order = torch.tensor([5, 0, 3, 1, 4, 2])
     batches = [order[:3], order[3:]]
-    stats = train_last_layer_epoch(model, [(evidence.take(b), labels[b]) for b in batches], last_layer_optimizer(model, lr=1e-2))
-    reference = train_last_layer_epoch(on_images, [(images[b], labels[b]) for b in batches], last_layer_optimizer(on_images, lr=1e-2))
+    stats = train_last_layer_epoch(
+        model, [(evidence.take(b), labels[b]) for b in batches], last_layer_optimizer(model, lr=1e-2)
+    )
+    reference = train_last_layer_epoch(
+        on_images, [(images[b], labels[b]) for b in batches], last_layer_optimizer(on_images, lr=1e-2)
+    )
     assert not torch.equal(model.last_layer.weight, _model(1).last_layer.weight)  # it trained
     assert torch.allclose(model.last_layer.weight, on_images.last_layer.weight, atol=1e-6)
-    assert stats.loss == pytest.approx(reference.loss, rel=1e-5) and stats.clustering == pytest.approx(reference.clustering, rel=1e-5)
+    assert stats.loss == pytest.approx(reference.loss, rel=1e-5) and stats.clustering == pytest.approx(
+        reference.clustering, rel=1e-5
+    )
     # The evidence still describes the model, whose trunk did not move: its probabilities are the model's own.
     with torch.no_grad():
         expected = torch.softmax(on_images.eval()(images).logits, dim=1)

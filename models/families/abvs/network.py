@@ -62,9 +62,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from models.inference.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
-from models.families.onnx_export import export_graph
 from models.families.backbones import ResNetTrunk
+from models.families.onnx_export import export_graph
+from models.inference.decisions import average_frame_probabilities  # noqa: F401 - the family's test-time rule, re-exported
 
 MALIGNANT = 1
 PLANES = ("transverse", "sagittal", "coronal")
@@ -124,7 +124,9 @@ class ThreePlaneClassifier(nn.Module):
         result: torch.Tensor = self.output(self.dropout(self.act(self.reduce(fused))))
         return result
 
-    def logits_from_features(self, transverse: torch.Tensor, sagittal: torch.Tensor, coronal: torch.Tensor) -> torch.Tensor:
+    def logits_from_features(
+        self, transverse: torch.Tensor, sagittal: torch.Tensor, coronal: torch.Tensor
+    ) -> torch.Tensor:
         """Logits from the three planes' feature maps (see :meth:`plane_features`)."""
         return self.head(self.fuse(transverse, sagittal, coronal))
 
@@ -191,7 +193,7 @@ def grad_cam(
         # Samples are independent in eval mode, so the batch sum gives each sample its own gradient.
         gradients = torch.autograd.grad(logits[:, class_index].sum(), leaves)
     cams = []
-    for feature, gradient in zip(leaves, gradients):
+    for feature, gradient in zip(leaves, gradients, strict=False):
         weights = gradient.mean(dim=(2, 3), keepdim=True)
         cam = (weights * feature.detach()).sum(dim=1)
         cams.append(rectify_and_normalise(cam) if normalise else cam)
@@ -233,7 +235,11 @@ def analytic_plane_cams(model: ThreePlaneClassifier, maps: PlaneMaps) -> tuple[t
         weights = d_pooled / area  # (N, C, K)
         return (weights.unsqueeze(-1).unsqueeze(-1) * feature.unsqueeze(2)).sum(dim=1)
 
-    return logits, (weighted_sum(transverse, d_added), weighted_sum(sagittal, d_added), weighted_sum(coronal, d_coronal))
+    return logits, (
+        weighted_sum(transverse, d_added),
+        weighted_sum(sagittal, d_added),
+        weighted_sum(coronal, d_coronal),
+    )
 
 
 class ThreePlaneExportWrapper(nn.Module):
@@ -322,7 +328,9 @@ def lesion_centre(mask: npt.NDArray[np.generic]) -> Centre:
     return int(nearest[0]), int(nearest[1]), int(nearest[2])
 
 
-def extract_planes(volume: npt.NDArray[np.generic], centre: Centre, offset: int = 0) -> tuple[npt.NDArray[np.generic], ...]:
+def extract_planes(
+    volume: npt.NDArray[np.generic], centre: Centre, offset: int = 0
+) -> tuple[npt.NDArray[np.generic], ...]:
     """Transverse, sagittal and coronal slices through ``centre`` of a (z, y, x) volume.
 
     Each plane is moved ``offset`` voxels along its own normal (transverse

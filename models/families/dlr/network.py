@@ -75,7 +75,9 @@ class AgeFusionMLP(nn.Module):
 
     def __init__(self, embedding_size: int = EMBEDDING_SIZE, hidden: int = 64) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(embedding_size + 2, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
+        self.layers = nn.Sequential(
+            nn.Linear(embedding_size + 2, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2)
+        )
 
     def forward(self, embedding: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.layers(torch.cat([embedding, clinical], dim=1))

@@ -79,10 +79,10 @@ class DLUMBranch(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: float = 1.0) -> None:
         super().__init__()
-        filters = [max(8, int(round(f * width))) for f in BLOCK_FILTERS]
+        filters = [max(8, round(f * width)) for f in BLOCK_FILTERS]
         blocks, heads = [], []
         channels = in_channels
-        for index, (convolutions, out_channels) in enumerate(zip(BLOCK_CONVOLUTIONS, filters)):
+        for _index, (convolutions, out_channels) in enumerate(zip(BLOCK_CONVOLUTIONS, filters, strict=False)):
             blocks.append(_block(channels, out_channels, convolutions, pool=False))
             heads.append(SupervisionHead(out_channels))
             channels = out_channels
@@ -94,7 +94,7 @@ class DLUMBranch(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = []
         features = image
-        for index, (block, head) in enumerate(zip(self.blocks, self.heads)):
+        for index, (block, head) in enumerate(zip(self.blocks, self.heads, strict=False)):
             features = block(features)
             logits.append(head(features))
             if index < len(self.blocks) - 1:
@@ -144,10 +144,19 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
 
 def branch_loss(block_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Deep supervision: focal loss summed over the five block heads."""
-    return sum((focal_loss(block_logits[:, k], targets) for k in range(block_logits.shape[1])), block_logits.new_zeros((), dtype=torch.float32))  # on the logits' device; float32 as before, so bf16 heads still sum in float32
+    return sum(
+        (focal_loss(block_logits[:, k], targets) for k in range(block_logits.shape[1])),
+        block_logits.new_zeros((), dtype=torch.float32),
+    )  # on the logits' device; float32 as before, so bf16 heads still sum in float32
 
 
-def dlum_loss(fused_logit: torch.Tensor, us_logits: torch.Tensor, mg_logits: torch.Tensor, targets: torch.Tensor, consistency_weight: float = 1.0) -> torch.Tensor:
+def dlum_loss(
+    fused_logit: torch.Tensor,
+    us_logits: torch.Tensor,
+    mg_logits: torch.Tensor,
+    targets: torch.Tensor,
+    consistency_weight: float = 1.0,
+) -> torch.Tensor:
     """Focal loss on every head of both branches and on the fused head, plus MAE consistency.
 
     The consistency term is ``mean |sigmoid(us_final) - sigmoid(mg_final)|``
@@ -155,7 +164,12 @@ def dlum_loss(fused_logit: torch.Tensor, us_logits: torch.Tensor, mg_logits: tor
     weight for it; 1.0 is used.
     """
     consistency = (torch.sigmoid(us_logits[:, -1]) - torch.sigmoid(mg_logits[:, -1])).abs().mean()
-    return focal_loss(fused_logit, targets) + branch_loss(us_logits, targets) + branch_loss(mg_logits, targets) + consistency_weight * consistency
+    return (
+        focal_loss(fused_logit, targets)
+        + branch_loss(us_logits, targets)
+        + branch_loss(mg_logits, targets)
+        + consistency_weight * consistency
+    )
 
 
 class BranchExportWrapper(nn.Module):
@@ -177,8 +191,16 @@ class FusedExportWrapper(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, us: torch.Tensor, mg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, us: torch.Tensor, mg: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         us_logits, us_final, us_map = self.network.us(us)
         mg_logits, mg_final, mg_map = self.network.mg(mg)
         fused = self.network.fusion_head(torch.cat([us_final, mg_final], dim=1))
-        return fused, us_logits[:, -1:], mg_logits[:, -1:], self.network.us.final_cam(us_map), self.network.mg.final_cam(mg_map)
+        return (
+            fused,
+            us_logits[:, -1:],
+            mg_logits[:, -1:],
+            self.network.us.final_cam(us_map),
+            self.network.mg.final_cam(mg_map),
+        )

@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.families.onnx_export import export_graph
 from models.families.backbones import ResNetTrunk
+from models.families.onnx_export import export_graph
 
 #: Modality order of the paper (and the default input order).
 PAPER_MODALITIES: tuple[str, ...] = ("bmode", "doppler", "elastography")
@@ -332,9 +332,13 @@ class MUPNet(nn.Module):
         """``(B, M, C, h, w)`` prototype-space features, eq. (1) plus the add-on head."""
         if images.dim() != 5 or images.shape[1] != self.modalities or images.shape[2] != self.in_channels:
             raise ValueError(
-                f"MUPNet expects images of shape (B, {self.modalities}, {self.in_channels}, H, W), got {tuple(images.shape)}"
+                f"MUPNet expects images of shape (B, {self.modalities}, {self.in_channels}, H, W), got "
+                f"{tuple(images.shape)}"
             )
-        features = [add_on(trunk(images[:, m])) for m, (trunk, add_on) in enumerate(zip(self.trunks, self.add_ons))]
+        features = [
+            add_on(trunk(images[:, m]))
+            for m, (trunk, add_on) in enumerate(zip(self.trunks, self.add_ons, strict=False))
+        ]
         return torch.stack(features, dim=1)
 
     def activations(self, latent: torch.Tensor) -> PrototypeActivations:
@@ -410,7 +414,9 @@ def last_layer_l1(model: MUPNet) -> torch.Tensor:
     return (model.last_layer.weight * other).abs().sum()
 
 
-def mupnet_loss(model: MUPNet, output: MUPNetOutput, labels: torch.Tensor, weights: LossWeights = LossWeights()) -> LossTerms:
+def mupnet_loss(
+    model: MUPNet, output: MUPNetOutput, labels: torch.Tensor, weights: LossWeights = LossWeights()
+) -> LossTerms:
     """Paper eq. (6) in the sign convention explained in :class:`LossWeights`.
 
     ``total = CE + w.clustering * Clst - w.separation * Sep + w.l1 * L1``.
@@ -418,7 +424,9 @@ def mupnet_loss(model: MUPNet, output: MUPNetOutput, labels: torch.Tensor, weigh
     return _loss_terms(model, output.logits, output.min_distances, labels, weights)
 
 
-def _loss_terms(model: MUPNet, logits: torch.Tensor, min_distances: torch.Tensor, labels: torch.Tensor, weights: LossWeights) -> LossTerms:
+def _loss_terms(
+    model: MUPNet, logits: torch.Tensor, min_distances: torch.Tensor, labels: torch.Tensor, weights: LossWeights
+) -> LossTerms:
     cross_entropy = F.cross_entropy(logits, labels)
     own = model.prototype_class[None, :] == labels[:, None]  # (B, M*P)
     clustering = _min_distance_to(model, min_distances, own)
@@ -433,7 +441,9 @@ def _loss_terms(model: MUPNet, logits: torch.Tensor, min_distances: torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def contributions_from(model: MUPNet, similarities: torch.Tensor, target: int | torch.Tensor | None = None) -> torch.Tensor:
+def contributions_from(
+    model: MUPNet, similarities: torch.Tensor, target: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Contribution of every prototype toward ``target``: ``s_g * w_h[target, g]``, shape ``(B, M*P)``.
 
     The paper (section "Interpretable deep learning model"): "similarity
@@ -534,7 +544,9 @@ def evidence_probability(model: MUPNet, evidence: FrozenEvidence) -> torch.Tenso
 LoaderBatch = Sequence[Any]  # (images | FrozenEvidence, labels) or (images, labels, eligible)
 
 
-def _unpack(batch: LoaderBatch, device: torch.device) -> tuple[torch.Tensor | FrozenEvidence, torch.Tensor, torch.Tensor | None]:
+def _unpack(
+    batch: LoaderBatch, device: torch.device
+) -> tuple[torch.Tensor | FrozenEvidence, torch.Tensor, torch.Tensor | None]:
     """``(images, labels)``, ``(evidence, labels)`` or ``(images, labels, eligible)`` from a loader batch."""
     if len(batch) not in (2, 3):
         raise ValueError("MUP-Net batches are (images, labels), (evidence, labels) or (images, labels, eligible)")
@@ -572,7 +584,11 @@ Precision = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 def _run_epoch(
-    model: MUPNet, loader: Iterable[LoaderBatch], optimizer: torch.optim.Optimizer, weights: LossWeights, precision: Precision = contextlib.nullcontext
+    model: MUPNet,
+    loader: Iterable[LoaderBatch],
+    optimizer: torch.optim.Optimizer,
+    weights: LossWeights,
+    precision: Precision = contextlib.nullcontext,
 ) -> EpochStats:
     stats = EpochStats()
     device = _device(model)
@@ -580,7 +596,9 @@ def _run_epoch(
         inputs, labels, _ = _unpack(batch, device)
         optimizer.zero_grad(set_to_none=True)
         if isinstance(inputs, FrozenEvidence):
-            if any(p.requires_grad for p in (*model.trunks.parameters(), *model.add_ons.parameters(), model.prototypes)):
+            if any(
+                p.requires_grad for p in (*model.trunks.parameters(), *model.add_ons.parameters(), model.prototypes)
+            ):
                 raise ValueError("frozen evidence trains the last layer only (paper stage 3)")
             logits, min_distances = model.last_layer(inputs.similarities), inputs.min_distances
         else:
@@ -678,8 +696,12 @@ def joint_optimizer(
     """
     groups: list[dict[str, Any]] = []
     if not warm:
-        groups.append({"params": list(model.trunks.parameters()), "lr": rate_scale * trunk_lr, "weight_decay": weight_decay})
-    groups.append({"params": list(model.add_ons.parameters()), "lr": rate_scale * add_on_lr, "weight_decay": weight_decay})
+        groups.append(
+            {"params": list(model.trunks.parameters()), "lr": rate_scale * trunk_lr, "weight_decay": weight_decay}
+        )
+    groups.append(
+        {"params": list(model.add_ons.parameters()), "lr": rate_scale * add_on_lr, "weight_decay": weight_decay}
+    )
     groups.append({"params": [model.prototypes], "lr": rate_scale * prototype_lr, "weight_decay": 0.0})
     return torch.optim.Adam(groups)
 
@@ -753,7 +775,9 @@ class ProjectionRecord:
         return rows
 
 
-def _activation_box(similarity_map: torch.Tensor, size: tuple[int, int], percentile: float) -> tuple[int, int, int, int]:
+def _activation_box(
+    similarity_map: torch.Tensor, size: tuple[int, int], percentile: float
+) -> tuple[int, int, int, int]:
     """Half-open box of the upsampled ``(h, w)`` map's pixels at or above ``percentile``."""
     upsampled = F.interpolate(similarity_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     threshold = torch.quantile(upsampled.flatten(), percentile / 100.0)
@@ -768,7 +792,9 @@ def _eligibility(eligible: torch.Tensor | None, batch: int, modalities: int, dev
     if eligible.dim() == 1:
         return eligible[:, None].expand(batch, modalities)
     if eligible.shape != (batch, modalities):
-        raise ValueError(f"eligibility mask must be (B,) or (B, M) = ({batch}, {modalities}), got {tuple(eligible.shape)}")
+        raise ValueError(
+            f"eligibility mask must be (B,) or (B, M) = ({batch}, {modalities}), got {tuple(eligible.shape)}"
+        )
     return eligible
 
 
@@ -881,7 +907,11 @@ def project_prototypes(
                         # Map of the source image against the patch itself, i.e. against the prototype after projection.
                         own = (latent[b, m] - patch[:, None, None]).pow(2).sum(dim=0)
                         own_map = torch.log((own + 1.0) / (own + model.epsilon))
-                        fresh.append(_Candidate(float(per_image[b, m, j]), seen + b, group_of(seen + b), row, col, patch, own_map))
+                        fresh.append(
+                            _Candidate(
+                                float(per_image[b, m, j]), seen + b, group_of(seen + b), row, col, patch, own_map
+                            )
+                        )
                     pools[m][j] = _keep_nearest(pools[m][j], fresh, keep)
             seen += size
         missing = [(m, j) for m in range(modalities) for j in range(per_modality) if not pools[m][j]]
@@ -957,7 +987,7 @@ def projection_eligibility(
     if len(label_list) != len(birads):
         raise ValueError("birads and labels must have the same length")
     mask = torch.zeros(len(label_list), len(modalities), dtype=torch.bool)
-    for i, (category, label) in enumerate(zip(birads, label_list)):
+    for i, (category, label) in enumerate(zip(birads, label_list, strict=False)):
         normalised = _normalise_birads(category)
         for m, modality in enumerate(modalities):
             sets = table[modality]
@@ -1000,12 +1030,18 @@ class MUPNetExportWrapper(nn.Module):
         contributions = output.similarities[:, None, :] * self.model.last_layer.weight[None, :, :]
         maps = output.similarity_maps
         if self.upsample_maps:
-            maps = F.interpolate(maps, size=(int(images.shape[-2]), int(images.shape[-1])), mode="bilinear", align_corners=False)
+            maps = F.interpolate(
+                maps, size=(int(images.shape[-2]), int(images.shape[-1])), mode="bilinear", align_corners=False
+            )
         return output.logits, output.similarities, contributions, maps
 
 
 def export_onnx(
-    model: MUPNet, destination: str | Path, image_size: int | tuple[int, int] = 224, opset: int = 17, upsample_maps: bool = True
+    model: MUPNet,
+    destination: str | Path,
+    image_size: int | tuple[int, int] = 224,
+    opset: int = 17,
+    upsample_maps: bool = True,
 ) -> Path:
     """Export :class:`MUPNetExportWrapper` (eval mode, fp32, dynamic batch) to ``destination``."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size

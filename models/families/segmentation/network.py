@@ -59,7 +59,7 @@ def recalibrate_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) 
     device = next(network.parameters()).device
     for batch in batches:
         network(batch.to(device))
-    for layer, (momentum, training) in zip(layers, saved):
+    for layer, (momentum, training) in zip(layers, saved, strict=False):
         layer.momentum = momentum
         layer.train(training)
 

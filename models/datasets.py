@@ -30,7 +30,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-US_DATASETS = ("busi", "busbra", "breast_lesions")
+US_DATASETS = ("busi", "busbra", "breast_lesions")  # the ultrasound sets with pathology labels, in reading order
+BIRADS_DATASETS = ("busbra", "breast_lesions")  # the ultrasound sets whose readers assigned a BI-RADS category
 EXCLUDED = "excluded"  # the split of near-duplicate groups that straddle splits or disagree on the label
 NEAR_DUPLICATES = Path(__file__).with_name("near_duplicates.csv")
 # Recorded with every export; bump when the rule changes, so that a card can tell which rule a model was trained under.
@@ -75,7 +76,10 @@ def _label_of(row: dict[str, str], dataset: str) -> str:
     for column in (LABEL_COLUMNS.get(dataset, "label"), *LABEL_COLUMNS.values()):
         if row.get(column):
             return row[column].strip().lower()
-    raise ValueError(f"{dataset}/labels.csv row {row.get('id')!r} has none of the label columns {sorted(set(LABEL_COLUMNS.values()))}")
+    raise ValueError(
+        f"{dataset}/labels.csv row {row.get('id')!r} has none of the label columns "
+        f"{sorted(set(LABEL_COLUMNS.values()))}"
+    )
 
 
 def dataset_names(root: Path) -> tuple[str, ...]:
@@ -146,7 +150,10 @@ def apply_near_duplicates(records: list[Record], groups: dict[tuple[str, str], s
 
 
 def load_records(
-    root: Path, datasets: tuple[str, ...] = US_DATASETS, near_duplicates: Path | None = NEAR_DUPLICATES, missing: list[str] | None = None
+    root: Path,
+    datasets: tuple[str, ...] = US_DATASETS,
+    near_duplicates: Path | None = NEAR_DUPLICATES,
+    missing: list[str] | None = None,
 ) -> list[Record]:
     """List every image of the named datasets under ``root``, near-duplicates grouped (:func:`apply_near_duplicates`).
 
@@ -185,7 +192,10 @@ def load_records(
                     )
                 )
     if not records:
-        raise FileNotFoundError(f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, masks/)")
+        raise FileNotFoundError(
+            f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, "
+            f"masks/)"
+        )
     return apply_near_duplicates(records, near_duplicate_groups(records, near_duplicates))
 
 
@@ -235,7 +245,12 @@ def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
         return findings
     with (folder / "labels.csv").open(newline="") as handle:
         for index, row in enumerate(csv.DictReader(handle)):
-            severity, x, y, radius = row["severity"].strip().upper(), _number(row["x"]), _number(row["y"]), _number(row["radius"])
+            severity, x, y, radius = (
+                row["severity"].strip().upper(),
+                _number(row["x"]),
+                _number(row["y"]),
+                _number(row["radius"]),
+            )
             if severity not in ("B", "M") or x is None or y is None or radius is None:
                 continue
             images = list((folder / "images").glob(f"{row['image_id']}.*"))
@@ -245,7 +260,7 @@ def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
             number = int("".join(ch for ch in row["image_id"] if ch.isdigit()) or 0)
             woman = f"mias-woman-{(number + 1) // 2}"
             bucket = _bucket(woman)
-            r = max(8, int(round(radius)))
+            r = max(8, round(radius))
             cx, cy = int(x), rows - int(y)
             x0, y0, x1, y1 = max(0, cx - r), max(0, cy - r), min(cols, cx + r), min(rows, cy + r)
             box = (x0, y0, max(1, x1 - x0), max(1, y1 - y0))

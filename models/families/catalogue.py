@@ -1,0 +1,55 @@
+"""Every trainable family model, found by folder: a family is a sub-package with a ``recipe`` module listing ``SPECS``.
+
+Adding a family means adding a folder (network, recipe, export, card text);
+nothing here or in ``models.training`` names one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import models.families
+
+if TYPE_CHECKING:  # the card texts are read where torch is absent (breastai evaluate --cards)
+    from models.families.spec import FamilySpec
+
+
+def _family_packages() -> list[str]:
+    return sorted(info.name for info in pkgutil.iter_modules(models.families.__path__) if info.ispkg)
+
+
+@cache
+def family_specs() -> MappingProxyType[str, FamilySpec]:
+    """Every family recipe's specs by name, read from each folder's ``recipe.SPECS`` (in folder order)."""
+    specs: dict[str, FamilySpec] = {}
+    for package in _family_packages():
+        try:
+            recipe = importlib.import_module(f"models.families.{package}.recipe")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"models.families.{package}.recipe":
+                raise
+            continue  # a folder without a recipe (the segmenter's, trained by models.training.train_reference)
+        for spec in recipe.SPECS:
+            if spec.name in specs:
+                raise ValueError(f"two recipes declare the family {spec.name!r}")
+            specs[spec.name] = spec
+    return MappingProxyType(specs)
+
+
+@cache
+def card_texts() -> MappingProxyType[str, dict[str, str]]:
+    """Each model's card prose (paper, architecture, deviations, limits) from its folder's ``card.TEXT``."""
+    texts: dict[str, dict[str, str]] = {}
+    for package in _family_packages():
+        try:
+            card: Any = importlib.import_module(f"models.families.{package}.card")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"models.families.{package}.card":
+                raise
+            continue
+        texts.update(card.TEXT)
+    return MappingProxyType(texts)
