@@ -3,15 +3,19 @@
 It is the one place that sees every package (service for the DICOM edge
 and queues, workers for processing, models for inference), which is why it
 lives here rather than in ``service``: keeping ``service`` free of
-``workers`` and ``models`` imports is the layering rule. ``main`` only
-builds settings and objects, wires them, and runs until a signal.
+``workers`` and ``models`` imports is the layering rule. For the service
+commands ``main`` only builds settings and objects, wires them, and runs
+until a signal; ``evaluate`` and ``train`` hand over to ``models``.
 
 Sub-commands
 ------------
-serve    listener + embedded queue + worker in one process (one box)
-listen   listener only; jobs go to RabbitMQ (``--queue rabbitmq``)
-work     worker only; consumes jobs from RabbitMQ
-analyze  run the pipeline on DICOM files or folders, no network
+serve     listener + embedded queue + worker in one process (one box)
+listen    listener only; jobs go to RabbitMQ (``--queue rabbitmq``)
+work      worker only; consumes jobs from RabbitMQ
+analyze   run the pipeline on DICOM files or folders, no network
+evaluate  score the exported models on a labelled image folder (reports, cards)
+train     train or refit a model family, the consensus or the lexicon model
+          (families need the train extra; consensus and lexicon do not)
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from models.evaluation.command import add_evaluate_arguments, run_evaluate
+from models.errors import ModelsError
+from models.evaluation.arguments import add_evaluate_arguments
 from service.errors import BreastAIError, ConfigurationError
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.metrics import start_metrics_server
@@ -140,7 +145,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from workers.uids import derive_uid
 
     silence_value_quoting_warnings()
-    pipeline = _pipeline(Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f))
+    pipeline = _pipeline(
+        Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f)
+    )
     context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
     by_study: dict[str, list[Path]] = defaultdict(list)
     failures = 0
@@ -167,7 +174,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``breastai`` argument parser (sub-commands share the settings flags)."""
-    parser = argparse.ArgumentParser(prog="breastai", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="breastai", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("serve", "listener, embedded queue and worker in one process"),
@@ -176,15 +185,54 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text, description=text)
         add_settings_arguments(sub)
-    analyze = commands.add_parser("analyze", help="run the pipeline on DICOM files or folders, no network", description="Run the analysis on DICOM files or folders without any network and write the SR and overlays to --out.")
+    analyze = commands.add_parser(
+        "analyze",
+        help="run the pipeline on DICOM files or folders, no network",
+        description=(
+            "Run the analysis on DICOM files or folders without any network and write the SR and overlays to --out."
+        ),
+    )
     analyze.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
     analyze.add_argument("--out", required=True, help="folder for the results (<study>/<series>/<sop>.dcm)")
-    analyze.add_argument("--model-dir", default=None, help="model folder with manifest.json (default: bundled reference models)")
-    analyze.add_argument("--families", default="", help="comma-separated model families to run on each lesion (default: the model folder's list)")
-    evaluate = commands.add_parser("evaluate", help="score the models on a labelled image folder; reports with CIs, ROC and calibration PNGs", description="Score exported models, as served, on a folder laid out like shared/datasets (images/, masks/, labels.csv).")
+    analyze.add_argument(
+        "--model-dir", default=None, help="model folder with manifest.json (default: bundled reference models)"
+    )
+    analyze.add_argument(
+        "--families",
+        default="",
+        help="comma-separated model families to run on each lesion (default: the model folder's list)",
+    )
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score the models on a labelled image folder; reports with CIs, ROC and calibration PNGs",
+        description=(
+            "Score exported models, as served, on a folder laid out like shared/datasets (images/, masks/, labels.csv)."
+        ),
+    )
     add_evaluate_arguments(evaluate)
-    train = commands.add_parser("train", help="train one model family (needs the train extra: make train-venv)", description="Train one model family; arguments after FAMILY go to python -m models.training.train_family (see --help there).")
-    train.add_argument("family", help="dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet (the ABVS three-plane family has no public training data: models/cards/abvs_three_plane.md); dl_u_lh (opt-in: DL-U's network on DLR_LH's labels, two seeds); consensus (fits the consensus of the exported families, then refits any other the folder has; '--task birads_high' fits the LH consensus of dlr_lh and dl_u_lh that the 4A co-decision then reads), lexicon (fits the lexicon-descriptor model on the folder's outlines); those two need no torch; pretrain (SimCLR self-supervised pretraining: 'train pretrain dl_u', then 'train dl_u --init runs/pretrain/dl_u/best.pt'); external (external validation: 'train external --holdout busbra' trains the consensus members without busbra, fits their consensus and scores all of busbra); crossval (K-fold out-of-fold AUC of dl_m or dl_u over the training and validation lesions: 'train crossval dl_m --report FILE')")
+    train = commands.add_parser(
+        "train",
+        help="train one model family (needs the train extra: make train-venv)",
+        description=(
+            "Train one model family; arguments after FAMILY go to python -m models.training.train_family "
+            "(see --help there)."
+        ),
+    )
+    train.add_argument(
+        "family",
+        help=(
+            "dlr_lh, dlr_bm, cldlr, dl_u, dl_m, mupnet (the ABVS three-plane family has no public training data: "
+            "models/cards/abvs_three_plane.md); dl_u_lh (opt-in: DL-U's network on DLR_LH's labels, two seeds); "
+            "consensus (fits the consensus of the exported families, then refits any other the folder has; "
+            "'--task birads_high' fits the LH consensus of dlr_lh and dl_u_lh that the 4A co-decision then "
+            "reads), lexicon (fits the lexicon-descriptor model on the folder's outlines); those two need no "
+            "torch; pretrain (mask pretraining of a family's network on the lesion outlines: 'train pretrain "
+            "dlr_bm', then 'train dlr_bm --init runs/pretrain-masks/dlr_bm/best.pt'); external (external "
+            "validation: 'train external --holdout busbra' trains the consensus members without busbra, fits "
+            "their consensus and scores all of busbra); crossval (K-fold out-of-fold AUC of dl_m or dl_u over the"
+            " training and validation lesions: 'train crossval dl_m --report FILE')"
+        ),
+    )
     train.add_argument("options", nargs=argparse.REMAINDER, help="e.g. --datasets ../shared/datasets --stage all")
     return parser
 
@@ -201,11 +249,11 @@ def _train(args: argparse.Namespace) -> int:
         fit_lexicon.main(args.options)
         return 0
     try:
-        from models.training import pretrain, train_family
+        from models.training import mask_pretraining, train_family
     except ImportError as exc:  # the serving install has no torch
         raise ConfigurationError(f"training needs the train extra (make train-venv): {exc}") from exc
     if args.family == "pretrain":
-        pretrain.main(args.options)
+        mask_pretraining.main(args.options)
     elif args.family == "external":
         from models.training import external
 
@@ -226,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "analyze":
             return _analyze(args)
         if args.command == "evaluate":
+            from models.evaluation.command import run_evaluate  # the scoring code loads only for this command
+
             return run_evaluate(args)
         if args.command == "train":
             return _train(args)
@@ -234,9 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _run(settings, with_listener=True, with_worker=True)
         if settings.queue != "rabbitmq":
-            raise ConfigurationError(f"'breastai {args.command}' splits the service over a broker: use --queue rabbitmq (or BREASTAI_QUEUE=rabbitmq)")
+            raise ConfigurationError(
+                f"'breastai {args.command}' splits the service over a broker: use --queue rabbitmq "
+                "(or BREASTAI_QUEUE=rabbitmq)"
+            )
         return _run(settings, with_listener=args.command == "listen", with_worker=args.command == "work")
-    except BreastAIError as exc:
+    except (BreastAIError, ModelsError) as exc:
+        # What models/ refuses (an incomplete manifest, an unknown model to evaluate) is a bad setting like any other.
         print(f"breastai: {exc}", file=sys.stderr)
         return 2
 

@@ -16,7 +16,7 @@ lesion image. With both DLR models, the BI-RADS 4A co-decision is tallied
 on the cases assessed 4A.
 
 ``--split test`` (default) keeps the project's held-out split of the
-development data (see :mod:`models.training.data`); use ``--split all`` for
+development data (see :mod:`models.datasets`); use ``--split all`` for
 a site's own data, which never took part in training.
 """
 
@@ -35,18 +35,50 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.inference.consensus import is_consensus, load_consensus_scorer
-from models.inference.decisions import BIRADS_BIOPSY_LIKELIHOOD, BIRADS_MALIGNANCY_LIKELIHOOD, BM_ROLE, co_decision, lh_score
+from models.datasets import (
+    EXCLUDED,
+    Record,
+    birads_high,
+    dataset_names,
+    load_records,
+    mask_box,
+    mias_findings,
+    read_gray,
+    read_mask,
+)
+from models.errors import EvaluationError
+from models.evaluation.report import (
+    CasePrediction,
+    SegmentationRow,
+    classification_report,
+    compare_families,
+    report_markdown,
+    segmentation_report,
+)
 from models.evaluation.stats import dice, hausdorff95, iou
-from models.evaluation.report import CasePrediction, SegmentationRow, classification_report, compare_families, report_markdown, segmentation_report
-from models.inference.family_scorer import ClinicalContext, FamilyScorer
-from models.inference.lesions import Component
-from models.inference.lexicon import LexiconScorer
+from models.inference.consensus import load_consensus_scorer
+from models.inference.decisions import (
+    BIRADS_BIOPSY_LIKELIHOOD,
+    BIRADS_MALIGNANCY_LIKELIHOOD,
+    BM_ROLE,
+    co_decision,
+    lh_score,
+)
+from models.inference.family_scorer import ClinicalContext
 from models.inference.findings import FamilyScore, ModelInfo
-from models.inference.pipeline import SEGMENTATION_ROLES, SEGMENTER_ROLE, load_refiner, load_scorer, load_segmenter, segment_lesions
-from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
+from models.inference.lesions import Component
+from models.inference.manifest import ConsensusSpec, Modality, ModelKind, ScorerSpec
+from models.inference.pipeline import (
+    SEGMENTATION_ROLES,
+    SEGMENTER_ROLE,
+    load_refiner,
+    load_scorer,
+    load_segmenter,
+    segment_lesions,
+)
 from models.inference.preprocess import Box
-from models.training.data import EXCLUDED, Record, birads_high, dataset_names, load_records, mask_box, mias_findings, read_gray, read_mask
+from models.inference.registry import ModelEntry, read_manifest
+from models.inference.scorers import LesionView
 
 STATISTICS_NOTE = (
     "AUC intervals: percentile bootstrap over patients (all images of one patient, or one group of near-duplicate "
@@ -84,25 +116,28 @@ def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Rec
     A lexicon-descriptor model reads the lesion's outline as served: the
     served segmentation's component that overlaps the ground-truth box most
     (none: the model's own fallback, which its notes record).
+
+    Raises
+    ------
+    EvaluationError
+        ``entry`` is a consensus (scored from its members by :func:`score_consensus`).
+    ModelRegistryError
+        The entry is incomplete (:class:`~models.errors.ManifestError`) or a file fails its checksum.
     """
     scorer = load_scorer(entry, read_manifest(model_dir), model_dir)
-    segmentation = (*load_segmenter(model_dir), load_refiner(model_dir)) if isinstance(scorer, LexiconScorer) else None
+    if scorer.members:
+        raise EvaluationError(f"{entry.role} is a consensus: it is scored from its members")
+    reads_outline = entry.spec.kind is ModelKind.LEXICON
+    segmentation = (*load_segmenter(model_dir), load_refiner(model_dir)) if reads_outline else None
     cases = []
     for record, box in lesions:
         label = _label(record, scorer.task)
         if label is None:
             continue
         gray = read_gray(record.image_path)
-        if isinstance(scorer, LexiconScorer):
-            assert segmentation is not None
-            components = segment_lesions(*segmentation, gray)
-            score = scorer.score(gray, box, served_mask_at(components, box))
-        elif isinstance(scorer, FamilyScorer):
-            context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
-            score = scorer.score(gray, box, context)
-        else:
-            raise SystemExit(f"{entry.role} is a consensus: it is scored from its members")
-        cases.append(ScoredCase(record, label, score))
+        mask = served_mask_at(segment_lesions(*segmentation, gray), box) if segmentation is not None else None
+        context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
+        cases.append(ScoredCase(record, label, scorer.score_lesion(LesionView(gray, box, mask, context), {})))
     return cases
 
 
@@ -116,7 +151,10 @@ def served_mask_at(components: Sequence[Component], box: Box) -> npt.NDArray[np.
 
 
 def score_consensus(
-    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, member_cases: Mapping[str, Sequence[ScoredCase]]
+    entry: ModelEntry,
+    entries: Mapping[str, ModelEntry],
+    model_dir: Path,
+    member_cases: Mapping[str, Sequence[ScoredCase]],
 ) -> list[ScoredCase]:
     """The consensus of ``entry`` on every case all its members scored (``member_cases`` keyed by member role)."""
     consensus = load_consensus_scorer(entry, entries, model_dir)
@@ -127,7 +165,7 @@ def score_consensus(
         if any(m is None for m in members):
             continue
         shape = read_gray(case.record.image_path).shape
-        scores = {role: m.score for role, m in zip(consensus.members, members) if m is not None}
+        scores = {role: m.score for role, m in zip(consensus.members, members, strict=True) if m is not None}
         cases.append(ScoredCase(case.record, case.label, consensus.combine(scores, (int(shape[0]), int(shape[1])))))
     return cases
 
@@ -138,7 +176,9 @@ def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[Segmen
     As served: the reported components (minimum area, at most three), each
     re-outlined by the refiner where the folder has one.
     """
-    segmenter, entry = load_segmenter(model_dir)  # the families, and their consistency, are checked where they are scored
+    segmenter, entry = load_segmenter(
+        model_dir
+    )  # the families, and their consistency, are checked where they are scored
     refiner = load_refiner(model_dir)
     rows = []
     for record in records:
@@ -153,7 +193,13 @@ def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[Segmen
             predicted |= component.mask
         rows.append(
             SegmentationRow(
-                record.image_id, record.dataset, record.device, dice(predicted, truth), iou(predicted, truth), hausdorff95(predicted, truth), record.patient
+                record.image_id,
+                record.dataset,
+                record.device,
+                dice(predicted, truth),
+                iou(predicted, truth),
+                hausdorff95(predicted, truth),
+                record.patient,
             )
         )
     return rows
@@ -167,8 +213,12 @@ def four_a_tally(lh: Sequence[ScoredCase], bm: Sequence[ScoredCase]) -> dict[str
         other = bm_by_id.get(case.record.image_id)
         if other is None or case.record.birads != "4a" or case.record.malignant is None:
             continue
-        decision = co_decision(case.score.probability, other.score.probability, case.score.threshold, other.score.threshold)
-        tally.setdefault(decision.recommendation.value, Counter())["malignant" if case.record.malignant else "benign"] += 1
+        decision = co_decision(
+            case.score.probability, other.score.probability, case.score.threshold, other.score.threshold
+        )
+        tally.setdefault(decision.recommendation.value, Counter())[
+            "malignant" if case.record.malignant else "benign"
+        ] += 1
     return {
         recommendation: {"n": sum(counts.values()), "malignant": counts["malignant"], "benign": counts["benign"]}
         for recommendation, counts in sorted(tally.items())
@@ -201,15 +251,26 @@ def birads_reader(cases: Sequence[ScoredCase]) -> list[ScoredCase]:
         if likelihood is None:
             continue
         score = FamilyScore(
-            READER_ROLE, "malignancy", ModelInfo(READER_NAME, "ACR BI-RADS Atlas 5th ed.", ""), likelihood,
-            BIRADS_BIOPSY_LIKELIHOOD, likelihood >= BIRADS_BIOPSY_LIKELIHOOD, np.zeros((1, 1), np.float32), case.score.roi_box,
+            READER_ROLE,
+            "malignancy",
+            ModelInfo(READER_NAME, "ACR BI-RADS Atlas 5th ed.", ""),
+            likelihood,
+            BIRADS_BIOPSY_LIKELIHOOD,
+            likelihood >= BIRADS_BIOPSY_LIKELIHOOD,
+            np.zeros((1, 1), np.float32),
+            case.score.roi_box,
         )
         reference.append(ScoredCase(case.record, case.label, score))
     return reference
 
 
 def _predictions(cases: Sequence[ScoredCase]) -> list[CasePrediction]:
-    return [CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability, c.record.patient) for c in cases]
+    return [
+        CasePrediction(
+            c.record.image_id, c.record.dataset, c.record.device, c.label, c.score.probability, c.record.patient
+        )
+        for c in cases
+    ]
 
 
 VARIANT_SUFFIX = "_only_probability"
@@ -227,34 +288,58 @@ def variant_predictions(cases: Sequence[ScoredCase]) -> dict[str, list[CasePredi
         values = [c.score.details.get(key) for c in cases]
         if all(isinstance(v, float) for v in values):
             variants[f"{key.removesuffix(VARIANT_SUFFIX)} only"] = [
-                CasePrediction(c.record.image_id, c.record.dataset, c.record.device, c.label, float(v), c.record.patient)
-                for c, v in zip(cases, values)
+                CasePrediction(
+                    c.record.image_id, c.record.dataset, c.record.device, c.label, float(v), c.record.patient
+                )
+                for c, v in zip(cases, values, strict=True)
                 if isinstance(v, float)
             ]
     return variants
 
 
-def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000) -> dict[str, Any]:
-    """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``."""
+def _modality(entries: Mapping[str, ModelEntry], role: str) -> Modality:
+    """The modality of a scored role; the radiologists' reference reader (not in the manifest) read ultrasound."""
+    return entries[role].spec_as(ScorerSpec).modality if role in entries else Modality.US
+
+
+def evaluate(
+    data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000
+) -> dict[str, Any]:
+    """Run every requested model on ``data`` and write report.json, predictions.csv and PNGs to ``output``.
+
+    Raises
+    ------
+    EvaluationError
+        A requested model is not in the manifest, or the data cannot be read.
+    ModelRegistryError
+        A requested model's entry is incomplete (:class:`~models.errors.ManifestError`) or a file fails its checksum.
+    """
     from models.evaluation.plots import save_reliability_png, save_roc_png
 
     entries = read_manifest(model_dir)
     unknown = [f for f in families if f not in entries]
     if unknown:
-        raise SystemExit(f"models {', '.join(unknown)} are not in {model_dir / 'manifest.json'} (it has: {', '.join(sorted(entries))})")
+        raise EvaluationError(
+            f"models {', '.join(unknown)} are not in {model_dir / 'manifest.json'} "
+            f"(it has: {', '.join(sorted(entries))})"
+        )
+    for family in families:
+        entries[family].spec_as(ScorerSpec)  # every requested model complete before hours of scoring start
     root = data.parent if (data / "labels.csv").is_file() else data
     names = dataset_names(data)
     without_image: list[str] = []
     try:
         records = load_records(root, names, missing=without_image) if names else []
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"breastai evaluate: {exc}") from exc
+        raise EvaluationError(f"cannot read the labelled data in {data}: {exc}") from exc
     excluded = sum(r.split == EXCLUDED for r in records)
     records = [r for r in records if r.split != EXCLUDED and (split == "all" or r.split == split)]
     us_lesions = lesion_boxes(records)
     # mini-MIAS only where it was asked for: the folder itself, or a root that holds it.
     mias_asked = data.name == "mias" or not (data / "labels.csv").is_file()
-    mg_lesions = [(r, box) for r, box in (mias_findings(root) if mias_asked else []) if split == "all" or r.split == split]
+    mg_lesions = [
+        (r, box) for r, box in (mias_findings(root) if mias_asked else []) if split == "all" or r.split == split
+    ]
     output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "data": str(data),
@@ -267,14 +352,18 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
     if without_image:
         # A site's folder with rows whose images were not copied: say so, or its n would silently shrink.
         report["rows_without_image"] = {"count": len(without_image), "first": without_image[:20]}
-        print(f"breastai evaluate: {len(without_image)} labelled row(s) have no image in images/ and are not scored (first: {', '.join(without_image[:5])})", file=sys.stderr)
+        print(
+            f"breastai evaluate: {len(without_image)} labelled row(s) have no image in images/ and are not scored "
+            f"(first: {', '.join(without_image[:5])})",
+            file=sys.stderr,
+        )
     scored: dict[str, list[ScoredCase]] = {}
     members_only: dict[str, list[ScoredCase]] = {}  # scored for a consensus but not asked for
     for family in families:
-        modality = entries[family].parameters.get("modality", "US")
-        lesions = mg_lesions if modality == "MG" else us_lesions
-        if is_consensus(entries[family]):
-            for member in entries[family].parameters.get("members", []):
+        spec = entries[family].spec_as(ScorerSpec)
+        lesions = mg_lesions if spec.modality is Modality.MG else us_lesions
+        if isinstance(spec, ConsensusSpec):
+            for member in spec.members:
                 if member not in scored and member not in members_only and member in entries:
                     members_only[member] = score_family(entries[member], model_dir, lesions)
             cases = score_consensus(entries[family], entries, model_dir, {**members_only, **scored})
@@ -291,15 +380,21 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             "model": {"name": entry.name, "version": entry.version, "sha256": entry.sha256, "file": entry.file},
             "task": cases[0].score.task,
             "operating_point": cases[0].score.threshold,
-            # Per patient only for ultrasound: a mini-MIAS patient is a woman with findings in either breast, not views of one lesion.
+            # Per patient only for ultrasound: a mini-MIAS patient is a woman with findings in either breast, not
+            # views of one lesion.
             "classification": classification_report(
-                _predictions(cases), threshold=cases[0].score.threshold, resamples=resamples, pool_patients=modality == "US"
+                _predictions(cases),
+                threshold=cases[0].score.threshold,
+                resamples=resamples,
+                pool_patients=spec.modality is Modality.US,
             ),
         }
         variants = variant_predictions(cases)
         if variants:
             report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
-    us_malignancy = [c for f, c in scored.items() if entries[f].parameters.get("modality", "US") == "US" and c[0].score.task == "malignancy"]
+    us_malignancy = [
+        c for f, c in scored.items() if _modality(entries, f) is Modality.US and c[0].score.task == "malignancy"
+    ]
     reference = birads_reader(us_malignancy[0]) if us_malignancy else []
     if len({c.label for c in reference}) == 2:
         scored[READER_ROLE] = reference
@@ -308,17 +403,23 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
             "reference": READER_NOTE,
             "task": "malignancy",
             "operating_point": BIRADS_BIOPSY_LIKELIHOOD,
-            "classification": classification_report(_predictions(reference), threshold=BIRADS_BIOPSY_LIKELIHOOD, resamples=resamples),
+            "classification": classification_report(
+                _predictions(reference), threshold=BIRADS_BIOPSY_LIKELIHOOD, resamples=resamples
+            ),
         }
     # Families are compared, and plotted together, only within one modality and task (same cases).
     by_task: dict[str, dict[str, list[ScoredCase]]] = {}
     for family, cases in scored.items():
-        modality = str(entries[family].parameters.get("modality", "US")) if family in entries else "US"
-        key = cases[0].score.task if modality == "US" else f"{modality.lower()}_{cases[0].score.task}"
+        modality = _modality(entries, family)
+        key = cases[0].score.task if modality is Modality.US else f"{modality.value.lower()}_{cases[0].score.task}"
         by_task.setdefault(key, {})[family] = cases
     # The readers are compared with each family on its own (Holm over those pairs), not mixed into the families' tests.
     models_only = {task: {f: c for f, c in group.items() if f != READER_ROLE} for task, group in by_task.items()}
-    report["comparisons"] = {task: compare_families({f: _predictions(c) for f, c in group.items()}) for task, group in models_only.items() if len(group) > 1}
+    report["comparisons"] = {
+        task: compare_families({f: _predictions(c) for f, c in group.items()})
+        for task, group in models_only.items()
+        if len(group) > 1
+    }
     report["comparisons_with_readers"] = {
         task: compare_families({f: _predictions(c) for f, c in group.items()}, reference=READER_ROLE)
         for task, group in by_task.items()
@@ -328,7 +429,11 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         curves = {f: ([c.label for c in cases], [c.score.probability for c in cases]) for f, cases in group.items()}
         save_roc_png(output / f"roc_{task}.png", curves, title=f"ROC, {task}")
         # The readers' "probabilities" are the Atlas's category midpoints: no calibration to show.
-        save_reliability_png(output / f"reliability_{task}.png", {f: v for f, v in curves.items() if f != READER_ROLE}, title=f"Calibration, {task}")
+        save_reliability_png(
+            output / f"reliability_{task}.png",
+            {f: v for f, v in curves.items() if f != READER_ROLE},
+            title=f"Calibration, {task}",
+        )
     lh_role = lh_score({role: role for role in scored})
     if lh_role is not None and BM_ROLE in scored:
         report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored[BM_ROLE])
@@ -341,39 +446,53 @@ def evaluate(data: Path, model_dir: Path, families: Sequence[str], split: str, o
         writer.writerow(["family", "id", "dataset", "device", "label", "probability", "positive"])
         for family, cases in scored.items():
             for c in cases:
-                writer.writerow([family, c.record.image_id, c.record.dataset, c.record.device, c.label, f"{c.score.probability:.6f}", int(c.score.positive)])
+                writer.writerow(
+                    [
+                        family,
+                        c.record.image_id,
+                        c.record.dataset,
+                        c.record.device,
+                        c.label,
+                        f"{c.score.probability:.6f}",
+                        int(c.score.positive),
+                    ]
+                )
     (output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    markdown = [report_markdown(segmentation=report.get("segmentation"), title="Segmentation")] if "segmentation" in report else []
+    markdown = (
+        [report_markdown(segmentation=report.get("segmentation"), title="Segmentation")]
+        if "segmentation" in report
+        else []
+    )
     if without_image:
-        markdown.insert(0, f"**{len(without_image)} labelled row(s) had no image in `images/` and were not scored** (first: {', '.join(without_image[:20])}).")
+        markdown.insert(
+            0,
+            f"**{len(without_image)} labelled row(s) had no image in `images/` and were not scored** "
+            f"(first: {', '.join(without_image[:20])}).",
+        )
     for family, body in report["families"].items():
         if "classification" in body:
             markdown.append(report_markdown(classification=body["classification"], title=family))
         if "reference" in body:
             markdown.append(f"{body['model']['name']}. {body['reference']}")
         if "variants" in body:
-            markdown.append(report_markdown(comparisons=body["variants"], title=f"{family}: the paper's comparison models"))
+            markdown.append(
+                report_markdown(comparisons=body["variants"], title=f"{family}: the paper's comparison models")
+            )
     for task, comparisons in report["comparisons"].items():
         markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons, {task}"))
     for task, comparisons in report["comparisons_with_readers"].items():
-        markdown.append(report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}"))
+        markdown.append(
+            report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}")
+        )
     (output / "report.md").write_text("\n\n".join(markdown) + "\n")
     return report
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help="a folder laid out like shared/datasets (or one dataset folder of it)")
-    parser.add_argument("--model-dir", type=Path, default=BUNDLED_MODEL_DIR, help="models and manifest.json (default: the bundled reference models)")
-    parser.add_argument("--families", default="", help="comma-separated manifest roles (default: every classification model in the manifest)")
-    parser.add_argument("--split", choices=("test", "val", "train", "all"), default="test", help="which split of the data to score (all: a site's own data)")
-    parser.add_argument("--output", type=Path, default=Path("var/evaluation"), help="folder for report.json, report.md, predictions.csv and PNGs")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--cards", type=Path, default=None, help="also write a model card per family into this folder (e.g. models/cards)")
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     entries = read_manifest(args.model_dir)
-    families = [f for f in args.families.split(",") if f] or [role for role in sorted(entries) if role not in SEGMENTATION_ROLES]
+    families = [f for f in args.families.split(",") if f] or [
+        role for role in sorted(entries) if role not in SEGMENTATION_ROLES
+    ]
     report = evaluate(args.data, args.model_dir, families, args.split, args.output, args.resamples)
     for family, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})

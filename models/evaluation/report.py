@@ -78,7 +78,8 @@ class CasePrediction:
 
 
 class SegmentationRow(NamedTuple):
-    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask); cluster as in :class:`CasePrediction`."""
+    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask); cluster as in "
+    ":class:`CasePrediction`."""
 
     case_id: str
     dataset: str
@@ -126,7 +127,7 @@ PROBABILITY_CLIP = 1e-6
 
 
 def per_patient(cases: Sequence[CasePrediction]) -> tuple[list[CasePrediction], int]:
-    """One prediction per patient (cluster): the mean log-odds of its images' scores, and how many patients were left out.
+    """One prediction per patient (cluster): the mean log-odds of its images' scores, and how many were left out.
 
     A patient's images are pooled only where they all carry one label (BUS-BRA's
     two views of its one biopsied tumour; a group of near-duplicate scans);
@@ -170,7 +171,9 @@ def _classification_group(
     interval: list[float] | None = None
     if n_positive and n_negative:
         area = auc(labels, scores)
-        interval = list(bootstrap_ci(labels, scores, resamples=resamples, seed=seed, level=level, clusters=_clusters(cases)))
+        interval = list(
+            bootstrap_ci(labels, scores, resamples=resamples, seed=seed, level=level, clusters=_clusters(cases))
+        )
         if min(n_positive, n_negative) < SMALL_CLASS_COUNT:
             notes.append(
                 f"fewer than {SMALL_CLASS_COUNT} cases of one class "
@@ -284,7 +287,9 @@ def classification_report(
 # ---------------------------------------------------------------- model comparison
 
 
-def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, level: float = 0.95, reference: str | None = None) -> list[JsonDict]:
+def compare_families(
+    predictions: Mapping[str, Sequence[CasePrediction]], *, level: float = 0.95, reference: str | None = None
+) -> list[JsonDict]:
     """Pairwise DeLong tests (DeLong et al. 1988) between model families on their common cases.
 
     Parameters
@@ -357,7 +362,8 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
         if min(positive_units, negative_units) < 2:
             entry["note"] = (
                 f"not tested: DeLong needs at least 2 positive and 2 negative common cases"
-                f"{', from 2 patients or more each' if clusters else ''} (got {n_positive} positive, {n_negative} negative)"
+                f"{', from 2 patients or more each' if clusters else ''} (got {n_positive} positive, {n_negative} "
+                f"negative)"
             )
         else:
             result = delong_test(
@@ -393,7 +399,9 @@ def compare_families(predictions: Mapping[str, Sequence[CasePrediction]], *, lev
 # ---------------------------------------------------------------- segmentation
 
 
-def _mean_summary(values: Sequence[float], resamples: int, seed: int, level: float, clusters: Sequence[str] | None = None) -> JsonDict:
+def _mean_summary(
+    values: Sequence[float], resamples: int, seed: int, level: float, clusters: Sequence[str] | None = None
+) -> JsonDict:
     array = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(array)
     defined = array[finite]
@@ -519,16 +527,19 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
     lines = [
         (
             f"Operating point: score ≥ {report['threshold']:.3f}. AUC with {level}% percentile-bootstrap interval "
-            f"({report['resamples']} resamples over {report.get('resampled', 'cases')}); ECE over {report['calibration_bins']} equal-width bins."
+            f"({report['resamples']} resamples over {report.get('resampled', 'cases')}); ECE over "
+            f"{report['calibration_bins']} equal-width bins."
         ),
         "",
-        f"| Group | n | Positive | AUC ({level}% CI) | Sensitivity | Specificity | PPV | NPV | Accuracy | Brier | ECE |",
+        f"| Group | n | Positive | AUC ({level}% CI) | Sensitivity | Specificity | PPV | NPV | Accuracy | Brier | ECE "
+        f"|",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes: list[str] = []
     for name, group in _subgroups(report):
         lines.append(
-            f"| {_cell(name)} | {group['n']} | {group['n_positive']} | {format_estimate(group['auc'], group['auc_ci'])} | "
+            f"| {_cell(name)} | {group['n']} | {group['n_positive']} | "
+            f"{format_estimate(group['auc'], group['auc_ci'])} | "
             + " | ".join(
                 format_estimate(group[key])
                 for key in ("sensitivity", "specificity", "ppv", "npv", "accuracy", "brier", "ece")
@@ -540,10 +551,12 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
     patients = report.get("per_patient")
     if patients:
         notes.append(
-            "- Per patient: one score per patient, the mean log-odds of its images where they share one label (meant for several views "
-            f"of one lesion, as BUS-BRA's two of its one tumour); {patients['left_out_mixed_labels']} patient(s) with images of both labels left out."
+            "- Per patient: one score per patient, the mean log-odds of its images where they share one label (meant "
+            "for several views "
+            f"of one lesion, as BUS-BRA's two of its one tumour); {patients['left_out_mixed_labels']} patient(s) with "
+            f"images of both labels left out."
         )
-    return lines + ([""] + notes if notes else [])
+    return lines + (["", *notes] if notes else [])
 
 
 def _comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -561,11 +574,12 @@ def _comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
             f"| {_cell(entry['family_a'])} | {_cell(entry['family_b'])} | {entry['n_common']} | "
             f"{format_estimate(entry['auc_a'])} | {format_estimate(entry['auc_b'])} | "
             f"{format_estimate(entry['difference'], entry['difference_ci'])} | "
-            f"{'n/a' if z is None else f'{z:.2f}'} | {_format_p(entry['p_value'])} | {_format_p(entry['p_value_holm'])} |"
+            f"{'n/a' if z is None else f'{z:.2f}'} | {_format_p(entry['p_value'])} | "
+            f"{_format_p(entry['p_value_holm'])} |"
         )
         if entry.get("note"):
             notes.append(f"- {_cell(entry['family_a'])} vs {_cell(entry['family_b'])}: {entry['note']}")
-    return lines + ([""] + notes if notes else [])
+    return lines + (["", *notes] if notes else [])
 
 
 def _segmentation_markdown(report: Mapping[str, Any]) -> list[str]:
@@ -573,11 +587,13 @@ def _segmentation_markdown(report: Mapping[str, Any]) -> list[str]:
     unit = report["hd95_unit"]
     lines = [
         (
-            f"Means with {level}% percentile-bootstrap intervals ({report['resamples']} resamples over {report.get('resampled', 'images')}). "
+            f"Means with {level}% percentile-bootstrap intervals ({report['resamples']} resamples over "
+            f"{report.get('resampled', 'images')}). "
             "HD95 is undefined (left out) when a mask is empty."
         ),
         "",
-        f"| Group | n | Dice ({level}% CI) | IoU ({level}% CI) | HD95 {unit} ({level}% CI) | HD95 median | HD95 undefined |",
+        f"| Group | n | Dice ({level}% CI) | IoU ({level}% CI) | HD95 {unit} ({level}% CI) | HD95 median | HD95 "
+        f"undefined |",
         "|---|---:|---|---|---|---:|---:|",
     ]
     for name, group in _subgroups(report):

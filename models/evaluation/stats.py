@@ -46,7 +46,9 @@ def _finite_scores(scores: npt.ArrayLike, length: int, name: str = "scores") -> 
     """Scores as a 1-D float array matching the labels; NaN has no rank, so it is refused."""
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or values.shape[0] != length:
-        raise ValueError(f"{name} must be one-dimensional with one value per label ({length}), got shape {values.shape}")
+        raise ValueError(
+            f"{name} must be one-dimensional with one value per label ({length}), got shape {values.shape}"
+        )
     if np.isnan(values).any():
         raise ValueError(f"{name} contain NaN")
     return values
@@ -152,7 +154,9 @@ def _clustered_covariance(
     big_m, big_n = float(m_i.sum()), float(n_i.sum())
     i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
     if i10 < 2 or i01 < 2:
-        raise ValueError(f"clustered variance needs positives and negatives in at least two clusters each (got {i10}, {i01})")
+        raise ValueError(
+            f"clustered variance needs positives and negatives in at least two clusters each (got {i10}, {i01})"
+        )
     residuals = []
     for positive_placements, negative_placements in placements:
         area = float(positive_placements.mean())
@@ -281,9 +285,7 @@ def auc_variance_delong(labels: npt.ArrayLike, scores: npt.ArrayLike, clusters: 
     codes = _cluster_codes(clusters, y.size)
     if codes is not None:
         return float(_clustered_covariance(codes, y, [(positive_placements, negative_placements)])[0, 0])
-    return float(
-        positive_placements.var(ddof=1) / n_positive + negative_placements.var(ddof=1) / n_negative
-    )
+    return float(positive_placements.var(ddof=1) / n_positive + negative_placements.var(ddof=1) / n_negative)
 
 
 @dataclass(frozen=True)
@@ -407,7 +409,9 @@ def delong_test(
     else:
         covariance = _clustered_covariance(codes, y, [(positive_a, negative_a), (positive_b, negative_b)])
         # Of the placement differences directly, as above, so identical rankings give exactly 0.
-        variance_difference = float(_clustered_covariance(codes, y, [(positive_a - positive_b, negative_a - negative_b)])[0, 0])
+        variance_difference = float(
+            _clustered_covariance(codes, y, [(positive_a - positive_b, negative_a - negative_b)])[0, 0]
+        )
     standard_error = math.sqrt(max(variance_difference, 0.0))
     if standard_error > 0.0:
         z = difference / standard_error
@@ -482,7 +486,11 @@ def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray,
 
 
 def mean_ci(
-    values: npt.ArrayLike, resamples: int = 1000, seed: int = 0, level: float = 0.95, clusters: npt.ArrayLike | None = None
+    values: npt.ArrayLike,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    clusters: npt.ArrayLike | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a mean (e.g. per-image Dice).
 
@@ -698,9 +706,7 @@ def _surface(mask: BoolArray) -> BoolArray:
     return np.asarray(mask & ~eroded, dtype=np.bool_)
 
 
-def hausdorff95(
-    pred_mask: npt.ArrayLike, true_mask: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0)
-) -> float:
+def hausdorff95(pred_mask: npt.ArrayLike, true_mask: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0)) -> float:
     """95th-percentile symmetric Hausdorff distance between the surfaces of two masks.
 
     Parameters

@@ -44,7 +44,9 @@ class OnnxRuntimeBackend:
         Threads per inference; 0 lets ONNX Runtime decide.
     """
 
-    def __init__(self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0
+    ) -> None:
         import onnxruntime as ort  # imported here so that importing models stays light
 
         options = ort.SessionOptions()
@@ -71,4 +73,5 @@ class OnnxRuntimeBackend:
             for name, value in inputs.items()
         }
         outputs = self._session.run(list(self._output_names), feed)
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self._output_names, outputs)}
+        named = zip(self._output_names, outputs, strict=True)
+        return {name: np.asarray(value, dtype=np.float32) for name, value in named}

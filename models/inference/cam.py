@@ -30,7 +30,9 @@ def normalise_cam(raw: npt.NDArray[np.float32], shape: tuple[int, int]) -> npt.N
     return (upsampled / peak).astype(np.float32)
 
 
-def paste(map_: npt.NDArray[np.float32], box: tuple[int, int, int, int], shape: tuple[int, int]) -> npt.NDArray[np.float32]:
+def paste(
+    map_: npt.NDArray[np.float32], box: tuple[int, int, int, int], shape: tuple[int, int]
+) -> npt.NDArray[np.float32]:
     """Place a (h, w) map at an (x, y, w, h) box in an otherwise zero (rows, columns) canvas."""
     canvas = np.zeros(shape, dtype=np.float32)
     x, y, w, h = box

@@ -38,16 +38,24 @@ import numpy.typing as npt
 
 from models.inference.cam import paste
 from models.inference.findings import FamilyScore, ModelInfo
+from models.inference.manifest import ConsensusSpec, ModelKind, Task
 from models.inference.preprocess import Box
 from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
+from models.inference.scorers import LesionView, register_scorer
 
-CONSENSUS_KIND = "consensus"
+CONSENSUS_KIND = ModelKind.CONSENSUS.value  # the manifest's parameters.kind, as fitting writes it
 PROBABILITY_CLIP = 1e-4
 
 
 def is_consensus(entry: ModelEntry) -> bool:
-    """Whether a manifest entry is a consensus over other entries rather than a graph."""
-    return entry.parameters.get("kind") == CONSENSUS_KIND
+    """Whether a manifest entry is a consensus over other entries rather than a graph.
+
+    Raises
+    ------
+    ManifestError
+        The entry's ``parameters.kind`` holds a value no loader knows.
+    """
+    return entry.kind is ModelKind.CONSENSUS
 
 
 def mean_log_odds(probabilities: Sequence[float]) -> float:
@@ -100,29 +108,47 @@ class ConsensusScorer:
     Attributes
     ----------
     entry
-        The consensus manifest entry (``kind: consensus``).
+        The consensus manifest entry (``kind: consensus``); its spec must be
+        a complete :class:`~models.inference.manifest.ConsensusSpec`.
     members
         Member roles, in the order their scores are averaged.
+
+    Raises
+    ------
+    ManifestError
+        The entry is not a complete consensus entry (no operating point, an unknown task, ...).
     """
 
     entry: ModelEntry
     members: tuple[str, ...]
 
-    @property
-    def family(self) -> str:
-        return str(self.entry.parameters.get("family", self.entry.role))
+    def __post_init__(self) -> None:
+        self.entry.spec_as(ConsensusSpec)  # refused when made, not at the first lesion
 
     @property
-    def task(self) -> str:
-        return str(self.entry.parameters.get("task", "malignancy"))
+    def spec(self) -> ConsensusSpec:
+        """The entry's typed spec."""
+        return self.entry.spec_as(ConsensusSpec)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def task(self) -> Task:
+        return self.spec.task
 
     @property
     def threshold(self) -> float:
-        return float(self.entry.parameters.get("operating_point", 0.5))
+        return self.spec.operating_point
 
     @property
     def info(self) -> ModelInfo:
         return self.entry.info
+
+    def score_lesion(self, lesion: LesionView, scored: Mapping[str, FamilyScore]) -> FamilyScore:
+        """:meth:`combine` of the members' scores of the lesion (the scorer protocol)."""
+        return self.combine(scored, lesion.shape)
 
     def combine(self, member_scores: Mapping[str, FamilyScore], image_shape: tuple[int, int]) -> FamilyScore:
         """The consensus of ``member_scores`` (keyed by role; every member must be there).
@@ -137,7 +163,7 @@ class ConsensusScorer:
         cam, region = consensus_map(scores, image_shape)
         return FamilyScore(
             family=self.family,
-            task=self.task,
+            task=self.task.value,
             model=self.info,
             probability=probability,
             threshold=self.threshold,
@@ -150,10 +176,16 @@ class ConsensusScorer:
 
 
 def member_digests(entry: ModelEntry) -> dict[str, str]:
-    """What pins a member: its graph's sha256 and each side file's (CLDLR's SVMs, MUP-Net's prototypes)."""
+    """What pins a member: its graph's sha256 and each side file's (CLDLR's SVMs, MUP-Net's prototypes).
+
+    Raises
+    ------
+    ManifestError
+        The member's spec does not parse.
+    """
     digests = {"graph": entry.sha256}
-    for name, side in sorted(entry.parameters.get("side_files", {}).items()):
-        digests[f"side_file:{name}"] = str(side["sha256"])
+    for name, side in sorted(entry.spec.side_files.items()):
+        digests[f"side_file:{name}"] = side.sha256
     return digests
 
 
@@ -180,14 +212,19 @@ def load_consensus_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], 
 
     Raises
     ------
+    ManifestError
+        The entry or a member's entry is incomplete.
     ModelRegistryError
         The consensus file fails its checksum, a member is missing from the
         manifest, or a member's graph is not the one the consensus was fitted on.
     """
+    spec = entry.spec_as(ConsensusSpec)
     pinned = read_consensus_file(verified_path(entry, model_dir))
-    listed = list(entry.parameters.get("members", []))
+    listed = list(spec.members)
     if listed != list(pinned):
-        raise ModelRegistryError(f"{entry.role} (a consensus): the manifest lists members {listed}, its file {list(pinned)}")
+        raise ModelRegistryError(
+            f"{entry.role} (a consensus): the manifest lists members {listed}, its file {list(pinned)}"
+        )
     for role, digests in pinned.items():
         member = entries.get(role)
         if member is None:
@@ -200,6 +237,13 @@ def load_consensus_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], 
                 "refit it (breastai train consensus, or make train-consensus)"
             )
     return ConsensusScorer(entry, tuple(pinned))
+
+
+@register_scorer(ModelKind.CONSENSUS)
+def _load(
+    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
+) -> ConsensusScorer:
+    return load_consensus_scorer(entry, entries, model_dir)
 
 
 def write_consensus_file(path: Path, members: Mapping[str, ModelEntry]) -> str:

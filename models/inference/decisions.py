@@ -14,18 +14,24 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-
 #: Likelihood of malignancy of each BI-RADS final assessment category: the midpoint of the
 #: range the ACR BI-RADS Atlas (5th ed., 2013) gives it. Category 4 without a subdivision spans
 #: >2 % to <95 %. Categories 0 (incomplete) and 6 (known cancer) state no likelihood.
 BIRADS_MALIGNANCY_LIKELIHOOD: Mapping[str, float] = {
-    "1": 0.0, "2": 0.0, "3": 0.01, "4a": 0.06, "4b": 0.30, "4": 0.485, "4c": 0.725, "5": 0.975,
+    "1": 0.0,
+    "2": 0.0,
+    "3": 0.01,
+    "4a": 0.06,
+    "4b": 0.30,
+    "4": 0.485,
+    "4c": 0.725,
+    "5": 0.975,
 }
 #: From category 4 on the Atlas recommends tissue diagnosis: the reader's own operating point.
 BIRADS_BIOPSY_LIKELIHOOD = 0.02
 
 
-class Recommendation(str, Enum):
+class Recommendation(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member
     """What the co-decision suggests for a BI-RADS 4A lesion (advisory)."""
 
     DOWNGRADE = "downgrade to BI-RADS 3"
@@ -74,7 +80,7 @@ def co_decision(lh_probability: float, bm_probability: float, lh_threshold: floa
 
 
 def average_frame_probabilities(probabilities: Sequence[float] | npt.NDArray[np.floating]) -> float:
-    """Lesion malignancy probability: the mean of its frames' probabilities (ABVS, Liu et al. 2025, "Model development").
+    """Lesion malignancy probability: the mean of its frames' (ABVS, Liu et al. 2025, "Model development").
 
     "The predicted benign or malignant probabilities for each image frame
     are summed and subsequently divided by the total number of lesion

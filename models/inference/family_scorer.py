@@ -1,8 +1,8 @@
 """Serving side of the paper families: score one lesion ROI with one exported model.
 
 Torch-free: every family runs as an ONNX graph behind :class:`models.inference.backend.Backend`,
-described by its manifest entry (input size, ROI padding and normalisation,
-output names, operating point, side files). What differs between families
+described by its manifest entry's typed spec (:class:`models.inference.manifest.FamilySpec`: input
+size, ROI padding and normalisation, input names, operating point, side files). What differs between families
 is only how the graph's outputs become a probability:
 
 * two-way logits -> softmax (DLR, CLDLR's network, the ROI ResNet);
@@ -18,7 +18,7 @@ training taught it the "unknown" flag) and the result says so in ``notes``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,26 @@ import numpy.typing as npt
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import normalise_cam
 from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.inference.preprocess import Box, crop, expand_box, expand_box_by_shortest_side, min_max, square_box, standardise
-from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
+from models.inference.manifest import FamilySpec, ModelKind, Normalisation, Task
+from models.inference.preprocess import (
+    Box,
+    crop,
+    expand_box,
+    expand_box_by_shortest_side,
+    min_max,
+    square_box,
+    standardise,
+)
+from models.inference.registry import ModelEntry, verified_path, verified_side_files
+from models.inference.scorers import NO_CLINICAL_CONTEXT as NO_CLINICAL_CONTEXT  # defined with the scorer protocol
+from models.inference.scorers import ClinicalContext as ClinicalContext
+from models.inference.scorers import LesionView, register_scorer
 from models.inference.svm import SvmModel
 
 AGE_SCALE_YEARS = 100.0
 CLDLR_VARIANTS = ("dlr", "clinical")  # side-file keys of CLDLR's comparison SVMs
 TOP_PROTOTYPES = 3  # prototypes shown per lesion: the strongest contributions
 DIAMETER_SCALE_MM = 50.0
-
-
-@dataclass(frozen=True)
-class ClinicalContext:
-    """What the study's DICOM says about the patient and the lesion (None when it does not say)."""
-
-    age_years: float | None = None
-    pixel_spacing_mm: float | None = None  # isotropic spacing of the analysed image, if calibrated
-
-
-NO_CLINICAL_CONTEXT = ClinicalContext()  # frozen, so one shared default is safe
 
 
 def age_inputs(age_years: float | None) -> list[float]:
@@ -73,32 +74,31 @@ class FamilyScorer:
     Parameters
     ----------
     entry
-        The model's manifest entry.
+        The model's manifest entry; its spec must be a :class:`~models.inference.manifest.FamilySpec`.
     backend
         The graph behind the Backend protocol.
     model_dir
         Folder holding side files (CLDLR's SVM), checked against their sha256.
+
+    Raises
+    ------
+    ManifestError
+        The entry is not a complete family entry (no operating point, an unknown task, ...).
+    ModelRegistryError
+        A side file is missing or does not match its sha256.
     """
+
+    members: tuple[str, ...] = ()  # reads pixels: needs no other model's score
 
     def __init__(self, entry: ModelEntry, backend: Backend, model_dir: Path) -> None:
         self.entry = entry
         self._backend = backend
-        parameters = entry.parameters
-        self.family = str(parameters.get("family", entry.role))
-        self.task = str(parameters.get("task", "malignancy"))
-        self.input_size = int(parameters["input_size"])
-        self.threshold = float(parameters.get("operating_point", 0.5))
-        self._padding = float(parameters.get("roi_expand", 0.2))
-        self._shortest_side = bool(parameters.get("roi_expand_shortest_side", False))
-        self._square = bool(parameters.get("roi_square", False))
-        self._minmax = parameters.get("roi_normalisation", "zscore") == "minmax"
-        self._inputs = tuple(parameters.get("inputs", ["image"]))
-        side_files: dict[str, Path] = {}
-        for key, side in parameters.get("side_files", {}).items():
-            path = model_dir / side["file"]
-            if not path.is_file() or sha256_of(path) != side["sha256"]:
-                raise ModelRegistryError(f"side file {path} of {entry.role} is missing or does not match its sha256")
-            side_files[key] = path
+        self.spec = entry.spec_as(FamilySpec)
+        self.family = self.spec.family
+        self.task: Task = self.spec.task
+        self.input_size = self.spec.input_size
+        self.threshold = self.spec.operating_point
+        side_files = verified_side_files(entry, model_dir)
         self._svm = SvmModel.load(side_files["cldlr"]) if "cldlr" in side_files else None
         # The paper's comparison models: image features alone (DLR) and clinical variables alone.
         self._variant_svms = {name: SvmModel.load(side_files[name]) for name in CLDLR_VARIANTS if name in side_files}
@@ -114,18 +114,30 @@ class FamilyScorer:
         return self.entry.info
 
     def roi_box(self, box: Box, shape: tuple[int, int]) -> Box:
-        """The lesion box grown as this family's paper grows it, widened to a square where the model was trained on squares."""
-        grown = expand_box_by_shortest_side(box, shape, self._padding) if self._shortest_side else expand_box(box, shape, self._padding)
-        return square_box(grown, shape) if self._square else grown
+        """The lesion box grown as the family's paper grows it, made square where the model was trained on squares."""
+        roi = self.spec.roi
+        grown = (
+            expand_box_by_shortest_side(box, shape, roi.expand)
+            if roi.expand_shortest_side
+            else expand_box(box, shape, roi.expand)
+        )
+        return square_box(grown, shape) if roi.square else grown
 
-    def score(self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = NO_CLINICAL_CONTEXT) -> FamilyScore:
+    def score_lesion(self, lesion: LesionView, scored: Mapping[str, FamilyScore]) -> FamilyScore:
+        """:meth:`score` of the lesion's box with the study's clinical context (the scorer protocol)."""
+        return self.score(lesion.gray, lesion.box, lesion.context)
+
+    def score(
+        self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = NO_CLINICAL_CONTEXT
+    ) -> FamilyScore:
         """Score the lesion in ``box`` of the grayscale image ``gray``."""
         roi_box = self.roi_box(box, (int(gray.shape[0]), int(gray.shape[1])))
         roi = crop(gray, roi_box)
-        pixels = min_max(roi, self.input_size) if self._minmax else standardise(roi, self.input_size)
+        minmax = self.spec.roi.normalisation is Normalisation.MINMAX
+        pixels = min_max(roi, self.input_size) if minmax else standardise(roi, self.input_size)
         feed = {"image": pixels}
         notes: list[str] = []
-        if "clinical" in self._inputs:
+        if "clinical" in self.spec.inputs:
             feed["clinical"] = np.array([age_inputs(context.age_years)], dtype=np.float32)
             if context.age_years is None:
                 notes.append("patient age not available: scored from the image alone")
@@ -168,7 +180,7 @@ class FamilyScorer:
         cam = normalise_cam(raw, (roi_box[3], roi_box[2]))
         return FamilyScore(
             family=self.family,
-            task=self.task,
+            task=self.task.value,
             model=self.info,
             probability=min(1.0, max(0.0, probability)),
             threshold=self.threshold,
@@ -181,6 +193,24 @@ class FamilyScorer:
         )
 
 
-def load_family_scorer(entry: ModelEntry, model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> FamilyScorer:
-    """A scorer over the checksum-verified ONNX file of ``entry`` on ONNX Runtime."""
+def load_family_scorer(
+    entry: ModelEntry, model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> FamilyScorer:
+    """A scorer over the checksum-verified ONNX file of ``entry`` on ONNX Runtime.
+
+    Raises
+    ------
+    ManifestError
+        The entry is not a complete family entry.
+    ModelRegistryError
+        The model file or a side file is missing or does not match its sha256.
+    """
+    entry.spec_as(FamilySpec)  # refuse an incomplete entry before the graph is read
     return FamilyScorer(entry, OnnxRuntimeBackend(verified_path(entry, model_dir), providers), model_dir)
+
+
+@register_scorer(ModelKind.FAMILY)
+def _load(
+    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
+) -> FamilyScorer:
+    return load_family_scorer(entry, model_dir, providers)

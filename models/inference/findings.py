@@ -31,7 +31,7 @@ class ModelInfo:
     def stages(self) -> list[tuple[str, str]]:
         """(name, version) of each stage of a multi-stage identity ("a + b", "1 + 2"); one pair for a single model."""
         names, versions = self.name.split(" + "), self.version.split(" + ")
-        return list(zip(names, versions)) if len(names) == len(versions) else [(self.name, self.version)]
+        return list(zip(names, versions, strict=True)) if len(names) == len(versions) else [(self.name, self.version)]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,9 @@ class Component:
 def resize_probability(probability: npt.NDArray[np.float32], shape: tuple[int, int]) -> npt.NDArray[np.float32]:
     """Bring a network-sized probability map back to the image's (rows, columns)."""
     rows, cols = shape
-    return np.asarray(cv2.resize(probability.astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+    return np.asarray(
+        cv2.resize(probability.astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR), dtype=np.float32
+    )
 
 
 def find_components(

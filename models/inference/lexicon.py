@@ -47,8 +47,10 @@ import numpy as np
 import numpy.typing as npt
 
 from models.inference.findings import FamilyScore, ModelInfo
+from models.inference.manifest import LexiconSpec, ModelKind, Task
 from models.inference.preprocess import Box, expand_box
 from models.inference.registry import ModelEntry, ModelRegistryError, verified_path
+from models.inference.scorers import LesionView, register_scorer
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -117,7 +119,7 @@ def describe(gray: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_]) -> FloatA
         if defects is not None:
             lobulations = int((defects.reshape(-1, 4)[:, 3] / 256.0 > LOBULATION_DEPTH * diameter).sum())
     smooth = cv2.GaussianBlur(gray, (5, 5), 0).astype(np.float32)
-    width = max(3, int(round(RING_FRACTION * diameter)) | 1)
+    width = max(3, round(RING_FRACTION * diameter) | 1)
     near = _ring(binary, width)
     far = _ring(near, width)
     inside = smooth[mask]
@@ -128,10 +130,15 @@ def describe(gray: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_]) -> FloatA
     rows, cols = gray.shape
     below_top, below_bottom = min(rows, y + h), min(rows, y + h + max(2, h // 2))
     below = smooth[below_top:below_bottom, x : x + w]
-    beside = [smooth[below_top:below_bottom, max(0, x - w // 2) : x], smooth[below_top:below_bottom, x + w : min(cols, x + w + w // 2)]]
+    beside = [
+        smooth[below_top:below_bottom, max(0, x - w // 2) : x],
+        smooth[below_top:below_bottom, x + w : min(cols, x + w + w // 2)],
+    ]
     beside = [region for region in beside if region.size]
     if below.size and beside:
-        posterior = float(np.log((below.mean() + INTENSITY_FLOOR) / (np.mean([r.mean() for r in beside]) + INTENSITY_FLOOR)))
+        posterior = float(
+            np.log((below.mean() + INTENSITY_FLOOR) / (np.mean([r.mean() for r in beside]) + INTENSITY_FLOOR))
+        )
         posterior_known = 1.0
     else:
         posterior, posterior_known = 0.0, 0.0
@@ -205,7 +212,7 @@ class LogisticModel:
 
 # --------------------------------------------------------------------------- serving
 
-LEXICON_KIND = "lexicon"
+LEXICON_KIND = ModelKind.LEXICON.value  # the manifest's parameters.kind, as fitting writes it
 # Which pixels each descriptor is read from, for the explanation map.
 _REGION_OF = {
     "echogenicity": "inside",
@@ -220,8 +227,14 @@ MAP_EXPAND = 0.5  # the map's box: the lesion box grown by half its size per sid
 
 
 def is_lexicon(entry: ModelEntry) -> bool:
-    """Whether a manifest entry is a lexicon-descriptor model rather than a graph."""
-    return entry.parameters.get("kind") == LEXICON_KIND
+    """Whether a manifest entry is a lexicon-descriptor model rather than a graph.
+
+    Raises
+    ------
+    ManifestError
+        The entry's ``parameters.kind`` holds a value no loader knows.
+    """
+    return entry.kind is ModelKind.LEXICON
 
 
 def contribution_map(
@@ -235,7 +248,7 @@ def contribution_map(
     """
     binary = mask.astype(np.uint8)
     diameter = float(np.sqrt(4.0 * binary.sum() / np.pi))
-    width = max(3, int(round(RING_FRACTION * diameter)) | 1)
+    width = max(3, round(RING_FRACTION * diameter) | 1)
     near = _ring(binary, width).astype(bool)
     inner = ~np.asarray(_ring((~mask).astype(np.uint8), width), dtype=bool)
     regions = {"inside": mask, "ring": near & ~inner, "outline": near & ~inner}
@@ -244,7 +257,7 @@ def contribution_map(
     below[ly + lh : ly + lh + max(2, lh // 2), lx : lx + lw] = True
     regions["below"] = below
     weight = np.zeros(mask.shape, dtype=np.float32)
-    for name, value in zip(names, np.abs(contributions)):
+    for name, value in zip(names, np.abs(contributions), strict=True):
         weight[regions[_REGION_OF.get(name, "outline")]] += float(value)
     x, y, w, h = box
     window = weight[y : y + h, x : x + w]
@@ -258,21 +271,34 @@ class LexiconScorer:
     Parameters
     ----------
     entry
-        The manifest entry (``kind: lexicon``); its file is the model JSON.
+        The manifest entry (``kind: lexicon``); its file is the model JSON,
+        its spec must be a complete :class:`~models.inference.manifest.LexiconSpec`.
     model
         The fitted logistic model.
+
+    Raises
+    ------
+    ManifestError
+        The entry is not a complete lexicon entry (no operating point, an unknown task, ...).
     """
+
+    members: tuple[str, ...] = ()  # reads the outline: needs no other model's score
 
     def __init__(self, entry: ModelEntry, model: LogisticModel) -> None:
         self.entry = entry
         self.model = model
-        self.family = str(entry.parameters.get("family", entry.role))
-        self.task = str(entry.parameters.get("task", "malignancy"))
-        self.threshold = float(entry.parameters.get("operating_point", 0.5))
+        self.spec = entry.spec_as(LexiconSpec)
+        self.family = self.spec.family
+        self.task: Task = self.spec.task
+        self.threshold = self.spec.operating_point
 
     @property
     def info(self) -> ModelInfo:
         return self.entry.info
+
+    def score_lesion(self, lesion: LesionView, scored: Mapping[str, FamilyScore]) -> FamilyScore:
+        """:meth:`score` of the lesion's outline (the scorer protocol)."""
+        return self.score(lesion.gray, lesion.box, lesion.mask)
 
     def score(self, gray: npt.NDArray[np.uint8], box: Box, mask: npt.NDArray[np.bool_] | None) -> FamilyScore:
         """Score the lesion outlined by ``mask`` (the segmenter's, refined); ``box`` where there is none.
@@ -290,11 +316,13 @@ class LexiconScorer:
         probability = self.model.probability(descriptors)
         map_box = expand_box(box, (int(gray.shape[0]), int(gray.shape[1])), MAP_EXPAND)
         strongest = np.argsort(-np.abs(contributions))[:3]
-        details: dict[str, float | str] = {f"descriptor_{n}": round(float(v), 4) for n, v in zip(self.model.names, descriptors)}
+        details: dict[str, float | str] = {
+            f"descriptor_{n}": round(float(v), 4) for n, v in zip(self.model.names, descriptors, strict=True)
+        }
         details["strongest"] = ", ".join(f"{self.model.names[i]} {contributions[i]:+.2f}" for i in strongest)
         return FamilyScore(
             family=self.family,
-            task=self.task,
+            task=self.task.value,
             model=self.info,
             probability=probability,
             threshold=self.threshold,
@@ -323,11 +351,13 @@ def load_lexicon_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], mo
 
     Raises
     ------
+    ManifestError
+        The entry is not a complete lexicon entry.
     ModelRegistryError
         The file fails its checksum, was fitted on other descriptors, or on
         outlines of another segmenter or refiner than the folder's.
     """
-    pinned = {str(k): str(v) for k, v in entry.parameters.get("segmentation", {}).items()}
+    pinned = entry.spec_as(LexiconSpec).segmentation
     changed = sorted(role for role, digest in pinned.items() if role not in entries or entries[role].sha256 != digest)
     if changed:
         raise ModelRegistryError(
@@ -339,3 +369,10 @@ def load_lexicon_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], mo
     except (ValueError, KeyError) as exc:
         raise ModelRegistryError(f"{entry.role}: {exc}") from exc
     return LexiconScorer(entry, model)
+
+
+@register_scorer(ModelKind.LEXICON)
+def _load(
+    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
+) -> LexiconScorer:
+    return load_lexicon_scorer(entry, entries, model_dir)

@@ -21,6 +21,11 @@ Which families run is configuration: a list of manifest roles, by default
 the manifest's ``default_pipelines`` entry for the modality. A consensus in
 the list brings its members with it (appended, in its own order, when the
 list does not name them), so every score it averages is also reported.
+
+Every served entry is read through its typed spec
+(:mod:`models.inference.manifest`), and each scorer is loaded by the loader
+its kind registered (:mod:`models.inference.scorers`): an incomplete entry
+or an altered file stops loading, so the service refuses to start.
 """
 
 from __future__ import annotations
@@ -29,28 +34,38 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+# Imported for their loaders: each scorer module registers the one for its model kind (models.inference.scorers).
+from models.inference import consensus as consensus
+from models.inference import family_scorer as family_scorer
+from models.inference import lexicon as lexicon
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import paste
-from models.inference.consensus import ConsensusScorer, is_consensus, load_consensus_scorer
 from models.inference.decisions import BM_ROLE, co_decision, lh_score
-from models.inference.family_scorer import NO_CLINICAL_CONTEXT, ClinicalContext, FamilyScorer, load_family_scorer
 from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from models.inference.lesions import Component, find_components, outline_of, resize_probability
-from models.inference.lexicon import LexiconScorer, is_lexicon, load_lexicon_scorer
-from models.inference.refine import refine_mask
+from models.inference.manifest import REFINER_ROLE as REFINER_ROLE  # defined with the manifest's kinds
+from models.inference.manifest import SEGMENTATION_ROLES as SEGMENTATION_ROLES
+from models.inference.manifest import SEGMENTER_ROLE as SEGMENTER_ROLE
+from models.inference.manifest import ConsensusSpec, Modality, RefinerSpec, ScorerSpec, SegmenterSpec, Task
 from models.inference.preprocess import Box, standardise
-from models.inference.registry import MANIFEST_NAME, BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, verified_path
+from models.inference.refine import refine_mask
+from models.inference.registry import (
+    BUNDLED_MODEL_DIR,
+    MANIFEST_NAME,
+    ModelEntry,
+    ModelRegistryError,
+    read_manifest,
+    verified_path,
+)
+from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, LesionView, scorer_loader
+from models.inference.scorers import Scorer as Scorer  # the protocol every served scorer follows
 
-SEGMENTER_ROLE = "us_segmenter"
-REFINER_ROLE = "us_refiner"
-SEGMENTATION_ROLES = (SEGMENTER_ROLE, REFINER_ROLE)  # the stages every lesion goes through, not scorers
-
-Scorer = FamilyScorer | LexiconScorer | ConsensusScorer
 Refiner = tuple[Backend, ModelEntry]
 
 
@@ -61,41 +76,77 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 def lesion_probability(segmenter: Backend, entry: ModelEntry, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """The segmenter's per-pixel lesion probability for ``gray``, at the image's own size."""
-    seg_size = int(entry.parameters["input_size"])
+    seg_size = entry.spec_as(SegmenterSpec).input_size
     logits = segmenter.run({"image": standardise(gray, seg_size)})["logits"][0, 0]
     return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
 
 
-def load_segmenter(model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> tuple[Backend, ModelEntry]:
-    """The checksum-verified lesion segmenter alone (no classification family is loaded)."""
-    entry = read_manifest(model_dir)[SEGMENTER_ROLE]
+def load_segmenter(
+    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> tuple[Backend, ModelEntry]:
+    """The checksum-verified lesion segmenter alone (no classification family is loaded).
+
+    Raises
+    ------
+    ModelRegistryError
+        The manifest lists no segmenter, its entry is incomplete
+        (:class:`~models.errors.ManifestError`), or its file fails its checksum.
+    """
+    return _segmenter_of(read_manifest(model_dir), model_dir, providers)
+
+
+def _segmenter_of(
+    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...]
+) -> tuple[Backend, ModelEntry]:
+    if SEGMENTER_ROLE not in entries:
+        raise ModelRegistryError(f"the manifest of {model_dir or BUNDLED_MODEL_DIR} lists no {SEGMENTER_ROLE}")
+    entry = entries[SEGMENTER_ROLE]
+    entry.spec_as(SegmenterSpec)  # refused at load, not at the first image
     return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
 
 
-def load_refiner(model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Refiner | None:
-    """The checksum-verified close-up refiner, or None when the model folder has none."""
-    entry = read_manifest(model_dir).get(REFINER_ROLE)
-    return None if entry is None else (OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry)
+def load_refiner(
+    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> Refiner | None:
+    """The checksum-verified close-up refiner, or None when the model folder has none.
+
+    Raises
+    ------
+    ModelRegistryError
+        Its entry is incomplete (:class:`~models.errors.ManifestError`) or its file fails its checksum.
+    """
+    return _refiner_of(read_manifest(model_dir), model_dir, providers)
 
 
-def segment_lesions(segmenter: Backend, entry: ModelEntry, refiner: Refiner | None, gray: npt.NDArray[np.uint8]) -> list[Component]:
+def _refiner_of(
+    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...]
+) -> Refiner | None:
+    entry = entries.get(REFINER_ROLE)
+    if entry is None:
+        return None
+    entry.spec_as(RefinerSpec)
+    return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
+
+
+def segment_lesions(
+    segmenter: Backend, entry: ModelEntry, refiner: Refiner | None, gray: npt.NDArray[np.uint8]
+) -> list[Component]:
     """The lesion components of ``gray`` as served: coarse components, each re-outlined by the refiner if there is one.
 
     Largest first, at most as many as the coarse stage found.
     """
     probability = lesion_probability(segmenter, entry, gray)
+    segmentation = entry.spec_as(SegmenterSpec)
     components = find_components(
-        probability,
-        threshold=float(entry.parameters.get("threshold", 0.5)),
-        min_area_fraction=float(entry.parameters.get("min_area_fraction", 0.002)),
+        probability, threshold=segmentation.threshold, min_area_fraction=segmentation.min_area_fraction
     )
     if refiner is None:
         return components
     backend, refiner_entry = refiner
-    size, threshold = int(refiner_entry.parameters["input_size"]), float(refiner_entry.parameters.get("threshold", 0.5))
+    spec = refiner_entry.spec_as(RefinerSpec)
     refined = []
     for component in components:
-        mask = refine_mask(backend, size, gray, component.mask, threshold)
+        mask = refine_mask(backend, spec.input_size, gray, component.mask, spec.threshold, spec.window_expand)
         x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
         area = int(mask.sum())
         refined.append(Component(mask, (x, y, w, h), area, outline_of(mask), float(probability[mask].mean())))
@@ -109,23 +160,30 @@ class BModePipeline:
     Parameters
     ----------
     segmenter, segmenter_entry
-        The segmentation backend and its manifest entry (``input_size``,
-        ``threshold``, ``min_area_fraction``).
+        The segmentation backend and its manifest entry (its
+        :class:`~models.inference.manifest.SegmenterSpec`: input size,
+        threshold, smallest lesion).
     scorers
         The families to run on each lesion, in report order; at least one
         must answer the malignancy task (the primary score), and every
         consensus's members must be among them.
     """
 
-    def __init__(self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[Scorer], refiner: Refiner | None = None) -> None:
-        primary = [s for s in scorers if s.task == "malignancy"]
+    def __init__(
+        self, segmenter: Backend, segmenter_entry: ModelEntry, scorers: Sequence[Scorer], refiner: Refiner | None = None
+    ) -> None:
+        primary = [s for s in scorers if s.task is Task.MALIGNANCY]
         if not primary:
-            raise ModelRegistryError("the B-mode pipeline needs at least one benign/malignant family; got " + ", ".join(s.family for s in scorers))
-        graphs = {s.entry.role for s in scorers if not isinstance(s, ConsensusScorer)}
-        for consensus in (s for s in scorers if isinstance(s, ConsensusScorer)):
-            missing = [role for role in consensus.members if role not in graphs]
+            raise ModelRegistryError(
+                "the B-mode pipeline needs at least one benign/malignant family; got "
+                + ", ".join(s.family for s in scorers)
+            )
+        # Scorers that read pixels are run first; those combining other scores (a consensus) after, from theirs.
+        graphs = {s.entry.role for s in scorers if not s.members}
+        for combining in (s for s in scorers if s.members):
+            missing = [role for role in combining.members if role not in graphs]
             if missing:
-                raise ModelRegistryError(f"consensus {consensus.entry.role} needs {', '.join(missing)} in the pipeline")
+                raise ModelRegistryError(f"consensus {combining.entry.role} needs {', '.join(missing)} in the pipeline")
         self._segmenter = segmenter
         self._seg = segmenter_entry
         self._refiner = refiner
@@ -141,7 +199,11 @@ class BModePipeline:
         if self._refiner is None:
             return self._seg.info
         segmenter, refiner = self._seg.info, self._refiner[1].info
-        return ModelInfo(f"{segmenter.name} + {refiner.name}", f"{segmenter.version} + {refiner.version}", f"{segmenter.sha256} + {refiner.sha256}")
+        return ModelInfo(
+            f"{segmenter.name} + {refiner.name}",
+            f"{segmenter.version} + {refiner.version}",
+            f"{segmenter.sha256} + {refiner.sha256}",
+        )
 
     @property
     def classifier_info(self) -> ModelInfo:
@@ -163,7 +225,9 @@ class BModePipeline:
         shape = (int(gray.shape[0]), int(gray.shape[1]))
         components = segment_lesions(self._segmenter, self._seg, self._refiner, gray)
         lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask) for c in components)
-        return ImageAnalysis(lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape)
+        return ImageAnalysis(
+            lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape
+        )
 
     def lesion_probability(self, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Per-pixel lesion probability at the image's own size."""
@@ -178,15 +242,16 @@ class BModePipeline:
         context: ClinicalContext = NO_CLINICAL_CONTEXT,
         mask: npt.NDArray[np.bool_] | None = None,
     ) -> Lesion:
-        """Score the lesion in ``box`` (outlined by ``mask``) with every family; the primary family gives the headline score and map."""
-        shape = (int(gray.shape[0]), int(gray.shape[1]))
+        """Score the lesion in ``box`` (outlined by ``mask``) with every family; the first gives headline and map."""
+        view = LesionView(gray, box, mask, context)
         by_role: dict[str, FamilyScore] = {}
         for scorer in self._scorers:
-            if isinstance(scorer, FamilyScorer):
-                by_role[scorer.entry.role] = scorer.score(gray, box, context)
-            elif isinstance(scorer, LexiconScorer):
-                by_role[scorer.entry.role] = scorer.score(gray, box, mask)
-        scores = tuple(s.combine(by_role, shape) if isinstance(s, ConsensusScorer) else by_role[s.entry.role] for s in self._scorers)
+            if not scorer.members:
+                by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
+        for scorer in self._scorers:
+            if scorer.members:
+                by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
+        scores = tuple(by_role[s.entry.role] for s in self._scorers)
         primary = scores[0]
         by_family = {s.family: s for s in scores}
         decision = None
@@ -229,20 +294,29 @@ def family_view(analysis: ImageAnalysis, family: str) -> ImageAnalysis:
                 prototypes=score.prototypes,
             )
         )
-    return dataclasses.replace(analysis, lesions=tuple(lesions), classifier=model, score_label=TASK_LABELS.get(task, task))
+    return dataclasses.replace(
+        analysis, lesions=tuple(lesions), classifier=model, score_label=TASK_LABELS.get(task, task)
+    )
 
 
 def default_families(model_dir: Path | None = None, modality: str = "US") -> tuple[str, ...]:
-    """The manifest's ``default_pipelines[modality]`` list (roles), or else every classifier of that modality."""
+    """The manifest's ``default_pipelines[modality]`` list (roles), or else every classifier of that modality.
+
+    Raises
+    ------
+    ManifestError
+        Without a list, a classifier's entry is incomplete (its modality cannot be trusted).
+    """
     directory = model_dir or BUNDLED_MODEL_DIR
-    body = json.loads((directory / MANIFEST_NAME).read_text())
+    body: dict[str, Any] = json.loads((directory / MANIFEST_NAME).read_text())
     listed = body.get("default_pipelines", {}).get(modality)
     if listed:
         return tuple(str(role) for role in listed)
+    wanted = Modality(modality)
     return tuple(
         role
-        for role, entry in sorted(body["models"].items())
-        if role not in SEGMENTATION_ROLES and entry.get("parameters", {}).get("modality", "US") == modality
+        for role, entry in sorted(read_manifest(directory).items())
+        if role not in SEGMENTATION_ROLES and entry.spec_as(ScorerSpec).modality is wanted
     )
 
 
@@ -261,32 +335,47 @@ def load_bmode_pipeline(
     chosen = tuple(families) or default_families(model_dir)
     missing = [f for f in chosen if f not in entries]
     if missing:
-        raise ModelRegistryError(f"configured families {', '.join(missing)} are not in {directory / MANIFEST_NAME} (it has {', '.join(sorted(entries))})")
-    seg = entries[SEGMENTER_ROLE]
+        raise ModelRegistryError(
+            f"configured families {', '.join(missing)} are not in {directory / MANIFEST_NAME} "
+            f"(it has {', '.join(sorted(entries))})"
+        )
     scorers: list[Scorer] = []
     for role in with_consensus_members(chosen, entries):
         scorers.append(load_scorer(entries[role], entries, directory, providers))
+    segmenter, seg = _segmenter_of(entries, model_dir, providers)
     return BModePipeline(
-        segmenter=OnnxRuntimeBackend(verified_path(seg, model_dir), providers),
-        segmenter_entry=seg,
-        scorers=scorers,
-        refiner=load_refiner(model_dir, providers),
+        segmenter=segmenter, segmenter_entry=seg, scorers=scorers, refiner=_refiner_of(entries, model_dir, providers)
     )
 
 
-def load_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Scorer:
-    """The scorer a manifest entry describes: a consensus, a lexicon-descriptor model, or an ONNX family."""
-    if is_consensus(entry):
-        return load_consensus_scorer(entry, entries, model_dir)
-    if is_lexicon(entry):
-        return load_lexicon_scorer(entry, entries, model_dir)
-    return load_family_scorer(entry, model_dir, providers)
+def load_scorer(
+    entry: ModelEntry,
+    entries: Mapping[str, ModelEntry],
+    model_dir: Path,
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+) -> Scorer:
+    """The scorer a manifest entry describes, by the loader its kind registered (ONNX family, consensus, lexicon).
+
+    Raises
+    ------
+    ModelRegistryError
+        The entry is incomplete (:class:`~models.errors.ManifestError`), is
+        not a scorer, or a file it needs fails its checksum.
+    """
+    return scorer_loader(entry)(entry, entries, model_dir, providers)
 
 
 def with_consensus_members(chosen: Sequence[str], entries: Mapping[str, ModelEntry]) -> tuple[str, ...]:
-    """``chosen`` followed by the members of any consensus in it that ``chosen`` does not name."""
+    """``chosen`` followed by the members of any consensus in it that ``chosen`` does not name.
+
+    Raises
+    ------
+    ManifestError
+        A chosen entry is incomplete.
+    """
     roles = list(chosen)
     for role in chosen:
-        if is_consensus(entries[role]):
-            roles += [m for m in entries[role].parameters.get("members", []) if m not in roles]
+        spec = entries[role].spec
+        if isinstance(spec, ConsensusSpec):
+            roles += [m for m in spec.members if m not in roles]
     return tuple(roles)

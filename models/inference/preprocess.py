@@ -40,8 +40,8 @@ def expand_box(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
     """
     x, y, w, h = box
     rows, cols = image_shape
-    pad_x = int(round(w * fraction))
-    pad_y = int(round(h * fraction))
+    pad_x = int(round(w * fraction))  # noqa: RUF046 - w may be a numpy integer, whose product rounds to a numpy float
+    pad_y = int(round(h * fraction))  # noqa: RUF046
     x0, y0 = max(0, x - pad_x), max(0, y - pad_y)
     x1, y1 = min(cols, x + w + pad_x), min(rows, y + h + pad_y)
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
@@ -76,7 +76,7 @@ def square_box(box: Box, image_shape: tuple[int, int]) -> Box:
 def expand_box_by_shortest_side(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
     """Grow a box by ``fraction`` of its *shortest* side on every side (DL-UM uses 30 %), clipped."""
     x, y, w, h = box
-    pad = int(round(min(w, h) * fraction))
+    pad = int(round(min(w, h) * fraction))  # noqa: RUF046 - as in expand_box
     rows, cols = image_shape
     x0, y0 = max(0, x - pad), max(0, y - pad)
     x1, y1 = min(cols, x + w + pad), min(rows, y + h + pad)

@@ -9,8 +9,9 @@ only at a window around one coarse component, resized to its input size,
 so a lesion of 100-300 px is outlined at about its native resolution.
 
 Pure numpy / OpenCV around one :class:`models.inference.backend.Backend` call: the
-window is the component's box grown by :data:`WINDOW_EXPAND` on every side
-(training jitters the same rule), and of the refined components the one
+window is the component's box grown by the refiner's ``window_expand``
+(:data:`WINDOW_EXPAND` for every refiner so far) on every side (training
+jitters the same rule), and of the refined components the one
 that overlaps the coarse component most is kept. A refined outline that
 loses the lesion (no overlap) falls back to the coarse one.
 """
@@ -24,7 +25,7 @@ import numpy.typing as npt
 from models.inference.backend import Backend
 from models.inference.preprocess import Box, expand_box, standardise
 
-WINDOW_EXPAND = 0.25  # fraction of the box added on every side, as in training
+WINDOW_EXPAND = 0.25  # fraction of the box added on every side, as in training; exports record it as window_expand
 
 
 def refiner_window(box: Box, image_shape: tuple[int, int], expand: float = WINDOW_EXPAND) -> Box:
@@ -32,7 +33,9 @@ def refiner_window(box: Box, image_shape: tuple[int, int], expand: float = WINDO
     return expand_box(box, image_shape, expand)
 
 
-def window_probability(refiner: Backend, size: int, gray: npt.NDArray[np.uint8], window: Box) -> npt.NDArray[np.float32]:
+def window_probability(
+    refiner: Backend, size: int, gray: npt.NDArray[np.uint8], window: Box
+) -> npt.NDArray[np.float32]:
     """The refiner's lesion probability over ``window`` of ``gray``, at the window's own size."""
     x, y, w, h = window
     logits = refiner.run({"image": standardise(gray[y : y + h, x : x + w], size)})["logits"][0, 0].astype(np.float32)
@@ -41,7 +44,12 @@ def window_probability(refiner: Backend, size: int, gray: npt.NDArray[np.uint8],
 
 
 def refine_mask(
-    refiner: Backend, size: int, gray: npt.NDArray[np.uint8], coarse: npt.NDArray[np.bool_], threshold: float = 0.5
+    refiner: Backend,
+    size: int,
+    gray: npt.NDArray[np.uint8],
+    coarse: npt.NDArray[np.bool_],
+    threshold: float = 0.5,
+    expand: float = WINDOW_EXPAND,
 ) -> npt.NDArray[np.bool_]:
     """The refined full-image mask of the lesion whose coarse mask is ``coarse``.
 
@@ -55,6 +63,9 @@ def refine_mask(
         One coarse lesion component (boolean, the image's shape, not empty).
     threshold
         Refined pixels at or above it belong to the lesion.
+    expand
+        Fraction of the coarse box added on every side for the window (the
+        refiner's ``window_expand``).
 
     Returns
     -------
@@ -65,7 +76,7 @@ def refine_mask(
     if coarse.shape != gray.shape or not coarse.any():
         raise ValueError("the coarse mask must be a non-empty boolean image of the image's shape")
     x, y, w, h = cv2.boundingRect(coarse.astype(np.uint8))
-    wx, wy, ww, wh = refiner_window((x, y, w, h), (int(gray.shape[0]), int(gray.shape[1])))
+    wx, wy, ww, wh = refiner_window((x, y, w, h), (int(gray.shape[0]), int(gray.shape[1])), expand)
     probability = window_probability(refiner, size, gray, (wx, wy, ww, wh))
     count, labels = cv2.connectedComponents((probability >= threshold).astype(np.uint8), connectivity=8)
     if count <= 1:

@@ -1,8 +1,10 @@
 """The model registry: which model files exist, what they are, and proof they are intact.
 
 ``weights/manifest.json`` lists every reference model with its name,
-version, file, sha256 and preprocessing parameters. Loading verifies the
-checksum, so a corrupted or swapped file is refused rather than run.
+version, file, sha256 and preprocessing parameters. Reading it parses each
+entry's parameters once into the typed view of :mod:`models.inference.manifest`
+(:attr:`ModelEntry.spec`); loading verifies the checksums of the model file
+and its side files, so a corrupted or swapped file is refused rather than run.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from models.errors import ManifestError
 from models.errors import ModelRegistryError as ModelRegistryError  # raised here; defined in the one error tree
 from models.inference.findings import ModelInfo
+from models.inference.manifest import ModelKind, ModelSpec, SpecT, expect_spec, kind_of, parse_spec
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights"
 MANIFEST_NAME = "manifest.json"
@@ -27,7 +32,13 @@ MANIFEST_LOCK_NAME = ".manifest.lock"  # empty; only ever flock-ed (git-ignored)
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model as listed in the manifest."""
+    """One model as listed in the manifest.
+
+    ``parameters`` is the manifest's JSON object as written by training and
+    export, and is what :func:`write_manifest` writes back; serving reads the
+    typed :attr:`spec` parsed from it instead. The parameters are not to be
+    changed after the entry is made: the spec is parsed once.
+    """
 
     role: str
     name: str
@@ -40,6 +51,52 @@ class ModelEntry:
     def info(self) -> ModelInfo:
         """Identity for reports (TID 4019 algorithm name and version)."""
         return ModelInfo(name=self.name, version=self.version, sha256=self.sha256)
+
+    @cached_property
+    def _parsed(self) -> ModelSpec | ManifestError:
+        # The problem is kept rather than raised: an export merges its entry into a manifest whose other entries
+        # may be half-made, and only a model that is served (or evaluated) must be complete.
+        try:
+            return parse_spec(self.role, self.parameters)
+        except ManifestError as problem:
+            return problem
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The typed view of :attr:`parameters`.
+
+        Raises
+        ------
+        ManifestError
+            A field the model needs is missing or holds a value it cannot use
+            (the message names the role and the field).
+        """
+        parsed = self._parsed
+        if isinstance(parsed, ManifestError):
+            raise ManifestError(str(parsed))
+        return parsed
+
+    def spec_as(self, wanted: type[SpecT]) -> SpecT:
+        """:attr:`spec` as the kind a caller needs (:class:`~models.inference.manifest.FamilySpec`, ...).
+
+        Raises
+        ------
+        ManifestError
+            The spec does not parse, or the entry is of another kind.
+        """
+        return expect_spec(self.spec, wanted)
+
+    @property
+    def kind(self) -> ModelKind:
+        """Which kind of model the entry is; readable even where the rest of the spec is incomplete.
+
+        Raises
+        ------
+        ManifestError
+            ``parameters.kind`` holds a value no loader knows.
+        """
+        parsed = self._parsed
+        return parsed.kind if isinstance(parsed, ModelSpec) else kind_of(self.role, self.parameters)
 
 
 def sha256_of(path: Path) -> str:
@@ -54,6 +111,11 @@ def sha256_of(path: Path) -> str:
 def read_manifest(model_dir: Path | None = None) -> dict[str, ModelEntry]:
     """Read the manifest of a model directory, keyed by role.
 
+    Each entry's parameters are parsed here, once, into its typed
+    :attr:`ModelEntry.spec`; an entry whose fields are incomplete is still
+    listed (an export may be merging into this manifest), and is refused when
+    its spec is asked for, that is when it is served or evaluated.
+
     Raises
     ------
     ModelRegistryError
@@ -63,14 +125,22 @@ def read_manifest(model_dir: Path | None = None) -> dict[str, ModelEntry]:
     path = directory / MANIFEST_NAME
     try:
         body = json.loads(path.read_text())
-        return {role: ModelEntry(role=role, **entry) for role, entry in body["models"].items()}
+        entries = {role: ModelEntry(role=role, **entry) for role, entry in body["models"].items()}
     except FileNotFoundError as exc:
-        raise ModelRegistryError(f"no model manifest at {path}; train and export the reference models (make train)") from exc
+        raise ModelRegistryError(
+            f"no model manifest at {path}; train and export the reference models (make train)"
+        ) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelRegistryError(f"malformed model manifest {path}: {exc}") from exc
+    for entry in entries.values():
+        # Parsed now, at load, rather than on first use; a problem is kept for when the entry is served.
+        entry._parsed  # noqa: B018
+    return entries
 
 
-def write_manifest(entries: dict[str, ModelEntry], model_dir: Path, default_pipelines: dict[str, list[str]] | None = None) -> Path:
+def write_manifest(
+    entries: dict[str, ModelEntry], model_dir: Path, default_pipelines: dict[str, list[str]] | None = None
+) -> Path:
     """Write the manifest for ``entries`` (used by the export steps).
 
     ``default_pipelines`` (modality -> roles run on each lesion, in report
@@ -160,11 +230,47 @@ def merge_while_locked(
 
 
 def verified_path(entry: ModelEntry, model_dir: Path | None = None) -> Path:
-    """Path of a model file after checking it matches the manifest's sha256."""
+    """Path of a model file after checking it matches the manifest's sha256.
+
+    Raises
+    ------
+    ModelRegistryError
+        The file is missing or its sha256 differs (the message names the model and the manifest field).
+    """
     path = (model_dir or BUNDLED_MODEL_DIR) / entry.file
     if not path.is_file():
-        raise ModelRegistryError(f"model file {path} for {entry.role} is missing")
+        raise ModelRegistryError(f"model {entry.role}: model file {path} (manifest field file) is missing")
     actual = sha256_of(path)
     if actual != entry.sha256:
-        raise ModelRegistryError(f"model file {path} has sha256 {actual}, manifest says {entry.sha256}")
+        raise ModelRegistryError(
+            f"model {entry.role}: model file {path} has sha256 {actual}, manifest field sha256 says {entry.sha256}"
+        )
     return path
+
+
+def verified_side_files(entry: ModelEntry, model_dir: Path | None = None) -> dict[str, Path]:
+    """Key -> path of each of the entry's side files, after checking each matches its sha256.
+
+    Raises
+    ------
+    ManifestError
+        The entry's spec does not parse.
+    ModelRegistryError
+        A side file is missing or its sha256 differs (the message names the model and the manifest field).
+    """
+    paths = {}
+    for key, side in entry.spec.side_files.items():
+        path = (model_dir or BUNDLED_MODEL_DIR) / side.file
+        field_name = f"parameters.side_files.{key}"
+        if not path.is_file():
+            raise ModelRegistryError(
+                f"model {entry.role}: side file {path} (manifest field {field_name}.file) is missing"
+            )
+        actual = sha256_of(path)
+        if actual != side.sha256:
+            raise ModelRegistryError(
+                f"model {entry.role}: side file {path} has sha256 {actual}, "
+                f"manifest field {field_name}.sha256 says {side.sha256}"
+            )
+        paths[key] = path
+    return paths

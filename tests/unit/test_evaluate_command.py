@@ -7,21 +7,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.datasets import Record
 from models.evaluation.command import ScoredCase, four_a_tally
 from models.inference.findings import FamilyScore, ModelInfo
-from models.training.data import Record
+from models.inference.registry import BUNDLED_MODEL_DIR
 from workers.cli import main
 
 
 def _case(image_id: str, birads: str, malignant: int, probability: float, threshold: float) -> ScoredCase:
-    record = Record("breast_lesions", image_id, Path(f"{image_id}.png"), None, malignant, image_id, "x", "test", birads=birads)
-    score = FamilyScore("f", "malignancy", ModelInfo("m", "1", ""), probability, threshold, probability >= threshold, np.zeros((1, 1), np.float32), (0, 0, 1, 1))
+    record = Record(
+        "breast_lesions", image_id, Path(f"{image_id}.png"), None, malignant, image_id, "x", "test", birads=birads
+    )
+    score = FamilyScore(
+        "f",
+        "malignancy",
+        ModelInfo("m", "1", ""),
+        probability,
+        threshold,
+        probability >= threshold,
+        np.zeros((1, 1), np.float32),
+        (0, 0, 1, 1),
+    )
     return ScoredCase(record, malignant, score)
 
 
 def test_four_a_tally_counts_only_4a_cases_by_recommendation() -> None:
-    lh = [_case("a", "4a", 0, 0.1, 0.5), _case("b", "4a", 1, 0.9, 0.5), _case("c", "4a", 0, 0.9, 0.5), _case("d", "4b", 1, 0.9, 0.5)]
-    bm = [_case("a", "4a", 0, 0.2, 0.5), _case("b", "4a", 1, 0.8, 0.5), _case("c", "4a", 0, 0.1, 0.5), _case("d", "4b", 1, 0.9, 0.5)]
+    lh = [
+        _case("a", "4a", 0, 0.1, 0.5),
+        _case("b", "4a", 1, 0.9, 0.5),
+        _case("c", "4a", 0, 0.9, 0.5),
+        _case("d", "4b", 1, 0.9, 0.5),
+    ]
+    bm = [
+        _case("a", "4a", 0, 0.2, 0.5),
+        _case("b", "4a", 1, 0.8, 0.5),
+        _case("c", "4a", 0, 0.1, 0.5),
+        _case("d", "4b", 1, 0.9, 0.5),
+    ]
     assert four_a_tally(lh, bm) == {
         "downgrade to BI-RADS 3": {"n": 1, "malignant": 0, "benign": 1},
         "keep BI-RADS 4A": {"n": 1, "malignant": 0, "benign": 1},
@@ -29,13 +51,52 @@ def test_four_a_tally_counts_only_4a_cases_by_recommendation() -> None:
     }
 
 
-def test_evaluate_refuses_a_family_the_model_folder_lacks(tmp_path: Path) -> None:
+def test_evaluate_refuses_a_family_the_model_folder_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.errors import EvaluationError
+    from models.evaluation.command import evaluate
+
     data = tmp_path / "site" / "images"
     data.mkdir(parents=True)
     (tmp_path / "site" / "masks").mkdir()
     (tmp_path / "site" / "labels.csv").write_text("id,label\n")
-    with pytest.raises(SystemExit, match="not_a_family"):
-        main(["evaluate", str(tmp_path / "site"), "--families", "not_a_family", "--output", str(tmp_path / "out")])
+    with pytest.raises(EvaluationError, match="not_a_family"):
+        evaluate(tmp_path / "site", BUNDLED_MODEL_DIR, ["not_a_family"], "all", tmp_path / "out")
+    # the command line turns the library's refusal into a message and exit status 2, as for a bad setting
+    assert (
+        main(["evaluate", str(tmp_path / "site"), "--families", "not_a_family", "--output", str(tmp_path / "out")]) == 2
+    )
+    assert "breastai: models not_a_family are not in" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_model_whose_manifest_entry_is_incomplete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.inference.registry import ModelEntry, read_manifest, write_manifest
+
+    models = tmp_path / "models"
+    models.mkdir()
+    entries = read_manifest()
+    old = entries["dl_u"]
+    parameters = {k: v for k, v in old.parameters.items() if k != "operating_point"}
+    entries["dl_u"] = ModelEntry(old.role, old.name, old.version, old.file, old.sha256, parameters)
+    write_manifest(entries, models)
+    site = _synthetic_site(tmp_path, count=2)
+    status = main(
+        [
+            "evaluate",
+            str(site),
+            "--split",
+            "all",
+            "--families",
+            "dl_u",
+            "--model-dir",
+            str(models),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert status == 2
+    assert "model dl_u: manifest field parameters.operating_point is missing" in capsys.readouterr().err
 
 
 def _synthetic_site(root: Path, count: int = 6) -> Path:
@@ -70,7 +131,20 @@ def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -
     members = list(entries[role].parameters["members"])
     site = _synthetic_site(tmp_path)
     out = tmp_path / "out"
-    main(["evaluate", str(site), "--split", "all", "--families", ",".join([role, *members]), "--output", str(out), "--resamples", "20"])
+    main(
+        [
+            "evaluate",
+            str(site),
+            "--split",
+            "all",
+            "--families",
+            ",".join([role, *members]),
+            "--output",
+            str(out),
+            "--resamples",
+            "20",
+        ]
+    )
     with (out / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     probability = {(r["family"], r["id"]): float(r["probability"]) for r in rows}
@@ -101,7 +175,10 @@ def test_variant_predictions_come_from_every_case_or_not_at_all() -> None:
     from models.evaluation.command import variant_predictions
 
     cases = [_case("a", "4a", 0, 0.2, 0.5), _case("b", "4b", 1, 0.8, 0.5)]
-    with_details = [replace(c, score=replace(c.score, details={"dlr_only_probability": p, "network_probability": 0.5})) for c, p in zip(cases, (0.3, 0.7))]
+    with_details = [
+        replace(c, score=replace(c.score, details={"dlr_only_probability": p, "network_probability": 0.5}))
+        for c, p in zip(cases, (0.3, 0.7), strict=True)
+    ]
     variants = variant_predictions(with_details)
     assert list(variants) == ["dlr only"]
     assert [(p.case_id, p.label, p.score) for p in variants["dlr only"]] == [("a", 0, 0.3), ("b", 1, 0.7)]
@@ -109,12 +186,19 @@ def test_variant_predictions_come_from_every_case_or_not_at_all() -> None:
 
 
 def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: Path) -> None:
-    """A site that retrained one member evaluates it (and the segmenter) before refitting the consensus; serving refuses."""
+    """A site that retrained a member evaluates it and the segmenter before refitting the consensus; serving refuses."""
     import json
 
     from models.inference.consensus import is_consensus
     from models.inference.pipeline import load_bmode_pipeline
-    from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, ModelRegistryError, read_manifest, sha256_of, write_manifest
+    from models.inference.registry import (
+        BUNDLED_MODEL_DIR,
+        ModelEntry,
+        ModelRegistryError,
+        read_manifest,
+        sha256_of,
+        write_manifest,
+    )
 
     models = tmp_path / "models"
     models.mkdir()
@@ -132,7 +216,22 @@ def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: P
     with pytest.raises(ModelRegistryError, match="another dlr_bm"):
         load_bmode_pipeline(models)
     out = tmp_path / "out"
-    main(["evaluate", str(_synthetic_site(tmp_path)), "--split", "all", "--families", "dlr_bm", "--model-dir", str(models), "--output", str(out), "--resamples", "20"])
+    main(
+        [
+            "evaluate",
+            str(_synthetic_site(tmp_path)),
+            "--split",
+            "all",
+            "--families",
+            "dlr_bm",
+            "--model-dir",
+            str(models),
+            "--output",
+            str(out),
+            "--resamples",
+            "20",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["families"]["dlr_bm"]["classification"]["all"]["n"] == 6
     assert report["segmentation"]["all"]["n"] == 6
@@ -163,12 +262,16 @@ def test_the_radiologists_birads_is_reported_beside_the_families_on_the_same_les
     assert "Not a model" in (out / "report.md").read_text()
 
 
-def test_labelled_rows_without_an_image_are_counted_and_named_not_silently_dropped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_labelled_rows_without_an_image_are_counted_and_named_not_silently_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     site = _synthetic_site(tmp_path, count=4)
     rows = (site / "labels.csv").read_text().splitlines()
-    (site / "labels.csv").write_text("\n".join([*rows, f"lost1,{rows[1].split(',', 1)[1]}", f"lost2,{rows[2].split(',', 1)[1]}"]) + "\n")
+    (site / "labels.csv").write_text(
+        "\n".join([*rows, f"lost1,{rows[1].split(',', 1)[1]}", f"lost2,{rows[2].split(',', 1)[1]}"]) + "\n"
+    )
     out = tmp_path / "out"
     main(["evaluate", str(site), "--split", "all", "--families", "dl_u", "--output", str(out), "--resamples", "20"])
     report = json.loads((out / "report.json").read_text())
@@ -179,9 +282,10 @@ def test_labelled_rows_without_an_image_are_counted_and_named_not_silently_dropp
 
 
 def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: Path) -> None:
+    from models.errors import TrainingError
     from models.training.external import main as external_main
 
-    with pytest.raises(SystemExit, match="not a dataset folder"):
+    with pytest.raises(TrainingError, match="not a dataset folder"):
         external_main(["--holdout", "busbra", "--datasets", str(tmp_path), "--cards", str(tmp_path / "cards")])
     assert not (tmp_path / "cards").exists()
 
@@ -189,15 +293,27 @@ def test_external_validation_refuses_a_held_out_set_that_is_not_there(tmp_path: 
 def test_external_validation_passes_the_pretraining_only_the_options_that_mean_the_same_to_it() -> None:
     from models.training.external import _shared_options
 
-    options = ["--epochs", "30", "--bf16", "--threads", "2", "--input-size=64", "--batch-size", "16", "--device", "cpu", "--seed", "7", "--threads"]
+    options = [
+        "--epochs",
+        "30",
+        "--bf16",
+        "--threads",
+        "2",
+        "--input-size=64",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        "--threads",
+    ]
     # A trailing flag without its value is dropped.
     assert _shared_options(options) == ["--bf16", "--threads", "2", "--input-size=64", "--device", "cpu", "--seed", "7"]
 
 
 def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
-    from models.training.mask_pretraining import mask_pretraining_recipe
-
-    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING
+    from models.training.mask_pretraining import REFERENCE_MASK_PRETRAINING, mask_pretraining_recipe
 
     assert mask_pretraining_recipe("dlr_bm") == (12, 32) and mask_pretraining_recipe("cldlr") == (10, 32)
     assert mask_pretraining_recipe("mupnet") == (20, 32)
@@ -211,7 +327,10 @@ def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
         plan = [line for line in _make_plan(f"train-{family}") if "breastai train" in line]
         if family in REFERENCE_MASK_PRETRAINING:
             assert plan[0].startswith(f".venv/bin/breastai train pretrain {family} --objective masks")
-            assert plan[1].startswith(f".venv/bin/breastai train {family} ") and f"--init runs/pretrain-masks/{family}/best.pt" in plan[1]
+            assert (
+                plan[1].startswith(f".venv/bin/breastai train {family} ")
+                and f"--init runs/pretrain-masks/{family}/best.pt" in plan[1]
+            )
             assert len(plan) == 2
         else:
             assert len(plan) == 1 and "--init" not in plan[0]
@@ -234,14 +353,33 @@ def test_evaluating_one_folder_does_not_score_the_mammograms_beside_it(tmp_path:
     mias = tmp_path / "mias"
     (mias / "images").mkdir(parents=True)
     cv2.imwrite(str(mias / "images" / "mdb001.png"), np.full((128, 128), 90, np.uint8))
-    (mias / "labels.csv").write_text("id,ref,tissue,abnormality,severity,x,y,radius,image_id\nmias_mdb001,mdb001,G,CIRC,M,64,64,20,mdb001\n")
+    (mias / "labels.csv").write_text(
+        "id,ref,tissue,abnormality,severity,x,y,radius,image_id\nmias_mdb001,mdb001,G,CIRC,M,64,64,20,mdb001\n"
+    )
     out = tmp_path / "out"
-    main(["evaluate", str(site), "--split", "all", "--families", "dl_u,dl_m", "--output", str(out), "--resamples", "20"])
+    main(
+        ["evaluate", str(site), "--split", "all", "--families", "dl_u,dl_m", "--output", str(out), "--resamples", "20"]
+    )
     report = json.loads((out / "report.json").read_text())
     assert "classification" in report["families"]["dl_u"]
     assert report["families"]["dl_m"] == {"note": "no labelled lesion for this task in the data"}
-    main(["evaluate", str(mias), "--split", "all", "--families", "dl_m", "--output", str(tmp_path / "mg"), "--resamples", "20"])
-    assert json.loads((tmp_path / "mg" / "report.json").read_text())["families"]["dl_m"]["classification"]["all"]["n"] == 1
+    main(
+        [
+            "evaluate",
+            str(mias),
+            "--split",
+            "all",
+            "--families",
+            "dl_m",
+            "--output",
+            str(tmp_path / "mg"),
+            "--resamples",
+            "20",
+        ]
+    )
+    assert (
+        json.loads((tmp_path / "mg" / "report.json").read_text())["families"]["dl_m"]["classification"]["all"]["n"] == 1
+    )
 
 
 def _make_plan(*arguments: str) -> list[str]:
@@ -250,13 +388,17 @@ def _make_plan(*arguments: str) -> list[str]:
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
-    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-    done = subprocess.run(["make", "-n", *arguments], cwd=root, env=environment, capture_output=True, text=True, timeout=120, check=True)
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    }
+    done = subprocess.run(
+        ["make", "-n", *arguments], cwd=root, env=environment, capture_output=True, text=True, timeout=120, check=True
+    )
     return done.stdout.splitlines()
 
 
 def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
-    """make train's plan (make -n): two stages at a time, every one told its thread share, the lexicon after the export."""
+    """make train's plan (make -n): two stages at a time, each told its thread share, the lexicon after the export."""
 
     def plan(*variables: str) -> list[str]:
         return _make_plan("train", *variables)
@@ -264,20 +406,38 @@ def test_make_train_runs_the_segmenter_lane_beside_the_families() -> None:
     lines = plan("TRAIN_THREADS=1")
     assert any(line.startswith("make -j2 ") and line.endswith("train-stages") for line in lines)
     stages = [line for line in lines if "models.training.train_reference" in line or "breastai train" in line]
-    trained = [line for line in stages if "breastai train lexicon" not in line and "breastai train consensus" not in line]
+    trained = [
+        line for line in stages if "breastai train lexicon" not in line and "breastai train consensus" not in line
+    ]
     assert trained and all(line.endswith("--threads 1") or "--threads 1 " in line for line in trained)
     for family in ("dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"):
         assert any(f"breastai train {family} " in line for line in stages)
-    order = [next(i for i, line in enumerate(lines) if needle in line) for needle in ("train_reference segmenter", "train_reference refiner", "models.training.export_reference", "breastai train lexicon", "breastai train consensus", "breastai evaluate")]
+    order = [
+        next(i for i, line in enumerate(lines) if needle in line)
+        for needle in (
+            "train_reference segmenter",
+            "train_reference refiner",
+            "models.training.export_reference",
+            "breastai train lexicon",
+            "breastai train consensus",
+            "breastai evaluate",
+        )
+    ]
     assert order == sorted(order)
     # the longest family (DLR_BM, with its pretraining) is the first the second lane takes
-    families = [line.split()[2] for line in lines if line.startswith(".venv/bin/breastai train ") and line.split()[2] not in ("lexicon", "consensus", "pretrain")]
-    assert families[0] == "dlr_bm" and sorted(families) == sorted(["dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"])
+    families = [
+        line.split()[2]
+        for line in lines
+        if line.startswith(".venv/bin/breastai train ") and line.split()[2] not in ("lexicon", "consensus", "pretrain")
+    ]
+    assert families[0] == "dlr_bm" and sorted(families) == sorted(
+        ["dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"]
+    )
     assert any(line.startswith("make -j1 ") for line in plan("TRAIN_JOBS=1"))
 
 
 def test_make_train_lh_consensus_trains_the_second_lh_network_then_fits_the_lh_consensus() -> None:
-    """The opt-in LH consensus (not in make train): dl_u_lh's recipe, then the consensus refitted for the birads_high task."""
+    """The opt-in LH consensus (not in make train): dl_u_lh's recipe, then the consensus refitted for birads_high."""
     lines = _make_plan("train-lh-consensus")
     trained = next(i for i, line in enumerate(lines) if line.startswith(".venv/bin/breastai train dl_u_lh "))
     fitted = next(i for i, line in enumerate(lines) if "breastai train consensus --task birads_high " in line)
@@ -312,10 +472,16 @@ def test_make_train_keeps_two_lanes_busy_longest_first(tmp_path: Path) -> None:
     (venv / ".stamp-serve").touch()
     (venv / ".stamp-train").touch()  # newer than .stamp-serve and pyproject.toml: nothing to install
     log = tmp_path / "stages.log"
-    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    }
     subprocess.run(
         ["make", "-j2", "--no-print-directory", f"VENV={venv}", "THREAD_FLAGS=--threads 1", "train-stages"],
-        cwd=Path(__file__).resolve().parents[2], env={**environment, "STAGE_LOG": str(log)}, capture_output=True, timeout=120, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**environment, "STAGE_LOG": str(log)},
+        capture_output=True,
+        timeout=120,
+        check=True,
     )
     events = [line.split(" ", 1) for line in log.read_text().splitlines()]
     starts = [what for event, what in events if event == "START"]
@@ -330,7 +496,9 @@ def test_make_train_keeps_two_lanes_busy_longest_first(tmp_path: Path) -> None:
     for family in ("dlr_bm", "dlr_lh", "mupnet", "cldlr", "dl_u", "dl_m"):
         assert sum(what.startswith(f"train {family} ") for what in starts) == 1
     for family in ("dlr_bm", "mupnet", "cldlr"):
-        assert starts.index(next(w for w in starts if w.startswith(f"train pretrain {family} "))) < starts.index(next(w for w in starts if w.startswith(f"train {family} ")))
+        assert starts.index(next(w for w in starts if w.startswith(f"train pretrain {family} "))) < starts.index(
+            next(w for w in starts if w.startswith(f"train {family} "))
+        )
     running = 0
     for event, _ in events:
         running += 1 if event == "START" else -1

@@ -1,4 +1,4 @@
-"""BI-RADS lexicon descriptors on drawn lesions, the logistic model's maths, its scorer, and its pinning of the segmentation."""
+"""BI-RADS lexicon descriptors on drawn lesions, the logistic model's maths, its scorer, its pinning of the outlines."""
 
 from __future__ import annotations
 
@@ -65,7 +65,12 @@ def test_spiculated_and_taller_than_wide_lesions_read_as_such() -> None:
     assert star_values[INDEX["radial_roughness"]] > round_values[INDEX["radial_roughness"]] + 0.1
     assert star_values[INDEX["lobulations"]] >= 6
     tall, wide = _ellipse(30, 70), _ellipse(70, 30)
-    assert describe(_scan(tall), tall)[INDEX["orientation"]] > 0.5 > -0.5 > describe(_scan(wide), wide)[INDEX["orientation"]]
+    assert (
+        describe(_scan(tall), tall)[INDEX["orientation"]]
+        > 0.5
+        > -0.5
+        > describe(_scan(wide), wide)[INDEX["orientation"]]
+    )
     assert describe(_scan(tall), tall)[INDEX["elongation"]] == pytest.approx(30 / 70, abs=0.06)
 
 
@@ -95,7 +100,9 @@ def test_describe_refuses_an_empty_or_misshapen_mask() -> None:
 
 def _model(coefficients: list[float], intercept: float = -0.5) -> LogisticModel:
     n = len(DESCRIPTOR_NAMES)
-    return LogisticModel(DESCRIPTOR_NAMES, np.zeros(n), np.full(n, 2.0), np.array(coefficients, dtype=np.float64), intercept)
+    return LogisticModel(
+        DESCRIPTOR_NAMES, np.zeros(n), np.full(n, 2.0), np.array(coefficients, dtype=np.float64), intercept
+    )
 
 
 def test_logistic_model_matches_the_hand_computed_probability_and_round_trips() -> None:
@@ -116,8 +123,9 @@ def test_logistic_model_matches_the_hand_computed_probability_and_round_trips() 
         LogisticModel.from_json({**body, "mean": [0.0]})
 
 
-def _entry(**parameters: object) -> ModelEntry:
-    return ModelEntry("lexicon", "L", "1", "lexicon.json", "0" * 64, {"kind": "lexicon", "task": "malignancy", "operating_point": 0.5, **parameters})
+def _entry(sha256: str = "0" * 64, **parameters: object) -> ModelEntry:
+    complete = {"kind": "lexicon", "task": "malignancy", "operating_point": 0.5, **parameters}
+    return ModelEntry("lexicon", "L", "1", "lexicon.json", sha256, complete)
 
 
 def test_scorer_explains_its_score_and_says_when_it_had_no_outline() -> None:
@@ -155,17 +163,17 @@ def test_loading_refuses_a_model_fitted_on_another_segmenter(tmp_path: Path) -> 
     digest = sha256_of(tmp_path / "lexicon.json")
     segmenter = read_manifest(BUNDLED_MODEL_DIR)["us_segmenter"]
     entries = {"us_segmenter": segmenter}
-    good = ModelEntry("lexicon", "L", "1", "lexicon.json", digest, {"kind": "lexicon", "segmentation": {"us_segmenter": segmenter.sha256}})
-    assert load_lexicon_scorer(good, entries, tmp_path).model.probability(np.zeros(len(DESCRIPTOR_NAMES))) == pytest.approx(
-        model.probability(np.zeros(len(DESCRIPTOR_NAMES)))
-    )
-    stale = ModelEntry("lexicon", "L", "1", "lexicon.json", digest, {"kind": "lexicon", "segmentation": {"us_segmenter": "1" * 64}})
+    good = _entry(sha256=digest, segmentation={"us_segmenter": segmenter.sha256})
+    assert load_lexicon_scorer(good, entries, tmp_path).model.probability(
+        np.zeros(len(DESCRIPTOR_NAMES))
+    ) == pytest.approx(model.probability(np.zeros(len(DESCRIPTOR_NAMES))))
+    stale = _entry(sha256=digest, segmentation={"us_segmenter": "1" * 64})
     with pytest.raises(ModelRegistryError, match="refit"):
         load_lexicon_scorer(stale, entries, tmp_path)
-    missing_refiner = ModelEntry("lexicon", "L", "1", "lexicon.json", digest, {"kind": "lexicon", "segmentation": {"us_refiner": "2" * 64}})
+    missing_refiner = _entry(sha256=digest, segmentation={"us_refiner": "2" * 64})
     with pytest.raises(ModelRegistryError, match="us_refiner"):
         load_lexicon_scorer(missing_refiner, entries, tmp_path)
     (tmp_path / "lexicon.json").write_text(json.dumps({**model.to_json(), "names": ["other"] * len(DESCRIPTOR_NAMES)}))
-    changed = ModelEntry("lexicon", "L", "1", "lexicon.json", sha256_of(tmp_path / "lexicon.json"), {"kind": "lexicon"})
+    changed = _entry(sha256=sha256_of(tmp_path / "lexicon.json"))
     with pytest.raises(ModelRegistryError, match="descriptors"):
         load_lexicon_scorer(changed, entries, tmp_path)

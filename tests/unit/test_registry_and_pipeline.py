@@ -62,7 +62,7 @@ def test_pipeline_finds_scores_and_explains_a_synthetic_lesion() -> None:
     assert analysis.image_shape == (300, 400)
     for lesion in analysis.lesions:
         assert 0.0 <= lesion.malignancy_probability <= 1.0
-        assert lesion.cam.shape == (300, 400) and 0.0 <= lesion.cam.min() and lesion.cam.max() <= 1.0
+        assert lesion.cam.shape == (300, 400) and lesion.cam.min() >= 0.0 and lesion.cam.max() <= 1.0
         assert np.array_equal(lesion.outline_xy[0], lesion.outline_xy[-1])
     assert analysis.lesions, "the segmenter should outline an obvious hypoechoic mass"
     x, y, w, h = analysis.lesions[0].bbox_xywh
@@ -129,7 +129,9 @@ def _merge_roles(model_dir: str, prefix: str, count: int) -> None:
 
     for index in range(count):
         role = f"{prefix}_{index}"
-        merge_into_manifest(Path(model_dir), {role: ModelEntry(role=role, name=role, version="1", file=f"{role}.onnx", sha256="0" * 64)})
+        merge_into_manifest(
+            Path(model_dir), {role: ModelEntry(role=role, name=role, version="1", file=f"{role}.onnx", sha256="0" * 64)}
+        )
 
 
 def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
@@ -150,14 +152,19 @@ def test_side_by_side_exports_keep_every_entry(tmp_path: Path) -> None:
     assert set(entries) == {f"writer{w}_{i}" for w in range(4) for i in range(15)}
 
     # a merge replaces only what it names; the default pipelines are kept unless the caller updates them
-    merge_into_manifest(tmp_path, {"late": ModelEntry(role="late", name="late", version="2", file="late.json", sha256="1" * 64)})
+    merge_into_manifest(
+        tmp_path, {"late": ModelEntry(role="late", name="late", version="2", file="late.json", sha256="1" * 64)}
+    )
     import json
 
     body = json.loads((tmp_path / "manifest.json").read_text())
     assert len(body["models"]) == 61 and body["default_pipelines"] == {"US": ["dl_u"]}
     merge_into_manifest(tmp_path, {}, lambda pipelines: {**pipelines, "US": ["late", *pipelines["US"]]})
     assert json.loads((tmp_path / "manifest.json").read_text())["default_pipelines"] == {"US": ["late", "dl_u"]}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.lock", "manifest.json"]  # no staging file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".manifest.lock",
+        "manifest.json",
+    ]  # no staging file left behind
 
 
 def test_a_malformed_manifest_is_not_replaced_by_an_export(tmp_path: Path) -> None:
@@ -165,5 +172,7 @@ def test_a_malformed_manifest_is_not_replaced_by_an_export(tmp_path: Path) -> No
 
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ModelRegistryError, match="malformed"):
-        merge_into_manifest(tmp_path, {"dl_u": ModelEntry(role="dl_u", name="x", version="1", file="x.onnx", sha256="0" * 64)})
+        merge_into_manifest(
+            tmp_path, {"dl_u": ModelEntry(role="dl_u", name="x", version="1", file="x.onnx", sha256="0" * 64)}
+        )
     assert (tmp_path / "manifest.json").read_text() == "{not json"
