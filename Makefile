@@ -3,7 +3,7 @@
 #   make venv           .venv with the serving dependencies (no torch)
 #   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
-#   make test           system deps + test venv + RabbitMQ + mypy --strict + pytest (unit, integration, e2e)
+#   make test           system deps + test venv + RabbitMQ + ruff + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
@@ -30,7 +30,7 @@ TORCH_VERSION ?= 2.13.0
 VAR_DIR       ?= var
 # The development datasets (read-only; never committed).
 DATASETS      ?= ../shared/datasets
-# Paper model families with real training data (see MODELS.md), and where `make evaluate` writes.
+# Paper model families with real training data (docs/models.md), and where `make evaluate` writes.
 FAMILIES      := dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet
 EVALUATION    ?= var/evaluation
 # Flags of `breastai serve` (see `breastai serve --help`); override on the command line.
@@ -61,7 +61,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv test-venv train-venv deps-system rabbitmq run test lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -140,8 +140,14 @@ run: venv
 	mkdir -p $(VAR_DIR)/spool $(VAR_DIR)/results
 	$(VENV)/bin/breastai serve $(SERVE_ARGS)
 
-test: deps-system test-venv rabbitmq typecheck
+test: deps-system test-venv rabbitmq lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+# ruff (configured in pyproject.toml): the rules, then the layout. A file that `ruff format` would change fails too:
+# the formatter settles wrapping and quotes once, so no diff argues about them (fix: ruff check --fix; ruff format).
+lint: test-venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # mypy --strict over the packages (configured in pyproject.toml).
 typecheck: test-venv
@@ -152,7 +158,7 @@ typecheck: test-venv
 #
 # make train runs TRAIN_JOBS stages side by side, each on its share of the cores (TRAIN_THREADS): the segmenter lane
 # (segmenter -> refiner -> export -> lexicon) beside the families and their pretraining. On 2 cores, two one-thread
-# stages got through 1.16-1.5x the work of one two-thread stage (measured, README "Two stages at a time"). Exports
+# stages got through 1.16-1.5x the work of one two-thread stage (measured: docs/models.md, "bf16 and threads"). Exports
 # merge into the manifest under a lock. TRAIN_JOBS=1 runs one stage at a time on all cores, as before. Output is not
 # held back per stage (no --output-sync): every progress line names its stage ("part"), and a two-hour run shows progress.
 TRAIN_JOBS    ?= 2
@@ -221,7 +227,7 @@ train-lexicon: train-venv
 train-consensus: venv
 	$(VENV)/bin/breastai train consensus --datasets $(DATASETS)
 
-# Opt-in, not part of make train (it missed the adoption bar: README "Models"): DL-U's network trained on DLR_LH's
+# Opt-in, not part of make train (it missed the adoption bar: docs/models.md, "The LH consensus"): DL-U's network trained on DLR_LH's
 # BI-RADS 2/3 vs 4/5 labels (two seeds), averaged with DLR_LH as consensus_lh, which the 4A co-decision then reads.
 train-lh-consensus: train-dl_u_lh
 	$(VENV)/bin/breastai train consensus --task birads_high --datasets $(DATASETS)
@@ -231,6 +237,7 @@ evaluate: venv
 	$(VENV)/bin/breastai evaluate $(DATASETS) --output $(EVALUATION) --cards models/cards
 	mkdir -p models/cards/evaluation
 	cp $(EVALUATION)/report.json $(EVALUATION)/report.md $(EVALUATION)/*.png models/cards/evaluation/
+	cp $(EVALUATION)/report.md docs/evaluation.md
 
 samples: venv
 	$(PY) scripts/make_samples.py

@@ -77,7 +77,7 @@ def load_image(datasets: pathlib.Path, dataset: str, image_id: str) -> npt.NDArr
     raise FileNotFoundError(f"no image for {dataset}/{image_id}")
 
 
-def build_sample(sample: Sample, image: npt.NDArray[np.uint8], label: dict[str, str], index: int) -> "pydicom.Dataset":  # type: ignore[name-defined]  # noqa: F821
+def build_sample(sample: Sample, image: npt.NDArray[np.uint8], label: dict[str, str], index: int) -> pydicom.Dataset:  # type: ignore[name-defined]  # noqa: F821
     """Wrap one image as a de-identified US instance."""
     study_uid = derive_uid("breastai-sample", sample.study)
     series_uid = derive_uid("breastai-sample", sample.study, "series")
@@ -129,7 +129,7 @@ def _spacing_mm(label: dict[str, str]) -> float | None:
     return spacing if spacing > 0 else None
 
 
-def _uncalibrated_region(shape: tuple[int, ...]) -> "pydicom.Dataset":  # type: ignore[name-defined]  # noqa: F821
+def _uncalibrated_region(shape: tuple[int, ...]) -> pydicom.Dataset:  # type: ignore[name-defined]  # noqa: F821
     from pydicom import Dataset
 
     region = Dataset()

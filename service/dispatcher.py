@@ -8,11 +8,13 @@ capped backoff; the sealed directory stays on disk meanwhile, so a broker
 outage or a crash loses nothing (:meth:`recover` republishes at start).
 
 After a confirmed publish the job gets the spool's ``published`` marker;
-only jobs without it are republished by :meth:`recover`.
+only jobs without it are republished, by :meth:`recover` at start and by
+a sweep every :data:`RESCAN_INTERVAL_S` for a job whose seal failed half way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -118,7 +120,7 @@ class Dispatcher:
                 self._tracker.restore(study.study_uid, now - max(0.0, wall - study.newest_mtime))
             for job in jobs:
                 self._unpublished.setdefault(job.job_id, _Unpublished(job))
-        log.info("dispatcher recovered spool", unsealed_studies=len(studies), unpublished_jobs=len(jobs))
+        log.info("spool_recovered", unsealed_studies=len(studies), unpublished_jobs=len(jobs))
 
     def start(self) -> None:
         """Start the background tick thread; returns at once."""
@@ -140,7 +142,7 @@ class Dispatcher:
             try:
                 self.tick()
             except Exception:  # the thread must outlive any single bad study
-                log.exception("dispatcher tick failed")
+                log.exception("dispatcher_tick_failed")
             self._stop.wait(self._tick_s)
 
     # --- the work -------------------------------------------------------------------
@@ -170,7 +172,7 @@ class Dispatcher:
             for job in jobs:
                 self._unpublished.setdefault(job.job_id, _Unpublished(job))
         if adopted:
-            log.warning("adopted sealed jobs that were never published", job_ids=adopted)
+            log.warning("unpublished_jobs_adopted", job_ids=adopted)
 
     def _seal(self, study_uid: str, now: float) -> None:
         with self._lock:
@@ -183,12 +185,12 @@ class Dispatcher:
             job_id = self._spool.seal_study(study_uid, calling)
         except PermanentError as exc:
             job_id = getattr(exc, "job_id", None)
-            log.error("sealed study is not a valid job", study_uid=study_uid, reason=str(exc))
+            log.error("sealed_study_invalid", study_uid=study_uid, reason=str(exc))
             if job_id is not None:
                 self._spool.dead_letter(job_id, f"cannot build job: {exc}")
             return
         except OSError as exc:
-            log.error("cannot seal study; will retry", study_uid=study_uid, error=str(exc))
+            log.error("study_seal_retry", study_uid=study_uid, error=str(exc))
             with self._lock:
                 self._tracker.restore(study_uid, last_seen if last_seen is not None else now)
                 self._calling_ae.setdefault(study_uid, set()).update(calling)
@@ -197,7 +199,7 @@ class Dispatcher:
             return  # its instances were already sealed into an earlier job
         job = self._spool.load_job(job_id)
         metrics.STUDIES_RECEIVED.inc()
-        log.info("study sealed", job_id=job_id, study_uid=study_uid, instances=len(job.instances))
+        log.info("study_sealed", job_id=job_id, study_uid=study_uid, instances=len(job.instances))
         with self._lock:
             self._unpublished[job_id] = _Unpublished(job)
 
@@ -213,13 +215,12 @@ class Dispatcher:
                 entry.failures += 1
                 delay = retry_backoff(entry.failures, self._backoff_s, self._backoff_cap_s)
                 entry.next_at = self._clock() + delay
-                log.warning("publish failed; job stays sealed on disk", job_id=job_id, attempt=entry.failures,
-                            retry_in_s=delay, reason=str(exc))
+                log.warning("publish_retry", job_id=job_id, attempt=entry.failures, retry_in_s=delay, reason=str(exc))
                 continue
             except BreastAIError as exc:
                 # Not retryable: the queue refuses this job (e.g. it was already
                 # completed and removed meanwhile). Dead-letter if still on disk.
-                log.error("publish refused", job_id=job_id, reason=str(exc))
+                log.error("publish_refused", job_id=job_id, reason=str(exc))
                 with self._lock:
                     self._unpublished.pop(job_id, None)
                 if self._spool.is_sealed(job_id):
@@ -227,12 +228,10 @@ class Dispatcher:
                 continue
             with self._lock:
                 self._unpublished.pop(job_id, None)
-            try:
+            with contextlib.suppress(OSError, BreastAIError):  # a fast consumer already completed it: nothing to mark
                 self._spool.mark_published(job_id)
-            except (OSError, BreastAIError):
-                pass  # a fast consumer already completed it; nothing left to mark
             published.append(job_id)
-            log.info("job published", job_id=job_id, study_uid=entry.job.study_instance_uid)
+            log.info("job_published", job_id=job_id, study_uid=entry.job.study_instance_uid)
         return published
 
     def pending_publish(self) -> list[str]:

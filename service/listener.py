@@ -4,8 +4,9 @@ Implements the SCP role of the Storage Service Class (DICOM PS3.4 Annex B)
 and of the Verification Service Class (PS3.4 Annex A) over the DICOM upper
 layer (PS3.8), with the DIMSE C-STORE / C-ECHO services of PS3.7.
 
-Every C-STORE request ends in exactly one status from :func:`_status_for`'s
-vocabulary (PS3.4 B.2.3); no exception ever reaches the peer. Success
+Every C-STORE request ends in exactly one of the ``STATUS_*`` statuses
+below (PS3.4 B.2.3), chosen by :meth:`StudyListener.handle_store`; no
+exception ever reaches the peer. Success
 (0x0000) is sent only after :meth:`Spool.store_instance` returned, i.e. the
 instance and its directory entry are fsynced.
 """
@@ -25,15 +26,15 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -120,13 +121,16 @@ def _check_structure(ds: Dataset, data: bytes, transfer_syntax: str) -> None:
     of the stream (an undefined-length one with its sequence delimiter).
     """
     last: RawDataElement | None = None
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a pydicom Dataset yields its elements, not their tags
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue
         if raw.length != _UNDEFINED_LENGTH and raw.value is not None and len(raw.value) != raw.length:
-            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
-                             f"element {raw.tag} declares {raw.length} bytes, {len(raw.value)} arrived")
+            raise _Rejection(
+                STATUS_CANNOT_UNDERSTAND,
+                "truncated",
+                f"element {raw.tag} declares {raw.length} bytes, {len(raw.value)} arrived",
+            )
         if last is None or raw.value_tell > last.value_tell:
             last = raw
     if last is None:
@@ -136,13 +140,19 @@ def _check_structure(ds: Dataset, data: bytes, transfer_syntax: str) -> None:
     value_length = len(last.value) if last.value is not None else 0
     end = last.value_tell + value_length
     if last.length == _UNDEFINED_LENGTH:
-        if data[end:end + 8] != _SEQUENCE_DELIMITER_LE:
-            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
-                             f"element {last.tag} of undefined length has no sequence delimiter")
+        if data[end : end + 8] != _SEQUENCE_DELIMITER_LE:
+            raise _Rejection(
+                STATUS_CANNOT_UNDERSTAND,
+                "truncated",
+                f"element {last.tag} of undefined length has no sequence delimiter",
+            )
         end += 8
     if end != len(data):
-        raise _Rejection(STATUS_CANNOT_UNDERSTAND, "truncated",
-                         f"data set ends inside an element header ({len(data) - end} stray bytes)")
+        raise _Rejection(
+            STATUS_CANNOT_UNDERSTAND,
+            "truncated",
+            f"data set ends inside an element header ({len(data) - end} stray bytes)",
+        )
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -213,8 +223,12 @@ class StudyListener:
             self._server = ae.start_server(
                 (self._settings.bind_address, self._settings.port), block=False, evt_handlers=handlers
             )
-        log.info("listener started", ae_title=self._settings.ae_title, port=self.port,
-                 allowed_ae=list(self._settings.allowed_ae))
+        log.info(
+            "listener_started",
+            ae_title=self._settings.ae_title,
+            port=self.port,
+            allowed_ae=list(self._settings.allowed_ae),
+        )
 
     @property
     def port(self) -> int:
@@ -229,7 +243,7 @@ class StudyListener:
             server, self._server = self._server, None
         if server is not None:
             server.shutdown()
-            log.info("listener stopped")
+            log.info("listener_stopped")
 
     @staticmethod
     def _association_id(event: Event, create: bool) -> str | None:
@@ -246,7 +260,7 @@ class StudyListener:
             try:
                 self._sink.association_released(association_id)
             except Exception:
-                log.exception("dispatcher failed on association end")
+                log.exception("association_end_failed")
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: every outcome is a PS3.4 B.2.3 status, never an exception."""
@@ -255,12 +269,17 @@ class StudyListener:
             modality, study_uid = self._store(event)
         except _Rejection as rejection:
             metrics.INSTANCES_REJECTED.labels(reason=rejection.reason).inc()
-            log.warning("C-STORE refused", status=f"0x{rejection.status:04X}", reason=rejection.reason,
-                        detail=rejection.detail, calling_ae=calling_ae)
+            log.warning(
+                "c_store_refused",
+                status=f"0x{rejection.status:04X}",
+                reason=rejection.reason,
+                detail=rejection.detail,
+                calling_ae=calling_ae,
+            )
             return rejection.status
         except Exception:
             metrics.INSTANCES_REJECTED.labels(reason="internal").inc()
-            log.exception("C-STORE failed unexpectedly", calling_ae=calling_ae)
+            log.exception("c_store_failed", calling_ae=calling_ae)
             return STATUS_PROCESSING_FAILURE
         metrics.INSTANCES_RECEIVED.labels(modality=modality).inc()
         association_id = self._association_id(event, create=True)
@@ -269,7 +288,7 @@ class StudyListener:
             self._sink.instance_stored(study_uid, association_id, calling_ae=calling_ae)
         except Exception:
             # The instance is durable; recovery at the next start picks the study up.
-            log.exception("dispatcher failed to register a stored instance", study_uid=study_uid)
+            log.exception("instance_registration_failed", study_uid=study_uid)
         return STATUS_SUCCESS
 
     def _store(self, event: Event) -> tuple[str, str]:
@@ -278,8 +297,11 @@ class StudyListener:
         # seek() measures the received bytes without copying them (they may be hundreds of MB).
         request_size = stream.seek(0, io.SEEK_END) if stream is not None else 0
         if request_size > self._max_bytes:
-            raise _Rejection(STATUS_OUT_OF_RESOURCES, "too_large",
-                             f"{request_size} bytes exceed max_instance_mb={self._settings.max_instance_mb}")
+            raise _Rejection(
+                STATUS_OUT_OF_RESOURCES,
+                "too_large",
+                f"{request_size} bytes exceed max_instance_mb={self._settings.max_instance_mb}",
+            )
         data = event.encoded_dataset(include_meta=True)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
@@ -290,12 +312,18 @@ class StudyListener:
 
         sop_class = _uid(ds, "SOPClassUID")
         if sop_class != str(event.context.abstract_syntax):
-            raise _Rejection(STATUS_DATASET_MISMATCH, "sop_class_mismatch",
-                             f"SOP Class {sop_class} sent on a {event.context.abstract_syntax} context")
+            raise _Rejection(
+                STATUS_DATASET_MISMATCH,
+                "sop_class_mismatch",
+                f"SOP Class {sop_class} sent on a {event.context.abstract_syntax} context",
+            )
         sop_instance = _uid(ds, "SOPInstanceUID")
         if sop_instance != str(request.AffectedSOPInstanceUID).strip("\x00 "):
-            raise _Rejection(STATUS_DATASET_MISMATCH, "sop_instance_mismatch",
-                             "SOP Instance UID differs from the request's Affected SOP Instance UID")
+            raise _Rejection(
+                STATUS_DATASET_MISMATCH,
+                "sop_instance_mismatch",
+                "SOP Instance UID differs from the request's Affected SOP Instance UID",
+            )
         study_uid = _uid(ds, "StudyInstanceUID")
         _uid(ds, "SeriesInstanceUID")  # every job references its series; refuse now, not at sealing
         modality = _modality_label(ds)
@@ -307,7 +335,8 @@ class StudyListener:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _Rejection(STATUS_OUT_OF_RESOURCES, "disk_full", "spool disk is full") from exc
-            raise _Rejection(STATUS_OUT_OF_RESOURCES, "io_error",
-                             f"spool write failed: {errno.errorcode.get(exc.errno or 0, 'EIO')}") from exc
-        log.debug("instance stored", study_uid=study_uid, sop_instance_uid=sop_instance, modality=modality)
+            raise _Rejection(
+                STATUS_OUT_OF_RESOURCES, "io_error", f"spool write failed: {errno.errorcode.get(exc.errno or 0, 'EIO')}"
+            ) from exc
+        log.debug("instance_stored", study_uid=study_uid, sop_instance_uid=sop_instance, modality=modality)
         return modality, study_uid

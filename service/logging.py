@@ -4,7 +4,9 @@ Log lines may carry UIDs, AE titles, counts, durations and job ids. They
 must never carry the attributes of the PS3.15 Annex E Basic Application
 Level Confidentiality Profile that identify a person (name, ID, birth date,
 accession number...). :func:`redact_patient_identity` enforces that for
-keyword arguments; messages themselves are fixed strings by convention.
+keyword arguments. Event names are fixed snake_case strings by
+convention (``listener_started``, ``job_retry``): what varies goes into
+keyword arguments, never into the event.
 
 Job and study context is bound with :func:`bind_job` through
 ``structlog.contextvars`` so that every line logged while a job is being
@@ -14,9 +16,9 @@ handled names it without passing loggers around.
 from __future__ import annotations
 
 import logging
-import warnings
 import re
 import sys
+import warnings
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -102,7 +104,7 @@ def _shared_processors() -> list[Any]:
     ]
 
 
-def configure_logging(settings: "Settings") -> None:
+def configure_logging(settings: Settings) -> None:
     """Send structlog and standard-library logging to stderr as one stream.
 
     Standard-library records (pynetdicom, pika) are rendered by the same

@@ -7,7 +7,7 @@ vocabulary and the transient/permanent split. UIDs are not labels either
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import Counter, Histogram, start_http_server
@@ -38,9 +38,7 @@ JOBS_FAILED = Counter(
     "Job deliveries that failed, by kind (transient = retried, permanent = dead-lettered)",
     ["kind"],
 )
-INFERENCE_SECONDS = Histogram(
-    "breastai_inference_seconds", "Model inference time per job", buckets=_INFERENCE_BUCKETS
-)
+INFERENCE_SECONDS = Histogram("breastai_inference_seconds", "Model inference time per job", buckets=_INFERENCE_BUCKETS)
 END_TO_END_SECONDS = Histogram(
     "breastai_end_to_end_seconds",
     "From study dispatch (StudyJob.created_at) to results accepted by the destination",
@@ -77,8 +75,8 @@ def observe_end_to_end(created_at: str, now: datetime | None = None) -> float:
     except ValueError:
         return 0.0
     if start.tzinfo is None:
-        start = start.replace(tzinfo=timezone.utc)
-    seconds = max(0.0, ((now or datetime.now(timezone.utc)) - start).total_seconds())
+        start = start.replace(tzinfo=UTC)
+    seconds = max(0.0, ((now or datetime.now(UTC)) - start).total_seconds())
     END_TO_END_SECONDS.observe(seconds)
     return seconds
 

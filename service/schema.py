@@ -91,7 +91,7 @@ class StudyJob:
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "StudyJob":
+    def from_json(cls, text: str | bytes) -> StudyJob:
         """Parse a StudyJob document, refusing unknown schemas and versions.
 
         Raises
@@ -109,7 +109,9 @@ class StudyJob:
         if body.get("schema") != SCHEMA_ID:
             raise JobSchemaError(f"unknown schema {body.get('schema')!r}, expected {SCHEMA_ID!r}")
         if body.get("version") != SCHEMA_VERSION:
-            raise JobSchemaError(f"unsupported StudyJob version {body.get('version')!r}, this build reads {SCHEMA_VERSION}")
+            raise JobSchemaError(
+                f"unsupported StudyJob version {body.get('version')!r}, this build reads {SCHEMA_VERSION}"
+            )
         try:
             instances = tuple(InstanceRef(**item) for item in body["instances"])
             return cls(

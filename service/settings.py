@@ -99,7 +99,7 @@ class Destination:
             raise ConfigurationError(f"unknown destination kind {self.kind!r}, expected 'dicom' or 'folder'")
 
     @classmethod
-    def parse(cls, text: str) -> "Destination":
+    def parse(cls, text: str) -> Destination:
         """Parse ``"AE@host:port"`` (a DICOM node) or a folder path.
 
         Raises
@@ -243,6 +243,7 @@ def _redact_url(url: str) -> str:
 
 
 # --- string / TOML value conversion -------------------------------------------------
+
 
 def _to_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
@@ -404,19 +405,33 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         default = _default_text(field_name).replace("%", "%%")
         return f"{text} [env {env_name(field_name)}; default {default}]"
 
-    group.add_argument("--config", type=Path, metavar="PATH",
-                       help=f"TOML file with a [breastai] table [env {CONFIG_ENV}; default none]")
+    group.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"TOML file with a [breastai] table [env {CONFIG_ENV}; default none]",
+    )
     group.add_argument("--port", type=int, help=helptext("DICOM listener port", "port"))
     group.add_argument("--bind-address", help=helptext("DICOM listener bind address", "bind_address"))
     group.add_argument("--ae-title", help=helptext("our AE title (Storage SCP)", "ae_title"))
-    group.add_argument("--destination", action="append", metavar="AE@HOST:PORT|FOLDER",
-                       help=helptext("result destination, repeatable (comma separated in env)", "destinations"))
-    group.add_argument("--quiet-period", type=float, metavar="SECONDS",
-                       help=helptext("seconds without new instances before a released study is complete",
-                                     "quiet_period_s"))
-    group.add_argument("--allowed-ae", action="append", metavar="AE",
-                       help=helptext("calling AE title allowed to associate, repeatable; none = any",
-                                     "allowed_ae"))
+    group.add_argument(
+        "--destination",
+        action="append",
+        metavar="AE@HOST:PORT|FOLDER",
+        help=helptext("result destination, repeatable (comma separated in env)", "destinations"),
+    )
+    group.add_argument(
+        "--quiet-period",
+        type=float,
+        metavar="SECONDS",
+        help=helptext("seconds without new instances before a released study is complete", "quiet_period_s"),
+    )
+    group.add_argument(
+        "--allowed-ae",
+        action="append",
+        metavar="AE",
+        help=helptext("calling AE title allowed to associate, repeatable; none = any", "allowed_ae"),
+    )
     group.add_argument("--spool-dir", type=Path, help=helptext("durable spool directory", "spool_dir"))
     group.add_argument("--queue", choices=_QUEUE_KINDS, help=helptext("job queue", "queue"))
     group.add_argument("--amqp-url", help=helptext("RabbitMQ URL", "amqp_url"))
@@ -424,9 +439,16 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-format", choices=_LOG_FORMATS, help=helptext("log format", "log_format"))
     group.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, help=helptext("log level", "log_level"))
     group.add_argument("--model-dir", type=Path, help=helptext("model weights directory", "model_dir"))
-    group.add_argument("--us-families", action="append", metavar="ROLE",
-                       help=helptext("model family run on ultrasound lesions, repeatable, in report order "
-                                     "(comma separated in env); none = the model folder's default", "us_families"))
+    group.add_argument(
+        "--us-families",
+        action="append",
+        metavar="ROLE",
+        help=helptext(
+            "model family run on ultrasound lesions, repeatable, in report order "
+            "(comma separated in env); none = the model folder's default",
+            "us_families",
+        ),
+    )
 
 
 # argparse destination -> Settings field, for the flags add_settings_arguments adds.
@@ -477,7 +499,9 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         if isinstance(given, list):
             values[name] = _CONVERTERS[name]("--" + dest.replace("_", "-"), given)
         else:
-            values[name] = _CONVERTERS[name]("--" + dest.replace("_", "-"), given if isinstance(given, (int, float)) else str(given))
+            values[name] = _CONVERTERS[name](
+                "--" + dest.replace("_", "-"), given if isinstance(given, (int, float)) else str(given)
+            )
     try:
         return Settings(**values)
     except TypeError as exc:  # a wrong type that slipped past a converter

@@ -2,23 +2,27 @@
 
 Layout under the spool root::
 
-    tmp/                              partial writes; never read, cleaned at start
+    tmp/<host>-<pid>-<hex>/           one process's partial writes (``.alive`` locked while it lives)
     incoming/<study_uid>/<sop>.dcm    acknowledged instances of a study still receiving
     studies/<job_id>/<sop>.dcm        a sealed study = one job (no instance is added after sealing)
     studies/<job_id>/job.json         the StudyJob document (rebuilt from the files if missing)
-    studies/<job_id>/published        marker: the broker confirmed the job (RabbitMQ path)
-    studies/<job_id>/attempts         deliveries so far (embedded queue's retry counter)
+    studies/<job_id>/calling_ae.json  the AE titles that sent the study
+    studies/<job_id>/published        marker: the queue confirmed the job
+    studies/<job_id>/attempts         deliveries so far (both queues' retry counter)
     dead/<job_id>/...  + reason.txt   dead-lettered jobs, kept for an operator
+    done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
 
 Who deletes what:
 
 - ``tmp/*``: :meth:`Spool.store_instance` removes its own file on failure;
-  anything left by a crash is removed when a :class:`Spool` is opened (it
-  was never acknowledged, so the peer still owns the instance).
+  the folder of a process that is gone (no lock on ``.alive``, untouched
+  for a day) is removed when a :class:`Spool` is opened (what it held was
+  never acknowledged, so the peer still owns the instance).
 - ``incoming/<study>``: never deleted, only renamed by :meth:`seal_study`.
 - ``studies/<job_id>``: removed by :meth:`complete` once the results were
-  accepted (the workers' handler, and the embedded queue on ack), or moved
-  to ``dead/`` by :meth:`dead_letter`.
+  accepted (by the queue, on ack), or moved to ``dead/`` by
+  :meth:`dead_letter`.
+- ``done/<job_id>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
 - ``dead/``: never deleted by the service.
 
 Durability (PS3.4 B.2.3: a C-STORE success means the SCP has taken
@@ -41,12 +45,13 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from service.durable import fsync_directory, write_durably
 from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError
 from service.schema import InstanceRef, StudyJob, is_valid_uid
 
@@ -77,16 +82,8 @@ class UnsealedStudy:
     instance_count: int
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry itself is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: Held locked (``flock``) by the process that owns a ``tmp/`` folder, so others can tell a live idle one from a dead one.
+#: Held locked (``flock``) by the process that owns a ``tmp/`` folder,
+#: so others can tell a live idle one from a dead one.
 ALIVE_LOCK = ".alive"
 
 
@@ -96,7 +93,10 @@ def _close_all(descriptors: list[int]) -> None:
 
 
 def _locked_by_a_live_process(folder: Path) -> bool:
-    """Whether some process holds the ``flock`` on ``folder/.alive`` (a folder without one, from before the lock, is not)."""
+    """Whether some process holds the ``flock`` on ``folder/.alive``.
+
+    A folder without one (from before the lock) is not held.
+    """
     try:
         descriptor = os.open(folder / ALIVE_LOCK, os.O_RDWR)
     except FileNotFoundError:
@@ -112,24 +112,32 @@ def _locked_by_a_live_process(folder: Path) -> bool:
     return False
 
 
-def _write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync dir."""
-    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+def verify_instances(job: StudyJob, root: Path) -> list[Path]:
+    """The paths of ``job``'s instances under the spool ``root``, each checked against its recorded sha256.
+
+    Raises
+    ------
+    IntegrityError
+        Naming the first missing or changed file.
+    """
+    paths = []
+    for ref in job.instances:
+        path = root / ref.path
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"spooled instance {ref.path} of job {job.job_id} is missing") from exc
+        if digest != ref.sha256:
+            raise IntegrityError(
+                f"spooled instance {ref.path} of job {job.job_id} changed since it was sealed (sha256 {digest})"
+            )
+        paths.append(path)
+    return paths
 
 
 def new_job_id(now: datetime | None = None) -> str:
     """A sortable, unique job id: UTC timestamp plus 12 random hex digits."""
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:12]}"
 
 
@@ -193,7 +201,7 @@ class Spool:
         return self._own_tmp
 
     def _hold_alive_lock(self) -> None:
-        """Hold an exclusive ``flock`` on ``tmp_dir/.alive`` for as long as this spool lives (see :meth:`_clean_tmp`)."""
+        """Hold an exclusive ``flock`` on ``tmp_dir/.alive`` while this spool lives (see :meth:`_clean_tmp`)."""
         _close_all(self._alive_descriptor)
         descriptor = os.open(self._own_tmp / ALIVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -254,10 +262,10 @@ class Spool:
                 created = not study_dir.exists()
                 study_dir.mkdir(exist_ok=True)
                 if created:
-                    _fsync_dir(self.incoming_dir)
+                    fsync_directory(self.incoming_dir)
                 final = study_dir / f"{sop_uid}{INSTANCE_SUFFIX}"
                 os.replace(tmp, final)
-                _fsync_dir(study_dir)
+                fsync_directory(study_dir)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -293,10 +301,10 @@ class Spool:
             if not source.is_dir():
                 return None
             os.rename(source, target)
-            _fsync_dir(self.incoming_dir)
-            _fsync_dir(self.studies_dir)
+            fsync_directory(self.incoming_dir)
+            fsync_directory(self.studies_dir)
         if calling_ae_titles:
-            _write_durably(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode(), self.tmp_dir)
+            write_durably(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode(), self.tmp_dir)
         try:
             job = self.build_job(job_id, created_at=now)
         except BreastAIError as exc:
@@ -309,7 +317,7 @@ class Spool:
         """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""
         job_dir = self._job_dir(job.job_id)
         path = job_dir / JOB_FILE
-        _write_durably(path, job.to_json().encode("utf-8"), self.tmp_dir)
+        write_durably(path, job.to_json().encode("utf-8"), self.tmp_dir)
         return path
 
     def build_job(self, job_id: str, created_at: datetime | None = None) -> StudyJob:
@@ -362,11 +370,11 @@ class Spool:
                 calling = ()
         if created_at is None:
             # On rebuild the seal time is the directory's mtime (set by the rename).
-            created_at = datetime.fromtimestamp(job_dir.stat().st_mtime, timezone.utc)
+            created_at = datetime.fromtimestamp(job_dir.stat().st_mtime, UTC)
         return StudyJob(
             job_id=job_id,
             study_instance_uid=study_uids.pop(),
-            created_at=created_at.astimezone(timezone.utc).isoformat(),
+            created_at=created_at.astimezone(UTC).isoformat(),
             instances=tuple(sorted(refs, key=lambda ref: ref.sop_instance_uid)),
             calling_ae_titles=calling,
         )
@@ -423,7 +431,7 @@ class Spool:
 
     def mark_published(self, job_id: str) -> None:
         """Record that the broker confirmed the job (RabbitMQ path)."""
-        _write_durably(self._job_dir(job_id) / PUBLISHED_MARKER, b"", self.tmp_dir)
+        write_durably(self._job_dir(job_id) / PUBLISHED_MARKER, b"", self.tmp_dir)
 
     def is_published(self, job_id: str) -> bool:
         """Whether :meth:`mark_published` was called for ``job_id``."""
@@ -437,25 +445,12 @@ class Spool:
         except (FileNotFoundError, ValueError):
             count = 0
         count += 1
-        _write_durably(path, str(count).encode("ascii"), self.tmp_dir)
+        write_durably(path, str(count).encode("ascii"), self.tmp_dir)
         return count
 
-    def verify(self, job: StudyJob) -> None:
-        """Check every referenced file still matches its sha256.
-
-        Raises
-        ------
-        IntegrityError
-            Naming the first missing or changed file.
-        """
-        for ref in job.instances:
-            path = self.root / ref.path
-            try:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            except FileNotFoundError:
-                raise IntegrityError(f"spooled file is missing: {ref.path}") from None
-            if digest != ref.sha256:
-                raise IntegrityError(f"spooled file changed since sealing: {ref.path}")
+    def verify(self, job: StudyJob) -> list[Path]:
+        """Check every referenced file still matches its sha256 (:func:`verify_instances`); return their paths."""
+        return verify_instances(job, self.root)
 
     def is_completed(self, job_id: str) -> bool:
         """Whether :meth:`complete` ran for ``job_id`` (within the last :data:`COMPLETED_KEEP_S`).
@@ -468,19 +463,22 @@ class Spool:
         return (self.done_dir / self._job_dir(job_id).name).is_file()
 
     def complete(self, job_id: str) -> bool:
-        """Record ``job_id`` as done (:meth:`is_completed`) and remove its directory. Idempotent; returns whether it existed."""
+        """Record ``job_id`` as done (:meth:`is_completed`) and remove its directory.
+
+        Idempotent; returns whether the directory existed.
+        """
         job_dir = self._job_dir(job_id)
         if not job_dir.exists():
             return False
         # Recorded before the folder goes: a crash in between leaves a done job with its files, never a lost record.
-        _write_durably(self.done_dir / job_id, datetime.now(timezone.utc).isoformat().encode("ascii"), self.tmp_dir)
+        write_durably(self.done_dir / job_id, datetime.now(UTC).isoformat().encode("ascii"), self.tmp_dir)
         # Rename first so that a crash mid-delete never leaves a half job under studies/.
         trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(job_dir, trash)
         except FileNotFoundError:
             return False
-        _fsync_dir(self.studies_dir)
+        fsync_directory(self.studies_dir)
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
@@ -496,13 +494,13 @@ class Spool:
             if target.exists():
                 target = self.dead_dir / f"{job_id}.{int(time.time())}-{uuid.uuid4().hex[:6]}"
             os.rename(source, target)
-            _fsync_dir(self.studies_dir)
-            _fsync_dir(self.dead_dir)
+            fsync_directory(self.studies_dir)
+            fsync_directory(self.dead_dir)
         elif not target.is_dir():
             return None
         earlier = (target / REASON_FILE).read_text("utf-8") if (target / REASON_FILE).is_file() else ""
         # A later delivery of a job already dead adds its reason under the first, which says what went wrong.
-        _write_durably(target / REASON_FILE, (earlier + reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
+        write_durably(target / REASON_FILE, (earlier + reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
         return target
 
     def _job_dir(self, job_id: str) -> Path:

@@ -40,9 +40,7 @@ class StudyTracker:
 
     def __init__(self, quiet_period_s: float, stable_age_s: float) -> None:
         if quiet_period_s < 0 or stable_age_s < quiet_period_s:
-            raise ValueError(
-                f"need 0 <= quiet_period_s <= stable_age_s, got {quiet_period_s!r} and {stable_age_s!r}"
-            )
+            raise ValueError(f"need 0 <= quiet_period_s <= stable_age_s, got {quiet_period_s!r} and {stable_age_s!r}")
         self.quiet_period_s = quiet_period_s
         self.stable_age_s = stable_age_s
         self._studies: dict[str, _Study] = {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tests import dicom_factory
-
 import shutil
 import socket
 import subprocess
@@ -15,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+
+from tests import dicom_factory
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -39,15 +39,15 @@ def spool_dir(tmp_path: Path) -> Path:
     return path
 
 
-def make_us_dataset(study_uid: str | None = None, sop_uid: str | None = None,
-                    series_uid: str | None = None) -> Dataset:
+def make_us_dataset(study_uid: str | None = None, sop_uid: str | None = None, series_uid: str | None = None) -> Dataset:
     """A small valid US Image Storage data set (64x64 MONOCHROME2) from :mod:`tests.dicom_factory`."""
     pixels = (np.arange(64 * 64, dtype=np.uint32) % 251).astype(np.uint8).reshape(64, 64)
     return dicom_factory.make_us_dataset(pixels, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
 
 
-def make_us_file(tmp_path: Path, study_uid: str | None = None, sop_uid: str | None = None,
-                 series_uid: str | None = None) -> Path:
+def make_us_file(
+    tmp_path: Path, study_uid: str | None = None, sop_uid: str | None = None, series_uid: str | None = None
+) -> Path:
     """Write :func:`make_us_dataset` as a PS3.10 file under ``tmp_path``; returns its path."""
     ds = make_us_dataset(study_uid, sop_uid, series_uid)
     path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
@@ -56,6 +56,7 @@ def make_us_file(tmp_path: Path, study_uid: str | None = None, sop_uid: str | No
 
 
 # --- RabbitMQ -----------------------------------------------------------------------
+
 
 def _broker_answers() -> bool:
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 if TYPE_CHECKING:
     from models.inference.findings import ImageAnalysis
@@ -168,7 +168,7 @@ def square_lesion_analysis(
     lesions: int = 1,
     size: int | None = None,
     probability: float = 0.87,
-) -> "ImageAnalysis":
+) -> ImageAnalysis:
     """A fabricated pipeline result: ``lesions`` square lesions on a crop.
 
     Squares of side ``size`` (default a fifth of the shorter side) sit on

@@ -10,7 +10,6 @@ verification against the job, metrics, and delivery.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from pydicom.errors import InvalidDicomError
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
 from service import metrics
+from service.errors import InvalidInstance, PermanentError, UnsupportedInput
 from service.logging import bind_job
-from service.errors import IntegrityError, InvalidInstance, PermanentError, UnsupportedInput
 from service.schema import StudyJob
+from service.spool import verify_instances
 from workers.clinical import clinical_context
 from workers.dicom_reader import read_frames
 from workers.routing import BMODE_PIPELINE, route
@@ -86,7 +86,7 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
     model_key = "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
     analysed: list[AnalysedFrame] = []
     skipped: list[tuple[str, str]] = []
-    for path, header in sorted(zip(paths, headers), key=lambda item: str(item[1].SOPInstanceUID)):
+    for path, header in sorted(zip(paths, headers, strict=True), key=lambda item: str(item[1].SOPInstanceUID)):
         chosen = route(header)
         if chosen.pipeline != BMODE_PIPELINE:
             skipped.append((str(header.SOPInstanceUID), chosen.reason))
@@ -112,7 +112,7 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
     # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
     for position, family in enumerate(pipeline.families):
         overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series", family)
-        for number, (item, source) in enumerate(zip(analysed, sources), start=1):
+        for number, (item, source) in enumerate(zip(analysed, sources, strict=True), start=1):
             view = family_view(item.analysis, family)
             overlays.append(
                 build_overlay_image(
@@ -134,21 +134,6 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
         context=context,
     )
     return StudyResults(report=report, overlays=tuple(overlays), skipped=tuple(skipped))
-
-
-def verify_instances(job: StudyJob, spool_root: Path) -> list[Path]:
-    """Resolve a job's instance paths and check each file still has its recorded sha256."""
-    paths = []
-    for ref in job.instances:
-        path = spool_root / ref.path
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"spooled instance {ref.path} of job {job.job_id} is missing") from exc
-        if digest != ref.sha256:
-            raise IntegrityError(f"spooled instance {ref.path} changed since it was received (sha256 {digest})")
-        paths.append(path)
-    return paths
 
 
 class JobHandler:

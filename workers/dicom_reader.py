@@ -156,7 +156,7 @@ def read_frames(path: pathlib.Path, max_frames: int = 1) -> list[SourceFrame]:
         row_mm, col_mm = _pixel_spacing_mm(ds)
 
     frames: list[SourceFrame] = []
-    for index, gray in zip(indices, grays):
+    for index, gray in zip(indices, grays, strict=True):
         if gray.shape != (rows, columns):
             raise InvalidInstance(f"{path.name}: decoded frame has shape {gray.shape}, header says {(rows, columns)}")
         if region is not None:
@@ -206,7 +206,9 @@ def _check_decodable(ds: pydicom.Dataset, path: pathlib.Path) -> None:
     try:
         decoder = get_decoder(transfer_syntax)
     except NotImplementedError as exc:
-        raise UnsupportedInput(f"{path.name}: transfer syntax {transfer_syntax} ({transfer_syntax.name}) is not supported") from exc
+        raise UnsupportedInput(
+            f"{path.name}: transfer syntax {transfer_syntax} ({transfer_syntax.name}) is not supported"
+        ) from exc
     if not decoder.is_available:
         raise UnsupportedInput(
             f"{path.name}: no installed decoder plugin for transfer syntax {transfer_syntax} ({transfer_syntax.name})"
@@ -241,7 +243,7 @@ def _frame_indices(frame_count: int, max_frames: int) -> list[int]:
     if max_frames == 1:
         return [frame_count // 2]
     spaced = np.linspace(0, frame_count - 1, num=min(max_frames, frame_count))
-    return sorted({int(round(value)) for value in spaced})
+    return sorted({round(value) for value in spaced})
 
 
 def _decode_gray(ds: pydicom.Dataset, index: int | None, path: pathlib.Path) -> npt.NDArray[np.uint8]:

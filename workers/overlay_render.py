@@ -15,8 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from models.inference.findings import ImageAnalysis
+from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 
-DISCLAIMER = "AI result - not for diagnostic use"
+DISCLAIMER = NOT_FOR_DIAGNOSTIC_USE  # the banner burned in along the bottom edge
 CAM_THRESHOLD = 0.2
 CAM_ALPHA = 0.4
 
@@ -75,10 +76,13 @@ def render_overlay(
     footprint = np.zeros((rows, columns), dtype=bool) if cam is None else cam > CAM_THRESHOLD
     for number, lesion in enumerate(analysis.lesions, start=1):
         colour = _OUTLINE_COLOURS[(number - 1) % len(_OUTLINE_COLOURS)]
-        points = np.rint(lesion.outline_xy.astype(np.float64) + (ox, oy)).astype(np.int32).reshape(-1, 2)
+        # An array plus a tuple: numpy adds the offset to every point (RUF005 takes it for tuple concatenation).
+        points = np.rint(lesion.outline_xy.astype(np.float64) + (ox, oy)).astype(np.int32).reshape(-1, 2)  # noqa: RUF005
         if len(points) == 0:
             continue
-        cv2.polylines(canvas, [points.reshape(-1, 1, 2)], isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
+        cv2.polylines(
+            canvas, [points.reshape(-1, 1, 2)], isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA
+        )
         x0, y0 = np.clip(points.min(axis=0), 0, (columns - 1, rows - 1))
         x1, y1 = np.clip(points.max(axis=0), 0, (columns - 1, rows - 1))
         footprint[y0 : y1 + 1, x0 : x1 + 1] = True
@@ -91,7 +95,11 @@ def render_overlay(
 
 
 def _draw_prototypes(
-    canvas: npt.NDArray[np.uint8], analysis: ImageAnalysis, scale: float, thickness: int, footprint: npt.NDArray[np.bool_]
+    canvas: npt.NDArray[np.uint8],
+    analysis: ImageAnalysis,
+    scale: float,
+    thickness: int,
+    footprint: npt.NDArray[np.bool_],
 ) -> None:
     """Lesion 1's strongest prototypes (MUP-Net) as thumbnails down the right edge, each with its contribution.
 
@@ -116,7 +124,15 @@ def _draw_prototypes(
         canvas[y : y + side, x : x + side] = thumbnail[:, :, None]
         colour = _RED if prototype.malignant else _GREEN
         cv2.rectangle(canvas, (x, y), (x + side - 1, y + side - 1), colour, thickness=max(1, thickness))
-        _put_text(canvas, f"{prototype.contribution:+.2f}", (x, y + side), scale * 0.8, max(1, thickness - 1), _WHITE, anchor="bottom")
+        _put_text(
+            canvas,
+            f"{prototype.contribution:+.2f}",
+            (x, y + side),
+            scale * 0.8,
+            max(1, thickness - 1),
+            _WHITE,
+            anchor="bottom",
+        )
         footprint[y : y + side, x : x + side] = True
 
 
@@ -179,7 +195,7 @@ def _text_metrics(rows: int, columns: int) -> tuple[float, int]:
     """
     side = min(rows, columns)
     scale = float(np.clip(side / 28.0 / 22.0, 0.35, 1.6))
-    thickness = max(1, int(round(scale * 1.5)))
+    thickness = max(1, round(scale * 1.5))
     return scale, thickness
 
 
@@ -217,7 +233,9 @@ def _draw_legend(
     rows, columns = canvas.shape[:2]
     (_w, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
     line_h = text_h + baseline + 2 * (thickness + 2)
-    width = min(columns, max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2))
+    width = min(
+        columns, max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2)
+    )
     height = min(rows, line_h * len(lines))
     banner = _disclaimer_band_height(rows, columns, scale, thickness)
     corners = [
@@ -251,9 +269,18 @@ def _draw_disclaimer(canvas: npt.NDArray[np.uint8], scale: float, thickness: int
     text_scale = _disclaimer_scale(columns, scale, thickness)
     band = _disclaimer_band_height(rows, columns, scale, thickness)
     canvas[rows - band : rows] = 0
-    (text_w, text_h), baseline = cv2.getTextSize(DISCLAIMER, _FONT, text_scale, thickness)
+    (text_w, _text_h), baseline = cv2.getTextSize(DISCLAIMER, _FONT, text_scale, thickness)
     x = max(0, (columns - text_w) // 2)
-    cv2.putText(canvas, DISCLAIMER, (x, rows - baseline - max(1, thickness) - 1), _FONT, text_scale, _YELLOW, thickness, cv2.LINE_AA)
+    cv2.putText(
+        canvas,
+        DISCLAIMER,
+        (x, rows - baseline - max(1, thickness) - 1),
+        _FONT,
+        text_scale,
+        _YELLOW,
+        thickness,
+        cv2.LINE_AA,
+    )
 
 
 def _ascii(text: str) -> str:

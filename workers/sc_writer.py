@@ -16,8 +16,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from models.inference.findings import ImageAnalysis
+from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 from workers.dicom_reader import SourceFrame
-from workers.overlay_render import DISCLAIMER, render_overlay
+from workers.overlay_render import render_overlay
 from workers.sr_writer import ReportContext, patient_study_header
 
 SERIES_DESCRIPTION = "BreastAI heat-map overlay (advisory)"
@@ -118,7 +119,7 @@ def overlay_description(analysis: ImageAnalysis) -> str:
         )
         or "No lesion detected"
     )
-    return f"{DISCLAIMER}. Heat map of class-activation maps. Models: {model_text}. {findings}."
+    return f"{NOT_FOR_DIAGNOSTIC_USE}. Heat map of class-activation maps. Models: {model_text}. {findings}."
 
 
 def _laterality(source: Dataset) -> str:

@@ -8,8 +8,7 @@ shows the radiologist a second report.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,9 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from service.durable import fsync_directory, write_durably
 from service.errors import DestinationUnavailable, ResultRejected
+from service.queue import retry_backoff
 from service.settings import Destination
 
 log = structlog.get_logger(__name__)
@@ -37,18 +38,12 @@ _STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0111}
 # are configuration errors that retrying cannot fix.
 _TRANSIENT_PREFIX = 0xA700
 _TRANSIENT = {0x0213, 0x0110}
+#: The longest wait between two attempts at one destination.
+_BACKOFF_CAP_S = 30.0
 
 
 def _is_transient(status: int) -> bool:
     return (status & 0xFF00) == _TRANSIENT_PREFIX or status in _TRANSIENT
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
@@ -63,29 +58,31 @@ def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
     written = []
     changed: set[Path] = set()
     for dataset in datasets:
-        target = folder / str(dataset.StudyInstanceUID) / str(dataset.SeriesInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
+        target = (
+            folder / str(dataset.StudyInstanceUID) / str(dataset.SeriesInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
+        )
         for directory in (target.parent.parent, target.parent):
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 changed.add(directory.parent)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".dcm")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                dataset.save_as(stream, enforce_file_format=True)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_durably(
+            target,
+            functools.partial(dataset.save_as, enforce_file_format=True),
+            target.parent,
+            hidden=True,  # a hidden temporary name: whoever watches the folder passes it over
+            sync_directory=False,  # once per folder, below
+        )
         changed.add(target.parent)
         written.append(target)
-    for directory in sorted(changed, key=lambda d: len(d.parts), reverse=True):  # the deepest first: its entry is then in place
-        _fsync_directory(directory)
+    # The deepest first: its entry is then in place when its parent is synced.
+    for directory in sorted(changed, key=lambda d: len(d.parts), reverse=True):
+        fsync_directory(directory)
     return written
 
 
-def store_to_pacs(datasets: Sequence[Dataset], destination: Destination, calling_ae_title: str, timeout_s: float = 30.0) -> None:
+def store_to_pacs(
+    datasets: Sequence[Dataset], destination: Destination, calling_ae_title: str, timeout_s: float = 30.0
+) -> None:
     """Send every object over one association (PS3.4 Annex B, Storage SCU).
 
     Raises
@@ -99,7 +96,8 @@ def store_to_pacs(datasets: Sequence[Dataset], destination: Destination, calling
     """
     ae = AE(ae_title=calling_ae_title)
     # connection_timeout bounds the TCP connect too: without it an unreachable host holds each attempt for the OS's
-    # connect timeout (about two minutes), and a job's retries could outlast the broker's delivery acknowledgement timeout.
+    # connect timeout (about two minutes), and a job's retries could outlast the broker's delivery acknowledgement
+    # timeout.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     for sop_class in sorted({str(d.SOPClassUID) for d in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -165,7 +163,8 @@ class ResultSender:
             if destination.path is not None:
                 try:
                     write_to_folder(datasets, destination.path)
-                except OSError as exc:  # a full or unmounted disk clears up; the job goes back to the queue to retry later
+                except OSError as exc:
+                    # A full or unmounted disk clears up: the job goes back to the queue to retry later.
                     raise DestinationUnavailable(f"cannot write results to {destination.path}: {exc}") from exc
                 continue
             for attempt in range(1, self._retries + 1):
@@ -175,6 +174,8 @@ class ResultSender:
                 except DestinationUnavailable as exc:
                     if attempt == self._retries:
                         raise
-                    wait = min(30.0, self._backoff_s * 2 ** (attempt - 1))
-                    log.warning("destination_retry", destination=str(destination), attempt=attempt, wait_s=wait, error=str(exc))
+                    wait = retry_backoff(attempt, self._backoff_s, _BACKOFF_CAP_S)
+                    log.warning(
+                        "destination_retry", destination=str(destination), attempt=attempt, wait_s=wait, error=str(exc)
+                    )
                     self._sleep(wait)

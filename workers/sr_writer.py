@@ -52,11 +52,12 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from models.inference.decisions import BM_ROLE, lh_score
 from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
+from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 from workers.dicom_reader import SourceFrame
 from workers.uids import derive_uid
 
@@ -69,7 +70,7 @@ def _package_version() -> str:
 
 
 SERIES_DESCRIPTION = "BreastAI report (advisory)"
-DISCLAIMER = "AI result - not for diagnostic use. Every score is advisory."
+DISCLAIMER = f"{NOT_FOR_DIAGNOSTIC_USE}. Every score is advisory."
 DEFAULT_DEVICE_OBSERVER_UID = derive_uid("breastai", "device-observer")
 
 PROCEDURE_US_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
@@ -182,11 +183,16 @@ def build_report(
     evidence_uids = {str(ds.SOPInstanceUID) for ds in evidence}
     for item in analysed:
         if item.frame.study_instance_uid != study_uid:
-            raise ValueError(f"analysed instance {item.frame.sop_instance_uid} belongs to study {item.frame.study_instance_uid}, not {study_uid}")
+            raise ValueError(
+                f"analysed instance {item.frame.sop_instance_uid} belongs to study "
+                f"{item.frame.study_instance_uid}, not {study_uid}"
+            )
         if item.frame.sop_instance_uid not in evidence_uids:
             raise ValueError(f"analysed instance {item.frame.sop_instance_uid} is not in the evidence")
 
-    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
     for item in analysed:
         if item.analysis.lesions:
             for number, lesion in enumerate(item.analysis.lesions, start=1):
@@ -327,7 +333,11 @@ def _lesion_group(
     for score in lesion.family_scores:
         evaluations.append(_family_call(score))
     if lesion.co_decision is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(name=FOUR_A_RESTRATIFICATION, value=FOUR_A_RECOMMENDATIONS[lesion.co_decision.recommendation.value]))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=FOUR_A_RESTRATIFICATION, value=FOUR_A_RECOMMENDATIONS[lesion.co_decision.recommendation.value]
+            )
+        )
     if frame.row_spacing_mm is not None and frame.column_spacing_mm is not None:
         measurements.append(
             hd.sr.Measurement(
@@ -350,14 +360,22 @@ def _lesion_group(
 
 def _family_call(score: FamilyScore) -> hd.sr.QualitativeEvaluation:
     """One family's decision at its operating point, named after the family, with the model's TID 4019 attached."""
-    name = Code(f"CALL-{score.family.upper()}", BREASTAI_SCHEME, f"{score.model.name} call (threshold {score.threshold:.3f})"[:64])
-    evaluation = hd.sr.QualitativeEvaluation(name=name, value=AT_OR_ABOVE_OPERATING_POINT if score.positive else BELOW_OPERATING_POINT)
+    name = Code(
+        f"CALL-{score.family.upper()}",
+        BREASTAI_SCHEME,
+        f"{score.model.name} call (threshold {score.threshold:.3f})"[:64],
+    )
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=name, value=AT_OR_ABOVE_OPERATING_POINT if score.positive else BELOW_OPERATING_POINT
+    )
     # highdicom's QualitativeEvaluation takes no algorithm; TID 4019 goes under the CODE item as HAS CONCEPT MOD.
     evaluation[0].ContentSequence = hd.sr.ContentSequence([*_algorithm(score.model)], is_root=False, is_sr=True)
     return evaluation
 
 
-def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis, report_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _no_lesion_group(
+    frame: SourceFrame, analysis: ImageAnalysis, report_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group stating that no mass was found in one image."""
     frame_part = str(frame.frame_number or 0)
     source = hd.sr.SourceImageForMeasurementGroup(
@@ -436,7 +454,9 @@ def _finding_site(ds: pydicom.Dataset) -> hd.sr.FindingSite:
 
 
 def _four_a_inputs(lesion: Lesion) -> tuple[str, str]:
-    """Name and version of the LH and BM models whose calls made the lesion's 4A re-stratification (as the pipeline chose them).
+    """Name and version of the LH and BM models whose calls made the lesion's 4A re-stratification.
+
+    They are the models the pipeline chose for it.
 
     Raises
     ------
@@ -446,7 +466,9 @@ def _four_a_inputs(lesion: Lesion) -> tuple[str, str]:
     by_family = {s.family: s for s in lesion.family_scores}
     lh, bm = lh_score(by_family), by_family.get(BM_ROLE)
     if lh is None or bm is None:
-        raise ValueError("a lesion carries a BI-RADS 4A re-stratification without the LH and BM scores it was made from")
+        raise ValueError(
+            "a lesion carries a BI-RADS 4A re-stratification without the LH and BM scores it was made from"
+        )
     return (f"{lh.model.name} {lh.model.version}", f"{bm.model.name} {bm.model.version}")
 
 
@@ -455,14 +477,32 @@ def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerC
     models = sorted(
         {stage for a in analysed for stage in a.analysis.segmenter.stages()}
         | {(a.analysis.classifier.name, a.analysis.classifier.version) for a in analysed}
-        | {(s.model.name, s.model.version) for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores}
+        | {
+            (s.model.name, s.model.version)
+            for a in analysed
+            for lesion in a.analysis.lesions
+            for s in lesion.family_scores
+        }
     )
-    notes = sorted({f"{s.model.name}: {note}" for a in analysed for lesion in a.analysis.lesions for s in lesion.family_scores for note in s.notes})
+    notes = sorted(
+        {
+            f"{s.model.name}: {note}"
+            for a in analysed
+            for lesion in a.analysis.lesions
+            for s in lesion.family_scores
+            for note in s.notes
+        }
+    )
     text = f"{DISCLAIMER} Models: " + ", ".join(f"{name} {version}" for name, version in models) + "."
-    four_a_inputs = sorted({_four_a_inputs(lesion) for a in analysed for lesion in a.analysis.lesions if lesion.co_decision is not None})
+    four_a_inputs = sorted(
+        {_four_a_inputs(lesion) for a in analysed for lesion in a.analysis.lesions if lesion.co_decision is not None}
+    )
     if four_a_inputs:
         read = "; ".join(f"{lh} (BI-RADS 4/5) with {bm} (malignancy)" for lh, bm in four_a_inputs)
-        text += f" The BI-RADS 4A re-stratification applies only to lesions a radiologist assessed as 4A; it reads {read}, each at its operating point."
+        text += (
+            " The BI-RADS 4A re-stratification applies only to lesions a radiologist assessed as 4A;"
+            f" it reads {read}, each at its operating point."
+        )
     if notes:
         text += " Inputs: " + "; ".join(notes) + "."
     container = hd.sr.ContainerContentItem(

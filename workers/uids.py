@@ -8,8 +8,9 @@ version, source instance...) rather than drawn at random.
 
 The ``2.25.<integer>`` form (PS3.5 §B.2, a UUID-derived UID) needs no
 registered root, which suits an open-source product installed by many
-sites. The UUID is name-based (RFC 4122 version 5, SHA-1), the standard way
-to make a UUID from a name. ``pydicom.uid.generate_uid(prefix=None)`` is not
+sites. The UUID is name-based (RFC 4122 version 5: the first 128 bits of
+the SHA-1 of a fixed BreastAI namespace and the parts, with 6 bits set to
+the version and variant), the standard way to make a UUID from a name. ``pydicom.uid.generate_uid(prefix=None)`` is not
 used because it ignores its entropy sources and draws a random UUID4.
 """
 
@@ -34,9 +35,10 @@ def derive_uid(*parts: str) -> str:
     Returns
     -------
     str
-        A UID of the form ``2.25.<integer>`` (PS3.5 §B.2), at most 64
-        characters, equal for equal ``parts`` and different (with the
-        probability of a SHA-512 collision) for different ones.
+        A UID of the form ``2.25.<integer>`` (PS3.5 §B.2), at most 44
+        characters (the integer is the 128-bit UUID, at most 39 digits),
+        equal for equal ``parts`` and different for different ones up to
+        a collision of the 122 hash bits a version-5 UUID keeps of SHA-1.
 
     Raises
     ------

@@ -22,11 +22,13 @@ raises :class:`~service.errors.PermanentError`
 or any other ``Exception``               dead-letter with the reason, never retried
 =======================================  ====================================
 
-Spool ownership: the handler calls ``spool.complete(job.job_id)`` once the
-destination accepted the results (it is idempotent). The embedded queue
-also completes on ack and moves dead-lettered jobs to ``dead/``; the
-RabbitMQ queue only moves dead-lettered jobs to ``dead/`` (when given a
-spool) and never deletes anything.
+Spool ownership: the handler never deletes spool files, so a job
+redelivered after a crash between results and ack still finds its
+instances. The queue settles the spool: on ack it removes the job's
+folder with ``spool.complete`` (the RabbitMQ queue only when given a
+spool), and a dead-lettered job's folder goes to ``dead/``. Both count
+each delivery in the job's folder before the handler runs, so a job that
+crashes every worker still reaches ``job_retry_limit``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class JobQueue(Protocol):
         ...
 
 
-def open_queue(settings: "Settings", spool: "Spool") -> JobQueue:
+def open_queue(settings: Settings, spool: Spool) -> JobQueue:
     """Build the queue named by ``settings.queue``.
 
     Raises

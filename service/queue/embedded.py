@@ -53,8 +53,8 @@ class EmbeddedJobQueue:
 
     def __init__(
         self,
-        settings: "Settings",
-        spool: "Spool",
+        settings: Settings,
+        spool: Spool,
         *,
         retry_backoff_s: float = 1.0,
         retry_backoff_cap_s: float = 300.0,
@@ -75,7 +75,7 @@ class EmbeddedJobQueue:
             for job in spool.sealed_jobs():
                 self._enqueue(job.job_id, delay_s=0.0)
             if self._pending:
-                log.info("embedded queue recovered jobs", count=len(self._pending))
+                log.info("jobs_recovered", count=len(self._pending))
 
     def _enqueue(self, job_id: str, delay_s: float) -> None:
         with self._cond:
@@ -144,7 +144,9 @@ class EmbeddedJobQueue:
         with bind_job(job_id=job_id, study_uid=job.study_instance_uid):
             if attempt > self._retry_limit:
                 # Earlier deliveries ended without a verdict (the process died).
-                self._dead_letter(job_id, f"delivered {attempt - 1} times without finishing (retry limit {self._retry_limit})")
+                self._dead_letter(
+                    job_id, f"delivered {attempt - 1} times without finishing (retry limit {self._retry_limit})"
+                )
                 return
             try:
                 handler(job)
@@ -152,12 +154,12 @@ class EmbeddedJobQueue:
                 metrics.JOBS_FAILED.labels(kind="transient").inc()
                 if attempt >= self._retry_limit:
                     self._dead_letter(
-                        job_id, f"transient failure on delivery {attempt} of {self._retry_limit}: {type(exc).__name__}: {exc}"
+                        job_id,
+                        f"transient failure on delivery {attempt} of {self._retry_limit}: {type(exc).__name__}: {exc}",
                     )
                     return
                 delay = retry_backoff(attempt, self._backoff_s, self._backoff_cap_s)
-                log.warning("job failed transiently; will retry", attempt=attempt, retry_in_s=delay,
-                            error=type(exc).__name__, reason=str(exc))
+                log.warning("job_retry", attempt=attempt, retry_in_s=delay, error=type(exc).__name__, reason=str(exc))
                 self._settle(job_id)
                 self._enqueue(job_id, delay_s=delay)
                 return
@@ -168,12 +170,12 @@ class EmbeddedJobQueue:
             self._spool.complete(job_id)
             self._settle(job_id)
             metrics.JOBS_DONE.inc()
-            log.info("job done", attempt=attempt)
+            log.info("job_done", attempt=attempt)
 
     def _dead_letter(self, job_id: str, reason: str) -> None:
         self._spool.dead_letter(job_id, reason)
         self._settle(job_id)
-        log.error("job dead-lettered", job_id=job_id, reason=reason)
+        log.error("job_dead_lettered", job_id=job_id, reason=reason)
 
     def close(self) -> None:
         """Wake and end any consume loop; queued jobs stay durable in the spool."""

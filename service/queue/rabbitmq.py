@@ -46,6 +46,7 @@ an orphan directory behind, never a lost study.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -97,7 +98,10 @@ class RabbitMQJobQueue:
     settings
         ``amqp_url``, ``queue_name`` and ``job_retry_limit`` are read here.
     spool
-        When given, dead-lettered jobs' directories are moved to ``dead/``.
+        When given, each delivery is counted in the job's folder, a
+        duplicate of a completed job is acknowledged without running, an
+        acked job's folder is removed and a dead-lettered one's moved to
+        ``dead/``.
     retry_backoff_s, retry_backoff_cap_s
         Capped exponential delay before a transiently failed job is requeued.
     reconnect_backoff_s, reconnect_backoff_cap_s
@@ -111,8 +115,8 @@ class RabbitMQJobQueue:
 
     def __init__(
         self,
-        settings: "Settings",
-        spool: "Spool | None" = None,
+        settings: Settings,
+        spool: Spool | None = None,
         *,
         retry_backoff_s: float = 1.0,
         retry_backoff_cap_s: float = 300.0,
@@ -181,10 +185,8 @@ class RabbitMQJobQueue:
     def _reset_publisher(self) -> None:
         conn, self._pub_conn, self._pub_channel = self._pub_conn, None, None
         if conn is not None and conn.is_open:
-            try:
+            with contextlib.suppress(pex.AMQPError):
                 conn.close()
-            except pex.AMQPError:
-                pass
 
     def publish(self, job: StudyJob) -> None:
         """Publish ``job`` persistently; return once the broker confirmed it.
@@ -248,9 +250,11 @@ class RabbitMQJobQueue:
                 if exc.reply_code == 406 and _ACK_TIMEOUT_TEXT in str(exc.reply_text):
                     # A job held past the broker's consumer_timeout (30 min by default): the message goes back to the
                     # queue and is counted; this worker reconnects rather than exit (a crash loop across workers).
-                    log.warning("broker closed the channel: delivery acknowledgement timed out; reconnecting", reason=str(exc.reply_text))
+                    log.warning("ack_timeout_reconnecting", reason=str(exc.reply_text))
                 elif exc.reply_code == 406:
-                    raise ConfigurationError(f"queue {self.queue_name!r} exists with other arguments: {exc.reply_text}") from exc
+                    raise ConfigurationError(
+                        f"queue {self.queue_name!r} exists with other arguments: {exc.reply_text}"
+                    ) from exc
                 else:
                     raise QueueUnavailable(f"broker closed the channel: {exc.reply_code} {exc.reply_text}") from exc
             except pex.AMQPChannelError as exc:
@@ -258,9 +262,9 @@ class RabbitMQJobQueue:
             except pex.ConnectionClosedByBroker as exc:
                 if exc.reply_code != _CONNECTION_FORCED:
                     raise QueueUnavailable(f"broker closed the connection: {exc.reply_code} {exc.reply_text}") from exc
-                log.warning("broker force-closed the consumer connection; reconnecting", retry_in_s=delay)
+                log.warning("connection_forced_reconnecting", retry_in_s=delay)
             except (pex.AMQPConnectionError, OSError) as exc:
-                log.warning("consumer connection lost; reconnecting", error=type(exc).__name__, retry_in_s=delay)
+                log.warning("connection_lost_reconnecting", error=type(exc).__name__, retry_in_s=delay)
             else:
                 continue
             stop.wait(delay)
@@ -290,10 +294,8 @@ class RabbitMQJobQueue:
             conn.process_data_events(time_limit=0)  # run a final ack callback, if any
         finally:
             if conn.is_open:
-                try:
+                with contextlib.suppress(pex.AMQPError):
                     conn.close()
-                except pex.AMQPError:
-                    pass
 
     def _on_message(
         self,
@@ -344,10 +346,13 @@ class RabbitMQJobQueue:
                 conn.add_callback_threadsafe(settle)
             except (pex.AMQPError, OSError, RuntimeError) as exc:
                 # The connection is gone; the broker redelivers the message.
-                log.warning("cannot settle job, connection closed; it will be redelivered", error=type(exc).__name__)
+                log.warning("settle_failed_connection_closed", error=type(exc).__name__)
 
     def _outcome(self, job: StudyJob, deliveries: int, handler: JobHandler, stop: threading.Event) -> _Outcome:
-        """What to do with one delivery: a duplicate of a completed job is acknowledged unrun, a job past its limit given up."""
+        """What to do with one delivery.
+
+        A duplicate of a completed job is acknowledged unrun, a job past its limit given up.
+        """
         if self._already_completed(job.job_id):
             return _Outcome("duplicate")
         counted = self._count_delivery(job.job_id)
@@ -395,7 +400,7 @@ class RabbitMQJobQueue:
             try:
                 self._spool.dead_letter(job.job_id, reason)
             except (OSError, JobSchemaError) as exc:
-                log.error("cannot move dead job in the spool", error=type(exc).__name__, reason=str(exc))
+                log.error("spool_dead_letter_failed", error=type(exc).__name__, reason=str(exc))
 
     def _decide(self, job: StudyJob, deliveries: int, handler: JobHandler, stop: threading.Event) -> _Outcome:
         try:
@@ -409,7 +414,7 @@ class RabbitMQJobQueue:
                 )
             else:
                 delay = retry_backoff(deliveries, self._retry_backoff_s, self._retry_backoff_cap_s)
-                log.warning("job failed transiently; will retry", delivery=deliveries, retry_in_s=delay, reason=reason)
+                log.warning("job_retry", delivery=deliveries, retry_in_s=delay, reason=reason)
                 # Back off on this worker thread; the connection thread keeps heartbeats going.
                 stop.wait(delay)
                 return _Outcome("requeue", reason)
@@ -436,15 +441,15 @@ class RabbitMQJobQueue:
         if outcome.action == "ack":
             channel.basic_ack(method.delivery_tag)
             metrics.JOBS_DONE.inc()
-            log.info("job acked", delivery=deliveries)
+            log.info("job_acked", delivery=deliveries)
             if self._spool is not None and properties.message_id:
                 try:
                     self._spool.complete(str(properties.message_id))
                 except (OSError, JobSchemaError) as exc:
-                    log.error("cannot remove completed job from the spool", error=type(exc).__name__, reason=str(exc))
+                    log.error("spool_complete_failed", error=type(exc).__name__, reason=str(exc))
         elif outcome.action == "duplicate":
             channel.basic_ack(method.delivery_tag)
-            log.info("duplicate delivery of a job already completed; acknowledged without running", delivery=deliveries)
+            log.info("duplicate_delivery_acked", delivery=deliveries)
         elif outcome.action == "requeue":
             # basic.reject, not basic.nack: RabbitMQ 4 counts x-delivery-count
             # (our retry limit) only for rejects; 3.x counts both.
@@ -481,16 +486,19 @@ class RabbitMQJobQueue:
         )
         try:
             channel.basic_publish(
-                exchange=self.dead_exchange, routing_key=self.queue_name, body=body,
-                properties=dead_properties, mandatory=True,
+                exchange=self.dead_exchange,
+                routing_key=self.queue_name,
+                body=body,
+                properties=dead_properties,
+                mandatory=True,
             )
         except (pex.UnroutableError, pex.NackError) as exc:
             # Keep the message rather than lose it; the broker's delivery limit ends any loop.
-            log.error("dead-letter publish refused; requeueing", error=type(exc).__name__)
+            log.error("dead_letter_publish_refused", error=type(exc).__name__)
             channel.basic_nack(method.delivery_tag, requeue=True)
             return
         channel.basic_ack(method.delivery_tag)
-        log.error("job dead-lettered", message_id=properties.message_id, failure=failure, reason=reason)
+        log.error("job_dead_lettered", message_id=properties.message_id, failure=failure, reason=reason)
 
     def close(self) -> None:
         """Close the publisher connection; a consumer ends when its stop event is set."""

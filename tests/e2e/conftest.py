@@ -6,9 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from pynetdicom import AE
@@ -31,9 +30,15 @@ class ServiceProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "workers.cli", self.command, *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", self.command, *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+        )
         return self
 
     def log(self) -> str:
@@ -45,7 +50,9 @@ class ServiceProcess:
         def answers() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise AssertionError(f"breastai {self.command} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"breastai {self.command} exited with {self.process.returncode}:\n{self.log()[-4000:]}"
+                )
             ae = AE(ae_title="E2ETEST")
             ae.add_requested_context(Verification)
             ae.acse_timeout = ae.network_timeout = 2

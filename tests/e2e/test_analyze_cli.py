@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _breastai(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def test_analyze_writes_sr_and_overlays_without_network(sample_study: Path, tmp_path: Path) -> None:
@@ -44,7 +46,13 @@ def test_analyze_writes_sr_and_overlays_without_network(sample_study: Path, tmp_
 def test_help_documents_every_scriptable_flag() -> None:
     result = _breastai("serve", "--help")
     assert result.returncode == 0
-    for flag, env in (("--port", "BREASTAI_PORT"), ("--ae-title", "BREASTAI_AE_TITLE"), ("--destination", "BREASTAI_DESTINATION"), ("--quiet-period", "BREASTAI_QUIET_PERIOD"), ("--allowed-ae", "BREASTAI_ALLOWED_AE")):
+    for flag, env in (
+        ("--port", "BREASTAI_PORT"),
+        ("--ae-title", "BREASTAI_AE_TITLE"),
+        ("--destination", "BREASTAI_DESTINATION"),
+        ("--quiet-period", "BREASTAI_QUIET_PERIOD"),
+        ("--allowed-ae", "BREASTAI_ALLOWED_AE"),
+    ):
         assert flag in result.stdout and env in result.stdout
 
 

@@ -10,15 +10,26 @@ from __future__ import annotations
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pydicom
 import pytest
 
 from models.inference.pipeline import default_families
 from models.inference.registry import read_manifest
-from tests.e2e.results import SC_CLASS, SR_CLASS, content_texts, dciodvfy_errors, download, dsrdump, instances_of_class, numeric_values, results_present
+from tests.e2e.results import (
+    SC_CLASS,
+    SR_CLASS,
+    content_texts,
+    dciodvfy_errors,
+    download,
+    dsrdump,
+    instances_of_class,
+    numeric_values,
+    results_present,
+)
 from tests.integration.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
@@ -26,7 +37,13 @@ pytestmark = pytest.mark.integration
 RESULT_TIMEOUT_S = 120.0
 
 
-def _start_pacs_and_service(orthanc_factory: Callable[..., OrthancServer], service_factory: Callable[..., Any], free_ports: Callable[[int], list[int]], tmp_path: Path, quiet_period: float = 1.0) -> tuple[OrthancServer, Any, int, int]:
+def _start_pacs_and_service(
+    orthanc_factory: Callable[..., OrthancServer],
+    service_factory: Callable[..., Any],
+    free_ports: Callable[[int], list[int]],
+    tmp_path: Path,
+    quiet_period: float = 1.0,
+) -> tuple[OrthancServer, Any, int, int]:
     port, metrics_port = free_ports(2)
     pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
     service = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period))
@@ -36,12 +53,18 @@ def _start_pacs_and_service(orthanc_factory: Callable[..., OrthancServer], servi
 
 def _serve_args(port: int, metrics_port: int, pacs: OrthancServer, tmp_path: Path, quiet_period: float) -> list[str]:
     return [
-        "--port", str(port),
-        "--ae-title", "BREASTAI",
-        "--destination", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
-        "--quiet-period", str(quiet_period),
-        "--spool-dir", str(tmp_path / "spool"),
-        "--metrics-port", str(metrics_port),
+        "--port",
+        str(port),
+        "--ae-title",
+        "BREASTAI",
+        "--destination",
+        f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
+        "--quiet-period",
+        str(quiet_period),
+        "--spool-dir",
+        str(tmp_path / "spool"),
+        "--metrics-port",
+        str(metrics_port),
     ]
 
 
@@ -54,16 +77,27 @@ def _upload_study(pacs: OrthancServer, folder: Path) -> tuple[str, list[str], se
 
 def _metric(metrics_port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
 
 
-def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, service_factory, free_ports, sample_study: Path, tmp_path: Path) -> None:
-    pacs, service, _, metrics_port = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(
+    orthanc_factory, service_factory, free_ports, sample_study: Path, tmp_path: Path
+) -> None:
+    pacs, _service, _, metrics_port = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
     study_uid, ids, sources = _upload_study(pacs, sample_study)
 
     pacs.send_to_modality("BREASTAI", ids)
     expected_overlays = len(sources) * len(default_families())  # one per image and configured family
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="SR and overlays in Orthanc")
+    pacs.wait_for(
+        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="SR and overlays in Orthanc",
+    )
 
     reports = instances_of_class(pacs, study_uid, SR_CLASS)
     overlays = instances_of_class(pacs, study_uid, SC_CLASS)
@@ -71,7 +105,12 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, se
 
     report = download(pacs, reports[0])
     assert report.StudyInstanceUID == study_uid
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in report.CurrentRequestedProcedureEvidenceSequence for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in report.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
     assert evidence == sources
     texts = content_texts(report)
     assert any("BreastAI" in t for t in texts), "algorithm identification (TID 4019) names the model"
@@ -84,7 +123,9 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, se
     # Each lesion carries one score per configured family, with its own algorithm identification.
     tasks = [read_manifest()[family].parameters.get("task", "malignancy") for family in default_families()]
     assert len(probabilities) == len(lesion_groups) * tasks.count("malignancy")
-    assert len(numeric_values(report, "Probability of BI-RADS 4 or 5 assessment")) == len(lesion_groups) * tasks.count("birads_high")
+    assert len(numeric_values(report, "Probability of BI-RADS 4 or 5 assessment")) == len(lesion_groups) * tasks.count(
+        "birads_high"
+    )
 
     report_path = tmp_path / "report.dcm"
     report.save_as(report_path)
@@ -105,15 +146,24 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(orthanc_factory, se
     assert _metric(metrics_port, "breastai_jobs_done_total") == 1
 
 
-def test_listener_killed_after_acknowledging_still_delivers(orthanc_factory, service_factory, free_ports, sample_study: Path, storescu_bin: str, tmp_path: Path) -> None:
+def test_listener_killed_after_acknowledging_still_delivers(
+    orthanc_factory, service_factory, free_ports, sample_study: Path, storescu_bin: str, tmp_path: Path
+) -> None:
     """SIGKILL right after 0x0000 (before the quiet period ends); a restart must still produce the results."""
     port, metrics_port = free_ports(2)
     pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
     # A quiet period far longer than the test: the study cannot be dispatched before the kill.
-    first = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=600), {"BREASTAI_STABLE_AGE_S": "900"})
+    first = service_factory(
+        "serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=600), {"BREASTAI_STABLE_AGE_S": "900"}
+    )
     first.wait_for_echo(port)
     files = sorted(str(p) for p in sample_study.glob("*.dcm"))
-    sent = subprocess.run([storescu_bin, "-aec", "BREASTAI", "-aet", "MODALITY", "127.0.0.1", str(port), *files], capture_output=True, text=True, timeout=60)
+    sent = subprocess.run(
+        [storescu_bin, "-aec", "BREASTAI", "-aet", "MODALITY", "127.0.0.1", str(port), *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sent.returncode == 0, sent.stderr
     assert first.kill(signal.SIGKILL) == -signal.SIGKILL
 
@@ -122,24 +172,43 @@ def test_listener_killed_after_acknowledging_still_delivers(orthanc_factory, ser
     second = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1))
     second.wait_for_echo(port)
     expected_overlays = len(files) * len(default_families())
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results after restart")
+    pacs.wait_for(
+        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="results after restart",
+    )
     assert len(instances_of_class(pacs, study_uid, SR_CLASS)) == 1
 
 
-def test_split_listen_and_work_over_rabbitmq(orthanc_factory, service_factory, free_ports, sample_study: Path, rabbitmq_url: str, queue_name: str, tmp_path: Path) -> None:
+def test_split_listen_and_work_over_rabbitmq(
+    orthanc_factory, service_factory, free_ports, sample_study: Path, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
     """``breastai listen`` and ``breastai work`` as separate processes, joined by the real broker."""
     port, listen_metrics, work_metrics = free_ports(3)
     pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
     env = {"BREASTAI_QUEUE": "rabbitmq", "BREASTAI_AMQP_URL": rabbitmq_url, "BREASTAI_QUEUE_NAME": queue_name}
     common = ["--spool-dir", str(tmp_path / "spool"), "--destination", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"]
     worker = service_factory("work", [*common, "--metrics-port", str(work_metrics)], env)
-    listener = service_factory("listen", [*common, "--port", str(port), "--quiet-period", "1", "--metrics-port", str(listen_metrics)], env)
+    listener = service_factory(
+        "listen", [*common, "--port", str(port), "--quiet-period", "1", "--metrics-port", str(listen_metrics)], env
+    )
     listener.wait_for_echo(port)
     study_uid, ids, sources = _upload_study(pacs, sample_study)
 
     pacs.send_to_modality("BREASTAI", ids)
     expected_overlays = len(sources) * len(default_families())
-    pacs.wait_for(lambda: results_present(pacs, study_uid, overlays=expected_overlays), timeout=RESULT_TIMEOUT_S, interval=0.5, message="results via RabbitMQ")
+    pacs.wait_for(
+        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="results via RabbitMQ",
+    )
     assert worker.process is not None and worker.process.poll() is None
     # The last object reaches the PACS just before the job is acknowledged and counted.
-    pacs.wait_for(lambda: _metric(work_metrics, "breastai_jobs_done_total") == 1, timeout=30, interval=0.5, message="job counted as done")
+    pacs.wait_for(
+        lambda: _metric(work_metrics, "breastai_jobs_done_total") == 1,
+        timeout=30,
+        interval=0.5,
+        message="job counted as done",
+    )

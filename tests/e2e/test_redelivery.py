@@ -33,7 +33,9 @@ def test_job_handled_twice_leaves_one_report_in_orthanc(orthanc_factory, sample_
     assert job_id is not None
     job = spool.load_job(job_id)
 
-    sender = ResultSender([Destination.parse(f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}")], "BREASTAI", retries=2, backoff_s=0.5)
+    sender = ResultSender(
+        [Destination.parse(f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}")], "BREASTAI", retries=2, backoff_s=0.5
+    )
     pipeline = load_bmode_pipeline()
     handler = JobHandler(spool.root, pipeline, sender, ReportContext(device_observer_uid="2.25.1"))
     handler(job)
@@ -43,4 +45,6 @@ def test_job_handled_twice_leaves_one_report_in_orthanc(orthanc_factory, sample_
 
     assert first == second
     assert len(instances_of_class(pacs, study_uid, SR_CLASS)) == 1
-    assert len(instances_of_class(pacs, study_uid, SC_CLASS)) == len(list(sample_study.glob("*.dcm"))) * len(pipeline.families)
+    assert len(instances_of_class(pacs, study_uid, SC_CLASS)) == len(list(sample_study.glob("*.dcm"))) * len(
+        pipeline.families
+    )

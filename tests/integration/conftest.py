@@ -71,9 +71,7 @@ def orthanc_factory(orthanc_binary: str) -> Iterator[Callable[..., OrthancServer
     """
     started: list[OrthancServer] = []
 
-    def make(
-        modalities: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> OrthancServer:
+    def make(modalities: Mapping[str, Any] | None = None, **kwargs: Any) -> OrthancServer:
         server = OrthancServer(modalities, binary=orthanc_binary, **kwargs)
         started.append(server)
         return server.start()

@@ -206,9 +206,7 @@ class OrthancServer:
         if self.running:
             return self
         if not self.binary:
-            raise OrthancError(
-                "Orthanc binary not found (apt-get install orthanc, or set ORTHANC_BIN)"
-            )
+            raise OrthancError("Orthanc binary not found (apt-get install orthanc, or set ORTHANC_BIN)")
         self.workdir = Path(tempfile.mkdtemp(prefix="breastai-orthanc-"))
         last_error: Exception | None = None
         try:
@@ -249,8 +247,7 @@ class OrthancServer:
         while True:
             if self._proc.poll() is not None:
                 raise OrthancError(
-                    f"Orthanc exited with status {self._proc.returncode} during startup; "
-                    f"log tail:\n{self.log_tail()}"
+                    f"Orthanc exited with status {self._proc.returncode} during startup; log tail:\n{self.log_tail()}"
                 )
             try:
                 system = self.get("/system", timeout=2)

@@ -53,8 +53,11 @@ class Service:
     def jobs(self) -> list[StudyJob]:
         # Only jobs the dispatcher finished sealing (job.json written); never
         # rebuild a half-sealed one from here, that would race the dispatcher.
-        return [StudyJob.from_json((p / "job.json").read_bytes())
-                for p in sorted((self.spool.root / "studies").iterdir()) if (p / "job.json").is_file()]
+        return [
+            StudyJob.from_json((p / "job.json").read_bytes())
+            for p in sorted((self.spool.root / "studies").iterdir())
+            if (p / "job.json").is_file()
+        ]
 
 
 @pytest.fixture
@@ -62,8 +65,14 @@ def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]
     started: list[Service] = []
 
     def start(**overrides: object) -> Service:
-        values: dict[str, object] = dict(port=port, bind_address="127.0.0.1", quiet_period_s=0.3,
-                                         stable_age_s=30.0, spool_dir=spool_dir, metrics_port=0)
+        values: dict[str, object] = dict(
+            port=port,
+            bind_address="127.0.0.1",
+            quiet_period_s=0.3,
+            stable_age_s=30.0,
+            spool_dir=spool_dir,
+            metrics_port=0,
+        )
         values.update(overrides)
         settings = Settings(**values)  # type: ignore[arg-type]
         spool = Spool(settings.spool_dir)
@@ -116,8 +125,8 @@ def dataset_body(ds: Dataset) -> bytes:
     data = encode(ds)
     marker = data.index(b"DICM") + 4
     # Group 0002 length is in the first element after the prefix: skip the meta group.
-    group_length = int.from_bytes(data[marker + 8:marker + 12], "little")
-    return data[marker + 12 + group_length:]
+    group_length = int.from_bytes(data[marker + 8 : marker + 12], "little")
+    return data[marker + 12 + group_length :]
 
 
 @pytest.fixture
@@ -138,8 +147,12 @@ needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk
 @needs_dcmtk
 def test_echoscu(start_service: Callable[..., Service]) -> None:
     service = start_service()
-    result = subprocess.run(["echoscu", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
-                            capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        ["echoscu", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -161,7 +174,9 @@ def test_storescu_stores_into_spool_and_study_becomes_job(
     files = [us_file(tmp_path, study_uid=study) for _ in range(2)]
     result = subprocess.run(
         ["storescu", "-v", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port), *map(str, files)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Received Store Response (Success)") == 2, result.stderr
@@ -203,15 +218,17 @@ def test_disallowed_calling_ae_is_rejected(start_service: Callable[..., Service]
     assert good.is_established
     good.release()
     if shutil.which("echoscu"):
-        result = subprocess.run(["echoscu", "-aet", "BADSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
-                                capture_output=True, text=True, timeout=20)
+        result = subprocess.run(
+            ["echoscu", "-aet", "BADSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         assert result.returncode != 0
         assert "Rejected" in result.stderr or "rejected" in result.stderr.lower(), result.stderr
 
 
-def test_unsupported_sop_class_is_refused_at_negotiation(
-    start_service: Callable[..., Service], tmp_path: Path
-) -> None:
+def test_unsupported_sop_class_is_refused_at_negotiation(start_service: Callable[..., Service], tmp_path: Path) -> None:
     service = start_service()
     assoc = scu("TESTSCU", CTImageStorage).associate("127.0.0.1", service.port, ae_title=SCP_AE)
     # The SCP rejects the only proposed context (PS3.8 §9.3.3.2 result 3,
@@ -234,23 +251,33 @@ def test_unsupported_sop_class_is_refused_at_negotiation(
         ct.save_as(path, enforce_file_format=True)
         result = subprocess.run(
             ["storescu", "-aet", "TESTSCU", "-aec", SCP_AE, "127.0.0.1", str(service.port), str(path)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
-        assert "no presentation context" in result.stderr.lower() or "no acceptable presentation" in result.stderr.lower(), result.stderr
+        assert (
+            "no presentation context" in result.stderr.lower() or "no acceptable presentation" in result.stderr.lower()
+        ), result.stderr
     assert service.incoming() == []
 
 
 @pytest.mark.usefixtures("send_raw_files")
 def test_bad_payloads_fail_and_listener_keeps_serving(
-    start_service: Callable[..., Service], tmp_path: Path, us_dataset: Callable[..., Dataset],
+    start_service: Callable[..., Service],
+    tmp_path: Path,
+    us_dataset: Callable[..., Dataset],
     us_file: Callable[..., Path],
 ) -> None:
     service = start_service()
     good = us_file(tmp_path)
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(good.read_bytes()[:-700])
-    garbage = raw_file(tmp_path / "garbage.dcm", UltrasoundImageStorage, generate_uid(),
-                       b"this is not a DICOM data set at all, just text" * 20)
+    garbage = raw_file(
+        tmp_path / "garbage.dcm",
+        UltrasoundImageStorage,
+        generate_uid(),
+        b"this is not a DICOM data set at all, just text" * 20,
+    )
     assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
     assert assoc.is_established
     truncated_status = assoc.send_c_store(truncated)
@@ -280,8 +307,9 @@ def test_dataset_errors_get_a900(
     wrong_class.SOPClassUID = SECONDARY_CAPTURE  # body says SC, context says US
     files = []
     for index, ds in enumerate((no_study, bad_study, wrong_class)):
-        files.append(raw_file(tmp_path / f"bad{index}.dcm", UltrasoundImageStorage, ds.SOPInstanceUID,
-                              dataset_body(ds)))
+        files.append(
+            raw_file(tmp_path / f"bad{index}.dcm", UltrasoundImageStorage, ds.SOPInstanceUID, dataset_body(ds))
+        )
     assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
     statuses = [assoc.send_c_store(path).Status for path in files]
     assoc.release()
@@ -290,7 +318,9 @@ def test_dataset_errors_get_a900(
     assert not any((service.spool.root / "incoming").iterdir())
 
 
-def test_oversized_instance_gets_a700(start_service: Callable[..., Service], us_dataset: Callable[..., Dataset]) -> None:
+def test_oversized_instance_gets_a700(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset]
+) -> None:
     service = start_service(max_instance_mb=1)
     ds = us_dataset()
     ds.Rows, ds.Columns = 1100, 1024

@@ -124,15 +124,26 @@ def test_dcmtk_echo_and_store_into_orthanc(orthanc_factory, echoscu_bin, storesc
 
     ds = write_us_file(tmp_path / "us.dcm")
     store = subprocess.run(
-        [storescu_bin, "-aet", "HARNESS", "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port),
-         str(tmp_path / "us.dcm")],
+        [
+            storescu_bin,
+            "-aet",
+            "HARNESS",
+            "-aec",
+            pacs.aet,
+            "127.0.0.1",
+            str(pacs.dicom_port),
+            str(tmp_path / "us.dcm"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert store.returncode == 0, store.stdout + store.stderr
-    instances = pacs.wait_for(lambda: pacs.study_instances(ds.StudyInstanceUID, tags=False),
-                              timeout=10, message="C-STORE'd instance in Orthanc")
+    instances = pacs.wait_for(
+        lambda: pacs.study_instances(ds.StudyInstanceUID, tags=False),
+        timeout=10,
+        message="C-STORE'd instance in Orthanc",
+    )
     assert [i["MainDicomTags"]["SOPInstanceUID"] for i in instances] == [ds.SOPInstanceUID]
 
 
@@ -148,8 +159,9 @@ def test_orthanc_c_store_to_modality(orthanc_factory, tmp_path):
     iid = pacs.upload_bytes(buf.getvalue())
 
     pacs.send_to_modality("SINK", [iid], timeout=30)
-    (got,) = sink.wait_for(lambda: sink.study_instances(ds.StudyInstanceUID), timeout=10,
-                           message="instance at the sink")
+    (got,) = sink.wait_for(
+        lambda: sink.study_instances(ds.StudyInstanceUID), timeout=10, message="instance at the sink"
+    )
     assert got["Tags"]["SOPInstanceUID"] == ds.SOPInstanceUID
 
     # A modality declared at runtime where nobody listens: echo and store fail.

@@ -27,11 +27,15 @@ pytestmark = pytest.mark.integration
 
 def make_job(job_id: str | None = None) -> StudyJob:
     job_id = job_id or f"test-{uuid.uuid4().hex[:12]}"
-    ref = InstanceRef(path=f"studies/{job_id}/1.2.3.dcm", sha256="0" * 64,
-                      sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1", sop_instance_uid="1.2.3",
-                      series_instance_uid="1.2.4", modality="US")
-    return StudyJob(job_id=job_id, study_instance_uid="1.2.5", created_at="2025-01-01T00:00:00+00:00",
-                    instances=(ref,))
+    ref = InstanceRef(
+        path=f"studies/{job_id}/1.2.3.dcm",
+        sha256="0" * 64,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        sop_instance_uid="1.2.3",
+        series_instance_uid="1.2.4",
+        modality="US",
+    )
+    return StudyJob(job_id=job_id, study_instance_uid="1.2.5", created_at="2025-01-01T00:00:00+00:00", instances=(ref,))
 
 
 class Consumer:
@@ -68,9 +72,16 @@ def make_queue(rabbitmq_url: str, queue_name: str) -> Iterator[Callable[..., Rab
 
     def make(spool: Spool | None = None) -> RabbitMQJobQueue:
         settings = Settings(queue="rabbitmq", amqp_url=rabbitmq_url, queue_name=queue_name, job_retry_limit=3)
-        queue = RabbitMQJobQueue(settings, spool, retry_backoff_s=0.05, retry_backoff_cap_s=0.2,
-                                 reconnect_backoff_s=0.2, reconnect_backoff_cap_s=1.0, stop_grace_s=5.0,
-                                 connection_name=f"breastai-test-{uuid.uuid4().hex[:8]}")
+        queue = RabbitMQJobQueue(
+            settings,
+            spool,
+            retry_backoff_s=0.05,
+            retry_backoff_cap_s=0.2,
+            reconnect_backoff_s=0.2,
+            reconnect_backoff_cap_s=1.0,
+            stop_grace_s=5.0,
+            connection_name=f"breastai-test-{uuid.uuid4().hex[:8]}",
+        )
         made.append(queue)
         return queue
 
@@ -141,8 +152,12 @@ def test_queue_is_quorum_with_dead_letter_topology(
     make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str
 ) -> None:
     make_queue().publish(make_job())
-    result = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "type", "arguments"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "type", "arguments"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     line = next(line for line in result.stdout.splitlines() if line.split("\t")[0] == queue_name)
     assert "quorum" in line
     assert f"{queue_name}.dlx" in line and "x-delivery-limit" in line
@@ -227,8 +242,12 @@ def test_transient_failures_dead_letter_after_retry_limit(
 
 
 def test_permanent_failure_goes_to_dead_queue_with_reason(
-    make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
-    spool_dir: Path, us_dataset: Callable[..., Dataset],
+    make_queue: Callable[..., RabbitMQJobQueue],
+    broker: Any,
+    queue_name: str,
+    wait: Callable[..., bool],
+    spool_dir: Path,
+    us_dataset: Callable[..., Dataset],
 ) -> None:
     spool, job_id = sealed_job(spool_dir, us_dataset)
     queue = make_queue(spool)
@@ -252,10 +271,17 @@ def test_permanent_failure_goes_to_dead_queue_with_reason(
 
 
 def test_a_job_whose_earlier_deliveries_never_finished_is_dead_lettered_unrun(
-    make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
-    spool_dir: Path, us_dataset: Callable[..., Dataset],
+    make_queue: Callable[..., RabbitMQJobQueue],
+    broker: Any,
+    queue_name: str,
+    wait: Callable[..., bool],
+    spool_dir: Path,
+    us_dataset: Callable[..., Dataset],
 ) -> None:
-    """RabbitMQ 4.3 does not count a return after a consumer died: the spool's own count stops a job that kills workers."""
+    """RabbitMQ 4.3 does not count a return after a consumer died.
+
+    The spool's own count stops a job that kills workers.
+    """
     spool, job_id = sealed_job(spool_dir, us_dataset)
     for _ in range(3):  # three deliveries that each took a worker down before it could settle (job_retry_limit=3)
         spool.increment_attempts(job_id)
@@ -273,10 +299,14 @@ def test_a_job_whose_earlier_deliveries_never_finished_is_dead_lettered_unrun(
 
 
 def test_a_duplicate_of_a_completed_job_is_acknowledged_without_running(
-    make_queue: Callable[..., RabbitMQJobQueue], broker: Any, queue_name: str, wait: Callable[..., bool],
-    spool_dir: Path, us_dataset: Callable[..., Dataset],
+    make_queue: Callable[..., RabbitMQJobQueue],
+    broker: Any,
+    queue_name: str,
+    wait: Callable[..., bool],
+    spool_dir: Path,
+    us_dataset: Callable[..., Dataset],
 ) -> None:
-    """A second copy (a publish retried after a lost confirm) arrives after the first was done and its folder removed."""
+    """A second copy (a publish retried after a lost confirm) arrives after the first was done and its folder gone."""
     spool, job_id = sealed_job(spool_dir, us_dataset)
     job = spool.load_job(job_id)
     queue = make_queue(spool)
@@ -307,8 +337,11 @@ def test_an_acknowledgement_timeout_reconnects_but_a_queue_mismatch_stops(
     def session(handler: Any, stop_event: threading.Event) -> None:
         sessions.append(1)
         if len(sessions) == 1:
-            raise pex.ChannelClosedByBroker(406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. "
-                                                 "Timeout value used: 1800000 ms.")
+            raise pex.ChannelClosedByBroker(
+                406,
+                "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. "
+                "Timeout value used: 1800000 ms.",
+            )
         stop_event.set()
 
     monkeypatch.setattr(queue, "_consume_session", session)
@@ -328,8 +361,12 @@ def test_malformed_body_goes_to_dead_queue(
 ) -> None:
     queue = make_queue()
     queue.declare(broker)
-    broker.basic_publish("", queue_name, b'{"schema": "breastai.studyjob", "version": 99}',
-                         pika.BasicProperties(delivery_mode=2, message_id="bad-1"))
+    broker.basic_publish(
+        "",
+        queue_name,
+        b'{"schema": "breastai.studyjob", "version": 99}',
+        pika.BasicProperties(delivery_mode=2, message_id="bad-1"),
+    )
     consumer = Consumer(queue, lambda job: None)
     try:
         _method, properties, body = get_one(broker, f"{queue_name}.dead", wait)
@@ -342,8 +379,12 @@ def test_malformed_body_goes_to_dead_queue(
 
 
 def _connection_pids(name_prefix: str) -> list[str]:
-    result = subprocess.run(["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     pids = []
     for line in result.stdout.splitlines():
         if re.search(r'\{"connection_name","' + re.escape(name_prefix), line):
@@ -362,8 +403,12 @@ def test_consumer_survives_forced_connection_close(
         pids: list[str] = []
         assert wait(lambda: bool(pids.extend(_connection_pids(prefix)) or pids), 10)
         # Close only this test's connection: other sessions may share the broker.
-        subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test: forced close"],
-                       capture_output=True, timeout=30, check=True)
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pids[0], "test: forced close"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
         assert wait(lambda: queue.connections_opened >= 2, 10), "consumer did not reconnect"
         job = make_job()
         make_queue().publish(job)
@@ -381,7 +426,8 @@ def test_publisher_recovers_after_its_connection_was_closed(
     prefix = f"{queue._connection_name}-publisher"
     pids: list[str] = []
     assert wait(lambda: bool(pids.extend(_connection_pids(prefix)) or pids), 10)
-    subprocess.run(["rabbitmqctl", "close_connection", pids[0], "test: forced close"],
-                   capture_output=True, timeout=30, check=True)
+    subprocess.run(
+        ["rabbitmqctl", "close_connection", pids[0], "test: forced close"], capture_output=True, timeout=30, check=True
+    )
     queue.publish(make_job())  # the stale connection is replaced within the call
     assert ready_count(broker, queue_name) == 2

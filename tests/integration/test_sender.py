@@ -1,4 +1,7 @@
-"""The result sender against a real Storage SCP on a free port: which C-STORE statuses count as stored, retried or refused."""
+"""The result sender against a real Storage SCP on a free port.
+
+Which C-STORE statuses count as stored, retried or refused.
+"""
 
 from __future__ import annotations
 

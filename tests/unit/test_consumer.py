@@ -35,7 +35,12 @@ def test_one_undecodable_image_does_not_cost_the_study_its_report(tmp_path: Path
     assert results.report is not None and len(results.overlays) == len(pipeline.families)
     assert [uid for uid, _ in results.skipped] == [f"{STUDY}.2.0"]
     assert results.skipped[0][1].startswith("not readable")
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in results.report.CurrentRequestedProcedureEvidenceSequence for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in results.report.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
     assert evidence == {f"{STUDY}.1.0", f"{STUDY}.2.0"}, "the unreadable image is still listed as evidence"
 
 

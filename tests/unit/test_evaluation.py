@@ -49,7 +49,9 @@ def test_mean_ci_and_operating_point_by_hand() -> None:
     assert low == high == 0.5
     point = operating_point([1, 1, 0, 0, 0], [0.9, 0.4, 0.1, 0.4, 0.8], threshold=0.5)
     # predicted positive: 0.9 (TP), 0.8 (FP) -> TP1 FN1 TN2 FP1
-    assert (point.sensitivity, point.specificity, point.ppv, point.npv, point.accuracy) == pytest.approx((0.5, 2 / 3, 0.5, 2 / 3, 0.6))
+    assert (point.sensitivity, point.specificity, point.ppv, point.npv, point.accuracy) == pytest.approx(
+        (0.5, 2 / 3, 0.5, 2 / 3, 0.6)
+    )
 
 
 def test_youden_threshold_separates_a_separable_set() -> None:

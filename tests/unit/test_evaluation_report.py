@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluation.stats import auc, delong_test, operating_point
 from models.evaluation.report import (
     CasePrediction,
     SegmentationRow,
@@ -19,6 +18,7 @@ from models.evaluation.report import (
     report_markdown,
     segmentation_report,
 )
+from models.evaluation.stats import auc, delong_test, operating_point
 
 RESAMPLES = 200  # enough to exercise the bootstrap; keeps the tests fast
 
@@ -100,7 +100,9 @@ def test_compare_families_on_common_cases() -> None:
     # Same cases and labels, noisier scores; one family misses the first 20 cases.
     rng = np.random.default_rng(9)
     weak = [
-        CasePrediction(case.case_id, case.dataset, case.device, case.label, float(np.clip(case.score + rng.normal(0, 0.35), 0, 1)))
+        CasePrediction(
+            case.case_id, case.dataset, case.device, case.label, float(np.clip(case.score + rng.normal(0, 0.35), 0, 1))
+        )
         for case in strong
     ]
     partial = strong[20:]
@@ -184,7 +186,10 @@ def test_markdown_tables() -> None:
     text = report_markdown(classification, comparisons, segmentation, title="Test set")
     assert text.startswith("## Test set")
     overall = classification["all"]
-    assert f"| All | {overall['n']} | {overall['n_positive']} | {format_estimate(overall['auc'], overall['auc_ci'])} |" in text
+    assert (
+        f"| All | {overall['n']} | {overall['n_positive']} | {format_estimate(overall['auc'], overall['auc_ci'])} |"
+        in text
+    )
     assert "| Device: Solo | 6 | 0 | n/a |" in text
     assert "- Device: Solo: only negative cases" in text
     assert "| a | b | 156 |" in text
@@ -226,7 +231,9 @@ def test_reports_count_a_patient_once_however_many_images_it_has() -> None:
 
     def cases(scores: np.ndarray, copies: int) -> list[CasePrediction]:
         return [
-            CasePrediction(f"img{i}-{k}", "d", "s", int(labels[i]), float(scores[i]), f"patient{i:03d}" if copies > 1 else "")
+            CasePrediction(
+                f"img{i}-{k}", "d", "s", int(labels[i]), float(scores[i]), f"patient{i:03d}" if copies > 1 else ""
+            )
             for i in range(90)
             for k in range(copies)
         ]
@@ -249,31 +256,50 @@ def test_per_patient_pools_each_patients_images_by_mean_log_odds() -> None:
 
     cases = [
         # busbra: three patients with two views each, one patient whose views disagree on the label (two lesions)
-        CasePrediction("p1-l", "busbra", "GE", 1, 0.9, "busbra-1"), CasePrediction("p1-r", "busbra", "GE", 1, 0.4, "busbra-1"),
-        CasePrediction("p2-l", "busbra", "GE", 0, 0.6, "busbra-2"), CasePrediction("p2-r", "busbra", "Toshiba", 0, 0.2, "busbra-2"),
-        CasePrediction("p3-l", "busbra", "GE", 1, 0.7, "busbra-3"), CasePrediction("p3-r", "busbra", "GE", 1, 0.5, "busbra-3"),
-        CasePrediction("p4-l", "busbra", "GE", 1, 0.8, "busbra-4"), CasePrediction("p4-r", "busbra", "GE", 0, 0.3, "busbra-4"),
+        CasePrediction("p1-l", "busbra", "GE", 1, 0.9, "busbra-1"),
+        CasePrediction("p1-r", "busbra", "GE", 1, 0.4, "busbra-1"),
+        CasePrediction("p2-l", "busbra", "GE", 0, 0.6, "busbra-2"),
+        CasePrediction("p2-r", "busbra", "Toshiba", 0, 0.2, "busbra-2"),
+        CasePrediction("p3-l", "busbra", "GE", 1, 0.7, "busbra-3"),
+        CasePrediction("p3-r", "busbra", "GE", 1, 0.5, "busbra-3"),
+        CasePrediction("p4-l", "busbra", "GE", 1, 0.8, "busbra-4"),
+        CasePrediction("p4-r", "busbra", "GE", 0, 0.3, "busbra-4"),
         # busi: one image per patient, so pooling changes nothing there
-        CasePrediction("b1", "busi", "busi", 0, 0.35, "busi-b1"), CasePrediction("b2", "busi", "busi", 1, 0.45, "busi-b2"),
+        CasePrediction("b1", "busi", "busi", 0, 0.35, "busi-b1"),
+        CasePrediction("b2", "busi", "busi", 1, 0.45, "busi-b2"),
     ]
     pooled, mixed = per_patient(cases)
     assert mixed == 1 and [c.case_id for c in pooled] == ["busbra-1", "busbra-2", "busbra-3", "busi-b1", "busi-b2"]
     by_id = {c.case_id: c for c in pooled}
     expected = 1 / (1 + math.exp(-(logit(0.9) + logit(0.4)) / 2))  # 0.7101
     assert by_id["busbra-1"].score == pytest.approx(expected) and by_id["busbra-1"].label == 1
-    assert by_id["busbra-2"].device == "mixed" and by_id["busbra-2"].dataset == "busbra" and by_id["busbra-1"].cluster == ""
+    assert (
+        by_id["busbra-2"].device == "mixed"
+        and by_id["busbra-2"].dataset == "busbra"
+        and by_id["busbra-1"].cluster == ""
+    )
 
     report = classification_report(cases, threshold=0.5, resamples=RESAMPLES)
     patients = report["per_patient"]
-    assert patients["left_out_mixed_labels"] == 1 and patients["all"]["n"] == 5 and set(patients["by_dataset"]) == {"busbra"}
+    assert (
+        patients["left_out_mixed_labels"] == 1
+        and patients["all"]["n"] == 5
+        and set(patients["by_dataset"]) == {"busbra"}
+    )
     # busbra per patient: positives 0.710 (p1) and 0.604 (p3) against the negative 0.380 (p2): AUC 1
     assert patients["by_dataset"]["busbra"]["auc"] == pytest.approx(1.0) and report["by_dataset"]["busbra"]["auc"] < 1.0
     # all patients: positives 0.710, 0.604, 0.45 against negatives 0.380, 0.35: every pair ordered, AUC 1
     assert patients["all"]["auc"] == pytest.approx(1.0)
     text = report_markdown(classification=report)
-    assert "| All, per patient | 5 | 3 |" in text and "| Dataset: busbra, per patient | 3 | 2 |" in text and "1 patient(s) with images of both labels" in text
+    assert (
+        "| All, per patient | 5 | 3 |" in text
+        and "| Dataset: busbra, per patient | 3 | 2 |" in text
+        and "1 patient(s) with images of both labels" in text
+    )
     # one image per patient: no per-patient section at all; nor where images of one patient are not views of one lesion
-    assert "per_patient" not in classification_report([c for c in cases if c.dataset == "busi"], threshold=0.5, resamples=RESAMPLES)
+    assert "per_patient" not in classification_report(
+        [c for c in cases if c.dataset == "busi"], threshold=0.5, resamples=RESAMPLES
+    )
     assert "per_patient" not in classification_report(cases, threshold=0.5, resamples=RESAMPLES, pool_patients=False)
 
 
@@ -283,11 +309,15 @@ def test_per_patient_ranks_by_mean_log_odds_not_mean_probability_and_clips_certa
     cases = [
         # a: one confident view and one doubtful one; b: two middling views. Mean probability ranks b over a (0.595
         # against 0.7); mean log-odds ranks a over b (sigmoid((4.595 - 1.386) / 2) = 0.833 against 0.7).
-        CasePrediction("a1", "views", "s", 1, 0.99, "a"), CasePrediction("a2", "views", "s", 1, 0.2, "a"),
-        CasePrediction("b1", "views", "s", 0, 0.7, "b"), CasePrediction("b2", "views", "s", 0, 0.7, "b"),
+        CasePrediction("a1", "views", "s", 1, 0.99, "a"),
+        CasePrediction("a2", "views", "s", 1, 0.2, "a"),
+        CasePrediction("b1", "views", "s", 0, 0.7, "b"),
+        CasePrediction("b2", "views", "s", 0, 0.7, "b"),
         # c: a score of exactly 1 is clipped to 1 - 1e-6 before its log-odds, so the mean stays finite
-        CasePrediction("c1", "views", "s", 1, 1.0, "c"), CasePrediction("c2", "views", "s", 1, 0.5, "c"),
-        CasePrediction("d1", "views", "s", 0, 0.1, "d"), CasePrediction("d2", "views", "s", 0, 0.3, "d"),
+        CasePrediction("c1", "views", "s", 1, 1.0, "c"),
+        CasePrediction("c2", "views", "s", 1, 0.5, "c"),
+        CasePrediction("d1", "views", "s", 0, 0.1, "d"),
+        CasePrediction("d2", "views", "s", 0, 0.3, "d"),
     ]
     pooled = {c.case_id: c.score for c in per_patient(cases)[0]}
     assert pooled["a"] == pytest.approx(1 / (1 + math.exp(-(math.log(99) + math.log(0.25)) / 2)))

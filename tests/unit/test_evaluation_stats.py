@@ -78,9 +78,9 @@ def test_single_model_delong_variance_by_hand() -> None:
     assert auc_variance_delong(HAND_LABELS, HAND_B) == pytest.approx(5 / 81)
 
 
-def _pairwise_placements(labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]) -> tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.float64]
-]:
+def _pairwise_placements(
+    labels: npt.NDArray[np.int64], scores: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """The O(m n) definition of the placements, to check the midrank shortcut against."""
     positives, negatives = scores[labels == 1], scores[labels == 0]
     psi = (positives[:, None] > negatives[None, :]) + 0.5 * (positives[:, None] == negatives[None, :])
@@ -333,11 +333,19 @@ def test_mean_ci_of_nothing_is_undefined() -> None:
 # unclustered statistics of the originals, exactly.
 
 
-def _copied_twice(labels: npt.NDArray[np.int64], *scores: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]], list[str]]:
-    return np.repeat(labels, 2), [np.repeat(s, 2) for s in scores], [f"case{i:04d}" for i in np.repeat(np.arange(labels.size), 2)]
+def _copied_twice(
+    labels: npt.NDArray[np.int64], *scores: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]], list[str]]:
+    return (
+        np.repeat(labels, 2),
+        [np.repeat(s, 2) for s in scores],
+        [f"case{i:04d}" for i in np.repeat(np.arange(labels.size), 2)],
+    )
 
 
-def _correlated_scores(n: int, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _correlated_scores(
+    n: int, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     rng = np.random.default_rng(seed)
     labels = (rng.random(n) < 0.4).astype(np.int64)
     shared = rng.normal(size=n) + 1.2 * labels
@@ -350,13 +358,17 @@ def test_clustered_delong_of_copied_cases_equals_delong_of_the_originals() -> No
     original = delong_test(labels, a, b)
     clustered = delong_test(copied_labels, copied_a, copied_b, clusters=clusters)
     naive = delong_test(copied_labels, copied_a, copied_b)
-    assert clustered.auc_a == pytest.approx(original.auc_a) and clustered.difference == pytest.approx(original.difference)
+    assert clustered.auc_a == pytest.approx(original.auc_a) and clustered.difference == pytest.approx(
+        original.difference
+    )
     assert np.allclose(clustered.covariance, original.covariance, rtol=1e-10, atol=0)
     assert clustered.standard_error == pytest.approx(original.standard_error, rel=1e-10)
     assert clustered.p_value == pytest.approx(original.p_value, rel=1e-8)
     # Ignoring the clusters counts every case twice: the error shrinks by about sqrt(2).
     assert naive.standard_error == pytest.approx(original.standard_error / math.sqrt(2), rel=0.05)
-    assert auc_variance_delong(copied_labels, copied_a, clusters=clusters) == pytest.approx(auc_variance_delong(labels, a), rel=1e-10)
+    assert auc_variance_delong(copied_labels, copied_a, clusters=clusters) == pytest.approx(
+        auc_variance_delong(labels, a), rel=1e-10
+    )
 
 
 def test_clustered_delong_with_one_case_per_cluster_is_delong() -> None:
@@ -378,7 +390,10 @@ def test_clustered_variance_counts_the_pairs_inside_a_cluster() -> None:
     clusters = [f"p{i}" for i in np.repeat(np.arange(patients), 2)]
     variance = auc_variance_delong(labels, scores, clusters=clusters)
     members = np.arange(2 * patients).reshape(patients, 2)
-    boot = [auc(labels[idx], scores[idx]) for idx in (members[rng.integers(0, patients, patients)].ravel() for _ in range(2000))]
+    boot = [
+        auc(labels[idx], scores[idx])
+        for idx in (members[rng.integers(0, patients, patients)].ravel() for _ in range(2000))
+    ]
     assert variance == pytest.approx(float(np.var(boot)), rel=0.15)
     # Here the shared shift helps ranking across patients less than within them: the plain DeLong variance differs.
     assert abs(auc_variance_delong(labels, scores) - variance) / variance > 0.15
@@ -393,9 +408,9 @@ def test_cluster_bootstrap_of_copied_cases_equals_the_case_bootstrap_of_the_orig
         bootstrap_ci(labels, a, resamples=300, seed=1)
     )
     values = np.random.default_rng(7).random(50)
-    assert mean_ci(np.repeat(values, 2), resamples=300, seed=2, clusters=[f"c{i:03d}" for i in np.repeat(np.arange(50), 2)]) == pytest.approx(
-        mean_ci(values, resamples=300, seed=2)
-    )
+    assert mean_ci(
+        np.repeat(values, 2), resamples=300, seed=2, clusters=[f"c{i:03d}" for i in np.repeat(np.arange(50), 2)]
+    ) == pytest.approx(mean_ci(values, resamples=300, seed=2))
 
 
 def test_clusters_must_match_the_cases() -> None:

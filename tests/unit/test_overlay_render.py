@@ -53,7 +53,7 @@ def test_cam_below_threshold_is_not_blended() -> None:
 def test_outline_is_drawn_with_offset() -> None:
     gray = np.full((300, 400), 100, np.uint8)
     analysis = square_lesion_analysis((200, 200), size=40)
-    x0, y0, w, h = analysis.lesions[0].bbox_xywh
+    x0, y0, _w, h = analysis.lesions[0].bbox_xywh
     out = render_overlay(gray, analysis, region_offset_xy=(150, 60))
     # Left edge of the square, half way down: outline colour (green for lesion 1).
     edge = out[60 + y0 + h // 2, 150 + x0]
@@ -77,7 +77,9 @@ def test_legend_text() -> None:
     empty = ImageAnalysis((), analysis.segmenter, analysis.classifier, (200, 200))
     assert legend_lines(empty)[0] == "No lesion detected"
     assert all(line.isascii() for line in lines)
-    two_stage = dataclasses.replace(analysis, segmenter=ModelInfo("seg-unet + refiner-unet", "0.1.0 + 0.4.0", "a" * 64 + " + " + "b" * 64))
+    two_stage = dataclasses.replace(
+        analysis, segmenter=ModelInfo("seg-unet + refiner-unet", "0.1.0 + 0.4.0", "a" * 64 + " + " + "b" * 64)
+    )
     assert {"Model: seg-unet 0.1.0", "Model: refiner-unet 0.4.0"} <= set(legend_lines(two_stage))  # one line per stage
 
 
@@ -114,8 +116,13 @@ def test_prototype_thumbnails_are_drawn_with_their_class_colour() -> None:
     analysis = square_lesion_analysis((240, 320), size=40)
     gray = np.full((240, 320), 90, np.uint8)
     patch = np.full((64, 64), 250, np.uint8)
-    evidence = (PrototypeEvidence(3, True, 0.8, patch, "busbra/x"), PrototypeEvidence(7, False, -0.3, patch, "busbra/y"))
-    with_prototypes = dataclasses.replace(analysis, lesions=(dataclasses.replace(analysis.lesions[0], prototypes=evidence),))
+    evidence = (
+        PrototypeEvidence(3, True, 0.8, patch, "busbra/x"),
+        PrototypeEvidence(7, False, -0.3, patch, "busbra/y"),
+    )
+    with_prototypes = dataclasses.replace(
+        analysis, lesions=(dataclasses.replace(analysis.lesions[0], prototypes=evidence),)
+    )
     plain = render_overlay(gray, analysis)
     shown = render_overlay(gray, with_prototypes)
     side = min(96, 240 // 6)

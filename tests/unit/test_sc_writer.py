@@ -10,7 +10,13 @@ import pydicom
 import pytest
 
 from models.inference.findings import ImageAnalysis
-from tests.dicom_factory import dciodvfy_errors, make_us_dataset, square_lesion_analysis, synthetic_breast_image, write_dataset
+from tests.dicom_factory import (
+    dciodvfy_errors,
+    make_us_dataset,
+    square_lesion_analysis,
+    synthetic_breast_image,
+    write_dataset,
+)
 from workers.dicom_reader import SourceFrame, read_frames
 from workers.sc_writer import build_overlay_image
 from workers.sr_writer import ReportContext

@@ -13,16 +13,26 @@ SHA = "a" * 64
 
 
 def ref(**overrides: str) -> InstanceRef:
-    values = dict(path="studies/j1/1.2.3.dcm", sha256=SHA, sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-                  sop_instance_uid="1.2.3", series_instance_uid="1.2.4", modality="US")
+    values = dict(
+        path="studies/j1/1.2.3.dcm",
+        sha256=SHA,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+        sop_instance_uid="1.2.3",
+        series_instance_uid="1.2.4",
+        modality="US",
+    )
     values.update(overrides)
     return InstanceRef(**values)
 
 
 def job(**overrides: object) -> StudyJob:
-    values: dict[str, object] = dict(job_id="20250101T000000Z-abc", study_instance_uid="1.2.5",
-                                     created_at="2025-01-01T00:00:00+00:00", instances=(ref(),),
-                                     calling_ae_titles=("US1",))
+    values: dict[str, object] = dict(
+        job_id="20250101T000000Z-abc",
+        study_instance_uid="1.2.5",
+        created_at="2025-01-01T00:00:00+00:00",
+        instances=(ref(),),
+        calling_ae_titles=("US1",),
+    )
     values.update(overrides)
     return StudyJob(**values)  # type: ignore[arg-type]
 

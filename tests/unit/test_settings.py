@@ -52,8 +52,19 @@ def test_layering_defaults_toml_env_flags(tmp_path: Path) -> None:
 def test_repeatable_flags_and_env_lists() -> None:
     environ = {"BREASTAI_DESTINATION": "A@h:1,B@h:2"}
     assert [str(d) for d in parse([], environ).destinations] == ["A@h:1", "B@h:2"]
-    settings = parse(["--destination", "ORTHANC@127.0.0.1:4242", "--destination", "/tmp/out",
-                      "--allowed-ae", "US1", "--allowed-ae", "US2"], environ)
+    settings = parse(
+        [
+            "--destination",
+            "ORTHANC@127.0.0.1:4242",
+            "--destination",
+            "/tmp/out",
+            "--allowed-ae",
+            "US1",
+            "--allowed-ae",
+            "US2",
+        ],
+        environ,
+    )
     assert [str(d) for d in settings.destinations] == ["ORTHANC@127.0.0.1:4242", "/tmp/out"]
     assert settings.allowed_ae == ("US1", "US2")
 
@@ -65,9 +76,23 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
 
 
 def test_scalar_conversions() -> None:
-    settings = parse(["--quiet-period", "0.3", "--spool-dir", "/x/spool", "--model-dir", "/m",
-                      "--log-format", "console", "--log-level", "debug", "--metrics-port", "0"],
-                     {"BREASTAI_STABLE_AGE_S": "90", "BREASTAI_JOB_RETRY_LIMIT": "3"})
+    settings = parse(
+        [
+            "--quiet-period",
+            "0.3",
+            "--spool-dir",
+            "/x/spool",
+            "--model-dir",
+            "/m",
+            "--log-format",
+            "console",
+            "--log-level",
+            "debug",
+            "--metrics-port",
+            "0",
+        ],
+        {"BREASTAI_STABLE_AGE_S": "90", "BREASTAI_JOB_RETRY_LIMIT": "3"},
+    )
     assert settings.quiet_period_s == 0.3
     assert settings.stable_age_s == 90.0
     assert settings.spool_dir == Path("/x/spool")
@@ -155,9 +180,20 @@ def test_help_names_env_vars_and_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser)
     text = parser.format_help()
-    for needle in ("BREASTAI_PORT", "BREASTAI_DESTINATION", "BREASTAI_ALLOWED_AE", "BREASTAI_QUIET_PERIOD_S",
-                   "BREASTAI_SPOOL_DIR", "BREASTAI_QUEUE", "BREASTAI_AMQP_URL", "BREASTAI_METRICS_PORT",
-                   "BREASTAI_CONFIG", "BREASTAI_LOG_FORMAT", "BREASTAI_MODEL_DIR", "default 11112"):
+    for needle in (
+        "BREASTAI_PORT",
+        "BREASTAI_DESTINATION",
+        "BREASTAI_ALLOWED_AE",
+        "BREASTAI_QUIET_PERIOD_S",
+        "BREASTAI_SPOOL_DIR",
+        "BREASTAI_QUEUE",
+        "BREASTAI_AMQP_URL",
+        "BREASTAI_METRICS_PORT",
+        "BREASTAI_CONFIG",
+        "BREASTAI_LOG_FORMAT",
+        "BREASTAI_MODEL_DIR",
+        "default 11112",
+    ):
         assert needle in text, needle
 
 
@@ -205,6 +241,11 @@ def test_metrics_server_is_settings_driven(port: int) -> None:
         server.shutdown()
         server.server_close()
     assert 'breastai_instances_rejected_total{reason="truncated"}' in text
-    for name in ("breastai_studies_received_total", "breastai_jobs_done_total", "breastai_inference_seconds",
-                 "breastai_end_to_end_seconds", "breastai_queue_publish_seconds"):
+    for name in (
+        "breastai_studies_received_total",
+        "breastai_jobs_done_total",
+        "breastai_inference_seconds",
+        "breastai_end_to_end_seconds",
+        "breastai_queue_publish_seconds",
+    ):
         assert name in text

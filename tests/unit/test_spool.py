@@ -219,7 +219,10 @@ def test_complete_dead_letter_and_markers(spool_dir: Path, us_dataset: Callable[
     assert (dead / "reason.txt").read_text().strip() == "PermanentError: undecodable pixels"
     # a later delivery of the dead job adds its reason; the first one, which says what went wrong, stays
     spool.dead_letter(job_b, "IntegrityError: spooled instance missing")
-    assert (dead / "reason.txt").read_text().splitlines() == ["PermanentError: undecodable pixels", "IntegrityError: spooled instance missing"]
+    assert (dead / "reason.txt").read_text().splitlines() == [
+        "PermanentError: undecodable pixels",
+        "IntegrityError: spooled instance missing",
+    ]
     # completion records are forgotten after a month, when a spool opens
     os.utime(spool_dir / "done" / job_a, (0, 0))
     assert not Spool(spool_dir).is_completed(job_a)
@@ -272,7 +275,9 @@ def test_a_second_spool_on_the_same_root_keeps_the_first_ones_temporary_files(tm
     assert not old.exists(), "a long-dead process's folder is cleaned up"
 
 
-def test_an_idle_live_spools_old_temporary_folder_is_kept_and_a_removed_one_comes_back(tmp_path: Path, us_dataset: Dataset) -> None:
+def test_an_idle_live_spools_old_temporary_folder_is_kept_and_a_removed_one_comes_back(
+    tmp_path: Path, us_dataset: Dataset
+) -> None:
     """A listener idle over a weekend keeps its folder; if something removes it anyway, the next C-STORE still lands."""
     listener = Spool(tmp_path)
     os.utime(listener.tmp_dir, (0, 0))  # untouched for decades, as far as the clock can tell

@@ -34,7 +34,9 @@ def study(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
     """Three instances of one study: single-frame, multi-frame, and one never analysed."""
     single = make_us_dataset(synthetic_breast_image(), study_uid=STUDY, spacing_mm=0.1)
     single.ImageLaterality = "R"
-    multi = make_us_dataset(np.stack([synthetic_breast_image(seed=s) for s in range(3)]), study_uid=STUDY, spacing_mm=None)
+    multi = make_us_dataset(
+        np.stack([synthetic_breast_image(seed=s) for s in range(3)]), study_uid=STUDY, spacing_mm=None
+    )
     other = make_us_dataset(synthetic_breast_image(seed=7), study_uid=STUDY)
     return {
         "single": write_dataset(single, tmp_path / "single.dcm"),
@@ -51,7 +53,9 @@ def _with_region(frame: SourceFrame, xywh: tuple[int, int, int, int]) -> SourceF
     return dataclasses.replace(frame, scan_region_xywh=xywh)
 
 
-def _report(study: dict[str, pathlib.Path], *, lesions: bool = True) -> tuple[hd.sr.Comprehensive3DSR, list[AnalysedFrame]]:
+def _report(
+    study: dict[str, pathlib.Path], *, lesions: bool = True
+) -> tuple[hd.sr.Comprehensive3DSR, list[AnalysedFrame]]:
     single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
     multi = read_frames(study["multi"])[0]
     with_lesion = square_lesion_analysis((220, 280), size=30, probability=0.87)
@@ -117,7 +121,10 @@ def test_lesion_group_content(study: dict[str, pathlib.Path]) -> None:
     outline = analysed[0].analysis.lesions[0].outline_xy
     np.testing.assert_allclose(points, outline + [20, 10] + 0.5)  # crop offset + half a pixel (PS3.3 C.18.6.1.2)
     np.testing.assert_array_equal(points[0], points[-1])
-    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == analysed[0].frame.sop_instance_uid
+    assert (
+        region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == analysed[0].frame.sop_instance_uid
+    )
     assert "ReferencedFrameNumber" not in region.ContentSequence[0].ReferencedSOPSequence[0]
     assert empty_group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
 
@@ -126,7 +133,7 @@ def test_no_lesion_is_stated_explicitly(study: dict[str, pathlib.Path]) -> None:
     sr, analysed = _report(study, lesions=False)
     groups = _groups(sr)
     assert len(groups) == 2
-    for group, item in zip(groups, analysed):
+    for group, item in zip(groups, analysed, strict=True):
         [tracking] = _items(group, "112039")
         assert tracking.TextValue == "No lesion detected"
         [presence] = _items(group, "121052")
@@ -178,7 +185,13 @@ def test_refuses_inconsistent_input(study: dict[str, pathlib.Path]) -> None:
         build_report([], evidence, SR_SERIES, SR_SOP, ReportContext())
     lesion = dataclasses.replace(analysis.lesions[0], malignancy_probability=1.5)
     with pytest.raises(ValueError, match="probability"):
-        build_report([AnalysedFrame(frame, dataclasses.replace(analysis, lesions=(lesion,)))], evidence, SR_SERIES, SR_SOP, ReportContext())
+        build_report(
+            [AnalysedFrame(frame, dataclasses.replace(analysis, lesions=(lesion,)))],
+            evidence,
+            SR_SERIES,
+            SR_SOP,
+            ReportContext(),
+        )
 
 
 def test_closed_outline() -> None:
@@ -207,7 +220,13 @@ def test_dsrdump_prints_the_tree(study: dict[str, pathlib.Path], tmp_path: pathl
     sr.save_as(path, enforce_file_format=True)
     result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for expected in ("Imaging Measurement Report", "Probability of cancer", "Long axis", "POLYLINE", "No lesion detected"):
+    for expected in (
+        "Imaging Measurement Report",
+        "Probability of cancer",
+        "Long axis",
+        "POLYLINE",
+        "No lesion detected",
+    ):
         assert expected in result.stdout
     assert "error" not in result.stderr.lower()
 
@@ -215,28 +234,43 @@ def test_dsrdump_prints_the_tree(study: dict[str, pathlib.Path], tmp_path: pathl
 def test_device_observer_is_recorded(study: dict[str, pathlib.Path]) -> None:
     sr, _ = _report(study)
     observer = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
-    assert observer and observer[0].UID == ReportContext().device_observer_uid
+    assert observer and ReportContext().device_observer_uid == observer[0].UID
     assert codes.DCM.Device.value in {
-        i.ConceptCodeSequence[0].CodeValue for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121005"
+        i.ConceptCodeSequence[0].CodeValue
+        for i in sr.ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeValue == "121005"
     }
 
 
-def _family_score(family: str, task: str, probability: float, threshold: float, notes: tuple[str, ...] = ()) -> FamilyScore:
+def _family_score(
+    family: str, task: str, probability: float, threshold: float, notes: tuple[str, ...] = ()
+) -> FamilyScore:
 
     return FamilyScore(
-        family=family, task=task, model=ModelInfo(f"Model-{family}", "9.9", "ab" * 32), probability=probability, threshold=threshold,
-        positive=probability >= threshold, cam=np.ones((30, 30), np.float32), roi_box=(0, 0, 30, 30), notes=notes,
+        family=family,
+        task=task,
+        model=ModelInfo(f"Model-{family}", "9.9", "ab" * 32),
+        probability=probability,
+        threshold=threshold,
+        positive=probability >= threshold,
+        cam=np.ones((30, 30), np.float32),
+        roi_box=(0, 0, 30, 30),
+        notes=notes,
     )
 
 
-def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+def test_every_family_has_its_measurement_call_and_algorithm(
+    study: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
     from models.inference.decisions import co_decision
 
     single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
     base = square_lesion_analysis((220, 280), size=30, probability=0.87)
     scores = (
         _family_score("dlr_bm", "malignancy", 0.87, 0.5),
-        _family_score("dlr_lh", "birads_high", 0.2, 0.6, notes=("patient age not available: scored from the image alone",)),
+        _family_score(
+            "dlr_lh", "birads_high", 0.2, 0.6, notes=("patient age not available: scored from the image alone",)
+        ),
         _family_score("mupnet", "malignancy", 0.3, 0.4),
     )
     lesion = dataclasses.replace(base.lesions[0], family_scores=scores, co_decision=co_decision(0.2, 0.87, 0.6, 0.5))
@@ -250,18 +284,30 @@ def test_every_family_has_its_measurement_call_and_algorithm(study: dict[str, pa
     assert names["CALL-DLR_BM"].ConceptCodeSequence[0].CodeValue == "AT-OR-ABOVE-OP"
     assert names["CALL-DLR_LH"].ConceptCodeSequence[0].CodeValue == "BELOW-OP"
     assert names["BIRADS4A-RESTRAT"].ConceptCodeSequence[0].CodeValue == "KEEP-4A"  # LH low, BM malignant: disagree
-    algorithm = [i.TextValue for i in names["CALL-MUPNET"].ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+    algorithm = [
+        i.TextValue
+        for i in names["CALL-MUPNET"].ContentSequence
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"
+    ]
     assert algorithm == ["Model-mupnet"]
     comment = sr.ContentSequence[-1].ContentSequence[0].TextValue
-    assert "Model-dlr_lh: patient age not available" in comment and "only to lesions a radiologist assessed as 4A" in comment
-    assert "it reads Model-dlr_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy), each at its operating point." in comment
+    assert (
+        "Model-dlr_lh: patient age not available" in comment
+        and "only to lesions a radiologist assessed as 4A" in comment
+    )
+    assert (
+        "it reads Model-dlr_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy), each at its operating point."
+        in comment
+    )
     if shutil.which("dciodvfy"):
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
 
 
-def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_inputs_is_refused(study: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_inputs_is_refused(
+    study: dict[str, pathlib.Path], tmp_path: pathlib.Path
+) -> None:
     from models.inference.decisions import co_decision
 
     single = _with_region(read_frames(study["single"])[0], (20, 10, 280, 220))
@@ -275,17 +321,30 @@ def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_in
     analysis = dataclasses.replace(base, lesions=(lesion,), classifier=scores[0].model)
     sr = build_report([AnalysedFrame(single, analysis)], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
     comment = sr.ContentSequence[-1].ContentSequence[0].TextValue
-    assert "it reads Model-consensus_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy)" in comment and "Model-dlr_lh 9.9 (BI-RADS" not in comment
+    assert (
+        "it reads Model-consensus_lh 9.9 (BI-RADS 4/5) with Model-dlr_bm 9.9 (malignancy)" in comment
+        and "Model-dlr_lh 9.9 (BI-RADS" not in comment
+    )
     [group] = _groups(sr)
     # "CALL-CONSENSUS_LH" is longer than Code Value's 16 characters: highdicom encodes it as Long Code Value (PS3.3 8.8)
     concept = [i.ConceptNameCodeSequence[0] for i in group.ContentSequence if i.ValueType == "CODE"]
     assert any(c.get("LongCodeValue") == "CALL-CONSENSUS_LH" and "CodeValue" not in c for c in concept)
-    names = {c.get("CodeValue") or c.get("LongCodeValue"): i for c, i in zip(concept, (i for i in group.ContentSequence if i.ValueType == "CODE"))}
-    assert names["BIRADS4A-RESTRAT"].ConceptCodeSequence[0].CodeValue == "UPGRADE"  # the consensus's high LH, BM malignant
+    names = {
+        c.get("CodeValue") or c.get("LongCodeValue"): i
+        for c, i in zip(concept, (i for i in group.ContentSequence if i.ValueType == "CODE"), strict=True)
+    }
+    # the consensus's high LH, BM malignant
+    assert names["BIRADS4A-RESTRAT"].ConceptCodeSequence[0].CodeValue == "UPGRADE"
     if shutil.which("dciodvfy"):
         path = tmp_path / "sr.dcm"
         sr.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
     orphan = dataclasses.replace(lesion, family_scores=scores[1:])  # no DLR_BM score behind the call
     with pytest.raises(ValueError, match="without the LH and BM scores"):
-        build_report([AnalysedFrame(single, dataclasses.replace(analysis, lesions=(orphan,)))], _evidence(study), SR_SERIES, SR_SOP, ReportContext())
+        build_report(
+            [AnalysedFrame(single, dataclasses.replace(analysis, lesions=(orphan,)))],
+            _evidence(study),
+            SR_SERIES,
+            SR_SOP,
+            ReportContext(),
+        )
