@@ -61,7 +61,7 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv test-venv train-venv deps-system rabbitmq run test lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv evaluate-venv test-venv train-venv deps-system rabbitmq run test lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
 
 help:
 	@sed -n '1,15s/^# \{0,1\}//p' Makefile
@@ -93,7 +93,14 @@ $(VENV)/.stamp-train: $(VENV)/.stamp-serve pyproject.toml
 	$(check_no_cuda)
 	touch $@
 
+# breastai evaluate needs scipy and matplotlib, not torch.
+$(VENV)/.stamp-evaluate: $(VENV)/.stamp-serve pyproject.toml
+	$(PIP) install -e '.[evaluate]'
+	$(check_no_cuda)
+	touch $@
+
 venv: $(VENV)/.stamp-serve
+evaluate-venv: $(VENV)/.stamp-evaluate
 test-venv: $(VENV)/.stamp-test
 train-venv: $(VENV)/.stamp-train
 
@@ -233,7 +240,7 @@ train-lh-consensus: train-dl_u_lh
 	$(VENV)/bin/breastai train consensus --task birads_high --datasets $(DATASETS)
 
 # The cards quote the evaluation, and tests/unit/test_cards.py checks them against the copy kept beside them.
-evaluate: venv
+evaluate: evaluate-venv
 	$(VENV)/bin/breastai evaluate $(DATASETS) --output $(EVALUATION) --cards models/cards
 	mkdir -p models/cards/evaluation
 	cp $(EVALUATION)/report.json $(EVALUATION)/report.md $(EVALUATION)/*.png models/cards/evaluation/

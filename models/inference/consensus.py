@@ -1,6 +1,6 @@
 """Consensus of the paper families: one headline malignancy score from several independent models.
 
-The families of ``MODELS.md`` look at the same lesion through different
+The paper families (docs/models.md) look at the same lesion through different
 networks (ResNet-50 + MLP, VGG11 + SVM, VGG19-style deep supervision,
 prototypes). Their errors are only partly shared, so the mean of their
 log-odds ranks lesions better than any one of them; this is the simplest

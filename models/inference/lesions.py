@@ -1,7 +1,7 @@
 """From a lesion probability map to lesion outlines, boxes and sizes.
 
 Threshold, connected components, bounding boxes and outlines, as the
-segmentation stage of every paper family describes (MODELS.md, shared by
+segmentation stage of every paper family describes (docs/models.md; shared by
 all): pure numpy / OpenCV.
 """
 

@@ -4,7 +4,7 @@ The ACR BI-RADS ultrasound lexicon (5th ed.) describes a mass by its shape
 (oval, round, irregular), orientation (parallel or not: "taller than
 wide"), margin (circumscribed or not: indistinct, angular, microlobulated,
 spiculated), echo pattern, and posterior features (enhancement,
-shadowing). CLDLR's paper (Yang et al. 2024, MODELS.md #1) feeds the
+shadowing). CLDLR's paper (Yang et al., Sci Rep 2024) feeds the
 radiologist's margin and posterior-feature readings to its SVM beside age
 and size; DICOM does not carry those readings, so this module measures
 quantitative stand-ins on the segmenter's outline and the pixels around it

@@ -7,6 +7,7 @@ an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -23,6 +24,21 @@ import torch
 from torch import nn
 
 from models.errors import TrainingError
+
+
+class RunSettings(Protocol):
+    """What :func:`begin_run` reads of a run's frozen settings (a dataclass instance)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def threads(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def work(self) -> str: ...
 
 
 class RunLimits(Protocol):
@@ -206,6 +222,30 @@ def check_resumable(work: Path, settings: dict[str, object], defining: tuple[str
             f"weights "
             "under the new ones. Remove that folder or pass another --work."
         )
+
+
+def begin_run(config: RunSettings, defining: tuple[str, ...] | None = None, notes: str | None = None) -> Path:
+    """How every training command starts: threads, seeds, the resumability check, the run folder and its config.json.
+
+    ``defining`` names the settings a resumed run must share with the run
+    that made the folder (:func:`check_resumable`; None: no check).
+    ``notes`` is written beside the settings (a family recipe's notes).
+
+    Raises
+    ------
+    TrainingError
+        If the folder holds a run started under other defining settings.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    work = Path(config.work)
+    settings = dataclasses.asdict(config)
+    if defining is not None:
+        check_resumable(work, settings, defining)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps({**settings, **({"notes": notes} if notes else {})}, indent=2))
+    return work
 
 
 class Checkpoints:

@@ -32,7 +32,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -55,13 +55,12 @@ from models.training.loop import (
     DEVICES,
     Checkpoints,
     augment_intensity,
-    check_resumable,
+    begin_run,
     cosine_lr,
     device_of,
     epoch_batches,
     mixed_precision,
     optimise_step,
-    seed_everything,
     to_training_device,
     training_device,
 )
@@ -363,12 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         family=spec.name,
         holdout=args.holdout,
     )
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    check_resumable(Path(config.work), asdict(config), PRETRAINING_DEFINING)
-    Path(config.work).mkdir(parents=True, exist_ok=True)
-    (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    begin_run(config, PRETRAINING_DEFINING)
     images = pretraining_images(Path(config.datasets), holdout=config.holdout)
     with_box = sum(i.box is not None for i in images)
     print(

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +47,10 @@ from models.training.finish import FINISHERS
 from models.training.loop import (
     DEVICES,
     Checkpoints,
-    check_resumable,
+    begin_run,
     cosine_lr,
     mixed_precision,
     optimise_step,
-    seed_everything,
     to_training_device,
     training_device,
 )
@@ -218,22 +216,13 @@ def main(argv: list[str] | None = None) -> None:
         spec = with_roi_padding(spec, config.roi_padding)
     except TrainingError as exc:
         parser.error(str(exc))
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    work = Path(config.work)
-    check_resumable(work, asdict(config), RUN_DEFINING)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps({**asdict(config), "notes": spec.notes}, indent=2))
+    begin_run(config, RUN_DEFINING, spec.notes)
     samples = split_samples(spec, Path(config.datasets), config.holdout or None)
     print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)
     for member in members:
         member_work = Path(member.work)
         if member is not config:
-            check_resumable(member_work, asdict(member), RUN_DEFINING)
-            member_work.mkdir(parents=True, exist_ok=True)
-            (member_work / "config.json").write_text(json.dumps({**asdict(member), "notes": spec.notes}, indent=2))
-            seed_everything(member.seed)
+            begin_run(member, RUN_DEFINING, spec.notes)
         if args.stage in ("network", "all"):
             train_network(spec, member, samples)
         if args.stage in ("finish", "all") and spec.finish is not None:

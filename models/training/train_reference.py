@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -44,12 +43,12 @@ from models.training.loop import (
     Checkpoints,
     augment_geometry,
     augment_intensity,
+    begin_run,
     cosine_lr,
     device_of,
     epoch_batches,
     mixed_precision,
     optimise_step,
-    seed_everything,
     to_training_device,
     training_device,
 )
@@ -405,11 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         bf16=args.bf16,
         device=args.device,
     )
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    Path(config.work).mkdir(parents=True, exist_ok=True)
-    (Path(config.work) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    begin_run(config)
     {"segmenter": train_segmenter, "refiner": train_refiner, "classifier": train_classifier}[config.part](config)
 
 
