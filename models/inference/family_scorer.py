@@ -1,7 +1,7 @@
 """Serving side of the paper families: score one lesion ROI with one exported model.
 
 Torch-free: every family runs as an ONNX graph behind :class:`models.inference.backend.Backend`,
-described by its manifest entry's typed spec (:class:`models.inference.manifest.FamilySpec`: input
+described by its manifest entry's typed spec (:class:`models.inference.manifest.NetworkSpec`: input
 size, ROI padding and normalisation, input names, operating point, side files). What differs between families
 is only how the graph's outputs become a probability:
 
@@ -28,7 +28,7 @@ import numpy.typing as npt
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import normalise_cam
 from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.inference.manifest import FamilySpec, ModelKind, Normalisation, Task
+from models.inference.manifest import ModelKind, NetworkSpec, Normalisation, Task
 from models.inference.preprocess import (
     Box,
     crop,
@@ -74,7 +74,7 @@ class FamilyScorer:
     Parameters
     ----------
     entry
-        The model's manifest entry; its spec must be a :class:`~models.inference.manifest.FamilySpec`.
+        The model's manifest entry; its spec must be a :class:`~models.inference.manifest.NetworkSpec`.
     backend
         The graph behind the Backend protocol.
     model_dir
@@ -93,7 +93,7 @@ class FamilyScorer:
     def __init__(self, entry: ModelEntry, backend: Backend, model_dir: Path) -> None:
         self.entry = entry
         self._backend = backend
-        self.spec = entry.spec_as(FamilySpec)
+        self.spec = entry.spec_as(NetworkSpec)
         self.family = self.spec.family
         self.task: Task = self.spec.task
         self.input_size = self.spec.input_size
@@ -205,7 +205,7 @@ def load_family_scorer(
     ModelRegistryError
         The model file or a side file is missing or does not match its sha256.
     """
-    entry.spec_as(FamilySpec)  # refuse an incomplete entry before the graph is read
+    entry.spec_as(NetworkSpec)  # refuse an incomplete entry before the graph is read
     return FamilyScorer(entry, OnnxRuntimeBackend(verified_path(entry, model_dir), providers), model_dir)
 
 

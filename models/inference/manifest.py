@@ -74,7 +74,7 @@ class Normalisation(StrEnum):
 
 
 class Precision(StrEnum):
-    """What the model file holds; int8 weight storage is a separate flag (:attr:`FamilySpec.int8_weights`)."""
+    """What the model file holds; int8 weight storage is a separate flag (:attr:`NetworkSpec.int8_weights`)."""
 
     FLOAT16 = "float16"
     FLOAT32 = "float32"
@@ -167,7 +167,7 @@ class RoiSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FamilySpec(ScorerSpec):
+class NetworkSpec(ScorerSpec):
     """One paper family's exported graph.
 
     Attributes
@@ -360,7 +360,7 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
     Returns
     -------
     ModelSpec
-        A :class:`FamilySpec`, :class:`ConsensusSpec`, :class:`LexiconSpec`,
+        A :class:`NetworkSpec`, :class:`ConsensusSpec`, :class:`LexiconSpec`,
         :class:`SegmenterSpec` or :class:`RefinerSpec`, by :func:`kind_of`.
 
     Raises
@@ -439,7 +439,7 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
         normalisation=fields.need("roi_normalisation", fields.choice(Normalisation)),
     )
     storage = parameters.get("weight_storage")  # also left whole in the provenance: the cards print it
-    return FamilySpec(
+    return NetworkSpec(
         role=role,
         kind=kind,
         precision=precision,

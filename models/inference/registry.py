@@ -77,7 +77,7 @@ class ModelEntry:
         return parsed
 
     def spec_as(self, wanted: type[SpecT]) -> SpecT:
-        """:attr:`spec` as the kind a caller needs (:class:`~models.inference.manifest.FamilySpec`, ...).
+        """:attr:`spec` as the kind a caller needs (:class:`~models.inference.manifest.NetworkSpec`, ...).
 
         Raises
         ------

@@ -12,10 +12,10 @@ from models.errors import ManifestError, ModelRegistryError
 from models.inference.family_scorer import load_family_scorer
 from models.inference.manifest import (
     ConsensusSpec,
-    FamilySpec,
     LexiconSpec,
     Modality,
     ModelKind,
+    NetworkSpec,
     Normalisation,
     Precision,
     RefinerSpec,
@@ -69,7 +69,7 @@ def test_the_bundled_manifest_parses_into_its_kinds_and_enums() -> None:
         "us_segmenter",
         "us_refiner",
     }
-    dlr_lh, dl_u, dl_m = (entries[r].spec_as(FamilySpec) for r in ("dlr_lh", "dl_u", "dl_m"))
+    dlr_lh, dl_u, dl_m = (entries[r].spec_as(NetworkSpec) for r in ("dlr_lh", "dl_u", "dl_m"))
     assert dlr_lh.task is Task.BIRADS_HIGH and dlr_lh.int8_weights and dlr_lh.precision is Precision.FLOAT16
     assert (
         dl_u.task is Task.MALIGNANCY
@@ -77,7 +77,7 @@ def test_the_bundled_manifest_parses_into_its_kinds_and_enums() -> None:
         and dl_u.roi.expand_shortest_side
     )
     assert not dl_u.int8_weights and dl_m.modality is Modality.MG
-    assert entries["cldlr"].spec_as(FamilySpec).roi.normalisation is Normalisation.ZSCORE
+    assert entries["cldlr"].spec_as(NetworkSpec).roi.normalisation is Normalisation.ZSCORE
     assert set(entries["cldlr"].spec.side_files) == {"cldlr", "clinical", "dlr"}
     # the typed fields are the manifest's own values, and what only records provenance stays whole beside them
     assert dlr_lh.operating_point == entries["dlr_lh"].parameters["operating_point"]
