@@ -1,6 +1,6 @@
 """Measurement, not a recipe: one training step in eager mode against ``torch.compile``, at one thread.
 
-    python scripts/bench_compile_step.py dlr compile bf16
+    python research/bench_compile_step.py dlr compile bf16
 
 NETWORK is ``dlr`` (DLR's ResNet-50, batch 16, 128 px), ``dlu`` (DL-U's
 branch, 96 px) or ``seg`` (the segmenter, 160 px); MODE ``eager`` or

@@ -1,7 +1,7 @@
 """Trial, not a recipe: another family's network trained on the LH task, mixed with the bundled DLR_LH on validation.
 
     breastai evaluate ../shared/datasets --split val --output runs/val
-    python scripts/trial_lh_members.py dl_u --seed 20261121 --bf16 --predictions runs/val/predictions.csv
+    python research/trial_lh_members.py dl_u --seed 20261121 --bf16 --predictions runs/val/predictions.csv
 
 DLR_LH (BI-RADS 2/3 vs 4/5) was the only LH model the service had, and seed
 ensembles of it did not help (``docs/history.md``). What this trial found

@@ -1,7 +1,7 @@
 """Trial, not a recipe: DL-U's network given the lesion's outline as a second input channel.
 
-    python scripts/trial_mask_channel.py --seed 20261121 --bf16          # the trial
-    python scripts/trial_mask_channel.py --seed 20261121 --bf16 --control  # the same seed, DL-U's recipe unchanged
+    python research/trial_mask_channel.py --seed 20261121 --bf16          # the trial
+    python research/trial_mask_channel.py --seed 20261121 --bf16 --control  # the same seed, DL-U's recipe unchanged
 
 Every family sees the lesion only through its box: the outline the
 segmenter and refiner draw is served, but no network reads it, and margin

@@ -1,6 +1,6 @@
 """Trial, not a recipe: how much malignancy signal the lesion's outline carries, true against served.
 
-    python scripts/trial_outline_descriptors.py [--datasets ../shared/datasets]
+    python research/trial_outline_descriptors.py [--datasets ../shared/datasets]
 
 Fits the lexicon model's logistic regression (:func:`models.training.fit_lexicon.fit_logistic`)
 on the descriptors of the training lesions' ground-truth outlines, then

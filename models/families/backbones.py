@@ -71,8 +71,3 @@ def vgg_out_channels(config: Sequence[int | str], width: float = 1.0) -> int:
     """Channels of the last convolution of :func:`vgg_blocks`."""
     last = [int(item) for item in config if item != "M"][-1]
     return max(8, round(last * width))
-
-
-def count_parameters(network: nn.Module) -> int:
-    """Number of trainable parameters (the model cards report it)."""
-    return sum(p.numel() for p in network.parameters() if p.requires_grad)

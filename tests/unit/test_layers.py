@@ -1,4 +1,4 @@
-"""The import-layers contract of docs/operating.md ("The house"): service <- workers -> models, and the rooms of models.
+"""The import-layers contract of docs/architecture.md: service <- workers -> models, and the rooms of models.
 
 Every import statement counts, at module level or inside a function: a
 local import is still a dependency, only a later one.
@@ -28,6 +28,10 @@ ROOM_MAY_IMPORT = {
     "evaluation": {"inference", "families"},
     "training": {"inference", "families", "evaluation"},
 }
+# workers turns jobs into results with what serving needs: models.inference (and the error tree). Only the command
+# line, the composition root, reaches the other rooms (evaluate, train).
+WORKERS_MAY_IMPORT_FROM_MODELS = ("models.inference", "models.errors")
+WORKERS_COMPOSITION_ROOT = "workers.cli"
 # The serving path must not need torch: only the families' networks and training may import it.
 TORCH_ALLOWED = ("models/families", "models/training")
 
@@ -94,6 +98,27 @@ def test_package_does_not_import_upwards(package: str) -> None:
         if _top_levels(path) & FORBIDDEN[package]
     }
     assert offenders == {}
+
+
+def test_no_relative_imports() -> None:
+    # The rules below read absolute module names; a relative import would pass them unseen.
+    offenders = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        if any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree)):
+            offenders.append(module)
+    assert offenders == []
+
+
+def test_workers_use_only_the_serving_room_of_models() -> None:
+    offenders = []
+    for module, targets in _project_graph().items():
+        if not module.startswith("workers.") or module == WORKERS_COMPOSITION_ROOT:
+            continue
+        for target in targets:
+            if target.startswith("models") and not target.startswith(WORKERS_MAY_IMPORT_FROM_MODELS):
+                offenders.append(f"{module} -> {target}")
+    assert offenders == []
 
 
 def test_rooms_of_models_import_only_downwards() -> None:

@@ -1,4 +1,4 @@
-"""Network definitions (PyTorch; training, export and the PyTorch backend only).
+"""The segmentation networks (PyTorch; training and ONNX export only, serving runs the exported graphs).
 
 Built on MONAI so that the architectures are the library's, not ours:
 ``FlexibleUNet`` with an EfficientNet-b0 encoder for lesion segmentation,
