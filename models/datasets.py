@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from models.errors import DatasetError
 
 US_DATASETS = ("busi", "busbra", "breast_lesions")  # the ultrasound sets with pathology labels, in reading order
 BIRADS_DATASETS = ("busbra", "breast_lesions")  # the ultrasound sets whose readers assigned a BI-RADS category
@@ -76,14 +79,29 @@ def _label_of(row: dict[str, str], dataset: str) -> str:
     for column in (LABEL_COLUMNS.get(dataset, "label"), *LABEL_COLUMNS.values()):
         if row.get(column):
             return row[column].strip().lower()
-    raise ValueError(
+    raise DatasetError(
         f"{dataset}/labels.csv row {row.get('id')!r} has none of the label columns "
         f"{sorted(set(LABEL_COLUMNS.values()))}"
     )
 
 
+def _require_columns(path: Path, present: Sequence[str] | None, needed: Sequence[str]) -> None:
+    """Refuse a CSV file whose header lacks any of ``needed``."""
+    lacking = [column for column in needed if column not in (present or ())]
+    if lacking:
+        raise DatasetError(f"{path} has no column {', '.join(lacking)} (its header: {', '.join(present or ())})")
+
+
 def dataset_names(root: Path) -> tuple[str, ...]:
-    """The dataset folders under ``root`` (each with a labels.csv), or ``root`` itself if it is one."""
+    """The dataset folders under ``root`` (each with a labels.csv), or ``root`` itself if it is one.
+
+    Raises
+    ------
+    DatasetError
+        ``root`` is not a folder.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder (expected <name>/labels.csv, images/, masks/, or one such folder)")
     if (root / "labels.csv").is_file():
         return (root.name,) if (root / "masks").is_dir() else ()
     return tuple(sorted(p.name for p in root.iterdir() if (p / "labels.csv").is_file() and (p / "masks").is_dir()))
@@ -160,14 +178,24 @@ def load_records(
     A ``labels.csv`` row whose image is not in ``images/`` is skipped; where
     ``missing`` is given, ``dataset/id`` of each such row is appended to it,
     so that a caller can say how many labelled cases it could not read.
+
+    Raises
+    ------
+    DatasetError
+        ``root`` is not a folder, no image of the named datasets is under it, or a ``labels.csv``
+        lacks the ``id`` column or a row lacks every label column.
     """
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder (expected <name>/labels.csv, images/, masks/ under it)")
     records: list[Record] = []
     for dataset in datasets:
         folder = root / dataset
         if not (folder / "labels.csv").is_file():
             continue  # a site's own data may hold only some of the datasets
         with (folder / "labels.csv").open(newline="") as handle:
-            for row in csv.DictReader(handle):
+            reader = csv.DictReader(handle)
+            _require_columns(folder / "labels.csv", reader.fieldnames, ("id",))
+            for row in reader:
                 image_id = row["id"]
                 images = list((folder / "images").glob(f"{image_id}.*"))
                 if not images:
@@ -192,7 +220,7 @@ def load_records(
                     )
                 )
     if not records:
-        raise FileNotFoundError(
+        raise DatasetError(
             f"no images found under {root} for datasets {', '.join(datasets)} (expected <name>/labels.csv, images/, "
             f"masks/)"
         )
@@ -200,20 +228,23 @@ def load_records(
 
 
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:
-    """Read an image file as 8-bit grayscale."""
+    """Read an image file as 8-bit grayscale; :class:`~models.errors.DatasetError` where it cannot be read."""
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
-        raise ValueError(f"cannot read image {path}")
+        raise DatasetError(f"cannot read image {path}")
     return np.asarray(image, dtype=np.uint8)
 
 
 def read_mask(record: Record, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """The lesion mask (0/1) of a record; all zeros for images without a mask file."""
+    """The lesion mask (0/1) of a record; all zeros for images without a mask file.
+
+    Raises :class:`~models.errors.DatasetError` where the mask file cannot be read.
+    """
     if record.mask_path is None:
         return np.zeros(shape, dtype=np.uint8)
     mask = cv2.imread(str(record.mask_path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise ValueError(f"cannot read mask {record.mask_path}")
+        raise DatasetError(f"cannot read mask {record.mask_path}")
     if mask.shape != shape:
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return (mask > 127).astype(np.uint8)
@@ -244,7 +275,9 @@ def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
     if not (folder / "labels.csv").is_file():
         return findings
     with (folder / "labels.csv").open(newline="") as handle:
-        for index, row in enumerate(csv.DictReader(handle)):
+        reader = csv.DictReader(handle)
+        _require_columns(folder / "labels.csv", reader.fieldnames, ("id", "severity", "x", "y", "radius", "image_id"))
+        for index, row in enumerate(reader):
             severity, x, y, radius = (
                 row["severity"].strip().upper(),
                 _number(row["x"]),

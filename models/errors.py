@@ -6,6 +6,8 @@
     ├── ModelRegistryError           a model folder cannot be served: manifest missing or malformed, a model
     │   │                            unlisted, a file missing or not matching its sha256
     │   └── ManifestError            a manifest entry lacks a field or holds a bad value (names model and field)
+    ├── DatasetError                 a data folder is missing, holds no usable images, or a labels.csv,
+    │                                image or mask in it cannot be read (names the folder or file)
     ├── TrainingError                a training, pretraining, export or fitting run cannot go on as asked
     │                                (bad option combination, unusable checkpoint, no data for a split)
     └── EvaluationError              an evaluation cannot be scored as asked (unknown model, unusable data)
@@ -29,6 +31,10 @@ class ModelRegistryError(ModelsError):
 
 class ManifestError(ModelRegistryError):
     """A manifest entry lacks a field the model needs or holds a value it cannot use; the message names both."""
+
+
+class DatasetError(ModelsError):
+    """A data folder is missing or holds no usable images, or a file in it (labels.csv, image, mask) is malformed."""
 
 
 class TrainingError(ModelsError):

@@ -46,7 +46,7 @@ from models.datasets import (
     read_gray,
     read_mask,
 )
-from models.errors import EvaluationError
+from models.errors import DatasetError, EvaluationError
 from models.evaluation.report import (
     CasePrediction,
     SegmentationRow,
@@ -83,7 +83,7 @@ from models.inference.scorers import LesionView
 STATISTICS_NOTE = (
     "AUC intervals: percentile bootstrap over patients (all images of one patient, or one group of near-duplicate "
     "images, drawn together); DeLong tests with Obuchowski's (1997) clustered covariance; near-duplicate groups that "
-    "straddle splits or disagree on the label are left out (models/training/near_duplicates.csv)"
+    "straddle splits or disagree on the label are left out (models/near_duplicates.csv)"
 )
 
 
@@ -310,7 +310,10 @@ def evaluate(
     Raises
     ------
     EvaluationError
-        A requested model is not in the manifest, or the data cannot be read.
+        A requested model is not in the manifest, the data cannot be read, or nothing in it is labelled to score
+        (no image of ``split``, no lesion any requested model could score).
+    DatasetError
+        An image or mask file of the data cannot be read.
     ModelRegistryError
         A requested model's entry is incomplete (:class:`~models.errors.ManifestError`) or a file fails its checksum.
     """
@@ -326,12 +329,13 @@ def evaluate(
     for family in families:
         entries[family].spec_as(ScorerSpec)  # every requested model complete before hours of scoring start
     root = data.parent if (data / "labels.csv").is_file() else data
-    names = dataset_names(data)
     without_image: list[str] = []
     try:
+        names = dataset_names(data)
         records = load_records(root, names, missing=without_image) if names else []
-    except (FileNotFoundError, ValueError) as exc:
+    except DatasetError as exc:
         raise EvaluationError(f"cannot read the labelled data in {data}: {exc}") from exc
+    everything = len(records)
     excluded = sum(r.split == EXCLUDED for r in records)
     records = [r for r in records if r.split != EXCLUDED and (split == "all" or r.split == split)]
     us_lesions = lesion_boxes(records)
@@ -340,7 +344,15 @@ def evaluate(
     mg_lesions = [
         (r, box) for r, box in (mias_findings(root) if mias_asked else []) if split == "all" or r.split == split
     ]
-    output.mkdir(parents=True, exist_ok=True)
+    if not records and not mg_lesions:
+        raise EvaluationError(
+            f"nothing labelled to score in {data}: "
+            + (
+                f"none of its {everything} images is in the {split} split (--split all scores every one)"
+                if everything
+                else "no dataset folder in it (expected <name>/labels.csv, images/, masks/, or one such folder)"
+            )
+        )
     report: dict[str, Any] = {
         "data": str(data),
         "split": split,
@@ -392,6 +404,15 @@ def evaluate(
         variants = variant_predictions(cases)
         if variants:
             report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
+    outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
+    if not scored and not outlined:
+        # Every row of the report would read n=None: refuse rather than write a report that looks like a result.
+        raise EvaluationError(
+            f"nothing labelled to score in {data}: no lesion with a mask and a label for "
+            f"{', '.join(families) or 'any model'} among its {len(records) + len(mg_lesions)} images of the "
+            f"{split} split"
+        )
+    output.mkdir(parents=True, exist_ok=True)
     us_malignancy = [
         c for f, c in scored.items() if _modality(entries, f) is Modality.US and c[0].score.task == "malignancy"
     ]
@@ -438,7 +459,6 @@ def evaluate(
     if lh_role is not None and BM_ROLE in scored:
         report["four_a_co_decision"] = four_a_tally(scored[lh_role], scored[BM_ROLE])
         report["four_a_lh_model"] = lh_role
-    outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
     if outlined:  # a mammography-only folder has no ultrasound masks to score
         report["segmentation"] = segmentation_report(outlined, resamples=resamples)
     with (output / "predictions.csv").open("w", newline="") as handle:

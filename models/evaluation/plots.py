@@ -3,8 +3,9 @@
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas and
 never through pyplot: no GUI backend is ever selected (the service runs
 headless), no global figure registry keeps figures alive, and plotting from
-several threads is safe. matplotlib comes with the ``train`` extra, so it is
-imported when a plot is drawn, not when this module is imported.
+several threads is safe. matplotlib comes with the ``evaluate`` extra (which
+the ``train`` extra includes), so it is imported when a plot is drawn, not
+when this module is imported.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from models.errors import EvaluationError
 from models.evaluation.stats import auc, reliability_curve, roc_curve
 
 if TYPE_CHECKING:
@@ -33,8 +35,11 @@ def _new_figure() -> tuple[Figure, Axes]:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as error:  # pragma: no cover - depends on the installed extras
-        raise RuntimeError("plots need matplotlib: pip install 'breastai[train]'") from error
+    except ImportError as error:  # the serving install has no matplotlib
+        raise EvaluationError(
+            "plots need matplotlib, which comes with the evaluate extra: pip install 'breastai[evaluate]' "
+            "(or make evaluate-venv)"
+        ) from error
     figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
     FigureCanvasAgg(figure)  # attaches itself to the figure: rendering stays off-screen
     axes = figure.add_subplot(1, 1, 1)

@@ -70,14 +70,19 @@ def patient_folds(samples: list[LesionSample], folds: int) -> list[int]:
     positive), then by a stable hash of their key, and dealt round-robin,
     so each fold gets a near-equal share of each class whatever the order
     of the input.
+
+    Raises
+    ------
+    TrainingError
+        Fewer than 2 folds, or fewer patients than folds.
     """
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, not {folds}")
+        raise TrainingError(f"cross-validation needs at least 2 folds, not {folds}")
     label_of: dict[str, int] = defaultdict(int)
     for sample in samples:
         label_of[sample.record.patient] = max(label_of[sample.record.patient], sample.label)
     if len(label_of) < folds:
-        raise ValueError(f"{len(label_of)} patients cannot fill {folds} folds")
+        raise TrainingError(f"{len(label_of)} patients cannot fill {folds} folds")
     ordered = sorted(label_of, key=lambda patient: (label_of[patient], hashlib.sha256(patient.encode()).hexdigest()))
     fold_of = {patient: index % folds for index, patient in enumerate(ordered)}
     return [fold_of[sample.record.patient] for sample in samples]
@@ -122,7 +127,7 @@ def fold_plans(
 
     Raises
     ------
-    ValueError
+    TrainingError
         A validation set holds one class only (fewer patients of a class than folds).
     """
     plans = []
@@ -132,7 +137,7 @@ def fold_plans(
         train, validation = inner_split(kept, folds) if choose_epoch else (kept, held_out)
         if len({s.label for s in validation}) < 2:
             which = "the inner validation fold of fold" if choose_epoch else "fold"
-            raise ValueError(
+            raise TrainingError(
                 f"{which} {fold} holds one class only ({len(validation)} findings): "
                 f"fewer than {folds} patients of a class; use fewer --folds"
             )
@@ -150,6 +155,11 @@ def within_fold_auc(
     compare the folds' networks' calibrations, which the one served network
     does not have. Equals the folds' AUCs weighted by their pair counts.
     Folds with one class only add no pair.
+
+    Raises
+    ------
+    TrainingError
+        No fold holds both classes.
     """
     concordant, pairs = 0.0, 0
     for fold in np.unique(folds):
@@ -159,7 +169,7 @@ def within_fold_auc(
             concordant += auc(labels[inside], scores[inside]) * positives * negatives
             pairs += positives * negatives
     if not pairs:
-        raise ValueError("no fold holds both classes")
+        raise TrainingError("no fold holds both classes")
     return concordant / pairs
 
 
@@ -180,6 +190,11 @@ def within_fold_bootstrap(
     Each fold keeps its number of patients, drawn with replacement from its
     own; every score set is measured on the same draw, so differences
     between them are paired. Returns shape (resamples, len(score_sets)).
+
+    Raises
+    ------
+    TrainingError
+        No fold holds both classes, or too few draws do to bootstrap.
     """
     within_fold_auc(labels, score_sets[0], folds)  # raises at once where no draw could ever hold a pair
     rng = np.random.default_rng(seed)
@@ -194,7 +209,7 @@ def within_fold_bootstrap(
     while drawn < resamples:
         attempts += 1
         if attempts > MAX_DRAWS_PER_RESAMPLE * resamples:
-            raise ValueError(
+            raise TrainingError(
                 f"only {drawn} of {attempts} patient resamples held a fold with both classes: too few pairs to "
                 f"bootstrap"
             )
@@ -203,9 +218,7 @@ def within_fold_bootstrap(
         )
         try:
             values[drawn] = [within_fold_auc(labels[draw], scores[draw], folds[draw]) for scores in score_sets]
-        except (
-            ValueError
-        ):  # no fold of this draw holds both classes: drawn again, as models.evaluation.stats.bootstrap_ci does
+        except TrainingError:  # no fold of this draw holds both classes: drawn again, as stats.bootstrap_ci does
             continue
         drawn += 1
     return values
@@ -391,6 +404,19 @@ def record_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(records, indent=2) + "\n")
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """An earlier cross-validation report (``--against``); :class:`TrainingError` where it is missing or not one."""
+    try:
+        report = json.loads(path.read_text())
+    except OSError as exc:
+        raise TrainingError(f"--against {path}: cannot read it ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"--against {path} is not JSON: {exc}") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("cases_by_key"), dict):
+        raise TrainingError(f"--against {path} is not a cross-validation report (it has no cases_by_key)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=CROSS_VALIDATED)
@@ -432,9 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, not {args.epochs}")
     # Read before hours of training, so a missing or malformed file is found now.
-    against = json.loads(Path(args.against).read_text()) if args.against else None
+    against = read_report(Path(args.against)) if args.against else None
     if against is not None and against.get("family") != args.family:
-        parser.error(f"--against {args.against} is a {against.get('family')} report, not {args.family}")
+        raise TrainingError(f"--against {args.against} is a {against.get('family')} report, not {args.family}")
     spec = FAMILIES[args.family]
     suffix = ("-init" if args.init else "") + ("-chosen-epoch" if args.choose_epoch else "")
     config = RunConfig(
@@ -462,10 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         raise TrainingError(
             f"cross-validation needs both classes among the training and validation lesions of {config.datasets}"
         )
-    try:
-        report = cross_validate(spec, config, pooled, args.folds, args.choose_epoch)
-    except ValueError as exc:
-        parser.error(str(exc))
+    report = cross_validate(spec, config, pooled, args.folds, args.choose_epoch)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2) + "\n")  # kept even if the comparison below refuses
     if against is not None:

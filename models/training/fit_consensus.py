@@ -111,7 +111,9 @@ def fit_consensus(
     ------
     TrainingError
         A member is not in the folder, is not an ultrasound model of ``task``,
-        or the validation split has no labelled lesion for it.
+        or the validation split has no labelled lesion for it, or lesions of one class only.
+    DatasetError
+        ``datasets`` holds no image of the consensus's datasets, or a file in it cannot be read.
     """
     recipe = CONSENSUSES[task]
     members = tuple(members) or recipe.members
@@ -131,6 +133,11 @@ def fit_consensus(
     if not ids:
         raise TrainingError("fit_consensus: no labelled lesion in the validation split")
     labels = [scored[members[0]][i].label for i in ids]
+    if len(set(labels)) < 2:
+        raise TrainingError(
+            f"fit_consensus: the validation split of {datasets} holds {task} lesions of one class only "
+            f"({len(labels)} lesions, {sum(labels)} positive); the operating point needs both"
+        )
     combined = [mean_log_odds([scored[role][i].score.probability for role in members]) for i in ids]
     member_auc = {role: round(auc(labels, [scored[role][i].score.probability for i in ids]), 4) for role in members}
     file_name = f"{recipe.role}.json"

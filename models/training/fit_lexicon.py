@@ -65,8 +65,20 @@ def _labelled(records: Sequence[Record], task: str) -> tuple[list[tuple[Record, 
 
 
 def fit_logistic(features: npt.NDArray[np.float64], labels: Sequence[int], regularisation: float) -> LogisticModel:
-    """Standardise on the training rows and fit ``LogisticRegression(C=regularisation)``."""
-    from sklearn.linear_model import LogisticRegression
+    """Standardise on the training rows and fit ``LogisticRegression(C=regularisation)``.
+
+    Raises
+    ------
+    TrainingError
+        scikit-learn is not installed.
+    """
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as exc:  # the serving and evaluate installs have no scikit-learn
+        raise TrainingError(
+            "fit_lexicon needs scikit-learn, which comes with the train extra: pip install 'breastai[train]' "
+            "(or make train-venv)"
+        ) from exc
 
     mean = features.mean(0)
     scale = features.std(0) + 1e-6
@@ -77,7 +89,17 @@ def fit_logistic(features: npt.NDArray[np.float64], labels: Sequence[int], regul
 
 
 def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regularisation: float = 1.0) -> ModelEntry:
-    """Fit on the training split, choose the operating point on validation, write the file and manifest entry."""
+    """Fit on the training split, choose the operating point on validation, write the file and manifest entry.
+
+    Raises
+    ------
+    DatasetError
+        ``datasets`` holds no image of the ultrasound datasets, or a file in it cannot be read.
+    TrainingError
+        The training or validation split lacks labelled lesions of either class for ``task``.
+    ModelRegistryError
+        ``model_dir`` cannot be read or lacks its segmentation stages.
+    """
     role, name = TASKS[task]
     entries = read_manifest(model_dir)
     records = load_records(datasets, US_DATASETS)
@@ -85,6 +107,12 @@ def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regul
     val, val_labels = _labelled([r for r in records if r.split == "val"], task)
     if not train or not val:
         raise TrainingError(f"fit_lexicon: no labelled {task} lesion in the training or validation split of {datasets}")
+    for split, labels in (("training", train_labels), ("validation", val_labels)):
+        if len(set(labels)) < 2:
+            raise TrainingError(
+                f"fit_lexicon: the {split} split of {datasets} holds {task} lesions of one class only "
+                f"({len(labels)} lesions, {sum(labels)} positive); a logistic model and its operating point need both"
+            )
     model = fit_logistic(served_descriptors(model_dir, train), train_labels, regularisation)
     val_scores = [model.probability(row) for row in served_descriptors(model_dir, val)]
     path = model_dir / f"{role}.json"

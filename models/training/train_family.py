@@ -211,11 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         roi_padding=args.roi_padding,
         ensemble=args.ensemble if args.ensemble is not None else spec.ensemble,
     )
-    try:
-        members = member_configs(config)
-        spec = with_roi_padding(spec, config.roi_padding)
-    except TrainingError as exc:
-        parser.error(str(exc))
+    # Refused (TrainingError) before any training: an ensemble the recipe cannot take, an ROI padding out of range.
+    members = member_configs(config)
+    spec = with_roi_padding(spec, config.roi_padding)
     begin_run(config, RUN_DEFINING, spec.notes)
     samples = split_samples(spec, Path(config.datasets), config.holdout or None)
     print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)

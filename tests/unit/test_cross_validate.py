@@ -44,9 +44,9 @@ def test_folds_keep_a_patient_together_and_share_out_each_class() -> None:
     assert patient_folds(list(reversed(samples)), 4) == list(
         reversed(folds)
     )  # the input order does not decide the folds
-    with pytest.raises(ValueError, match="at least 2 folds"):
+    with pytest.raises(TrainingError, match="at least 2 folds"):
         patient_folds(samples, 1)
-    with pytest.raises(ValueError, match="cannot fill"):
+    with pytest.raises(TrainingError, match="cannot fill"):
         patient_folds(samples[:3], 4)
 
 
@@ -150,7 +150,7 @@ def test_cross_validation_scores_each_training_finding_once_with_a_network_that_
     with pytest.raises(TrainingError, match="other settings"):
         main([*options, "--work", str(tmp_path / "work"), "--report", str(tmp_path / "fewer.json")])
     # an --against file that is not there is found before any training
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(TrainingError, match=r"missing\.json"):
         main(
             [
                 *options,
@@ -176,7 +176,7 @@ def test_within_fold_auc_counts_only_pairs_inside_a_fold() -> None:
     assert within_fold_auc(labels, scores, folds) == pytest.approx(2 / 3)
     draws = within_fold_bootstrap(labels, [scores, scores], folds, ["a", "b", "c", "d", "e"], resamples=50)
     assert draws.shape == (50, 2) and np.array_equal(draws[:, 0], draws[:, 1])
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(TrainingError, match="both classes"):
         within_fold_auc(np.array([1, 0]), np.array([0.5, 0.5]), np.array([0, 1]))
 
 
@@ -290,7 +290,7 @@ def test_the_bootstrap_draws_a_patients_findings_together_and_keeps_each_folds_s
     sizes = {int((f == 0).sum()) for f in resampled}
     assert sizes <= {3, 5, 7, 9} and len(sizes) > 1
     assert {int((f == 1).sum()) for f in resampled} == {5}
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(TrainingError, match="both classes"):
         within_fold_bootstrap(np.array([1, 0]), [np.array([0.2, 0.1])], np.array([0, 1]), ["a", "b"], resamples=5)
 
 
@@ -314,7 +314,22 @@ def test_a_fold_short_of_one_class_stops_before_any_training() -> None:
 
     # two malignant patients cannot give each of three folds a malignant finding
     samples = [_sample(f"woman-{w}", int(w < 2), 0) for w in range(9)]
-    with pytest.raises(ValueError, match="fold 0 holds one class only"):
+    with pytest.raises(TrainingError, match="fold 0 holds one class only"):
         fold_plans(samples, patient_folds(samples, 3), 3, choose_epoch=False)
     plans = fold_plans(samples, patient_folds(samples, 2), 2, choose_epoch=False)
     assert [len(p[2]) for p in plans] == [5, 4]
+
+
+def test_an_against_file_that_is_not_a_report_is_refused(tmp_path: Path) -> None:
+    from models.training.cross_validate import read_report
+
+    with pytest.raises(TrainingError, match="cannot read it"):
+        read_report(tmp_path / "missing.json")
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(TrainingError, match="is not JSON"):
+        read_report(tmp_path / "text.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(TrainingError, match="not a cross-validation report"):
+        read_report(tmp_path / "list.json")
+    (tmp_path / "report.json").write_text(json.dumps({"family": "dl_m", "cases_by_key": {}}))
+    assert read_report(tmp_path / "report.json")["family"] == "dl_m"

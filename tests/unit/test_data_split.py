@@ -122,3 +122,34 @@ def test_a_listed_id_counts_only_for_the_listed_image_file(tmp_path: Path) -> No
     )
     regrouped = load_records(tmp_path, ("busi",), near_duplicates=own)
     assert {r.patient for r in regrouped} == {"g1"}
+
+
+def test_missing_or_malformed_data_is_refused_as_a_dataset_error(tmp_path: Path) -> None:
+    from models.datasets import dataset_names, read_gray, read_mask
+    from models.errors import DatasetError, ModelsError
+
+    assert issubclass(DatasetError, ModelsError)  # the command line turns it into a message and exit status 2
+    with pytest.raises(DatasetError, match="is not a folder"):
+        dataset_names(tmp_path / "nonexistent")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        load_records(tmp_path / "nonexistent", ("site",))
+    with pytest.raises(DatasetError, match="no images found under"):
+        load_records(tmp_path, ("site",))
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "masks").mkdir()
+    cv2.imwrite(str(site / "images" / "case0.png"), np.full((8, 8), 100, np.uint8))
+    (site / "labels.csv").write_text("name,label\ncase0,benign\n")
+    with pytest.raises(DatasetError, match="has no column id"):
+        load_records(tmp_path, ("site",))
+    (site / "labels.csv").write_text("id,finding\ncase0,benign\n")
+    with pytest.raises(DatasetError, match="none of the label columns"):
+        load_records(tmp_path, ("site",))
+    (site / "images" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read image"):
+        read_gray(site / "images" / "broken.png")
+    (site / "masks" / "case0.png").write_bytes(b"not a png")
+    (site / "labels.csv").write_text("id,label\ncase0,benign\n")
+    (record,) = load_records(tmp_path, ("site",))
+    with pytest.raises(DatasetError, match="cannot read mask"):
+        read_mask(record, (8, 8))

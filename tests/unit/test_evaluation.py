@@ -66,3 +66,14 @@ def test_dice() -> None:
     a[:2] = True
     b[1:3] = True
     assert dice(a, b) == pytest.approx(2 * 4 / 16)
+
+
+def test_plots_without_matplotlib_name_the_evaluate_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from models.errors import EvaluationError
+    from models.evaluation.plots import save_roc_png
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as where matplotlib is not installed
+    with pytest.raises(EvaluationError, match=r"breastai\[evaluate\].*make evaluate-venv"):
+        save_roc_png("unused.png", {"dl_u": ([0, 1], [0.2, 0.8])}, title="ROC")
