@@ -210,7 +210,7 @@ MASK_PRETRAINED := $(addprefix pretrain-masks-,dlr_bm cldlr mupnet)
 INIT_dlr_bm   := --init runs/pretrain-masks/dlr_bm/best.pt
 INIT_cldlr    := --init runs/pretrain-masks/cldlr/best.pt
 INIT_mupnet   := --init runs/pretrain-masks/mupnet/best.pt
-pretrain_masks = $(VENV)/bin/breastai train pretrain $(1) --objective masks --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
+pretrain_masks = $(VENV)/bin/breastai train pretrain $(1) --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
 
 $(addprefix train-,$(FAMILIES)): train-%: train-venv
 	$(if $(filter pretrain-masks-$*,$(MASK_PRETRAINED)),$(call pretrain_masks,$*))

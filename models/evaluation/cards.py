@@ -31,12 +31,12 @@ def _near_duplicate_note(training: Mapping[str, Any]) -> str:
     """What the card says about BUSI's near-duplicate scans, by the split rule the model was trained under."""
     if training.get("split_rule"):
         return (
-            "Groups of near-duplicate scans (`models/training/near_duplicates.csv`) that would straddle two splits, "
+            "Groups of near-duplicate scans (`models/near_duplicates.csv`) that would straddle two splits, "
             "or that carry conflicting labels, took no part; the rest count as one patient in the statistics."
         )
     return (
         "Trained before near-duplicate scans were grouped: some BUSI training images have a copy in the test split. "
-        "The metrics below leave those copies out (`models/training/near_duplicates.csv`), so they are measured on "
+        "The metrics below leave those copies out (`models/near_duplicates.csv`), so they are measured on "
         "unseen scans."
     )
 
@@ -86,7 +86,7 @@ def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
     train = f"`breastai train {role}{seed}`"
     if str(training.get("initialisation", "")).startswith("mask pretraining"):
         return (
-            f"Recipe: `make train-{role}`, which runs `breastai train pretrain {role} --objective masks{seed}`, then "
+            f"Recipe: `make train-{role}`, which runs `breastai train pretrain {role}{seed}`, then "
             f"`breastai train {role}{seed} --init runs/pretrain-masks/{role}/best.pt` "
             f"(`models/training/train_family.py`), "
             "each with `--datasets` and, where the CPU has bf16 units, `--bf16`."
@@ -563,14 +563,7 @@ def _roi_rule(parameters: Mapping[str, Any]) -> str:
     if "roi_expand" not in parameters:
         return ""
     side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
-    square = (
-        ", then its short side widened to a square (the resize keeps the lesion's shape)"
-        if parameters.get("roi_square")
-        else ""
-    )
-    return (
-        f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side{square}. "
-    )
+    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side. "
 
 
 def _bf16_flag(parameters: Mapping[str, Any]) -> str:

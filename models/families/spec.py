@@ -21,7 +21,8 @@ from torch.nn import functional
 
 from models.datasets import BIRADS_DATASETS as BIRADS_DATASETS  # re-exported for the recipes
 from models.datasets import US_DATASETS as US_DATASETS
-from models.inference.preprocess import Box, expand_box, expand_box_by_shortest_side, min_max, standardise
+from models.inference.manifest import Normalisation
+from models.inference.preprocess import Box, roi_box, roi_tensor
 
 Tensor = torch.Tensor
 
@@ -37,31 +38,29 @@ ServingGraph = Callable[[nn.Module, Path], tuple[nn.Module, list[str], list[str]
 class RoiStyle:
     """How a family cuts and normalises its ROI: the papers differ.
 
-    The same rule cuts training, validation, export and serving inputs;
-    serving reads it back from the manifest (``roi_normalisation``,
-    ``roi_expand``, ``roi_expand_shortest_side``).
+    The same rule cuts training, validation, export and serving inputs: these
+    methods and :class:`models.inference.family_scorer.FamilyScorer` both call
+    :func:`models.inference.preprocess.roi_box` and
+    :func:`~models.inference.preprocess.roi_tensor`; serving reads the settings
+    back from the manifest (``roi_normalisation``, ``roi_expand``,
+    ``roi_expand_shortest_side``).
     """
 
-    normalisation: str  # "zscore" (per-ROI standardisation) or "minmax" (DL-UM: [0, 1])
+    normalisation: Normalisation  # ZSCORE (per-ROI standardisation) or MINMAX (DL-UM: [0, 1])
     padding: float  # box growth on every side, as a fraction of the box (or of its shortest side)
     shortest_side: bool  # DL-UM grows by a fraction of the shortest side
 
     def box(self, box: Box, shape: tuple[int, int], padding: float | None = None) -> Box:
         """The lesion box grown by ``padding`` (default: the family's) and clipped to the image."""
-        fraction = self.padding if padding is None else padding
-        return (
-            expand_box_by_shortest_side(box, shape, fraction)
-            if self.shortest_side
-            else expand_box(box, shape, fraction)
-        )
+        return roi_box(box, shape, self.padding if padding is None else padding, self.shortest_side)
 
     def tensor(self, roi: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
         """The network input of one cut ROI: (1, 1, size, size) float32."""
-        return min_max(roi, size) if self.normalisation == "minmax" else standardise(roi, size)
+        return roi_tensor(roi, self.normalisation, size)
 
 
-ZSCORE_ROI = RoiStyle("zscore", 0.2, False)
-DLUM_ROI = RoiStyle("minmax", 0.3, True)
+ZSCORE_ROI = RoiStyle(Normalisation.ZSCORE, 0.2, False)
+DLUM_ROI = RoiStyle(Normalisation.MINMAX, 0.3, True)
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,8 @@ import numpy.typing as npt
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import normalise_cam
 from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.inference.manifest import ModelKind, NetworkSpec, Normalisation, Task
-from models.inference.preprocess import (
-    Box,
-    crop,
-    expand_box,
-    expand_box_by_shortest_side,
-    min_max,
-    square_box,
-    standardise,
-)
+from models.inference.manifest import ModelKind, NetworkSpec, Task
+from models.inference.preprocess import Box, roi_input
 from models.inference.registry import ModelEntry, verified_path, verified_side_files
 from models.inference.scorers import NO_CLINICAL_CONTEXT as NO_CLINICAL_CONTEXT  # defined with the scorer protocol
 from models.inference.scorers import ClinicalContext as ClinicalContext
@@ -113,15 +105,20 @@ class FamilyScorer:
     def info(self) -> ModelInfo:
         return self.entry.info
 
-    def roi_box(self, box: Box, shape: tuple[int, int]) -> Box:
-        """The lesion box grown as the family's paper grows it, made square where the model was trained on squares."""
+    def roi_input(self, gray: npt.NDArray[np.uint8], box: Box) -> tuple[Box, npt.NDArray[np.float32]]:
+        """The ROI box around ``box`` and the graph's image input, cut and scaled as the family's paper does.
+
+        The one rule training cuts by too (:func:`models.inference.preprocess.roi_input`), read from the manifest.
+        """
         roi = self.spec.roi
-        grown = (
-            expand_box_by_shortest_side(box, shape, roi.expand)
-            if roi.expand_shortest_side
-            else expand_box(box, shape, roi.expand)
+        return roi_input(
+            gray,
+            box,
+            normalisation=roi.normalisation,
+            padding=roi.expand,
+            shortest_side=roi.expand_shortest_side,
+            size=self.input_size,
         )
-        return square_box(grown, shape) if roi.square else grown
 
     def score_lesion(self, lesion: LesionView, scored: Mapping[str, FamilyScore]) -> FamilyScore:
         """:meth:`score` of the lesion's box with the study's clinical context (the scorer protocol)."""
@@ -131,10 +128,7 @@ class FamilyScorer:
         self, gray: npt.NDArray[np.uint8], box: Box, context: ClinicalContext = NO_CLINICAL_CONTEXT
     ) -> FamilyScore:
         """Score the lesion in ``box`` of the grayscale image ``gray``."""
-        roi_box = self.roi_box(box, (int(gray.shape[0]), int(gray.shape[1])))
-        roi = crop(gray, roi_box)
-        minmax = self.spec.roi.normalisation is Normalisation.MINMAX
-        pixels = min_max(roi, self.input_size) if minmax else standardise(roi, self.input_size)
+        window, pixels = self.roi_input(gray, box)
         feed = {"image": pixels}
         notes: list[str] = []
         if "clinical" in self.spec.inputs:
@@ -177,7 +171,7 @@ class FamilyScorer:
         raw = outputs["cam"][0]
         if raw.ndim == 3:  # per-class maps (B, classes, h, w): the positive class
             raw = raw[-1]
-        cam = normalise_cam(raw, (roi_box[3], roi_box[2]))
+        cam = normalise_cam(raw, (window[3], window[2]))
         return FamilyScore(
             family=self.family,
             task=self.task.value,
@@ -186,7 +180,7 @@ class FamilyScorer:
             threshold=self.threshold,
             positive=probability >= self.threshold,
             cam=cam,
-            roi_box=roi_box,
+            roi_box=window,
             notes=tuple(notes),
             details=details,
             prototypes=tuple(prototypes),

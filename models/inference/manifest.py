@@ -154,15 +154,12 @@ class RoiSpec:
         Fraction the lesion box grows by (per side, or of its shortest side).
     expand_shortest_side
         Grow every side by ``expand`` x the box's shortest side (DL-UM).
-    square
-        Widen the grown box to a square about its centre.
     normalisation
         Pixel scaling before the graph.
     """
 
     expand: float
     expand_shortest_side: bool
-    square: bool
     normalisation: Normalisation
 
 
@@ -431,11 +428,14 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
             segmentation=segmentation,
             provenance=fields.unread(),
         )
+    # The square-ROI trial was not adopted and serving no longer cuts square windows: a model trained on them would
+    # be served crops unlike its training ones, so it is refused rather than scored. false (or absent) is the rule.
+    if fields.get("roi_square", fields.flag, False):
+        raise fields.refuse("roi_square", "is true: square ROI windows are not served (that trial was not adopted)")
     roi = RoiSpec(
         expand=fields.need("roi_expand", fields.number),
-        # Both flags came after the first exports; absent means the rule did not exist yet: off.
+        # The flag came after the first exports; absent means the rule did not exist yet: off.
         expand_shortest_side=fields.get("roi_expand_shortest_side", fields.flag, False),
-        square=fields.get("roi_square", fields.flag, False),
         normalisation=fields.need("roi_normalisation", fields.choice(Normalisation)),
     )
     storage = parameters.get("weight_storage")  # also left whole in the provenance: the cards print it

@@ -1,7 +1,11 @@
 """Input conventions shared by training and serving (numpy + OpenCV only).
 
 Training and inference must prepare pixels identically, so both call these
-functions; the serving path imports no torch.
+functions; the serving path imports no torch. A paper family's ROI rule is
+:func:`roi_box` (how the lesion box grows) and :func:`roi_tensor` (how the cut
+pixels become the network's input): training cuts with them through
+:class:`models.families.spec.RoiStyle`, serving through
+:class:`models.inference.family_scorer.FamilyScorer`, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from models.inference.manifest import Normalisation
 
 Box = tuple[int, int, int, int]
 
@@ -53,26 +59,6 @@ def crop(gray: npt.NDArray[np.uint8], box: Box) -> npt.NDArray[np.uint8]:
     return gray[y : y + h, x : x + w]
 
 
-def square_box(box: Box, image_shape: tuple[int, int]) -> Box:
-    """Widen the short side of an (x, y, w, h) box to make it square, about the same centre, moved inside the image.
-
-    Resizing a w x h crop to a square input stretches it: a lesion wider
-    than tall and one taller than wide (the BI-RADS lexicon's orientation,
-    "not parallel" being a sign of malignancy) both come out round, and the
-    speckle is scaled differently along each axis. A square window keeps
-    shape, orientation and speckle isotropic. Near the image's edge the
-    window is moved inward rather than clipped, so it stays square; only a
-    window larger than the image is cut to it.
-    """
-    x, y, w, h = box
-    rows, cols = image_shape
-    side = max(w, h)
-    side_x, side_y = min(side, cols), min(side, rows)
-    x0 = int(np.clip(round(x + (w - side_x) / 2), 0, cols - side_x))
-    y0 = int(np.clip(round(y + (h - side_y) / 2), 0, rows - side_y))
-    return x0, y0, max(1, side_x), max(1, side_y)
-
-
 def expand_box_by_shortest_side(box: Box, image_shape: tuple[int, int], fraction: float) -> Box:
     """Grow a box by ``fraction`` of its *shortest* side on every side (DL-UM uses 30 %), clipped."""
     x, y, w, h = box
@@ -98,3 +84,53 @@ def min_max(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
     low, high = float(resized.min()), float(resized.max())
     scaled: npt.NDArray[np.float32] = ((resized - low) / max(high - low, 1e-6)).astype(np.float32)
     return scaled[None, None, :, :]
+
+
+def roi_box(box: Box, image_shape: tuple[int, int], padding: float, shortest_side: bool) -> Box:
+    """The ROI a family cuts around an (x, y, w, h) lesion box, clipped to the image.
+
+    Parameters
+    ----------
+    box
+        The lesion box.
+    image_shape
+        (rows, cols) of the image it lies in.
+    padding
+        Growth on every side, as a fraction of the box's own width and height, or of its shortest side.
+    shortest_side
+        Grow every side by ``padding`` x the box's shortest side (DL-UM) instead.
+    """
+    if shortest_side:
+        return expand_box_by_shortest_side(box, image_shape, padding)
+    return expand_box(box, image_shape, padding)
+
+
+def roi_tensor(roi: npt.NDArray[np.uint8], normalisation: Normalisation, size: int) -> npt.NDArray[np.float32]:
+    """The network input of one cut ROI, resized to ``size`` and scaled as ``normalisation`` says: (1, 1, size, size).
+
+    Raises
+    ------
+    ValueError
+        ``normalisation`` is not a :class:`~models.inference.manifest.Normalisation` value (a plain string naming one
+        is accepted), or the ROI is empty.
+    """
+    if Normalisation(normalisation) is Normalisation.MINMAX:
+        return min_max(roi, size)
+    return standardise(roi, size)
+
+
+def roi_input(
+    gray: npt.NDArray[np.uint8],
+    box: Box,
+    *,
+    normalisation: Normalisation,
+    padding: float,
+    shortest_side: bool,
+    size: int,
+) -> tuple[Box, npt.NDArray[np.float32]]:
+    """Cut and scale a lesion's ROI as the family's rule says: (the ROI box, the network input).
+
+    :func:`roi_box` of ``box`` in ``gray``, cut out and passed through :func:`roi_tensor`.
+    """
+    cut = roi_box(box, (int(gray.shape[0]), int(gray.shape[1])), padding, shortest_side)
+    return cut, roi_tensor(crop(gray, cut), normalisation, size)

@@ -55,12 +55,22 @@ def run_external(
     Raises
     ------
     TrainingError
-        ``holdout`` is not a dataset folder under ``datasets``.
+        ``holdout`` is not a dataset folder under ``datasets``, or ``families`` is empty or names a family
+        that is not a trainable one.
     """
     if not (datasets / holdout / "labels.csv").is_file():
         raise TrainingError(f"external: {datasets / holdout} is not a dataset folder (images/, masks/, labels.csv)")
     from models.evaluation.command import evaluate
     from models.training import train_family
+
+    unknown = [f for f in families if f not in train_family.FAMILIES]
+    if unknown or not families:
+        # Found before the first family trains for hours, not when its turn comes.
+        raise TrainingError(
+            f"external: --families {','.join(families) or '(none)'}: "
+            + (f"no family {', '.join(unknown)}; " if unknown else "")
+            + f"one or more of {', '.join(sorted(train_family.FAMILIES))}"
+        )
 
     root = work or Path(f"runs/external-{holdout}")
     weights = root / "weights"
@@ -118,8 +128,6 @@ def pretrain_without(
     main(
         [
             family,
-            "--objective",
-            "masks",
             "--holdout",
             holdout,
             "--datasets",

@@ -311,12 +311,6 @@ def main(argv: list[str] | None = None) -> None:
     families = family_specs()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("family", choices=sorted(name for name, spec in families.items() if spec.modality == "US"))
-    parser.add_argument(
-        "--objective",
-        choices=("masks",),
-        default="masks",
-        help="the lesion outlines (the one objective kept; SimCLR was tried and not adopted)",
-    )
     parser.add_argument("--datasets", default="../shared/datasets")
     parser.add_argument("--work", default=None, help="checkpoint folder (default runs/pretrain-masks/FAMILY)")
     parser.add_argument(

@@ -42,7 +42,9 @@ class PretrainConfig(TrainConfig):
     """A pretraining run: a reference run's settings plus the family whose network it pretrains."""
 
     family: str
-    objective: str = "masks"  # the one pretraining objective kept (SimCLR was tried and not adopted: docs/history.md)
+    # The one pretraining objective kept (SimCLR was tried and not adopted: docs/history.md). No flag sets it: it is
+    # recorded in config.json because resuming and the export's initialisation() read it from run folders.
+    objective: str = "masks"
     holdout: str = ""  # a dataset left out entirely (external validation, models.training.external)
 
 

@@ -286,7 +286,8 @@ def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Pat
         and "seed 8 (epoch 0" in card
         and "from 2 seeds; the paper trains one" in card
     )
-    with pytest.raises(SystemExit):  # CLDLR's SVMs belong to one network: refused before any training
+    # CLDLR's SVMs belong to one network: refused before any training
+    with pytest.raises(TrainingError, match="cldlr cannot be a seed ensemble"):
         train_family.main(["cldlr", "--ensemble", "2", *arguments])
 
 
@@ -432,8 +433,6 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     mask_pretraining.main(
         [
             "dlr_bm",
-            "--objective",
-            "masks",
             "--datasets",
             str(tiny_busbra),
             "--work",
@@ -463,8 +462,6 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
     mask_pretraining.main(
         [
             "dlr_bm",
-            "--objective",
-            "masks",
             "--datasets",
             str(tiny_busbra),
             "--work",
@@ -530,9 +527,7 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
         )
     # Nor a pretraining under another seed (the first ran under the recipe's, DLR_BM's shipped seed).
     with pytest.raises(TrainingError, match=f"seed: {train_family.FAMILIES['dlr_bm'].seed} -> 5"):
-        mask_pretraining.main(
-            ["dlr_bm", "--objective", "masks", "--datasets", str(tiny_busbra), "--work", str(work), "--seed", "5"]
-        )
+        mask_pretraining.main(["dlr_bm", "--datasets", str(tiny_busbra), "--work", str(work), "--seed", "5"])
     from models.evaluation.cards import card_markdown
 
     card = card_markdown(read_manifest(models)["dlr_bm"], {}, None, str(tiny_busbra))
@@ -548,8 +543,6 @@ def test_mask_pretrained_mupnet_checkpoint_starts_its_trunk(tiny_busbra: Path, t
     mask_pretraining.main(
         [
             "mupnet",
-            "--objective",
-            "masks",
             "--datasets",
             str(tiny_busbra),
             "--work",

@@ -181,6 +181,20 @@ def test_other_bad_fields_refuse_naming_the_model_and_the_field(
         load_bmode_pipeline(folder)
 
 
+def test_a_model_trained_on_square_roi_windows_is_refused_not_served_otherwise(tmp_path: Path) -> None:
+    # Serving cuts no square windows since that trial was not adopted: such a model would see crops unlike its own.
+    folder = _small_folder(tmp_path, {"dl_u": {"roi_square": True}})
+    with pytest.raises(ManifestError, match=r"model dl_u: manifest field parameters\.roi_square is true"):
+        load_bmode_pipeline(folder)
+    bundled = read_manifest()["dl_u"].parameters
+    for absent_or_off in ({}, {"roi_square": False}, {"roi_square": None}):
+        spec = parse_spec("dl_u", {**bundled, **absent_or_off})
+        assert isinstance(spec, NetworkSpec) and spec.roi == read_manifest()["dl_u"].spec_as(NetworkSpec).roi
+        assert "roi_square" not in spec.provenance
+    with pytest.raises(ManifestError, match=r"model dl_u: manifest field parameters\.roi_square must be true or false"):
+        parse_spec("dl_u", {**bundled, "roi_square": "yes"})
+
+
 def test_a_segmenter_named_as_a_family_is_refused(tmp_path: Path) -> None:
     folder = _small_folder(tmp_path)
     with pytest.raises(ModelRegistryError, match="model us_segmenter is a segmenter model: it does not score lesions"):

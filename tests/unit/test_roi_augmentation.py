@@ -1,4 +1,4 @@
-"""Training crops keep the lesion; runs resume only under their own settings; the square window serving can cut."""
+"""Training crops keep the lesion; runs resume only under their own settings."""
 
 from __future__ import annotations
 
@@ -74,26 +74,3 @@ def test_a_run_resumes_only_under_the_settings_it_was_started_with(tmp_path: Pat
         TrainingError, match=r"init: '' -> 'runs/pretrain-masks/dlr_bm/best.pt'; seed: 1 -> 2\).*another --work"
     ):
         check_resumable(tmp_path, {**started, "init": "runs/pretrain-masks/dlr_bm/best.pt", "seed": 2}, defining)
-
-
-@pytest.mark.parametrize(
-    ("box", "expected"),
-    [
-        ((10, 20, 30, 10), (10, 10, 30, 30)),  # wider than tall: widened about its centre
-        ((40, 5, 8, 24), (32, 5, 24, 24)),  # taller than wide
-        ((0, 0, 50, 10), (0, 0, 50, 50)),  # at the top-left corner: moved inward, not clipped
-        ((150, 90, 40, 10), (150, 60, 40, 40)),  # at the bottom edge
-        ((0, 20, 180, 40), (0, 0, 180, 100)),  # wider than the image is tall: only then cut to the image
-    ],
-)
-def test_square_box_keeps_the_box_inside_a_square_window(
-    box: tuple[int, int, int, int], expected: tuple[int, int, int, int]
-) -> None:
-    from models.inference.preprocess import square_box
-
-    window = square_box(box, (100, 200))
-    assert window == expected
-    x, y, w, h = box
-    wx, wy, ww, wh = window
-    assert wx <= x and wy <= y and x + w <= wx + ww and min(y + h, 100) <= wy + wh  # the lesion stays whole
-    assert wx >= 0 and wy >= 0 and wx + ww <= 200 and wy + wh <= 100

@@ -115,17 +115,6 @@ def test_scorer_runs_an_exported_family_and_reports_missing_age(tmp_path: Path) 
     assert with_age.probability != without.probability  # age reaches the MLP
 
 
-def test_scorer_cuts_the_square_window_a_square_roi_model_was_trained_on(tmp_path: Path) -> None:
-    entry = _dlr_model(tmp_path)
-    square = ModelEntry(
-        entry.role, entry.name, entry.version, entry.file, entry.sha256, {**entry.parameters, "roi_square": True}
-    )
-    gray = np.random.default_rng(2).integers(0, 255, (200, 300), dtype=np.uint8)
-    result = load_family_scorer(square, tmp_path).score(gray, (100, 50, 60, 40))
-    assert result.roi_box == (88, 28, 84, 84)  # the grown 84 x 56 box widened to 84 x 84 about its centre
-    assert result.cam.shape == (84, 84)
-
-
 def test_scorer_refuses_a_side_file_that_does_not_match(tmp_path: Path) -> None:
     entry = _dlr_model(tmp_path)
     (tmp_path / "svm.npz").write_bytes(b"not the fitted machine")

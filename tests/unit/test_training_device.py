@@ -139,8 +139,6 @@ def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp
     mask_pretraining.main(
         [
             "dl_u",
-            "--objective",
-            "masks",
             "--datasets",
             str(datasets),
             "--work",
