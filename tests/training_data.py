@@ -23,8 +23,9 @@ Pick = tuple[str, str, tuple[str, ...], int]
 
 
 def write_busbra_subset(root: Path, picks: Sequence[Pick]) -> Path:
-    """A ``busbra`` folder under ``root`` holding the first images of each pick (images, masks, labels.csv); returns "
-    "``root``."""
+    """A ``busbra`` folder under ``root`` holding the first images of each pick (images, masks, labels.csv); returns
+    ``root``.
+    """
     source = development_datasets() / "busbra"
     with (source / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -226,8 +226,9 @@ def read_cross_validation(folder: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _four_a_section(four_a: Mapping[str, Any] | None, four_a_lh: str) -> list[str]:
-    """The 4A co-decision's tally on test lesions assessed 4A, naming the LH model it read (DLR_LH, or the LH "
-    "consensus)."""
+    """The 4A co-decision's tally on test lesions assessed 4A, naming the LH model it read (DLR_LH, or the LH
+    consensus).
+    """
     if not four_a:
         return []
     lh = "DLR_LH" if four_a_lh == "dlr_lh" else f"`{four_a_lh}`"
@@ -329,8 +330,9 @@ def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
 
 
 def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[str]:
-    """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was "
-    "set."""
+    """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was
+    set.
+    """
     training = parameters.get("training") or {}
     if training:
         run = (
@@ -366,8 +368,9 @@ def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[s
 def segmenter_card(
     entry: ModelEntry, segmentation: Mapping[str, Any], data: str, refiner: ModelEntry | None = None
 ) -> str:
-    """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out "
-    "lesion images."""
+    """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out
+    lesion images.
+    """
     parameters = entry.parameters
     lines = _card_opening(
         entry,
@@ -429,8 +432,9 @@ def consensus_card(
     four_a: Mapping[str, Any] | None = None,
     four_a_lh: str = "dlr_lh",
 ) -> str:
-    """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point, "
-    "and its metrics as served."""
+    """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point,
+    and its metrics as served.
+    """
     parameters = entry.parameters
     fitted = parameters.get("fitted", {})
     members = list(parameters.get("members", []))

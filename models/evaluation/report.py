@@ -78,8 +78,9 @@ class CasePrediction:
 
 
 class SegmentationRow(NamedTuple):
-    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask); cluster as in "
-    ":class:`CasePrediction`."""
+    """One image's segmentation metrics; hd95 is NaN where undefined (an empty mask); cluster as in
+    :class:`CasePrediction`.
+    """
 
     case_id: str
     dataset: str

@@ -94,8 +94,9 @@ def case_key(sample: LesionSample) -> str:
 
 
 def trained_model(spec: FamilySpec, work: Path, checkpoint: str) -> torch.nn.Module:
-    """The fold's network from ``last.pt`` (the last epoch) or ``best.pt`` (the epoch chosen on its inner "
-    "validation)."""
+    """The fold's network from ``last.pt`` (the last epoch) or ``best.pt`` (the epoch chosen on its inner
+    validation).
+    """
     model = spec.build()
     model.load_state_dict(torch.load(work / checkpoint, map_location="cpu", weights_only=False)["model"])
     return model.eval()
@@ -396,8 +397,9 @@ RECIPE_KEYS = ("family", "init", "scored_with", "folds", "epochs", "seed", "bf16
 
 
 def record_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Keep ``summary`` in the JSON list at ``path``, replacing an earlier one of the same recipe "
-    "(:data:`RECIPE_KEYS`)."""
+    """Keep ``summary`` in the JSON list at ``path``, replacing an earlier one of the same recipe
+    (:data:`RECIPE_KEYS`).
+    """
     records = json.loads(path.read_text()) if path.is_file() else []
     records = [r for r in records if any(r.get(k) != summary.get(k) for k in RECIPE_KEYS)] + [summary]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,8 +178,9 @@ def weight_choice(config: RunConfig) -> dict[str, Any]:
 
 
 def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
-    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for "
-    "others)."""
+    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for
+    others).
+    """
     if spec.finish != "prototypes":
         return {}
     finish = Path(config.work) / "finish.json"

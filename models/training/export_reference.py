@@ -381,8 +381,9 @@ n = {e2e["n"]}; lesion images with no lesion detected: {e2e["images_with_no_lesi
 def _export_segmenter_only(
     segmenter: torch.nn.Module, seg_meta: dict[str, Any], records: list[Record], val: list[Record], out: Path
 ) -> None:
-    """Export the segmenter into ``out`` and merge it into the manifest; ``breastai evaluate`` measures it and writes "
-    "its card."""
+    """Export the segmenter into ``out`` and merge it into the manifest; ``breastai evaluate`` measures it and writes
+    its card.
+    """
     seg_size = int(seg_meta["config"]["input_size"])
     train_images = [standardise(read_gray(r.image_path), seg_size) for r in records if r.split == "train"]
     recalibrate_batch_norm(

@@ -146,8 +146,9 @@ SHARED_WITH_PRETRAINING = ("--threads", "--input-size", "--device", "--seed")
 
 
 def _shared_options(train_options: Sequence[str]) -> list[str]:
-    """``--bf16``, ``--threads N``, ``--input-size N``, ``--device D`` and ``--seed S`` (either spelling) out of the "
-    "family options."""
+    """``--bf16``, ``--threads N``, ``--input-size N``, ``--device D`` and ``--seed S`` (either spelling) out of the
+    family options.
+    """
     shared: list[str] = []
     for index, option in enumerate(train_options):
         if option == "--bf16" or option.startswith(tuple(f"{name}=" for name in SHARED_WITH_PRETRAINING)):
@@ -197,8 +198,7 @@ def _training_notes(weights: Path, families: Sequence[str]) -> list[str]:
 
 
 def _pretraining_size(initialisation: str) -> str:
-    """ "N epochs, without any image of X" out of an initialisation line "
-    "(models.training.export_family.initialisation)."""
+    """The "N epochs, without any image of X" part of an initialisation line (export_family.initialisation)."""
     epochs = initialisation.split("; ", 1)[1].split(" ", 1)[0] if "; " in initialisation else "?"
     without = initialisation.split(", without any image of ", 1)
     held = without[1].split(",", 1)[0] if len(without) == 2 else ""

@@ -173,8 +173,9 @@ def fit_consensus(
 
 
 def consensus_tasks(task: str | None, present: Collection[str]) -> list[str]:
-    """The consensuses one ``breastai train consensus`` fits: ``task`` alone, or the headline and every other one "
-    "``present`` has."""
+    """The consensuses one ``breastai train consensus`` fits: ``task`` alone, or the headline and every other one
+    ``present`` has.
+    """
     if task is not None:
         return [task]
     return [

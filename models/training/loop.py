@@ -99,8 +99,9 @@ def to_training_device(module: ModuleT, device: torch.device, channels_last: boo
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device ``model``'s weights (or buffers) are on, where inputs are sent; the CPU for a module that holds "
-    "neither."""
+    """The device ``model``'s weights (or buffers) are on, where inputs are sent; the CPU for a module that holds
+    neither.
+    """
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")

@@ -116,8 +116,9 @@ def stage_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def image_path(model: nn.Module) -> nn.Module:
-    """The part of ``model`` that takes a (B, 1, H, W) image through every tapped stage: MUP-Net's trunk, else the "
-    "network."""
+    """The part of ``model`` that takes a (B, 1, H, W) image through every tapped stage: MUP-Net's trunk, else the
+    network.
+    """
     if isinstance(model, MUPNet):
         trunk: nn.Module = model.trunks[0]
         return trunk
@@ -256,8 +257,9 @@ def mean_dice(model: MaskPretrainer, windows: ValidationWindows, batch_size: int
 def pretrain_masks(
     spec: FamilySpec, config: PretrainConfig, images: list[PretrainImage], validation: list[PretrainImage]
 ) -> None:
-    """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best "
-    "validation-Dice epoch."""
+    """Mask-pretraining epochs over ``images``; ``best.pt`` holds the network (without the decoder) of the best
+    validation-Dice epoch.
+    """
     device = training_device(config.device)
     model = to_training_device(MaskPretrainer(spec.build(), config.input_size), device)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)

@@ -62,8 +62,9 @@ FAMILIES = family_specs()
 
 
 def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[LesionSample]]) -> None:
-    """Class-balanced mini-batches, AdamW (or the recipe's optimiser) with warm-up + cosine decay, best by validation "
-    "AUC."""
+    """Class-balanced mini-batches, AdamW (or the recipe's optimiser) with warm-up + cosine decay, best by validation
+    AUC.
+    """
     train, val = samples["train"], samples["val"]
     model = spec.build()
     if config.init:

@@ -89,8 +89,9 @@ def test_a_segmentation_card_gives_the_bf16_flag_only_for_a_stage_trained_under_
 
 
 def test_an_lh_consensus_card_says_what_it_averages_and_that_the_4a_call_reads_it(tmp_path: Path) -> None:
-    """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the "
-    "4A call read."""
+    """The opt-in LH consensus (make train-lh-consensus) gets its own card, and the DLR cards name which LH score the
+    4A call read.
+    """
     from models.evaluation.cards import card_markdown, consensus_card
     from models.inference.registry import ModelEntry
 

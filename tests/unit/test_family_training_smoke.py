@@ -112,8 +112,9 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
 
 
 def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tmp_path: Path) -> None:
-    """make train-lh-consensus on a few images: dl_u_lh (two seeds, one graph) beside DLR_LH, their consensus fitted "
-    "and evaluated."""
+    """make train-lh-consensus on a few images: dl_u_lh (two seeds, one graph) beside DLR_LH, their consensus fitted
+    and evaluated.
+    """
     from models.evaluation.command import evaluate
     from models.inference.registry import read_manifest, verified_path
     from models.training import train_family

@@ -48,8 +48,7 @@ def test_bf16_on_a_gpu_without_native_bf16_stops_instead_of_emulating(monkeypatc
 
 
 def _saved_on(checkpoint: Path, key: str = "model") -> list[str]:
-    """Where torch saved each tensor of ``checkpoint[key]`` from ("cpu", "cuda:0"); loading itself happens on the "
-    "CPU."""
+    """Where torch saved each tensor of ``checkpoint[key]`` from ("cpu", "cuda:0"); loading happens on the CPU."""
     locations: list[str] = []
     torch.load(
         checkpoint, map_location=lambda storage, location: locations.append(location) or storage, weights_only=False
@@ -60,8 +59,9 @@ def _saved_on(checkpoint: Path, key: str = "model") -> list[str]:
 @pytest.mark.parametrize("family", ["dl_u", "dlr_bm", "mupnet", "cldlr"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_each_family_loss_and_step_run_on_the_device_without_the_datasets(device: str, family: str) -> None:
-    """A check that needs no data folder, so a GPU machine without one still runs it: every constant a loss builds "
-    "must be on the inputs' device."""
+    """A check that needs no data folder, so a GPU machine without one still runs it: every constant a loss builds
+    must be on the inputs' device.
+    """
     from models.training.loop import optimise_step
     from models.training.train_family import FAMILIES
 
@@ -78,8 +78,9 @@ def test_each_family_loss_and_step_run_on_the_device_without_the_datasets(device
 
 
 def _tiny_busbra(root: Path) -> Path:
-    """Ten real BUS-BRA lesions, both classes in every split; training ones MUP-Net may project onto (BI-RADS 2/3 "
-    "benign, 5 malignant)."""
+    """Ten real BUS-BRA lesions, both classes in every split; training ones MUP-Net may project onto (BI-RADS 2/3
+    benign, 5 malignant).
+    """
     if not (development_datasets() / "busbra" / "labels.csv").is_file():
         pytest.skip("development datasets not found")
     picks = [
@@ -186,8 +187,9 @@ def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp
 
 
 def test_training_layout_is_channels_last_and_checkpoints_load_back_into_the_default_layout() -> None:
-    """The NHWC layout is memory order only: a checkpoint of a network trained in it gives the same outputs in a fresh "
-    "NCHW one."""
+    """The NHWC layout is memory order only: a checkpoint of a network trained in it gives the same outputs in a fresh
+    NCHW one.
+    """
     from models.training.loop import to_training_device
     from models.training.train_family import FAMILIES
 
