@@ -1,7 +1,9 @@
 """Every trainable family model, found by folder: a family is a sub-package with a ``recipe`` module listing ``SPECS``.
 
-Adding a family means adding a folder (network, recipe, export, card text);
-nothing here or in ``models.training`` names one.
+Adding a family means adding a folder (network, recipe, finish stage, card
+text): the training loop, the export and the cards find it here. Only the
+consensus recipes (``models.training.fit_consensus``) name the families
+they combine.
 """
 
 from __future__ import annotations

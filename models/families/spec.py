@@ -21,6 +21,7 @@ from torch.nn import functional
 
 from models.datasets import BIRADS_DATASETS as BIRADS_DATASETS  # re-exported for the recipes
 from models.datasets import US_DATASETS as US_DATASETS
+from models.families.finish_run import FinishRecord, FinishStage, ServedScores
 from models.inference.manifest import Normalisation
 from models.inference.preprocess import Box, roi_box, roi_tensor
 
@@ -85,9 +86,11 @@ class FamilySpec:
     # the version and differs by its sha256).
     version: str
     notes: str = ""
-    # What the paper adds after the network, run by the training loop's finish stage (models.training.finish):
-    # "age_mlp" (DLR), "svms" (CLDLR), "prototypes" (MUP-Net); None: nothing.
-    finish: str | None = None
+    # What the paper adds after the network (DLR's age MLP, CLDLR's SVMs, MUP-Net's projection), in the family's
+    # finish.py; the training loop runs it with the tools of models.families.finish_run.FinishRun. None: nothing.
+    finish: FinishStage | None = None
+    served_scores: ServedScores | None = None  # where the served score is not the graph's first output (CLDLR)
+    finish_record: FinishRecord | None = None  # what the manifest records of the finish stage (MUP-Net's cycles)
     clinical_input: bool = False  # the serving graph takes a second input, [age/100, age known] (DLR)
     # Files of the run folder the export copies beside the graph: (file in the run folder, side-file key).
     side_files: tuple[tuple[str, str], ...] = ()
@@ -103,6 +106,9 @@ class FamilySpec:
     # The seed the shipped model was trained from (its mask pretraining's too), so that `make train-FAMILY` rebuilds
     # that run and not a sibling of it; a recipe whose shipped run was chosen among seeds names the one it shipped.
     seed: int = DEFAULT_SEED
+    # Epochs of the mask pretraining the recipe starts from (models.training.mask_pretraining; chosen on validation
+    # AUC as served, docs/history.md); None: the recipe starts from random weights.
+    mask_pretraining_epochs: int | None = None
 
     @property
     def modality(self) -> str:

@@ -45,11 +45,11 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
     parameters = entry.parameters
     if (parameters.get("weight_storage") or {}).get("accepted"):
         raise CompressionRefused(f"{role}: its convolution weights are already stored as int8")
-    if parameters.get("family", role) == "cldlr":
-        raise CompressionRefused(
-            f"{role}: its served score is its SVM's, not the graph's first output, which is all this check reads"
-        )
     spec = with_roi_padding(FAMILIES[parameters.get("family", role)], parameters.get("roi_expand"))
+    if spec.served_scores is not None:
+        raise CompressionRefused(
+            f"{role}: its served score is not the graph's first output (CLDLR's SVM), which is all this check reads"
+        )
     samples = split_samples(spec, datasets, parameters.get("trained_without"))
     feeds = _feeds(spec, samples["val"], int(parameters["input_size"]))
     if not feeds:

@@ -33,9 +33,8 @@ from models.families.ensemble import MemberMean
 from models.families.onnx_export import export_graph, int8_convolution_weights
 from models.families.spec import FamilySpec
 from models.inference.registry import ModelEntry, merge_into_manifest, sha256_of
-from models.inference.svm import SvmModel
 from models.training.run_config import RunConfig, member_configs
-from models.training.samples import LesionSample, clinical_features, evaluation_input, load_best
+from models.training.samples import LesionSample, evaluation_input, load_best
 
 FP16_TOLERANCE = 0.05
 
@@ -177,24 +176,14 @@ def weight_choice(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def mupnet_cycles(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
-    """MUP-Net's repeated stages: how many cycles ran, how long each joint phase was, which was kept (none for
-    others).
-    """
-    if spec.finish != "prototypes":
+def finish_record(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
+    """What the manifest records of the family's finish stage (``FamilySpec.finish_record``; nothing for most)."""
+    if spec.finish_record is None:
         return {}
     finish = Path(config.work) / "finish.json"
     if not finish.is_file():
         raise TrainingError(f"export {spec.name}: {finish} is missing; run the finish stage first")
-    summary = json.loads(finish.read_text())
-    # What the finish stage ran, not this command's flags: an export-only run may have been given others.
-    return {
-        "push_cycles": len(summary["cycles"]),
-        "push_epochs": summary["push_epochs"],
-        "chosen_cycle": summary["chosen_cycle"],
-        "prototype_sources": summary["prototype_sources"],
-        "contributions": "share of the malignancy log-odds",
-    }
+    return spec.finish_record(json.loads(finish.read_text()))
 
 
 def export_family(
@@ -249,18 +238,12 @@ def export_family(
     for source, key in spec.side_files:
         side_files[key] = f"{spec.name}_{source}"
         shutil.copyfile(work / source, output / side_files[key])
-    if (
-        spec.finish == "svms"
-    ):  # the served score is the CLDLR SVM's, over the graph's deep features and the clinical ones
-        deep = [
-            np.asarray(features[0], dtype=np.float64)
-            for features in first_outputs(output / file_name, val_feeds, "deep_features")
-        ]
-        svm = SvmModel.load(output / side_files["cldlr"])
-        val_scores = [
-            float(svm.probability(np.concatenate([d, clinical_features(s)]))[0])
-            for d, s in zip(deep, samples["val"], strict=False)
-        ]
+    if spec.served_scores is not None:  # the served score is not the graph's first output (CLDLR's SVM)
+        val_scores = spec.served_scores(
+            lambda name: first_outputs(output / file_name, val_feeds, name),
+            {key: output / name for key, name in side_files.items()},
+            samples["val"],
+        )
     served_val_auc = auc([s.label for s in samples["val"]], val_scores)
     parameters: dict[str, Any] = {
         "family": spec.name,
@@ -292,7 +275,7 @@ def export_family(
             "seed": config.seed,
             "autocast": "bfloat16" if config.bf16 else None,
             **weight_choice(config),
-            **mupnet_cycles(spec, config),
+            **finish_record(spec, config),
             "initialisation": initialisation(config),
             "val_auc_as_served": served_val_auc,
             "notes": spec.notes,

@@ -76,16 +76,18 @@ from models.training.pretrain import (
 Tensor = torch.Tensor
 #: Where runs before the decoder went into last.pt kept it (read on resume only).
 LEGACY_DECODER_FILE = "mask_decoder.pt"
-# The reference recipes that start from mask pretraining, and its epochs for each (chosen on validation AUC as served;
-# docs/history.md "What changed in 0.7.0"; DLR_BM's 12, for time, in "DLR_BM 0.8.0"). `make train-FAMILY` and `breastai
-# train external` both read them from here.
-REFERENCE_MASK_PRETRAINING: dict[str, int] = {"dlr_bm": 12, "cldlr": 10, "mupnet": 20}
+# The reference recipes that start from mask pretraining, and its epochs for each: each recipe declares them
+# (FamilySpec.mask_pretraining_epochs). `make train-FAMILY` and `breastai train external` both read them from here.
+REFERENCE_MASK_PRETRAINING: dict[str, int] = {
+    name: spec.mask_pretraining_epochs for name, spec in family_specs().items() if spec.mask_pretraining_epochs
+}
 MASK_PRETRAINING_BATCH = 32
+DEFAULT_MASK_PRETRAINING_EPOCHS = 20  # a family whose recipe starts from random weights, pretrained by hand
 
 
 def mask_pretraining_recipe(family: str) -> tuple[int, int]:
     """Epochs and batch size of ``family``'s mask pretraining: its reference recipe's, else 20 epochs."""
-    return REFERENCE_MASK_PRETRAINING.get(family, 20), MASK_PRETRAINING_BATCH
+    return REFERENCE_MASK_PRETRAINING.get(family, DEFAULT_MASK_PRETRAINING_EPOCHS), MASK_PRETRAINING_BATCH
 
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:

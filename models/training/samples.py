@@ -9,6 +9,7 @@ crops are jittered around it (:func:`training_input`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from models.datasets import Record, birads_high, load_records, mask_box, mias_findings, read_gray, read_mask
 from models.errors import TrainingError
-from models.families.dlr.network import clinical_vector
+from models.families.finish_run import Lesion
 from models.families.spec import FamilySpec, RoiStyle
 from models.inference.preprocess import Box, crop
 from models.training.loop import augment_intensity, device_of
@@ -38,12 +39,12 @@ class LesionSample:
     label: int
 
 
-def evaluation_input(roi: RoiStyle, sample: LesionSample, size: int) -> npt.NDArray[np.float32]:
+def evaluation_input(roi: RoiStyle, sample: Lesion, size: int) -> npt.NDArray[np.float32]:
     """The network input of ``sample`` cut as serving cuts it."""
     return roi.tensor(crop(sample.image, roi.box(sample.box, sample.image.shape[:2])), size)
 
 
-def training_input(roi: RoiStyle, sample: LesionSample, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+def training_input(roi: RoiStyle, sample: Lesion, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
     """One augmented training crop: the box shifted by up to 10 % and grown by the serving padding +-0.15, a random
     horizontal flip, gamma and speckle.
 
@@ -110,19 +111,7 @@ def split_samples(spec: FamilySpec, datasets: Path, holdout: str | None = None) 
     return {split: lesion_samples([r for r in records if r.split == split], spec.task) for split in SPLITS}
 
 
-def clinical_features(sample: LesionSample) -> list[float]:
-    """CLDLR's clinical variables that DICOM can carry: age and maximum lesion diameter.
-
-    ``[age / 100, age known, max diameter mm / 50, diameter known]``: a
-    missing value is 0 with its flag 0, so the SVM runs without it.
-    """
-    age = clinical_vector(sample.record.age_years)
-    spacing = sample.record.pixel_spacing_mm
-    diameter = [0.0, 0.0] if spacing is None else [max(sample.box[2], sample.box[3]) * spacing / 50.0, 1.0]
-    return age + diameter
-
-
-def _batches(spec: FamilySpec, samples: list[LesionSample], size: int, batch: int) -> list[Tensor]:
+def _batches(spec: FamilySpec, samples: Sequence[Lesion], size: int, batch: int) -> list[Tensor]:
     return [
         torch.from_numpy(np.concatenate([evaluation_input(spec.roi, s, size) for s in samples[start : start + batch]]))
         for start in range(0, len(samples), batch)
@@ -131,7 +120,7 @@ def _batches(spec: FamilySpec, samples: list[LesionSample], size: int, batch: in
 
 @torch.no_grad()
 def positive_scores(
-    spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32
+    spec: FamilySpec, model: nn.Module, samples: Sequence[Lesion], size: int, batch: int = 32
 ) -> npt.NDArray[np.float64]:
     """P(positive) for every sample, eval mode, serving-style ROI."""
     model.eval()
@@ -144,7 +133,7 @@ def positive_scores(
 
 @torch.no_grad()
 def network_outputs(
-    spec: FamilySpec, model: nn.Module, samples: list[LesionSample], size: int, batch: int = 32
+    spec: FamilySpec, model: nn.Module, samples: Sequence[Lesion], size: int, batch: int = 32
 ) -> npt.NDArray[np.float32]:
     """The network's second output (DLR embedding, CLDLR deep features) for every sample."""
     model.eval()
@@ -167,7 +156,7 @@ class BalancedBatches:
     losses then see both classes equally.
     """
 
-    def __init__(self, spec: FamilySpec, train: list[LesionSample], batch_size: int, input_size: int) -> None:
+    def __init__(self, spec: FamilySpec, train: Sequence[Lesion], batch_size: int, input_size: int) -> None:
         self.spec, self.train, self.batch_size, self.input_size = spec, train, batch_size, input_size
         self.labels = np.array([s.label for s in train])
         positives, negatives = max(1, int((self.labels == 1).sum())), max(1, int((self.labels == 0).sum()))

@@ -43,7 +43,7 @@ from models.evaluation.stats import auc
 from models.families.catalogue import family_specs
 from models.families.spec import FamilySpec
 from models.training.export_family import export_family
-from models.training.finish import FINISHERS
+from models.training.finish import run_finish
 from models.training.loop import (
     DEVICES,
     Checkpoints,
@@ -219,14 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     samples = split_samples(spec, Path(config.datasets), config.holdout or None)
     print(json.dumps({"family": spec.name, **{k: len(v) for k, v in samples.items()}}), flush=True)
     for member in members:
-        member_work = Path(member.work)
         if member is not config:
             begin_run(member, RUN_DEFINING, spec.notes)
         if args.stage in ("network", "all"):
             train_network(spec, member, samples)
         if args.stage in ("finish", "all") and spec.finish is not None:
-            summary = FINISHERS[spec.finish](spec, member, samples)
-            (member_work / "finish.json").write_text(json.dumps(summary, indent=2))
+            summary = run_finish(spec, member, samples)
             print(json.dumps({"family": spec.name, "work": member.work, "finished": summary}), flush=True)
     if args.stage in ("export", "all"):
         export_family(spec, config, samples, Path(args.output))

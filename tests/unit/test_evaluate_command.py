@@ -322,7 +322,7 @@ def test_mask_pretraining_recipes_are_those_of_the_reference_families() -> None:
     # from their own checkpoint.
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     listed = next(line for line in makefile.splitlines() if line.startswith("MASK_PRETRAINED :="))
-    assert listed.split(",", 1)[1].rstrip(")").split() == list(REFERENCE_MASK_PRETRAINING)
+    assert sorted(listed.split(",", 1)[1].rstrip(")").split()) == sorted(REFERENCE_MASK_PRETRAINING)
     for family in ("dlr_lh", "dlr_bm", "cldlr", "dl_u", "dl_m", "mupnet"):
         plan = [line for line in _make_plan(f"train-{family}") if "breastai train" in line]
         if family in REFERENCE_MASK_PRETRAINING:

@@ -1,4 +1,4 @@
-"""CLDLR as trained here: VGG11 at half width on 128 px ROIs, then the paper's SVMs (finish stage ``svms``)."""
+"""CLDLR as trained here: VGG11 at half width on 128 px ROIs, then the paper's SVMs (its finish stage: finish.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from models.families.cldlr.finish import finish_svms, svm_scores
 from models.families.cldlr.network import CLDLRExportWrapper, VGG11Radiomics
 from models.families.spec import US_DATASETS, ZSCORE_ROI, FamilySpec, softmax_cross_entropy, softmax_positive
 
@@ -40,7 +41,9 @@ SPECS = (
         learning_rate=5e-4,
         input_size=128,
         version="0.7.0",
-        finish="svms",
+        mask_pretraining_epochs=10,
+        finish=finish_svms,
+        served_scores=svm_scores,
         side_files=tuple((f"svm_{variant}.npz", variant) for variant in SVM_VARIANTS),
         notes="VGG11 feature network; the SVMs are fitted in the finish stage",
     ),

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from models.families.backbones import ResNetTrunk
+from models.inference.family_scorer import age_inputs
 
 EMBEDDING_SIZE = 128
-AGE_SCALE_YEARS = 100.0  # age enters the MLP as years / 100 plus a "known" flag
 
 
 class DLRNet(nn.Module):
@@ -85,8 +85,8 @@ class AgeFusionMLP(nn.Module):
 
 
 def clinical_vector(age_years: float | None) -> list[float]:
-    """The MLP's clinical input for one case: ``[age / 100, known]``."""
-    return [0.0, 0.0] if age_years is None else [age_years / AGE_SCALE_YEARS, 1.0]
+    """The MLP's clinical input for one case: ``[age / 100, known]``, built as serving builds it."""
+    return age_inputs(age_years)
 
 
 class DLRExportWrapper(nn.Module):

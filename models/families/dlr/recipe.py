@@ -1,4 +1,4 @@
-"""DLR_LH and DLR_BM as trained here: ResNet-50 on 128 px ROIs, then the paper's age MLP (finish stage ``age_mlp``)."""
+"""DLR_LH and DLR_BM as trained here: ResNet-50 on 128 px ROIs, then the paper's age MLP (finish.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.families.dlr.finish import finish_age_mlp
 from models.families.dlr.network import AgeFusionMLP, DLRExportWrapper, DLRNet
 from models.families.spec import (
     BIRADS_DATASETS,
@@ -47,7 +48,7 @@ SPECS = (
         input_size=128,
         int8_weights=True,
         version="0.3.0",
-        finish="age_mlp",
+        finish=finish_age_mlp,
         clinical_input=True,
         notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
     ),
@@ -67,8 +68,9 @@ SPECS = (
         input_size=128,
         int8_weights=True,
         version="0.8.0",
+        mask_pretraining_epochs=12,
         seed=20261122,
-        finish="age_mlp",
+        finish=finish_age_mlp,
         clinical_input=True,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),

@@ -1,5 +1,5 @@
 """MUP-Net as trained here: one modality (B-mode), ResNet-18 trunk, 10 prototypes; projection and last-layer cycles
-in the finish stage ``prototypes``."""
+in its finish stage (finish.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from models.families.mupnet import network as mupnet
 from models.families.mupnet.export import serving_graph
+from models.families.mupnet.finish import cycles_record, finish_prototypes
 from models.families.spec import US_DATASETS, ZSCORE_ROI, FamilySpec
 
 Tensor = torch.Tensor
@@ -54,7 +55,9 @@ SPECS = (
         push_cycles=3,
         push_epochs=5,
         version="0.7.0",
-        finish="prototypes",
+        mask_pretraining_epochs=20,
+        finish=finish_prototypes,
+        finish_record=cycles_record,
         side_files=(("prototype_patches.npz", "prototype_patches"), ("prototypes.json", "prototypes")),
         notes="MUP-Net with M = 1 (B-mode): no public Doppler or elastography set exists",
     ),
