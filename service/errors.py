@@ -9,6 +9,8 @@
     │   └── QueueUnavailable        the broker is unreachable or closed the channel
     └── PermanentError              never retried; the job is dead-lettered with the reason
         ├── InvalidInstance         a received object is not usable DICOM
+        │   ├── PatientConflict     an instance of a study that already holds another patient's images
+        │   └── ImageTooLarge       an image that declares more pixels than the limits allow decoding
         ├── UnsupportedInput        SOP class, transfer syntax or photometry we do not handle
         ├── IntegrityError          a spooled file no longer matches its recorded sha256
         ├── JobSchemaError          a StudyJob message that does not parse or has a wrong version
@@ -46,6 +48,14 @@ class PermanentError(BreastAIError):
 
 class InvalidInstance(PermanentError):
     """A received object is not usable DICOM (truncated, missing UIDs...)."""
+
+
+class PatientConflict(InvalidInstance):
+    """An instance whose patient differs from the one its study is bound to: never mixed into one report."""
+
+
+class ImageTooLarge(InvalidInstance):
+    """An image whose declared rows x columns x frames x samples x bits exceed the decoding limits."""
 
 
 class UnsupportedInput(PermanentError):

@@ -45,10 +45,12 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service import metrics
-from service.errors import InvalidInstance
+from service.errors import InvalidInstance, PatientConflict
+from service.image_limits import ImageLimits, over_limits
 from service.schema import is_valid_uid
 from service.settings import Settings
 from service.spool import Spool
+from service.study_identity import patient_key
 
 log = structlog.get_logger("service.listener")
 
@@ -57,6 +59,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (A7xx)
 STATUS_DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (A9xx)
 STATUS_CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (Cxxx): data set not decodable
+STATUS_IMAGE_TOO_LARGE = 0xC211  # Cannot understand (Cxxx): declares more pixels than we decode (image_limits)
+STATUS_PATIENT_CONFLICT = 0xC212  # Cannot understand (Cxxx): the study already holds another patient's images
 STATUS_PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2: Processing failure (our side; the sender may retry)
 
 # Storage SOP classes accepted (PS3.4 Annex B.5); anything else gets no
@@ -194,6 +198,7 @@ class StudyListener:
         self._spool = spool
         self._sink = sink
         self._max_bytes = settings.max_instance_mb * 1024 * 1024
+        self._image_limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -327,9 +332,20 @@ class StudyListener:
         study_uid = _uid(ds, "StudyInstanceUID")
         _uid(ds, "SeriesInstanceUID")  # every job references its series; refuse now, not at sealing
         modality = _modality_label(ds)
+        # Checked on the header alone: a few compressed megabytes can declare gigabytes of pixels.
+        try:
+            too_large = over_limits(ds, self._image_limits)
+            patient = patient_key(ds)
+        except Exception as exc:  # a size attribute or patient element pydicom cannot convert
+            raise _Rejection(STATUS_CANNOT_UNDERSTAND, "undecodable", f"{type(exc).__name__}: {exc}") from exc
+        if too_large is not None:
+            raise _Rejection(STATUS_IMAGE_TOO_LARGE, "too_large_decoded", too_large)
 
         try:
-            self._spool.store_instance(study_uid, sop_instance, data)
+            self._spool.store_instance(study_uid, sop_instance, data, patient_key=patient)
+        except PatientConflict as exc:
+            # The first patient's instances stay; this one is refused, never mixed into their report.
+            raise _Rejection(STATUS_PATIENT_CONFLICT, "patient_conflict", str(exc)) from exc
         except InvalidInstance as exc:
             raise _Rejection(STATUS_DATASET_MISMATCH, "missing_uid", str(exc)) from exc
         except OSError as exc:

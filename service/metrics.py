@@ -53,6 +53,8 @@ QUEUE_PUBLISH_SECONDS = Histogram(
 # The closed vocabulary of INSTANCES_REJECTED's reason label.
 REJECT_REASONS = (
     "too_large",
+    "too_large_decoded",
+    "patient_conflict",
     "undecodable",
     "truncated",
     "missing_uid",

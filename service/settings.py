@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.errors import ConfigurationError
+from service.image_limits import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MEGAPIXELS
 
 ENV_PREFIX = "BREASTAI_"
 
@@ -165,6 +166,9 @@ class Settings:
         Structured logging to stderr.
     max_instance_mb
         Larger C-STORE data sets are refused with 0xA700 (out of resources).
+    max_frame_megapixels, max_decoded_mb
+        Images that declare larger frames, or more decoded bytes in all, are
+        refused with 0xC211 before any pixel is decoded (service.image_limits).
     send_retries, send_backoff_s
         Result C-STORE retries towards destinations.
     model_dir
@@ -192,6 +196,8 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "INFO"
     max_instance_mb: int = 512
+    max_frame_megapixels: int = DEFAULT_MAX_FRAME_MEGAPIXELS
+    max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     send_retries: int = 5
     send_backoff_s: float = 2.0
     model_dir: Path | None = None
@@ -229,6 +235,10 @@ class Settings:
             raise ConfigurationError(f"log_level must be one of {_LOG_LEVELS}: {self.log_level!r}")
         if self.max_instance_mb <= 0:
             raise ConfigurationError(f"max_instance_mb must be > 0: {self.max_instance_mb!r}")
+        if self.max_frame_megapixels <= 0:
+            raise ConfigurationError(f"max_frame_megapixels must be > 0: {self.max_frame_megapixels!r}")
+        if self.max_decoded_mb <= 0:
+            raise ConfigurationError(f"max_decoded_mb must be > 0: {self.max_decoded_mb!r}")
         if self.send_retries < 0:
             raise ConfigurationError(f"send_retries must be >= 0: {self.send_retries!r}")
         if self.send_backoff_s < 0:
@@ -323,6 +333,8 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_format": _to_str,
     "log_level": _to_upper,
     "max_instance_mb": _to_int,
+    "max_frame_megapixels": _to_int,
+    "max_decoded_mb": _to_int,
     "send_retries": _to_int,
     "send_backoff_s": _to_float,
     "model_dir": _to_optional_path,

@@ -11,6 +11,7 @@ Layout under the spool root::
     studies/<job_id>/attempts         deliveries so far (both queues' retry counter)
     dead/<job_id>/...  + reason.txt   dead-lettered jobs, kept for an operator
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
+    patients/<study_uid>              the study's patient key (a digest, never the identity), kept 30 days
 
 Who deletes what:
 
@@ -24,6 +25,7 @@ Who deletes what:
   :meth:`dead_letter`.
 - ``done/<job_id>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
 - ``dead/``: never deleted by the service.
+- ``patients/<study_uid>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
 
 Durability (PS3.4 B.2.3: a C-STORE success means the SCP has taken
 responsibility for the instance): an instance is written to ``tmp/``,
@@ -52,7 +54,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from service.durable import fsync_directory, write_durably
-from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError
+from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError, PatientConflict
 from service.schema import InstanceRef, StudyJob, is_valid_uid
 
 JOB_FILE = "job.json"
@@ -167,7 +169,8 @@ class Spool:
         self.studies_dir = self.root / "studies"
         self.dead_dir = self.root / "dead"
         self.done_dir = self.root / "done"
-        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir, self.done_dir):
+        self.patients_dir = self.root / "patients"
+        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir, self.done_dir, self.patients_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
@@ -179,7 +182,7 @@ class Spool:
     def _forget_old_completions(self, keep_s: float = COMPLETED_KEEP_S) -> None:
         """Drop completion records older than ``keep_s``: no broker holds a duplicate that long."""
         cutoff = time.time() - keep_s
-        for record in self.done_dir.iterdir():
+        for record in (*self.done_dir.iterdir(), *self.patients_dir.iterdir()):
             try:
                 if record.stat().st_mtime < cutoff:
                     record.unlink(missing_ok=True)
@@ -232,14 +235,24 @@ class Spool:
 
     # --- listener side ------------------------------------------------------------
 
-    def store_instance(self, study_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+    def store_instance(
+        self, study_uid: str, sop_uid: str, data: bytes, patient_key: str | None = None
+    ) -> StoredInstance:
         """Durably store one received instance (DICOM PS3.10 file bytes).
 
         A second instance with the same SOP Instance UID in the same
         unsealed study replaces the first (a resend is a duplicate).
 
+        ``patient_key`` (:func:`service.study_identity.patient_key`) binds
+        the study to one patient: the first instance of a study records it
+        (``patients/<study_uid>``, kept for :data:`COMPLETED_KEEP_S`, so a
+        study sealed or reported meanwhile stays bound), and an instance of
+        the same study with another key is refused before it is stored.
+
         Raises
         ------
+        PatientConflict
+            If the study is bound to another patient; nothing is stored.
         InvalidInstance
             If either UID is not a valid DICOM UID (PS3.5 §9.1): they become
             path components, so a peer must not be able to steer them.
@@ -258,6 +271,8 @@ class Spool:
                 handle.flush()
                 os.fsync(handle.fileno())
             with self._lock:
+                if patient_key is not None:
+                    self._bind_patient(study_uid, patient_key)
                 study_dir = self.incoming_dir / study_uid
                 created = not study_dir.exists()
                 study_dir.mkdir(exist_ok=True)
@@ -270,6 +285,17 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         return StoredInstance(path=final, sha256=digest)
+
+    def _bind_patient(self, study_uid: str, patient_key: str) -> None:
+        """Record the study's patient key on its first instance; refuse another key later (caller holds the lock)."""
+        marker = self.patients_dir / study_uid
+        try:
+            bound = marker.read_text("ascii").strip()
+        except FileNotFoundError:
+            write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
+            return
+        if bound != patient_key:
+            raise PatientConflict("the study already holds instances of another patient")
 
     def seal_study(
         self,

@@ -35,6 +35,7 @@ import structlog
 from models.errors import ModelsError
 from models.evaluation.arguments import add_evaluate_arguments
 from service.errors import BreastAIError, ConfigurationError
+from service.image_limits import ImageLimits
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.metrics import start_metrics_server
 from service.settings import Settings, add_settings_arguments, settings_from_args
@@ -84,7 +85,8 @@ def _job_handler(settings: Settings) -> JobHandler:
 
     pipeline = _pipeline(settings.model_dir, settings.us_families)
     sender = ResultSender(settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s)
-    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings))
+    limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
+    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), limits)
 
 
 def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:

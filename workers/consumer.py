@@ -23,10 +23,12 @@ from pydicom.errors import InvalidDicomError
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
 from service import metrics
-from service.errors import InvalidInstance, PermanentError, UnsupportedInput
+from service.errors import InvalidInstance, PatientConflict, PermanentError, UnsupportedInput
+from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits
 from service.logging import bind_job
 from service.schema import StudyJob
 from service.spool import verify_instances
+from service.study_identity import patient_key
 from workers.clinical import clinical_context
 from workers.dicom_reader import read_frames
 from workers.routing import BMODE_PIPELINE, route
@@ -65,7 +67,9 @@ def read_header(path: Path) -> Dataset:
         raise InvalidInstance(f"{path.name}: not a readable DICOM file ({exc})") from exc
 
 
-def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: ReportContext) -> StudyResults:
+def process_study(
+    paths: Sequence[Path], pipeline: BModePipeline, context: ReportContext, limits: ImageLimits = DEFAULT_IMAGE_LIMITS
+) -> StudyResults:
     """Analyse every routable instance of one study and build its SR and overlays.
 
     Parameters
@@ -76,11 +80,23 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
         The B-mode analysis pipeline (models package).
     context
         Device identity written into the results.
+    limits
+        The largest image decoded (service.image_limits); larger ones are skipped, named in the SR.
+
+    Raises
+    ------
+    PatientConflict
+        If the instances belong to more than one patient: no report is built
+        (one patient's findings must never be filed under another).
     """
     headers = [read_header(p) for p in paths]
     studies = {str(h.StudyInstanceUID) for h in headers}
     if len(studies) != 1:
         raise InvalidInstance(f"instances of {len(studies)} studies were given as one study")
+    patients = {patient_key(h) for h in headers}
+    if len(patients) != 1:
+        # The listener refuses such instances; this guards what reached the spool another way (analyze, old spools).
+        raise PatientConflict(f"the study holds instances of {len(patients)} patients: no report is built")
     study_uid = studies.pop()
     # Result UIDs change with any model or family list change, and only then (PS3.3 C.12.1.1.1: same content, same UID).
     model_key = "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
@@ -92,7 +108,7 @@ def process_study(paths: Sequence[Path], pipeline: BModePipeline, context: Repor
             skipped.append((str(header.SOPInstanceUID), chosen.reason))
             continue
         try:
-            frames = read_frames(path)
+            frames = read_frames(path, limits=limits)
         except PermanentError as exc:
             # One undecodable image must not cost the study its report on the others.
             skipped.append((str(header.SOPInstanceUID), f"not readable: {exc}"))
@@ -143,15 +159,25 @@ class JobHandler:
     TransientError and dead-letters PermanentError.
     """
 
-    def __init__(self, spool_root: Path, pipeline: BModePipeline, sender: ResultSender, context: ReportContext) -> None:
+    def __init__(
+        self,
+        spool_root: Path,
+        pipeline: BModePipeline,
+        sender: ResultSender,
+        context: ReportContext,
+        limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+    ) -> None:
         self._spool_root = spool_root
+        self._limits = limits
         self._pipeline = pipeline
         self._sender = sender
         self._context = context
 
     def __call__(self, job: StudyJob) -> None:
         with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
-            results = process_study(verify_instances(job, self._spool_root), self._pipeline, self._context)
+            results = process_study(
+                verify_instances(job, self._spool_root), self._pipeline, self._context, self._limits
+            )
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)
             if results.report is None:

@@ -28,7 +28,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from service.errors import InvalidInstance, UnsupportedInput
+from service.errors import ImageTooLarge, InvalidInstance, UnsupportedInput
+from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits, over_limits
 from workers.scan_region import clip_box, estimate_scan_region, region_from_us_regions
 
 # Photometric interpretations this reader turns into grayscale. YBR_* come
@@ -99,7 +100,9 @@ class SourceFrame:
         return self.pixels[y : y + h, x : x + w]
 
 
-def read_frames(path: pathlib.Path, max_frames: int = 1) -> list[SourceFrame]:
+def read_frames(
+    path: pathlib.Path, max_frames: int = 1, limits: ImageLimits = DEFAULT_IMAGE_LIMITS
+) -> list[SourceFrame]:
     """Read a DICOM file into analysable grayscale frames.
 
     Parameters
@@ -110,6 +113,9 @@ def read_frames(path: pathlib.Path, max_frames: int = 1) -> list[SourceFrame]:
         How many frames to take from a multi-frame object: 1 takes the
         middle frame, more take that many evenly spaced frames (first and
         last included). Single-frame objects always give one frame.
+    limits
+        The largest frame and instance decoded; larger ones are refused
+        from their header before any pixel is decoded.
 
     Returns
     -------
@@ -120,7 +126,8 @@ def read_frames(path: pathlib.Path, max_frames: int = 1) -> list[SourceFrame]:
     ------
     InvalidInstance
         Unreadable or truncated file, missing UIDs or pixel data, or pixel
-        data that does not match its description.
+        data that does not match its description; ``ImageTooLarge`` where
+        the header declares more than ``limits``.
     UnsupportedInput
         A transfer syntax, photometric interpretation, bit depth or sample
         layout this reader does not decode (the message names the value).
@@ -133,6 +140,12 @@ def read_frames(path: pathlib.Path, max_frames: int = 1) -> list[SourceFrame]:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     ds = _read_dataset(path)
     _check_decodable(ds, path)
+    try:
+        too_large = over_limits(ds, limits)
+    except ValueError as exc:
+        raise InvalidInstance(f"{path.name}: {exc}") from exc
+    if too_large is not None:
+        raise ImageTooLarge(f"{path.name}: {too_large}")
     rows, columns = int(ds.Rows), int(ds.Columns)
     frame_count = _frame_count(ds)
     indices = _frame_indices(frame_count, max_frames)

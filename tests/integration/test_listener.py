@@ -436,3 +436,45 @@ def test_dispatcher_adopts_a_sealed_job_it_lost_track_of(spool_dir: Path, us_dat
     clock[0] += RESCAN_INTERVAL_S
     assert dispatcher.tick() == [stray]
     assert spool.is_published(stray) and queue.published == [stray]
+
+
+def test_an_instance_of_another_patient_is_refused_and_the_study_keeps_its_own(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    # Issue 37, failure 1: a study holding two PatientIDs gave one SR under the first patient with outlines
+    # "selected from" the other's image. The stray instance is refused; the study's own go on to one job.
+    service = start_service()
+    first = us_dataset()
+    stray = us_dataset(study_uid=first.StudyInstanceUID)
+    stray.PatientID = "ANOTHER-PATIENT"
+    own = us_dataset(study_uid=first.StudyInstanceUID)
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    statuses = [assoc.send_c_store(ds).Status for ds in (first, stray, own)]
+    assoc.release()
+    assert statuses == [0x0000, 0xC212, 0x0000]
+    assert wait(lambda: len(service.jobs()) == 1, 5)
+    job = service.jobs()[0]
+    assert {i.sop_instance_uid for i in job.instances} == {first.SOPInstanceUID, own.SOPInstanceUID}
+    # Sent again later, after the study was sealed, the stray is still refused.
+    again = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert again.send_c_store(stray).Status == 0xC212
+    again.release()
+
+
+def test_an_image_declaring_a_memory_bomb_is_refused_from_its_header(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset]
+) -> None:
+    # Issue 37, failure 2: 4.5 MB of RLE declaring 12000 x 12000 x 16 bits took a worker to 14 GB. Refused before
+    # anything is stored or decoded, with a failure status the sender does not retry (not 0xA7xx).
+    service = start_service()
+    bomb = us_dataset()
+    bomb.Rows, bomb.Columns = 12000, 12000
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    status = assoc.send_c_store(bomb)
+    ordinary = assoc.send_c_store(us_dataset())
+    assoc.release()
+    assert (status.Status, ordinary.Status) == (0xC211, 0x0000)
+    stored = {p.name for p in (service.spool.root / "incoming").rglob("*.dcm")} | {
+        p.name for p in (service.spool.root / "studies").rglob("*.dcm")
+    }
+    assert f"{bomb.SOPInstanceUID}.dcm" not in stored
