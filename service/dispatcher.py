@@ -57,8 +57,8 @@ class Dispatcher:
         Period of the background thread.
     publish_backoff_s, publish_backoff_cap_s
         Capped exponential delay between publish attempts of one job.
-    clock, wall_clock
-        Monotonic and epoch clocks, replaceable in tests.
+    clock
+        Monotonic clock, replaceable in tests.
     """
 
     def __init__(
@@ -71,7 +71,6 @@ class Dispatcher:
         publish_backoff_s: float = 0.5,
         publish_backoff_cap_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._queue = queue
@@ -79,7 +78,6 @@ class Dispatcher:
         self._backoff_s = publish_backoff_s
         self._backoff_cap_s = publish_backoff_cap_s
         self._clock = clock
-        self._wall_clock = wall_clock
         self._tracker = StudyTracker(settings.quiet_period_s, settings.stable_age_s)
         self._lock = threading.Lock()  # guards tracker, calling AEs and the unpublished map
         self._calling_ae: dict[str, set[str]] = {}
@@ -107,17 +105,20 @@ class Dispatcher:
     def recover(self) -> None:
         """Pick up what a previous process left in the spool.
 
-        Unsealed studies re-enter the tracker with their newest file's
-        mtime as "last seen" (their associations died with the process, so
-        the quiet period alone completes them); sealed jobs without the
-        ``published`` marker are published again.
+        Unsealed studies re-enter the tracker as interrupted from now, the
+        restart, not from their files' times: their association died with
+        the previous process, and a PACS re-sends an aborted association,
+        often a minute later. They complete when a new association that
+        delivered to them ends and the quiet period passes, or after
+        ``stable_age_s``. Sealed jobs without the ``published`` marker are
+        published again.
         """
-        now, wall = self._clock(), self._wall_clock()
+        now = self._clock()
         studies = self._spool.unsealed_studies()
         jobs = [job for job in self._spool.sealed_jobs() if not self._spool.is_published(job.job_id)]
         with self._lock:
             for study in studies:
-                self._tracker.restore(study.study_uid, now - max(0.0, wall - study.newest_mtime))
+                self._tracker.restore(study.study_uid, now, interrupted=True)
             for job in jobs:
                 self._unpublished.setdefault(job.job_id, _Unpublished(job))
         log.info("spool_recovered", unsealed_studies=len(studies), unpublished_jobs=len(jobs))

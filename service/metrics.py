@@ -28,6 +28,12 @@ INSTANCES_REJECTED = Counter(
     "C-STORE requests answered with a failure status, by reason",
     ["reason"],
 )
+INSTANCES_DUPLICATE = Counter(
+    "breastai_instances_duplicate_total",
+    "Instances dropped at sealing because an earlier job of their study holds them: the same bytes (a re-send) "
+    "or other bytes under the same SOP Instance UID (a conflict; the first is kept)",
+    ["outcome"],
+)
 STUDIES_RECEIVED = Counter(
     "breastai_studies_received_total",
     "Studies sealed as complete and handed to the job queue",

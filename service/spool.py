@@ -12,6 +12,7 @@ Layout under the spool root::
     dead/<job_id>/...  + reason.txt   dead-lettered jobs, kept for an operator
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
     patients/<study_uid>              the study's patient key (a digest, never the identity), kept 30 days
+    received/<study_uid>.json         SOP Instance UID -> sha256 of every instance sealed into a job, kept 30 days
 
 Who deletes what:
 
@@ -25,7 +26,8 @@ Who deletes what:
   :meth:`dead_letter`.
 - ``done/<job_id>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
 - ``dead/``: never deleted by the service.
-- ``patients/<study_uid>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
+- ``patients/<study_uid>``, ``received/<study_uid>.json``: forgotten after
+  :data:`COMPLETED_KEEP_S` when a spool opens.
 
 Durability (PS3.4 B.2.3: a C-STORE success means the SCP has taken
 responsibility for the instance): an instance is written to ``tmp/``,
@@ -50,12 +52,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from service import metrics
 from service.durable import fsync_directory, write_durably
 from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError, PatientConflict
 from service.schema import InstanceRef, StudyJob, is_valid_uid
+
+log = structlog.get_logger("service.spool")
 
 JOB_FILE = "job.json"
 PUBLISHED_MARKER = "published"
@@ -170,7 +176,15 @@ class Spool:
         self.dead_dir = self.root / "dead"
         self.done_dir = self.root / "done"
         self.patients_dir = self.root / "patients"
-        for directory in (self.incoming_dir, self.studies_dir, self.dead_dir, self.done_dir, self.patients_dir):
+        self.received_dir = self.root / "received"
+        for directory in (
+            self.incoming_dir,
+            self.studies_dir,
+            self.dead_dir,
+            self.done_dir,
+            self.patients_dir,
+            self.received_dir,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
@@ -182,7 +196,7 @@ class Spool:
     def _forget_old_completions(self, keep_s: float = COMPLETED_KEEP_S) -> None:
         """Drop completion records older than ``keep_s``: no broker holds a duplicate that long."""
         cutoff = time.time() - keep_s
-        for record in (*self.done_dir.iterdir(), *self.patients_dir.iterdir()):
+        for record in (*self.done_dir.iterdir(), *self.patients_dir.iterdir(), *self.received_dir.iterdir()):
             try:
                 if record.stat().st_mtime < cutoff:
                     record.unlink(missing_ok=True)
@@ -305,11 +319,19 @@ class Spool:
     ) -> str | None:
         """Seal ``incoming/<study_uid>`` into ``studies/<job_id>`` and write job.json.
 
+        An instance that an earlier job of the study already holds (same SOP
+        Instance UID, same bytes: a PACS re-sending an interrupted or a
+        finished transfer) adds nothing and is dropped here; one with the
+        same UID and other bytes is a conflict: the first is kept, this one
+        dropped, logged and counted. Only instances never sealed before make
+        the new job, and a study of nothing new makes none.
+
         Returns
         -------
         str or None
             The new job id, or ``None`` if the study has no unsealed
-            instances (already sealed by an earlier call).
+            instances (already sealed by an earlier call) or only instances
+            an earlier job already holds.
 
         Raises
         ------
@@ -329,6 +351,8 @@ class Spool:
             os.rename(source, target)
             fsync_directory(self.incoming_dir)
             fsync_directory(self.studies_dir)
+        if not self._keep_new_instances(study_uid, target):
+            return None
         if calling_ae_titles:
             write_durably(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode(), self.tmp_dir)
         try:
@@ -338,6 +362,47 @@ class Spool:
             raise
         self.write_job(job)
         return job_id
+
+    def _keep_new_instances(self, study_uid: str, job_dir: Path) -> bool:
+        """Drop from a just-sealed ``job_dir`` what earlier jobs of the study hold; record the rest.
+
+        Returns whether anything new is left (if not, ``job_dir`` is removed).
+        The record is written after the drops and before the job is built:
+        a crash in between leaves a job that recovery rebuilds and runs.
+        """
+        record = self.received_dir / f"{study_uid}.json"
+        try:
+            sealed_before: dict[str, str] = json.loads(record.read_text("utf-8"))
+        except FileNotFoundError:
+            sealed_before = {}
+        except ValueError:
+            sealed_before = {}  # a damaged record: treat every instance as new rather than lose one
+        fresh: dict[str, str] = {}
+        resent = conflicts = 0
+        for path in sorted(job_dir.glob(f"*{INSTANCE_SUFFIX}")):
+            sop_uid = path.name[: -len(INSTANCE_SUFFIX)]
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if sop_uid in sealed_before:
+                if sealed_before[sop_uid] == digest:
+                    resent += 1
+                else:
+                    conflicts += 1
+                path.unlink()
+                continue
+            fresh[sop_uid] = digest
+        if resent or conflicts:
+            fsync_directory(job_dir)
+            metrics.INSTANCES_DUPLICATE.labels(outcome="same").inc(resent)
+            metrics.INSTANCES_DUPLICATE.labels(outcome="conflict").inc(conflicts)
+            log.info("resent_instances_dropped", study_uid=study_uid, same=resent, conflicting=conflicts)
+            if conflicts:
+                log.warning("resent_instance_conflict", study_uid=study_uid, conflicting=conflicts)
+        if not fresh:
+            shutil.rmtree(job_dir)
+            fsync_directory(self.studies_dir)
+            return False
+        write_durably(record, json.dumps({**sealed_before, **fresh}, sort_keys=True).encode(), self.tmp_dir)
+        return True
 
     def write_job(self, job: StudyJob) -> Path:
         """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""

@@ -10,6 +10,12 @@ simply goes away. We call a study complete when
   associations say (a peer that never releases must not hold a study
   forever).
 
+A study found unsealed after a restart was being received by an
+association that died with the previous process: the sender will most
+likely re-send it. It stays open as if that association were still open
+(:data:`INTERRUPTED`), from the restart, until a new association delivers
+to it and ends (then the quiet period applies) or ``stable_age_s`` passes.
+
 Time is passed in by the caller (any monotonic clock), so every timing
 case is a plain unit test.
 """
@@ -17,6 +23,9 @@ case is a plain unit test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+#: The association that was delivering a study when the previous process stopped; it never ends by itself.
+INTERRUPTED = "interrupted-by-restart"
 
 
 @dataclass
@@ -52,6 +61,8 @@ class StudyTracker:
         if study is None:
             study = self._studies[study_uid] = _Study(last_seen=now)
         study.last_seen = max(study.last_seen, now)
+        # The sender is back: from now on its associations, not the interrupted one, say when it is done.
+        study.associations.discard(INTERRUPTED)
         study.associations.add(association_id)
         self._open.add(association_id)
 
@@ -81,17 +92,24 @@ class StudyTracker:
         still_used = set().union(*(s.associations for s in self._studies.values())) if self._studies else set()
         self._open &= still_used
 
-    def restore(self, study_uid: str, last_seen: float) -> None:
-        """Re-enter a study found on disk at startup, with no open association.
+    def restore(self, study_uid: str, last_seen: float, interrupted: bool = False) -> None:
+        """Re-enter a study: one found unsealed at startup, or one whose sealing must be tried again.
 
-        Its associations died with the previous process, so only the quiet
-        period from ``last_seen`` stands between it and completion.
+        ``interrupted`` (a study found at startup): its association died
+        with the previous process, and its sender will most likely re-send
+        it, so it is held open as by an association that has not ended (see
+        the module's docstring), from ``last_seen``, the restart. Otherwise
+        only the quiet period from ``last_seen`` stands between it and
+        completion.
         """
         study = self._studies.get(study_uid)
         if study is None:
-            self._studies[study_uid] = _Study(last_seen=last_seen)
+            study = self._studies[study_uid] = _Study(last_seen=last_seen)
         else:
             study.last_seen = max(study.last_seen, last_seen)
+        if interrupted:
+            study.associations.add(INTERRUPTED)
+            self._open.add(INTERRUPTED)
 
     def tracked(self) -> list[str]:
         """Every study being tracked (for status and tests)."""

@@ -353,9 +353,39 @@ def test_restart_recovers_unsealed_study(
     first.listener.stop()
     first.dispatcher.stop()  # the process "dies" long before the quiet period ends
     assert first.jobs() == []
-    second = start_service(quiet_period_s=0.3)  # same spool; recover() re-tracks the study
+    # Same spool: recover() re-tracks the study as interrupted, from the restart (not from its file's time), so a
+    # sender still retrying has until stable_age_s; nobody re-sends here, so that is when it is sealed.
+    second = start_service(quiet_period_s=0.3, stable_age_s=2.0)
+    time.sleep(1.0)
+    assert second.jobs() == [], "sealed before a re-sending PACS had its chance"
     assert wait(lambda: len(second.jobs()) == 1, 5)
     assert second.jobs()[0].study_instance_uid == ds.StudyInstanceUID
+
+
+def test_a_study_interrupted_by_a_restart_waits_for_the_re_send_and_makes_one_job(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    # Issue 37, failure 4: after a kill mid-association the restarted listener sealed the received images at once
+    # (quiet period measured from file times), and the PACS's re-send of the whole association made a second job.
+    first = start_service(quiet_period_s=30.0, stable_age_s=60.0)
+    study = [us_dataset()]
+    study += [us_dataset(study_uid=study[0].StudyInstanceUID) for _ in range(3)]
+    assoc = scu().associate("127.0.0.1", first.port, ae_title=SCP_AE)
+    assert [assoc.send_c_store(ds).Status for ds in study[:2]] == [0x0000, 0x0000]
+    assoc.abort()  # the transfer breaks off with two of four instances received ...
+    first.listener.stop()
+    first.dispatcher.stop()  # ... and the process is gone
+    second = start_service(quiet_period_s=0.3, stable_age_s=30.0)
+    time.sleep(1.0)  # longer than the quiet period: not sealed, the sender has not come back yet
+    assert second.jobs() == []
+    resend = scu().associate("127.0.0.1", second.port, ae_title=SCP_AE)
+    assert [resend.send_c_store(ds).Status for ds in study] == [0x0000] * 4  # the PACS re-sends all of it
+    resend.release()
+    assert wait(lambda: len(second.jobs()) == 1, 5)
+    time.sleep(1.0)
+    jobs = second.jobs()
+    assert len(jobs) == 1, "one study, one job"
+    assert {i.sop_instance_uid for i in jobs[0].instances} == {ds.SOPInstanceUID for ds in study}
 
 
 class FlakyQueue:
@@ -478,3 +508,27 @@ def test_an_image_declaring_a_memory_bomb_is_refused_from_its_header(
         p.name for p in (service.spool.root / "studies").rglob("*.dcm")
     }
     assert f"{bomb.SOPInstanceUID}.dcm" not in stored
+
+
+def test_a_finished_study_sent_again_makes_no_second_job(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    # A manual "send again", or a routing rule that fires twice: every instance is acknowledged (the PACS must not
+    # retry forever) and nothing is analysed or reported twice. A genuinely new instance still makes a job.
+    service = start_service()
+    study = [us_dataset()]
+    study.append(us_dataset(study_uid=study[0].StudyInstanceUID))
+    for _ in range(2):
+        assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+        assert [assoc.send_c_store(ds).Status for ds in study] == [0x0000, 0x0000]
+        assoc.release()
+        assert wait(lambda: not service.incoming(), 5)
+    time.sleep(0.5)
+    assert len(service.jobs()) == 1
+    later = us_dataset(study_uid=study[0].StudyInstanceUID)
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.send_c_store(later).Status == 0x0000
+    assoc.release()
+    assert wait(lambda: len(service.jobs()) == 2, 5)
+    newest = max(service.jobs(), key=lambda job: job.job_id)
+    assert [i.sop_instance_uid for i in newest.instances] == [later.SOPInstanceUID]

@@ -299,3 +299,36 @@ def test_an_idle_live_spools_old_temporary_folder_is_kept_and_a_removed_one_come
     os.utime(folder, (0, 0))
     Spool(tmp_path)
     assert not folder.exists()
+
+
+def test_a_re_sent_study_adds_nothing_and_only_new_instances_make_a_job(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    # Issue 37, failure 4: a PACS re-sending an interrupted or a finished transfer must not make a second job.
+    from service import metrics
+
+    spool = Spool(spool_dir)
+    (one, one_bytes), (two, two_bytes) = encoded(us_dataset), encoded(us_dataset)
+    spool.store_instance(STUDY, one, one_bytes)
+    spool.store_instance(STUDY, two, two_bytes)
+    first = spool.seal_study(STUDY)
+    assert first is not None and len(spool.load_job(first).instances) == 2
+    same = metrics.INSTANCES_DUPLICATE.labels(outcome="same")._value.get()
+    conflicting = metrics.INSTANCES_DUPLICATE.labels(outcome="conflict")._value.get()
+
+    spool.store_instance(STUDY, one, one_bytes)
+    spool.store_instance(STUDY, two, two_bytes)
+    assert spool.seal_study(STUDY) is None, "the whole study again: nothing new, no job"
+    assert [p.name for p in spool.studies_dir.iterdir()] == [first]
+    assert metrics.INSTANCES_DUPLICATE.labels(outcome="same")._value.get() == same + 2
+
+    changed = us_dataset(study_uid=STUDY, sop_uid=two)  # same UID, other bytes: the first is kept
+    changed.PatientAge = "077Y"
+    spool.store_instance(STUDY, two, encoded(lambda **_: changed)[1])
+    three, three_bytes = encoded(us_dataset)  # a series routed later
+    spool.store_instance(STUDY, three, three_bytes)
+    later = spool.seal_study(STUDY)
+    assert later is not None
+    assert [ref.sop_instance_uid for ref in spool.load_job(later).instances] == [three]
+    assert metrics.INSTANCES_DUPLICATE.labels(outcome="conflict")._value.get() == conflicting + 1
+    assert (spool.studies_dir / first / f"{two}.dcm").read_bytes() == two_bytes

@@ -135,3 +135,22 @@ def test_rejects_inconsistent_periods() -> None:
         StudyTracker(quiet_period_s=10.0, stable_age_s=5.0)
     with pytest.raises(ValueError):
         StudyTracker(quiet_period_s=-1.0, stable_age_s=5.0)
+
+
+def test_a_study_interrupted_by_a_restart_waits_for_its_sender_or_the_stable_age() -> None:
+    tracker = StudyTracker(quiet_period_s=5.0, stable_age_s=60.0)
+    tracker.restore("1.2.3", last_seen=100.0, interrupted=True)  # found unsealed at the restart, at t=100
+    assert tracker.due(110.0) == [], "the quiet period alone does not complete it: its association never ended"
+    assert tracker.due(160.0) == ["1.2.3"], "nobody came back: complete after stable_age_s from the restart"
+
+
+def test_an_interrupted_study_completes_once_the_re_sending_association_ends() -> None:
+    tracker = StudyTracker(quiet_period_s=5.0, stable_age_s=60.0)
+    tracker.restore("1.2.3", last_seen=100.0, interrupted=True)
+    tracker.instance_received("1.2.3", "resend", now=130.0)
+    assert tracker.due(140.0) == [], "the re-sending association is still open"
+    tracker.instance_received("1.2.3", "resend", now=141.0)
+    tracker.association_released("resend", now=142.0)
+    assert tracker.due(145.0) == [] and tracker.due(146.0) == ["1.2.3"], "quiet period from the last instance"
+    tracker.forget("1.2.3")
+    assert tracker.tracked() == [] and tracker.due(1000.0) == []
