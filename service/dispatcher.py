@@ -36,7 +36,6 @@ log = structlog.get_logger("service.dispatcher")
 @dataclass
 class _Unpublished:
     job: StudyJob
-    failures: int = 0
     next_at: float = 0.0
 
 
@@ -83,6 +82,9 @@ class Dispatcher:
         self._calling_ae: dict[str, set[str]] = {}
         self._unpublished: dict[str, _Unpublished] = {}
         self._next_rescan = 0.0
+        # The broker, not each job, is what is down: one backoff and one log line per outage (publish thread only).
+        self._broker_failures = 0
+        self._broker_down_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -208,16 +210,13 @@ class Dispatcher:
         with self._lock:
             ready = [entry for entry in self._unpublished.values() if entry.next_at <= now]
         published = []
-        for entry in ready:
+        for position, entry in enumerate(ready):
             job_id = entry.job.job_id
             try:
                 self._queue.publish(entry.job)
             except QueueUnavailable as exc:
-                entry.failures += 1
-                delay = retry_backoff(entry.failures, self._backoff_s, self._backoff_cap_s)
-                entry.next_at = self._clock() + delay
-                log.warning("publish_retry", job_id=job_id, attempt=entry.failures, retry_in_s=delay, reason=str(exc))
-                continue
+                self._broker_unavailable(ready[position:], exc)
+                break
             except BreastAIError as exc:
                 # Not retryable: the queue refuses this job (e.g. it was already
                 # completed and removed meanwhile). Dead-letter if still on disk.
@@ -227,6 +226,7 @@ class Dispatcher:
                 if self._spool.is_sealed(job_id):
                     self._spool.dead_letter(job_id, f"publish refused: {exc}")
                 continue
+            self._broker_available()
             with self._lock:
                 self._unpublished.pop(job_id, None)
             with contextlib.suppress(OSError, BreastAIError):  # a fast consumer already completed it: nothing to mark
@@ -234,6 +234,31 @@ class Dispatcher:
             published.append(job_id)
             log.info("job_published", job_id=job_id, study_uid=entry.job.study_instance_uid)
         return published
+
+    def _broker_unavailable(self, waiting: list[_Unpublished], exc: QueueUnavailable) -> None:
+        """The broker refused a publish: every waiting job waits one broker backoff; one warning per outage.
+
+        Trying each pending job on its own connection, each with its own
+        backoff and log line, turned a 20-second RabbitMQ outage into
+        thousands of error lines and connections.
+        """
+        self._broker_failures += 1
+        delay = retry_backoff(self._broker_failures, self._backoff_s, self._backoff_cap_s)
+        retry_at = self._clock() + delay
+        for entry in waiting:
+            entry.next_at = max(entry.next_at, retry_at)
+        if self._broker_down_since is None:
+            self._broker_down_since = self._clock()
+            log.warning("queue_unavailable", waiting_jobs=len(waiting), retry_in_s=delay, reason=str(exc))
+        else:
+            log.debug("publish_retry", waiting_jobs=len(waiting), attempt=self._broker_failures, retry_in_s=delay)
+
+    def _broker_available(self) -> None:
+        """A publish went through: end the outage, if there was one, with one line."""
+        if self._broker_down_since is not None:
+            log.info("queue_available", down_s=round(self._clock() - self._broker_down_since, 1))
+        self._broker_failures = 0
+        self._broker_down_since = None
 
     def pending_publish(self) -> list[str]:
         """Job ids sealed but not yet confirmed by the queue."""

@@ -152,6 +152,9 @@ def configure_logging(settings: Settings) -> None:
     # pydicom's validation warnings quote element values verbatim (a PN value
     # is a patient name), so only its errors are let through.
     logging.getLogger("pydicom").setLevel(max(level, logging.ERROR))
+    # pika logs every failed connection attempt and every dropped idle connection at ERROR with a traceback; the
+    # queue adapters report the same failure once, typed (queue_unavailable, queue_available), so pika's own go.
+    logging.getLogger("pika").setLevel(max(level, logging.CRITICAL))
     silence_value_quoting_warnings()
 
 
