@@ -169,7 +169,10 @@ def test_listener_killed_after_acknowledging_still_delivers(
 
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert pacs.study_id(study_uid) is None, "nothing reached the PACS before the crash"
-    second = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1))
+    # The restarted service holds the interrupted study open for a re-send until stable_age_s (nobody re-sends here).
+    second = service_factory(
+        "serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1), {"BREASTAI_STABLE_AGE_S": "5"}
+    )
     second.wait_for_echo(port)
     expected_overlays = len(files) * len(default_families())
     pacs.wait_for(
