@@ -160,6 +160,7 @@ class Dispatcher:
         if now >= self._next_rescan:
             self._next_rescan = now + RESCAN_INTERVAL_S
             self._adopt_unpublished_jobs()
+            self._spool.ensure_reserve()  # made again once a full disk has room (it may have been used up)
         return self._publish_pending(self._clock())
 
     def _adopt_unpublished_jobs(self) -> None:

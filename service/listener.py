@@ -307,6 +307,9 @@ class StudyListener:
                 "too_large",
                 f"{request_size} bytes exceed max_instance_mb={self._settings.max_instance_mb}",
             )
+        if self._spool.below_reserve(request_size):
+            # Refused while the disk still has room, so that the jobs already accepted can finish.
+            raise _Rejection(STATUS_OUT_OF_RESOURCES, "disk_full", "spool disk is below its reserve (spool_reserve_mb)")
         data = event.encoded_dataset(include_meta=True)
         transfer_syntax = str(event.context.transfer_syntax)
         try:

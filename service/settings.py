@@ -166,6 +166,9 @@ class Settings:
         Structured logging to stderr.
     max_instance_mb
         Larger C-STORE data sets are refused with 0xA700 (out of resources).
+    spool_reserve_mb
+        Space kept free on the spool's disk: below it new instances get
+        0xA700, and finishing work may use it when the disk fills anyway.
     max_frame_megapixels, max_decoded_mb
         Images that declare larger frames, or more decoded bytes in all, are
         refused with 0xC211 before any pixel is decoded (service.image_limits).
@@ -196,6 +199,7 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "INFO"
     max_instance_mb: int = 512
+    spool_reserve_mb: int = 64
     max_frame_megapixels: int = DEFAULT_MAX_FRAME_MEGAPIXELS
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     send_retries: int = 5
@@ -235,6 +239,8 @@ class Settings:
             raise ConfigurationError(f"log_level must be one of {_LOG_LEVELS}: {self.log_level!r}")
         if self.max_instance_mb <= 0:
             raise ConfigurationError(f"max_instance_mb must be > 0: {self.max_instance_mb!r}")
+        if self.spool_reserve_mb < 0:
+            raise ConfigurationError(f"spool_reserve_mb must be >= 0: {self.spool_reserve_mb!r}")
         if self.max_frame_megapixels <= 0:
             raise ConfigurationError(f"max_frame_megapixels must be > 0: {self.max_frame_megapixels!r}")
         if self.max_decoded_mb <= 0:
@@ -333,6 +339,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_format": _to_str,
     "log_level": _to_upper,
     "max_instance_mb": _to_int,
+    "spool_reserve_mb": _to_int,
     "max_frame_megapixels": _to_int,
     "max_decoded_mb": _to_int,
     "send_retries": _to_int,

@@ -13,6 +13,7 @@ Layout under the spool root::
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
     patients/<study_uid>              the study's patient key (a digest, never the identity), kept 30 days
     received/<study_uid>.json         SOP Instance UID -> sha256 of every instance sealed into a job, kept 30 days
+    .reserve                          space held back so that finishing work succeeds on a full disk (see below)
 
 Who deletes what:
 
@@ -28,6 +29,15 @@ Who deletes what:
 - ``dead/``: never deleted by the service.
 - ``patients/<study_uid>``, ``received/<study_uid>.json``: forgotten after
   :data:`COMPLETED_KEEP_S` when a spool opens.
+
+A full disk: the listener refuses new instances (0xA700) once free space
+falls below the reserve (:meth:`Spool.below_reserve`), so the service's own
+writes do not fill the disk. If something else fills it, finishing work
+(done records, dead-letter reasons, job files) that fails for want of
+space deletes ``.reserve`` and tries once more; :meth:`Spool.ensure_reserve`
+makes it again when space returns (the dispatcher calls it periodically).
+A job file that still cannot be written is rebuilt in memory from the
+instances, so a process starts on a full disk and catches up later.
 
 Durability (PS3.4 B.2.3: a C-STORE success means the SCP has taken
 responsibility for the instance): an instance is written to ``tmp/``,
@@ -68,6 +78,7 @@ PUBLISHED_MARKER = "published"
 ATTEMPTS_FILE = "attempts"
 REASON_FILE = "reason.txt"
 CALLING_AE_FILE = "calling_ae.json"
+RESERVE_FILE = ".reserve"
 INSTANCE_SUFFIX = ".dcm"
 #: How long a completed job's id is remembered (``done/``), to acknowledge late duplicate deliveries of it.
 COMPLETED_KEEP_S = 30 * 24 * 3600.0
@@ -164,8 +175,10 @@ class Spool:
         The spool directory; created with its subdirectories if missing.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, reserve_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.reserve_bytes = reserve_bytes
+        self._reserve = self.root / RESERVE_FILE
         # Each process writes its temporary files in a folder of its own, so a
         # worker or listener that starts (and cleans up after its own crashed
         # predecessor) never deletes another live process's half-written file.
@@ -192,6 +205,59 @@ class Spool:
         _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
         self._clean_tmp()
         self._forget_old_completions()
+        self.ensure_reserve()
+
+    # --- disk space -----------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Bytes free to an unprivileged writer on the spool's file system."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def below_reserve(self, incoming_bytes: int = 0) -> bool:
+        """Whether storing ``incoming_bytes`` more would eat into the reserve (then 0xA700 is answered)."""
+        return self.free_bytes() - incoming_bytes < self.reserve_bytes
+
+    def ensure_reserve(self) -> bool:
+        """Hold ``reserve_bytes`` in ``.reserve`` if it is missing and there is room twice over; whether it is held."""
+        if self.reserve_bytes <= 0:
+            return True
+        try:
+            if self._reserve.stat().st_size >= self.reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        if self.free_bytes() < 2 * self.reserve_bytes:
+            return False
+        try:
+            descriptor = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(descriptor, 0, self.reserve_bytes)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+            return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the file system; whether there was one."""
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("spool_reserve_released", reserve_mb=self.reserve_bytes // 2**20)
+        return True
+
+    def _write_finishing(self, path: Path, data: bytes) -> None:
+        """:func:`write_durably` for work that must finish on a full disk: on ENOSPC, use the reserve and retry once."""
+        try:
+            write_durably(path, data, self.tmp_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._release_reserve():
+                raise
+            write_durably(path, data, self.tmp_dir)
 
     def _forget_old_completions(self, keep_s: float = COMPLETED_KEEP_S) -> None:
         """Drop completion records older than ``keep_s``: no broker holds a duplicate that long."""
@@ -354,7 +420,7 @@ class Spool:
         if not self._keep_new_instances(study_uid, target):
             return None
         if calling_ae_titles:
-            write_durably(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode(), self.tmp_dir)
+            self._write_finishing(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode())
         try:
             job = self.build_job(job_id, created_at=now)
         except BreastAIError as exc:
@@ -401,14 +467,14 @@ class Spool:
             shutil.rmtree(job_dir)
             fsync_directory(self.studies_dir)
             return False
-        write_durably(record, json.dumps({**sealed_before, **fresh}, sort_keys=True).encode(), self.tmp_dir)
+        self._write_finishing(record, json.dumps({**sealed_before, **fresh}, sort_keys=True).encode())
         return True
 
     def write_job(self, job: StudyJob) -> Path:
         """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""
         job_dir = self._job_dir(job.job_id)
         path = job_dir / JOB_FILE
-        write_durably(path, job.to_json().encode("utf-8"), self.tmp_dir)
+        self._write_finishing(path, job.to_json().encode("utf-8"))
         return path
 
     def build_job(self, job_id: str, created_at: datetime | None = None) -> StudyJob:
@@ -511,7 +577,11 @@ class Spool:
         except (FileNotFoundError, JobSchemaError):
             pass
         job = self.build_job(job_id)
-        self.write_job(job)
+        try:
+            self.write_job(job)
+        except OSError as exc:
+            # The job is its files: served from memory now, written when space returns (the next load).
+            log.warning("job_file_not_written", job_id=job_id, error=errno.errorcode.get(exc.errno or 0, "EIO"))
         return job
 
     # --- queue bookkeeping --------------------------------------------------------
@@ -522,7 +592,7 @@ class Spool:
 
     def mark_published(self, job_id: str) -> None:
         """Record that the broker confirmed the job (RabbitMQ path)."""
-        write_durably(self._job_dir(job_id) / PUBLISHED_MARKER, b"", self.tmp_dir)
+        self._write_finishing(self._job_dir(job_id) / PUBLISHED_MARKER, b"")
 
     def is_published(self, job_id: str) -> bool:
         """Whether :meth:`mark_published` was called for ``job_id``."""
@@ -536,7 +606,7 @@ class Spool:
         except (FileNotFoundError, ValueError):
             count = 0
         count += 1
-        write_durably(path, str(count).encode("ascii"), self.tmp_dir)
+        self._write_finishing(path, str(count).encode("ascii"))
         return count
 
     def verify(self, job: StudyJob) -> list[Path]:
@@ -562,7 +632,7 @@ class Spool:
         if not job_dir.exists():
             return False
         # Recorded before the folder goes: a crash in between leaves a done job with its files, never a lost record.
-        write_durably(self.done_dir / job_id, datetime.now(UTC).isoformat().encode("ascii"), self.tmp_dir)
+        self._write_finishing(self.done_dir / job_id, datetime.now(UTC).isoformat().encode("ascii"))
         # Rename first so that a crash mid-delete never leaves a half job under studies/.
         trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
@@ -591,7 +661,7 @@ class Spool:
             return None
         earlier = (target / REASON_FILE).read_text("utf-8") if (target / REASON_FILE).is_file() else ""
         # A later delivery of a job already dead adds its reason under the first, which says what went wrong.
-        write_durably(target / REASON_FILE, (earlier + reason.rstrip("\n") + "\n").encode("utf-8"), self.tmp_dir)
+        self._write_finishing(target / REASON_FILE, (earlier + reason.rstrip("\n") + "\n").encode("utf-8"))
         return target
 
     def _job_dir(self, job_id: str) -> Path:

@@ -97,7 +97,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
 
     stop = _stop_event()
     metrics_server = start_metrics_server(settings.metrics_port, settings.metrics_address)
-    spool = Spool(settings.spool_dir)
+    spool = Spool(settings.spool_dir, reserve_bytes=settings.spool_reserve_mb * 1024 * 1024)
     queue = open_queue(settings, spool)
     # Load models before accepting studies: a missing or corrupt model must stop start-up, not fail jobs.
     handler = _job_handler(settings) if with_worker else None
