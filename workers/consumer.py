@@ -18,7 +18,6 @@ from pathlib import Path
 import pydicom
 import structlog
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
@@ -63,8 +62,10 @@ def read_header(path: Path) -> Dataset:
     """Read a DICOM header without pixel data (PS3.10 file)."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
-        raise InvalidInstance(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise InvalidInstance(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
 def process_study(

@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
-from service.errors import ImageTooLarge, InvalidInstance, UnsupportedInput
+from service.errors import BreastAIError, ImageTooLarge, InvalidInstance, UnsupportedInput
 from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits, over_limits
 from workers.scan_region import clip_box, estimate_scan_region, region_from_us_regions
 
@@ -138,6 +138,17 @@ def read_frames(
     """
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+    try:
+        return _read_frames(path, max_frames, limits)
+    except (BreastAIError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        # pydicom parses lazily and raises many types on garbage (NotImplementedError for an unknown VR, found by
+        # fuzzing); any of them would otherwise fail the job as an internal error instead of naming the instance.
+        raise InvalidInstance(f"{path.name}: unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_frames(path: pathlib.Path, max_frames: int, limits: ImageLimits) -> list[SourceFrame]:
     ds = _read_dataset(path)
     _check_decodable(ds, path)
     try:
@@ -197,8 +208,7 @@ def _read_dataset(path: pathlib.Path) -> pydicom.Dataset:
         raise InvalidInstance(f"{path.name}: not a DICOM Part 10 file: {exc}") from exc
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
-        # pydicom surfaces truncation and garbage as any of these.
+    except Exception as exc:
         raise InvalidInstance(f"{path.name}: unreadable DICOM: {type(exc).__name__}: {exc}") from exc
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not ds.get(keyword):

@@ -29,6 +29,8 @@ except ImportError:  # run without the root on sys.path: import the harness next
         sys.path.insert(0, str(Path(__file__).resolve().parent))
     from orthanc import OrthancServer, find_orthanc_binary  # type: ignore[no-redef]
 
+from tests.integration.listener_harness import send_raw_files, start_service  # noqa: F401  (fixtures for every test)
+
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

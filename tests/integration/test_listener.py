@@ -6,139 +6,27 @@ allow-list, presentation contexts) and the PS3.4 B.2.3 failure statuses.
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, UltrasoundImageStorage, Verification  # type: ignore[attr-defined]
 
 from service.dispatcher import Dispatcher
-from service.listener import StudyListener
-from service.queue.embedded import EmbeddedJobQueue
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests.integration.listener_harness import SCP_AE, Service, dataset_body, encode, raw_file, scu
 
 pytestmark = pytest.mark.integration
 
-SCP_AE = "BREASTAI"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-@dataclass
-class Service:
-    settings: Settings
-    spool: Spool
-    queue: EmbeddedJobQueue
-    dispatcher: Dispatcher
-    listener: StudyListener
-
-    @property
-    def port(self) -> int:
-        return self.listener.port
-
-    def incoming(self) -> list[Path]:
-        return sorted((self.spool.root / "incoming").rglob("*.dcm"))
-
-    def jobs(self) -> list[StudyJob]:
-        # Only jobs the dispatcher finished sealing (job.json written); never
-        # rebuild a half-sealed one from here, that would race the dispatcher.
-        return [
-            StudyJob.from_json((p / "job.json").read_bytes())
-            for p in sorted((self.spool.root / "studies").iterdir())
-            if (p / "job.json").is_file()
-        ]
-
-
-@pytest.fixture
-def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]]:
-    started: list[Service] = []
-
-    def start(**overrides: object) -> Service:
-        values: dict[str, object] = dict(
-            port=port,
-            bind_address="127.0.0.1",
-            quiet_period_s=0.3,
-            stable_age_s=30.0,
-            spool_dir=spool_dir,
-            metrics_port=0,
-        )
-        values.update(overrides)
-        settings = Settings(**values)  # type: ignore[arg-type]
-        spool = Spool(settings.spool_dir)
-        queue = EmbeddedJobQueue(settings, spool, recover=False)
-        dispatcher = Dispatcher(settings, spool, queue, tick_s=0.05)
-        dispatcher.recover()
-        dispatcher.start()
-        listener = StudyListener(settings, spool, dispatcher)
-        listener.start()
-        service = Service(settings, spool, queue, dispatcher, listener)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.listener.stop()
-        service.dispatcher.stop()
-        service.queue.close()
-
-
-def scu(ae_title: str = "TESTSCU", *contexts: str) -> AE:
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    for context in contexts or (UltrasoundImageStorage,):
-        ae.add_requested_context(context, ExplicitVRLittleEndian)
-    return ae
-
-
-def encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
-    """A PS3.10 file with valid meta information and an arbitrary data set body."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    path.write_bytes(buffer.getvalue() + body)
-    return path
-
-
-def dataset_body(ds: Dataset) -> bytes:
-    """The encoded data set after the file meta information."""
-    data = encode(ds)
-    marker = data.index(b"DICM") + 4
-    # Group 0002 length is in the first element after the prefix: skip the meta group.
-    group_length = int.from_bytes(data[marker + 8 : marker + 12], "little")
-    return data[marker + 12 + group_length :]
-
-
-@pytest.fixture
-def send_raw_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``send_c_store(path)`` send the file's bytes undecoded (pynetdicom >= 2.0).
-
-    Without it pynetdicom decodes the file first and refuses or repairs
-    exactly the malformed data sets these tests need to deliver.
-    """
-    from pynetdicom import _config
-
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
