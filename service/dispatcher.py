@@ -261,6 +261,22 @@ class Dispatcher:
         self._broker_failures = 0
         self._broker_down_since = None
 
+    @property
+    def broker_available(self) -> bool:
+        """Whether the last publish went through (or none failed yet): readiness of a listener over RabbitMQ."""
+        return self._broker_down_since is None
+
+    @property
+    def running(self) -> bool:
+        """Whether the tick thread is alive (liveness)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def oldest_receiving_age(self) -> float:
+        """Seconds since the least recently active study still being received got an instance (0 if none)."""
+        with self._lock:
+            oldest = self._tracker.oldest_last_seen()
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+
     def pending_publish(self) -> list[str]:
         """Job ids sealed but not yet confirmed by the queue."""
         with self._lock:

@@ -8,9 +8,8 @@ vocabulary and the transient/permanent split. UIDs are not labels either
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 # Buckets in seconds: C-STORE round trips and inference are sub-second to
 # minutes; the end-to-end path includes the quiet period and result sends.
@@ -56,6 +55,22 @@ QUEUE_PUBLISH_SECONDS = Histogram(
     buckets=_PUBLISH_BUCKETS,
 )
 
+RESULT_SEND_FAILURES = Counter(
+    "breastai_result_send_failures_total",
+    "Result C-STOREs a destination did not accept (each attempt), by destination AE title",
+    ["destination"],
+)
+# Read at each scrape from the objects of the running process (wired in workers.cli).
+SPOOL_FREE_BYTES = Gauge("breastai_spool_free_bytes", "Free bytes on the spool's file system")
+JOBS_WAITING_PUBLISH = Gauge("breastai_jobs_waiting_publish", "Studies sealed but not yet confirmed by the job queue")
+OLDEST_RECEIVING_STUDY_SECONDS = Gauge(
+    "breastai_oldest_receiving_study_seconds", "Age of the oldest study still being received (0 if none)"
+)
+DEAD_LETTERED_JOBS = Gauge("breastai_dead_lettered_jobs", "Jobs in the spool's dead/ folder, kept for an operator")
+MODEL_INFO = Gauge(
+    "breastai_model_info", "The models this worker serves (value 1), by name and version", ["name", "version"]
+)
+
 # The closed vocabulary of INSTANCES_REJECTED's reason label.
 REJECT_REASONS = (
     "too_large",
@@ -87,20 +102,3 @@ def observe_end_to_end(created_at: str, now: datetime | None = None) -> float:
     seconds = max(0.0, ((now or datetime.now(UTC)) - start).total_seconds())
     END_TO_END_SECONDS.observe(seconds)
     return seconds
-
-
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any | None:
-    """Serve ``/metrics`` for Prometheus on ``addr:port`` in a daemon thread.
-
-    ``0.0.0.0`` is the default because a Prometheus server scrapes from
-    another host or container; restrict with ``Settings.metrics_address``.
-
-    Returns
-    -------
-    The WSGI server (call ``shutdown()`` then ``server_close()`` to stop it),
-    or ``None`` when ``port`` is 0 (metrics off).
-    """
-    if port == 0:
-        return None
-    server, _thread = start_http_server(port, addr=addr)
-    return server

@@ -209,6 +209,10 @@ class Spool:
 
     # --- disk space -----------------------------------------------------------------
 
+    def dead_letter_count(self) -> int:
+        """Jobs kept in ``dead/`` for an operator."""
+        return sum(1 for entry in self.dead_dir.iterdir() if entry.is_dir())
+
     def free_bytes(self) -> int:
         """Bytes free to an unprivileged writer on the spool's file system."""
         stats = os.statvfs(self.root)

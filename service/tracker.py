@@ -111,6 +111,10 @@ class StudyTracker:
             study.associations.add(INTERRUPTED)
             self._open.add(INTERRUPTED)
 
+    def oldest_last_seen(self) -> float | None:
+        """When the newest instance of the least recently active study arrived; ``None`` if none is tracked."""
+        return min((study.last_seen for study in self._studies.values()), default=None)
+
     def tracked(self) -> list[str]:
         """Every study being tracked (for status and tests)."""
         return sorted(self._studies)

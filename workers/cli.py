@@ -34,14 +34,16 @@ import structlog
 
 from models.errors import ModelsError
 from models.evaluation.arguments import add_evaluate_arguments
+from service import metrics
 from service.errors import BreastAIError, ConfigurationError
+from service.health import Health, start_http_endpoints
 from service.image_limits import ImageLimits
 from service.logging import configure_logging, silence_value_quoting_warnings
-from service.metrics import start_metrics_server
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
     from models.inference.pipeline import BModePipeline
+    from service.dispatcher import Dispatcher
     from workers.consumer import JobHandler
     from workers.sr_writer import ReportContext
 
@@ -84,9 +86,19 @@ def _job_handler(settings: Settings) -> JobHandler:
     from workers.sender import ResultSender
 
     pipeline = _pipeline(settings.model_dir, settings.us_families)
+    for model in pipeline.model_infos:
+        metrics.MODEL_INFO.labels(name=model.name, version=model.version).set(1)
     sender = ResultSender(settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s)
     limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
     return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), limits)
+
+
+def _watch_listener(health: Health, dispatcher: Dispatcher) -> None:
+    """The listener side's checks and gauges: its dispatcher thread, the broker, studies waiting."""
+    health.add("live", "dispatcher", lambda: None if dispatcher.running else "dispatcher thread stopped")
+    health.add("ready", "queue", lambda: None if dispatcher.broker_available else "job queue unreachable")
+    metrics.JOBS_WAITING_PUBLISH.set_function(lambda: len(dispatcher.pending_publish()))
+    metrics.OLDEST_RECEIVING_STUDY_SECONDS.set_function(dispatcher.oldest_receiving_age)
 
 
 def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
@@ -96,11 +108,18 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     from service.spool import Spool
 
     stop = _stop_event()
-    metrics_server = start_metrics_server(settings.metrics_port, settings.metrics_address)
+    health = Health()
+    health.add("ready", "models", lambda: "loading" if with_worker else None)
+    http_server = start_http_endpoints(settings.metrics_port, settings.metrics_address, health)
     spool = Spool(settings.spool_dir, reserve_bytes=settings.spool_reserve_mb * 1024 * 1024)
+    health.add("ready", "spool", lambda: "spool disk below its reserve" if spool.below_reserve() else None)
+    metrics.SPOOL_FREE_BYTES.set_function(spool.free_bytes)
+    metrics.DEAD_LETTERED_JOBS.set_function(spool.dead_letter_count)
     queue = open_queue(settings, spool)
     # Load models before accepting studies: a missing or corrupt model must stop start-up, not fail jobs.
     handler = _job_handler(settings) if with_worker else None
+    if handler is not None:
+        health.add("ready", "models", lambda: None)
     dispatcher = listener = None
     if with_listener:
         dispatcher = Dispatcher(settings, spool, queue)
@@ -108,6 +127,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
         dispatcher.start()
         listener = StudyListener(settings, spool, dispatcher)
         listener.start()
+        _watch_listener(health, dispatcher)
         log.info("listening", ae_title=settings.ae_title, port=settings.port, queue=settings.queue)
     try:
         if handler is not None:
@@ -120,9 +140,9 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
         if dispatcher is not None:
             dispatcher.stop()
         queue.close()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+        if http_server is not None:
+            http_server.shutdown()
+            http_server.server_close()
         log.info("stopped")
     return 0
 

@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from service import metrics
 from service.durable import fsync_directory, write_durably
 from service.errors import DestinationUnavailable, ResultRejected
 from service.queue import retry_backoff
@@ -172,6 +173,7 @@ class ResultSender:
                     store_to_pacs(datasets, destination, self._calling_ae)
                     break
                 except DestinationUnavailable as exc:
+                    metrics.RESULT_SEND_FAILURES.labels(destination=destination.ae_title).inc()
                     if attempt == self._retries:
                         raise
                     wait = retry_backoff(attempt, self._backoff_s, _BACKOFF_CAP_S)

@@ -7,6 +7,7 @@ dicom3tools checking what came back.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import urllib.request
@@ -144,6 +145,17 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(
 
     assert _metric(metrics_port, "breastai_instances_received_total") == len(sources)
     assert _metric(metrics_port, "breastai_jobs_done_total") == 1
+    assert _metric(metrics_port, "breastai_jobs_waiting_publish") == 0
+    assert _metric(metrics_port, "breastai_spool_free_bytes") > 0
+    # The probes a load balancer or Kubernetes reads: every check named, all passing once the study went through.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health/ready", timeout=5) as response:
+        ready = json.loads(response.read())
+    assert response.status == 200 and ready == {
+        "status": "ok",
+        "checks": {"models": "ok", "queue": "ok", "spool": "ok"},
+    }
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health/live", timeout=5) as response:
+        assert json.loads(response.read()) == {"status": "ok", "checks": {"dispatcher": "ok"}}
 
 
 def test_listener_killed_after_acknowledging_still_delivers(

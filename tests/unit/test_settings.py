@@ -231,9 +231,11 @@ def test_metrics_server_is_settings_driven(port: int) -> None:
     import urllib.request
 
     from service import metrics
+    from service.health import Health, start_http_endpoints
 
-    assert metrics.start_metrics_server(Settings(metrics_port=0).metrics_port) is None
-    server = metrics.start_metrics_server(port, addr="127.0.0.1")
+    assert start_http_endpoints(Settings(metrics_port=0).metrics_port, "127.0.0.1", Health()) is None
+    server = start_http_endpoints(port, "127.0.0.1", Health())
+    assert server is not None
     try:
         metrics.INSTANCES_REJECTED.labels(reason="truncated").inc()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
