@@ -51,6 +51,7 @@ from service.schema import is_valid_uid
 from service.settings import Settings
 from service.spool import Spool
 from service.study_identity import patient_key
+from service.tls import server_context
 
 log = structlog.get_logger("service.listener")
 
@@ -199,6 +200,10 @@ class StudyListener:
         self._sink = sink
         self._max_bytes = settings.max_instance_mb * 1024 * 1024
         self._image_limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
+        # Built now, so that bad TLS files stop the start-up rather than the first association.
+        self._tls = server_context(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert
+        )
         self._server: Any = None
         self._lock = threading.Lock()
 
@@ -226,13 +231,17 @@ class StudyListener:
                 (evt.EVT_CONN_CLOSE, self._handle_ended),
             ]
             self._server = ae.start_server(
-                (self._settings.bind_address, self._settings.port), block=False, evt_handlers=handlers
+                (self._settings.bind_address, self._settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self._tls,
             )
         log.info(
             "listener_started",
             ae_title=self._settings.ae_title,
             port=self.port,
             allowed_ae=list(self._settings.allowed_ae),
+            tls=self._tls is not None,
         )
 
     @property

@@ -166,6 +166,11 @@ class Settings:
         Structured logging to stderr.
     max_instance_mb
         Larger C-STORE data sets are refused with 0xA700 (out of resources).
+    tls_cert_file, tls_key_file, tls_ca_file, tls_require_client_cert, tls_destinations
+        DICOM TLS (service.tls): the listener serves TLS only once a
+        certificate and key are set, and requires senders' certificates
+        signed by the CA file if asked; results go over TLS with
+        ``tls_destinations``, the PACS verified against the CA file.
     spool_reserve_mb
         Space kept free on the spool's disk: below it new instances get
         0xA700, and finishing work may use it when the disk fills anyway.
@@ -199,6 +204,11 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "INFO"
     max_instance_mb: int = 512
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_require_client_cert: bool = False
+    tls_destinations: bool = False
     spool_reserve_mb: int = 64
     max_frame_megapixels: int = DEFAULT_MAX_FRAME_MEGAPIXELS
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
@@ -296,6 +306,18 @@ def _to_path(name: str, value: Any) -> Path:
     return Path(text)
 
 
+def _to_bool(name: str, value: Any) -> bool:
+    # TOML gives booleans; the environment gives text.
+    if isinstance(value, bool):
+        return value
+    text = _to_str(name, value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name} must be true or false: {value!r}")
+
+
 def _to_optional_path(name: str, value: Any) -> Path | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -339,6 +361,11 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_format": _to_str,
     "log_level": _to_upper,
     "max_instance_mb": _to_int,
+    "tls_cert_file": _to_optional_path,
+    "tls_key_file": _to_optional_path,
+    "tls_ca_file": _to_optional_path,
+    "tls_require_client_cert": _to_bool,
+    "tls_destinations": _to_bool,
     "spool_reserve_mb": _to_int,
     "max_frame_megapixels": _to_int,
     "max_decoded_mb": _to_int,

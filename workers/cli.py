@@ -82,13 +82,21 @@ def _pipeline(model_dir: Path | None, families: tuple[str, ...]) -> BModePipelin
 
 
 def _job_handler(settings: Settings) -> JobHandler:
+    from service.tls import client_context
     from workers.consumer import JobHandler
     from workers.sender import ResultSender
 
     pipeline = _pipeline(settings.model_dir, settings.us_families)
     for model in pipeline.model_infos:
         metrics.MODEL_INFO.labels(name=model.name, version=model.version).set(1)
-    sender = ResultSender(settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s)
+    tls = (
+        client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+        if settings.tls_destinations
+        else None
+    )
+    sender = ResultSender(
+        settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s, tls=tls
+    )
     limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
     return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), limits)
 

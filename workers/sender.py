@@ -9,6 +9,7 @@ shows the radiologist a second report.
 from __future__ import annotations
 
 import functools
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,9 +83,14 @@ def write_to_folder(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
 
 
 def store_to_pacs(
-    datasets: Sequence[Dataset], destination: Destination, calling_ae_title: str, timeout_s: float = 30.0
+    datasets: Sequence[Dataset],
+    destination: Destination,
+    calling_ae_title: str,
+    timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Send every object over one association (PS3.4 Annex B, Storage SCU).
+    """Send every object over one association (PS3.4 Annex B, Storage SCU), over TLS where ``tls`` is given
+    (PS3.15 B.1; the PACS's certificate is checked against ``destination.host``).
 
     Raises
     ------
@@ -102,7 +108,11 @@ def store_to_pacs(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     for sop_class in sorted({str(d.SOPClassUID) for d in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (tls, destination.host) if tls is not None else None
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    except (ssl.SSLError, OSError) as exc:  # a failed handshake: the PACS's certificate or its TLS setup
+        raise DestinationUnavailable(f"{destination} refused the TLS handshake: {exc}") from exc
     if not assoc.is_established:
         raise DestinationUnavailable(f"{destination} did not accept an association")
     try:
@@ -151,8 +161,10 @@ class ResultSender:
         retries: int = 5,
         backoff_s: float = 2.0,
         sleep: Callable[[float], None] = time.sleep,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._destinations = tuple(destinations)
+        self._tls = tls
         self._calling_ae = calling_ae_title
         self._retries = max(1, retries)
         self._backoff_s = backoff_s
@@ -170,7 +182,7 @@ class ResultSender:
                 continue
             for attempt in range(1, self._retries + 1):
                 try:
-                    store_to_pacs(datasets, destination, self._calling_ae)
+                    store_to_pacs(datasets, destination, self._calling_ae, tls=self._tls)
                     break
                 except DestinationUnavailable as exc:
                     metrics.RESULT_SEND_FAILURES.labels(destination=destination.ae_title).inc()
