@@ -47,6 +47,7 @@ flushed and fsynced, renamed into place and the directory fsynced before
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -152,6 +153,17 @@ def verify_instances(job: StudyJob, root: Path) -> list[Path]:
             )
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class DeadJob:
+    """A dead-lettered job as an operator sees it (``breastai jobs list``)."""
+
+    job_id: str
+    study_uid: str
+    instances: int
+    reasons: str  # every delivery's reason, one per line, the first first
+    dead_since: float  # epoch seconds of the folder's last change
 
 
 def new_job_id(now: datetime | None = None) -> str:
@@ -646,6 +658,65 @@ class Spool:
         fsync_directory(self.studies_dir)
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+    # --- operator tools (breastai jobs) ----------------------------------------------
+
+    def dead_jobs(self) -> list[DeadJob]:
+        """Every dead-lettered job kept in ``dead/``, oldest first, with its study and its reasons."""
+        found = []
+        for folder in sorted(self.dead_dir.iterdir()):
+            if not folder.is_dir():
+                continue
+            reason_file = folder / REASON_FILE
+            reasons = reason_file.read_text("utf-8").strip() if reason_file.is_file() else ""
+            study = ""
+            with contextlib.suppress(OSError, JobSchemaError):  # a job dead before its job.json was written
+                study = StudyJob.from_json((folder / JOB_FILE).read_bytes()).study_instance_uid
+            instances = len(list(folder.glob(f"*{INSTANCE_SUFFIX}")))
+            found.append(DeadJob(folder.name, study, instances, reasons, folder.stat().st_mtime))
+        return found
+
+    def retry_dead(self, job_id: str) -> None:
+        """Move a dead-lettered job back to ``studies/`` as never delivered: the dispatcher publishes it again.
+
+        Its delivery count and publish marker are reset; its reasons stay in
+        ``reason.txt`` for the record. Results carry the same UIDs as any
+        earlier attempt, so a PACS that got part of them de-duplicates.
+
+        Raises
+        ------
+        InvalidInstance
+            An unknown job, or one completed meanwhile (nothing to re-drive).
+        """
+        source = self.dead_dir / job_id
+        if not source.is_dir() or "/" in job_id or job_id.startswith("."):
+            raise InvalidInstance(f"no dead-lettered job {job_id!r}")
+        if self.is_completed(job_id):
+            raise InvalidInstance(f"job {job_id} was completed: re-driving it would deliver its results again")
+        target = self._job_dir(job_id)
+        if target.exists():
+            raise InvalidInstance(f"job {job_id} is already waiting in studies/")
+        for marker in (ATTEMPTS_FILE, PUBLISHED_MARKER):
+            (source / marker).unlink(missing_ok=True)
+        os.rename(source, target)
+        fsync_directory(self.dead_dir)
+        fsync_directory(self.studies_dir)
+
+    def purge_dead(self, job_id: str) -> None:
+        """Delete a dead-lettered job and its instances for good.
+
+        Raises
+        ------
+        InvalidInstance
+            An unknown job.
+        """
+        folder = self.dead_dir / job_id
+        if not folder.is_dir() or "/" in job_id or job_id.startswith("."):
+            raise InvalidInstance(f"no dead-lettered job {job_id!r}")
+        trash = self.tmp_dir / f"purge-{job_id}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, trash)
+        fsync_directory(self.dead_dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def dead_letter(self, job_id: str, reason: str) -> Path | None:
         """Move ``studies/<job_id>`` to ``dead/`` with ``reason.txt``.

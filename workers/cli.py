@@ -155,6 +155,55 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     return 0
 
 
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """``breastai jobs``: the operator's view of dead-lettered jobs (service.spool.Spool.dead_jobs)."""
+    from datetime import UTC, datetime
+
+    from service.spool import Spool
+
+    spool = Spool(settings.spool_dir)
+    dead = {job.job_id: job for job in spool.dead_jobs()}
+    if args.action == "list":
+        print(f"{len(dead)} dead-lettered job(s) in {spool.dead_dir}")
+        for job in dead.values():
+            since = datetime.fromtimestamp(job.dead_since, UTC).strftime("%Y-%m-%d %H:%M")
+            first = job.reasons.splitlines()[0] if job.reasons else "no reason recorded"
+            print(f"{job.job_id}  {since}Z  {job.instances} instance(s)  {first}")
+        return 0
+    if args.action == "purge" and args.all:
+        chosen = list(dead)
+    else:
+        chosen = list(args.job_ids)
+        if not chosen:
+            raise ConfigurationError(f"'breastai jobs {args.action}' needs job ids (see 'breastai jobs list')")
+        unknown = [job_id for job_id in chosen if job_id not in dead]
+        if unknown:
+            raise ConfigurationError(f"not dead-lettered: {', '.join(unknown)} (see 'breastai jobs list')")
+    if args.action == "show":
+        for job_id in chosen:
+            job = dead[job_id]
+            print(f"job {job.job_id}\nstudy {job.study_uid or 'unknown'}\ninstances {job.instances}\nreasons:")
+            print("\n".join(f"  {line}" for line in job.reasons.splitlines()) or "  none recorded")
+        return 0
+    for job_id in chosen:
+        if args.action == "retry":
+            spool.retry_dead(job_id)
+            print(f"re-driven {job_id}")
+        else:
+            spool.purge_dead(job_id)
+            print(f"purged {job_id}")
+    if settings.queue == "rabbitmq" and chosen:
+        from service.queue.rabbitmq import RabbitMQJobQueue
+
+        broker = RabbitMQJobQueue(settings, spool)
+        try:
+            dropped = broker.drop_dead_letters(set(chosen))
+        finally:
+            broker.close()
+        print(f"removed {dropped} message(s) from {broker.dead_queue}")
+    return 0
+
+
 def _dicom_files(inputs: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
@@ -215,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=text, description=text)
         add_settings_arguments(sub)
+    jobs = commands.add_parser(
+        "jobs",
+        help="list, show, re-drive or purge dead-lettered jobs",
+        description=(
+            "Dead-lettered jobs wait in the spool's dead/ folder (and, with RabbitMQ, in <queue>.dead) for an "
+            "operator. 'retry' moves them back as never delivered: the running listener publishes them again within "
+            "30 s, or the next start does. Results carry the same UIDs as before, so nothing is reported twice."
+        ),
+    )
+    jobs.add_argument("action", choices=("list", "show", "retry", "purge"))
+    jobs.add_argument("job_ids", nargs="*", metavar="JOB", help="job ids (see 'list'); 'purge --all' for every one")
+    jobs.add_argument("--all", action="store_true", help="purge: every dead-lettered job")
+    add_settings_arguments(jobs)
     analyze = commands.add_parser(
         "analyze",
         help="run the pipeline on DICOM files or folders, no network",
@@ -310,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         settings = settings_from_args(args, os.environ)
+        if args.command == "jobs":
+            return _jobs(args, settings)
         configure_logging(settings)
         if args.command == "serve":
             return _run(settings, with_listener=True, with_worker=True)

@@ -500,6 +500,49 @@ class RabbitMQJobQueue:
         channel.basic_ack(method.delivery_tag)
         log.error("job_dead_lettered", message_id=properties.message_id, failure=failure, reason=reason)
 
+    # --- operator tools (breastai jobs) ----------------------------------------------
+
+    def drop_dead_letters(self, job_ids: set[str] | None) -> int:
+        """Remove from ``<queue>.dead`` the messages of ``job_ids`` (``None``: all of them); how many went.
+
+        The spool's ``dead/`` folder is what ``breastai jobs`` re-drives or
+        purges; this keeps the broker's dead-letter queue in step, so it does
+        not hold a job that was re-driven or purged. Other messages are put
+        back untouched.
+
+        Raises
+        ------
+        QueueUnavailable
+            If the broker cannot be reached.
+        """
+        try:
+            conn = pika.BlockingConnection(self._parameters("jobs-tool"))
+        except (pex.AMQPError, OSError) as exc:
+            raise QueueUnavailable(f"cannot reach RabbitMQ: {type(exc).__name__}: {exc}") from exc
+        dropped = 0
+        kept: list[int] = []
+        try:
+            channel = conn.channel()
+            # Passive: the tool must not re-declare the service's queues (its settings may differ in arguments).
+            try:
+                channel.queue_declare(self.dead_queue, passive=True)
+            except pex.ChannelClosedByBroker:
+                return 0  # no dead-letter queue yet: nothing was ever dead-lettered through this broker
+            while True:
+                method, properties, _body = channel.basic_get(self.dead_queue, auto_ack=False)
+                if method is None:
+                    break
+                if job_ids is None or (properties.message_id or "") in job_ids:
+                    channel.basic_ack(method.delivery_tag)
+                    dropped += 1
+                else:
+                    kept.append(method.delivery_tag)
+            for tag in kept:  # held unacknowledged until the scan ended, so none was read twice
+                channel.basic_nack(tag, requeue=True)
+        finally:
+            conn.close()
+        return dropped
+
     def close(self) -> None:
         """Close the publisher connection; a consumer ends when its stop event is set."""
         with self._pub_lock:

@@ -431,3 +431,62 @@ def test_publisher_recovers_after_its_connection_was_closed(
     )
     queue.publish(make_job())  # the stale connection is replaced within the call
     assert ready_count(broker, queue_name) == 2
+
+
+def test_the_jobs_tool_lists_shows_re_drives_and_purges_dead_letters_in_spool_and_broker(
+    make_queue: Callable[..., RabbitMQJobQueue],
+    broker: Any,
+    queue_name: str,
+    rabbitmq_url: str,
+    wait: Callable[..., bool],
+    spool_dir: Path,
+    us_dataset: Callable[..., Dataset],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 37, 'Tools operations need': breastai jobs, for the embedded queue (the spool's dead/) and RabbitMQ.
+    from workers.cli import main
+
+    spool, first = sealed_job(spool_dir, us_dataset)
+    second = sealed_job(spool_dir, us_dataset)[1]
+    queue = make_queue(spool)
+    for job_id in (first, second):
+        queue.publish(spool.load_job(job_id))
+
+    def handler(job: StudyJob) -> None:
+        raise InvalidInstance("pixel data cannot be decoded")
+
+    consumer = Consumer(queue, handler)
+    try:
+        assert wait(lambda: ready_count(broker, f"{queue_name}.dead") == 2, 15)
+    finally:
+        consumer.close()
+    flags = ["--spool-dir", str(spool_dir), "--queue", "rabbitmq", "--amqp-url", rabbitmq_url]
+    env_queue = {"BREASTAI_QUEUE_NAME": queue_name}
+    import os
+
+    os.environ.update(env_queue)
+    try:
+        assert main(["jobs", "list", *flags]) == 0
+        listed = capsys.readouterr().out
+        assert "2 dead-lettered job(s)" in listed and first in listed and "pixel data cannot be decoded" in listed
+        assert main(["jobs", "show", first, *flags]) == 0
+        assert "InvalidInstance: pixel data cannot be decoded" in capsys.readouterr().out
+        assert main(["jobs", "retry", first, *flags]) == 0
+        assert f"re-driven {first}" in capsys.readouterr().out
+        assert spool.is_sealed(first) and not spool.is_published(first)
+        assert ready_count(broker, f"{queue_name}.dead") == 1, "the broker's copy of the re-driven job is gone"
+        assert main(["jobs", "retry", "no-such-job", *flags]) == 2, "an unknown job is refused by name"
+        assert main(["jobs", "purge", "--all", *flags]) == 0
+        assert not (spool_dir / "dead" / second).exists() and ready_count(broker, f"{queue_name}.dead") == 0
+    finally:
+        for key in env_queue:
+            os.environ.pop(key, None)
+    # The re-driven job runs again like any published one.
+    done: list[str] = []
+    queue = make_queue(spool)
+    queue.publish(spool.load_job(first))
+    consumer = Consumer(queue, lambda job: done.append(job.job_id))
+    try:
+        assert wait(lambda: done == [first], 15)
+    finally:
+        consumer.close()
