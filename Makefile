@@ -49,8 +49,9 @@ SCP_AET       ?= BREASTAI
 # System tools are looked up only in the system directories: .venv/bin holds
 # pynetdicom's Python apps named storescu/echoscu/... with different flags.
 SYSTEM_PATH   := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-SYSTEM_TOOLS  := Orthanc storescu dciodvfy rabbitmq-server
-SYSTEM_PKGS   := orthanc dcmtk dicom3tools rabbitmq-server
+# prometheus: its promtool checks deploy/alerts.yml and the scrape configs (tests/unit/test_deploy.py); 19 MB download.
+SYSTEM_TOOLS  := Orthanc storescu dciodvfy rabbitmq-server promtool
+SYSTEM_PKGS   := orthanc dcmtk dicom3tools rabbitmq-server prometheus
 STORESCU      ?= $(shell (PATH='$(SYSTEM_PATH)'; command -v storescu) 2>/dev/null || echo storescu)
 
 # Fail loudly if an install dragged in CUDA wheels (nvidia-*), e.g. an unpinned torch.

@@ -45,6 +45,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service import metrics
+from service.audit import AuditTrail
 from service.errors import InvalidInstance, PatientConflict
 from service.image_limits import ImageLimits, over_limits
 from service.schema import is_valid_uid
@@ -96,6 +97,9 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEG2000Lossless,
     JPEG2000,
 )
+
+# How an association ended, for the audit trail (pynetdicom's event names).
+_ENDINGS = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted", "EVT_CONN_CLOSE": "connection closed"}
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
@@ -200,6 +204,7 @@ class StudyListener:
         self._sink = sink
         self._max_bytes = settings.max_instance_mb * 1024 * 1024
         self._image_limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
+        self._audit = AuditTrail(spool.root / "audit")
         # Built now, so that bad TLS files stop the start-up rather than the first association.
         self._tls = server_context(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert
@@ -271,6 +276,7 @@ class StudyListener:
     def _handle_ended(self, event: Event) -> None:
         association_id = self._association_id(event, create=False)
         if association_id is not None:
+            self._audit.ended(association_id, how=_ENDINGS.get(event.event.name, event.event.name))
             try:
                 self._sink.association_released(association_id)
             except Exception:
@@ -279,9 +285,13 @@ class StudyListener:
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: every outcome is a PS3.4 B.2.3 status, never an exception."""
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        association_id = self._association_id(event, create=True)
+        assert association_id is not None
+        peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
         try:
             modality, study_uid = self._store(event)
         except _Rejection as rejection:
+            self._audit.stored(association_id, calling_ae, peer, rejection.status, None)
             metrics.INSTANCES_REJECTED.labels(reason=rejection.reason).inc()
             log.warning(
                 "c_store_refused",
@@ -294,10 +304,10 @@ class StudyListener:
         except Exception:
             metrics.INSTANCES_REJECTED.labels(reason="internal").inc()
             log.exception("c_store_failed", calling_ae=calling_ae)
+            self._audit.stored(association_id, calling_ae, peer, STATUS_PROCESSING_FAILURE, None)
             return STATUS_PROCESSING_FAILURE
         metrics.INSTANCES_RECEIVED.labels(modality=modality).inc()
-        association_id = self._association_id(event, create=True)
-        assert association_id is not None
+        self._audit.stored(association_id, calling_ae, peer, STATUS_SUCCESS, study_uid)
         try:
             self._sink.instance_stored(study_uid, association_id, calling_ae=calling_ae)
         except Exception:

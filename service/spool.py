@@ -13,6 +13,7 @@ Layout under the spool root::
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
     patients/<study_uid>              the study's patient key (a digest, never the identity), kept 30 days
     received/<study_uid>.json         SOP Instance UID -> sha256 of every instance sealed into a job, kept 30 days
+    audit/associations-<date>.jsonl   one line per association: who sent what, what we answered (service.audit)
     .reserve                          space held back so that finishing work succeeds on a full disk (see below)
 
 Who deletes what:

@@ -420,3 +420,32 @@ def test_a_finished_study_sent_again_makes_no_second_job(
     assert wait(lambda: len(service.jobs()) == 2, 5)
     newest = max(service.jobs(), key=lambda job: job.job_id)
     assert [i.sop_instance_uid for i in newest.instances] == [later.SOPInstanceUID]
+
+
+def test_every_association_leaves_one_audit_line(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    # Issue 37: who sent what, when, and what we answered. One JSON line per association, without patient identity.
+    import json
+
+    service = start_service()
+    good, bomb = us_dataset(), us_dataset()
+    bomb.Rows = bomb.Columns = 20000
+    assoc = scu("AUDITED").associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert [assoc.send_c_store(ds).Status for ds in (good, bomb)] == [0x0000, 0xC211]
+    assoc.release()
+    aborted = scu("BROKEN").associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert aborted.send_c_store(us_dataset()).Status == 0x0000
+    aborted.abort()
+    audit = service.spool.root / "audit"
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(line) for path in sorted(audit.glob("*.jsonl")) for line in path.read_text().splitlines()]
+
+    assert wait(lambda: len(lines()) == 2, 5)
+    first, second = sorted(lines(), key=lambda line: str(line["calling_ae"]))
+    assert (first["calling_ae"], first["how"], first["statuses"]) == ("AUDITED", "released", {"0x0000": 1, "0xC211": 1})
+    assert first["studies"] == [good.StudyInstanceUID] and str(first["peer"]).startswith("127.0.0.1:")
+    # An A-ABORT and the connection closing come close together; either way it was not released.
+    assert second["calling_ae"] == "BROKEN" and second["how"] in ("aborted", "connection closed")
+    assert "TEST0001" not in json.dumps(lines()), "no patient identity"
