@@ -215,6 +215,8 @@ class StudyListener:
     def build_ae(self) -> AE:
         """The Application Entity with our presentation contexts and allow-list."""
         ae = AE(ae_title=self._settings.ae_title)
+        # pynetdicom rejects associations past this (rejected-transient, local limit exceeded; PS3.8 7.1.1.3).
+        ae.maximum_associations = self._settings.max_associations
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))

@@ -166,6 +166,10 @@ class Settings:
         Structured logging to stderr.
     max_instance_mb
         Larger C-STORE data sets are refused with 0xA700 (out of resources).
+    max_associations
+        Concurrent associations the listener accepts; more are rejected
+        (transient: local limit exceeded, PS3.8 7.1.1.3), so a flood of
+        senders cannot exhaust memory or threads.
     tls_cert_file, tls_key_file, tls_ca_file, tls_require_client_cert, tls_destinations
         DICOM TLS (service.tls): the listener serves TLS only once a
         certificate and key are set, and requires senders' certificates
@@ -204,6 +208,7 @@ class Settings:
     log_format: LogFormat = "json"
     log_level: str = "INFO"
     max_instance_mb: int = 512
+    max_associations: int = 16
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
@@ -249,6 +254,8 @@ class Settings:
             raise ConfigurationError(f"log_level must be one of {_LOG_LEVELS}: {self.log_level!r}")
         if self.max_instance_mb <= 0:
             raise ConfigurationError(f"max_instance_mb must be > 0: {self.max_instance_mb!r}")
+        if self.max_associations < 1:
+            raise ConfigurationError(f"max_associations must be >= 1: {self.max_associations!r}")
         if self.spool_reserve_mb < 0:
             raise ConfigurationError(f"spool_reserve_mb must be >= 0: {self.spool_reserve_mb!r}")
         if self.max_frame_megapixels <= 0:
@@ -361,6 +368,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "log_format": _to_str,
     "log_level": _to_upper,
     "max_instance_mb": _to_int,
+    "max_associations": _to_int,
     "tls_cert_file": _to_optional_path,
     "tls_key_file": _to_optional_path,
     "tls_ca_file": _to_optional_path,

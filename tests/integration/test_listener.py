@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -449,3 +450,25 @@ def test_every_association_leaves_one_audit_line(
     # An A-ABORT and the connection closing come close together; either way it was not released.
     assert second["calling_ae"] == "BROKEN" and second["how"] in ("aborted", "connection closed")
     assert "TEST0001" not in json.dumps(lines()), "no patient identity"
+
+
+def test_associations_past_the_limit_are_rejected_and_the_first_goes_on(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    service = start_service(max_associations=1)
+    first = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert first.is_established
+    second = scu("ANOTHER").associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert not second.is_established and second.is_rejected, "past max_associations: rejected, not queued"
+    assert first.send_c_store(us_dataset()).Status == 0x0000
+    first.release()
+    established: list[Any] = []
+
+    def room_again() -> bool:  # the first association's thread ends a moment after its release
+        attempt = scu("ANOTHER").associate("127.0.0.1", service.port, ae_title=SCP_AE)
+        if attempt.is_established:
+            established.append(attempt)
+        return bool(established)
+
+    assert wait(room_again, 5), "room again once the first ended"
+    established[0].release()
