@@ -1,7 +1,7 @@
 # BreastAI developer/CI entry points (POSIX sh recipes, GNU make >= 4).
 #
 #   make venv           .venv with the serving dependencies (no torch)
-#   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server (if missing)
+#   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server prometheus (promtool) (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + ruff + mypy --strict + pytest (unit, integration, e2e)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
@@ -134,10 +134,12 @@ deps-system:
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PKGS) || status=$$?; \
 	if [ -n "$$made_policy" ]; then $$SUDO rm -f $$policy; fi; \
 	if [ $$status -ne 0 ]; then echo "deps-system: apt-get failed ($$status)" >&2; exit $$status; fi; \
-	$$SUDO service orthanc stop >/dev/null 2>&1 || true; \
-	if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true; \
-	else $$SUDO update-rc.d orthanc disable >/dev/null 2>&1 || true; fi; \
-	echo "deps-system: installed $(SYSTEM_PKGS) (system orthanc service stopped/disabled)"
+	for unit in orthanc prometheus; do \
+	  $$SUDO service $$unit stop >/dev/null 2>&1 || true; \
+	  if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now $$unit >/dev/null 2>&1 || true; \
+	  else $$SUDO update-rc.d $$unit disable >/dev/null 2>&1 || true; fi; \
+	done; \
+	echo "deps-system: installed $(SYSTEM_PKGS) (system orthanc and prometheus services stopped/disabled)"
 
 rabbitmq: deps-system
 	sh scripts/ensure_rabbitmq.sh
