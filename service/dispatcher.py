@@ -161,6 +161,7 @@ class Dispatcher:
             self._next_rescan = now + RESCAN_INTERVAL_S
             self._adopt_unpublished_jobs()
             self._spool.ensure_reserve()  # made again once a full disk has room (it may have been used up)
+            self._spool.forget_old_deliveries()
         return self._publish_pending(self._clock())
 
     def _adopt_unpublished_jobs(self) -> None:

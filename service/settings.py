@@ -175,6 +175,10 @@ class Settings:
         certificate and key are set, and requires senders' certificates
         signed by the CA file if asked; results go over TLS with
         ``tls_destinations``, the PACS verified against the CA file.
+    keep_delivered_hours
+        How long a delivered study's instances and report stay in the spool,
+        so that instances arriving later give one revised report over the
+        whole study that names the first (0: a report of their own).
     spool_reserve_mb
         Space kept free on the spool's disk: below it new instances get
         0xA700, and finishing work may use it when the disk fills anyway.
@@ -214,6 +218,7 @@ class Settings:
     tls_ca_file: Path | None = None
     tls_require_client_cert: bool = False
     tls_destinations: bool = False
+    keep_delivered_hours: float = 24.0
     spool_reserve_mb: int = 64
     max_frame_megapixels: int = DEFAULT_MAX_FRAME_MEGAPIXELS
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
@@ -256,6 +261,8 @@ class Settings:
             raise ConfigurationError(f"max_instance_mb must be > 0: {self.max_instance_mb!r}")
         if self.max_associations < 1:
             raise ConfigurationError(f"max_associations must be >= 1: {self.max_associations!r}")
+        if self.keep_delivered_hours < 0:
+            raise ConfigurationError(f"keep_delivered_hours must be >= 0: {self.keep_delivered_hours!r}")
         if self.spool_reserve_mb < 0:
             raise ConfigurationError(f"spool_reserve_mb must be >= 0: {self.spool_reserve_mb!r}")
         if self.max_frame_megapixels <= 0:
@@ -374,6 +381,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "tls_ca_file": _to_optional_path,
     "tls_require_client_cert": _to_bool,
     "tls_destinations": _to_bool,
+    "keep_delivered_hours": _to_float,
     "spool_reserve_mb": _to_int,
     "max_frame_megapixels": _to_int,
     "max_decoded_mb": _to_int,

@@ -13,6 +13,7 @@ Layout under the spool root::
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
     patients/<study_uid>              the study's patient key (a digest, never the identity), kept 30 days
     received/<study_uid>.json         SOP Instance UID -> sha256 of every instance sealed into a job, kept 30 days
+    delivered/<study_uid>/            a delivered study's instances and report.sr, kept keep_delivered_s for a revision
     audit/associations-<date>.jsonl   one line per association: who sent what, what we answered (service.audit)
     .reserve                          space held back so that finishing work succeeds on a full disk (see below)
 
@@ -28,6 +29,7 @@ Who deletes what:
   :meth:`dead_letter`.
 - ``done/<job_id>``: forgotten after :data:`COMPLETED_KEEP_S` when a spool opens.
 - ``dead/``: never deleted by the service.
+- ``delivered/<study_uid>``: forgotten ``keep_delivered_s`` after its last delivery.
 - ``patients/<study_uid>``, ``received/<study_uid>.json``: forgotten after
   :data:`COMPLETED_KEEP_S` when a spool opens.
 
@@ -81,6 +83,8 @@ ATTEMPTS_FILE = "attempts"
 REASON_FILE = "reason.txt"
 CALLING_AE_FILE = "calling_ae.json"
 RESERVE_FILE = ".reserve"
+REPORT_FILE = "report.sr"  # the SR a job delivered (written by the worker; kept with the study for a revision)
+PREDECESSOR_FILE = "predecessor.sr"  # in a revision's job: the SR it revises (PS3.3 C.17.2, Predecessor Documents)
 INSTANCE_SUFFIX = ".dcm"
 #: How long a completed job's id is remembered (``done/``), to acknowledge late duplicate deliveries of it.
 COMPLETED_KEEP_S = 30 * 24 * 3600.0
@@ -188,9 +192,10 @@ class Spool:
         The spool directory; created with its subdirectories if missing.
     """
 
-    def __init__(self, root: Path, reserve_bytes: int = 0) -> None:
+    def __init__(self, root: Path, reserve_bytes: int = 0, keep_delivered_s: float = 0.0) -> None:
         self.root = Path(root)
         self.reserve_bytes = reserve_bytes
+        self.keep_delivered_s = keep_delivered_s
         self._reserve = self.root / RESERVE_FILE
         # Each process writes its temporary files in a folder of its own, so a
         # worker or listener that starts (and cleans up after its own crashed
@@ -203,6 +208,7 @@ class Spool:
         self.done_dir = self.root / "done"
         self.patients_dir = self.root / "patients"
         self.received_dir = self.root / "received"
+        self.delivered_dir = self.root / "delivered"
         for directory in (
             self.incoming_dir,
             self.studies_dir,
@@ -210,6 +216,7 @@ class Spool:
             self.done_dir,
             self.patients_dir,
             self.received_dir,
+            self.delivered_dir,
         ):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -283,6 +290,17 @@ class Spool:
             try:
                 if record.stat().st_mtime < cutoff:
                     record.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+        self.forget_old_deliveries()
+
+    def forget_old_deliveries(self) -> None:
+        """Remove delivered studies kept longer than ``keep_delivered_s`` (all of them when it is 0)."""
+        cutoff = time.time() - self.keep_delivered_s
+        for study in self.delivered_dir.iterdir():
+            try:
+                if study.stat().st_mtime < cutoff or self.keep_delivered_s <= 0:
+                    shutil.rmtree(study, ignore_errors=True)
             except FileNotFoundError:
                 continue
 
@@ -485,7 +503,33 @@ class Spool:
             fsync_directory(self.studies_dir)
             return False
         self._write_finishing(record, json.dumps({**sealed_before, **fresh}, sort_keys=True).encode())
+        self._join_delivered(study_uid, job_dir)
         return True
+
+    def _join_delivered(self, study_uid: str, job_dir: Path) -> None:
+        """New instances of a study delivered within ``keep_delivered_s``: the job covers the whole study again.
+
+        The delivered instances are linked into the job beside the new ones,
+        and the SR that was delivered becomes the job's predecessor, so the
+        worker sends one revised report over the whole study that names the
+        one it replaces (PS3.3 C.17.2) instead of a second report over the
+        new images alone. Overlays of the earlier images come out with the
+        same UIDs as before, so the PACS keeps one copy of each.
+        """
+        delivered = self.delivered_dir / study_uid
+        if not delivered.is_dir():
+            return
+        for source in delivered.glob(f"*{INSTANCE_SUFFIX}"):
+            target = job_dir / source.name
+            if not target.exists():
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+        report = delivered / REPORT_FILE
+        if report.is_file():
+            shutil.copyfile(report, job_dir / PREDECESSOR_FILE)
+        fsync_directory(job_dir)
 
     def write_job(self, job: StudyJob) -> Path:
         """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""
@@ -650,6 +694,8 @@ class Spool:
             return False
         # Recorded before the folder goes: a crash in between leaves a done job with its files, never a lost record.
         self._write_finishing(self.done_dir / job_id, datetime.now(UTC).isoformat().encode("ascii"))
+        if self.keep_delivered_s > 0:
+            self._keep_delivered(job_dir)
         # Rename first so that a crash mid-delete never leaves a half job under studies/.
         trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"
         try:
@@ -718,6 +764,25 @@ class Spool:
         os.rename(folder, trash)
         fsync_directory(self.dead_dir)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def _keep_delivered(self, job_dir: Path) -> None:
+        """Move a completed job's instances and delivered SR to ``delivered/<study>`` (for a later revision)."""
+        try:
+            study_uid = StudyJob.from_json((job_dir / JOB_FILE).read_bytes()).study_instance_uid
+        except (OSError, JobSchemaError):
+            return  # nothing to revise from: the job is removed as before
+        kept = self.delivered_dir / study_uid
+        try:
+            kept.mkdir(exist_ok=True)
+            for source in (*job_dir.glob(f"*{INSTANCE_SUFFIX}"), job_dir / REPORT_FILE):
+                if source.is_file():
+                    os.replace(source, kept / source.name)
+            fsync_directory(kept)
+            os.utime(kept)  # the keep window runs from the last delivery
+        except OSError as exc:  # keeping is a convenience: completing must not fail for it
+            log.warning(
+                "delivered_study_not_kept", study_uid=study_uid, error=errno.errorcode.get(exc.errno or 0, "EIO")
+            )
 
     def dead_letter(self, job_id: str, reason: str) -> Path | None:
         """Move ``studies/<job_id>`` to ``dead/`` with ``reason.txt``.

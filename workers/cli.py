@@ -119,7 +119,11 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     health = Health()
     health.add("ready", "models", lambda: "loading" if with_worker else None)
     http_server = start_http_endpoints(settings.metrics_port, settings.metrics_address, health)
-    spool = Spool(settings.spool_dir, reserve_bytes=settings.spool_reserve_mb * 1024 * 1024)
+    spool = Spool(
+        settings.spool_dir,
+        reserve_bytes=settings.spool_reserve_mb * 1024 * 1024,
+        keep_delivered_s=settings.keep_delivered_hours * 3600,
+    )
     health.add("ready", "spool", lambda: "spool disk below its reserve" if spool.below_reserve() else None)
     metrics.SPOOL_FREE_BYTES.set_function(spool.free_bytes)
     metrics.DEAD_LETTERED_JOBS.set_function(spool.dead_letter_count)

@@ -10,6 +10,7 @@ verification against the job, metrics, and delivery.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from service.errors import InvalidInstance, PatientConflict, PermanentError, Uns
 from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits
 from service.logging import bind_job
 from service.schema import StudyJob
-from service.spool import verify_instances
+from service.spool import PREDECESSOR_FILE, REPORT_FILE, verify_instances
 from service.study_identity import patient_key
 from workers.clinical import clinical_context
 from workers.dicom_reader import read_frames
@@ -69,7 +70,11 @@ def read_header(path: Path) -> Dataset:
 
 
 def process_study(
-    paths: Sequence[Path], pipeline: BModePipeline, context: ReportContext, limits: ImageLimits = DEFAULT_IMAGE_LIMITS
+    paths: Sequence[Path],
+    pipeline: BModePipeline,
+    context: ReportContext,
+    limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+    predecessor: Dataset | None = None,
 ) -> StudyResults:
     """Analyse every routable instance of one study and build its SR and overlays.
 
@@ -83,6 +88,8 @@ def process_study(
         Device identity written into the results.
     limits
         The largest image decoded (service.image_limits); larger ones are skipped, named in the SR.
+    predecessor
+        The report this study's earlier delivery sent, which the new one revises (it names it).
 
     Raises
     ------
@@ -149,8 +156,30 @@ def process_study(
         series_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report-series"),
         sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report", *sources),
         context=context,
+        previous_versions=[predecessor] if predecessor is not None else (),
     )
     return StudyResults(report=report, overlays=tuple(overlays), skipped=tuple(skipped))
+
+
+def _read_predecessor(path: Path) -> Dataset | None:
+    """The SR a revision names as its predecessor, if the spool linked one into the job (service.spool)."""
+    if not path.is_file():
+        return None
+    try:
+        return pydicom.dcmread(path)
+    except Exception:
+        log.warning("predecessor_report_unreadable")
+        return None
+
+
+def _keep_report(report: Dataset, path: Path) -> None:
+    """Leave the delivered SR in the job folder, where the spool keeps it for a later revision."""
+    try:
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        path.write_bytes(buffer.getvalue())
+    except OSError as exc:  # the results are delivered: a later revision will only lack its predecessor
+        log.warning("delivered_report_not_kept", error=type(exc).__name__)
 
 
 class JobHandler:
@@ -176,8 +205,13 @@ class JobHandler:
 
     def __call__(self, job: StudyJob) -> None:
         with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
+            job_dir = self._spool_root / "studies" / job.job_id
             results = process_study(
-                verify_instances(job, self._spool_root), self._pipeline, self._context, self._limits
+                verify_instances(job, self._spool_root),
+                self._pipeline,
+                self._context,
+                self._limits,
+                predecessor=_read_predecessor(job_dir / PREDECESSOR_FILE),
             )
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)
@@ -185,5 +219,6 @@ class JobHandler:
                 log.info("study_without_analysable_images", instances=len(job.instances))
             else:
                 self._sender.send(results.datasets)
+                _keep_report(results.report, job_dir / REPORT_FILE)
                 log.info("results_delivered", objects=len(results.datasets), overlays=len(results.overlays))
             metrics.observe_end_to_end(job.created_at)

@@ -140,6 +140,7 @@ def build_report(
     context: ReportContext,
     series_number: int = 9901,
     instance_number: int = 1,
+    previous_versions: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's AI report, a TID 1500 Measurement Report.
 
@@ -158,6 +159,10 @@ def build_report(
         Equipment and device observer identity.
     series_number, instance_number
         Series Number and Instance Number of the report.
+    previous_versions
+        Reports this one revises (a study that gained instances after its
+        report was delivered): listed in the Predecessor Documents Sequence
+        (PS3.3 C.17.2), so a viewer shows a revision, not a second opinion.
 
     Returns
     -------
@@ -236,6 +241,7 @@ def build_report(
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=context.manufacturer_model_name,
         software_versions=context.software_versions,
+        previous_versions=list(previous_versions) or None,
     )
     for keyword in _PATIENT_STUDY_TYPE3:
         if keyword in unique_evidence[0] and keyword not in sr:

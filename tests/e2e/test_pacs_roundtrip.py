@@ -227,3 +227,65 @@ def test_split_listen_and_work_over_rabbitmq(
         interval=0.5,
         message="job counted as done",
     )
+
+
+def test_an_instance_routed_after_the_report_gives_one_revision_that_names_it(
+    orthanc_factory, service_factory, free_ports, sample_study: Path, tmp_path: Path
+) -> None:
+    # Issue 37: a series routed an hour later gives one revised report over the whole study, naming its predecessor
+    # (PS3.3 C.17.2), not a second opinion over the new image alone.
+    from pynetdicom import AE
+
+    pacs, _service, port, _metrics = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    study_uid, ids, sources = _upload_study(pacs, sample_study)
+    families = len(default_families())
+    pacs.send_to_modality("BREASTAI", ids)
+    pacs.wait_for(
+        lambda: results_present(pacs, study_uid, overlays=len(sources) * families),
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="first report",
+    )
+    (first,) = instances_of_class(pacs, study_uid, SR_CLASS)
+    first_uid = str(download(pacs, first).SOPInstanceUID)
+
+    later = pydicom.dcmread(next(iter(sorted(sample_study.glob("*.dcm")))))
+    later.SOPInstanceUID = pydicom.uid.generate_uid()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(later.SOPClassUID, str(later.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", port, ae_title="BREASTAI")
+    assert assoc.send_c_store(later).Status == 0x0000
+    assoc.release()
+    pacs.wait_for(
+        lambda: len(instances_of_class(pacs, study_uid, SR_CLASS)) == 2,
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="revised report",
+    )
+    revision = next(
+        download(pacs, item) for item in instances_of_class(pacs, study_uid, SR_CLASS) if item["ID"] != first["ID"]
+    )
+    predecessors = [
+        str(instance.ReferencedSOPInstanceUID)
+        for study in revision.PredecessorDocumentsSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    ]
+    assert predecessors == [first_uid]
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in revision.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert evidence == sources | {str(later.SOPInstanceUID)}, "the revision covers the whole study"
+    # Overlays of the earlier images came out again with the same UIDs: one copy each, plus the new image's.
+    pacs.wait_for(
+        lambda: len(instances_of_class(pacs, study_uid, SC_CLASS)) == (len(sources) + 1) * families,
+        timeout=RESULT_TIMEOUT_S,
+        interval=0.5,
+        message="overlays of the whole study, once each",
+    )
+    path = tmp_path / "revision.dcm"
+    revision.save_as(path)
+    assert dciodvfy_errors(path) == []

@@ -332,3 +332,31 @@ def test_a_re_sent_study_adds_nothing_and_only_new_instances_make_a_job(
     assert [ref.sop_instance_uid for ref in spool.load_job(later).instances] == [three]
     assert metrics.INSTANCES_DUPLICATE.labels(outcome="conflict")._value.get() == conflicting + 1
     assert (spool.studies_dir / first / f"{two}.dcm").read_bytes() == two_bytes
+
+
+def test_a_study_that_grows_after_delivery_is_sealed_whole_with_its_report_as_predecessor(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    # Issue 37: instances routed after the report was delivered give one revised report over the whole study.
+    spool = Spool(spool_dir, keep_delivered_s=3600)
+    first, first_bytes = encoded(us_dataset)
+    spool.store_instance(STUDY, first, first_bytes)
+    delivered = spool.seal_study(STUDY)
+    assert delivered is not None
+    (spool.studies_dir / delivered / "report.sr").write_bytes(b"the delivered SR")  # as the worker leaves it
+    assert spool.complete(delivered)
+    kept = spool.delivered_dir / STUDY
+    assert sorted(p.name for p in kept.iterdir()) == sorted([f"{first}.dcm", "report.sr"])
+
+    later, later_bytes = encoded(us_dataset)
+    spool.store_instance(STUDY, later, later_bytes)
+    revision = spool.seal_study(STUDY)
+    assert revision is not None
+    assert {ref.sop_instance_uid for ref in spool.load_job(revision).instances} == {first, later}
+    assert (spool.studies_dir / revision / "predecessor.sr").read_bytes() == b"the delivered SR"
+
+    without = Spool(spool_dir / "other")  # keep_delivered_s = 0: nothing kept, a later instance stands alone
+    without.store_instance(STUDY, first, first_bytes)
+    job = without.seal_study(STUDY)
+    assert job is not None and without.complete(job)
+    assert not any(without.delivered_dir.iterdir())
