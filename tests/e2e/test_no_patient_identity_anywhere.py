@@ -3,7 +3,8 @@
 A study with distinctive identities goes through a real Orthanc and `breastai serve`, together with a stray
 instance of another patient (refused at the door) and one the reader refuses; then the service's log, its
 /metrics and health answers, and every file it wrote in the spool that is not a DICOM instance (job files, the
-messages a queue would carry, dead-letter reasons, its records) are searched for the names, IDs and birth dates.
+messages a queue would carry, dead-letter reasons, its records, the audit trail) are searched for the names, IDs
+and birth dates.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ def test_patient_identity_reaches_no_log_metric_queue_message_or_spool_record(
         message="results in Orthanc",
     )
     # Then two bad instances over a direct association: another patient's image of the same study (refused at the
-    # door), and one whose pixel data is cut short (accepted, then dead-lettered by the worker with its reason).
+    # door), and, in a study of its own, one whose pixel data is cut short (accepted, then dead-lettered by the worker
+    # with its reason).
     stray = pydicom.dcmread(files[0])
     for keyword, value in STRAY.items():
         setattr(stray, keyword, value)
     stray.SOPInstanceUID = pydicom.uid.generate_uid()
     short = pydicom.dcmread(files[0])
     short.SOPInstanceUID = pydicom.uid.generate_uid()
+    short.StudyInstanceUID = pydicom.uid.generate_uid()  # a study of nothing readable: dead-lettered whole
     short.PixelData = short.PixelData[:100]
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(UltrasoundImageStorage, str(short.file_meta.TransferSyntaxUID))
@@ -85,8 +88,12 @@ def test_patient_identity_reaches_no_log_metric_queue_message_or_spool_record(
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as response:
             written[path] = response.read().decode()
     for path in spool.rglob("*"):
-        if path.is_file() and path.suffix != ".dcm" and path.name != ".reserve":
-            written[str(path.relative_to(spool))] = path.read_text(errors="replace")
+        if not path.is_file() or path.name == ".reserve":
+            continue
+        data = path.read_bytes()
+        if data[128:132] == b"DICM":
+            continue  # the images and the delivered SR: patient data by design, kept only in the spool
+        written[str(path.relative_to(spool))] = data.decode(errors="replace")
     assert any(name.endswith("reason.txt") for name in written), "the dead letter's reason was searched"
     assert any(name.startswith("received") for name in written), sorted(written)
     leaks = {
