@@ -18,7 +18,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
@@ -31,12 +30,6 @@ from service.spool import Spool
 from service.tracker import StudyTracker
 
 log = structlog.get_logger("service.dispatcher")
-
-
-@dataclass
-class _Unpublished:
-    job: StudyJob
-    next_at: float = 0.0
 
 
 # How often sealed-but-unpublished jobs are looked for on disk (see _adopt_unpublished_jobs).
@@ -80,11 +73,13 @@ class Dispatcher:
         self._tracker = StudyTracker(settings.quiet_period_s, settings.stable_age_s)
         self._lock = threading.Lock()  # guards tracker, calling AEs and the unpublished map
         self._calling_ae: dict[str, set[str]] = {}
-        self._unpublished: dict[str, _Unpublished] = {}
+        self._unpublished: dict[str, StudyJob] = {}
         self._next_rescan = 0.0
-        # The broker, not each job, is what is down: one backoff and one log line per outage (publish thread only).
+        # The broker, not each job, is what is down: one backoff gate for every waiting job and one log line per
+        # outage (publish thread only).
         self._broker_failures = 0
         self._broker_down_since: float | None = None
+        self._publish_after = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,7 +117,7 @@ class Dispatcher:
             for study in studies:
                 self._tracker.restore(study.study_uid, now, interrupted=True)
             for job in jobs:
-                self._unpublished.setdefault(job.job_id, _Unpublished(job))
+                self._unpublished.setdefault(job.job_id, job)
         log.info("spool_recovered", unsealed_studies=len(studies), unpublished_jobs=len(jobs))
 
     def start(self) -> None:
@@ -175,7 +170,7 @@ class Dispatcher:
         with self._lock:
             adopted = [job.job_id for job in jobs if job.job_id not in self._unpublished]
             for job in jobs:
-                self._unpublished.setdefault(job.job_id, _Unpublished(job))
+                self._unpublished.setdefault(job.job_id, job)
         if adopted:
             log.warning("unpublished_jobs_adopted", job_ids=adopted)
 
@@ -206,18 +201,20 @@ class Dispatcher:
         metrics.STUDIES_RECEIVED.inc()
         log.info("study_sealed", job_id=job_id, study_uid=study_uid, instances=len(job.instances))
         with self._lock:
-            self._unpublished[job_id] = _Unpublished(job)
+            self._unpublished[job_id] = job
 
     def _publish_pending(self, now: float) -> list[str]:
+        if now < self._publish_after:
+            return []  # the broker is down: every waiting job waits out the same backoff
         with self._lock:
-            ready = [entry for entry in self._unpublished.values() if entry.next_at <= now]
+            ready = list(self._unpublished.values())
         published = []
-        for position, entry in enumerate(ready):
-            job_id = entry.job.job_id
+        for job in ready:
+            job_id = job.job_id
             try:
-                self._queue.publish(entry.job)
+                self._queue.publish(job)
             except QueueUnavailable as exc:
-                self._broker_unavailable(ready[position:], exc)
+                self._broker_unavailable(len(self._unpublished), exc)
                 break
             except BreastAIError as exc:
                 # Not retryable: the queue refuses this job (e.g. it was already
@@ -234,10 +231,10 @@ class Dispatcher:
             with contextlib.suppress(OSError, BreastAIError):  # a fast consumer already completed it: nothing to mark
                 self._spool.mark_published(job_id)
             published.append(job_id)
-            log.info("job_published", job_id=job_id, study_uid=entry.job.study_instance_uid)
+            log.info("job_published", job_id=job_id, study_uid=job.study_instance_uid)
         return published
 
-    def _broker_unavailable(self, waiting: list[_Unpublished], exc: QueueUnavailable) -> None:
+    def _broker_unavailable(self, waiting: int, exc: QueueUnavailable) -> None:
         """The broker refused a publish: every waiting job waits one broker backoff; one warning per outage.
 
         Trying each pending job on its own connection, each with its own
@@ -246,14 +243,12 @@ class Dispatcher:
         """
         self._broker_failures += 1
         delay = retry_backoff(self._broker_failures, self._backoff_s, self._backoff_cap_s)
-        retry_at = self._clock() + delay
-        for entry in waiting:
-            entry.next_at = max(entry.next_at, retry_at)
+        self._publish_after = self._clock() + delay
         if self._broker_down_since is None:
             self._broker_down_since = self._clock()
-            log.warning("queue_unavailable", waiting_jobs=len(waiting), retry_in_s=delay, reason=str(exc))
+            log.warning("queue_unavailable", waiting_jobs=waiting, retry_in_s=delay, reason=str(exc))
         else:
-            log.debug("publish_retry", waiting_jobs=len(waiting), attempt=self._broker_failures, retry_in_s=delay)
+            log.debug("publish_retry", waiting_jobs=waiting, attempt=self._broker_failures, retry_in_s=delay)
 
     def _broker_available(self) -> None:
         """A publish went through: end the outage, if there was one, with one line."""
