@@ -47,7 +47,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from service import metrics
 from service.audit import AuditTrail
 from service.errors import InvalidInstance, PatientConflict
-from service.image_limits import ImageLimits, over_limits
+from service.image_limits import over_limits
 from service.schema import is_valid_uid
 from service.settings import Settings
 from service.spool import Spool
@@ -203,7 +203,7 @@ class StudyListener:
         self._spool = spool
         self._sink = sink
         self._max_bytes = settings.max_instance_mb * 1024 * 1024
-        self._image_limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
+        self._image_limits = settings.image_limits
         self._audit = AuditTrail(spool.root / "audit")
         # Built now, so that bad TLS files stop the start-up rather than the first association.
         self._tls = server_context(

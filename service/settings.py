@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.errors import ConfigurationError
-from service.image_limits import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MEGAPIXELS
+from service.image_limits import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MEGAPIXELS, ImageLimits
 
 ENV_PREFIX = "BREASTAI_"
 
@@ -227,6 +227,11 @@ class Settings:
     model_dir: Path | None = None
     job_retry_limit: int = 30
     us_families: tuple[str, ...] = ()
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """The largest frame and instance the listener accepts and a worker decodes (service.image_limits)."""
+        return ImageLimits(self.max_frame_megapixels, self.max_decoded_mb)
 
     def __post_init__(self) -> None:
         validate_ae_title(self.ae_title, "ae_title")

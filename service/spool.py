@@ -62,6 +62,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,7 @@ from service import metrics
 from service.durable import fsync_directory, write_durably
 from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError, PatientConflict
 from service.schema import InstanceRef, StudyJob, is_valid_uid
+from service.settings import Settings
 
 log = structlog.get_logger("service.spool")
 
@@ -192,7 +194,7 @@ class Spool:
         The spool directory; created with its subdirectories if missing.
     """
 
-    def __init__(self, root: Path, reserve_bytes: int = 0, keep_delivered_s: float = 0.0) -> None:
+    def __init__(self, root: Path, reserve_bytes: int = 0, keep_delivered_s: float | None = None) -> None:
         self.root = Path(root)
         self.reserve_bytes = reserve_bytes
         self.keep_delivered_s = keep_delivered_s
@@ -220,6 +222,7 @@ class Spool:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._patients: dict[str, str] = {}  # study UID -> patient key bound on disk (see _bind_patient)
         self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
         weakref.finalize(self, _close_all, self._alive_descriptor)
         _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
@@ -228,6 +231,15 @@ class Spool:
         self.ensure_reserve()
 
     # --- disk space -----------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Spool:
+        """The spool as the service runs it (its reserve, delivered studies kept): every sub-command opens it so."""
+        return cls(
+            settings.spool_dir,
+            reserve_bytes=settings.spool_reserve_mb * 1024 * 1024,
+            keep_delivered_s=settings.keep_delivered_hours * 3600,
+        )
 
     def dead_letter_count(self) -> int:
         """Jobs kept in ``dead/`` for an operator."""
@@ -295,7 +307,12 @@ class Spool:
         self.forget_old_deliveries()
 
     def forget_old_deliveries(self) -> None:
-        """Remove delivered studies kept longer than ``keep_delivered_s`` (all of them when it is 0)."""
+        """Remove delivered studies kept longer than ``keep_delivered_s`` (all of them when it is 0).
+
+        ``None`` (a spool opened by a tool, not by the service) keeps and removes nothing.
+        """
+        if self.keep_delivered_s is None:
+            return
         cutoff = time.time() - self.keep_delivered_s
         for study in self.delivered_dir.iterdir():
             try:
@@ -403,12 +420,17 @@ class Spool:
 
     def _bind_patient(self, study_uid: str, patient_key: str) -> None:
         """Record the study's patient key on its first instance; refuse another key later (caller holds the lock)."""
-        marker = self.patients_dir / study_uid
-        try:
-            bound = marker.read_text("ascii").strip()
-        except FileNotFoundError:
-            write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
-            return
+        bound = self._patients.get(study_uid)
+        if bound is None:
+            # Read from disk once per study and process (a study bound before a restart, or by another listener);
+            # every later instance is checked in memory: this runs on each C-STORE, under the spool's lock.
+            marker = self.patients_dir / study_uid
+            try:
+                bound = marker.read_text("ascii").strip()
+            except FileNotFoundError:
+                write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
+                bound = patient_key
+            self._patients[study_uid] = bound
         if bound != patient_key:
             raise PatientConflict("the study already holds instances of another patient")
 
@@ -452,22 +474,25 @@ class Spool:
             os.rename(source, target)
             fsync_directory(self.incoming_dir)
             fsync_directory(self.studies_dir)
-        if not self._keep_new_instances(study_uid, target):
+        digests = self._keep_new_instances(study_uid, target)
+        if digests is None:
             return None
         if calling_ae_titles:
             self._write_finishing(target / CALLING_AE_FILE, json.dumps(sorted(set(calling_ae_titles))).encode())
         try:
-            job = self.build_job(job_id, created_at=now)
+            job = self.build_job(job_id, created_at=now, digests=digests)
         except BreastAIError as exc:
             exc.job_id = job_id  # type: ignore[attr-defined]
             raise
         self.write_job(job)
         return job_id
 
-    def _keep_new_instances(self, study_uid: str, job_dir: Path) -> bool:
+    def _keep_new_instances(self, study_uid: str, job_dir: Path) -> dict[str, str] | None:
         """Drop from a just-sealed ``job_dir`` what earlier jobs of the study hold; record the rest.
 
-        Returns whether anything new is left (if not, ``job_dir`` is removed).
+        Returns the sha256 of every instance the job now holds, by SOP
+        Instance UID (so that building the job hashes nothing again), or
+        ``None`` if nothing new is left (then ``job_dir`` is removed).
         The record is written after the drops and before the job is built:
         a crash in between leaves a job that recovery rebuilds and runs.
         """
@@ -501,12 +526,12 @@ class Spool:
         if not fresh:
             shutil.rmtree(job_dir)
             fsync_directory(self.studies_dir)
-            return False
+            return None
         self._write_finishing(record, json.dumps({**sealed_before, **fresh}, sort_keys=True).encode())
-        self._join_delivered(study_uid, job_dir)
-        return True
+        joined = self._join_delivered(study_uid, job_dir)
+        return {**{sop: sealed_before[sop] for sop in joined if sop in sealed_before}, **fresh}
 
-    def _join_delivered(self, study_uid: str, job_dir: Path) -> None:
+    def _join_delivered(self, study_uid: str, job_dir: Path) -> list[str]:
         """New instances of a study delivered within ``keep_delivered_s``: the job covers the whole study again.
 
         The delivered instances are linked into the job beside the new ones,
@@ -518,7 +543,8 @@ class Spool:
         """
         delivered = self.delivered_dir / study_uid
         if not delivered.is_dir():
-            return
+            return []
+        joined = []
         for source in delivered.glob(f"*{INSTANCE_SUFFIX}"):
             target = job_dir / source.name
             if not target.exists():
@@ -526,10 +552,12 @@ class Spool:
                     os.link(source, target)
                 except OSError:
                     shutil.copyfile(source, target)
+                joined.append(source.name[: -len(INSTANCE_SUFFIX)])
         report = delivered / REPORT_FILE
         if report.is_file():
             shutil.copyfile(report, job_dir / PREDECESSOR_FILE)
         fsync_directory(job_dir)
+        return joined
 
     def write_job(self, job: StudyJob) -> Path:
         """Write (or rewrite) ``studies/<job_id>/job.json`` durably."""
@@ -538,12 +566,15 @@ class Spool:
         self._write_finishing(path, job.to_json().encode("utf-8"))
         return path
 
-    def build_job(self, job_id: str, created_at: datetime | None = None) -> StudyJob:
+    def build_job(
+        self, job_id: str, created_at: datetime | None = None, digests: Mapping[str, str] | None = None
+    ) -> StudyJob:
         """Build the StudyJob of a sealed directory from its files.
 
         Reads each instance's header only (``stop_before_pixels``) for the
         SOP Class / Instance, Series Instance UID and Modality, and hashes
-        the bytes. Paths are relative to the spool root.
+        the bytes unless ``digests`` (SOP Instance UID -> sha256, from
+        sealing) already holds them. Paths are relative to the spool root.
 
         Raises
         ------
@@ -555,8 +586,9 @@ class Spool:
         job_dir = self._job_dir(job_id)
         refs: list[InstanceRef] = []
         study_uids: set[str] = set()
+        known = digests or {}
         for path in sorted(job_dir.glob(f"*{INSTANCE_SUFFIX}")):
-            data = path.read_bytes()
+            digest = known.get(path.name[: -len(INSTANCE_SUFFIX)]) or hashlib.sha256(path.read_bytes()).hexdigest()
             try:
                 ds = dcmread(path, stop_before_pixels=True)
             except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
@@ -565,7 +597,7 @@ class Spool:
                 refs.append(
                     InstanceRef(
                         path=path.relative_to(self.root).as_posix(),
-                        sha256=hashlib.sha256(data).hexdigest(),
+                        sha256=digest,
                         sop_class_uid=str(ds.get("SOPClassUID", "")),
                         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
                         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
@@ -694,7 +726,7 @@ class Spool:
             return False
         # Recorded before the folder goes: a crash in between leaves a done job with its files, never a lost record.
         self._write_finishing(self.done_dir / job_id, datetime.now(UTC).isoformat().encode("ascii"))
-        if self.keep_delivered_s > 0:
+        if self.keep_delivered_s:
             self._keep_delivered(job_dir)
         # Rename first so that a crash mid-delete never leaves a half job under studies/.
         trash = self.tmp_dir / f"done-{job_id}-{uuid.uuid4().hex[:8]}"

@@ -37,7 +37,6 @@ from models.evaluation.arguments import add_evaluate_arguments
 from service import metrics
 from service.errors import BreastAIError, ConfigurationError
 from service.health import Health, start_http_endpoints
-from service.image_limits import ImageLimits
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
@@ -97,8 +96,7 @@ def _job_handler(settings: Settings) -> JobHandler:
     sender = ResultSender(
         settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s, tls=tls
     )
-    limits = ImageLimits(settings.max_frame_megapixels, settings.max_decoded_mb)
-    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), limits)
+    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits)
 
 
 def _watch_listener(health: Health, dispatcher: Dispatcher) -> None:
@@ -119,11 +117,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     health = Health()
     health.add("ready", "models", lambda: "loading" if with_worker else None)
     http_server = start_http_endpoints(settings.metrics_port, settings.metrics_address, health)
-    spool = Spool(
-        settings.spool_dir,
-        reserve_bytes=settings.spool_reserve_mb * 1024 * 1024,
-        keep_delivered_s=settings.keep_delivered_hours * 3600,
-    )
+    spool = Spool.from_settings(settings)
     health.add("ready", "spool", lambda: "spool disk below its reserve" if spool.below_reserve() else None)
     metrics.SPOOL_FREE_BYTES.set_function(spool.free_bytes)
     metrics.DEAD_LETTERED_JOBS.set_function(spool.dead_letter_count)
@@ -165,7 +159,7 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.spool import Spool
 
-    spool = Spool(settings.spool_dir)
+    spool = Spool.from_settings(settings)
     dead = {job.job_id: job for job in spool.dead_jobs()}
     if args.action == "list":
         print(f"{len(dead)} dead-lettered job(s) in {spool.dead_dir}")

@@ -10,7 +10,7 @@ verification against the job, metrics, and delivery.
 
 from __future__ import annotations
 
-import io
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from pydicom import Dataset
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
 from service import metrics
+from service.durable import write_durably
 from service.errors import InvalidInstance, PatientConflict, PermanentError, UnsupportedInput
 from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits
 from service.logging import bind_job
@@ -175,9 +176,7 @@ def _read_predecessor(path: Path) -> Dataset | None:
 def _keep_report(report: Dataset, path: Path) -> None:
     """Leave the delivered SR in the job folder, where the spool keeps it for a later revision."""
     try:
-        buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        path.write_bytes(buffer.getvalue())
+        write_durably(path, functools.partial(report.save_as, enforce_file_format=True), path.parent, hidden=True)
     except OSError as exc:  # the results are delivered: a later revision will only lack its predecessor
         log.warning("delivered_report_not_kept", error=type(exc).__name__)
 
@@ -205,9 +204,10 @@ class JobHandler:
 
     def __call__(self, job: StudyJob) -> None:
         with bind_job(job_id=job.job_id, study_uid=job.study_instance_uid):
-            job_dir = self._spool_root / "studies" / job.job_id
+            paths = verify_instances(job, self._spool_root)
+            job_dir = paths[0].parent  # the job's folder in the spool, where its side files are
             results = process_study(
-                verify_instances(job, self._spool_root),
+                paths,
                 self._pipeline,
                 self._context,
                 self._limits,

@@ -201,15 +201,11 @@ def _read_frames(path: pathlib.Path, max_frames: int, limits: ImageLimits) -> li
 
 
 def _read_dataset(path: pathlib.Path) -> pydicom.Dataset:
-    """Parse the file, turning every parse failure into InvalidInstance."""
+    """Parse the file (any other parse failure becomes InvalidInstance in :func:`read_frames`)."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
         raise InvalidInstance(f"{path.name}: not a DICOM Part 10 file: {exc}") from exc
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise InvalidInstance(f"{path.name}: unreadable DICOM: {type(exc).__name__}: {exc}") from exc
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not ds.get(keyword):
             raise InvalidInstance(f"{path.name}: missing {keyword}")

@@ -360,3 +360,18 @@ def test_a_study_that_grows_after_delivery_is_sealed_whole_with_its_report_as_pr
     job = without.seal_study(STUDY)
     assert job is not None and without.complete(job)
     assert not any(without.delivered_dir.iterdir())
+
+
+def test_a_tool_opening_the_spool_leaves_the_delivered_studies_the_service_keeps(spool_dir: Path) -> None:
+    # `breastai jobs` beside a running service opens the same spool: it must not sweep what the service keeps.
+    from service.settings import Settings
+
+    kept = spool_dir / "delivered" / STUDY
+    kept.mkdir(parents=True)
+    (kept / "1.2.3.dcm").write_bytes(b"an instance kept for a revision")
+    Spool(spool_dir)
+    assert kept.is_dir(), "a spool opened without a keep window removes nothing"
+    service = Spool.from_settings(Settings(spool_dir=spool_dir, metrics_port=0, spool_reserve_mb=0))
+    assert service.keep_delivered_s == 24 * 3600 and kept.is_dir(), "within the service's window: kept"
+    Spool(spool_dir, keep_delivered_s=0)
+    assert not kept.exists(), "a window of 0 keeps nothing"
