@@ -15,9 +15,19 @@ from typing import Any
 
 from models.evaluation.report import report_markdown
 from models.families.catalogue import card_texts
-from models.inference.consensus import is_consensus
 from models.inference.decisions import BM_ROLE
-from models.inference.lexicon import is_lexicon
+from models.inference.manifest import (
+    ConsensusSpec,
+    LexiconSpec,
+    ModelKind,
+    ModelSpec,
+    NetworkSpec,
+    RefinerSpec,
+    RoiSpec,
+    ScorerSpec,
+    SegmenterSpec,
+    Task,
+)
 from models.inference.registry import ModelEntry
 
 INTENDED_USE = (
@@ -41,11 +51,11 @@ def _near_duplicate_note(training: Mapping[str, Any]) -> str:
     )
 
 
-def _int8_note(parameters: Mapping[str, Any]) -> str:
+def _int8_note(spec: ModelSpec) -> str:
     """How the file stores its convolution weights, when they are int8, and what that was measured to cost."""
-    storage = parameters.get("weight_storage") or {}
-    if not storage.get("accepted"):
+    if not (isinstance(spec, NetworkSpec) and spec.int8_weights):
         return ""
+    storage = spec.provenance["weight_storage"]  # the measurements are provenance, kept whole
     return (
         f" compute; convolution weights stored as int8, one scale per output channel: on "
         f"{storage['validation_lesions']} validation lesions "
@@ -54,17 +64,22 @@ def _int8_note(parameters: Mapping[str, Any]) -> str:
     )
 
 
+def _file_precision(spec: ModelSpec) -> str:
+    """What the model file holds, as the manifest says; float32 where it does not say."""
+    return "float32" if spec.precision is None else spec.precision.value
+
+
 def _card_opening(entry: ModelEntry, identity: str) -> list[str]:
     """Title, identity, files with their sha256, intended use, and the "Model" heading every card starts with."""
+    spec = entry.spec
     lines = [
         f"# Model card: {entry.name} {entry.version}",
         "",
         identity,
-        f"- **File:** `{entry.file}` ({entry.parameters.get('precision', 'float32')}{_int8_note(entry.parameters)}), "
-        f"sha256 `{entry.sha256}`",
+        f"- **File:** `{entry.file}` ({_file_precision(spec)}{_int8_note(spec)}), sha256 `{entry.sha256}`",
     ]
-    for name, side in entry.parameters.get("side_files", {}).items():
-        lines.append(f"- **Side file ({name}):** `{side['file']}`, sha256 `{side['sha256']}`")
+    for name, side in spec.side_files.items():
+        lines.append(f"- **Side file ({name}):** `{side.file}`, sha256 `{side.sha256}`")
     return [*lines, "", "## Intended use", "", INTENDED_USE, "", "## Model", ""]
 
 
@@ -97,14 +112,12 @@ def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
     )
 
 
-def _operating_point_and_metrics(
-    parameters: Mapping[str, Any], family_report: Mapping[str, Any], data: str, how: str
-) -> list[str]:
+def _operating_point_and_metrics(spec: ScorerSpec, family_report: Mapping[str, Any], data: str, how: str) -> list[str]:
     """The card sections every classifier shares: its operating point and its held-out metrics."""
     return [
         "## Operating point",
         "",
-        f"Score >= **{float(parameters.get('operating_point', 0.5)):.3f}** is called positive. Chosen on the "
+        f"Score >= **{spec.operating_point:.3f}** is called positive. Chosen on the "
         f"validation split "
         f"by Youden's J {how}; never on test data.",
         "",
@@ -252,8 +265,8 @@ def card_markdown(
 ) -> str:
     """One model card as Markdown (``four_a_lh``: the role whose LH score the 4A co-decision read)."""
     text = card_texts().get(entry.role, {})
-    parameters = entry.parameters
-    training = parameters.get("training", {})
+    spec = entry.spec_as(NetworkSpec)
+    training = entry.parameters.get("training", {})
     lines = _card_opening(entry, f"- **Family:** `{entry.role}` — {text.get('paper', 'see docs/models.md')}")
     lines += [
         text.get("architecture", ""),
@@ -264,7 +277,7 @@ def card_markdown(
         "",
         "## Data and split",
         "",
-        f"Datasets: {', '.join(training.get('datasets', []))}. Task: `{parameters.get('task')}`. "
+        f"Datasets: {', '.join(training.get('datasets', []))}. Task: `{spec.task.value}`. "
         + SPLIT_RULE_TEXT
         + " mini-MIAS by woman (image pair). "
         + _near_duplicate_note(training),
@@ -282,13 +295,13 @@ def card_markdown(
         f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate "
         f"{training.get('learning_rate')}, "
         + _precision(training)
-        + f"seed {training.get('seed')}, input {parameters.get('input_size')} px; {_weights_chosen(training)}. "
-        + _roi_rule(parameters)
+        + f"seed {training.get('seed')}, input {spec.input_size} px; {_weights_chosen(training)}. "
+        + _roi_rule(spec.roi)
         + TRAINING_CROPS
         + _stage_cycles(training)
         + _recipe_commands(entry.role, training),
         "",
-        *_operating_point_and_metrics(parameters, family_report, data, "through the exported file"),
+        *_operating_point_and_metrics(spec, family_report, data, "through the exported file"),
     ]
     if family_report.get("variants"):
         lines += [
@@ -329,16 +342,17 @@ def _refiner_epoch(parameters: Mapping[str, Any]) -> str:
     return f"Epoch {epoch} of {epochs}, chosen" if epochs else f"Epoch {epoch}, chosen"
 
 
-def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[str]:
+def _segmenter_data_and_operating_point(spec: SegmenterSpec) -> list[str]:
     """The segmenter's data, split and training run (as its manifest entry records them), and how its threshold was
     set.
     """
+    parameters = spec.provenance  # the training records
     training = parameters.get("training") or {}
     if training:
         run = (
             f"Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, learning rate "
             f"{training.get('learning_rate')}, "
-            f"{_precision(training)}seed {training.get('seed')}, input {parameters.get('input_size')} px; epoch "
+            f"{_precision(training)}seed {training.get('seed')}, input {spec.input_size} px; epoch "
             f"{int(parameters.get('train_epoch', 0)) + 1} of {training.get('epochs_run')}, chosen by Dice on the "
             f"validation split's lesion images. " + (f"{training['history']}" if training.get("history") else "")
         ).rstrip()
@@ -354,9 +368,9 @@ def _segmenter_data_and_operating_point(parameters: Mapping[str, Any]) -> list[s
         "",
         "## Operating point",
         "",
-        f"A pixel is lesion where its probability is at least {parameters.get('threshold')}, and a connected component "
+        f"A pixel is lesion where its probability is at least {spec.threshold}, and a connected component "
         f"counts "
-        f"only from {float(parameters.get('min_area_fraction', 0)):.1%} of the image up. Both were fixed when the "
+        f"only from {spec.min_area_fraction:.1%} of the image up. Both were fixed when the "
         f"pipeline was "
         "written, not tuned on any split. On validation no threshold separated false outlines on normal images from "
         "real "
@@ -371,21 +385,22 @@ def segmenter_card(
     """The lesion segmentation's card (segmenter, and refiner where there is one): Dice, IoU and HD95 on the held-out
     lesion images.
     """
-    parameters = entry.parameters
+    spec = entry.spec_as(SegmenterSpec)
     lines = _card_opening(
         entry,
         "- **Role:** `us_segmenter` — the lesion segmentation every family starts from (docs/models.md, all papers)",
     )
-    if refiner is not None:
+    refining = None if refiner is None else refiner.spec_as(RefinerSpec)
+    if refiner is not None and refining is not None:
         lines[3:3] = [
             f"- **Refiner:** `{refiner.file}` ({refiner.name} {refiner.version}, "
-            f"{refiner.parameters.get('precision', 'float32')}), sha256 `{refiner.sha256}`"
+            f"{_file_precision(refining)}), sha256 `{refiner.sha256}`"
         ]
     lines += [
         f"UNet with an EfficientNet-b0 encoder (MONAI FlexibleUNet), one grayscale input of "
-        f"{parameters.get('input_size')} px "
+        f"{spec.input_size} px "
         "(per-image z-score), one lesion logit per pixel; threshold "
-        f"{parameters.get('threshold')}, connected components, components under {parameters.get('min_area_fraction')} "
+        f"{spec.threshold}, connected components, components under {spec.min_area_fraction} "
         f"of the image dropped. "
         "Trained from scratch (no pretrained encoder weights can be had here) with Dice + BCE on BUSI, BUS-BRA and "
         "BrEaST "
@@ -394,13 +409,13 @@ def segmenter_card(
         "",
         *(
             []
-            if refiner is None
+            if refiner is None or refining is None
             else [
                 "**Second stage, the refiner** (`models/inference/refine.py`): a smaller UNet (MONAI BasicUNet, 16-256 "
                 "channels, instance norm), trained on close-up windows "
-                f"(each lesion's box grown by {refiner.parameters.get('window_expand')} of its size per side, jittered "
+                f"(each lesion's box grown by {refining.window_expand} of its size per side, jittered "
                 f"in training as "
-                f"coarse boxes miss) at {refiner.parameters.get('input_size')} px, re-outlines every coarse component "
+                f"coarse boxes miss) at {refining.input_size} px, re-outlines every coarse component "
                 f"at about its "
                 "native resolution; the refined component that overlaps the coarse one most replaces it (none: the "
                 "coarse one stays). "
@@ -410,7 +425,7 @@ def segmenter_card(
                 "",
             ]
         ),
-        *_segmenter_data_and_operating_point(parameters),
+        *_segmenter_data_and_operating_point(spec),
         f"## Metrics (held-out test split, lesion images, as "
         f"served{'' if refiner is None else ': segmenter then refiner'}; data: `{data}`)",
         "",
@@ -435,10 +450,10 @@ def consensus_card(
     """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point,
     and its metrics as served.
     """
-    parameters = entry.parameters
-    fitted = parameters.get("fitted", {})
-    members = list(parameters.get("members", []))
-    lh = parameters.get("task") == "birads_high"
+    spec = entry.spec_as(ConsensusSpec)
+    fitted = entry.parameters.get("fitted", {})
+    members = list(spec.members)
+    lh = spec.task is Task.BIRADS_HIGH
     if lh:
         identity = (
             f"- **Role:** `{entry.role}` — the BI-RADS 2/3 vs 4/5 (LH) score the 4A co-decision reads "
@@ -487,7 +502,7 @@ def consensus_card(
         f"Validation AUC {fitted.get('auc', 'n/a')} against members {fitted.get('member_auc', {})}. "
         f"Recipe: {recipe} (`models/training/fit_consensus.py`).",
         "",
-        *_operating_point_and_metrics(parameters, family_report, data, "with the members as served"),
+        *_operating_point_and_metrics(spec, family_report, data, "with the members as served"),
         *_four_a_section(four_a, four_a_lh),
         "",
         "## Known limits",
@@ -506,8 +521,8 @@ def consensus_card(
 
 def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str) -> str:
     """The lexicon-descriptor model's card: what it measures, what it was fitted on, and its metrics as served."""
-    parameters = entry.parameters
-    fitted = parameters.get("fitted", {})
+    spec = entry.spec_as(LexiconSpec)
+    fitted = entry.parameters.get("fitted", {})
     lines = _card_opening(
         entry,
         f"- **Role:** `{entry.role}` — BI-RADS lexicon descriptors of the served outline "
@@ -540,7 +555,7 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
         "manifest entry; a folder with another segmenter or refiner refuses this model until it is refit. "
         "Recipe: `breastai train lexicon` (`models/training/fit_lexicon.py`).",
         "",
-        *_operating_point_and_metrics(parameters, family_report, data, "through the stored coefficients"),
+        *_operating_point_and_metrics(spec, family_report, data, "through the stored coefficients"),
         "",
         "## Known limits",
         "",
@@ -562,12 +577,10 @@ def lexicon_card(entry: ModelEntry, family_report: Mapping[str, Any], data: str)
     return "\n".join(lines)
 
 
-def _roi_rule(parameters: Mapping[str, Any]) -> str:
+def _roi_rule(roi: RoiSpec) -> str:
     """The ROI growth the export recorded and serving applies (a run may override the family's default)."""
-    if "roi_expand" not in parameters:
-        return ""
-    side = "of its shortest side" if parameters.get("roi_expand_shortest_side") else "of its size"
-    return f"ROI as served: the lesion box grown by {float(parameters['roi_expand']):.0%} {side} on every side. "
+    side = "of its shortest side" if roi.expand_shortest_side else "of its size"
+    return f"ROI as served: the lesion box grown by {roi.expand:.0%} {side} on every side. "
 
 
 def _bf16_flag(parameters: Mapping[str, Any]) -> str:
@@ -620,10 +633,15 @@ def write_cards(
     written = []
     # The 4A tally goes on the cards of the two models it read and, where the LH one is a consensus, of its members.
     four_a_lh = str(report.get("four_a_lh_model", "dlr_lh"))  # reports from before the LH consensus: DLR_LH
+    lh_entry = entries.get(four_a_lh)
     four_a_roles = {
         BM_ROLE,
         four_a_lh,
-        *(entries[four_a_lh].parameters.get("members", []) if four_a_lh in entries else []),
+        *(
+            lh_entry.spec_as(ConsensusSpec).members
+            if lh_entry is not None and lh_entry.kind is ModelKind.CONSENSUS
+            else ()
+        ),
     }
     if report.get("segmentation") and "us_segmenter" in entries:
         path = folder / "us_segmenter.md"
@@ -638,9 +656,9 @@ def write_cards(
             continue
         four_a = report.get("four_a_co_decision") if role in four_a_roles else None
         path = folder / f"{role}.md"
-        if is_consensus(entries[role]):
+        if entries[role].kind is ModelKind.CONSENSUS:
             path.write_text(consensus_card(entries[role], family_report, str(report.get("data")), four_a, four_a_lh))
-        elif is_lexicon(entries[role]):
+        elif entries[role].kind is ModelKind.LEXICON:
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:
             path.write_text(

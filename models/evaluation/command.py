@@ -27,8 +27,9 @@ import csv
 import json
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,9 @@ from models.inference.manifest import ConsensusSpec, Modality, ModelKind, Scorer
 from models.inference.pipeline import (
     SEGMENTATION_ROLES,
     SEGMENTER_ROLE,
-    load_refiner,
+    Segmentation,
     load_scorer,
-    load_segmenter,
+    load_segmentation,
     segment_lesions,
 )
 from models.inference.preprocess import Box
@@ -110,12 +111,22 @@ def lesion_boxes(records: Sequence[Record]) -> list[tuple[Record, Box]]:
     return boxes
 
 
-def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Record, Box]]) -> list[ScoredCase]:
+def score_family(
+    entry: ModelEntry,
+    model_dir: Path,
+    lesions: Sequence[tuple[Record, Box]],
+    entries: Mapping[str, ModelEntry] | None = None,
+    segmentation: Callable[[], Segmentation] | None = None,
+) -> list[ScoredCase]:
     """Score every lesion that has a label for the family's task.
 
     A lexicon-descriptor model reads the lesion's outline as served: the
     served segmentation's component that overlaps the ground-truth box most
     (none: the model's own fallback, which its notes record).
+
+    ``entries`` (the folder's manifest) is read when not given; ``segmentation``
+    gives the served segmentation when a lexicon model needs it (loaded from
+    ``entries`` when not given).
 
     Raises
     ------
@@ -124,18 +135,20 @@ def score_family(entry: ModelEntry, model_dir: Path, lesions: Sequence[tuple[Rec
     ModelRegistryError
         The entry is incomplete (:class:`~models.errors.ManifestError`) or a file fails its checksum.
     """
-    scorer = load_scorer(entry, read_manifest(model_dir), model_dir)
+    entries = read_manifest(model_dir) if entries is None else entries
+    scorer = load_scorer(entry, entries, model_dir)
     if scorer.members:
         raise EvaluationError(f"{entry.role} is a consensus: it is scored from its members")
-    reads_outline = entry.spec.kind is ModelKind.LEXICON
-    segmentation = (*load_segmenter(model_dir), load_refiner(model_dir)) if reads_outline else None
+    outlines: Segmentation | None = None
+    if entry.spec.kind is ModelKind.LEXICON:
+        outlines = segmentation() if segmentation is not None else load_segmentation(entries, model_dir)
     cases = []
     for record, box in lesions:
         label = _label(record, scorer.task)
         if label is None:
             continue
         gray = read_gray(record.image_path)
-        mask = served_mask_at(segment_lesions(*segmentation, gray), box) if segmentation is not None else None
+        mask = served_mask_at(segment_lesions(*outlines, gray), box) if outlines is not None else None
         context = ClinicalContext(age_years=record.age_years, pixel_spacing_mm=record.pixel_spacing_mm)
         cases.append(ScoredCase(record, label, scorer.score_lesion(LesionView(gray, box, mask, context), {})))
     return cases
@@ -170,16 +183,19 @@ def score_consensus(
     return cases
 
 
-def segmentation_rows(model_dir: Path, records: Sequence[Record]) -> list[SegmentationRow]:
+def segmentation_rows(
+    model_dir: Path, records: Sequence[Record], segmentation: Segmentation | None = None
+) -> list[SegmentationRow]:
     """Dice, IoU and HD95 (pixels) of the served segmentation on every image with a lesion mask.
 
     As served: the reported components (minimum area, at most three), each
-    re-outlined by the refiner where the folder has one.
+    re-outlined by the refiner where the folder has one. ``segmentation`` is
+    loaded from the folder when not given.
     """
-    segmenter, entry = load_segmenter(
-        model_dir
-    )  # the families, and their consistency, are checked where they are scored
-    refiner = load_refiner(model_dir)
+    # The families, and their consistency, are checked where they are scored.
+    if segmentation is None:
+        segmentation = load_segmentation(read_manifest(model_dir), model_dir)
+    segmenter, entry, refiner = segmentation
     rows = []
     for record in records:
         if record.mask_path is None or record.malignant is None:
@@ -369,6 +385,9 @@ def evaluate(
             f"(first: {', '.join(without_image[:5])})",
             file=sys.stderr,
         )
+    # The segmenter and refiner are read and verified once, when first needed (a lexicon model's outlines, or the
+    # segmentation rows), and shared.
+    served_segmentation = cache(lambda: load_segmentation(entries, model_dir))
     scored: dict[str, list[ScoredCase]] = {}
     members_only: dict[str, list[ScoredCase]] = {}  # scored for a consensus but not asked for
     for family in families:
@@ -377,12 +396,14 @@ def evaluate(
         if isinstance(spec, ConsensusSpec):
             for member in spec.members:
                 if member not in scored and member not in members_only and member in entries:
-                    members_only[member] = score_family(entries[member], model_dir, lesions)
+                    members_only[member] = score_family(
+                        entries[member], model_dir, lesions, entries, served_segmentation
+                    )
             cases = score_consensus(entries[family], entries, model_dir, {**members_only, **scored})
         elif family in members_only:
             cases = members_only.pop(family)
         else:
-            cases = score_family(entries[family], model_dir, lesions)
+            cases = score_family(entries[family], model_dir, lesions, entries, served_segmentation)
         if not cases:
             report["families"][family] = {"note": "no labelled lesion for this task in the data"}
             continue
@@ -404,7 +425,7 @@ def evaluate(
         variants = variant_predictions(cases)
         if variants:
             report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
-    outlined = segmentation_rows(model_dir, records) if SEGMENTER_ROLE in entries else []
+    outlined = segmentation_rows(model_dir, records, served_segmentation()) if SEGMENTER_ROLE in entries else []
     if not scored and not outlined:
         # Every row of the report would read n=None: refuse rather than write a report that looks like a result.
         raise EvaluationError(

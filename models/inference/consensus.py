@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +38,12 @@ import numpy.typing as npt
 
 from models.inference.cam import paste
 from models.inference.findings import FamilyScore, ModelInfo
-from models.inference.manifest import ConsensusSpec, ModelKind, Task
+from models.inference.manifest import ConsensusSpec, Task
 from models.inference.preprocess import Box
 from models.inference.registry import ModelEntry, ModelRegistryError, sha256_of, verified_path
-from models.inference.scorers import LesionView, register_scorer
+from models.inference.scorers import LesionView
 
-CONSENSUS_KIND = ModelKind.CONSENSUS.value  # the manifest's parameters.kind, as fitting writes it
 PROBABILITY_CLIP = 1e-4
-
-
-def is_consensus(entry: ModelEntry) -> bool:
-    """Whether a manifest entry is a consensus over other entries rather than a graph.
-
-    Raises
-    ------
-    ManifestError
-        The entry's ``parameters.kind`` holds a value no loader knows.
-    """
-    return entry.kind is ModelKind.CONSENSUS
 
 
 def mean_log_odds(probabilities: Sequence[float]) -> float:
@@ -121,14 +109,11 @@ class ConsensusScorer:
 
     entry: ModelEntry
     members: tuple[str, ...]
+    spec: ConsensusSpec = field(init=False, repr=False, compare=False)  # the entry's typed spec
 
     def __post_init__(self) -> None:
-        self.entry.spec_as(ConsensusSpec)  # refused when made, not at the first lesion
-
-    @property
-    def spec(self) -> ConsensusSpec:
-        """The entry's typed spec."""
-        return self.entry.spec_as(ConsensusSpec)
+        # Resolved once, when made: an incomplete entry is refused here, not at the first lesion.
+        object.__setattr__(self, "spec", self.entry.spec_as(ConsensusSpec))
 
     @property
     def family(self) -> str:
@@ -237,13 +222,6 @@ def load_consensus_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], 
                 "refit it (breastai train consensus, or make train-consensus)"
             )
     return ConsensusScorer(entry, tuple(pinned))
-
-
-@register_scorer(ModelKind.CONSENSUS)
-def _load(
-    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
-) -> ConsensusScorer:
-    return load_consensus_scorer(entry, entries, model_dir)
 
 
 def write_consensus_file(path: Path, members: Mapping[str, ModelEntry]) -> str:

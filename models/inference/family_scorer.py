@@ -28,12 +28,12 @@ import numpy.typing as npt
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import normalise_cam
 from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
-from models.inference.manifest import ModelKind, NetworkSpec, Task
+from models.inference.manifest import NetworkSpec, Task
 from models.inference.preprocess import Box, roi_input
 from models.inference.registry import ModelEntry, verified_path, verified_side_files
 from models.inference.scorers import NO_CLINICAL_CONTEXT as NO_CLINICAL_CONTEXT  # defined with the scorer protocol
 from models.inference.scorers import ClinicalContext as ClinicalContext
-from models.inference.scorers import LesionView, register_scorer
+from models.inference.scorers import LesionView
 from models.inference.svm import SvmModel
 
 AGE_SCALE_YEARS = 100.0
@@ -201,10 +201,3 @@ def load_family_scorer(
     """
     entry.spec_as(NetworkSpec)  # refuse an incomplete entry before the graph is read
     return FamilyScorer(entry, OnnxRuntimeBackend(verified_path(entry, model_dir), providers), model_dir)
-
-
-@register_scorer(ModelKind.FAMILY)
-def _load(
-    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
-) -> FamilyScorer:
-    return load_family_scorer(entry, model_dir, providers)

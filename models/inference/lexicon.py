@@ -47,10 +47,10 @@ import numpy as np
 import numpy.typing as npt
 
 from models.inference.findings import FamilyScore, ModelInfo
-from models.inference.manifest import LexiconSpec, ModelKind, Task
+from models.inference.manifest import LexiconSpec, Task
 from models.inference.preprocess import Box, expand_box
 from models.inference.registry import ModelEntry, ModelRegistryError, verified_path
-from models.inference.scorers import LesionView, register_scorer
+from models.inference.scorers import LesionView
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -212,7 +212,6 @@ class LogisticModel:
 
 # --------------------------------------------------------------------------- serving
 
-LEXICON_KIND = ModelKind.LEXICON.value  # the manifest's parameters.kind, as fitting writes it
 # Which pixels each descriptor is read from, for the explanation map.
 _REGION_OF = {
     "echogenicity": "inside",
@@ -224,17 +223,6 @@ _REGION_OF = {
     "relative_size": "inside",
 }
 MAP_EXPAND = 0.5  # the map's box: the lesion box grown by half its size per side (room for the posterior region)
-
-
-def is_lexicon(entry: ModelEntry) -> bool:
-    """Whether a manifest entry is a lexicon-descriptor model rather than a graph.
-
-    Raises
-    ------
-    ManifestError
-        The entry's ``parameters.kind`` holds a value no loader knows.
-    """
-    return entry.kind is ModelKind.LEXICON
 
 
 def contribution_map(
@@ -369,10 +357,3 @@ def load_lexicon_scorer(entry: ModelEntry, entries: Mapping[str, ModelEntry], mo
     except (ValueError, KeyError) as exc:
         raise ModelRegistryError(f"{entry.role}: {exc}") from exc
     return LexiconScorer(entry, model)
-
-
-@register_scorer(ModelKind.LEXICON)
-def _load(
-    entry: ModelEntry, entries: Mapping[str, ModelEntry], model_dir: Path, providers: tuple[str, ...]
-) -> LexiconScorer:
-    return load_lexicon_scorer(entry, entries, model_dir)

@@ -201,20 +201,24 @@ class LexiconSpec(ScorerSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SegmenterSpec(ModelSpec):
-    """The whole-image lesion segmenter: input side, probability threshold, smallest lesion (fraction of the image)."""
+class SegmentationStageSpec(ModelSpec):
+    """What both segmentation stages say: input side and per-pixel probability threshold."""
 
     input_size: int
     threshold: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmenterSpec(SegmentationStageSpec):
+    """The whole-image lesion segmenter: input side, probability threshold, smallest lesion (fraction of the image)."""
+
     min_area_fraction: float
 
 
 @dataclass(frozen=True, kw_only=True)
-class RefinerSpec(ModelSpec):
+class RefinerSpec(SegmentationStageSpec):
     """The close-up refiner: input side, probability threshold, window growth per side around a lesion's box."""
 
-    input_size: int
-    threshold: float
     window_expand: float
 
 
@@ -370,63 +374,39 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
         raise ManifestError(f"model {role}: manifest field parameters must be an object, not {parameters!r}")
     kind = kind_of(role, parameters)
     fields = _Fields(role, parameters)
+    # The provenance is what no typed field read: each spec's fields.unread() comes last, after every read.
     precision = fields.get("precision", fields.choice(Precision), None)
     side_files: dict[str, SideFile] = fields.get("side_files", fields.side_files, {})
-    if kind is ModelKind.SEGMENTER:
-        return SegmenterSpec(
-            role=role,
-            kind=kind,
-            precision=precision,
-            side_files=side_files,
-            input_size=fields.need("input_size", fields.size),
-            threshold=fields.need("threshold", fields.fraction),
-            min_area_fraction=fields.need("min_area_fraction", fields.fraction),
-            provenance=fields.unread(),
-        )
-    if kind is ModelKind.REFINER:
+    common: dict[str, Any] = {"role": role, "kind": kind, "precision": precision, "side_files": side_files}
+    if kind in (ModelKind.SEGMENTER, ModelKind.REFINER):
+        stage: dict[str, Any] = {
+            **common,
+            "input_size": fields.need("input_size", fields.size),
+            "threshold": fields.need("threshold", fields.fraction),
+        }
+        if kind is ModelKind.SEGMENTER:
+            return SegmenterSpec(
+                **stage,
+                min_area_fraction=fields.need("min_area_fraction", fields.fraction),
+                provenance=fields.unread(),
+            )
         return RefinerSpec(
-            role=role,
-            kind=kind,
-            precision=precision,
-            side_files=side_files,
-            input_size=fields.need("input_size", fields.size),
-            threshold=fields.need("threshold", fields.fraction),
-            window_expand=fields.need("window_expand", fields.number),
-            provenance=fields.unread(),
+            **stage, window_expand=fields.need("window_expand", fields.number), provenance=fields.unread()
         )
-    family = fields.get("family", fields.text, role)
-    task = fields.need("task", fields.choice(Task))
-    # Entries from before the mammography branch never recorded a modality: they are all ultrasound.
-    modality = fields.get("modality", fields.choice(Modality), Modality.US)
-    operating_point = fields.need("operating_point", fields.fraction)
+    scorer: dict[str, Any] = {
+        **common,
+        "family": fields.get("family", fields.text, role),
+        "task": fields.need("task", fields.choice(Task)),
+        # Entries from before the mammography branch never recorded a modality: they are all ultrasound.
+        "modality": fields.get("modality", fields.choice(Modality), Modality.US),
+        "operating_point": fields.need("operating_point", fields.fraction),
+    }
     if kind is ModelKind.CONSENSUS:
-        members = fields.need("members", fields.names)
-        return ConsensusSpec(
-            role=role,
-            kind=kind,
-            precision=precision,
-            side_files=side_files,
-            family=family,
-            task=task,
-            modality=modality,
-            operating_point=operating_point,
-            members=members,
-            provenance=fields.unread(),
-        )
+        return ConsensusSpec(**scorer, members=fields.need("members", fields.names), provenance=fields.unread())
     if kind is ModelKind.LEXICON:
         # No pins: nothing recorded which outlines it was fitted on, so the loader has nothing to compare.
-        segmentation: dict[str, str] = fields.get("segmentation", fields.pins, {})
         return LexiconSpec(
-            role=role,
-            kind=kind,
-            precision=precision,
-            side_files=side_files,
-            family=family,
-            task=task,
-            modality=modality,
-            operating_point=operating_point,
-            segmentation=segmentation,
-            provenance=fields.unread(),
+            **scorer, segmentation=fields.get("segmentation", fields.pins, {}), provenance=fields.unread()
         )
     # The square-ROI trial was not adopted and serving no longer cuts square windows: a model trained on them would
     # be served crops unlike its training ones, so it is refused rather than scored. false (or absent) is the rule.
@@ -440,14 +420,7 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
     )
     storage = parameters.get("weight_storage")  # also left whole in the provenance: the cards print it
     return NetworkSpec(
-        role=role,
-        kind=kind,
-        precision=precision,
-        side_files=side_files,
-        family=family,
-        task=task,
-        modality=modality,
-        operating_point=operating_point,
+        **scorer,
         input_size=fields.need("input_size", fields.size),
         inputs=fields.get("inputs", fields.names, ("image",)),
         outputs=fields.get("outputs", fields.names, ()),

@@ -24,8 +24,8 @@ list does not name them), so every score it averages is also reported.
 
 Every served entry is read through its typed spec
 (:mod:`models.inference.manifest`), and each scorer is loaded by the loader
-its kind registered (:mod:`models.inference.scorers`): an incomplete entry
-or an altered file stops loading, so the service refuses to start.
+of its kind (:func:`load_scorer`): an incomplete entry or an altered file
+stops loading, so the service refuses to start.
 """
 
 from __future__ import annotations
@@ -40,19 +40,26 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-# Imported for their loaders: each scorer module registers the one for its model kind (models.inference.scorers).
-from models.inference import consensus as consensus
-from models.inference import family_scorer as family_scorer
-from models.inference import lexicon as lexicon
 from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import paste
+from models.inference.consensus import load_consensus_scorer
 from models.inference.decisions import BM_ROLE, co_decision, lh_score
+from models.inference.family_scorer import load_family_scorer
 from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from models.inference.lesions import Component, find_components, outline_of, resize_probability
+from models.inference.lexicon import load_lexicon_scorer
 from models.inference.manifest import REFINER_ROLE as REFINER_ROLE  # defined with the manifest's kinds
 from models.inference.manifest import SEGMENTATION_ROLES as SEGMENTATION_ROLES
 from models.inference.manifest import SEGMENTER_ROLE as SEGMENTER_ROLE
-from models.inference.manifest import ConsensusSpec, Modality, RefinerSpec, ScorerSpec, SegmenterSpec, Task
+from models.inference.manifest import (
+    ConsensusSpec,
+    Modality,
+    ModelKind,
+    RefinerSpec,
+    ScorerSpec,
+    SegmenterSpec,
+    Task,
+)
 from models.inference.preprocess import Box, standardise
 from models.inference.refine import refine_mask
 from models.inference.registry import (
@@ -61,12 +68,14 @@ from models.inference.registry import (
     ModelEntry,
     ModelRegistryError,
     read_manifest,
+    read_manifest_and_pipelines,
     verified_path,
 )
-from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, LesionView, scorer_loader
+from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, LesionView
 from models.inference.scorers import Scorer as Scorer  # the protocol every served scorer follows
 
 Refiner = tuple[Backend, ModelEntry]
+Segmentation = tuple[Backend, ModelEntry, Refiner | None]  # the segmenter, its entry, and the refiner if any
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -76,8 +85,11 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 def lesion_probability(segmenter: Backend, entry: ModelEntry, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """The segmenter's per-pixel lesion probability for ``gray``, at the image's own size."""
-    seg_size = entry.spec_as(SegmenterSpec).input_size
-    logits = segmenter.run({"image": standardise(gray, seg_size)})["logits"][0, 0]
+    return _probability(segmenter, entry.spec_as(SegmenterSpec), gray)
+
+
+def _probability(segmenter: Backend, spec: SegmenterSpec, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    logits = segmenter.run({"image": standardise(gray, spec.input_size)})["logits"][0, 0]
     return resize_probability(_sigmoid(logits), (int(gray.shape[0]), int(gray.shape[1])))
 
 
@@ -118,6 +130,20 @@ def load_refiner(
     return _refiner_of(read_manifest(model_dir), model_dir, providers)
 
 
+def load_segmentation(
+    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> Segmentation:
+    """:func:`load_segmenter` and :func:`load_refiner` from entries already read: the lesion outlines as served.
+
+    Raises
+    ------
+    ModelRegistryError
+        As :func:`load_segmenter` and :func:`load_refiner`.
+    """
+    segmenter, entry = _segmenter_of(entries, model_dir, providers)
+    return segmenter, entry, _refiner_of(entries, model_dir, providers)
+
+
 def _refiner_of(
     entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...]
 ) -> Refiner | None:
@@ -135,15 +161,24 @@ def segment_lesions(
 
     Largest first, at most as many as the coarse stage found.
     """
-    probability = lesion_probability(segmenter, entry, gray)
     segmentation = entry.spec_as(SegmenterSpec)
+    refining = None if refiner is None else (refiner[0], refiner[1].spec_as(RefinerSpec))
+    return _segment(segmenter, segmentation, refining, gray)
+
+
+def _segment(
+    segmenter: Backend,
+    segmentation: SegmenterSpec,
+    refiner: tuple[Backend, RefinerSpec] | None,
+    gray: npt.NDArray[np.uint8],
+) -> list[Component]:
+    probability = _probability(segmenter, segmentation, gray)
     components = find_components(
         probability, threshold=segmentation.threshold, min_area_fraction=segmentation.min_area_fraction
     )
     if refiner is None:
         return components
-    backend, refiner_entry = refiner
-    spec = refiner_entry.spec_as(RefinerSpec)
+    backend, spec = refiner
     refined = []
     for component in components:
         mask = refine_mask(backend, spec.input_size, gray, component.mask, spec.threshold, spec.window_expand)
@@ -187,6 +222,9 @@ class BModePipeline:
         self._segmenter = segmenter
         self._seg = segmenter_entry
         self._refiner = refiner
+        # Specs resolved once here, not per image.
+        self._seg_spec = segmenter_entry.spec_as(SegmenterSpec)
+        self._refining = None if refiner is None else (refiner[0], refiner[1].spec_as(RefinerSpec))
         self._scorers = tuple(primary[:1]) + tuple(s for s in scorers if s is not primary[0])
 
     @property
@@ -223,7 +261,7 @@ class BModePipeline:
     def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
-        components = segment_lesions(self._segmenter, self._seg, self._refiner, gray)
+        components = _segment(self._segmenter, self._seg_spec, self._refining, gray)
         lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask) for c in components)
         return ImageAnalysis(
             lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape
@@ -231,7 +269,7 @@ class BModePipeline:
 
     def lesion_probability(self, gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Per-pixel lesion probability at the image's own size."""
-        return lesion_probability(self._segmenter, self._seg, gray)
+        return _probability(self._segmenter, self._seg_spec, gray)
 
     def score_lesion(
         self,
@@ -309,13 +347,21 @@ def default_families(model_dir: Path | None = None, modality: str = "US") -> tup
     """
     directory = model_dir or BUNDLED_MODEL_DIR
     body: dict[str, Any] = json.loads((directory / MANIFEST_NAME).read_text())
-    listed = body.get("default_pipelines", {}).get(modality)
+    pipelines = body.get("default_pipelines", {})
+    # The entries are read only where the manifest lists no pipeline for the modality.
+    entries = {} if pipelines.get(modality) else read_manifest(directory)
+    return _default_families(pipelines, entries, modality)
+
+
+def _default_families(pipelines: Any, entries: Mapping[str, ModelEntry], modality: str) -> tuple[str, ...]:
+    """:func:`default_families` from the manifest's ``default_pipelines`` and entries, already read."""
+    listed = pipelines.get(modality)
     if listed:
         return tuple(str(role) for role in listed)
     wanted = Modality(modality)
     return tuple(
         role
-        for role, entry in sorted(read_manifest(directory).items())
+        for role, entry in sorted(entries.items())
         if role not in SEGMENTATION_ROLES and entry.spec_as(ScorerSpec).modality is wanted
     )
 
@@ -330,9 +376,9 @@ def load_bmode_pipeline(
     ModelRegistryError
         A configured family is not in the manifest, or a file fails its checksum.
     """
-    entries = read_manifest(model_dir)
+    entries, pipelines = read_manifest_and_pipelines(model_dir)
     directory = model_dir or BUNDLED_MODEL_DIR
-    chosen = tuple(families) or default_families(model_dir)
+    chosen = tuple(families) or _default_families(pipelines, entries, "US")
     missing = [f for f in chosen if f not in entries]
     if missing:
         raise ModelRegistryError(
@@ -354,7 +400,7 @@ def load_scorer(
     model_dir: Path,
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
 ) -> Scorer:
-    """The scorer a manifest entry describes, by the loader its kind registered (ONNX family, consensus, lexicon).
+    """The scorer a manifest entry describes, by the loader of its kind (ONNX family, consensus, lexicon).
 
     Raises
     ------
@@ -362,7 +408,14 @@ def load_scorer(
         The entry is incomplete (:class:`~models.errors.ManifestError`), is
         not a scorer, or a file it needs fails its checksum.
     """
-    return scorer_loader(entry)(entry, entries, model_dir, providers)
+    kind = entry.spec.kind
+    if kind is ModelKind.FAMILY:
+        return load_family_scorer(entry, model_dir, providers)
+    if kind is ModelKind.CONSENSUS:
+        return load_consensus_scorer(entry, entries, model_dir)
+    if kind is ModelKind.LEXICON:
+        return load_lexicon_scorer(entry, entries, model_dir)
+    raise ModelRegistryError(f"model {entry.role} is a {kind.value} model: it does not score lesions")
 
 
 def with_consensus_members(chosen: Sequence[str], entries: Mapping[str, ModelEntry]) -> tuple[str, ...]:

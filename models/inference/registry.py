@@ -1,9 +1,9 @@
 """The model registry: which model files exist, what they are, and proof they are intact.
 
 ``weights/manifest.json`` lists every reference model with its name,
-version, file, sha256 and preprocessing parameters. Reading it parses each
-entry's parameters once into the typed view of :mod:`models.inference.manifest`
-(:attr:`ModelEntry.spec`); loading verifies the checksums of the model file
+version, file, sha256 and preprocessing parameters. Each entry's parameters
+are parsed once, on first use, into the typed view of
+:mod:`models.inference.manifest` (:attr:`ModelEntry.spec`); loading verifies the checksums of the model file
 and its side files, so a corrupted or swapped file is refused rather than run.
 """
 
@@ -111,10 +111,22 @@ def sha256_of(path: Path) -> str:
 def read_manifest(model_dir: Path | None = None) -> dict[str, ModelEntry]:
     """Read the manifest of a model directory, keyed by role.
 
-    Each entry's parameters are parsed here, once, into its typed
-    :attr:`ModelEntry.spec`; an entry whose fields are incomplete is still
-    listed (an export may be merging into this manifest), and is refused when
-    its spec is asked for, that is when it is served or evaluated.
+    Each entry's parameters are parsed once, when its typed
+    :attr:`ModelEntry.spec` is first asked for; an entry whose fields are
+    incomplete is still listed (an export may be merging into this manifest),
+    and is refused when its spec is asked for, that is when it is served or
+    evaluated.
+
+    Raises
+    ------
+    ModelRegistryError
+        If the manifest is missing or malformed.
+    """
+    return read_manifest_and_pipelines(model_dir)[0]
+
+
+def read_manifest_and_pipelines(model_dir: Path | None = None) -> tuple[dict[str, ModelEntry], Any]:
+    """:func:`read_manifest` and the manifest's ``default_pipelines`` as written (``{}`` when absent), from one read.
 
     Raises
     ------
@@ -132,10 +144,7 @@ def read_manifest(model_dir: Path | None = None) -> dict[str, ModelEntry]:
         ) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelRegistryError(f"malformed model manifest {path}: {exc}") from exc
-    for entry in entries.values():
-        # Parsed now, at load, rather than on first use; a problem is kept for when the entry is served.
-        entry._parsed  # noqa: B018
-    return entries
+    return entries, body.get("default_pipelines", {})
 
 
 def write_manifest(
@@ -229,6 +238,18 @@ def merge_while_locked(
     return write_manifest({**entries, **changed}, model_dir, pipelines)
 
 
+def _verified(entry: ModelEntry, what: str, path: Path, field_prefix: str, sha256: str) -> Path:
+    """``path`` after checking it exists and matches ``sha256``; ``what`` and ``field_prefix`` name it in refusals."""
+    if not path.is_file():
+        raise ModelRegistryError(f"model {entry.role}: {what} {path} (manifest field {field_prefix}file) is missing")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise ModelRegistryError(
+            f"model {entry.role}: {what} {path} has sha256 {actual}, manifest field {field_prefix}sha256 says {sha256}"
+        )
+    return path
+
+
 def verified_path(entry: ModelEntry, model_dir: Path | None = None) -> Path:
     """Path of a model file after checking it matches the manifest's sha256.
 
@@ -237,15 +258,7 @@ def verified_path(entry: ModelEntry, model_dir: Path | None = None) -> Path:
     ModelRegistryError
         The file is missing or its sha256 differs (the message names the model and the manifest field).
     """
-    path = (model_dir or BUNDLED_MODEL_DIR) / entry.file
-    if not path.is_file():
-        raise ModelRegistryError(f"model {entry.role}: model file {path} (manifest field file) is missing")
-    actual = sha256_of(path)
-    if actual != entry.sha256:
-        raise ModelRegistryError(
-            f"model {entry.role}: model file {path} has sha256 {actual}, manifest field sha256 says {entry.sha256}"
-        )
-    return path
+    return _verified(entry, "model file", (model_dir or BUNDLED_MODEL_DIR) / entry.file, "", entry.sha256)
 
 
 def verified_side_files(entry: ModelEntry, model_dir: Path | None = None) -> dict[str, Path]:
@@ -258,19 +271,13 @@ def verified_side_files(entry: ModelEntry, model_dir: Path | None = None) -> dic
     ModelRegistryError
         A side file is missing or its sha256 differs (the message names the model and the manifest field).
     """
-    paths = {}
-    for key, side in entry.spec.side_files.items():
-        path = (model_dir or BUNDLED_MODEL_DIR) / side.file
-        field_name = f"parameters.side_files.{key}"
-        if not path.is_file():
-            raise ModelRegistryError(
-                f"model {entry.role}: side file {path} (manifest field {field_name}.file) is missing"
-            )
-        actual = sha256_of(path)
-        if actual != side.sha256:
-            raise ModelRegistryError(
-                f"model {entry.role}: side file {path} has sha256 {actual}, "
-                f"manifest field {field_name}.sha256 says {side.sha256}"
-            )
-        paths[key] = path
-    return paths
+    return {
+        key: _verified(
+            entry,
+            "side file",
+            (model_dir or BUNDLED_MODEL_DIR) / side.file,
+            f"parameters.side_files.{key}.",
+            side.sha256,
+        )
+        for key, side in entry.spec.side_files.items()
+    }

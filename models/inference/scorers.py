@@ -1,27 +1,24 @@
-"""What every lesion scorer offers the pipeline, and which loader serves each model kind.
+"""What every lesion scorer offers the pipeline.
 
 A family graph scores the lesion's ROI (with the study's clinical context),
 a lexicon model reads its outline, a consensus combines the scores of its
 members. The pipeline does not ask which one it holds: each takes the same
 :class:`LesionView` and the scores made so far, and names the ``members``
-whose scores it needs first. Each scorer module registers its loader for
-its :class:`~models.inference.manifest.ModelKind` with :func:`register_scorer`
-when imported; :func:`scorer_loader` finds it from the manifest entry.
+whose scores it needs first. :func:`models.inference.pipeline.load_scorer`
+picks the loader by the entry's :class:`~models.inference.manifest.ModelKind`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from models.errors import ModelRegistryError
 from models.inference.findings import FamilyScore, ModelInfo
-from models.inference.manifest import ModelKind, Task
+from models.inference.manifest import Task
 from models.inference.preprocess import Box
 from models.inference.registry import ModelEntry
 
@@ -93,35 +90,3 @@ class Scorer(Protocol):
 
     def score_lesion(self, lesion: LesionView, scored: Mapping[str, FamilyScore]) -> FamilyScore:
         """Score ``lesion``; ``scored`` holds, by role, at least the scores of :attr:`members`."""
-
-
-ScorerLoader = Callable[[ModelEntry, Mapping[str, ModelEntry], Path, tuple[str, ...]], Scorer]
-"""``(entry, every entry of the folder, model folder, ONNX Runtime providers) -> scorer``."""
-
-_LOADERS: dict[ModelKind, ScorerLoader] = {}
-
-
-def register_scorer(kind: ModelKind) -> Callable[[ScorerLoader], ScorerLoader]:
-    """Decorator: ``loader`` serves the manifest entries of ``kind``."""
-
-    def register(loader: ScorerLoader) -> ScorerLoader:
-        _LOADERS[kind] = loader
-        return loader
-
-    return register
-
-
-def scorer_loader(entry: ModelEntry) -> ScorerLoader:
-    """The loader registered for the kind of ``entry``.
-
-    Raises
-    ------
-    ManifestError
-        The entry's spec does not parse.
-    ModelRegistryError
-        No scorer serves its kind (a segmenter or refiner named as a family).
-    """
-    kind = entry.spec.kind
-    if kind not in _LOADERS:
-        raise ModelRegistryError(f"model {entry.role} is a {kind.value} model: it does not score lesions")
-    return _LOADERS[kind]

@@ -32,7 +32,8 @@ from models.datasets import US_DATASETS, load_records
 from models.errors import TrainingError
 from models.evaluation.command import lesion_boxes, score_family
 from models.evaluation.stats import auc, youden_threshold
-from models.inference.consensus import CONSENSUS_KIND, mean_log_odds, write_consensus_file
+from models.inference.consensus import mean_log_odds, write_consensus_file
+from models.inference.manifest import ModelKind
 from models.inference.registry import BUNDLED_MODEL_DIR, MANIFEST_NAME, ModelEntry, merge_into_manifest, read_manifest
 
 
@@ -150,7 +151,7 @@ def fit_consensus(
         file=file_name,
         sha256=digest,
         parameters={
-            "kind": CONSENSUS_KIND,
+            "kind": ModelKind.CONSENSUS.value,
             "family": recipe.role,
             "task": task,
             "modality": "US",

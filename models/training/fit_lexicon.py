@@ -28,7 +28,8 @@ from models.datasets import US_DATASETS, Record, birads_high, load_records, read
 from models.errors import TrainingError
 from models.evaluation.command import lesion_boxes, served_mask_at
 from models.evaluation.stats import auc, youden_threshold
-from models.inference.lexicon import DESCRIPTOR_NAMES, LEXICON_KIND, LogisticModel, box_ellipse, describe
+from models.inference.lexicon import DESCRIPTOR_NAMES, LogisticModel, box_ellipse, describe
+from models.inference.manifest import ModelKind
 from models.inference.pipeline import SEGMENTATION_ROLES, load_refiner, load_segmenter, segment_lesions
 from models.inference.preprocess import Box
 from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_manifest, read_manifest, sha256_of
@@ -124,7 +125,7 @@ def fit_lexicon(datasets: Path, model_dir: Path, task: str = "malignancy", regul
         file=path.name,
         sha256=sha256_of(path),
         parameters={
-            "kind": LEXICON_KIND,
+            "kind": ModelKind.LEXICON.value,
             "family": role,
             "task": task,
             "modality": "US",

@@ -14,12 +14,12 @@ from models.inference.consensus import (
     ConsensusScorer,
     common_box,
     consensus_map,
-    is_consensus,
     load_consensus_scorer,
     mean_log_odds,
     write_consensus_file,
 )
 from models.inference.findings import FamilyScore, Lesion, ModelInfo
+from models.inference.manifest import ModelKind
 from models.inference.pipeline import load_bmode_pipeline
 from models.inference.registry import (
     BUNDLED_MODEL_DIR,
@@ -118,7 +118,7 @@ def _bundle_copy(tmp_path: Path) -> dict[str, ModelEntry]:
 
 def test_the_bundled_consensus_pins_the_bundled_members() -> None:
     entries = read_manifest()
-    consensus = [e for e in entries.values() if is_consensus(e)]
+    consensus = [e for e in entries.values() if e.kind is ModelKind.CONSENSUS]
     assert consensus, "the bundle ships a consensus"
     scorer = load_consensus_scorer(consensus[0], entries, BUNDLED_MODEL_DIR)
     assert len(scorer.members) >= 2 and all(entries[m].parameters["task"] == "malignancy" for m in scorer.members)
@@ -126,7 +126,7 @@ def test_the_bundled_consensus_pins_the_bundled_members() -> None:
 
 def test_a_member_changed_after_fitting_is_refused(tmp_path: Path) -> None:
     entries = _bundle_copy(tmp_path)
-    role = next(r for r, e in entries.items() if is_consensus(e))
+    role = next(r for r, e in entries.items() if e.kind is ModelKind.CONSENSUS)
     consensus = entries[role]
     member = consensus.parameters["members"][0]
     load_consensus_scorer(consensus, entries, tmp_path)  # as shipped: accepted

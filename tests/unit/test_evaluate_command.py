@@ -123,11 +123,12 @@ def _synthetic_site(root: Path, count: int = 6) -> Path:
 def test_evaluate_scores_the_consensus_as_its_members_combined(tmp_path: Path) -> None:
     import csv
 
-    from models.inference.consensus import is_consensus, mean_log_odds
+    from models.inference.consensus import mean_log_odds
+    from models.inference.manifest import ModelKind
     from models.inference.registry import read_manifest
 
     entries = read_manifest()
-    role = next(r for r, e in entries.items() if is_consensus(e))
+    role = next(r for r, e in entries.items() if e.kind is ModelKind.CONSENSUS)
     members = list(entries[role].parameters["members"])
     site = _synthetic_site(tmp_path)
     out = tmp_path / "out"
@@ -189,7 +190,7 @@ def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: P
     """A site that retrained a member evaluates it and the segmenter before refitting the consensus; serving refuses."""
     import json
 
-    from models.inference.consensus import is_consensus
+    from models.inference.manifest import ModelKind
     from models.inference.pipeline import load_bmode_pipeline
     from models.inference.registry import (
         BUNDLED_MODEL_DIR,
@@ -206,7 +207,7 @@ def test_a_stale_consensus_does_not_stop_evaluating_the_other_models(tmp_path: P
         if item.suffix in (".onnx", ".npz") or item.name == "mupnet_prototypes.json":
             (models / item.name).symlink_to(item)
     entries = read_manifest()
-    role = next(r for r, e in entries.items() if is_consensus(e))
+    role = next(r for r, e in entries.items() if e.kind is ModelKind.CONSENSUS)
     body = json.loads((BUNDLED_MODEL_DIR / entries[role].file).read_text())
     body["members"]["dlr_bm"] = {"graph": "0" * 64}  # fitted on a dlr_bm the folder no longer has
     (models / entries[role].file).write_text(json.dumps(body))
