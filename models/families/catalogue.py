@@ -24,17 +24,25 @@ def _family_packages() -> list[str]:
     return sorted(info.name for info in pkgutil.iter_modules(models.families.__path__) if info.ispkg)
 
 
+def _family_modules(module: str) -> list[Any]:
+    """Each family folder's ``module`` (``recipe``, ``card``), in folder order; folders without one are skipped."""
+    found: list[Any] = []
+    for package in _family_packages():
+        name = f"models.families.{package}.{module}"
+        try:
+            found.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            # a folder without it (the segmenter's has no recipe: models.training.train_reference trains it)
+    return found
+
+
 @cache
 def family_specs() -> MappingProxyType[str, FamilySpec]:
     """Every family recipe's specs by name, read from each folder's ``recipe.SPECS`` (in folder order)."""
     specs: dict[str, FamilySpec] = {}
-    for package in _family_packages():
-        try:
-            recipe = importlib.import_module(f"models.families.{package}.recipe")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"models.families.{package}.recipe":
-                raise
-            continue  # a folder without a recipe (the segmenter's, trained by models.training.train_reference)
+    for recipe in _family_modules("recipe"):
         for spec in recipe.SPECS:
             if spec.name in specs:
                 raise ValueError(f"two recipes declare the family {spec.name!r}")
@@ -46,12 +54,6 @@ def family_specs() -> MappingProxyType[str, FamilySpec]:
 def card_texts() -> MappingProxyType[str, dict[str, str]]:
     """Each model's card prose (paper, architecture, deviations, limits) from its folder's ``card.TEXT``."""
     texts: dict[str, dict[str, str]] = {}
-    for package in _family_packages():
-        try:
-            card: Any = importlib.import_module(f"models.families.{package}.card")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"models.families.{package}.card":
-                raise
-            continue
+    for card in _family_modules("card"):
         texts.update(card.TEXT)
     return MappingProxyType(texts)

@@ -64,9 +64,6 @@ class FinishRun(Protocol):
         ...
 
     @property
-    def input_size(self) -> int: ...
-
-    @property
     def seed(self) -> int: ...
 
     @property
@@ -93,10 +90,6 @@ class FinishRun(Protocol):
 
     def network_outputs(self, model: nn.Module, lesions: Sequence[Lesion]) -> npt.NDArray[np.float32]:
         """The network's second output (DLR's embedding, CLDLR's deep features) for every lesion."""
-        ...
-
-    def positive_scores(self, model: nn.Module, lesions: Sequence[Lesion]) -> npt.NDArray[np.float64]:
-        """P(positive) of every lesion through the family's head."""
         ...
 
     def balanced_batches(self, lesions: Sequence[Lesion]) -> BatchSource:

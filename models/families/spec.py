@@ -91,7 +91,6 @@ class FamilySpec:
     finish: FinishStage | None = None
     served_scores: ServedScores | None = None  # where the served score is not the graph's first output (CLDLR)
     finish_record: FinishRecord | None = None  # what the manifest records of the finish stage (MUP-Net's cycles)
-    clinical_input: bool = False  # the serving graph takes a second input, [age/100, age known] (DLR)
     # Files of the run folder the export copies beside the graph: (file in the run folder, side-file key).
     side_files: tuple[tuple[str, str], ...] = ()
     optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = (

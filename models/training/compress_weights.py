@@ -51,7 +51,7 @@ def compress_family(role: str, model_dir: Path, datasets: Path) -> ModelEntry:
             f"{role}: its served score is not the graph's first output (CLDLR's SVM), which is all this check reads"
         )
     samples = split_samples(spec, datasets, parameters.get("trained_without"))
-    feeds = _feeds(spec, samples["val"], int(parameters["input_size"]))
+    feeds = _feeds(spec, samples["val"], int(parameters["input_size"]), parameters["inputs"])
     if not feeds:
         raise CompressionRefused(f"{role}: no validation lesions under {datasets} to check the int8 graph on")
     first = parameters["outputs"][0]

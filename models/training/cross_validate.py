@@ -42,7 +42,7 @@ import argparse
 import hashlib
 import json
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ import torch
 from models.errors import TrainingError
 from models.evaluation.stats import auc, bootstrap_ci
 from models.families.spec import FamilySpec
-from models.training.loop import DEVICES, check_resumable, seed_everything
+from models.training.loop import DEVICES, begin_run
 from models.training.run_config import RUN_DEFINING, RunConfig
 from models.training.samples import LesionSample, positive_scores, split_samples
 from models.training.train_family import FAMILIES, train_network
@@ -278,18 +278,13 @@ def cross_validate(
     last: dict[str, float] = {}
     for fold, (train, validation, held_out) in enumerate(plans):
         run = replace(config, work=str(Path(config.work) / f"fold-{fold}"), part=f"{config.part}-fold-{fold}")
-        settings = {
-            **asdict(run),
-            "folds": folds,
-            "choose_epoch": choose_epoch,
-            "findings": findings_fingerprint(train, validation),
-        }
         # "findings": a finished fold trained on other data (another --datasets, new near-duplicates) must not be
         # reused.
-        check_resumable(Path(run.work), settings, (*RUN_DEFINING, "epochs", "folds", "choose_epoch", "findings"))
-        Path(run.work).mkdir(parents=True, exist_ok=True)
-        (Path(run.work) / "config.json").write_text(json.dumps(settings, indent=2))
-        seed_everything(run.seed)
+        begin_run(
+            run,
+            (*RUN_DEFINING, "epochs", "folds", "choose_epoch", "findings"),
+            extra={"folds": folds, "choose_epoch": choose_epoch, "findings": findings_fingerprint(train, validation)},
+        )
         train_network(spec, run, {"train": train, "val": validation})
         last.update(
             zip(

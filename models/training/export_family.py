@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,26 @@ from torch import nn
 from models.datasets import SPLIT_RULE
 from models.errors import TrainingError
 from models.evaluation.stats import auc, youden_threshold
-from models.families.dlr.network import clinical_vector
 from models.families.ensemble import MemberMean
 from models.families.onnx_export import export_graph, int8_convolution_weights
 from models.families.spec import FamilySpec
+from models.inference.family_scorer import age_inputs
 from models.inference.registry import ModelEntry, merge_into_manifest, sha256_of
 from models.training.run_config import RunConfig, member_configs
-from models.training.samples import LesionSample, evaluation_input, load_best
+from models.training.samples import LesionSample, evaluation_input, network_from, read_best
 
 FP16_TOLERANCE = 0.05
 
 
-def _feeds(spec: FamilySpec, samples: list[LesionSample], size: int) -> list[dict[str, npt.NDArray[np.float32]]]:
+def _feeds(
+    spec: FamilySpec, samples: list[LesionSample], size: int, inputs: Sequence[str]
+) -> list[dict[str, npt.NDArray[np.float32]]]:
+    """The graph's feeds for ``samples``: the ROI, and ``[age / 100, known]`` where ``inputs`` name "clinical" (DLR)."""
     feeds = []
     for sample in samples:
         feed = {"image": evaluation_input(spec.roi, sample, size)}
-        if spec.clinical_input:
-            feed["clinical"] = np.array([clinical_vector(sample.record.age_years)], dtype=np.float32)
+        if "clinical" in inputs:  # as serving decides (models.inference.family_scorer.FamilyScorer.score)
+            feed["clinical"] = np.array([age_inputs(sample.record.age_years)], dtype=np.float32)
         feeds.append(feed)
     return feeds
 
@@ -146,10 +150,23 @@ def initialisation(config: RunConfig) -> str:
     )
 
 
-def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, list[str], list[str]]:
-    """The family's serving graph: one network's, or the :class:`MemberMean` of a seed ensemble's members."""
+def best_checkpoints(config: RunConfig) -> list[dict[str, Any]]:
+    """Each seed-ensemble member's ``best.pt`` (one for a single network), read once for the graph and the record."""
+    return [read_best(Path(member.work)) for member in member_configs(config)]
+
+
+def serving_wrapper(
+    spec: FamilySpec, config: RunConfig, checkpoints: Sequence[Mapping[str, Any]] | None = None
+) -> tuple[nn.Module, list[str], list[str]]:
+    """The family's serving graph: one network's, or the :class:`MemberMean` of a seed ensemble's members.
+
+    ``checkpoints``: the members' ``best.pt`` already read (:func:`best_checkpoints`; None: read here).
+    """
+    members = member_configs(config)
+    states = best_checkpoints(config) if checkpoints is None else checkpoints
     built = [
-        spec.serving_graph(load_best(spec, Path(member.work)), Path(member.work)) for member in member_configs(config)
+        spec.serving_graph(network_from(spec, state), Path(member.work))
+        for member, state in zip(members, states, strict=True)
     ]
     if len(built) == 1:
         return built[0]
@@ -157,23 +174,23 @@ def serving_wrapper(spec: FamilySpec, config: RunConfig) -> tuple[nn.Module, lis
     return MemberMean([wrapper for wrapper, _, _ in built]), inputs, outputs
 
 
-def weight_choice(config: RunConfig) -> dict[str, Any]:
-    """Which weights were exported: the best validation epoch, or each seed-ensemble member's."""
+def weight_choice(config: RunConfig, checkpoints: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Which weights were exported: the best validation epoch, or each seed-ensemble member's.
+
+    ``checkpoints``: the members' ``best.pt`` (:func:`best_checkpoints`).
+    """
     members = member_configs(config)
     if len(members) > 1:
-        states = [torch.load(Path(m.work) / "best.pt", map_location="cpu", weights_only=False) for m in members]
         return {
             "ensemble": {
                 "members": len(members),
                 "seeds": [member.seed for member in members],
-                "best_epochs": [int(state["epoch"]) for state in states],
-                "member_val_auc": [float(state["score"]) for state in states],
+                "best_epochs": [int(state["epoch"]) for state in checkpoints],
+                "member_val_auc": [float(state["score"]) for state in checkpoints],
                 "combination": "element-wise mean of the members' outputs (logits and maps), one ONNX graph",
             }
         }
-    return {
-        "best_epoch": int(torch.load(Path(config.work) / "best.pt", map_location="cpu", weights_only=False)["epoch"])
-    }
+    return {"best_epoch": int(checkpoints[0]["epoch"])}
 
 
 def finish_record(spec: FamilySpec, config: RunConfig) -> dict[str, Any]:
@@ -192,9 +209,10 @@ def export_family(
     """Export, pick precision and operating point, copy side files, update ``output``'s manifest."""
     work = Path(config.work)
     size = config.input_size
-    wrapper, inputs, outputs = serving_wrapper(spec, config)
+    checkpoints = best_checkpoints(config)
+    wrapper, inputs, outputs = serving_wrapper(spec, config, checkpoints)
     wrapper.eval()
-    val_feeds = _feeds(spec, samples["val"], size)
+    val_feeds = _feeds(spec, samples["val"], size, inputs)
     output.mkdir(parents=True, exist_ok=True)
     file_name = f"{spec.name}.onnx"
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +292,7 @@ def export_family(
             "learning_rate": config.learning_rate,
             "seed": config.seed,
             "autocast": "bfloat16" if config.bf16 else None,
-            **weight_choice(config),
+            **weight_choice(config, checkpoints),
             **finish_record(spec, config),
             "initialisation": initialisation(config),
             "val_auc_as_served": served_val_auc,

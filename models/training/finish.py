@@ -32,7 +32,6 @@ from models.training.samples import (
     evaluation_input,
     load_best,
     network_outputs,
-    positive_scores,
 )
 
 
@@ -50,10 +49,6 @@ class TrainingFinishRun:
     @property
     def work(self) -> Path:
         return Path(self.config.work)
-
-    @property
-    def input_size(self) -> int:
-        return self.config.input_size
 
     @property
     def seed(self) -> int:
@@ -77,16 +72,13 @@ class TrainingFinishRun:
         return mixed_precision(training_device(self.config.device), self.config.bf16)
 
     def roi_inputs(self, lesions: Sequence[Lesion]) -> npt.NDArray[np.float32]:
-        return np.concatenate([evaluation_input(self.spec.roi, s, self.input_size) for s in lesions])
+        return np.concatenate([evaluation_input(self.spec.roi, s, self.config.input_size) for s in lesions])
 
     def network_outputs(self, model: nn.Module, lesions: Sequence[Lesion]) -> npt.NDArray[np.float32]:
-        return network_outputs(self.spec, model, list(lesions), self.input_size)
-
-    def positive_scores(self, model: nn.Module, lesions: Sequence[Lesion]) -> npt.NDArray[np.float64]:
-        return positive_scores(self.spec, model, list(lesions), self.input_size)
+        return network_outputs(self.spec, model, list(lesions), self.config.input_size)
 
     def balanced_batches(self, lesions: Sequence[Lesion]) -> BalancedBatches:
-        return BalancedBatches(self.spec, list(lesions), self.config.batch_size, self.input_size)
+        return BalancedBatches(self.spec, list(lesions), self.config.batch_size, self.config.input_size)
 
     def optimise_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
         return optimise_step(optimizer, loss)

@@ -225,12 +225,19 @@ def check_resumable(work: Path, settings: dict[str, object], defining: tuple[str
         )
 
 
-def begin_run(config: RunSettings, defining: tuple[str, ...] | None = None, notes: str | None = None) -> Path:
+def begin_run(
+    config: RunSettings,
+    defining: tuple[str, ...] | None = None,
+    notes: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """How every training command starts: threads, seeds, the resumability check, the run folder and its config.json.
 
     ``defining`` names the settings a resumed run must share with the run
     that made the folder (:func:`check_resumable`; None: no check).
     ``notes`` is written beside the settings (a family recipe's notes).
+    ``extra`` joins the run's settings (checked and saved with them: a
+    cross-validation fold's fold count and the findings it trains on).
 
     Raises
     ------
@@ -241,7 +248,7 @@ def begin_run(config: RunSettings, defining: tuple[str, ...] | None = None, note
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     work = Path(config.work)
-    settings = dataclasses.asdict(config)
+    settings = {**dataclasses.asdict(config), **(extra or {})}
     if defining is not None:
         check_resumable(work, settings, defining)
     work.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def pretraining_images(datasets: Path, splits: tuple[str, ...] = ("train",), hol
 
 
 def anchor_region(item: PretrainImage, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """Centre x, centre y, width, height of the region both views are cut around."""
+    """Centre x, centre y, width, height of the region a mask-pretraining window (image and mask) is cut around."""
     rows, cols = item.image.shape[:2]
     if item.box is not None:
         x, y, w, h = item.box

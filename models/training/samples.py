@@ -9,9 +9,10 @@ crops are jittered around it (:func:`training_input`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +23,7 @@ from models.datasets import Record, birads_high, load_records, mask_box, mias_fi
 from models.errors import TrainingError
 from models.families.finish_run import Lesion
 from models.families.spec import FamilySpec, RoiStyle
-from models.inference.preprocess import Box, crop
+from models.inference.preprocess import Box, crop, roi_input
 from models.training.loop import augment_intensity, device_of
 
 Tensor = torch.Tensor
@@ -40,8 +41,15 @@ class LesionSample:
 
 
 def evaluation_input(roi: RoiStyle, sample: Lesion, size: int) -> npt.NDArray[np.float32]:
-    """The network input of ``sample`` cut as serving cuts it."""
-    return roi.tensor(crop(sample.image, roi.box(sample.box, sample.image.shape[:2])), size)
+    """The network input of ``sample`` cut as serving cuts it (:func:`models.inference.preprocess.roi_input`)."""
+    return roi_input(
+        sample.image,
+        sample.box,
+        normalisation=roi.normalisation,
+        padding=roi.padding,
+        shortest_side=roi.shortest_side,
+        size=size,
+    )[1]
 
 
 def training_input(roi: RoiStyle, sample: Lesion, size: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
@@ -142,11 +150,22 @@ def network_outputs(
     return np.concatenate(rows).astype(np.float32)
 
 
+def read_best(work: Path) -> dict[str, Any]:
+    """The run's best validation checkpoint (``best.pt``): its ``model`` weights, ``epoch`` and ``score``."""
+    checkpoint: dict[str, Any] = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
+    return checkpoint
+
+
+def network_from(spec: FamilySpec, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """The family's network with a checkpoint's ``model`` weights, in eval mode."""
+    model = spec.build()
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
 def load_best(spec: FamilySpec, work: Path) -> nn.Module:
     """The family's network at its best validation epoch (``best.pt``), in eval mode."""
-    model = spec.build()
-    model.load_state_dict(torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"])
-    return model.eval()
+    return network_from(spec, read_best(work))
 
 
 class BalancedBatches:

@@ -107,7 +107,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
 
 
 def load_initial_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Start ``model`` from a checkpoint of the same network (``models.training.pretrain``'s best.pt).
+    """Start ``model`` from a checkpoint of the same network (``models.training.mask_pretraining``'s best.pt).
 
     Every tensor must match by name and shape: a checkpoint of another
     architecture is refused instead of half-loaded.
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "--init",
         default="",
         help=(
-            "start the network from this checkpoint (e.g. runs/pretrain/dl_u/best.pt from models.training.pretrain); "
+            "start the network from this checkpoint (e.g. runs/pretrain-masks/FAMILY/best.pt from "
+            "models.training.mask_pretraining); "
             "default: random"
         ),
     )

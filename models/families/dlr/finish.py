@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from models.families.dlr.network import AgeFusionMLP, clinical_vector
+from models.families.dlr.network import AgeFusionMLP
 from models.families.finish_run import FinishRun, Lesion
+from models.inference.family_scorer import age_inputs
 
 MLP_EPOCHS = 60
 MLP_BATCH = 32
@@ -21,7 +22,7 @@ def finish_age_mlp(run: FinishRun, lesions: Mapping[str, Sequence[Lesion]]) -> d
     data = {}
     for split in ("train", "val"):
         embedding = torch.from_numpy(run.network_outputs(model, lesions[split]))
-        clinical = torch.tensor([clinical_vector(s.record.age_years) for s in lesions[split]], dtype=torch.float32)
+        clinical = torch.tensor([age_inputs(s.record.age_years) for s in lesions[split]], dtype=torch.float32)
         data[split] = (embedding, clinical, torch.tensor([s.label for s in lesions[split]]))
     mlp = AgeFusionMLP()
     optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)

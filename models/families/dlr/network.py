@@ -85,7 +85,11 @@ class AgeFusionMLP(nn.Module):
 
 
 def clinical_vector(age_years: float | None) -> list[float]:
-    """The MLP's clinical input for one case: ``[age / 100, known]``, built as serving builds it."""
+    """The MLP's clinical input for one case: ``[age / 100, known]``, built as serving builds it.
+
+    Only forwards to :func:`models.inference.family_scorer.age_inputs`, which the finish stage and the export call
+    directly; kept for the tests that name it.
+    """
     return age_inputs(age_years)
 
 

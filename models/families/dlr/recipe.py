@@ -49,7 +49,6 @@ SPECS = (
         int8_weights=True,
         version="0.3.0",
         finish=finish_age_mlp,
-        clinical_input=True,
         notes="BI-RADS 2/3 (0) vs 4/5 (1) from BUS-BRA and BrEaST (their assessed categories)",
     ),
     FamilySpec(
@@ -71,7 +70,6 @@ SPECS = (
         mask_pretraining_epochs=12,
         seed=20261122,
         finish=finish_age_mlp,
-        clinical_input=True,
         notes="benign (0) vs malignant (1) over every US lesion with a pathology label",
     ),
 )

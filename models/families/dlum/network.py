@@ -82,7 +82,7 @@ class DLUMBranch(nn.Module):
         filters = [max(8, round(f * width)) for f in BLOCK_FILTERS]
         blocks, heads = [], []
         channels = in_channels
-        for _index, (convolutions, out_channels) in enumerate(zip(BLOCK_CONVOLUTIONS, filters, strict=False)):
+        for convolutions, out_channels in zip(BLOCK_CONVOLUTIONS, filters, strict=False):
             blocks.append(_block(channels, out_channels, convolutions, pool=False))
             heads.append(SupervisionHead(out_channels))
             channels = out_channels

@@ -60,7 +60,7 @@ def finish_prototypes(run: FinishRun, lesions: Mapping[str, Sequence[Lesion]]) -
     generator = np.random.default_rng(run.seed)
     sampler = run.balanced_batches(train)
     cycles: list[dict[str, float]] = []
-    best_score = -math.inf
+    best_score, chosen = -math.inf, 0
     for cycle in range(max(1, run.push_cycles)):
         if cycle:
             optimizer = mupnet.joint_optimizer(model, rate_scale=PUSH_JOINT_RATE)
@@ -69,7 +69,9 @@ def finish_prototypes(run: FinishRun, lesions: Mapping[str, Sequence[Lesion]]) -
                 mupnet.train_joint_epoch(
                     model, [(x[:, None], y) for x, y in batches], optimizer, precision=run.precision
                 )
-        after_joint = run.auc(val_labels, run.positive_scores(model, val))
+        # P(malignant) of the validation ROIs as served: eval mode, no gradient, softmax of the logits.
+        joint_evidence = mupnet.frozen_evidence(model, (x[:, None] for x in val_inputs))
+        after_joint = run.auc(val_labels, mupnet.evidence_probability(model, joint_evidence)[:, 1].cpu().numpy())
         record = mupnet.project_prototypes(model, projection_batches)
         # Only the last layer moves from here to the cycle's end: the trunks run once, not once per epoch.
         train_evidence = mupnet.frozen_evidence(model, (batch for batch, _, _ in projection_batches))
@@ -97,10 +99,9 @@ def finish_prototypes(run: FinishRun, lesions: Mapping[str, Sequence[Lesion]]) -
         )
         print(json.dumps({"family": run.name, "cycle": cycle, **cycles[-1]}), flush=True)
         if best_layer > best_score:
-            best_score = best_layer
+            best_score, chosen = best_layer, cycle
             torch.save({"model": model.state_dict(), "cycle": cycle}, run.work / "projected.pt")
             _save_prototypes(record, train, images, run.work)
-    chosen = int(torch.load(run.work / "projected.pt", map_location="cpu", weights_only=False)["cycle"])
     return {
         "cycles": cycles,
         "push_epochs": run.push_epochs,
