@@ -26,10 +26,14 @@ import csv
 import pathlib
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import pydicom
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -77,7 +81,7 @@ def load_image(datasets: pathlib.Path, dataset: str, image_id: str) -> npt.NDArr
     raise FileNotFoundError(f"no image for {dataset}/{image_id}")
 
 
-def build_sample(sample: Sample, image: npt.NDArray[np.uint8], label: dict[str, str], index: int) -> pydicom.Dataset:  # type: ignore[name-defined]  # noqa: F821
+def build_sample(sample: Sample, image: npt.NDArray[np.uint8], label: dict[str, str], index: int) -> pydicom.Dataset:
     """Wrap one image as a de-identified US instance."""
     study_uid = derive_uid("breastai-sample", sample.study)
     series_uid = derive_uid("breastai-sample", sample.study, "series")
@@ -129,7 +133,7 @@ def _spacing_mm(label: dict[str, str]) -> float | None:
     return spacing if spacing > 0 else None
 
 
-def _uncalibrated_region(shape: tuple[int, ...]) -> pydicom.Dataset:  # type: ignore[name-defined]  # noqa: F821
+def _uncalibrated_region(shape: tuple[int, ...]) -> pydicom.Dataset:
     from pydicom import Dataset
 
     region = Dataset()

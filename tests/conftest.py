@@ -1,4 +1,4 @@
-"""Shared fixtures: free ports, a temporary spool, US test files, RabbitMQ."""
+"""Shared fixtures: free ports, a temporary spool, US test files, RabbitMQ, the service's HTTP endpoints."""
 
 from __future__ import annotations
 
@@ -6,15 +6,22 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
 from tests import dicom_factory
+
+if TYPE_CHECKING:
+    from service.health import Health
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -136,3 +143,41 @@ def us_dataset() -> Callable[..., Dataset]:
 def wait() -> Callable[..., bool]:
     """Fixture form of :func:`wait_until`."""
     return wait_until
+
+
+# --- /metrics and /health ------------------------------------------------------------
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """Status and body of ``GET path`` on 127.0.0.1:``port``; an error status is returned, not raised."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@dataclass
+class HttpEndpoints:
+    """``start_http_endpoints`` serving ``health`` on 127.0.0.1:``port``."""
+
+    port: int
+    health: Health = field(repr=False)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return http_get(self.port, path)
+
+
+@pytest.fixture
+def http_endpoints(port: int) -> Iterator[HttpEndpoints]:
+    """The service's /metrics and /health endpoints on a free port, for a fresh ``Health`` (add checks to it)."""
+    from service.health import Health, start_http_endpoints
+
+    health = Health()
+    server = start_http_endpoints(port, "127.0.0.1", health)
+    assert server is not None
+    try:
+        yield HttpEndpoints(port, health)
+    finally:
+        server.shutdown()
+        server.server_close()

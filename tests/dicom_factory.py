@@ -8,6 +8,7 @@ modules filled (PS3.3 A.59), and obviously synthetic names ("ANON^TEST").
 
 from __future__ import annotations
 
+import io
 import pathlib
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,13 @@ def write_dataset(ds: Dataset, path: pathlib.Path | str) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(target, ds, enforce_file_format=True)
     return target
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as the bytes of a DICOM Part 10 file (preamble and file meta), as :func:`write_dataset` writes it."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def synthetic_breast_image(rows: int = 240, columns: int = 320, seed: int = 0) -> npt.NDArray[np.uint8]:

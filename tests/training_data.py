@@ -1,11 +1,11 @@
-"""Small real training sets cut from the development datasets, for the training smoke tests."""
+"""Site folders for the tests: small real training sets cut from the development datasets, and synthetic ones."""
 
 from __future__ import annotations
 
 import csv
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from models.datasets import split_for
@@ -47,3 +47,30 @@ def write_busbra_subset(root: Path, picks: Sequence[Pick]) -> Path:
         writer.writeheader()
         writer.writerows(chosen)
     return root
+
+
+def write_site(
+    folder: Path,
+    labels: str,
+    images: Iterable[str] = (),
+    *,
+    shape: tuple[int, int] = (64, 64),
+    value: int = 90,
+    masks: bool = True,
+) -> Path:
+    """A site folder as ``models.datasets`` reads one; returns ``folder``.
+
+    ``images/<id>.png`` of one grey ``value`` for each id of ``images``, an
+    empty ``masks/`` (unless ``masks`` is false), and ``labels.csv`` holding
+    the text ``labels``.
+    """
+    import cv2
+    import numpy as np
+
+    (folder / "images").mkdir(parents=True)
+    if masks:
+        (folder / "masks").mkdir()
+    for image_id in images:
+        cv2.imwrite(str(folder / "images" / f"{image_id}.png"), np.full(shape, value, np.uint8))
+    (folder / "labels.csv").write_text(labels)
+    return folder

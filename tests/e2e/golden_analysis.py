@@ -26,13 +26,13 @@ import numpy.typing as npt
 import pydicom
 from pydicom import Dataset
 
+from tests.e2e.results import SC_CLASS, SR_CLASS
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = ROOT / "tests" / "fixtures" / "golden_analysis"
 RECORD_NAME = "record.json"
 THUMBNAILS_NAME = "thumbnails.npz"
 THUMBNAIL_BLOCK = 16  # pixels per thumbnail side: 18 overlays fit in a few tens of kB
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def run_analyze(samples: Path, out: Path) -> list[Path]:

@@ -64,7 +64,7 @@ def test_sr_content_is_unchanged(golden_run: tuple[dict[str, Any], dict[str, Any
         got = actual["reports"][uid]["content"]
         assert [item["path"] for item in got] == [item["path"] for item in report["content"]], f"SR {uid}: tree"
         differing = [
-            (want, have) for want, have in zip(report["content"], got, strict=False) if not _same_item(want, have)
+            (want, have) for want, have in zip(report["content"], got, strict=True) if not _same_item(want, have)
         ]
         assert differing == [], f"SR {uid}: first differing items {differing[:3]}"
     numbers = sum("number" in item for report in expected["reports"].values() for item in report["content"])

@@ -19,8 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage  # type: ignore[attr-defined]
 
 from models.inference.pipeline import default_families
-from tests.e2e.results import results_present
-from tests.e2e.test_pacs_roundtrip import RESULT_TIMEOUT_S, _start_pacs_and_service
+from tests.e2e.results import RESULT_TIMEOUT_S, start_pacs_and_service, wait_for_results
 
 IDENTITY = {
     "PatientName": "ZZQUILL^HEPZIBAH",
@@ -46,7 +45,7 @@ def test_patient_identity_reaches_no_log_metric_queue_message_or_spool_record(
     sample_study: Path,
     tmp_path: Path,
 ) -> None:
-    pacs, service, port, metrics_port = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    pacs, service, port, metrics_port = start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
     sources = sorted(sample_study.glob("*.dcm"))
     marked = tmp_path / "marked"
     marked.mkdir()
@@ -55,12 +54,7 @@ def test_patient_identity_reaches_no_log_metric_queue_message_or_spool_record(
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
     pacs.send_to_modality("BREASTAI", ids)
-    pacs.wait_for(
-        lambda: results_present(pacs, study_uid, overlays=len(files) * len(default_families())),
-        timeout=RESULT_TIMEOUT_S,
-        interval=0.5,
-        message="results in Orthanc",
-    )
+    wait_for_results(pacs, study_uid, len(files) * len(default_families()), "results in Orthanc")
     # Then two bad instances over a direct association: another patient's image of the same study (refused at the
     # door), and, in a study of its own, one whose pixel data is cut short (accepted, then dead-lettered by the worker
     # with its reason).

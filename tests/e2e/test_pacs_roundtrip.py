@@ -11,9 +11,7 @@ import json
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -21,52 +19,23 @@ import pytest
 from models.inference.pipeline import default_families
 from models.inference.registry import read_manifest
 from tests.e2e.results import (
+    RESULT_TIMEOUT_S,
     SC_CLASS,
     SR_CLASS,
     content_texts,
     dciodvfy_errors,
     download,
     dsrdump,
+    evidence_uids,
     instances_of_class,
     numeric_values,
-    results_present,
+    serve_args,
+    start_pacs_and_service,
+    wait_for_results,
 )
 from tests.integration.orthanc import OrthancServer
 
 pytestmark = pytest.mark.integration
-
-RESULT_TIMEOUT_S = 120.0
-
-
-def _start_pacs_and_service(
-    orthanc_factory: Callable[..., OrthancServer],
-    service_factory: Callable[..., Any],
-    free_ports: Callable[[int], list[int]],
-    tmp_path: Path,
-    quiet_period: float = 1.0,
-) -> tuple[OrthancServer, Any, int, int]:
-    port, metrics_port = free_ports(2)
-    pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
-    service = service_factory("serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period))
-    service.wait_for_echo(port)
-    return pacs, service, port, metrics_port
-
-
-def _serve_args(port: int, metrics_port: int, pacs: OrthancServer, tmp_path: Path, quiet_period: float) -> list[str]:
-    return [
-        "--port",
-        str(port),
-        "--ae-title",
-        "BREASTAI",
-        "--destination",
-        f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
-        "--quiet-period",
-        str(quiet_period),
-        "--spool-dir",
-        str(tmp_path / "spool"),
-        "--metrics-port",
-        str(metrics_port),
-    ]
 
 
 def _upload_study(pacs: OrthancServer, folder: Path) -> tuple[str, list[str], set[str]]:
@@ -88,17 +57,12 @@ def _metric(metrics_port: int, name: str) -> float:
 def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(
     orthanc_factory, service_factory, free_ports, sample_study: Path, tmp_path: Path
 ) -> None:
-    pacs, _service, _, metrics_port = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    pacs, _service, _, metrics_port = start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
     study_uid, ids, sources = _upload_study(pacs, sample_study)
 
     pacs.send_to_modality("BREASTAI", ids)
     expected_overlays = len(sources) * len(default_families())  # one per image and configured family
-    pacs.wait_for(
-        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
-        timeout=RESULT_TIMEOUT_S,
-        interval=0.5,
-        message="SR and overlays in Orthanc",
-    )
+    wait_for_results(pacs, study_uid, expected_overlays, "SR and overlays in Orthanc")
 
     reports = instances_of_class(pacs, study_uid, SR_CLASS)
     overlays = instances_of_class(pacs, study_uid, SC_CLASS)
@@ -106,13 +70,7 @@ def test_study_sent_by_orthanc_comes_back_as_sr_and_overlays(
 
     report = download(pacs, reports[0])
     assert report.StudyInstanceUID == study_uid
-    evidence = {
-        str(i.ReferencedSOPInstanceUID)
-        for s in report.CurrentRequestedProcedureEvidenceSequence
-        for series in s.ReferencedSeriesSequence
-        for i in series.ReferencedSOPSequence
-    }
-    assert evidence == sources
+    assert evidence_uids(report) == sources
     texts = content_texts(report)
     assert any("BreastAI" in t for t in texts), "algorithm identification (TID 4019) names the model"
     probabilities = numeric_values(report, "Probability of cancer")
@@ -166,7 +124,7 @@ def test_listener_killed_after_acknowledging_still_delivers(
     pacs = orthanc_factory({"BREASTAI": ("BREASTAI", "127.0.0.1", port)})
     # A quiet period far longer than the test: the study cannot be dispatched before the kill.
     first = service_factory(
-        "serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=600), {"BREASTAI_STABLE_AGE_S": "900"}
+        "serve", serve_args(port, metrics_port, pacs, tmp_path, quiet_period=600), {"BREASTAI_STABLE_AGE_S": "900"}
     )
     first.wait_for_echo(port)
     files = sorted(str(p) for p in sample_study.glob("*.dcm"))
@@ -183,16 +141,11 @@ def test_listener_killed_after_acknowledging_still_delivers(
     assert pacs.study_id(study_uid) is None, "nothing reached the PACS before the crash"
     # The restarted service holds the interrupted study open for a re-send until stable_age_s (nobody re-sends here).
     second = service_factory(
-        "serve", _serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1), {"BREASTAI_STABLE_AGE_S": "5"}
+        "serve", serve_args(port, metrics_port, pacs, tmp_path, quiet_period=1), {"BREASTAI_STABLE_AGE_S": "5"}
     )
     second.wait_for_echo(port)
     expected_overlays = len(files) * len(default_families())
-    pacs.wait_for(
-        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
-        timeout=RESULT_TIMEOUT_S,
-        interval=0.5,
-        message="results after restart",
-    )
+    wait_for_results(pacs, study_uid, expected_overlays, "results after restart")
     assert len(instances_of_class(pacs, study_uid, SR_CLASS)) == 1
 
 
@@ -213,12 +166,7 @@ def test_split_listen_and_work_over_rabbitmq(
 
     pacs.send_to_modality("BREASTAI", ids)
     expected_overlays = len(sources) * len(default_families())
-    pacs.wait_for(
-        lambda: results_present(pacs, study_uid, overlays=expected_overlays),
-        timeout=RESULT_TIMEOUT_S,
-        interval=0.5,
-        message="results via RabbitMQ",
-    )
+    wait_for_results(pacs, study_uid, expected_overlays, "results via RabbitMQ")
     assert worker.process is not None and worker.process.poll() is None
     # The last object reaches the PACS just before the job is acknowledged and counted.
     pacs.wait_for(
@@ -236,16 +184,11 @@ def test_an_instance_routed_after_the_report_gives_one_revision_that_names_it(
     # (PS3.3 C.17.2), not a second opinion over the new image alone.
     from pynetdicom import AE
 
-    pacs, _service, port, _metrics = _start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    pacs, _service, port, _metrics = start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
     study_uid, ids, sources = _upload_study(pacs, sample_study)
     families = len(default_families())
     pacs.send_to_modality("BREASTAI", ids)
-    pacs.wait_for(
-        lambda: results_present(pacs, study_uid, overlays=len(sources) * families),
-        timeout=RESULT_TIMEOUT_S,
-        interval=0.5,
-        message="first report",
-    )
+    wait_for_results(pacs, study_uid, len(sources) * families, "first report")
     (first,) = instances_of_class(pacs, study_uid, SR_CLASS)
     first_uid = str(download(pacs, first).SOPInstanceUID)
 
@@ -272,13 +215,7 @@ def test_an_instance_routed_after_the_report_gives_one_revision_that_names_it(
         for instance in series.ReferencedSOPSequence
     ]
     assert predecessors == [first_uid]
-    evidence = {
-        str(i.ReferencedSOPInstanceUID)
-        for s in revision.CurrentRequestedProcedureEvidenceSequence
-        for series in s.ReferencedSeriesSequence
-        for i in series.ReferencedSOPSequence
-    }
-    assert evidence == sources | {str(later.SOPInstanceUID)}, "the revision covers the whole study"
+    assert evidence_uids(revision) == sources | {str(later.SOPInstanceUID)}, "the revision covers the whole study"
     # Overlays of the earlier images came out again with the same UIDs: one copy each, plus the new image's.
     pacs.wait_for(
         lambda: len(instances_of_class(pacs, study_uid, SC_CLASS)) == (len(sources) + 1) * families,

@@ -1,6 +1,6 @@
 """A real StudyListener with its spool, dispatcher and embedded queue on a free port, and senders for it.
 
-Shared by the listener tests and the bad-input corpus: ``start_service``
+Shared by the listener tests, the bad-input corpus and the full-spool test: ``start_service``
 starts one (stopped at teardown), ``send_raw_files`` makes pynetdicom send a
 file's bytes undecoded, and the helpers build what the tests send.
 """
@@ -8,7 +8,7 @@ file's bytes undecoded, and the helpers build what the tests send.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from service.queue.embedded import EmbeddedJobQueue
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests.dicom_factory import encode  # re-exported: the listener tests import it from here
 
 SCP_AE = "BREASTAI"
 
@@ -56,9 +57,14 @@ class Service:
 
 @pytest.fixture
 def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]]:
+    """``start(recover=False, **settings)``: a started service, its spool opened as the service opens it.
+
+    ``spool_reserve_mb`` is 0 unless given (no 64 MB reserve file per test);
+    ``recover`` is passed to the embedded queue.
+    """
     started: list[Service] = []
 
-    def start(**overrides: object) -> Service:
+    def start(*, recover: bool = False, **overrides: object) -> Service:
         values: dict[str, object] = dict(
             port=port,
             bind_address="127.0.0.1",
@@ -66,11 +72,12 @@ def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]
             stable_age_s=30.0,
             spool_dir=spool_dir,
             metrics_port=0,
+            spool_reserve_mb=0,
         )
         values.update(overrides)
         settings = Settings(**values)  # type: ignore[arg-type]
-        spool = Spool(settings.spool_dir)
-        queue = EmbeddedJobQueue(settings, spool, recover=False)
+        spool = Spool.from_settings(settings)
+        queue = EmbeddedJobQueue(settings, spool, recover=recover)
         dispatcher = Dispatcher(settings, spool, queue, tick_s=0.05)
         dispatcher.recover()
         dispatcher.start()
@@ -87,18 +94,19 @@ def start_service(spool_dir: Path, port: int) -> Iterator[Callable[..., Service]
         service.queue.close()
 
 
-def scu(ae_title: str = "TESTSCU", *contexts: str) -> AE:
+def scu(
+    ae_title: str = "TESTSCU",
+    *contexts: str,
+    transfer_syntaxes: Sequence[str] = (ExplicitVRLittleEndian,),
+    timeout_s: float = 5,
+) -> AE:
+    """A sender offering each of ``contexts`` (US Image Storage by default) once per transfer syntax."""
     ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for context in contexts or (UltrasoundImageStorage,):
-        ae.add_requested_context(context, ExplicitVRLittleEndian)
+        for transfer_syntax in transfer_syntaxes:  # one presentation context each: any one may be accepted
+            ae.add_requested_context(context, transfer_syntax)
     return ae
-
-
-def encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:

@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage  # type: ignore[attr-defined]
 
 from service.errors import PermanentError
-from tests.integration.listener_harness import SCP_AE, Service, dataset_body, raw_file
+from tests.integration.listener_harness import SCP_AE, Service, dataset_body, raw_file, scu
 from workers.dicom_reader import read_frames
 
 pytestmark = pytest.mark.integration
@@ -133,17 +133,9 @@ CASES = [
 ]
 
 
-def scu() -> AE:
+def corpus_scu() -> AE:
     """A sender that offers the compressed syntaxes too, as a PACS does."""
-    ae = AE(ae_title="CORPUS")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    for transfer_syntax in (ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless):  # one context each: one is accepted
-        ae.add_requested_context(UltrasoundImageStorage, transfer_syntax)
-    return ae
-
-
-def test_the_corpus_has_at_least_twenty_five_kinds() -> None:
-    assert len({case.name for case in CASES}) >= 25
+    return scu("CORPUS", transfer_syntaxes=(ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless), timeout_s=10)
 
 
 @pytest.mark.usefixtures("send_raw_files")
@@ -157,7 +149,7 @@ def test_every_bad_input_gets_a_failure_status_or_a_typed_refusal_and_the_listen
     first = us_dataset(study_uid=study)
     first_path = tmp_path / "first.dcm"
     first.save_as(first_path, enforce_file_format=True)
-    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assoc = corpus_scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
     assert assoc.send_c_store(first_path).Status == 0x0000  # binds the study to its patient
     outcomes: dict[str, str] = {}
     for index, case in enumerate(CASES):
@@ -166,7 +158,7 @@ def test_every_bad_input_gets_a_failure_status_or_a_typed_refusal_and_the_listen
         path = case.build(ds, tmp_path / f"case{index}.dcm")
         started = time.monotonic()
         if not assoc.is_established:  # a case may end the association; the next one gets a new one
-            assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+            assoc = corpus_scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
         status = assoc.send_c_store(path)
         code = int(status.Status) if "Status" in status else -1
         if code == 0x0000:
@@ -182,6 +174,7 @@ def test_every_bad_input_gets_a_failure_status_or_a_typed_refusal_and_the_listen
         assert time.monotonic() - started < CASE_SECONDS, f"{case.name} took too long"
         outcomes[case.name] = outcome
     assoc.release()
+    assert len(outcomes) >= 25, f"the corpus has at least 25 kinds of bad input: {sorted(outcomes)}"
     # Read as images only where what is odd does not touch the pixels (a big private tag, deep sequences, a spacing
     # the reader drops as insane): everything else is refused at the door or by the reader, with its reason.
     read = {name for name, outcome in outcomes.items() if "read into" in outcome}
@@ -199,6 +192,6 @@ def test_every_bad_input_gets_a_failure_status_or_a_typed_refusal_and_the_listen
         assert outcomes[refused_at_the_door].startswith("refused"), (refused_at_the_door, outcomes)
     good = tmp_path / "good.dcm"
     us_dataset().save_as(good, enforce_file_format=True)
-    again = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    again = corpus_scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
     assert again.send_c_store(good).Status == 0x0000, "the listener keeps serving"
     again.release()

@@ -10,22 +10,16 @@ these tests skip and say why.
 from __future__ import annotations
 
 import errno
-import io
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import UltrasoundImageStorage  # type: ignore[attr-defined]
 
-from service.dispatcher import Dispatcher
-from service.listener import StudyListener
-from service.queue.embedded import EmbeddedJobQueue
-from service.settings import Settings
 from service.spool import Spool
+from tests.dicom_factory import encode
+from tests.integration.listener_harness import Service, scu
 
 pytestmark = pytest.mark.integration
 MB = 1024 * 1024
@@ -59,14 +53,8 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def encoded(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def store(spool: Spool, ds: Dataset) -> None:
-    spool.store_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), encoded(ds))
+    spool.store_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), encode(ds))
 
 
 def test_finishing_work_on_a_full_disk_uses_the_reserve_and_the_reserve_comes_back(
@@ -89,7 +77,10 @@ def test_finishing_work_on_a_full_disk_uses_the_reserve_and_the_reserve_comes_ba
 
 
 def test_a_service_started_on_a_full_spool_refuses_with_a700_and_recovers_by_itself(
-    small_disk: Path, us_dataset: Callable[..., Dataset], port: int, wait: Callable[..., bool]
+    small_disk: Path,
+    us_dataset: Callable[..., Dataset],
+    wait: Callable[..., bool],
+    start_service: Callable[..., Service],
 ) -> None:
     root = small_disk / "spool"
     before = Spool(root, reserve_bytes=1 * MB)
@@ -101,31 +92,18 @@ def test_a_service_started_on_a_full_spool_refuses_with_a700_and_recovers_by_its
     del before
     filler = fill(small_disk)
 
-    settings = Settings(
-        port=port, bind_address="127.0.0.1", spool_dir=root, metrics_port=0, quiet_period_s=0.2, spool_reserve_mb=1
-    )
-    spool = Spool(root, reserve_bytes=settings.spool_reserve_mb * MB)  # none of these may raise on a full disk
-    queue = EmbeddedJobQueue(settings, spool)
-    dispatcher = Dispatcher(settings, spool, queue, tick_s=0.05)
-    dispatcher.recover()
-    dispatcher.start()
-    listener = StudyListener(settings, spool, dispatcher)
-    listener.start()
-    try:
-        scu = AE(ae_title="PACS")
-        scu.add_requested_context(UltrasoundImageStorage, ExplicitVRLittleEndian)
-        full = scu.associate("127.0.0.1", port, ae_title=settings.ae_title)
-        assert full.is_established, "the listener answers on a full disk"
-        assert full.send_c_store(us_dataset()).Status == 0xA700
-        full.release()
-        filler.unlink()  # space returns
-        again = scu.associate("127.0.0.1", port, ae_title=settings.ae_title)
-        late = us_dataset()
-        assert again.send_c_store(late).Status == 0x0000
-        again.release()
-        assert wait(lambda: any(job.study_instance_uid == late.StudyInstanceUID for job in spool.sealed_jobs()), 10)
-        assert (root / "studies" / job_id / "job.json").is_file(), "the job file is written once there is room"
-    finally:
-        listener.stop()
-        dispatcher.stop()
-        queue.close()
+    # None of the spool, queue, dispatcher or listener may raise on a full disk.
+    service = start_service(spool_dir=root, quiet_period_s=0.2, stable_age_s=60.0, spool_reserve_mb=1, recover=True)
+    spool, settings, port = service.spool, service.settings, service.port
+    sender = scu("PACS")
+    full = sender.associate("127.0.0.1", port, ae_title=settings.ae_title)
+    assert full.is_established, "the listener answers on a full disk"
+    assert full.send_c_store(us_dataset()).Status == 0xA700
+    full.release()
+    filler.unlink()  # space returns
+    again = sender.associate("127.0.0.1", port, ae_title=settings.ae_title)
+    late = us_dataset()
+    assert again.send_c_store(late).Status == 0x0000
+    again.release()
+    assert wait(lambda: any(job.study_instance_uid == late.StudyInstanceUID for job in spool.sealed_jobs()), 10)
+    assert (root / "studies" / job_id / "job.json").is_file(), "the job file is written once there is room"

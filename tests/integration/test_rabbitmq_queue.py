@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
 import threading
@@ -21,6 +20,7 @@ from service.queue.rabbitmq import FAILURE_HEADER, REASON_HEADER, RabbitMQJobQue
 from service.schema import InstanceRef, StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests.dicom_factory import encode
 
 pytestmark = pytest.mark.integration
 
@@ -119,9 +119,7 @@ def sealed_job(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> tuple[Spo
     """A spool holding one sealed study of one real ultrasound instance, and its job id."""
     spool = Spool(spool_dir)
     ds = us_dataset()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
+    spool.store_instance(ds.StudyInstanceUID, ds.SOPInstanceUID, encode(ds))
     job_id = spool.seal_study(ds.StudyInstanceUID)
     assert job_id
     return spool, job_id
@@ -442,6 +440,7 @@ def test_the_jobs_tool_lists_shows_re_drives_and_purges_dead_letters_in_spool_an
     spool_dir: Path,
     us_dataset: Callable[..., Dataset],
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Issue 37, 'Tools operations need': breastai jobs, for the embedded queue (the spool's dead/) and RabbitMQ.
     from workers.cli import main
@@ -461,11 +460,8 @@ def test_the_jobs_tool_lists_shows_re_drives_and_purges_dead_letters_in_spool_an
     finally:
         consumer.close()
     flags = ["--spool-dir", str(spool_dir), "--queue", "rabbitmq", "--amqp-url", rabbitmq_url]
-    env_queue = {"BREASTAI_QUEUE_NAME": queue_name}
-    import os
-
-    os.environ.update(env_queue)
-    try:
+    with monkeypatch.context() as patched:
+        patched.setenv("BREASTAI_QUEUE_NAME", queue_name)
         assert main(["jobs", "list", *flags]) == 0
         listed = capsys.readouterr().out
         assert "2 dead-lettered job(s)" in listed and first in listed and "pixel data cannot be decoded" in listed
@@ -478,9 +474,6 @@ def test_the_jobs_tool_lists_shows_re_drives_and_purges_dead_letters_in_spool_an
         assert main(["jobs", "retry", "no-such-job", *flags]) == 2, "an unknown job is refused by name"
         assert main(["jobs", "purge", "--all", *flags]) == 0
         assert not (spool_dir / "dead" / second).exists() and ready_count(broker, f"{queue_name}.dead") == 0
-    finally:
-        for key in env_queue:
-            os.environ.pop(key, None)
     # The re-driven job runs again like any published one.
     done: list[str] = []
     queue = make_queue(spool)

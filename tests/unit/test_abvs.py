@@ -197,13 +197,13 @@ def test_grad_cam_matches_textbook_and_in_graph_cam(model: ThreePlaneClassifier)
         raw = grad_cam(model, *planes, class_index=class_index, normalise=False)
         reference = _reference_grad_cam(model, planes, class_index)
         assert torch.allclose(raw.logits, logits, atol=1e-5)
-        for ours, textbook, in_graph in zip(raw[1:], reference, analytic, strict=False):
+        for ours, textbook, in_graph in zip(raw[1:], reference, analytic, strict=True):
             scale = float(textbook.abs().max())
             assert scale > 0
             assert torch.allclose(ours, textbook, atol=1e-5 * scale)
             assert torch.allclose(in_graph[:, class_index], textbook, atol=1e-5 * scale)
     normalised = grad_cam(model, *planes)
-    for cam, in_graph in zip(normalised[1:], analytic, strict=False):
+    for cam, in_graph in zip(normalised[1:], analytic, strict=True):
         assert cam.shape == (2, 2, 2) and float(cam.min()) >= 0 and float(cam.max()) <= 1 + 1e-6
         assert torch.allclose(cam, rectify_and_normalise(in_graph[:, MALIGNANT]), atol=1e-4)
 
@@ -234,14 +234,14 @@ def test_onnx_export_matches_pytorch(model: ThreePlaneClassifier, tmp_path: Path
     with torch.no_grad():
         expected = ThreePlaneExportWrapper(model)(*planes)
     got = session.run(
-        list(EXPORT_OUTPUT_NAMES), {name: p.numpy() for name, p in zip(EXPORT_INPUT_NAMES, planes, strict=False)}
+        list(EXPORT_OUTPUT_NAMES), {name: p.numpy() for name, p in zip(EXPORT_INPUT_NAMES, planes, strict=True)}
     )
     assert got[0].shape == (3, 2) and got[1].shape == (3, 2, 2, 2)
-    for name, ours, theirs in zip(EXPORT_OUTPUT_NAMES, expected, got, strict=False):
+    for name, ours, theirs in zip(EXPORT_OUTPUT_NAMES, expected, got, strict=True):
         assert np.abs(ours.numpy() - theirs).max() < 1e-4, name
     # The exported map is the autograd Grad-CAM of the malignant class.
     autograd = grad_cam(model, *planes, normalise=False)
-    for cam, exported in zip(autograd[1:], got[1:], strict=False):
+    for cam, exported in zip(autograd[1:], got[1:], strict=True):
         assert np.allclose(cam.numpy(), exported[:, MALIGNANT], atol=1e-4)
 
 
@@ -311,7 +311,7 @@ def test_synthetic_volume_keeps_the_real_slice_and_sweeps_a_closed_lesion() -> N
     planes, masks = extract_planes(volume, centre), extract_planes(lesion, centre)
     assert all(m.any() for m in masks)
     # The lesion is dark in every plane, as it is in the real image.
-    for plane, plane_mask in zip(planes, masks, strict=False):
+    for plane, plane_mask in zip(planes, masks, strict=True):
         assert plane[plane_mask > 0].mean() < plane[plane_mask == 0].mean() - 20
     # Slices away from the centre are not copies of it.
     assert not np.array_equal(volume[11], volume[12]) and not np.array_equal(volume[3], volume[20])

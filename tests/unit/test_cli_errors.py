@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from tests.training_data import write_site
 from workers.cli import main
 
 
@@ -43,13 +43,7 @@ def test_evaluate_refuses_an_empty_folder_instead_of_writing_an_empty_report(
 
 
 def test_evaluate_refuses_a_split_the_data_has_no_image_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import cv2
-
-    site = tmp_path / "site"
-    (site / "images").mkdir(parents=True)
-    (site / "masks").mkdir()
-    cv2.imwrite(str(site / "images" / "case0.png"), np.full((64, 64), 90, np.uint8))
-    (site / "labels.csv").write_text("id,label\ncase0,benign\n")
+    site = write_site(tmp_path / "site", "id,label\ncase0,benign\n", ["case0"])
     split = next(s for s in ("test", "val", "train") if s != _split_of("site", "case0"))
     out = tmp_path / "out"
     assert main(["evaluate", str(site), "--split", split, "--families", "dl_u", "--output", str(out)]) == 2
@@ -65,16 +59,8 @@ def _split_of(dataset: str, image_id: str) -> str:
 
 
 def test_evaluate_refuses_data_with_no_labelled_lesion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import cv2
-
-    site = tmp_path / "site"
-    (site / "images").mkdir(parents=True)
-    (site / "masks").mkdir()
-    rows = ["id,label"]
-    for index in range(2):  # normal images: no lesion, so no label for any model and no mask to outline
-        cv2.imwrite(str(site / "images" / f"normal{index}.png"), np.full((64, 64), 90, np.uint8))
-        rows.append(f"normal{index},normal")
-    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+    normal = [f"normal{index}" for index in range(2)]  # no lesion, so no label for any model and no mask to outline
+    site = write_site(tmp_path / "site", "id,label\n" + "".join(f"{image_id},normal\n" for image_id in normal), normal)
     out = tmp_path / "out"
     assert main(["evaluate", str(site), "--split", "all", "--families", "dl_u", "--output", str(out)]) == 2
     assert "nothing labelled to score" in _message(capsys)
@@ -84,10 +70,7 @@ def test_evaluate_refuses_data_with_no_labelled_lesion(tmp_path: Path, capsys: p
 def test_evaluate_refuses_a_labels_file_without_an_id_column(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    site = tmp_path / "site"
-    (site / "images").mkdir(parents=True)
-    (site / "masks").mkdir()
-    (site / "labels.csv").write_text("name,label\ncase0,benign\n")
+    site = write_site(tmp_path / "site", "name,label\ncase0,benign\n")
     assert main(["evaluate", str(site), "--split", "all", "--output", str(tmp_path / "out")]) == 2
     assert "has no column id" in _message(capsys)
 

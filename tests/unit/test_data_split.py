@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from models.datasets import EXCLUDED, NEAR_DUPLICATES, Record, apply_near_duplicates, load_records, split_for
+from tests.training_data import write_site
 
 DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
@@ -46,19 +45,9 @@ def test_a_group_that_straddles_splits_or_labels_is_left_out_and_one_that_does_n
 
 
 def test_a_site_folder_with_a_case_column_keeps_each_patient_in_one_split(tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    (site / "images").mkdir(parents=True)
-    (site / "masks").mkdir()
-    rows = []
-    for patient in range(40):
-        for view in range(3):
-            image_id = f"p{patient}-v{view}"
-            cv2.imwrite(str(site / "images" / f"{image_id}.png"), np.full((8, 8), 100, np.uint8))
-            rows.append({"id": image_id, "case": f"p{patient}", "label": "benign"})
-    with (site / "labels.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "case", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    cases = {f"p{patient}-v{view}": f"p{patient}" for patient in range(40) for view in range(3)}
+    labels = "id,case,label\n" + "".join(f"{image_id},{case},benign\n" for image_id, case in cases.items())
+    write_site(tmp_path / "site", labels, cases, shape=(8, 8), value=100)
     records = load_records(tmp_path, ("site",))
     splits: dict[str, set[str]] = {}
     for record in records:
@@ -103,11 +92,14 @@ def test_a_listed_id_counts_only_for_the_listed_image_file(tmp_path: Path) -> No
     # A site folder named "busi" that reuses a listed id for another image: that image is not a copy of anything.
     with NEAR_DUPLICATES.open(newline="") as handle:
         listed = [row for row in csv.DictReader(handle) if row["dataset"] == "busi"][:2]
-    site = tmp_path / "busi"
-    (site / "images").mkdir(parents=True)
-    for row in listed:
-        cv2.imwrite(str(site / "images" / f"{row['id']}.png"), np.full((16, 16), 7, np.uint8))
-    (site / "labels.csv").write_text("id,label\n" + "".join(f"{row['id']},benign\n" for row in listed))
+    site = write_site(
+        tmp_path / "busi",
+        "id,label\n" + "".join(f"{row['id']},benign\n" for row in listed),
+        [row["id"] for row in listed],
+        shape=(16, 16),
+        value=7,
+        masks=False,
+    )
     records = load_records(tmp_path, ("busi",))
     assert [r.patient for r in records] == [f"busi-{row['id']}" for row in listed]
     # The same files listed under their own digests are grouped.
@@ -135,11 +127,7 @@ def test_missing_or_malformed_data_is_refused_as_a_dataset_error(tmp_path: Path)
         load_records(tmp_path / "nonexistent", ("site",))
     with pytest.raises(DatasetError, match="no images found under"):
         load_records(tmp_path, ("site",))
-    site = tmp_path / "site"
-    (site / "images").mkdir(parents=True)
-    (site / "masks").mkdir()
-    cv2.imwrite(str(site / "images" / "case0.png"), np.full((8, 8), 100, np.uint8))
-    (site / "labels.csv").write_text("name,label\ncase0,benign\n")
+    site = write_site(tmp_path / "site", "name,label\ncase0,benign\n", ["case0"], shape=(8, 8), value=100)
     with pytest.raises(DatasetError, match="has no column id"):
         load_records(tmp_path, ("site",))
     (site / "labels.csv").write_text("id,finding\ncase0,benign\n")

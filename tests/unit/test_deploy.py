@@ -10,27 +10,24 @@ units, kubectl builds the kustomization and docker compose renders the compose f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-yaml = pytest.importorskip("yaml")
-
+import yaml
 from prometheus_client import REGISTRY
 
 from service import metrics  # noqa: F401 - registers the service's metrics on the default registry
-from service.health import Health, start_http_endpoints
 from service.settings import CONFIG_ENV, Settings, env_name, settings_from_args
+from tests.conftest import HttpEndpoints
 from workers.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +59,16 @@ def _yaml_documents(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
 
 
-def _k8s_objects() -> list[dict[str, Any]]:
-    """The Kubernetes objects (not the kustomization that lists them)."""
+def _yaml(path: Path) -> Any:
+    """The one YAML document in ``path``."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def _k8s_objects() -> tuple[dict[str, Any], ...]:
+    """The Kubernetes objects (not the kustomization that lists them), parsed once: read them, never change them."""
     paths = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    return [doc for path in paths for doc in _yaml_documents(path)]
+    return tuple(doc for path in paths for doc in _yaml_documents(path))
 
 
 def _k8s(kind: str, name: str) -> dict[str, Any]:
@@ -75,7 +78,7 @@ def _k8s(kind: str, name: str) -> dict[str, Any]:
 
 
 def _compose() -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+    document: dict[str, Any] = _yaml(DEPLOY / "compose.yaml")
     return document
 
 
@@ -88,7 +91,7 @@ def _exposed_metric_names() -> set[str]:
 
 
 def _alert_rules() -> list[dict[str, Any]]:
-    document = yaml.safe_load((DEPLOY / "alerts.yml").read_text(encoding="utf-8"))
+    document = _yaml(DEPLOY / "alerts.yml")
     return [rule for group in document["groups"] for rule in group["rules"]]
 
 
@@ -137,7 +140,7 @@ def test_alerts_and_dashboard_use_only_metrics_the_service_exposes() -> None:
     exposed = _exposed_metric_names()
     exprs = {f"alert {rule['alert']}": rule["expr"] for rule in _alert_rules()}
     exprs.update({f"dashboard query {i}": expr for i, expr in enumerate(_dashboard_exprs())})
-    tests = yaml.safe_load((DEPLOY / "alerts_test.yml").read_text(encoding="utf-8"))
+    tests = _yaml(DEPLOY / "alerts_test.yml")
     exprs.update({f"alerts_test series {s['series']}": s["series"] for t in tests["tests"] for s in t["input_series"]})
     problems = []
     for where, expr in exprs.items():
@@ -182,7 +185,7 @@ def test_the_dashboard_shows_every_metric_of_the_service() -> None:
 
 def test_both_prometheus_configs_load_the_alerts() -> None:
     for name in ("prometheus.yml", "prometheus-compose.yml"):
-        config = yaml.safe_load((DEPLOY / name).read_text(encoding="utf-8"))
+        config = _yaml(DEPLOY / name)
         assert [(DEPLOY / f).resolve() for f in config["rule_files"]] == [(DEPLOY / "alerts.yml").resolve()], name
 
 
@@ -214,27 +217,15 @@ def _probe_paths() -> set[str]:
                 if "httpGet" in container.get(probe, {}):
                     paths.add(container[probe]["httpGet"]["path"])
     for name in ("prometheus.yml", "prometheus-compose.yml"):
-        config = yaml.safe_load((DEPLOY / name).read_text(encoding="utf-8"))
+        config = _yaml(DEPLOY / name)
         paths.update(job.get("metrics_path", "/metrics") for job in config["scrape_configs"])
     return paths
 
 
-def test_every_probe_path_is_served(port: int) -> None:
+def test_every_probe_path_is_served(http_endpoints: HttpEndpoints) -> None:
     paths = _probe_paths()
     assert {"/health/live", "/health/ready", "/metrics"} <= paths
-    server = start_http_endpoints(port, "127.0.0.1", Health())
-    assert server is not None
-    try:
-        statuses = {}
-        for path in [*sorted(paths), "/health/nothing"]:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-                    statuses[path] = response.status
-            except urllib.error.HTTPError as error:
-                statuses[path] = error.code
-    finally:
-        server.shutdown()
-        server.server_close()
+    statuses = {path: http_endpoints.get(path)[0] for path in [*sorted(paths), "/health/nothing"]}
     assert statuses.pop("/health/nothing") == 404, "the check must tell a served path from another"
     assert statuses == dict.fromkeys(paths, 200), "deploy/ probes a path service/health.py does not serve"
 
@@ -358,7 +349,7 @@ def test_compose_shares_one_spool_between_one_listener_and_the_workers() -> None
     destination = services["worker"]["environment"]["BREASTAI_DESTINATION"]
     assert destination == f"{orthanc['DicomAet']}@orthanc:{orthanc['DicomPort']}"
     # Grafana loads the dashboard from where compose mounts it.
-    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/breastai.yaml").read_text(encoding="utf-8"))
+    provider = _yaml(DEPLOY / "grafana/provisioning/dashboards/breastai.yaml")
     dashboard_dir = provider["providers"][0]["options"]["path"]
     mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"] if v.startswith("."))
     assert mounts["./grafana/breastai-dashboard.json"].rsplit("/", 1)[0] == dashboard_dir
@@ -398,7 +389,7 @@ def test_kubernetes_runs_one_listener_and_probed_workers_on_a_shared_spool() -> 
     (trigger,) = scaled["spec"]["triggers"]
     queue_name = settings_map["data"].get("BREASTAI_QUEUE_NAME", Settings().queue_name)
     assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == queue_name
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    kustomization = _yaml(K8S / "kustomization.yaml")
     assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.stem != "kustomization")
     assert all("namespace" not in o["metadata"] for o in _k8s_objects()), "the manifests are namespace-agnostic"
 

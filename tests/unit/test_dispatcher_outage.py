@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import structlog
@@ -13,6 +12,7 @@ from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
 from tests.conftest import make_us_dataset
+from tests.dicom_factory import encode
 
 
 class Broker:
@@ -39,9 +39,7 @@ class Broker:
 def _sealed_jobs(spool: Spool, count: int) -> None:
     for _ in range(count):
         ds = make_us_dataset()
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        spool.store_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), buffer.getvalue())
+        spool.store_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), encode(ds))
         assert spool.seal_study(str(ds.StudyInstanceUID)) is not None
 
 

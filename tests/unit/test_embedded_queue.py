@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,15 +15,14 @@ from service.queue.embedded import EmbeddedJobQueue
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests.dicom_factory import encode
 
 STUDY = "1.2.826.0.1.3680043.8.498.2"
 
 
 def sealed_job(spool: Spool, make: Callable[..., Dataset]) -> StudyJob:
     ds = make(study_uid=STUDY)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(STUDY, str(ds.SOPInstanceUID), buffer.getvalue())
+    spool.store_instance(STUDY, str(ds.SOPInstanceUID), encode(ds))
     job_id = spool.seal_study(STUDY)
     assert job_id
     return spool.load_job(job_id)

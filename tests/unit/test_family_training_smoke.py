@@ -19,6 +19,9 @@ from models.errors import TrainingError
 from models.training.run_config import RunConfig, member_configs
 from tests.training_data import development_datasets, write_busbra_subset
 
+# One epoch of a tiny network on one thread: enough to run every stage of a recipe in seconds.
+TINY_RUN = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+
 DATASETS = development_datasets()
 BUSBRA = DATASETS / "busbra"
 pytestmark = pytest.mark.skipif(not (BUSBRA / "labels.csv").is_file(), reason=f"development datasets not at {DATASETS}")
@@ -56,14 +59,7 @@ def test_family_trains_finishes_exports_and_evaluates(family: str, tiny_busbra: 
             str(tmp_path / "work"),
             "--output",
             str(models),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
         ]
     )
     log = [json.loads(line) for line in (tmp_path / "work" / "train.log").read_text().splitlines()]
@@ -131,14 +127,7 @@ def test_the_opt_in_lh_consensus_trains_fits_and_evaluates(tiny_busbra: Path, tm
                 str(tmp_path / family),
                 "--output",
                 str(models),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--input-size",
-                "32",
-                "--threads",
-                "1",
+                *TINY_RUN,
             ]
         )
     members = read_manifest(models)["dl_u_lh"].parameters["training"]["ensemble"]
@@ -194,14 +183,7 @@ def test_roi_padding_override_reaches_training_and_the_served_entry(tiny_busbra:
             str(tmp_path / "work"),
             "--output",
             str(models),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
             "--roi-padding",
             "0.45",
         ]
@@ -233,14 +215,7 @@ def test_seed_ensemble_trains_each_member_and_serves_their_mean(tiny_busbra: Pat
         str(work),
         "--output",
         str(models),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--input-size",
-        "32",
-        "--threads",
-        "1",
+        *TINY_RUN,
         "--seed",
         "7",
     ]
@@ -308,14 +283,7 @@ def test_dlr_seed_ensemble_fits_each_members_age_mlp(tiny_busbra: Path, tmp_path
             str(work),
             "--output",
             str(models),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
         ]
     )
     # The paper's MLP over [embedding, age] is fitted on each member's own embedding.
@@ -489,14 +457,7 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
             str(tmp_path / "work"),
             "--output",
             str(models),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
             "--init",
             str(work / "best.pt"),
         ]
@@ -516,14 +477,7 @@ def test_mask_pretraining_starts_a_family_and_the_export_says_so(tiny_busbra: Pa
                 str(tmp_path / "work"),
                 "--output",
                 str(models),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--input-size",
-                "32",
-                "--threads",
-                "1",
+                *TINY_RUN,
             ]
         )
     # Nor a pretraining under another seed (the first ran under the recipe's, DLR_BM's shipped seed).
@@ -548,14 +502,7 @@ def test_mask_pretrained_mupnet_checkpoint_starts_its_trunk(tiny_busbra: Path, t
             str(tiny_busbra),
             "--work",
             str(work),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
         ]
     )
     pretrained = torch.load(work / "best.pt", map_location="cpu", weights_only=False)["model"]
@@ -616,14 +563,7 @@ def test_external_validation_trains_without_the_held_out_set_and_scores_all_of_i
             str(cards),
             "--resamples",
             "20",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
             "--pretrain-epochs",
             "1",
         ]

@@ -3,43 +3,28 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 from service import metrics  # noqa: F401 - registers the service's metrics, as every process does
-from service.health import Health, start_http_endpoints
+from service.health import Health
+from tests.conftest import HttpEndpoints
 
 
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def test_readiness_fails_while_a_check_fails_and_names_it(port: int) -> None:
-    health = Health()
+def test_readiness_fails_while_a_check_fails_and_names_it(http_endpoints: HttpEndpoints) -> None:
+    health, get = http_endpoints.health, http_endpoints.get
     problem: list[str | None] = ["loading"]
     health.add("ready", "models", lambda: problem[0])
     health.add("ready", "spool", lambda: None)
     health.add("live", "dispatcher", lambda: None)
-    server = start_http_endpoints(port, "127.0.0.1", health)
-    assert server is not None
-    try:
-        status, body = _get(port, "/health/ready")
-        assert status == 503
-        assert json.loads(body) == {"status": "fail", "checks": {"models": "loading", "spool": "ok"}}
-        assert _get(port, "/health/live")[0] == 200, "loading models is no reason to restart"
-        problem[0] = None
-        status, body = _get(port, "/health/ready")
-        assert status == 200 and json.loads(body)["status"] == "ok"
-        status, body = _get(port, "/metrics")
-        assert status == 200 and b"breastai_spool_free_bytes" in body and b"breastai_model_info" in body
-        assert _get(port, "/nothing")[0] == 404
-    finally:
-        server.shutdown()
-        server.server_close()
+    status, body = get("/health/ready")
+    assert status == 503
+    assert json.loads(body) == {"status": "fail", "checks": {"models": "loading", "spool": "ok"}}
+    assert get("/health/live")[0] == 200, "loading models is no reason to restart"
+    problem[0] = None
+    status, body = get("/health/ready")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = get("/metrics")
+    assert status == 200 and b"breastai_spool_free_bytes" in body and b"breastai_model_info" in body
+    assert get("/nothing")[0] == 404
 
 
 def test_a_probe_that_raises_is_a_failing_check_not_a_broken_endpoint() -> None:

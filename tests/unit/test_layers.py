@@ -7,7 +7,8 @@ local import is still a dependency, only a later one.
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+import functools
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,13 @@ def _room(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == "models" and parts[1] in ROOMS else None
 
 
-def _project_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports (a package import counts as importing its __init__)."""
-    graph: dict[str, set[str]] = {}
+@functools.cache
+def _project_graph() -> dict[str, frozenset[str]]:
+    """Module -> the project modules it imports (a package import counts as importing its __init__).
+
+    Parsed once for all the tests: the sets are frozen, build a new mapping to change it.
+    """
+    graph: dict[str, frozenset[str]] = {}
     for module, path in MODULES.items():
         targets = set()
         for name in _imported_names(path):
@@ -86,7 +91,7 @@ def _project_graph() -> dict[str, set[str]]:
                     targets.add(candidate)
                     break
         targets.discard(module)
-        graph[module] = targets
+        graph[module] = frozenset(targets)
     return graph
 
 
@@ -145,7 +150,7 @@ def test_the_serving_path_does_not_import_torch() -> None:
     assert offenders == []
 
 
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def _cycles(graph: Mapping[str, Collection[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan), each a cycle of imports."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -181,13 +186,12 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_module_imports_itself_through_others() -> None:
-    graph = _project_graph()
     # A package's __init__ importing its own sub-modules is how a package re-exports; a sub-module importing the
     # package back is the cycle that matters, and it still shows through the other edges.
-    for module in graph:
-        graph[module] = {
-            t for t in graph[module] if not (MODULES[module].name == "__init__.py" and t.startswith(module + "."))
-        }
+    graph = {
+        module: {t for t in targets if not (MODULES[module].name == "__init__.py" and t.startswith(module + "."))}
+        for module, targets in _project_graph().items()
+    }
     assert _cycles(graph) == []
 
 

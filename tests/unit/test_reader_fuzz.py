@@ -1,7 +1,7 @@
 """The worker's DICOM reader under mutated input: frames, or a typed permanent error; nothing else, and quickly.
 
-Each example cuts, overwrites or splices bytes of a valid ultrasound instance
-(and of a JPEG-compressed vendor file) and reads it as the worker does. Any
+Each example cuts, overwrites, inserts or deletes bytes of a valid
+(uncompressed) ultrasound instance and reads it as the worker does. Any
 other exception would crash a job instead of dead-lettering it with a
 reason; a slow example is a decoder looping on garbage. The search is
 derandomized so that CI runs the same bounded set every time; raise
@@ -10,7 +10,6 @@ derandomized so that CI runs the same bounded set every time; raise
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -20,20 +19,13 @@ from hypothesis import strategies as st
 
 from service.errors import PermanentError
 from tests.conftest import make_us_dataset
+from tests.dicom_factory import encode
 from workers.dicom_reader import read_frames
 
 EXAMPLES = int(os.environ.get("BREASTAI_FUZZ_EXAMPLES", "120"))
 
 
-def _valid_bytes() -> bytes:
-    buffer = io.BytesIO()
-    make_us_dataset(study_uid="1.2.826.0.1.3680043.10.9", sop_uid="1.2.826.0.1.3680043.10.9.1").save_as(
-        buffer, enforce_file_format=True
-    )
-    return buffer.getvalue()
-
-
-VALID = _valid_bytes()
+VALID = encode(make_us_dataset(study_uid="1.2.826.0.1.3680043.10.9", sop_uid="1.2.826.0.1.3680043.10.9.1"))
 
 
 @st.composite

@@ -9,6 +9,7 @@ import pytest
 
 from service.errors import ConfigurationError
 from service.settings import Destination, Settings, add_settings_arguments, settings_from_args
+from tests.conftest import HttpEndpoints
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> Settings:
@@ -227,21 +228,13 @@ def test_configure_logging_follows_settings_and_redacts_identity(capsys: pytest.
     assert "Doe" not in json.dumps(line)
 
 
-def test_metrics_server_is_settings_driven(port: int) -> None:
-    import urllib.request
-
+def test_metrics_server_is_settings_driven(http_endpoints: HttpEndpoints) -> None:
     from service import metrics
     from service.health import Health, start_http_endpoints
 
     assert start_http_endpoints(Settings(metrics_port=0).metrics_port, "127.0.0.1", Health()) is None
-    server = start_http_endpoints(port, "127.0.0.1", Health())
-    assert server is not None
-    try:
-        metrics.INSTANCES_REJECTED.labels(reason="truncated").inc()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
+    metrics.INSTANCES_REJECTED.labels(reason="truncated").inc()
+    text = http_endpoints.get("/metrics")[1].decode()
     assert 'breastai_instances_rejected_total{reason="truncated"}' in text
     for name in (
         "breastai_studies_received_total",

@@ -15,17 +15,14 @@ from pydicom.dataset import Dataset
 from service.errors import InvalidInstance, JobSchemaError
 from service.schema import StudyJob
 from service.spool import ALIVE_LOCK, Spool
+from tests.dicom_factory import encode
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
 def encoded(make: Callable[..., Dataset], study_uid: str = STUDY, sop_uid: str | None = None) -> tuple[str, bytes]:
-    import io
-
     ds = make(study_uid=study_uid, sop_uid=sop_uid)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return str(ds.SOPInstanceUID), buffer.getvalue()
+    return str(ds.SOPInstanceUID), encode(ds)
 
 
 def visible_files(spool: Spool) -> list[Path]:
@@ -247,14 +244,11 @@ def test_verify_detects_changed_file(spool_dir: Path, us_dataset: Callable[..., 
 
 
 def test_seal_of_file_without_series_uid_is_permanent(spool_dir: Path, us_dataset: Callable[..., Dataset]) -> None:
-    import io
 
     spool = Spool(spool_dir)
     ds = us_dataset(study_uid=STUDY)
     del ds.SeriesInstanceUID
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    spool.store_instance(STUDY, str(ds.SOPInstanceUID), buffer.getvalue())
+    spool.store_instance(STUDY, str(ds.SOPInstanceUID), encode(ds))
     with pytest.raises(InvalidInstance) as info:
         spool.seal_study(STUDY)
     job_id = getattr(info.value, "job_id")

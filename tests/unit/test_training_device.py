@@ -17,6 +17,10 @@ from tests.training_data import development_datasets, write_busbra_subset
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch on this machine")
 
 
+# One epoch of a tiny network on one thread: enough to run every stage of a recipe in seconds.
+TINY_RUN = ["--epochs", "1", "--batch-size", "4", "--input-size", "32", "--threads", "1"]
+
+
 def test_auto_takes_a_gpu_only_where_torch_sees_one() -> None:
     assert training_device("cpu") == torch.device("cpu")
     assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,14 +114,7 @@ def test_a_family_trains_on_the_device_and_exports_on_the_cpu(device: str, famil
             str(models),
             "--device",
             device,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
         ]
     )
     assert json.loads((work / "config.json").read_text())["device"] == device
@@ -146,14 +143,7 @@ def test_mask_pretraining_and_the_segmenter_train_on_the_device(device: str, tmp
             str(tmp_path / "masks"),
             "--device",
             device,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--input-size",
-            "32",
-            "--threads",
-            "1",
+            *TINY_RUN,
         ]
     )
     assert json.loads((tmp_path / "masks" / "config.json").read_text())["device"] == device
