@@ -3,7 +3,8 @@
 #   make venv           .venv with the serving dependencies (no torch)
 #   make deps-system    apt: orthanc dcmtk dicom3tools rabbitmq-server prometheus (promtool) (if missing)
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
-#   make test           system deps + test venv + RabbitMQ + ruff + mypy --strict + pytest (unit, integration, e2e)
+#   make test           system deps + test venv + RabbitMQ + ruff + mypy --strict + pytest (unit, integration, e2e, faults)
+#   make faults         the fault suite alone, with the full load (FAULT_LOAD_STUDIES=200 studies over 4 associations)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
@@ -62,10 +63,10 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv evaluate-venv test-venv train-venv deps-system rabbitmq run test lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv evaluate-venv test-venv train-venv deps-system rabbitmq run test faults lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
 
 help:
-	@sed -n '1,15s/^# \{0,1\}//p' Makefile
+	@sed -n '1,16s/^# \{0,1\}//p' Makefile
 
 # ------------------------------------------------------------------ venv + stamps
 
@@ -152,6 +153,11 @@ run: venv
 
 test: deps-system test-venv rabbitmq lint typecheck
 	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+# CI runs tests/faults inside `make test` with 40 studies in the load scenario; this is the full-size run.
+FAULT_LOAD_STUDIES ?= 200
+faults: deps-system test-venv rabbitmq
+	BREASTAI_FAULT_LOAD_STUDIES=$(FAULT_LOAD_STUDIES) $(VENV)/bin/pytest $(PYTEST_ARGS) -s tests/faults
 
 # ruff (configured in pyproject.toml): the rules, then the layout. A file that `ruff format` would change fails too:
 # the formatter settles wrapping and quotes once, so no diff argues about them (fix: ruff check --fix; ruff format).

@@ -148,6 +148,7 @@ class EmbeddedJobQueue:
                     job_id, f"delivered {attempt - 1} times without finishing (retry limit {self._retry_limit})"
                 )
                 return
+            log.info("job_started", attempt=attempt)
             try:
                 handler(job)
             except TransientError as exc:

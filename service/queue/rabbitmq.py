@@ -403,6 +403,8 @@ class RabbitMQJobQueue:
                 log.error("spool_dead_letter_failed", error=type(exc).__name__, reason=str(exc))
 
     def _decide(self, job: StudyJob, deliveries: int, handler: JobHandler, stop: threading.Event) -> _Outcome:
+        # Where a crash or a stall happened: the delivery that started and never reached job_acked.
+        log.info("job_started", delivery=deliveries)
         try:
             handler(job)
         except TransientError as exc:
@@ -419,6 +421,11 @@ class RabbitMQJobQueue:
                 stop.wait(delay)
                 return _Outcome("requeue", reason)
         except Exception as exc:  # PermanentError and anything unexpected: never loop
+            if self._already_completed(job.job_id):
+                # This worker stalled past its heartbeat, the broker gave the job to another that finished it (and
+                # cleared its spool folder under us): the failure is ours to drop, not the job's to dead-letter.
+                log.warning("job_completed_elsewhere", delivery=deliveries, error=type(exc).__name__)
+                return _Outcome("duplicate")
             metrics.JOBS_FAILED.labels(kind="permanent").inc()
             outcome = _Outcome("dead", f"{type(exc).__name__}: {exc}", "permanent")
         else:

@@ -222,9 +222,10 @@ class OrthancServer:
             self.stop()
             raise
 
-    def _start_once(self) -> None:
+    def _start_once(self, keep_ports: bool = False) -> None:
         assert self.workdir is not None and self.binary is not None
-        self.dicom_port, self.http_port = free_tcp_ports(2)
+        if not keep_ports:
+            self.dicom_port, self.http_port = free_tcp_ports(2)
         for sub in ("storage", "index"):
             (self.workdir / sub).mkdir(exist_ok=True)
         self.config_path = self.workdir / "orthanc.json"
@@ -290,6 +291,15 @@ class OrthancServer:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def go_down(self) -> None:
+        """Stop the Orthanc process but keep its files and ports: a PACS that is down (connections refused)."""
+        self._kill()
+
+    def come_back(self) -> None:
+        """Start Orthanc again on the same ports with the same storage, after :meth:`go_down`."""
+        assert self.workdir is not None and not self.running
+        self._start_once(keep_ports=True)
 
     def __enter__(self) -> OrthancServer:
         return self.start()
