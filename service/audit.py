@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +57,13 @@ class AuditTrail:
             record.statuses[f"0x{status:04X}"] += 1
             if study_uid:
                 record.studies.add(study_uid)
+
+    def rejected(self, calling_ae: str, peer: str, reason: str) -> None:
+        """Write the line of an association we refused before it was established (``how``: rejected: reason)."""
+        association_id = uuid.uuid4().hex
+        with self._lock:
+            self._open[association_id] = _Association(calling_ae, peer, datetime.now(UTC))
+        self.ended(association_id, f"rejected: {reason}")
 
     def ended(self, association_id: str, how: str) -> None:
         """Write the association's line (once: a release is often followed by a connection-closed event)."""

@@ -48,9 +48,10 @@ from service import metrics
 from service.audit import AuditTrail
 from service.errors import InvalidInstance, PatientConflict
 from service.image_limits import over_limits
+from service.peers import admitted
 from service.schema import is_valid_uid
 from service.settings import Settings
-from service.spool import Spool
+from service.spool import Spool, SpoolQuota
 from service.study_identity import patient_key
 from service.tls import server_context
 
@@ -205,6 +206,8 @@ class StudyListener:
         self._max_bytes = settings.max_instance_mb * 1024 * 1024
         self._image_limits = settings.image_limits
         self._audit = AuditTrail(spool.root / "audit")
+        self._peers = settings.allowed_peers  # host names resolved once, at start
+        self._quota = SpoolQuota(spool, settings.spool_quota_mb * 1024 * 1024)
         # Built now, so that bad TLS files stop the start-up rather than the first association.
         self._tls = server_context(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert
@@ -220,10 +223,24 @@ class StudyListener:
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-        if self._settings.allowed_ae:
-            # PS3.8 §7.1.1.3: rejected-permanent, "calling AE title not recognized".
-            ae.require_calling_aet = list(self._settings.allowed_ae)
         return ae
+
+    def _handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED: refuse a caller the allow-list does not admit from its host (service.peers)."""
+        # The A-ASSOCIATE-RQ's own field: pynetdicom fills requestor.ae_title only during negotiation, after this.
+        request = event.assoc.requestor.primitive
+        calling_ae = str(request.calling_ae_title if request is not None else "").strip()
+        address = str(event.assoc.requestor.address)
+        if admitted(self._peers, calling_ae, address):
+            return
+        # PS3.8 §7.1.1.3: rejected-permanent (1), DICOM UL service-user (1), calling AE title not recognized (3).
+        # As pynetdicom's own negotiation rejects: the reject, then kill() so the DUL sends it before the socket closes.
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()
+        metrics.ASSOCIATIONS_REJECTED.labels(reason="calling_ae_not_allowed").inc()
+        self._audit.rejected(calling_ae, f"{address}:{event.assoc.requestor.port}", "calling AE not allowed from host")
+        log.warning("association_rejected", reason="calling_ae_not_allowed", calling_ae=calling_ae, peer=address)
 
     def start(self) -> None:
         """Start serving on a background thread; returns at once."""
@@ -233,6 +250,7 @@ class StudyListener:
             ae = self.build_ae()
             handlers: list[Any] = [
                 (evt.EVT_C_STORE, self.handle_store),
+                *([(evt.EVT_REQUESTED, self._handle_requested)] if self._peers else []),
                 (evt.EVT_RELEASED, self._handle_ended),
                 (evt.EVT_ABORTED, self._handle_ended),
                 (evt.EVT_CONN_CLOSE, self._handle_ended),
@@ -331,6 +349,9 @@ class StudyListener:
         if self._spool.below_reserve(request_size):
             # Refused while the disk still has room, so that the jobs already accepted can finish.
             raise _Rejection(STATUS_OUT_OF_RESOURCES, "disk_full", "spool disk is below its reserve (spool_reserve_mb)")
+        if not self._quota.admits(request_size):
+            # Transient like a full disk: the PACS keeps the instance and retries once the workers drained the spool.
+            raise _Rejection(STATUS_OUT_OF_RESOURCES, "spool_quota", "spool holds its quota (spool_quota_mb)")
         data = event.encoded_dataset(include_meta=True)
         transfer_syntax = str(event.context.transfer_syntax)
         try:
@@ -378,5 +399,6 @@ class StudyListener:
             raise _Rejection(
                 STATUS_OUT_OF_RESOURCES, "io_error", f"spool write failed: {errno.errorcode.get(exc.errno or 0, 'EIO')}"
             ) from exc
+        self._quota.stored(len(data))
         log.debug("instance_stored", study_uid=study_uid, sop_instance_uid=sop_instance, modality=modality)
         return modality, study_uid

@@ -27,6 +27,11 @@ INSTANCES_REJECTED = Counter(
     "C-STORE requests answered with a failure status, by reason",
     ["reason"],
 )
+ASSOCIATIONS_REJECTED = Counter(
+    "breastai_associations_rejected_total",
+    "Associations refused before they were established by our checks (the allow-list and its host bindings), by reason",
+    ["reason"],
+)
 INSTANCES_DUPLICATE = Counter(
     "breastai_instances_duplicate_total",
     "Instances dropped at sealing because an earlier job of their study holds them: the same bytes (a re-send) "
@@ -82,6 +87,7 @@ REJECT_REASONS = (
     "sop_class_mismatch",
     "sop_instance_mismatch",
     "disk_full",
+    "spool_quota",
     "io_error",
     "internal",
 )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from service.errors import ConfigurationError
 from service.image_limits import DEFAULT_MAX_DECODED_MB, DEFAULT_MAX_FRAME_MEGAPIXELS, ImageLimits
+from service.peers import AllowedPeer, parse_allowed_peer
 
 ENV_PREFIX = "BREASTAI_"
 
@@ -147,7 +148,9 @@ class Settings:
     port, bind_address
         Where the listener accepts associations.
     allowed_ae
-        Calling AE titles that may associate; empty accepts any.
+        Calling AE titles that may associate, each ``AE`` or ``AE@host``
+        (an address, a CIDR network or a host name: service.peers); empty
+        accepts any.
     destinations
         Where results go; never empty.
     quiet_period_s
@@ -182,6 +185,11 @@ class Settings:
     spool_reserve_mb
         Space kept free on the spool's disk: below it new instances get
         0xA700, and finishing work may use it when the disk fills anyway.
+    spool_quota_mb
+        The most the spool's unreported work may take (incoming, sealed and
+        dead-lettered studies; delivered ones kept for a revision are bounded
+        by ``keep_delivered_hours``); past it new instances get 0xA700 until
+        the workers drain it. 0: bounded by the disk and ``spool_reserve_mb``.
     max_frame_megapixels, max_decoded_mb
         Images that declare larger frames, or more decoded bytes in all, are
         refused with 0xC211 before any pixel is decoded (service.image_limits).
@@ -220,6 +228,7 @@ class Settings:
     tls_destinations: bool = False
     keep_delivered_hours: float = 24.0
     spool_reserve_mb: int = 64
+    spool_quota_mb: int = 0
     max_frame_megapixels: int = DEFAULT_MAX_FRAME_MEGAPIXELS
     max_decoded_mb: int = DEFAULT_MAX_DECODED_MB
     send_retries: int = 5
@@ -227,6 +236,11 @@ class Settings:
     model_dir: Path | None = None
     job_retry_limit: int = 30
     us_families: tuple[str, ...] = ()
+
+    @property
+    def allowed_peers(self) -> tuple[AllowedPeer, ...]:
+        """The allow-list with host names resolved now (service.peers); empty admits every caller."""
+        return tuple(parse_allowed_peer(entry) for entry in self.allowed_ae)
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -237,8 +251,9 @@ class Settings:
         validate_ae_title(self.ae_title, "ae_title")
         _validate_port(self.port, "port")
         _validate_port(self.metrics_port, "metrics_port", allow_zero=True)
-        for ae in self.allowed_ae:
-            validate_ae_title(ae, "allowed_ae entry")
+        for entry in self.allowed_ae:
+            validate_ae_title(entry.partition("@")[0].strip(), "allowed_ae entry's AE title")
+            parse_allowed_peer(entry, resolve=False)
         if not self.destinations:
             raise ConfigurationError("at least one destination is required")
         for dest in self.destinations:
@@ -268,6 +283,8 @@ class Settings:
             raise ConfigurationError(f"max_associations must be >= 1: {self.max_associations!r}")
         if self.keep_delivered_hours < 0:
             raise ConfigurationError(f"keep_delivered_hours must be >= 0: {self.keep_delivered_hours!r}")
+        if self.spool_quota_mb < 0:
+            raise ConfigurationError(f"spool_quota_mb must be >= 0: {self.spool_quota_mb!r}")
         if self.spool_reserve_mb < 0:
             raise ConfigurationError(f"spool_reserve_mb must be >= 0: {self.spool_reserve_mb!r}")
         if self.max_frame_megapixels <= 0:
@@ -388,6 +405,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "tls_destinations": _to_bool,
     "keep_delivered_hours": _to_float,
     "spool_reserve_mb": _to_int,
+    "spool_quota_mb": _to_int,
     "max_frame_megapixels": _to_int,
     "max_decoded_mb": _to_int,
     "send_retries": _to_int,
@@ -496,8 +514,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allowed-ae",
         action="append",
-        metavar="AE",
-        help=helptext("calling AE title allowed to associate, repeatable; none = any", "allowed_ae"),
+        metavar="AE[@HOST]",
+        help=helptext(
+            "calling AE title allowed to associate, optionally bound to a host, address or CIDR network; "
+            "repeatable; none = any",
+            "allowed_ae",
+        ),
     )
     group.add_argument("--spool-dir", type=Path, help=helptext("durable spool directory", "spool_dir"))
     group.add_argument("--queue", choices=_QUEUE_KINDS, help=helptext("job queue", "queue"))

@@ -62,7 +62,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,6 +253,30 @@ class Spool:
     def below_reserve(self, incoming_bytes: int = 0) -> bool:
         """Whether storing ``incoming_bytes`` more would eat into the reserve (then 0xA700 is answered)."""
         return self.free_bytes() - incoming_bytes < self.reserve_bytes
+
+    def used_bytes(self) -> int:
+        """Bytes of work not yet reported, ``incoming/``, ``studies/`` and ``dead/`` (a walk of the folders).
+
+        Delivered studies kept for a revision (``delivered/``) are left out:
+        they are bounded by ``keep_delivered_s`` and are not what a PACS is
+        waiting for.
+        """
+        total = 0
+        pending = [self.incoming_dir, self.studies_dir, self.dead_dir]
+        while pending:
+            try:
+                entries = list(os.scandir(pending.pop()))
+            except FileNotFoundError:  # sealed, completed or moved while we walked
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                    else:
+                        total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     def ensure_reserve(self) -> bool:
         """Hold ``reserve_bytes`` in ``.reserve`` if it is missing and there is room twice over; whether it is held."""
@@ -842,3 +866,38 @@ class Spool:
         if not job_id or "/" in job_id or job_id in (".", "..") or "\x00" in job_id:
             raise JobSchemaError(f"job id cannot name a spool directory: {job_id!r}")
         return self.studies_dir / job_id
+
+
+class SpoolQuota:
+    """``spool_quota_mb``: whether one more instance fits, from a walk of the spool redone every few seconds.
+
+    Between walks the bytes this process stored are added, so a burst cannot
+    overshoot the quota by more than what other processes (workers writing
+    results) add meanwhile. A quota of 0 admits everything without walking.
+    """
+
+    def __init__(
+        self, spool: Spool, quota_bytes: int, rescan_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._spool = spool
+        self.quota_bytes = quota_bytes
+        self._rescan_s = rescan_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._used = 0
+        self._scanned_at: float | None = None
+
+    def admits(self, incoming_bytes: int) -> bool:
+        if self.quota_bytes <= 0:
+            return True
+        with self._lock:
+            now = self._clock()
+            if self._scanned_at is None or now - self._scanned_at >= self._rescan_s:
+                self._used = self._spool.used_bytes()
+                self._scanned_at = now
+            return self._used + incoming_bytes <= self.quota_bytes
+
+    def stored(self, size: int) -> None:
+        """Count an instance stored since the last walk."""
+        with self._lock:
+            self._used += size

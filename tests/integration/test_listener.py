@@ -117,6 +117,54 @@ def test_disallowed_calling_ae_is_rejected(start_service: Callable[..., Service]
         assert "Rejected" in result.stderr or "rejected" in result.stderr.lower(), result.stderr
 
 
+def test_a_title_bound_to_another_host_is_rejected_and_audited(
+    start_service: Callable[..., Service], wait: Callable[..., bool]
+) -> None:
+    # Issue 37: per-source allow-lists with host binding. Our test client calls from 127.0.0.1.
+    import json
+
+    service = start_service(allowed_ae=("PACS1@10.9.9.9", "PACS2@127.0.0.0/8", "ANYWHERE"))
+    elsewhere = scu("PACS1", Verification).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert elsewhere.is_rejected
+    assert elsewhere.acceptor.primitive.result == 0x01 and elsewhere.acceptor.primitive.diagnostic == 0x03
+    for allowed in ("PACS2", "ANYWHERE"):
+        assoc = scu(allowed, Verification).associate("127.0.0.1", service.port, ae_title=SCP_AE)
+        assert assoc.is_established, allowed
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    audit = service.spool.root / "audit"
+    assert wait(lambda: any(audit.glob("*.jsonl")), 5)
+    lines = [json.loads(line) for path in audit.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert [(line["calling_ae"], line["how"]) for line in lines] == [
+        ("PACS1", "rejected: calling AE not allowed from host")
+    ]
+
+
+def test_a_spool_at_its_quota_answers_a700_until_it_drains(
+    start_service: Callable[..., Service], us_dataset: Callable[..., Dataset], wait: Callable[..., bool]
+) -> None:
+    service = start_service(spool_quota_mb=1)
+    first, second = us_dataset(), us_dataset()
+    for ds in (first, second):
+        ds.Rows, ds.Columns = 700, 1000  # 0.7 MB each: the second does not fit in 1 MB
+        ds.PixelData = np.zeros((700, 1000), dtype=np.uint8).tobytes()
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert [assoc.send_c_store(ds).Status for ds in (first, second)] == [0x0000, 0xA700]
+    assoc.release()
+    assert [path.name for path in service.incoming()] == [f"{first.SOPInstanceUID}.dcm"]
+    # A worker finishes the study: its folder goes, and the PACS's retry fits once the spool is walked again (5 s).
+    assert wait(lambda: len(service.jobs()) == 1, 5)
+    service.spool.complete(service.jobs()[0].job_id)
+
+    def retry_accepted() -> bool:
+        retry = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+        status = retry.send_c_store(second).Status
+        retry.release()
+        return bool(status == 0x0000)
+
+    assert wait(retry_accepted, 10, 0.5)
+
+
 def test_unsupported_sop_class_is_refused_at_negotiation(start_service: Callable[..., Service], tmp_path: Path) -> None:
     service = start_service()
     assoc = scu("TESTSCU", CTImageStorage).associate("127.0.0.1", service.port, ae_title=SCP_AE)

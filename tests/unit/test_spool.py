@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from service.errors import InvalidInstance, JobSchemaError
 from service.schema import StudyJob
-from service.spool import ALIVE_LOCK, Spool
+from service.spool import ALIVE_LOCK, Spool, SpoolQuota
 from tests.dicom_factory import encode
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -369,3 +369,19 @@ def test_a_tool_opening_the_spool_leaves_the_delivered_studies_the_service_keeps
     assert service.keep_delivered_s == 24 * 3600 and kept.is_dir(), "within the service's window: kept"
     Spool(spool_dir, keep_delivered_s=0)
     assert not kept.exists(), "a window of 0 keeps nothing"
+
+
+def test_the_quota_counts_what_the_spool_holds_and_what_was_stored_since_its_last_walk(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.store_instance("1.2.3", "1.2.3.1", b"x" * 1000)
+    assert spool.used_bytes() == 1000
+    now = [0.0]
+    quota = SpoolQuota(spool, quota_bytes=2500, rescan_s=5.0, clock=lambda: now[0])
+    assert quota.admits(1500)
+    assert not quota.admits(1501)
+    quota.stored(1000)  # stored by the listener before the next walk
+    assert not quota.admits(600)
+    spool.store_instance("1.2.3", "1.2.3.2", b"x" * 1000)
+    now[0] = 5.0  # the walk sees both files, and nothing counted twice
+    assert quota.admits(500) and not quota.admits(501)
+    assert SpoolQuota(spool, quota_bytes=0).admits(10**12), "0 is no quota"
