@@ -337,6 +337,8 @@ def _monochrome_to_uint8(array: npt.NDArray[np.generic], ds: pydicom.Dataset) ->
         center = _first_float(ds.WindowCenter)
         width = _first_float(ds.WindowWidth)
         if center is not None and width is not None and width >= 1:
+            if str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() == "SIGMOID":
+                return sigmoid_window_to_uint8(values, center, width)
             return window_to_uint8(values, center, width)
     if "VOILUTSequence" in ds:
         values = np.asarray(apply_voi_lut(array, ds, index=0, prefer_lut=True), dtype=np.float64)
@@ -352,6 +354,15 @@ def window_to_uint8(values: npt.NDArray[np.float64], center: float, width: float
     low = center - 0.5 - (width - 1.0) / 2.0
     scaled = ((values - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0 if width > 1 else (values > low) * 255.0
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def sigmoid_window_to_uint8(values: npt.NDArray[np.float64], center: float, width: float) -> npt.NDArray[np.uint8]:
+    """Sigmoid VOI windowing onto 0-255 (PS3.3 C.11.2.1.3.1), which several mammography vendors specify.
+
+    ``y = 255 / (1 + exp(-4 (x - center) / width))``.
+    """
+    exponent = np.clip(-4.0 * (values - center) / width, -60.0, 60.0)
+    return np.clip(np.rint(255.0 / (1.0 + np.exp(exponent))), 0, 255).astype(np.uint8)
 
 
 def _first_float(value: object) -> float | None:
@@ -377,14 +388,33 @@ def _scale_to_uint8(values: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
 
 
 def _pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float | None, float | None]:
-    """(row, column) spacing in mm from Pixel Spacing, when present and sane."""
-    spacing = ds.get("PixelSpacing")
-    if spacing is None or len(spacing) != 2:
+    """(row, column) spacing in mm: Pixel Spacing, else Imager Pixel Spacing over the magnification factor.
+
+    Projection radiography (mammography) often gives only Imager Pixel
+    Spacing (0018,1164), measured at the detector; sizes in the patient are
+    that divided by Estimated Radiographic Magnification Factor (0018,1114)
+    when present (PS3.3 C.8.11.7, and 10.7.1.3 on the choice of spacing).
+    """
+    spacing = _spacing_pair(ds.get("PixelSpacing"))
+    if spacing is not None:
+        return spacing
+    imager = _spacing_pair(ds.get("ImagerPixelSpacing"))
+    if imager is None:
         return None, None
+    magnification = _first_float(ds.get("EstimatedRadiographicMagnificationFactor"))
+    if magnification is None or not (1.0 <= magnification <= 4.0):  # absent or implausible: detector spacing
+        magnification = 1.0
+    return imager[0] / magnification, imager[1] / magnification
+
+
+def _spacing_pair(spacing: object) -> tuple[float, float] | None:
+    """A (row, column) spacing in mm from a 2-valued DS element, when present and sane."""
+    if not isinstance(spacing, (list, tuple, MultiValue)) or len(spacing) != 2:
+        return None
     try:
         row_mm, col_mm = float(spacing[0]), float(spacing[1])
     except (TypeError, ValueError):
-        return None, None
+        return None
     if not (row_mm > 0 and col_mm > 0 and np.isfinite(row_mm) and np.isfinite(col_mm)):
-        return None, None
+        return None
     return row_mm, col_mm
