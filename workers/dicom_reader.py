@@ -418,3 +418,23 @@ def _spacing_pair(spacing: object) -> tuple[float, float] | None:
     if not (row_mm > 0 and col_mm > 0 and np.isfinite(row_mm) and np.isfinite(col_mm)):
         return None
     return row_mm, col_mm
+
+
+def chest_wall_on_left(ds: pydicom.Dataset) -> bool | None:
+    """Whether a projection image shows the chest wall at its left edge, from Patient Orientation; ``None`` if unsaid.
+
+    PS3.3 C.7.6.1.1.1: the first value of Patient Orientation (0020,0020) is
+    the patient direction of the rows (towards increasing column index). A
+    mammogram whose rows run anterior ("A", towards the nipple) has the chest
+    wall on the left; one whose rows run posterior ("P") has it on the right.
+    Laterality alone does not say it: vendors store right breasts either way.
+    """
+    orientation = ds.get("PatientOrientation")
+    if not isinstance(orientation, (list, tuple, MultiValue)) or len(orientation) != 2:
+        return None
+    row_direction = str(orientation[0]).strip().upper()
+    if row_direction.startswith("A"):
+        return True
+    if row_direction.startswith("P"):
+        return False
+    return None

@@ -139,7 +139,9 @@ def _draw_prototypes(
 def legend_lines(analysis: ImageAnalysis) -> list[str]:
     """The legend's text lines, ASCII only: one per lesion, then the models."""
     lines = [
-        f"Lesion {number}: {analysis.score_label} p={lesion.malignancy_probability:.2f}"
+        f"Lesion {number}: "
+        + (f"finder p={lesion.detection_probability:.2f}, " if lesion.detection_probability is not None else "")
+        + f"{analysis.score_label} p={lesion.malignancy_probability:.2f}"
         for number, lesion in enumerate(analysis.lesions, start=1)
     ] or ["No lesion detected"]
     models = {*analysis.segmenter.stages(), (analysis.classifier.name, analysis.classifier.version)}
@@ -231,11 +233,15 @@ def _draw_legend(
 ) -> None:
     """Legend box in the corner that hides the least of the findings."""
     rows, columns = canvas.shape[:2]
+    widest = max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2)
+    if widest > columns:
+        # A narrow frame (a 274-px wide ultrasound crop) shrinks the legend's font rather than cutting its lines off.
+        scale *= columns / widest
+        thickness = max(1, min(thickness, round(scale * 1.5)))
+        widest = max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2)
     (_w, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
     line_h = text_h + baseline + 2 * (thickness + 2)
-    width = min(
-        columns, max(cv2.getTextSize(line, _FONT, scale, thickness)[0][0] for line in lines) + 2 * (thickness + 2)
-    )
+    width = min(columns, widest)
     height = min(rows, line_h * len(lines))
     banner = _disclaimer_band_height(rows, columns, scale, thickness)
     corners = [

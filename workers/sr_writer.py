@@ -74,7 +74,17 @@ DISCLAIMER = f"{NOT_FOR_DIAGNOSTIC_USE}. Every score is advisory."
 DEFAULT_DEVICE_OBSERVER_UID = derive_uid("breastai", "device-observer")
 
 PROCEDURE_US_BREAST = Code("47079000", "SCT", "Ultrasonography of breast")
+PROCEDURE_MAMMOGRAPHY = Code("71651007", "SCT", "Mammography")
+PROCEDURES = {"US": PROCEDURE_US_BREAST, "MG": PROCEDURE_MAMMOGRAPHY}
 FINDING_MASS = Code("4147007", "SCT", "Mass")
+# A mammography finder proposes regions of any kind (mass, distortion, asymmetry, calcifications) without
+# naming which: the generic "morphologically abnormal structure" rather than a type it did not decide.
+FINDING_ABNORMALITY = Code("49755003", "SCT", "Morphologically abnormal structure")
+FINDING_TYPES = {"US": FINDING_MASS, "MG": FINDING_ABNORMALITY}
+# The finder's probability that a region is an abnormality at all: "Certainty of Finding" as DICOM's Mammography
+# CAD SR reports a detection's certainty, in percent.
+CERTAINTY_OF_FINDING = Code("111012", "DCM", "Certainty of Finding")
+UNIT_PERCENT = Code("%", "UCUM", "percent")
 SITE_BREAST = Code("76752008", "SCT", "Breast")
 PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
 LONG_AXIS = Code("103339001", "SCT", "Long axis")
@@ -217,7 +227,7 @@ def build_report(
     library_images = _unique_by_uid([item.frame.dataset for item in analysed])
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PROCEDURE_US_BREAST,
+        procedure_reported=_procedures(analysed),
         imaging_measurements=groups,
         referenced_images=library_images,
     )
@@ -344,6 +354,15 @@ def _lesion_group(
                 name=FOUR_A_RESTRATIFICATION, value=FOUR_A_RECOMMENDATIONS[lesion.co_decision.recommendation.value]
             )
         )
+    if lesion.detection_probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=CERTAINTY_OF_FINDING,
+                value=round(100.0 * _probability(lesion.detection_probability), 2),
+                unit=UNIT_PERCENT,
+                algorithm_id=_algorithm(analysis.segmenter),
+            )
+        )
     if frame.row_spacing_mm is not None and frame.column_spacing_mm is not None:
         measurements.append(
             hd.sr.Measurement(
@@ -356,7 +375,7 @@ def _lesion_group(
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=region,
-        finding_type=FINDING_MASS,
+        finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
         algorithm_id=_algorithm(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
         measurements=measurements,
@@ -394,7 +413,7 @@ def _no_lesion_group(
             uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, "no-lesion"),
             identifier="No lesion detected",
         ),
-        finding_type=FINDING_MASS,
+        finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
         algorithm_id=_algorithm(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PRESENCE, value=ABSENT)],
@@ -425,6 +444,12 @@ def closed_outline(outline_xy: npt.NDArray[np.floating], offset_xy: Sequence[int
     if not np.array_equal(points[0], points[-1]):
         points = np.vstack([points, points[:1]])
     return points.astype(np.float32)
+
+
+def _procedures(analysed: Sequence[AnalysedFrame]) -> list[Code]:
+    """Procedure Reported (TID 1500 row 4): one code per kind of image analysed, in a stable order."""
+    modalities = sorted({item.analysis.modality for item in analysed}, key=lambda m: (m != "US", m))
+    return [PROCEDURES.get(modality, PROCEDURE_US_BREAST) for modality in modalities]
 
 
 def _probability(value: float) -> float:

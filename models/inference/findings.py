@@ -125,6 +125,9 @@ class Lesion:
         ``malignancy_probability`` and ``cam``) first.
     co_decision
         The BI-RADS 4A recommendation of DLR_BM with the LH score (the LH consensus, or DLR_LH) when both ran.
+    detection_probability
+        A lesion finder's probability that the region is an abnormality at all
+        (mammography); ``None`` where a segmenter outlined it.
     """
 
     outline_xy: npt.NDArray[np.float32]
@@ -135,6 +138,7 @@ class Lesion:
     family_scores: tuple[FamilyScore, ...] = ()
     co_decision: CoDecision | None = None
     prototypes: tuple[PrototypeEvidence, ...] = ()  # of the family this lesion is viewed through (overlays)
+    detection_probability: float | None = None
 
     def longest_diameter_mm(self, row_spacing_mm: float, column_spacing_mm: float) -> float:
         """Longest distance in millimetres between two outline points.
@@ -155,3 +159,4 @@ class ImageAnalysis:
     classifier: ModelInfo
     image_shape: tuple[int, int]
     score_label: str = "malignancy"  # what the lesions' probability is of, for legends
+    modality: str = "US"  # what kind of image was analysed (US, MG): the report's procedure and finding type

@@ -281,30 +281,48 @@ class BModePipeline:
         mask: npt.NDArray[np.bool_] | None = None,
     ) -> Lesion:
         """Score the lesion in ``box`` (outlined by ``mask``) with every family; the first gives headline and map."""
-        view = LesionView(gray, box, mask, context)
-        by_role: dict[str, FamilyScore] = {}
-        for scorer in self._scorers:
-            if not scorer.members:
-                by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
-        for scorer in self._scorers:
-            if scorer.members:
-                by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
-        scores = tuple(by_role[s.entry.role] for s in self._scorers)
-        primary = scores[0]
-        by_family = {s.family: s for s in scores}
-        decision = None
-        lh, bm = lh_score(by_family), by_family.get(BM_ROLE)
-        if lh is not None and bm is not None:
-            decision = co_decision(lh.probability, bm.probability, lh.threshold, bm.threshold)
-        return Lesion(
-            outline_xy=outline,
-            bbox_xywh=box,
-            area_px=area,
-            malignancy_probability=primary.probability,
-            cam=paste(primary.cam, primary.roi_box, gray.shape[:2]),
-            family_scores=scores,
-            co_decision=decision,
-        )
+        return score_lesion(self._scorers, gray, box, outline, area, context, mask)
+
+
+def score_lesion(
+    scorers: Sequence[Scorer],
+    gray: npt.NDArray[np.uint8],
+    box: Box,
+    outline: npt.NDArray[np.float32],
+    area: int,
+    context: ClinicalContext = NO_CLINICAL_CONTEXT,
+    mask: npt.NDArray[np.bool_] | None = None,
+) -> Lesion:
+    """Score one lesion with ``scorers`` (the primary first); any pipeline, whatever found the lesion.
+
+    Scorers reading pixels run first, those combining other scores (a
+    consensus) after, from theirs; the BI-RADS 4A co-decision is made when
+    both of its scores are among them.
+    """
+    view = LesionView(gray, box, mask, context)
+    by_role: dict[str, FamilyScore] = {}
+    for scorer in scorers:
+        if not scorer.members:
+            by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
+    for scorer in scorers:
+        if scorer.members:
+            by_role[scorer.entry.role] = scorer.score_lesion(view, by_role)
+    scores = tuple(by_role[s.entry.role] for s in scorers)
+    primary = scores[0]
+    by_family = {s.family: s for s in scores}
+    decision = None
+    lh, bm = lh_score(by_family), by_family.get(BM_ROLE)
+    if lh is not None and bm is not None:
+        decision = co_decision(lh.probability, bm.probability, lh.threshold, bm.threshold)
+    return Lesion(
+        outline_xy=outline,
+        bbox_xywh=box,
+        area_px=area,
+        malignancy_probability=primary.probability,
+        cam=paste(primary.cam, primary.roi_box, gray.shape[:2]),
+        family_scores=scores,
+        co_decision=decision,
+    )
 
 
 TASK_LABELS = {"malignancy": "malignancy", "birads_high": "BI-RADS 4/5"}
@@ -350,10 +368,10 @@ def default_families(model_dir: Path | None = None, modality: str = "US") -> tup
     pipelines = body.get("default_pipelines", {})
     # The entries are read only where the manifest lists no pipeline for the modality.
     entries = {} if pipelines.get(modality) else read_manifest(directory)
-    return _default_families(pipelines, entries, modality)
+    return default_families_of(pipelines, entries, modality)
 
 
-def _default_families(pipelines: Any, entries: Mapping[str, ModelEntry], modality: str) -> tuple[str, ...]:
+def default_families_of(pipelines: Any, entries: Mapping[str, ModelEntry], modality: str) -> tuple[str, ...]:
     """:func:`default_families` from the manifest's ``default_pipelines`` and entries, already read."""
     listed = pipelines.get(modality)
     if listed:
@@ -362,7 +380,7 @@ def _default_families(pipelines: Any, entries: Mapping[str, ModelEntry], modalit
     return tuple(
         role
         for role, entry in sorted(entries.items())
-        if role not in SEGMENTATION_ROLES and entry.spec_as(ScorerSpec).modality is wanted
+        if role not in SEGMENTATION_ROLES and isinstance(entry.spec, ScorerSpec) and entry.spec.modality is wanted
     )
 
 
@@ -378,7 +396,7 @@ def load_bmode_pipeline(
     """
     entries, pipelines = read_manifest_and_pipelines(model_dir)
     directory = model_dir or BUNDLED_MODEL_DIR
-    chosen = tuple(families) or _default_families(pipelines, entries, "US")
+    chosen = tuple(families) or default_families_of(pipelines, entries, "US")
     missing = [f for f in chosen if f not in entries]
     if missing:
         raise ModelRegistryError(

@@ -68,3 +68,19 @@ def test_sizes_come_from_imager_pixel_spacing_over_the_magnification(tmp_path: P
     # Pixel Spacing, where a vendor gives it, is already in the patient.
     both = _read(_mammogram(pixels, PixelSpacing=[0.065, 0.065], ImagerPixelSpacing=[0.1, 0.1]), tmp_path)
     assert both.row_spacing_mm == 0.065
+
+
+def test_the_chest_wall_side_comes_from_patient_orientation() -> None:
+    from workers.dicom_reader import chest_wall_on_left
+
+    def header(orientation: object) -> pydicom.Dataset:
+        ds = pydicom.Dataset()
+        if orientation is not None:
+            ds.PatientOrientation = orientation
+        return ds
+
+    assert chest_wall_on_left(header(["A", "R"])) is True  # rows run towards the nipple
+    assert chest_wall_on_left(header(["P", "L"])) is False
+    assert chest_wall_on_left(header(["AL", "F"])) is True
+    assert chest_wall_on_left(header(None)) is None
+    assert chest_wall_on_left(header(["F", "R"])) is None

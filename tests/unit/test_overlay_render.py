@@ -131,3 +131,19 @@ def test_prototype_thumbnails_are_drawn_with_their_class_colour() -> None:
     assert tuple(first[0, side // 2]) == (255, 40, 40), "malignant prototype framed red"
     assert tuple(shown[2 + side + 4, 320 - side // 2 - 2]) == (40, 220, 40), "benign prototype framed green"
     assert not np.array_equal(plain[:, 200:], shown[:, 200:])
+
+
+def test_a_narrow_frame_shrinks_the_legend_instead_of_cutting_its_lines() -> None:
+    # Issue 36: the US legend was clipped on a 274-px wide image. Every legend line must end inside the frame.
+    gray = np.full((400, 274), 90, np.uint8)
+    analysis = square_lesion_analysis((400, 274), size=20, probability=0.42)
+    mammography_like = dataclasses.replace(
+        analysis, lesions=tuple(dataclasses.replace(lesion, detection_probability=0.61) for lesion in analysis.lesions)
+    )
+    assert legend_lines(mammography_like)[0] == "Lesion 1: finder p=0.61, malignancy p=0.42"
+    out = render_overlay(gray, mammography_like)
+    # The legend's black box is drawn in a corner; text pixels (bright or coloured) never reach the last column.
+    top = out[:60]
+    text = (top.max(axis=2) > 150) & (np.abs(top.astype(int) - 90).max(axis=2) > 40)
+    assert text[:, :-1].any(), "the legend is drawn"
+    assert not text[:, -2:].any(), "a legend line runs off the right edge"
