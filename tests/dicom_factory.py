@@ -145,6 +145,126 @@ def make_us_dataset(
     return ds
 
 
+MG_FOR_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.2"
+
+
+def make_mg_dataset(
+    pixels: npt.NDArray[np.uint16],
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    laterality: str = "L",
+    view: str = "CC",
+    imager_spacing_mm: float = 0.1,
+) -> Dataset:
+    """Build a Digital Mammography X-Ray Image - For Presentation dataset around ``pixels``.
+
+    The modules of PS3.3 A.26.2 are filled (Mammography Series and Image,
+    DX Anatomy Imaged, DX Image, DX Detector with Imager Pixel Spacing, DX
+    Positioning, VOI LUT), 16-bit MONOCHROME2, with no Pixel Spacing and no
+    patient-space position or orientation: a 2D projection.
+
+    Parameters
+    ----------
+    pixels
+        uint16 array (rows, columns), values within 12 bits stored.
+    study_uid, series_uid, sop_uid, frame_of_reference_uid
+        UIDs; fresh random ones when ``None`` (the Frame of Reference too).
+    laterality, view
+        Image Laterality (L or R) and View Position (CC, MLO...).
+    imager_spacing_mm
+        Isotropic Imager Pixel Spacing (at the detector plane).
+    """
+    array = np.asarray(pixels)
+    if array.dtype != np.uint16 or array.ndim != 2:
+        raise ValueError(f"pixels must be a 2D uint16 array, got {array.dtype} {array.shape}")
+    sop_uid = sop_uid or generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = MG_FOR_PRESENTATION_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    for keyword in ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate"):
+        setattr(ds, keyword, "20240101")
+    for keyword in ("StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime"):
+        setattr(ds, keyword, "120000")
+    ds.AccessionNumber = "ACC0002"
+    ds.Modality = "MG"
+    ds.Manufacturer = "Synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "MG BREAST (synthetic test)"
+    ds.SeriesDescription = f"{laterality} {view}"
+    ds.PatientName = "ANON^TEST"
+    ds.PatientID = "TEST0002"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "F"
+    ds.PatientAge = "055Y"
+    ds.BodyPartExamined = "BREAST"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = frame_of_reference_uid or generate_uid()
+    ds.PositionReferenceIndicator = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["P", "L"] if laterality == "R" else ["A", "R"]
+    ds.ImageLaterality = laterality
+    ds.ViewPosition = view
+    breast = Dataset()
+    breast.CodeValue = "76752008"
+    breast.CodingSchemeDesignator = "SCT"
+    breast.CodeMeaning = "Breast"
+    ds.AnatomicRegionSequence = [breast]
+    view_code = Dataset()
+    view_code.CodeValue = "399162004" if view == "CC" else "399368009"
+    view_code.CodingSchemeDesignator = "SCT"
+    view_code.CodeMeaning = "cranio-caudal" if view == "CC" else "medio-lateral oblique"
+    view_code.ViewModifierCodeSequence = []
+    ds.ViewCodeSequence = [view_code]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.BurnedInAnnotation = "NO"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.ImagerPixelSpacing = [imager_spacing_mm, imager_spacing_mm]
+    ds.DetectorType = "DIRECT"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.DistanceSourceToDetector = 660.0
+    ds.DistanceSourceToPatient = 640.0
+    ds.EstimatedRadiographicMagnificationFactor = 660.0 / 640.0
+    ds.BodyPartThickness = 50.0
+    ds.CompressionForce = 100.0
+    ds.OrganExposed = "BREAST"
+    ds.KVP = 28.0
+    ds.Exposure = 100
+    ds.ExposureTime = 1000
+    ds.ContrastBolusAgent = ""
+    ds.AcquisitionContextSequence = []
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = array.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(array).tobytes()
+    return ds
+
+
 def write_dataset(ds: Dataset, path: pathlib.Path | str) -> pathlib.Path:
     """Write ``ds`` as a DICOM Part 10 file (preamble and file meta) and return the path."""
     target = pathlib.Path(path)

@@ -43,6 +43,7 @@ signed it.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import re
 from collections.abc import Sequence
@@ -291,7 +292,8 @@ def patient_study_header(ds: pydicom.Dataset) -> pydicom.Dataset:
     header = pydicom.Dataset()
     for keyword in _IDENTITY + _PATIENT_STUDY_TYPE2 + _PATIENT_STUDY_TYPE3:
         if keyword in ds:
-            header[keyword] = ds[keyword]
+            # A copy of the element: the repairs below set values, and a shared element would rewrite the source.
+            header[keyword] = copy.deepcopy(ds[keyword])
     for keyword in _PATIENT_STUDY_TYPE2:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")

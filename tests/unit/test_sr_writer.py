@@ -348,3 +348,15 @@ def test_the_4a_comment_names_the_lh_consensus_it_read_and_a_call_without_its_in
             SR_SOP,
             ReportContext(),
         )
+
+
+def test_the_patient_study_header_repairs_a_copy_and_leaves_the_source_alone() -> None:
+    from workers.sr_writer import patient_study_header
+
+    source = pydicom.Dataset()
+    source.StudyInstanceUID = "1.2.3"
+    source.StudyTime = "14:04:38"
+    source.PatientSex = "X"
+    header = patient_study_header(source)
+    assert (header.StudyTime, header.PatientSex) == ("140438", "")
+    assert (source.StudyTime, source.PatientSex) == ("14:04:38", "X")
