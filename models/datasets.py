@@ -40,6 +40,7 @@ NEAR_DUPLICATES = Path(__file__).with_name("near_duplicates.csv")
 # Recorded with every export; bump when the rule changes, so that a card can tell which rule a model was trained under.
 SPLIT_RULE = "2: BUS-BRA by fold and case; others by case or image id; straddling near-duplicate groups excluded"
 LABEL_COLUMNS = {"busi": "label", "busbra": "pathology", "breast_lesions": "classification"}
+MIAS_MM_PER_PIXEL = 0.4  # mini-MIAS as shared/datasets holds it: 512 x 512 pixels of 400 um
 
 
 @dataclass(frozen=True)
@@ -290,9 +291,7 @@ def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
             if not images:
                 continue
             rows, cols = read_gray(images[0]).shape
-            number = int("".join(ch for ch in row["image_id"] if ch.isdigit()) or 0)
-            woman = f"mias-woman-{(number + 1) // 2}"
-            bucket = _bucket(woman)
+            woman, split = _mias_woman_and_split(row["image_id"])
             r = max(8, round(radius))
             cx, cy = int(x), rows - int(y)
             x0, y0, x1, y1 = max(0, cx - r), max(0, cy - r), min(cols, cx + r), min(rows, cy + r)
@@ -307,9 +306,114 @@ def mias_findings(root: Path) -> list[tuple[Record, tuple[int, int, int, int]]]:
                         malignant=int(severity == "M"),
                         patient=woman,
                         device="mias",
-                        split="test" if bucket < 2 else "val" if bucket == 2 else "train",
+                        split=split,
                     ),
                     box,
                 )
             )
     return findings
+
+
+def _mias_woman_and_split(image_id: str) -> tuple[str, str]:
+    """The woman an image belongs to and her split (20 % test, 10 % validation by a stable hash of the woman).
+
+    mini-MIAS numbers the two MLO views of a woman consecutively
+    (mdb001/mdb002), so both views of one woman fall in one split.
+    """
+    number = int("".join(ch for ch in image_id if ch.isdigit()) or 0)
+    woman = f"mias-woman-{(number + 1) // 2}"
+    bucket = _bucket(woman)
+    return woman, "test" if bucket < 2 else "val" if bucket == 2 else "train"
+
+
+@dataclass(frozen=True)
+class ListedAbnormality:
+    """One listed mini-MIAS abnormality with its circle, in pixels of the image as stored (rows from the top)."""
+
+    abnormality: str  # CALC, CIRC, SPIC, MISC, ARCH or ASYM
+    severity: str  # "B" or "M" ("" where the source gives none)
+    centre_xy: tuple[float, float]
+    radius_px: float
+
+
+@dataclass(frozen=True)
+class MiasCase:
+    """One mini-MIAS image with every abnormality listed for it.
+
+    Attributes
+    ----------
+    abnormal
+        The image has at least one listed abnormality (NORM rows have none).
+    findings
+        The abnormalities that have a centre and radius.
+    unlocated
+        Abnormalities listed without a centre: they make the image abnormal,
+        but no region can be matched to them (nor drawn as a target).
+    """
+
+    image_id: str
+    image_path: Path
+    patient: str
+    split: str
+    abnormal: bool
+    findings: tuple[ListedAbnormality, ...]
+    unlocated: int
+
+
+def mias_cases(root: Path) -> list[MiasCase]:
+    """Every mini-MIAS image under ``root/mias`` with its listed abnormalities (image-level, NORM images included).
+
+    Split by woman as :func:`mias_findings`. The README's y is measured from
+    the bottom edge, so the stored row is ``rows - y``; every image's size is
+    read from its file.
+
+    Raises
+    ------
+    DatasetError
+        ``root/mias/labels.csv`` is missing or lacks a column.
+    """
+    folder = root / "mias"
+    labels = folder / "labels.csv"
+    if not labels.is_file():
+        raise DatasetError(f"{labels} is missing (expected the mini-MIAS folder of shared/datasets)")
+    rows_of: dict[str, list[dict[str, str]]] = {}
+    with labels.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        _require_columns(labels, reader.fieldnames, ("abnormality", "severity", "x", "y", "radius", "image_id"))
+        for row in reader:
+            rows_of.setdefault(row["image_id"], []).append(row)
+    cases = []
+    for image_id, rows in sorted(rows_of.items()):
+        images = sorted((folder / "images").glob(f"{image_id}.*"))
+        if not images:
+            continue  # held back by the maintainers
+        height = read_gray(images[0]).shape[0]
+        listed = [row for row in rows if row["abnormality"].strip().upper() != "NORM"]
+        findings = []
+        for row in listed:
+            x, y, radius = _number(row["x"]), _number(row["y"]), _number(row["radius"])
+            if x is None or y is None or radius is None:
+                continue
+            findings.append(
+                ListedAbnormality(
+                    abnormality=row["abnormality"].strip().upper(),
+                    severity=row["severity"].strip().upper(),
+                    centre_xy=(x, height - y),
+                    radius_px=radius,
+                )
+            )
+        woman, split = _mias_woman_and_split(image_id)
+        cases.append(
+            MiasCase(
+                image_id=image_id,
+                image_path=images[0],
+                patient=woman,
+                split=split,
+                abnormal=bool(listed),
+                findings=tuple(findings),
+                unlocated=len(listed) - len(findings),
+            )
+        )
+    if not cases:
+        raise DatasetError(f"no mini-MIAS image found under {folder / 'images'}")
+    return cases

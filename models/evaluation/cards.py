@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from models.evaluation.finder import finder_card
 from models.evaluation.report import report_markdown
 from models.families.catalogue import card_texts
 from models.inference.decisions import BM_ROLE
@@ -651,6 +652,11 @@ def write_cards(
             )
         )
         written.append(path)
+    for role, finder_report in report.get("finders", {}).items():
+        if "image_level" in finder_report and role in entries:
+            path = folder / f"{role}.md"
+            path.write_text(finder_card(entries[role], finder_report, card_texts().get(role, {})))
+            written.append(path)
     for role, family_report in report["families"].items():
         if "classification" not in family_report or role not in entries:
             continue

@@ -13,7 +13,9 @@ scored on the same cases. Families see the ground-truth lesion box (the
 largest mask region, as the papers crop), so their numbers are not mixed
 with the segmenter's misses. For the segmenter: Dice, IoU and HD95 per
 lesion image. With both DLR models, the BI-RADS 4A co-decision is tallied
-on the cases assessed 4A.
+on the cases assessed 4A. For the mammography lesion finder (``mg_finder``),
+on the data's mini-MIAS images: image-level AUC, FROC and DL-M on the
+regions it found (:mod:`models.evaluation.finder`), with a FROC plot.
 
 ``--split test`` (default) keeps the project's held-out split of the
 development data (see :mod:`models.datasets`); use ``--split all`` for
@@ -48,6 +50,7 @@ from models.datasets import (
     read_mask,
 )
 from models.errors import DatasetError, EvaluationError
+from models.evaluation.finder import evaluate_finder, finder_markdown, save_finder_figures
 from models.evaluation.report import (
     CasePrediction,
     SegmentationRow,
@@ -342,6 +345,9 @@ def evaluate(
             f"models {', '.join(unknown)} are not in {model_dir / 'manifest.json'} "
             f"(it has: {', '.join(sorted(entries))})"
         )
+    # A finder scores no given lesion: it is judged on the images it searches (models.evaluation.finder).
+    finders = [f for f in families if entries[f].kind is ModelKind.MG_FINDER]
+    families = [f for f in families if f not in finders]
     for family in families:
         entries[family].spec_as(ScorerSpec)  # every requested model complete before hours of scoring start
     root = data.parent if (data / "labels.csv").is_file() else data
@@ -426,7 +432,11 @@ def evaluate(
         if variants:
             report["families"][family]["variants"] = compare_families({family: _predictions(cases), **variants})
     outlined = segmentation_rows(model_dir, records, served_segmentation()) if SEGMENTER_ROLE in entries else []
-    if not scored and not outlined:
+    finder_reports = {role: _finder_report(role, root, model_dir, split, resamples, mias_asked) for role in finders}
+    judged_finders = {role: body for role, body in finder_reports.items() if "image_level" in body}
+    if finder_reports:
+        report["finders"] = finder_reports
+    if not scored and not outlined and not judged_finders:
         # Every row of the report would read n=None: refuse rather than write a report that looks like a result.
         raise EvaluationError(
             f"nothing labelled to score in {data}: no lesion with a mask and a label for "
@@ -525,8 +535,20 @@ def evaluate(
         markdown.append(
             report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}")
         )
+    for role, body in judged_finders.items():
+        save_finder_figures(body, output, role)
+        markdown.append(finder_markdown(body, f"{role} (mammography lesion finder)"))
     (output / "report.md").write_text("\n\n".join(markdown) + "\n")
     return report
+
+
+def _finder_report(
+    role: str, root: Path, model_dir: Path, split: str, resamples: int, mias_asked: bool
+) -> dict[str, Any]:
+    """The finder's figures on the data's mini-MIAS images, or a note where the data hold none."""
+    if not mias_asked or not (root / "mias" / "labels.csv").is_file():
+        return {"note": "no mini-MIAS images in the data"}
+    return evaluate_finder(root, model_dir, split, resamples, role)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -538,6 +560,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for family, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})
         print(f"{family:14s} n={overall.get('n')} AUC={overall.get('auc')} CI={overall.get('auc_ci')}")
+    for role, body in report.get("finders", {}).items():
+        if "image_level" not in body:
+            print(f"{role:14s} {body.get('note')}")
+            continue
+        image_auc = body["image_level"].get("auc") or {}
+        froc = body["froc"]["sensitivity_at_fp_per_image"]
+        sensitivities = " ".join(f"{rate}:{estimate['value']}" for rate, estimate in froc.items())
+        print(
+            f"{role:14s} n={body['image_level']['n']} image AUC={image_auc.get('value')} CI={image_auc.get('ci95')} "
+            f"FROC sensitivity at FP/image {sensitivities}"
+        )
     if args.cards:
         from models.evaluation.cards import write_cards
 

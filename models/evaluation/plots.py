@@ -139,3 +139,45 @@ def save_reliability_png(
     axes.set_title(title or f"Reliability ({bins} bins)")
     axes.legend(loc="upper left", fontsize="small")
     return _save(figure, path)
+
+
+def save_froc_png(
+    path: str | Path,
+    false_positives_per_image: npt.ArrayLike,
+    sensitivity: npt.ArrayLike,
+    marks: Mapping[float, float],
+    *,
+    title: str | None = None,
+) -> Path:
+    """Save a detector's FROC curve (sensitivity against false positives per image) to a PNG.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file (parent folders are created).
+    false_positives_per_image, sensitivity : array_like
+        The curve's points, in order of decreasing threshold (a step curve).
+    marks : mapping of float to float
+        False-positive rates to mark -> the sensitivity read there.
+    title : str, optional
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    figure, axes = _new_figure()
+    x = np.asarray(false_positives_per_image, dtype=np.float64)
+    y = np.asarray(sensitivity, dtype=np.float64)
+    right = max(2.5, float(x.max()) * 1.05 if x.size else 2.5)
+    axes.set_xlim(0.0, right)
+    axes.set_aspect("auto")
+    axes.step(x, y, where="post", linewidth=1.5, label="finder")
+    for rate, value in marks.items():
+        axes.plot([rate], [value], marker="o", markersize=5, linestyle="none", color="black")
+        axes.annotate(f"{value:.2f} at {rate:g}", (rate, value), textcoords="offset points", xytext=(4, -12))
+    axes.set_xlabel("False positives per image")
+    axes.set_ylabel("Sensitivity (listed abnormalities found)")
+    axes.set_title(title or "FROC")
+    axes.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)

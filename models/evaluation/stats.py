@@ -16,7 +16,7 @@ which need probabilities in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -513,6 +513,53 @@ def mean_ci(
         means = sums[draws].sum(axis=1) / sizes[draws].sum(axis=1)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def cluster_bootstrap_ci(
+    statistic: Callable[[IntArray], float],
+    clusters: npt.ArrayLike,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of any statistic of a set of cases, resampling whole clusters.
+
+    For statistics that no closed form above covers (a FROC curve's
+    sensitivity at a number of false positives per image): every resample
+    draws as many clusters as there are, with replacement, and hands
+    ``statistic`` the indices of their cases (a case drawn twice appears
+    twice). A resample whose statistic is undefined (NaN) is left out.
+
+    Parameters
+    ----------
+    statistic : callable
+        Indices of the resampled cases -> the statistic.
+    clusters : array_like
+        One cluster key per case (e.g. the patient of each image); each case its own key for case resampling.
+    resamples, seed, level
+        As for :func:`bootstrap_ci`.
+
+    Returns
+    -------
+    tuple of float
+        (low, high); (nan, nan) when there are no cases or no resample was defined.
+    """
+    codes = _cluster_codes(clusters, len(np.asarray(clusters)))
+    if codes is None or codes.size == 0:
+        return float("nan"), float("nan")
+    members = _cluster_members(codes)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        value = float(statistic(index))
+        if not math.isnan(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
     return float(low), float(high)
 
 

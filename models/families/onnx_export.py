@@ -21,6 +21,7 @@ def export_graph(
     output_names: Sequence[str],
     opset: int = 18,
     dynamic_batch: bool = False,
+    dynamic_sides: bool = False,
 ) -> Path:
     """Trace ``wrapper`` on ``example`` with the TorchScript exporter (``dynamo=False``).
 
@@ -29,8 +30,12 @@ def export_graph(
     parity test checks. Shapes read during tracing (feature-map sizes, the
     top-k clip) become constants of the graph, which is what a fixed serving
     input size wants, so the tracer's warning about them is silenced.
+    ``dynamic_sides`` leaves the height and width (axes 2 and 3) of every
+    input and output free, for a fully convolutional graph (the mammography
+    finder) whose shapes never enter a constant.
     """
-    dynamic = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    axes = {**({0: "batch"} if dynamic_batch else {}), **({2: "height", 3: "width"} if dynamic_sides else {})}
+    dynamic = {name: axes for name in (*input_names, *output_names)} if axes else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting a tensor to a Python", category=Warning)
         warnings.filterwarnings(

@@ -18,6 +18,7 @@ kind          recognised by
 ============  ==========================================================
 segmenter     role ``us_segmenter``
 refiner       role ``us_refiner``
+mg_finder     role ``mg_finder``
 consensus     ``parameters.kind == "consensus"``
 lexicon       ``parameters.kind == "lexicon"``
 family        anything else: one paper family's ONNX graph
@@ -38,6 +39,7 @@ from models.errors import ManifestError
 SEGMENTER_ROLE = "us_segmenter"
 REFINER_ROLE = "us_refiner"
 SEGMENTATION_ROLES = (SEGMENTER_ROLE, REFINER_ROLE)  # the stages every lesion goes through, not scorers
+MG_FINDER_ROLE = "mg_finder"  # whole mammograms in, candidate regions out: it scores no given lesion
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -57,6 +59,7 @@ class ModelKind(StrEnum):
     LEXICON = "lexicon"  # logistic model over outline descriptors
     SEGMENTER = "segmenter"  # whole-image lesion segmenter
     REFINER = "refiner"  # close-up re-outlining of each lesion
+    MG_FINDER = "mg_finder"  # whole-mammogram heat map -> candidate regions, each with a probability
 
 
 class Modality(StrEnum):
@@ -84,7 +87,11 @@ class Precision(StrEnum):
 
 # parameters.kind as training writes it; any other value is refused rather than served as a graph.
 _KIND_FIELD_VALUES = {ModelKind.CONSENSUS.value: ModelKind.CONSENSUS, ModelKind.LEXICON.value: ModelKind.LEXICON}
-_KIND_OF_ROLE = {SEGMENTER_ROLE: ModelKind.SEGMENTER, REFINER_ROLE: ModelKind.REFINER}
+_KIND_OF_ROLE = {
+    SEGMENTER_ROLE: ModelKind.SEGMENTER,
+    REFINER_ROLE: ModelKind.REFINER,
+    MG_FINDER_ROLE: ModelKind.MG_FINDER,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +229,31 @@ class RefinerSpec(SegmentationStageSpec):
     window_expand: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class MammogramFinderSpec(ModelSpec):
+    """The mammography lesion finder (:mod:`models.inference.mammography`).
+
+    Attributes
+    ----------
+    mm_per_pixel
+        The working resolution: every image is resampled to it before the graph runs.
+    threshold
+        Heat-map probability at or above which a pixel belongs to a candidate region.
+    min_area_mm2
+        Regions smaller than this (at the working resolution) are dropped as speckle.
+    max_findings
+        At most this many regions are reported per image, the most probable first.
+    side_multiple
+        The graph's height and width must be multiples of it (serving pads the image).
+    """
+
+    mm_per_pixel: float
+    threshold: float
+    min_area_mm2: float
+    max_findings: int
+    side_multiple: int
+
+
 SpecT = TypeVar("SpecT", bound=ModelSpec)
 EnumT = TypeVar("EnumT", bound=Enum)
 T = TypeVar("T")
@@ -261,6 +293,18 @@ class _Fields:
             raise self.refuse(name, f"must be a finite number, not {value!r}")
         return float(value)
 
+    def positive(self, name: str, value: Any) -> float:
+        number = self.number(name, value)
+        if number <= 0.0:
+            raise self.refuse(name, f"must be greater than 0, not {number!r}")
+        return number
+
+    def non_negative(self, name: str, value: Any) -> float:
+        number = self.number(name, value)
+        if number < 0.0:
+            raise self.refuse(name, f"must not be negative, not {number!r}")
+        return number
+
     def fraction(self, name: str, value: Any) -> float:
         number = self.number(name, value)
         if not 0.0 <= number <= 1.0:
@@ -270,6 +314,11 @@ class _Fields:
     def size(self, name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self.refuse(name, f"must be a positive whole number of pixels, not {value!r}")
+        return value
+
+    def count(self, name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.refuse(name, f"must be a positive whole number, not {value!r}")
         return value
 
     def flag(self, name: str, value: Any) -> bool:
@@ -362,7 +411,8 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
     -------
     ModelSpec
         A :class:`NetworkSpec`, :class:`ConsensusSpec`, :class:`LexiconSpec`,
-        :class:`SegmenterSpec` or :class:`RefinerSpec`, by :func:`kind_of`.
+        :class:`SegmenterSpec`, :class:`RefinerSpec` or
+        :class:`MammogramFinderSpec`, by :func:`kind_of`.
 
     Raises
     ------
@@ -392,6 +442,16 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
             )
         return RefinerSpec(
             **stage, window_expand=fields.need("window_expand", fields.number), provenance=fields.unread()
+        )
+    if kind is ModelKind.MG_FINDER:
+        return MammogramFinderSpec(
+            **common,
+            mm_per_pixel=fields.need("mm_per_pixel", fields.positive),
+            threshold=fields.need("threshold", fields.fraction),
+            min_area_mm2=fields.need("min_area_mm2", fields.non_negative),
+            max_findings=fields.need("max_findings", fields.count),
+            side_multiple=fields.need("side_multiple", fields.size),
+            provenance=fields.unread(),
         )
     scorer: dict[str, Any] = {
         **common,

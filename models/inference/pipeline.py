@@ -34,6 +34,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import cv2
@@ -44,7 +45,7 @@ from models.inference.backend import Backend, OnnxRuntimeBackend
 from models.inference.cam import paste
 from models.inference.consensus import load_consensus_scorer
 from models.inference.decisions import BM_ROLE, co_decision, lh_score
-from models.inference.family_scorer import load_family_scorer
+from models.inference.family_scorer import FamilyScorer, load_family_scorer
 from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
 from models.inference.lesions import Component, find_components, outline_of, resize_probability
 from models.inference.lexicon import load_lexicon_scorer
@@ -257,6 +258,21 @@ class BModePipeline:
     @property
     def families(self) -> tuple[str, ...]:
         return tuple(s.family for s in self._scorers)
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        """Every graph the pipeline runs, by manifest role, read-only: the segmenter, the refiner, each family's.
+
+        Consensus and lexicon scorers hold no graph and are not listed. For measuring the pipeline against its
+        graphs run bare (bench/analysis.py); the analysis itself does not read it.
+        """
+        held: dict[str, Backend] = {self._seg.role: self._segmenter}
+        if self._refiner is not None:
+            held[self._refiner[1].role] = self._refiner[0]
+        for scorer in self._scorers:
+            if isinstance(scorer, FamilyScorer):
+                held[scorer.entry.role] = scorer._backend
+        return MappingProxyType(held)
 
     def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""

@@ -168,6 +168,19 @@ def augment_intensity(image: npt.NDArray[np.uint8], rng: np.random.Generator) ->
     return noisy
 
 
+def bce_soft_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus the mean per-image soft Dice loss, for (N, 1, H, W) logits and a 0/1 target.
+
+    The Dice term is smoothed by 1, so an image without a lesion (all-zero
+    target) is pushed towards predicting nothing rather than ignored.
+    """
+    probability = torch.sigmoid(logits)
+    soft_dice = 1 - (2 * (probability * target).sum((1, 2, 3)) + 1) / (
+        probability.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1
+    )
+    return nn.functional.binary_cross_entropy_with_logits(logits, target) + soft_dice.mean()
+
+
 def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
     """One optimisation step; returns the loss as a float for logging."""
     optimizer.zero_grad()

@@ -43,6 +43,7 @@ from models.training.loop import (
     Checkpoints,
     augment_geometry,
     augment_intensity,
+    bce_soft_dice,
     begin_run,
     cosine_lr,
     device_of,
@@ -110,7 +111,6 @@ def _fit_segmentation(
     start, best = checkpoints.resume(model, optimizer)
     rng = np.random.default_rng(config.seed + start)
     steps_per_epoch = max(1, count // config.batch_size)
-    bce = nn.BCEWithLogitsLoss()
     began = time.monotonic()
     for epoch in range(start, config.epochs):
         model.train()
@@ -132,12 +132,7 @@ def _fit_segmentation(
             )
             with mixed_precision(device, config.bf16):
                 logits = model(x)
-            logits = logits.float()
-            probability = torch.sigmoid(logits)
-            soft_dice = 1 - (2 * (probability * y).sum((1, 2, 3)) + 1) / (
-                probability.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1
-            )
-            losses.append(optimise_step(optimizer, bce(logits, y) + soft_dice.mean()))
+            losses.append(optimise_step(optimizer, bce_soft_dice(logits.float(), y)))
         best, stop = checkpoints.end_epoch(
             model, optimizer, epoch, losses, metric, validate(model), best, began, config
         )

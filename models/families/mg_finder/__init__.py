@@ -1,0 +1,1 @@
+"""The mammography lesion finder: a small fully convolutional heat-map network over whole mammograms."""
