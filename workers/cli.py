@@ -41,6 +41,7 @@ from service.logging import configure_logging, silence_value_quoting_warnings
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
+    from models.inference.mammography_pipeline import MammographyPipeline
     from models.inference.pipeline import BModePipeline
     from service.dispatcher import Dispatcher
     from workers.consumer import JobHandler
@@ -80,13 +81,25 @@ def _pipeline(model_dir: Path | None, families: tuple[str, ...]) -> BModePipelin
         raise ConfigurationError(str(exc)) from exc
 
 
+def _mammography(model_dir: Path | None) -> MammographyPipeline | None:
+    """The mammography pipeline where the model folder has a finder and MG families; a broken one stops the start."""
+    from models.inference.mammography_pipeline import load_mammography_pipeline
+    from models.inference.registry import ModelRegistryError
+
+    try:
+        return load_mammography_pipeline(model_dir)
+    except ModelRegistryError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
 def _job_handler(settings: Settings) -> JobHandler:
     from service.tls import client_context
     from workers.consumer import JobHandler
     from workers.sender import ResultSender
 
     pipeline = _pipeline(settings.model_dir, settings.us_families)
-    for model in pipeline.model_infos:
+    mammography = _mammography(settings.model_dir)
+    for model in (*pipeline.model_infos, *(mammography.model_infos if mammography is not None else ())):
         metrics.MODEL_INFO.labels(name=model.name, version=model.version).set(1)
     tls = (
         client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -96,7 +109,9 @@ def _job_handler(settings: Settings) -> JobHandler:
     sender = ResultSender(
         settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s, tls=tls
     )
-    return JobHandler(settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits)
+    return JobHandler(
+        settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits, mammography
+    )
 
 
 def _watch_listener(health: Health, dispatcher: Dispatcher) -> None:
@@ -225,6 +240,7 @@ def _analyze(args: argparse.Namespace) -> int:
     pipeline = _pipeline(
         Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f)
     )
+    mammography = _mammography(Path(args.model_dir) if args.model_dir else None)
     context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
     by_study: dict[str, list[Path]] = defaultdict(list)
     failures = 0
@@ -237,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for study_uid, paths in sorted(by_study.items()):
         try:
-            results = process_study(paths, pipeline, context)
+            results = process_study(paths, pipeline, context, mammography=mammography)
         except BreastAIError as exc:
             failures += 1
             print(f"study {study_uid}: {exc}", file=sys.stderr)

@@ -10,16 +10,22 @@ verification against the job, metrics, and delivery.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+import numpy.typing as npt
 import pydicom
 import structlog
 from pydicom import Dataset
 
+from models.inference.findings import Lesion
+from models.inference.mammography_pipeline import MammographyPipeline
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
 from service import metrics
@@ -31,9 +37,10 @@ from service.schema import StudyJob
 from service.spool import PREDECESSOR_FILE, REPORT_FILE, verify_instances
 from service.study_identity import patient_key
 from workers.clinical import clinical_context
-from workers.dicom_reader import read_frames
-from workers.routing import BMODE_PIPELINE, route
+from workers.dicom_reader import SourceFrame, chest_wall_on_left, read_frames
+from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE, Route, check_pixels, route
 from workers.sc_writer import build_overlay_image
+from workers.seg_writer import build_segmentation
 from workers.sender import ResultSender
 from workers.sr_writer import AnalysedFrame, ReportContext, build_report
 from workers.uids import derive_uid
@@ -48,16 +55,18 @@ class StudyResults:
     report: Dataset | None
     overlays: tuple[Dataset, ...]
     skipped: tuple[tuple[str, str], ...]  # (SOP Instance UID, reason) of instances not analysed
+    segmentations: tuple[Dataset, ...] = ()  # one SEG per analysed image with lesions (workers.seg_writer)
 
     @property
     def datasets(self) -> list[Dataset]:
         """Everything to deliver, the report last.
 
         The report refers to the overlays, so they should be in the PACS
-        before it; and if the PACS refuses an overlay for good (the job is
-        dead-lettered), no report is left standing without its images.
+        before it; and if the PACS refuses an overlay or a segmentation for
+        good (the job is dead-lettered), no report is left standing without
+        its images.
         """
-        return list(self.overlays) + ([self.report] if self.report is not None else [])
+        return list(self.overlays) + list(self.segmentations) + ([self.report] if self.report is not None else [])
 
 
 def read_header(path: Path) -> Dataset:
@@ -76,6 +85,7 @@ def process_study(
     context: ReportContext,
     limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
     predecessor: Dataset | None = None,
+    mammography: MammographyPipeline | None = None,
 ) -> StudyResults:
     """Analyse every routable instance of one study and build its SR and overlays.
 
@@ -91,6 +101,8 @@ def process_study(
         The largest image decoded (service.image_limits); larger ones are skipped, named in the SR.
     predecessor
         The report this study's earlier delivery sent, which the new one revises (it names it).
+    mammography
+        The mammography pipeline, where the model folder has one; without it mammograms are listed as not analysed.
 
     Raises
     ------
@@ -107,59 +119,143 @@ def process_study(
         # The listener refuses such instances; this guards what reached the spool another way (analyze, old spools).
         raise PatientConflict(f"the study holds instances of {len(patients)} patients: no report is built")
     study_uid = studies.pop()
-    # Result UIDs change with any model or family list change, and only then (PS3.3 C.12.1.1.1: same content, same UID).
-    model_key = "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
-    analysed: list[AnalysedFrame] = []
+    analysers = _Analysers(pipeline, mammography, limits)
+    analysed: list[tuple[str, AnalysedFrame]] = []  # (pipeline name, frame and findings)
     skipped: list[tuple[str, str]] = []
     for path, header in sorted(zip(paths, headers, strict=True), key=lambda item: str(item[1].SOPInstanceUID)):
         chosen = route(header)
-        if chosen.pipeline != BMODE_PIPELINE:
-            skipped.append((str(header.SOPInstanceUID), chosen.reason))
-            continue
         try:
-            frames = read_frames(path, limits=limits)
+            found = analysers.analyse(path, chosen)
         except PermanentError as exc:
             # One undecodable image must not cost the study its report on the others.
             skipped.append((str(header.SOPInstanceUID), f"not readable: {exc}"))
             continue
-        for frame in frames:
-            started = time.monotonic()
-            analysis = pipeline.analyse(crop(frame.pixels, frame.scan_region_xywh), clinical_context(frame))
-            metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
-            analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
+        if isinstance(found, str):
+            skipped.append((str(header.SOPInstanceUID), found))
+            continue
+        analysed.extend((str(chosen.pipeline), item) for item in found)
     if not analysed:
         unreadable = [reason for _, reason in skipped if reason.startswith("not readable")]
         if unreadable:
             raise UnsupportedInput(f"no image of the study could be analysed: {unreadable[0]}")
         return StudyResults(report=None, overlays=(), skipped=tuple(skipped))
-    sources = [f"{a.frame.sop_instance_uid}#{a.frame.frame_number or 1}" for a in analysed]
+    # Result UIDs change with any model or family list change, and only then (PS3.3 C.12.1.1.1: same content, same
+    # UID); each pipeline's overlays with its own models, the report with every pipeline that ran.
+    ran = sorted({name for name, _ in analysed}, key=lambda name: (name != BMODE_PIPELINE, name))
+    report_key = "|".join(analysers.model_key(name) for name in ran)
+    frames = [item for _, item in analysed]
+    sources = [f"{item.frame.sop_instance_uid}#{item.frame.frame_number or 1}" for item in frames]
     overlays: list[Dataset] = []
-    # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
-    for position, family in enumerate(pipeline.families):
-        overlay_series = derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay-series", family)
-        for number, (item, source) in enumerate(zip(analysed, sources, strict=True), start=1):
-            view = family_view(item.analysis, family)
-            overlays.append(
-                build_overlay_image(
-                    item.frame,
-                    view,
-                    series_instance_uid=overlay_series,
-                    sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "overlay", family, source),
-                    instance_number=number,
-                    context=context,
-                    series_number=9902 + position,
-                    series_description=f"BreastAI {family} heat-map (advisory)",
+    series_number = 9902
+    for name in ran:
+        model_key = analysers.model_key(name)
+        mine = [(item, source) for (kind, item), source in zip(analysed, sources, strict=True) if kind == name]
+        # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
+        for family in analysers.families(name):
+            overlay_series = derive_uid(study_uid, name, model_key, "overlay-series", family)
+            for number, (item, source) in enumerate(mine, start=1):
+                overlays.append(
+                    build_overlay_image(
+                        item.frame,
+                        family_view(item.analysis, family),
+                        series_instance_uid=overlay_series,
+                        sop_instance_uid=derive_uid(study_uid, name, model_key, "overlay", family, source),
+                        instance_number=number,
+                        context=context,
+                        series_number=series_number,
+                        series_description=f"BreastAI {family} heat-map (advisory)",
+                    )
                 )
-            )
+            series_number += 1
+    segmentations = []
+    for name, item in analysed:
+        masks = [_lesion_mask(lesion, item.frame) for lesion in item.analysis.lesions]
+        labels = [f"Lesion {number}" for number in range(1, len(masks) + 1)]
+        segmentation = build_segmentation(
+            item.frame, masks, labels, item.analysis.segmenter, context, analysers.model_key(name)
+        )
+        if segmentation is not None:  # None: no lesion, which the report states
+            segmentations.append(segmentation)
     report = build_report(
-        analysed,
+        frames,
         evidence=headers,
-        series_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report-series"),
-        sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, model_key, "report", *sources),
+        series_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, report_key, "report-series"),
+        sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, report_key, "report", *sources),
         context=context,
         previous_versions=[predecessor] if predecessor is not None else (),
     )
-    return StudyResults(report=report, overlays=tuple(overlays), skipped=tuple(skipped))
+    return StudyResults(
+        report=report, overlays=tuple(overlays), skipped=tuple(skipped), segmentations=tuple(segmentations)
+    )
+
+
+def _lesion_mask(lesion: Lesion, frame: SourceFrame) -> npt.NDArray[np.bool_]:
+    """The lesion's outline filled in the whole frame's pixels (outlines are drawn in the analysed crop)."""
+    mask = np.zeros(frame.pixels.shape[:2], dtype=np.uint8)
+    offset = np.asarray(frame.scan_region_xywh[:2], dtype=np.float64)
+    cv2.fillPoly(mask, [np.rint(lesion.outline_xy.astype(np.float64) + offset).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+class _Analysers:
+    """The pipelines a worker runs, by route: one image in, its analysed frames (or the reason it was not analysed)."""
+
+    def __init__(self, bmode: BModePipeline, mammography: MammographyPipeline | None, limits: ImageLimits) -> None:
+        self._bmode = bmode
+        self._mammography = mammography
+        self._limits = limits
+
+    def families(self, name: str) -> tuple[str, ...]:
+        if name == MAMMOGRAPHY_PIPELINE and self._mammography is not None:
+            return self._mammography.families
+        return self._bmode.families
+
+    def model_key(self, name: str) -> str:
+        pipeline = self._mammography if name == MAMMOGRAPHY_PIPELINE else self._bmode
+        assert pipeline is not None
+        return "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
+
+    def analyse(self, path: Path, chosen: Route) -> list[AnalysedFrame] | str:
+        """The instance's analysed frames, or why it was not analysed (a sentence for the report).
+
+        Raises
+        ------
+        PermanentError
+            The image cannot be read (the study goes on without it).
+        """
+        if chosen.pipeline == BMODE_PIPELINE:
+            frames = read_frames(path, max_frames=chosen.max_frames, limits=self._limits)
+            # A colour image without a colour flag in its header: its pixels decide (never fed to B-mode as grey).
+            chosen = check_pixels(chosen, path, frames)
+            if chosen.pipeline != BMODE_PIPELINE:
+                return chosen.reason
+            analysed = []
+            for frame in frames:
+                started = time.monotonic()
+                analysis = self._bmode.analyse(crop(frame.pixels, frame.scan_region_xywh), clinical_context(frame))
+                metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
+                analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
+            return analysed
+        if chosen.pipeline == MAMMOGRAPHY_PIPELINE:
+            if self._mammography is None:
+                return "mammography: this worker's model folder has no mammography lesion finder"
+            (frame,) = read_frames(path, limits=self._limits)
+            rows, columns = frame.pixels.shape
+            # The whole film is analysed: no ultrasound scan region, outlines in the image's own pixels.
+            whole = dataclasses.replace(frame, scan_region_xywh=(0, 0, int(columns), int(rows)))
+            spacings = [s for s in (frame.row_spacing_mm, frame.column_spacing_mm) if s is not None]
+            started = time.monotonic()
+            analysis = self._mammography.analyse(
+                frame.pixels,
+                sum(spacings) / len(spacings) if spacings else None,
+                chest_wall_on_left(frame.dataset),
+                clinical_context(frame),
+            )
+            metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
+            return [AnalysedFrame(frame=whole, analysis=analysis)]
+        if chosen.pipeline == ABVS_PIPELINE:
+            return f"{chosen.reason}: no volume analysis in this build yet"
+        return chosen.reason
 
 
 def _read_predecessor(path: Path) -> Dataset | None:
@@ -195,10 +291,12 @@ class JobHandler:
         sender: ResultSender,
         context: ReportContext,
         limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+        mammography: MammographyPipeline | None = None,
     ) -> None:
         self._spool_root = spool_root
         self._limits = limits
         self._pipeline = pipeline
+        self._mammography = mammography
         self._sender = sender
         self._context = context
 
@@ -212,6 +310,7 @@ class JobHandler:
                 self._context,
                 self._limits,
                 predecessor=_read_predecessor(job_dir / PREDECESSOR_FILE),
+                mammography=self._mammography,
             )
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)

@@ -59,6 +59,9 @@ UID_TAG = "segmentation"
 # measurement group with the SEG's segment should read one concept, not two.
 CATEGORY_ABNORMAL = Code("49755003", "SCT", "Morphologically abnormal structure")
 PROPERTY_MASS = FINDING_MASS
+# A mammography finder's region may be a mass, a distortion, an asymmetry or calcifications: the generic
+# "Lesion" of CID 7159, where the report's finding is the generic abnormal structure.
+PROPERTY_LESION = Code("52988006", "SCT", "Lesion")
 # CID 7162 "Algorithm Families": the segmenter is a neural network.
 ALGORITHM_FAMILY_AI = Code("123110", "DCM", "Artificial Intelligence")
 # CID 244 "Laterality", as the report's finding sites.
@@ -194,7 +197,9 @@ def build_segmentation(
             segment_number=number,
             segment_label=label[:64],
             segmented_property_category=CATEGORY_ABNORMAL,
-            segmented_property_type=PROPERTY_MASS,
+            segmented_property_type=PROPERTY_LESION
+            if str(frame.dataset.get("Modality", "")) == "MG"
+            else PROPERTY_MASS,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
             anatomic_regions=[SITE_BREAST],

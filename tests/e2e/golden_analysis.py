@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom import Dataset
 
-from tests.e2e.results import SC_CLASS, SR_CLASS
+from tests.e2e.results import SC_CLASS, SEG_CLASS, SR_CLASS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = ROOT / "tests" / "fixtures" / "golden_analysis"
@@ -94,9 +94,11 @@ def _thumbnail(pixels: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
 
 
 def summarise(written: list[Path]) -> tuple[dict[str, Any], dict[str, npt.NDArray[np.float32]]]:
-    """The comparable record of one analyze run: SR content per SR, pixel hash and thumbnail per overlay."""
+    """The comparable record of one analyze run: SR content per SR, pixel hash and thumbnail per overlay, and per SEG
+    its source, segment labels and mask sizes."""
     reports: dict[str, Any] = {}
     overlays: dict[str, Any] = {}
+    segments: dict[str, Any] = {}
     thumbnails: dict[str, npt.NDArray[np.float32]] = {}
     for path in written:
         dataset: Dataset = pydicom.dcmread(path)
@@ -117,9 +119,16 @@ def summarise(written: list[Path]) -> tuple[dict[str, Any], dict[str, npt.NDArra
                 "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
             }
             thumbnails[uid] = _thumbnail(pixels)
+        elif str(dataset.SOPClassUID) == SEG_CLASS:
+            masks = dataset.pixel_array.reshape(-1, *dataset.pixel_array.shape[-2:])
+            segments[uid] = {
+                "source": str(dataset.SourceImageSequence[0].ReferencedSOPInstanceUID),
+                "labels": [str(item.SegmentLabel) for item in dataset.SegmentSequence],
+                "mask_pixels": [int(mask.sum()) for mask in masks],
+            }
         else:
             raise AssertionError(f"unexpected result class {dataset.SOPClassUID} in {path}")
-    return {"reports": reports, "overlays": overlays}, thumbnails
+    return {"reports": reports, "overlays": overlays, "segmentations": segments}, thumbnails
 
 
 def record(out: Path) -> None:

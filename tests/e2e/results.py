@@ -19,6 +19,7 @@ __all__ = ["dciodvfy_errors"]
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RESULT_TIMEOUT_S = 120.0
 
