@@ -25,6 +25,7 @@ import structlog
 from pydicom import Dataset
 
 from models.inference.findings import Lesion
+from models.inference.fusion import fuse_breasts
 from models.inference.mammography_pipeline import MammographyPipeline
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
@@ -183,10 +184,19 @@ def process_study(
         sop_instance_uid=derive_uid(study_uid, BMODE_PIPELINE, report_key, "report", *sources),
         context=context,
         previous_versions=[predecessor] if predecessor is not None else (),
+        breast_fusions=fuse_breasts(
+            [(item.analysis.modality, _laterality(item.frame), item.analysis) for item in frames]
+        ),
     )
     return StudyResults(
         report=report, overlays=tuple(overlays), skipped=tuple(skipped), segmentations=tuple(segmentations)
     )
+
+
+def _laterality(frame: SourceFrame) -> str:
+    """The imaged breast from Image Laterality or the series' Laterality (PS3.3 C.7.6.2, C.7.3.1); "" if unsaid."""
+    side = str(frame.dataset.get("ImageLaterality") or frame.dataset.get("Laterality") or "").strip().upper()
+    return side if side in ("L", "R") else ""
 
 
 def _lesion_mask(lesion: Lesion, frame: SourceFrame) -> npt.NDArray[np.bool_]:

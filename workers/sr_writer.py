@@ -58,6 +58,7 @@ from pydicom.sr.coding import Code
 
 from models.inference.decisions import BM_ROLE, lh_score
 from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelInfo
+from models.inference.fusion import BreastFusion
 from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 from workers.dicom_reader import SourceFrame
 from workers.uids import derive_uid
@@ -152,6 +153,7 @@ def build_report(
     series_number: int = 9901,
     instance_number: int = 1,
     previous_versions: Sequence[pydicom.Dataset] = (),
+    breast_fusions: Sequence[BreastFusion] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's AI report, a TID 1500 Measurement Report.
 
@@ -174,6 +176,10 @@ def build_report(
         Reports this one revises (a study that gained instances after its
         report was delivered): listed in the Predecessor Documents Sequence
         (PS3.3 C.17.2), so a viewer shows a revision, not a second opinion.
+    breast_fusions
+        Breasts with both a DL-U-scored ultrasound lesion and a DL-M-scored
+        mammography finding: one TID 1501 group each, with both branches'
+        highest scores and their late fusion, each with its own TID 4019.
 
     Returns
     -------
@@ -215,6 +221,8 @@ def build_report(
                 groups.append(_lesion_group(item.frame, item.analysis, lesion, number, sop_instance_uid))
         else:
             groups.append(_no_lesion_group(item.frame, item.analysis, sop_instance_uid))
+
+    groups.extend(_fusion_group(fusion, sop_instance_uid) for fusion in breast_fusions)
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -382,6 +390,34 @@ def _lesion_group(
         finding_sites=[_finding_site(frame.dataset)],
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
+    )
+
+
+def _fusion_group(fusion: BreastFusion, report_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one breast: DL-U's and DL-M's highest lesion scores and their late fusion, named as such."""
+    side = _LATERALITY[fusion.laterality].meaning
+    measurements = [
+        hd.sr.Measurement(
+            name=PROBABILITY_OF_CANCER,
+            value=_probability(probability),
+            unit=UNIT_NONE,
+            algorithm_id=_algorithm(model),
+        )
+        for probability, model in (
+            (fusion.us_probability, fusion.us_model),
+            (fusion.mg_probability, fusion.mg_model),
+            (fusion.fused_probability, fusion.fusion_model),
+        )
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(report_uid, "breast-fusion", fusion.laterality),
+            identifier=f"{side} breast: ultrasound and mammography",
+        ),
+        finding_type=FINDING_MASS,
+        algorithm_id=_algorithm(fusion.fusion_model),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=_LATERALITY[fusion.laterality])],
+        measurements=measurements,
     )
 
 
