@@ -276,8 +276,20 @@ class BModePipeline:
 
     def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
         """Find, score and explain the lesions of one grayscale image."""
+        return self.analyse_lesions(gray, self.segment(gray), context)
+
+    def segment(self, gray: npt.NDArray[np.uint8]) -> list[Component]:
+        """The lesion outlines of one image as :meth:`analyse` finds them, without scoring them (largest first)."""
+        return _segment(self._segmenter, self._seg_spec, self._refining, gray)
+
+    def analyse_lesions(
+        self,
+        gray: npt.NDArray[np.uint8],
+        components: Sequence[Component],
+        context: ClinicalContext = NO_CLINICAL_CONTEXT,
+    ) -> ImageAnalysis:
+        """Score and explain given outlines of one image (found elsewhere, e.g. tracked through a volume)."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
-        components = _segment(self._segmenter, self._seg_spec, self._refining, gray)
         lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask) for c in components)
         return ImageAnalysis(
             lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape
