@@ -122,6 +122,7 @@ def process_study(
         # The listener refuses such instances; this guards what reached the spool another way (analyze, old spools).
         raise PatientConflict(f"the study holds instances of {len(patients)} patients: no report is built")
     study_uid = studies.pop()
+    by_uid = {str(h.SOPInstanceUID): h for h in headers}
     analysers = _Analysers(pipeline, mammography, limits)
     analysed: list[tuple[str, AnalysedFrame]] = []  # (pipeline name, frame and findings)
     skipped: list[tuple[str, str]] = []
@@ -189,10 +190,18 @@ def process_study(
         breast_fusions=fuse_breasts(
             [(item.analysis.modality, _laterality(item.frame), item.analysis) for item in frames]
         ),
+        not_analysed=[_not_analysed_sentence(by_uid[uid], reason) for uid, reason in skipped if uid in by_uid],
     )
     return StudyResults(
         report=report, overlays=tuple(overlays), skipped=tuple(skipped), segmentations=tuple(segmentations)
     )
+
+
+def _not_analysed_sentence(header: Dataset, reason: str) -> str:
+    """Which instance was not analysed, as a radiologist finds it in the viewer, and why."""
+    series = str(header.get("SeriesDescription") or "").strip()
+    where = f"series {header.get('SeriesNumber', '?')}" + (f" ({series})" if series else "")
+    return f"Not analysed: image {header.get('InstanceNumber', '?')} of {where}: {reason}."
 
 
 def _laterality(frame: SourceFrame) -> str:

@@ -154,6 +154,7 @@ def build_report(
     instance_number: int = 1,
     previous_versions: Sequence[pydicom.Dataset] = (),
     breast_fusions: Sequence[BreastFusion] = (),
+    not_analysed: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's AI report, a TID 1500 Measurement Report.
 
@@ -180,6 +181,11 @@ def build_report(
         Breasts with both a DL-U-scored ultrasound lesion and a DL-M-scored
         mammography finding: one TID 1501 group each, with both branches'
         highest scores and their late fusion, each with its own TID 4019.
+    not_analysed
+        One sentence per instance of the study that was not analysed, naming
+        it and why (a colour Doppler image, a For Processing mammogram...):
+        each a Comment beside the advisory notice, so the radiologist sees
+        what was not looked at.
 
     Returns
     -------
@@ -240,7 +246,7 @@ def build_report(
         imaging_measurements=groups,
         referenced_images=library_images,
     )
-    report[0].ContentSequence.append(_disclaimer_container(analysed))
+    report[0].ContentSequence.append(_disclaimer_container(analysed, not_analysed))
 
     # highdicom copies patient and study from the first evidence item.
     unique_evidence = _unique_by_uid(list(evidence))
@@ -541,8 +547,10 @@ def _four_a_inputs(lesion: Lesion) -> tuple[str, str]:
     return (f"{lh.model.name} {lh.model.version}", f"{bm.model.name} {bm.model.version}")
 
 
-def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 container holding the advisory notice and the models."""
+def _disclaimer_container(
+    analysed: Sequence[AnalysedFrame], not_analysed: Sequence[str] = ()
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 container holding the advisory notice and the models, then what was not analysed and why."""
     models = sorted(
         {stage for a in analysed for stage in a.analysis.segmenter.stages()}
         | {(a.analysis.classifier.name, a.analysis.classifier.version) for a in analysed}
@@ -580,11 +588,8 @@ def _disclaimer_container(analysed: Sequence[AnalysedFrame]) -> hd.sr.ContainerC
     )
     container.ContentSequence = hd.sr.ContentSequence(
         [
-            hd.sr.TextContentItem(
-                name=COMMENT,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
+            hd.sr.TextContentItem(name=COMMENT, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            for value in (text, *not_analysed)
         ]
     )
     return container

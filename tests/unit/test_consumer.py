@@ -36,6 +36,11 @@ def test_one_undecodable_image_does_not_cost_the_study_its_report(tmp_path: Path
     assert results.report is not None and len(results.overlays) == len(pipeline.families)
     assert [uid for uid, _ in results.skipped] == [f"{STUDY}.2.0"]
     assert results.skipped[0][1].startswith("not readable")
+    comments = [str(item.TextValue) for item in results.report.ContentSequence[-1].ContentSequence]
+    assert [c for c in comments if c.startswith("Not analysed: image")] == [
+        f"Not analysed: image 1 of series 1 (B-mode): {results.skipped[0][1]}."
+    ], "the report names the image it could not read, and why"
+
     assert evidence_uids(results.report) == {f"{STUDY}.1.0", f"{STUDY}.2.0"}, (
         "the unreadable image is still listed as evidence"
     )
