@@ -17,7 +17,7 @@ from models.inference.pipeline import BModePipeline, load_bmode_pipeline
 from tests.dicom_factory import dciodvfy_errors
 from tests.unit.test_vendor_files import VENDOR_FILES
 from workers.consumer import process_study
-from workers.routing import route
+from workers.routing import COLOUR_REASON, route
 from workers.sr_writer import ReportContext
 
 
@@ -35,8 +35,10 @@ def test_vendor_file_goes_through_the_pipeline(name: str, pipeline: BModePipelin
 
     results = process_study([path], pipeline, ReportContext())
 
-    if route(header).pipeline is None:
-        assert results.report is None and [uid for uid, _ in results.skipped] == [str(header.SOPInstanceUID)]
+    if results.report is None:
+        # Not analysed: routed nowhere from its header, or a colour image its pixels showed to be Doppler.
+        assert [uid for uid, _ in results.skipped] == [str(header.SOPInstanceUID)]
+        assert route(header).pipeline is None or results.skipped[0][1] == COLOUR_REASON, results.skipped
         return
     assert results.report is not None and len(results.overlays) == len(pipeline.families)  # one per family
     assert results.report.StudyInstanceUID == header.StudyInstanceUID
