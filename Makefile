@@ -5,6 +5,7 @@
 #   make run            breastai serve: embedded queue, CPU, reference models, state in ./var
 #   make test           system deps + test venv + RabbitMQ + ruff + mypy --strict + pytest (unit, integration, e2e, faults)
 #   make faults         the fault suite alone, with the full load (FAULT_LOAD_STUDIES=200 studies over 4 associations)
+#   make bench          ingest (vs storescp, Orthanc) and analysis (vs its bare ONNX graphs) as ratios: bench/results/ (BENCH_ARGS=--long)
 #   make train          CPU torch + the train extra, then the segmenter, its refiner and every paper family (two stages at a time)
 #   make train-FAMILY   one family: dlr_lh dlr_bm cldlr dl_u dl_u_lh dl_m mupnet (network, finish, export; DLR_BM, CLDLR and MUP-Net after their mask pretraining)
 #   make train-lexicon  refit the lexicon-descriptor model (after the segmenter or refiner changed)
@@ -63,10 +64,10 @@ define check_no_cuda
 	fi
 endef
 
-.PHONY: help venv evaluate-venv test-venv train-venv deps-system rabbitmq run test faults lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
+.PHONY: help venv evaluate-venv test-venv train-venv deps-system rabbitmq run test faults bench lint typecheck train train-reference train-segmentation-lane train-stages $(addprefix train-,$(FAMILIES)) train-lexicon train-consensus train-lh-consensus evaluate external samples send-samples clean distclean
 
 help:
-	@sed -n '1,16s/^# \{0,1\}//p' Makefile
+	@sed -n '1,17s/^# \{0,1\}//p' Makefile
 
 # ------------------------------------------------------------------ venv + stamps
 
@@ -159,6 +160,12 @@ FAULT_LOAD_STUDIES ?= 200
 faults: deps-system test-venv rabbitmq
 	BREASTAI_FAULT_LOAD_STUDIES=$(FAULT_LOAD_STUDIES) $(VENV)/bin/pytest $(PYTEST_ARGS) -s tests/faults
 
+# bench/README.md: each figure beside its reference, measured in the same run, printed and written to
+# bench/results/<date>-<host>.json. A few minutes on 2 cores; BENCH_ARGS=--long for the longer run (--help for the rest).
+BENCH_ARGS    ?=
+bench: deps-system test-venv rabbitmq
+	$(PY) -m bench $(BENCH_ARGS)
+
 # ruff (configured in pyproject.toml): the rules, then the layout. A file that `ruff format` would change fails too:
 # the formatter settles wrapping and quotes once, so no diff argues about them (fix: ruff check --fix; ruff format).
 lint: test-venv
@@ -227,6 +234,12 @@ $(addprefix train-,$(FAMILIES)): train-%: train-venv
 
 $(MASK_PRETRAINED): pretrain-masks-%: train-venv
 	$(call pretrain_masks,$*)
+
+# The mammography lesion finder on mini-MIAS (models/families/mg_finder; not part of make train): network, then its
+# export into models/weights (role mg_finder). make evaluate then measures it on the held-out split and writes its card.
+.PHONY: train-mg_finder
+train-mg_finder: train-venv
+	$(PY) -m models.training.train_mg_finder --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
 
 # External validation: train the consensus members without one dataset (DLR_BM, CLDLR and MUP-Net after their mask
 # pretraining, also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
