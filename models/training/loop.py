@@ -7,13 +7,14 @@ an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -187,6 +188,40 @@ def optimise_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+class ScheduleSettings(Protocol):
+    """What :func:`scheduled_step` reads of a run's settings."""
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    @property
+    def epochs(self) -> int: ...
+
+    @property
+    def bf16(self) -> bool: ...
+
+
+@contextlib.contextmanager
+def scheduled_step(
+    optimizer: torch.optim.Optimizer, config: ScheduleSettings, device: torch.device, position: tuple[int, int, int]
+) -> Iterator[None]:
+    """The forward pass of one training step as every recipe takes it: the cosine rate set for this step, then the
+    block under mixed precision (the loss and :func:`optimise_step` follow outside it, in float).
+
+    ``position`` is (epoch, step within the epoch, steps per epoch); the first epoch's steps are the warm-up.
+    """
+    epoch, step, steps_per_epoch = position
+    cosine_lr(
+        optimizer,
+        config.learning_rate,
+        epoch * steps_per_epoch + step,
+        config.epochs * steps_per_epoch,
+        steps_per_epoch,
+    )
+    with mixed_precision(device, config.bf16):
+        yield
 
 
 def epoch_batches(rng: np.random.Generator, count: int, batch_size: int) -> list[npt.NDArray[np.int64]]:

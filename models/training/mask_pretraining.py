@@ -56,11 +56,10 @@ from models.training.loop import (
     Checkpoints,
     augment_intensity,
     begin_run,
-    cosine_lr,
     device_of,
     epoch_batches,
-    mixed_precision,
     optimise_step,
+    scheduled_step,
     to_training_device,
     training_device,
 )
@@ -284,14 +283,7 @@ def pretrain_masks(
             pairs = [mask_window(item, anchor_region(item, rng), spec, config.input_size, rng) for item in batch]
             x = torch.from_numpy(np.concatenate([image for image, _ in pairs])).to(device)
             target = torch.from_numpy(np.concatenate([mask for _, mask in pairs])).to(device)
-            cosine_lr(
-                optimizer,
-                config.learning_rate,
-                epoch * steps_per_epoch + step,
-                config.epochs * steps_per_epoch,
-                steps_per_epoch,
-            )
-            with mixed_precision(device, config.bf16):
+            with scheduled_step(optimizer, config, device, (epoch, step, steps_per_epoch)):
                 logits = model(x)
             losses.append(optimise_step(optimizer, loss_fn(logits.float(), target)))
         best, stop = checkpoints.end_epoch(

@@ -48,9 +48,8 @@ from models.training.loop import (
     DEVICES,
     Checkpoints,
     begin_run,
-    cosine_lr,
-    mixed_precision,
     optimise_step,
+    scheduled_step,
     to_training_device,
     training_device,
 )
@@ -90,14 +89,7 @@ def train_network(spec: FamilySpec, config: RunConfig, samples: dict[str, list[L
         for step in range(steps_per_epoch):
             _, x, y = sampler.draw(rng)
             x, y = x.to(device), y.to(device)
-            cosine_lr(
-                optimizer,
-                config.learning_rate,
-                epoch * steps_per_epoch + step,
-                config.epochs * steps_per_epoch,
-                steps_per_epoch,
-            )
-            with mixed_precision(device, config.bf16):
+            with scheduled_step(optimizer, config, device, (epoch, step, steps_per_epoch)):
                 loss = spec.loss(model, x, y)
             losses.append(optimise_step(optimizer, loss.float()))
         score = auc([s.label for s in val], positive_scores(spec, model, val, config.input_size))

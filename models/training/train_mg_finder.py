@@ -70,10 +70,10 @@ from models.training.loop import (
     augment_intensity,
     bce_soft_dice,
     begin_run,
-    cosine_lr,
     device_of,
     mixed_precision,
     optimise_step,
+    scheduled_step,
     to_training_device,
     training_device,
 )
@@ -267,14 +267,7 @@ def train_network(config: FinderConfig, recipe: FinderRecipe = RECIPE) -> None:
                 ys.append(y[None])
             x_batch = torch.from_numpy(np.stack(xs)).to(device)
             y_batch = torch.from_numpy(np.stack(ys)).to(device)
-            cosine_lr(
-                optimizer,
-                config.learning_rate,
-                epoch * steps_per_epoch + step,
-                config.epochs * steps_per_epoch,
-                steps_per_epoch,
-            )
-            with mixed_precision(device, config.bf16):
+            with scheduled_step(optimizer, config, device, (epoch, step, steps_per_epoch)):
                 logits = model(x_batch)
             losses.append(optimise_step(optimizer, bce_soft_dice(logits.float(), y_batch)))
         score, val_auc = validate(model, train[::calibration_step], val, recipe, config.bf16)

@@ -48,8 +48,8 @@ from models.training.loop import (
     cosine_lr,
     device_of,
     epoch_batches,
-    mixed_precision,
     optimise_step,
+    scheduled_step,
     to_training_device,
     training_device,
 )
@@ -123,14 +123,7 @@ def _fit_segmentation(
                 xs.append(standardise(augment_intensity(image, rng), size)[0])
                 ys.append(mask[None].astype(np.float32))
             x, y = torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)
-            cosine_lr(
-                optimizer,
-                config.learning_rate,
-                epoch * steps_per_epoch + step,
-                config.epochs * steps_per_epoch,
-                steps_per_epoch,
-            )
-            with mixed_precision(device, config.bf16):
+            with scheduled_step(optimizer, config, device, (epoch, step, steps_per_epoch)):
                 logits = model(x)
             losses.append(optimise_step(optimizer, bce_soft_dice(logits.float(), y)))
         best, stop = checkpoints.end_epoch(
