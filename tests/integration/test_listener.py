@@ -23,6 +23,7 @@ from service.dispatcher import Dispatcher
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests.conftest import free_port
 from tests.integration.listener_harness import SCP_AE, Service, dataset_body, encode, raw_file, scu
 
 pytestmark = pytest.mark.integration
@@ -520,3 +521,13 @@ def test_associations_past_the_limit_are_rejected_and_the_first_goes_on(
 
     assert wait(room_again, 5), "room again once the first ended"
     established[0].release()
+
+
+def test_the_listener_announces_its_maximum_pdu_length(start_service: Callable[..., Service]) -> None:
+    # PS3.8 D.1.1: senders cut data sets into PDUs no longer than what we announce (max_pdu_kb, 1 MB by default).
+    for kb in (1024, 64):
+        service = start_service(max_pdu_kb=kb, port=free_port())
+        assoc = scu(ae_title="PDUSCU").associate("127.0.0.1", service.port, ae_title=SCP_AE)
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length == kb * 1024
+        assoc.release()
