@@ -48,6 +48,7 @@ from service import metrics
 from service.audit import AuditTrail
 from service.errors import InvalidInstance, PatientConflict
 from service.image_limits import over_limits
+from service.part10 import file_header
 from service.peers import admitted
 from service.schema import is_valid_uid
 from service.settings import Settings
@@ -355,8 +356,9 @@ class StudyListener:
         if not self._quota.admits(request_size):
             # Transient like a full disk: the PACS keeps the instance and retries once the workers drained the spool.
             raise _Rejection(STATUS_OUT_OF_RESOURCES, "spool_quota", "spool holds its quota (spool_quota_mb)")
-        data = event.encoded_dataset(include_meta=True)
         transfer_syntax = str(event.context.transfer_syntax)
+        data = file_header(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), transfer_syntax)
+        data += event.encoded_dataset(include_meta=False)
         try:
             ds = dcmread(io.BytesIO(data), defer_size=None)
         except Exception as exc:  # pydicom raises many types on garbage; all mean the same here
