@@ -41,6 +41,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="judge only the served B-mode pipeline (segmenter-found lesions, headline score) and merge it into the "
+        "report.json already in --output, keeping the rest of it",
+    )
+    parser.add_argument(
         "--cards",
         type=Path,
         default=None,

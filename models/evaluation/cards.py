@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from models.evaluation.finder import finder_card
-from models.evaluation.report import report_markdown
+from models.evaluation.report import format_estimate, report_markdown
+from models.evaluation.served import BENIGN_VS_MALIGNANT, MALIGNANT_VS_REST
 from models.families.catalogue import card_texts
 from models.inference.decisions import BM_ROLE
 from models.inference.manifest import (
@@ -113,21 +114,115 @@ def _recipe_commands(role: str, training: Mapping[str, Any]) -> str:
     )
 
 
-def _operating_point_and_metrics(spec: ScorerSpec, family_report: Mapping[str, Any], data: str, how: str) -> list[str]:
-    """The card sections every classifier shares: its operating point and its held-out metrics."""
-    return [
+def _operating_point_and_metrics(
+    spec: ScorerSpec, family_report: Mapping[str, Any], data: str, how: str, served: Mapping[str, Any] | None = None
+) -> list[str]:
+    """The card sections every classifier shares: its operating point and its held-out metrics.
+
+    With ``served`` (the report's served block, for the headline model), the metrics lead with what the SR reports
+    (:func:`_served_metrics`) and the ground-truth-box figures follow, labelled as such.
+    """
+    lines = [
         "## Operating point",
         "",
         f"Score >= **{spec.operating_point:.3f}** is called positive. Chosen on the "
         f"validation split "
         f"by Youden's J {how}; never on test data.",
         "",
-        f"## Metrics (held-out test split, as served; data: `{data}`)",
+    ]
+    if served is None:
+        return [
+            *lines,
+            f"## Metrics (held-out test split, as served; data: `{data}`)",
+            "",
+            "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include "
+            "segmentation misses.",
+            "",
+            report_markdown(classification=family_report.get("classification")),
+        ]
+    return [
+        *lines,
+        *_served_metrics(served, family_report, data),
         "",
-        "Classification uses the ground-truth lesion box (largest mask region), so these numbers do not include "
-        "segmentation misses.",
+        "### On the ground-truth lesion box (second reading, per dataset and scanner)",
+        "",
+        "Each lesion scored on the ground-truth lesion box (largest mask region), as every family's card reports it: "
+        "these numbers do not include segmentation misses, nor the images without a lesion.",
         "",
         report_markdown(classification=family_report.get("classification")),
+    ]
+
+
+def _served_estimate(block: Mapping[str, Any] | None) -> str:
+    """``0.876 (0.836–0.912)`` from an ``{"value", "ci95"}`` estimate; n/a where undefined."""
+    if not block or block.get("value") is None:
+        return "n/a"
+    low, high = block["ci95"]
+    return format_estimate(block["value"], None if low is None else [low, high])
+
+
+def _served_row(reading: str, task: str, block: Mapping[str, Any], unit: str) -> str:
+    if "all" not in block:
+        return f"| {reading} | {task} | – | {block.get('note', 'n/a')} | – | – |"
+    group, interval = block["all"], block["operating_point_ci"]
+    return (
+        f"| {reading} | {task} | {group['n']} {unit} ({group['n_positive']} malignant) | "
+        f"{format_estimate(group['auc'], group['auc_ci'])} | {_served_estimate(interval['sensitivity'])} | "
+        f"{_served_estimate(interval['specificity'])} |"
+    )
+
+
+def _served_metrics(served: Mapping[str, Any], family_report: Mapping[str, Any], data: str) -> list[str]:
+    """The headline card's metrics as the SR reports them, the ground-truth-box row second, and the detection."""
+    images, froc = served["images"], served["froc"]
+    nothing, normals = served["nothing_found"], served["normal_images"]
+    truth = family_report.get("classification", {}).get("all", {})
+    at = {rate: _served_estimate(value) for rate, value in froc["sensitivity_at_fp_per_image"].items()}
+    if len(set(at.values())) == 1:  # the curve ends before the first rate: one figure for all
+        rates = f"{next(iter(at.values()))} at {', '.join(list(at)[:-1])} and {list(at)[-1]}"
+    else:
+        rates = ", ".join(f"{value} at {rate}" for rate, value in at.items())
+    return [
+        f"## Metrics (held-out test split; data: `{data}`)",
+        "",
+        "**As served** (first rows): what the SR reports. Every test image goes through the served B-mode pipeline: "
+        "the segmenter and refiner find the lesions, each found lesion gets this score, and the image's score is the "
+        "highest of them, 0 where nothing was found (reported as no lesion). The images without a lesion (normal "
+        "BUSI and BrEaST images) are negatives: whatever is reported on them counts against specificity by its score. "
+        f"Per patient: the highest image score of a patient's images. {served['statistics']}. The ground-truth-box "
+        "row (second) scores each lesion on its ground-truth box instead, so it leaves out the segmenter's misses "
+        "and inventions.",
+        "",
+        "| reading | task | n | AUC (95 % CI) | sensitivity (95 % CI) | specificity (95 % CI) |",
+        "|---|---|---|---|---|---|",
+        _served_row(
+            "**as served**, per image", "benign vs malignant, lesion images", served[BENIGN_VS_MALIGNANT], "images"
+        ),
+        _served_row(
+            "**as served**, per image",
+            f"malignant vs rest, {images['normal']} normal images included",
+            served[MALIGNANT_VS_REST],
+            "images",
+        ),
+        _served_row(
+            "**as served**, per patient",
+            "benign vs malignant",
+            served["per_patient"][BENIGN_VS_MALIGNANT],
+            "patients",
+        ),
+        f"| ground-truth lesion box (no segmentation misses) | benign vs malignant, lesion images | {truth.get('n')} "
+        f"images ({truth.get('n_positive')} malignant) | {format_estimate(truth.get('auc'), truth.get('auc_ci'))} | "
+        f"{format_estimate(truth.get('sensitivity'))} | {format_estimate(truth.get('specificity'))} |",
+        "",
+        f"Detection as served: the segmenter found nothing on {nothing['lesion_images']['nothing_found']} of "
+        f"{nothing['lesion_images']['n']} lesion images ({nothing['malignant']['nothing_found']} of "
+        f"{nothing['malignant']['n']} malignant), no reported lesion hit the lesion on "
+        f"{froc.get('lesion_images_without_a_hit', 'n/a')} of them (their score came from another region), "
+        f"and it reported a lesion on {normals['with_a_lesion_reported']} of "
+        f"{normals['n']} normal images ({normals['called_malignant']} called malignant). FROC sensitivity over the "
+        f"{froc['lesions']} ground-truth lesions (a found lesion hits one when their IoU is at least 0.1): {rates} "
+        f"false positives per image; the curve ends at {froc['curve_ends_at_fp_per_image']:.2f} (every reported "
+        "lesion counted, as served). Per dataset and scanner: `models/cards/evaluation/report.md`.",
     ]
 
 
@@ -447,9 +542,11 @@ def consensus_card(
     data: str,
     four_a: Mapping[str, Any] | None = None,
     four_a_lh: str = "dlr_lh",
+    served: Mapping[str, Any] | None = None,
 ) -> str:
     """A consensus's card (the headline benign/malignant one, or the LH one): its members, the fitted operating point,
-    and its metrics as served.
+    and its metrics: with ``served`` (the report's served block, where it is the headline), first as the SR reports
+    them, then on the ground-truth lesion box.
     """
     spec = entry.spec_as(ConsensusSpec)
     fitted = entry.parameters.get("fitted", {})
@@ -503,7 +600,7 @@ def consensus_card(
         f"Validation AUC {fitted.get('auc', 'n/a')} against members {fitted.get('member_auc', {})}. "
         f"Recipe: {recipe} (`models/training/fit_consensus.py`).",
         "",
-        *_operating_point_and_metrics(spec, family_report, data, "with the members as served"),
+        *_operating_point_and_metrics(spec, family_report, data, "with the members as served", served),
         *_four_a_section(four_a, four_a_lh),
         "",
         "## Known limits",
@@ -663,7 +760,18 @@ def write_cards(
         four_a = report.get("four_a_co_decision") if role in four_a_roles else None
         path = folder / f"{role}.md"
         if entries[role].kind is ModelKind.CONSENSUS:
-            path.write_text(consensus_card(entries[role], family_report, str(report.get("data")), four_a, four_a_lh))
+            served = report.get("served")
+            headline = served is not None and served.get("pipeline", {}).get("headline") == role
+            path.write_text(
+                consensus_card(
+                    entries[role],
+                    family_report,
+                    str(report.get("data")),
+                    four_a,
+                    four_a_lh,
+                    served if headline else None,
+                )
+            )
         elif entries[role].kind is ModelKind.LEXICON:
             path.write_text(lexicon_card(entries[role], family_report, str(report.get("data"))))
         else:

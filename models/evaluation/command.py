@@ -11,9 +11,14 @@ operating point, Brier score and expected calibration error, per dataset
 and per scanner; ROC and reliability PNGs; DeLong tests between families
 scored on the same cases. Families see the ground-truth lesion box (the
 largest mask region, as the papers crop), so their numbers are not mixed
-with the segmenter's misses. For the segmenter: Dice, IoU and HD95 per
-lesion image. With both DLR models, the BI-RADS 4A co-decision is tallied
-on the cases assessed 4A. For the mammography lesion finder (``mg_finder``),
+with the segmenter's misses. Where the headline model is asked for (the
+default), the served B-mode pipeline is also judged as the SR reports it:
+segmenter-found lesions, the image's highest headline score, normal images
+included, per patient and a detection FROC (:mod:`models.evaluation.served`;
+``--served-only`` runs that part alone and merges it into a report already
+written). For the segmenter: Dice, IoU and HD95 per lesion image. With
+both DLR models, the BI-RADS 4A co-decision is tallied on the cases
+assessed 4A. For the mammography lesion finder (``mg_finder``),
 on the data's mini-MIAS images: image-level AUC, FROC and DL-M on the
 regions it found (:mod:`models.evaluation.finder`), with a FROC plot.
 
@@ -28,6 +33,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +64,15 @@ from models.evaluation.report import (
     compare_families,
     report_markdown,
     segmentation_report,
+)
+from models.evaluation.served import (
+    BENIGN_VS_MALIGNANT,
+    MALIGNANT_VS_REST,
+    evaluate_served,
+    headline_role,
+    save_served_figures,
+    served_markdown,
+    with_served,
 )
 from models.evaluation.stats import dice, hausdorff95, iou
 from models.inference.consensus import load_consensus_scorer
@@ -321,6 +336,18 @@ def _modality(entries: Mapping[str, ModelEntry], role: str) -> Modality:
     return entries[role].spec_as(ScorerSpec).modality if role in entries else Modality.US
 
 
+def _labelled_records(data: Path, without_image: list[str]) -> list[Record]:
+    """Every labelled image of the ultrasound folders in ``data`` (rows without an image appended to
+    ``without_image``); :class:`EvaluationError` where the data cannot be read.
+    """
+    root = data.parent if (data / "labels.csv").is_file() else data
+    try:
+        names = dataset_names(data)
+        return load_records(root, names, missing=without_image) if names else []
+    except DatasetError as exc:
+        raise EvaluationError(f"cannot read the labelled data in {data}: {exc}") from exc
+
+
 def evaluate(
     data: Path, model_dir: Path, families: Sequence[str], split: str, output: Path, resamples: int = 1000
 ) -> dict[str, Any]:
@@ -352,11 +379,7 @@ def evaluate(
         entries[family].spec_as(ScorerSpec)  # every requested model complete before hours of scoring start
     root = data.parent if (data / "labels.csv").is_file() else data
     without_image: list[str] = []
-    try:
-        names = dataset_names(data)
-        records = load_records(root, names, missing=without_image) if names else []
-    except DatasetError as exc:
-        raise EvaluationError(f"cannot read the labelled data in {data}: {exc}") from exc
+    records = _labelled_records(data, without_image)
     everything = len(records)
     excluded = sum(r.split == EXCLUDED for r in records)
     records = [r for r in records if r.split != EXCLUDED and (split == "all" or r.split == split)]
@@ -444,6 +467,12 @@ def evaluate(
             f"{split} split"
         )
     output.mkdir(parents=True, exist_ok=True)
+    # What the SR reports (segmenter-found lesions, the headline score), where the headline model was asked for.
+    served = (
+        evaluate_served(records, model_dir, resamples, output)
+        if records and headline_role(model_dir) in families
+        else None
+    )
     us_malignancy = [
         c for f, c in scored.items() if _modality(entries, f) is Modality.US and c[0].score.task == "malignancy"
     ]
@@ -508,17 +537,38 @@ def evaluate(
                         int(c.score.positive),
                     ]
                 )
+    if served is not None:
+        report = with_served(report, served)
+        save_served_figures(served, output)
+    for role, body in judged_finders.items():
+        save_finder_figures(body, output, role)
+    write_report(report, output)
+    return report
+
+
+def write_report(report: Mapping[str, Any], output: Path) -> None:
+    """Write ``report.json`` and ``report.md`` (:func:`report_markdown_of`) into ``output``."""
     (output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    (output / "report.md").write_text(report_markdown_of(report))
+
+
+def report_markdown_of(report: Mapping[str, Any]) -> str:
+    """report.md from report.json's content: rows without an image, the served figures, the segmentation, each
+    family, the comparisons and the finders, in that order.
+    """
     markdown = (
         [report_markdown(segmentation=report.get("segmentation"), title="Segmentation")]
         if "segmentation" in report
         else []
     )
+    if "served" in report:
+        markdown.insert(0, served_markdown(report["served"]))
+    without_image = report.get("rows_without_image")
     if without_image:
         markdown.insert(
             0,
-            f"**{len(without_image)} labelled row(s) had no image in `images/` and were not scored** "
-            f"(first: {', '.join(without_image[:20])}).",
+            f"**{without_image['count']} labelled row(s) had no image in `images/` and were not scored** "
+            f"(first: {', '.join(without_image['first'])}).",
         )
     for family, body in report["families"].items():
         if "classification" in body:
@@ -535,11 +585,69 @@ def evaluate(
         markdown.append(
             report_markdown(comparisons=comparisons, title=f"DeLong comparisons with the radiologists' BI-RADS, {task}")
         )
-    for role, body in judged_finders.items():
-        save_finder_figures(body, output, role)
-        markdown.append(finder_markdown(body, f"{role} (mammography lesion finder)"))
-    (output / "report.md").write_text("\n\n".join(markdown) + "\n")
-    return report
+    for role, body in report.get("finders", {}).items():
+        if "image_level" in body:
+            markdown.append(finder_markdown(body, f"{role} (mammography lesion finder)"))
+    return "\n\n".join(markdown) + "\n"
+
+
+def evaluate_served_only(
+    data: Path, model_dir: Path, split: str, output: Path, resamples: int = 1000
+) -> dict[str, Any]:
+    """Judge the served B-mode pipeline alone and merge its figures into the report already in ``output``.
+
+    The served block (:mod:`models.evaluation.served`) replaces any earlier one; every other part of
+    report.json is kept as it is, report.md is rewritten from it (the other sections come out as before) and
+    ``froc_us_served.png`` and ``served_predictions.csv`` are written beside them. Nothing else is scored.
+
+    Raises
+    ------
+    EvaluationError
+        ``output`` holds no report.json, the report was written for other data or another split, the data hold no
+        image of ``split``, or the model folder has no served B-mode pipeline.
+    ModelRegistryError, DatasetError
+        As :func:`evaluate`.
+    """
+    path = output / "report.json"
+    if not path.is_file():
+        raise EvaluationError(f"--served-only merges into a report breastai evaluate wrote: {path} is missing")
+    report: dict[str, Any] = json.loads(path.read_text())
+    if report.get("data") != str(data) or report.get("split") != split:
+        raise EvaluationError(
+            f"{path} was written for split {report.get('split')!r} of {report.get('data')!r}, not split {split!r} of "
+            f"{str(data)!r}: run the whole evaluation instead"
+        )
+    if headline_role(model_dir) is None:
+        raise EvaluationError(f"{model_dir / 'manifest.json'} has no B-mode pipeline to judge (no segmenter)")
+    records = [r for r in _labelled_records(data, []) if r.split != EXCLUDED and (split == "all" or r.split == split)]
+    if not records:
+        raise EvaluationError(f"no ultrasound image of the {split} split in {data}")
+    served = evaluate_served(records, model_dir, resamples, output)
+    merged = with_served(report, served)
+    save_served_figures(served, output)
+    markdown = output / "report.md"
+    (output / "report.json").write_text(json.dumps(merged, indent=2, allow_nan=False))
+    kept = markdown.read_text() if markdown.is_file() else None
+    markdown.write_text(merged_markdown(kept, report, served) if kept is not None else report_markdown_of(merged))
+    return merged
+
+
+def merged_markdown(markdown: str, report: Mapping[str, Any], served: Mapping[str, Any]) -> str:
+    """``markdown`` (the report.md written for ``report``) with its served section put in or replaced, the rest of it
+    kept byte for byte; regenerated from the merged report where the earlier served section cannot be found in it.
+
+    The section goes where :func:`report_markdown_of` puts it: first, after the line on rows without an image.
+    """
+    section = served_markdown(served)
+    if "served" in report:
+        earlier = served_markdown(report["served"]) + "\n\n"
+        if earlier not in markdown:
+            return report_markdown_of(with_served(report, served))
+        markdown = markdown.replace(earlier, "", 1)
+    if report.get("rows_without_image"):
+        first, rest = markdown.split("\n\n", 1)
+        return f"{first}\n\n{section}\n\n{rest}"
+    return f"{section}\n\n{markdown}"
 
 
 def _finder_report(
@@ -556,7 +664,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     families = [f for f in args.families.split(",") if f] or [
         role for role in sorted(entries) if role not in SEGMENTATION_ROLES
     ]
-    report = evaluate(args.data, args.model_dir, families, args.split, args.output, args.resamples)
+    started = time.monotonic()
+    if args.served_only:
+        report = evaluate_served_only(args.data, args.model_dir, args.split, args.output, args.resamples)
+    else:
+        report = evaluate(args.data, args.model_dir, families, args.split, args.output, args.resamples)
+    served = report.get("served")
+    if served is not None:
+        headline, images = served["pipeline"]["headline"], served["images"]
+        bm, rest = served[BENIGN_VS_MALIGNANT].get("all", {}), served[MALIGNANT_VS_REST].get("all", {})
+        print(
+            f"{'served':14s} {headline} n={images['n']} benign-vs-malignant AUC={bm.get('auc')} CI={bm.get('auc_ci')} "
+            f"malignant-vs-rest AUC={rest.get('auc')} CI={rest.get('auc_ci')}"
+        )
+    if args.served_only:
+        print(f"served evaluation: {time.monotonic() - started:.0f} s")
     for family, body in report["families"].items():
         overall = body.get("classification", {}).get("all", {})
         print(f"{family:14s} n={overall.get('n')} AUC={overall.get('auc')} CI={overall.get('auc_ci')}")

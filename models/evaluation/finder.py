@@ -132,17 +132,28 @@ def judged(images: Sequence[FoundImage]) -> list[FoundImage]:
     return [image for image in images if image.case.unlocated == 0]
 
 
-def froc_curve(images: Sequence[FoundImage]) -> FrocCurve:
-    """The FROC curve of ``images`` (all judged; an image listed twice counts twice, as a bootstrap draws it).
+@dataclass(frozen=True)
+class MarkedImage:
+    """One image as a FROC reads it, whatever found the regions: each reported region's score and the index of the
+    listed lesion it hits (None: a false positive), and how many lesions the image lists.
+    """
 
-    Findings are taken in order of decreasing probability, all findings of
-    one probability together, so that ties do not order the curve.
+    marks: tuple[tuple[float, int | None], ...]
+    lesions: int
+
+
+def froc_of(images: Sequence[MarkedImage]) -> FrocCurve:
+    """The FROC curve of ``images`` (an image listed twice counts twice, as a bootstrap draws it).
+
+    Regions are taken in order of decreasing score, all regions of one score
+    together, so that ties do not order the curve. A region hitting a lesion
+    already found is neither a hit nor a false positive.
     """
     events: list[tuple[float, int, int | None]] = []
     for position, image in enumerate(images):
-        events += [(f.probability, position, hit_of(f, image.case)) for f in image.findings]
+        events += [(score, position, hit) for score, hit in image.marks]
     events.sort(key=lambda event: -event[0])
-    lesions = sum(len(image.case.findings) for image in images)
+    lesions = sum(image.lesions for image in images)
     count = max(1, len(images))
     found: set[tuple[int, int]] = set()
     false_positives = 0
@@ -157,6 +168,36 @@ def froc_curve(images: Sequence[FoundImage]) -> FrocCurve:
         rates.append(false_positives / count)
         sensitivities.append(len(found) / lesions if lesions else 0.0)
     return FrocCurve(tuple(rates), tuple(sensitivities), lesions, len(images))
+
+
+def marked(image: FoundImage) -> MarkedImage:
+    """A mini-MIAS image as the FROC reads it: each finding's probability and the listed circle it hits."""
+    return MarkedImage(tuple((f.probability, hit_of(f, image.case)) for f in image.findings), len(image.case.findings))
+
+
+def froc_curve(images: Sequence[FoundImage]) -> FrocCurve:
+    """The FROC curve of mini-MIAS ``images`` (all judged): :func:`froc_of` with :func:`hit_of` as the hit rule."""
+    return froc_of([marked(image) for image in images])
+
+
+def froc_sensitivities(
+    images: Sequence[MarkedImage], clusters: Sequence[str], resamples: int, rates: Sequence[float] = FP_RATES
+) -> dict[str, Any]:
+    """The FROC sensitivity at each of ``rates`` with its percentile-bootstrap interval over ``clusters``.
+
+    One cluster key per image (the patient); whole clusters are drawn together
+    (:func:`~models.evaluation.stats.cluster_bootstrap_ci`). Keyed by the rate as
+    ``f"{rate:g}"``, each ``{"value", "ci95"}`` (None where undefined).
+    """
+    curve = froc_of(images)
+    at: dict[str, Any] = {}
+    for rate in rates:
+
+        def resampled(index: npt.NDArray[np.int64], rate: float = rate) -> float:
+            return froc_of([images[i] for i in index]).sensitivity_at(rate)
+
+        at[f"{rate:g}"] = estimate(curve.sensitivity_at(rate), cluster_bootstrap_ci(resampled, clusters, resamples))
+    return at
 
 
 def froc_score(images: Sequence[FoundImage]) -> float:
@@ -178,7 +219,9 @@ def find_all(finder: MammogramFinder, cases: Sequence[MiasCase]) -> list[FoundIm
     return [FoundImage(case, finder.find(read_gray(case.image_path), MIAS_MM_PER_PIXEL, None)) for case in cases]
 
 
-def _estimate(value: float, interval: tuple[float, float]) -> dict[str, Any]:
+def estimate(value: float, interval: tuple[float, float]) -> dict[str, Any]:
+    """An estimate with its interval as the reports write it: ``{"value", "ci95": [low, high]}``, NaN as None."""
+
     def number(x: float) -> float | None:
         return None if math.isnan(x) else x
 
@@ -199,20 +242,14 @@ def _image_level(images: Sequence[FoundImage], resamples: int) -> dict[str, Any]
     }
     if len(set(labels)) < 2:
         return {**block, "auc": None, "note": UNDEFINED}
-    return {**block, "auc": _estimate(auc(labels, scores), bootstrap_ci(labels, scores, resamples, clusters=women))}
+    return {**block, "auc": estimate(auc(labels, scores), bootstrap_ci(labels, scores, resamples, clusters=women))}
 
 
 def _froc(images: Sequence[FoundImage], resamples: int) -> dict[str, Any]:
     froc_images = judged(images)
     curve = froc_curve(froc_images)
     women = [image.case.patient for image in froc_images]
-    at: dict[str, Any] = {}
-    for rate in FP_RATES:
-
-        def resampled(index: npt.NDArray[np.int64], rate: float = rate) -> float:
-            return froc_curve([froc_images[i] for i in index]).sensitivity_at(rate)
-
-        at[f"{rate:g}"] = _estimate(curve.sensitivity_at(rate), cluster_bootstrap_ci(resampled, women, resamples))
+    at = froc_sensitivities([marked(image) for image in froc_images], women, resamples)
     by_type: dict[str, dict[str, int]] = {}
     for image in froc_images:
         hits = {hit_of(f, image.case) for f in image.findings}
@@ -286,10 +323,10 @@ def _dl_m_on_found(
         return {**block, "auc_on_found_boxes": None, "auc_on_truth_boxes": None, "note": UNDEFINED}
     return {
         **block,
-        "auc_on_found_boxes": _estimate(
+        "auc_on_found_boxes": estimate(
             auc(labels, on_found), bootstrap_ci(labels, on_found, resamples, clusters=women)
         ),
-        "auc_on_truth_boxes": _estimate(
+        "auc_on_truth_boxes": estimate(
             auc(labels, on_truth), bootstrap_ci(labels, on_truth, resamples, clusters=women)
         ),
     }

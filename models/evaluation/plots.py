@@ -148,6 +148,8 @@ def save_froc_png(
     marks: Mapping[float, float],
     *,
     title: str | None = None,
+    label: str = "finder",
+    ylabel: str = "Sensitivity (listed abnormalities found)",
 ) -> Path:
     """Save a detector's FROC curve (sensitivity against false positives per image) to a PNG.
 
@@ -160,6 +162,8 @@ def save_froc_png(
     marks : mapping of float to float
         False-positive rates to mark -> the sensitivity read there.
     title : str, optional
+    label, ylabel : str
+        The curve's legend entry and the y axis's label.
 
     Returns
     -------
@@ -172,12 +176,12 @@ def save_froc_png(
     right = max(2.5, float(x.max()) * 1.05 if x.size else 2.5)
     axes.set_xlim(0.0, right)
     axes.set_aspect("auto")
-    axes.step(x, y, where="post", linewidth=1.5, label="finder")
+    axes.step(x, y, where="post", linewidth=1.5, label=label)
     for rate, value in marks.items():
         axes.plot([rate], [value], marker="o", markersize=5, linestyle="none", color="black")
         axes.annotate(f"{value:.2f} at {rate:g}", (rate, value), textcoords="offset points", xytext=(4, -12))
     axes.set_xlabel("False positives per image")
-    axes.set_ylabel("Sensitivity (listed abnormalities found)")
+    axes.set_ylabel(ylabel)
     axes.set_title(title or "FROC")
     axes.legend(loc="lower right", fontsize="small")
     return _save(figure, path)

@@ -560,6 +560,11 @@ def _classification_markdown(report: Mapping[str, Any]) -> list[str]:
     return lines + (["", *notes] if notes else [])
 
 
+def classification_table(report: Mapping[str, Any]) -> str:
+    """The table of one :func:`classification_report` with its notes, without a heading (for sections of their own)."""
+    return "\n".join(_classification_markdown(report))
+
+
 def _comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     level = round(100 * comparisons[0]["level"])
     lines = [
