@@ -160,24 +160,24 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_study_with_ultrasound_and_mammography_of_one_breast_reports_both_and_their_late_fusion(
-    tmp_path: Path,
+    orthanc_factory, service_factory, free_ports, tmp_path: Path
 ) -> None:
     # Issue 36: both branches run; the SR gives DL-U, DL-M and their late fusion (mean log-odds), named as such.
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    mammogram = vendor_mammogram(inputs / "l_cc.dcm", study_uid=pydicom.uid.generate_uid(), laterality="L", view="CC")
+    mammogram = vendor_mammogram(tmp_path / "l_cc.dcm", study_uid=pydicom.uid.generate_uid(), laterality="L", view="CC")
     header = pydicom.dcmread(mammogram, stop_before_pixels=True)
     ultrasound = pydicom.dcmread(ROOT / "samples" / "study1" / "busbra_0004-l.dcm")
     assert ultrasound.ImageLaterality == "L"
     ultrasound.StudyInstanceUID = header.StudyInstanceUID
     ultrasound.PatientID, ultrasound.PatientName = header.PatientID, header.PatientName
-    ultrasound.save_as(inputs / "us_left.dcm", enforce_file_format=True)
+    ultrasound.save_as(tmp_path / "us_left.dcm", enforce_file_format=True)
 
-    result = _breastai("analyze", str(inputs), "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    written = [Path(line) for line in result.stdout.splitlines()]
-    (report_path,) = [p for p in written if str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) == SR_CLASS]
-    texts = content_texts(pydicom.dcmread(report_path))
+    pacs, _service, _port, _metrics = start_pacs_and_service(orthanc_factory, service_factory, free_ports, tmp_path)
+    pacs.send_to_modality("BREASTAI", [pacs.upload(path) for path in (mammogram, tmp_path / "us_left.dcm")])
+    study_uid = str(header.StudyInstanceUID)
+    wait_for_results(pacs, study_uid, overlays=2, message="US and MG results in Orthanc")
+    (item,) = instances_of_class(pacs, study_uid, SR_CLASS)
+    report = download(pacs, item)
+    texts = content_texts(report)
     assert {"Ultrasonography of breast", "Mammography"} <= set(texts)
     images_with_findings = texts.count("Lesion 1")
     if images_with_findings == 2:  # a US lesion and an MG finding of the left breast
@@ -185,4 +185,6 @@ def test_a_study_with_ultrasound_and_mammography_of_one_breast_reports_both_and_
         assert "DL-UM late fusion (mean log-odds)" in texts
     else:
         assert "Left breast: ultrasound and mammography" not in texts
+    report_path = tmp_path / "report.dcm"
+    report.save_as(report_path)
     assert dciodvfy_errors(report_path) == []
