@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from models.inference.lesions import Component
 from models.inference.preprocess import Box
 
@@ -102,3 +105,53 @@ def track_lesions(
         lesions.append(VolumeLesion(tuple(frame for frame, _ in chain), central, component))
     lesions.sort(key=lambda lesion: lesion.component.area_px, reverse=True)
     return lesions
+
+
+@dataclass(frozen=True)
+class LesionPlanes:
+    """The three orthogonal planes through one tracked lesion, cut from the sampled frames (uint8 grey).
+
+    ``transverse`` holds the lesion's box on its central frame and on the sampled frames either side of it where the
+    lesion was outlined; ``sagittal`` is the column through the box's centre across the lesion's frames (depth down,
+    sweep across), ``coronal`` the row through it (sweep down, width across). Each is cut with ``margin`` of the
+    lesion's extent around it, as the 2D families cut their ROI.
+    """
+
+    transverse: tuple[npt.NDArray[np.uint8], ...]
+    sagittal: npt.NDArray[np.uint8]
+    coronal: npt.NDArray[np.uint8]
+
+
+def lesion_planes(
+    frames: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion, margin: float = 0.5, neighbours: int = 1
+) -> LesionPlanes:
+    """Cut the three planes of ``lesion`` from ``frames`` (frame number -> the analysed grey crop, one shape).
+
+    Raises
+    ------
+    ValueError
+        The frames differ in shape, or the lesion's central frame is not among them.
+    """
+    order = sorted(frames)
+    shapes = {frames[n].shape for n in order}
+    if len(shapes) != 1:
+        raise ValueError(f"the volume's frames differ in shape: {sorted(shapes)}")
+    if lesion.central_frame not in frames:
+        raise ValueError(f"frame {lesion.central_frame} is not among the sampled frames")
+    rows, columns = next(iter(shapes))
+    x, y, w, h = lesion.component.box
+    pad_x, pad_y = round(w * margin), round(h * margin)
+    x0, x1 = max(0, x - pad_x), min(columns, x + w + pad_x)
+    y0, y1 = max(0, y - pad_y), min(rows, y + h + pad_y)
+    centre = order.index(lesion.central_frame)
+    on_lesion = [order.index(n) for n in lesion.frames]
+    span = max(on_lesion) - min(on_lesion) + 1
+    pad_f = max(1, round(span * margin))
+    f0, f1 = max(0, min(on_lesion) - pad_f), min(len(order), max(on_lesion) + 1 + pad_f)
+    near = [order[i] for i in range(centre - neighbours, centre + neighbours + 1) if 0 <= i < len(order)]
+    transverse = tuple(frames[n][y0:y1, x0:x1] for n in near if n in lesion.frames or n == lesion.central_frame)
+    sweep = [frames[order[i]] for i in range(f0, f1)]
+    middle_x, middle_y = x + w // 2, y + h // 2
+    sagittal = np.stack([frame[y0:y1, middle_x] for frame in sweep], axis=1)
+    coronal = np.stack([frame[middle_y, x0:x1] for frame in sweep], axis=0)
+    return LesionPlanes(transverse, np.ascontiguousarray(sagittal), np.ascontiguousarray(coronal))

@@ -40,3 +40,22 @@ def test_nothing_found_or_single_frame_blips_give_no_lesion() -> None:
     assert track_lesions({1: [], 2: [], 3: []}) == []
     assert track_lesions({1: [_component(10, 10, 5)], 2: [_component(100, 100, 5)]}) == []
     assert track_lesions({}) == []
+
+
+def test_the_three_planes_are_cut_through_the_lesion_centre() -> None:
+    from models.inference.volume import lesion_planes
+
+    frames = {}
+    for number in range(1, 11):
+        frame = np.full((200, 200), number, np.uint8)  # each frame's value is its number
+        frame[:, 56] = 100 + number  # the column through the lesion's centre (x 50 + 12 // 2)
+        frames[number] = frame
+    sizes = {4: 10, 5: 12, 6: 10}  # largest on frame 5: the central frame
+    lesion = track_lesions({n: [_component(50, 40, sizes[n])] if n in sizes else [] for n in frames})[0]
+    assert lesion.central_frame == 5
+    planes = lesion_planes(frames, lesion, margin=0.5, neighbours=1)
+    assert [int(t[0, 0]) for t in planes.transverse] == [4, 5, 6]
+    assert all(t.shape == (24, 24) for t in planes.transverse), "the 12 px box plus 6 px each side"
+    # Sagittal: depth down, sweep across; frames 4-6 with 2 frames of margin each side (3 * 0.5 rounds to 2).
+    assert planes.sagittal.shape == (24, 7) and list(planes.sagittal[0]) == [100 + n for n in range(2, 9)]
+    assert planes.coronal.shape == (7, 24) and list(planes.coronal[:, 0]) == list(range(2, 9))
