@@ -19,7 +19,7 @@ from tests.e2e.results import (
     start_pacs_and_service,
     wait_for_results,
 )
-from tests.e2e.test_abvs import LESION_FRAMES, _referenced_frames, _volume
+from tests.e2e.test_abvs_volume import LESION_FRAMES, _referenced_frames, _volume
 
 ROOT = Path(__file__).resolve().parents[2]
 
