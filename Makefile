@@ -241,6 +241,13 @@ $(MASK_PRETRAINED): pretrain-masks-%: train-venv
 train-mg_finder: train-venv
 	$(PY) -m models.training.train_mg_finder --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
 
+# The ABVS three-plane model (models/families/abvs; not part of make train) on volumes BUILT from the 2-D lesions (no
+# public ABVS data exists): volumes, network, export into models/weights (role abvs_three_plane), then, once, the test
+# split's volumes beside the 2-D consensus, which writes models/cards/abvs_three_plane.md.
+.PHONY: train-abvs_three_plane
+train-abvs_three_plane: train-venv
+	$(PY) -m models.training.train_abvs_three_plane --datasets $(DATASETS) $(TRAIN_FLAGS) $(THREAD_FLAGS)
+
 # External validation: train the consensus members without one dataset (DLR_BM, CLDLR and MUP-Net after their mask
 # pretraining, also without it), fit their consensus on the rest, score all of the held-out dataset; writes models/cards/external/without_$(HOLDOUT).md (weights stay in runs/, not shipped).
 HOLDOUT       ?= busbra

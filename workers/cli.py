@@ -43,6 +43,7 @@ from service.settings import Settings, add_settings_arguments, settings_from_arg
 if TYPE_CHECKING:
     from models.inference.mammography_pipeline import MammographyPipeline
     from models.inference.pipeline import BModePipeline
+    from models.inference.three_plane import ThreePlaneScorer
     from service.dispatcher import Dispatcher
     from workers.consumer import JobHandler
     from workers.sr_writer import ReportContext
@@ -92,6 +93,17 @@ def _mammography(model_dir: Path | None) -> MammographyPipeline | None:
         raise ConfigurationError(str(exc)) from exc
 
 
+def _three_plane(model_dir: Path | None) -> ThreePlaneScorer | None:
+    """The ABVS three-plane family where the model folder has it; a broken entry stops the start."""
+    from models.inference.registry import ModelRegistryError
+    from models.inference.three_plane import load_three_plane_scorer
+
+    try:
+        return load_three_plane_scorer(model_dir)
+    except ModelRegistryError as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
 def _job_handler(settings: Settings) -> JobHandler:
     from service.tls import client_context
     from workers.consumer import JobHandler
@@ -99,7 +111,9 @@ def _job_handler(settings: Settings) -> JobHandler:
 
     pipeline = _pipeline(settings.model_dir, settings.us_families)
     mammography = _mammography(settings.model_dir)
-    for model in (*pipeline.model_infos, *(mammography.model_infos if mammography is not None else ())):
+    three_plane = _three_plane(settings.model_dir)
+    served = (*pipeline.model_infos, *(mammography.model_infos if mammography is not None else ()))
+    for model in (*served, *((three_plane.model_info,) if three_plane is not None else ())):
         metrics.MODEL_INFO.labels(name=model.name, version=model.version).set(1)
     tls = (
         client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -110,7 +124,7 @@ def _job_handler(settings: Settings) -> JobHandler:
         settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s, tls=tls
     )
     return JobHandler(
-        settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits, mammography
+        settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits, mammography, three_plane
     )
 
 
@@ -241,6 +255,7 @@ def _analyze(args: argparse.Namespace) -> int:
         Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f)
     )
     mammography = _mammography(Path(args.model_dir) if args.model_dir else None)
+    three_plane = _three_plane(Path(args.model_dir) if args.model_dir else None)
     context = ReportContext(device_observer_uid=derive_uid("breastai-device", "analyze"))
     by_study: dict[str, list[Path]] = defaultdict(list)
     failures = 0
@@ -253,7 +268,7 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for study_uid, paths in sorted(by_study.items()):
         try:
-            results = process_study(paths, pipeline, context, mammography=mammography)
+            results = process_study(paths, pipeline, context, mammography=mammography, three_plane=three_plane)
         except BreastAIError as exc:
             failures += 1
             print(f"study {study_uid}: {exc}", file=sys.stderr)

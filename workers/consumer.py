@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +24,14 @@ import pydicom
 import structlog
 from pydicom import Dataset
 
-from models.inference.findings import Lesion
+from models.inference.findings import FamilyScore, Lesion
 from models.inference.fusion import fuse_breasts
-from models.inference.lesions import Component
 from models.inference.mammography_pipeline import MammographyPipeline
+from models.inference.manifest import ABVS_THREE_PLANE_ROLE
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
-from models.inference.volume import track_lesions
+from models.inference.three_plane import ThreePlaneScorer
+from models.inference.volume import VolumeLesion, lesion_planes, track_lesions
 from service import metrics
 from service.durable import write_durably
 from service.errors import InvalidInstance, PatientConflict, PermanentError, UnsupportedInput
@@ -89,6 +90,7 @@ def process_study(
     limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
     predecessor: Dataset | None = None,
     mammography: MammographyPipeline | None = None,
+    three_plane: ThreePlaneScorer | None = None,
 ) -> StudyResults:
     """Analyse every routable instance of one study and build its SR and overlays.
 
@@ -106,6 +108,9 @@ def process_study(
         The report this study's earlier delivery sent, which the new one revises (it names it).
     mammography
         The mammography pipeline, where the model folder has one; without it mammograms are listed as not analysed.
+    three_plane
+        The ABVS three-plane family, where the model folder has it: each lesion tracked through a volume is then also
+        scored on its three orthogonal planes, beside the B-mode families' scores of its central frame.
 
     Raises
     ------
@@ -123,7 +128,7 @@ def process_study(
         raise PatientConflict(f"the study holds instances of {len(patients)} patients: no report is built")
     study_uid = studies.pop()
     by_uid = {str(h.SOPInstanceUID): h for h in headers}
-    analysers = _Analysers(pipeline, mammography, limits)
+    analysers = _Analysers(pipeline, mammography, limits, three_plane)
     analysed: list[tuple[str, AnalysedFrame]] = []  # (pipeline name, frame and findings)
     skipped: list[tuple[str, str]] = []
     for path, header in sorted(zip(paths, headers, strict=True), key=lambda item: str(item[1].SOPInstanceUID)):
@@ -227,10 +232,17 @@ VOLUME_SAMPLED_FRAMES = 100
 class _Analysers:
     """The pipelines a worker runs, by route: one image in, its analysed frames (or the reason it was not analysed)."""
 
-    def __init__(self, bmode: BModePipeline, mammography: MammographyPipeline | None, limits: ImageLimits) -> None:
+    def __init__(
+        self,
+        bmode: BModePipeline,
+        mammography: MammographyPipeline | None,
+        limits: ImageLimits,
+        three_plane: ThreePlaneScorer | None = None,
+    ) -> None:
         self._bmode = bmode
         self._mammography = mammography
         self._limits = limits
+        self._three_plane = three_plane
 
     def families(self, name: str) -> tuple[str, ...]:
         if name == MAMMOGRAPHY_PIPELINE and self._mammography is not None:
@@ -240,7 +252,10 @@ class _Analysers:
     def model_key(self, name: str) -> str:
         pipeline = self._mammography if name == MAMMOGRAPHY_PIPELINE else self._bmode
         assert pipeline is not None
-        return "|".join(f"{m.name}/{m.version}" for m in pipeline.model_infos)
+        models = list(pipeline.model_infos)
+        if name == ABVS_PIPELINE and self._three_plane is not None:
+            models.append(self._three_plane.model_info)
+        return "|".join(f"{m.name}/{m.version}" for m in models)
 
     def analyse(self, path: Path, chosen: Route) -> list[AnalysedFrame] | str:
         """The instance's analysed frames, or why it was not analysed (a sentence for the report).
@@ -299,19 +314,51 @@ class _Analysers:
             for number, frame in by_number.items()
         }
         lesions = track_lesions(candidates)
-        central: dict[int, list[Component]] = {}
+        central: dict[int, list[VolumeLesion]] = {}
         for lesion in lesions:
-            central.setdefault(lesion.central_frame, []).append(lesion.component)
+            central.setdefault(lesion.central_frame, []).append(lesion)
         if not central:
             central = {sorted(by_number)[len(by_number) // 2]: []}
+        crops = {number: crop(frame.pixels, frame.scan_region_xywh) for number, frame in by_number.items()}
         analysed = []
-        for number, components in sorted(central.items()):
+        for number, tracked in sorted(central.items()):
             frame = by_number[number]
-            gray = crop(frame.pixels, frame.scan_region_xywh)
-            analysis = self._bmode.analyse_lesions(gray, components, clinical_context(frame))
+            analysis = self._bmode.analyse_lesions(
+                crops[number], [lesion.component for lesion in tracked], clinical_context(frame)
+            )
+            if self._three_plane is not None and tracked:
+                analysis = dataclasses.replace(
+                    analysis,
+                    lesions=tuple(
+                        self._with_three_planes(scored, crops, lesion)
+                        for scored, lesion in zip(analysis.lesions, tracked, strict=True)
+                    ),
+                )
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
         metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
         return analysed
+
+    def _with_three_planes(
+        self, scored: Lesion, crops: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion
+    ) -> Lesion:
+        """``scored`` with the three-plane family's score of ``lesion`` added after the B-mode families'."""
+        assert self._three_plane is not None
+        # The margin it was trained with; the neighbours are sampled frames, not the trainer's 2-slice step.
+        planes = lesion_planes(crops, lesion, margin=self._three_plane.spec.roi_expand)
+        probability = self._three_plane.score(planes.transverse, planes.sagittal, planes.coronal)
+        _x, _y, w, h = lesion.component.box
+        score = FamilyScore(
+            family=ABVS_THREE_PLANE_ROLE,
+            task="malignancy",
+            model=self._three_plane.model_info,
+            probability=probability,
+            threshold=self._three_plane.spec.operating_point,
+            positive=self._three_plane.is_malignant(probability),
+            cam=np.zeros((max(1, h), max(1, w)), np.float32),  # the family explains nothing: no heat-map
+            roi_box=lesion.component.box,
+            notes=(f"planes cut from the volume's sampled frames {lesion.frames[0]}-{lesion.frames[-1]}",),
+        )
+        return dataclasses.replace(scored, family_scores=(*scored.family_scores, score))
 
 
 def _read_predecessor(path: Path) -> Dataset | None:
@@ -348,8 +395,10 @@ class JobHandler:
         context: ReportContext,
         limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
         mammography: MammographyPipeline | None = None,
+        three_plane: ThreePlaneScorer | None = None,
     ) -> None:
         self._spool_root = spool_root
+        self._three_plane = three_plane
         self._limits = limits
         self._pipeline = pipeline
         self._mammography = mammography
@@ -367,6 +416,7 @@ class JobHandler:
                 self._limits,
                 predecessor=_read_predecessor(job_dir / PREDECESSOR_FILE),
                 mammography=self._mammography,
+                three_plane=self._three_plane,
             )
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)

@@ -661,8 +661,11 @@ def _finder_report(
 
 def run_evaluate(args: argparse.Namespace) -> int:
     entries = read_manifest(args.model_dir)
+    # The three-plane family is judged on its own synthetic volumes by its trainer (models/evaluation/three_plane.py).
     families = [f for f in args.families.split(",") if f] or [
-        role for role in sorted(entries) if role not in SEGMENTATION_ROLES
+        role
+        for role in sorted(entries)
+        if role not in SEGMENTATION_ROLES and entries[role].kind is not ModelKind.THREE_PLANE
     ]
     started = time.monotonic()
     if args.served_only:

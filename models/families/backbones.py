@@ -31,18 +31,30 @@ class ResNetTrunk(nn.Module):
         18, 34 or 50.
     in_channels
         1 for grayscale ultrasound/mammography.
+    width
+        Multiplies every stage's channel count (MONAI's ``widen_factor``): 1.0
+        is the paper's network; less makes a lighter trunk for CPU budgets
+        (the ABVS three-plane model's three trunks at 0.5), and its card says so.
     """
 
-    def __init__(self, depth: int = 50, in_channels: int = 1) -> None:
+    def __init__(self, depth: int = 50, in_channels: int = 1, width: float = 1.0) -> None:
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, not {depth}")
+        if not 0.0 < width <= 4.0:
+            raise ValueError(f"ResNet width must lie in (0, 4], not {width}")
         backbone: ResNet = _RESNETS[depth](
-            spatial_dims=2, n_input_channels=in_channels, num_classes=1, conv1_t_size=7, conv1_t_stride=2
+            spatial_dims=2,
+            n_input_channels=in_channels,
+            num_classes=1,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            widen_factor=width,
         )
         self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.act, backbone.maxpool)
         self.stages = nn.Sequential(backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
-        self.out_channels = 512 if depth < 50 else 2048
+        # The last stage's channels: 512 (ResNet-18/34) or 2048 (ResNet-50) at width 1.
+        self.out_channels = int(backbone.in_planes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.stages(self.stem(image))

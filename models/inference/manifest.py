@@ -19,6 +19,7 @@ kind          recognised by
 segmenter     role ``us_segmenter``
 refiner       role ``us_refiner``
 mg_finder     role ``mg_finder``
+three_plane   role ``abvs_three_plane``
 consensus     ``parameters.kind == "consensus"``
 lexicon       ``parameters.kind == "lexicon"``
 family        anything else: one paper family's ONNX graph
@@ -40,6 +41,8 @@ SEGMENTER_ROLE = "us_segmenter"
 REFINER_ROLE = "us_refiner"
 SEGMENTATION_ROLES = (SEGMENTER_ROLE, REFINER_ROLE)  # the stages every lesion goes through, not scorers
 MG_FINDER_ROLE = "mg_finder"  # whole mammograms in, candidate regions out: it scores no given lesion
+# ABVS: three plane crops of one lesion in, one probability out (models.inference.three_plane); not a B-mode scorer
+ABVS_THREE_PLANE_ROLE = "abvs_three_plane"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -60,6 +63,7 @@ class ModelKind(StrEnum):
     SEGMENTER = "segmenter"  # whole-image lesion segmenter
     REFINER = "refiner"  # close-up re-outlining of each lesion
     MG_FINDER = "mg_finder"  # whole-mammogram heat map -> candidate regions, each with a probability
+    THREE_PLANE = "three_plane"  # ABVS transverse + sagittal + coronal crops of one lesion -> malignancy probability
 
 
 class Modality(StrEnum):
@@ -91,6 +95,7 @@ _KIND_OF_ROLE = {
     SEGMENTER_ROLE: ModelKind.SEGMENTER,
     REFINER_ROLE: ModelKind.REFINER,
     MG_FINDER_ROLE: ModelKind.MG_FINDER,
+    ABVS_THREE_PLANE_ROLE: ModelKind.THREE_PLANE,
 }
 
 
@@ -254,6 +259,41 @@ class MammogramFinderSpec(ModelSpec):
     side_multiple: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class ThreePlaneSpec(ModelSpec):
+    """The ABVS three-plane classifier (:mod:`models.inference.three_plane`, Liu et al. 2025).
+
+    Not a :class:`ScorerSpec`: it reads three planes of a volume, not a
+    B-mode lesion, so no B-mode pipeline may pick it up as one of its scorers.
+
+    Attributes
+    ----------
+    input_size
+        Side of the square every plane's crop is resized to, pixels.
+    roi_expand
+        How the crops it was trained on were cut: each plane's lesion box grown by this fraction of its size on
+        every side (a caller cuts its crops the same way).
+    inputs, outputs
+        The graph's input names, in plane order (transverse, sagittal, coronal), and its output names (logits first).
+    operating_point
+        Probability above which the lesion is called malignant (0.5, the paper's rule).
+    frames, frame_step
+        How many transverse frames, ``frame_step`` voxels apart around the centre, its probabilities were averaged
+        over in validation and test (the paper's test-time averaging).
+    int8_weights
+        Convolution weights are stored as int8 (``weight_storage.accepted``).
+    """
+
+    input_size: int
+    roi_expand: float
+    inputs: tuple[str, str, str]
+    outputs: tuple[str, ...]
+    operating_point: float
+    frames: int
+    frame_step: int
+    int8_weights: bool
+
+
 SpecT = TypeVar("SpecT", bound=ModelSpec)
 EnumT = TypeVar("EnumT", bound=Enum)
 T = TypeVar("T")
@@ -411,8 +451,8 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
     -------
     ModelSpec
         A :class:`NetworkSpec`, :class:`ConsensusSpec`, :class:`LexiconSpec`,
-        :class:`SegmenterSpec`, :class:`RefinerSpec` or
-        :class:`MammogramFinderSpec`, by :func:`kind_of`.
+        :class:`SegmenterSpec`, :class:`RefinerSpec`,
+        :class:`MammogramFinderSpec` or :class:`ThreePlaneSpec`, by :func:`kind_of`.
 
     Raises
     ------
@@ -451,6 +491,23 @@ def parse_spec(role: str, parameters: Mapping[str, Any]) -> ModelSpec:
             min_area_mm2=fields.need("min_area_mm2", fields.non_negative),
             max_findings=fields.need("max_findings", fields.count),
             side_multiple=fields.need("side_multiple", fields.size),
+            provenance=fields.unread(),
+        )
+    if kind is ModelKind.THREE_PLANE:
+        inputs = fields.need("inputs", fields.names)
+        if len(inputs) != 3:
+            raise fields.refuse("inputs", f"must name the three planes' inputs, not {list(inputs)!r}")
+        storage = parameters.get("weight_storage")  # also left whole in the provenance, as for a family graph
+        return ThreePlaneSpec(
+            **common,
+            input_size=fields.need("input_size", fields.size),
+            roi_expand=fields.need("roi_expand", fields.non_negative),
+            inputs=(inputs[0], inputs[1], inputs[2]),
+            outputs=fields.need("outputs", fields.names),
+            operating_point=fields.need("operating_point", fields.fraction),
+            frames=fields.need("frames", fields.count),
+            frame_step=fields.need("frame_step", fields.count),
+            int8_weights=isinstance(storage, Mapping) and storage.get("accepted") is True,
             provenance=fields.unread(),
         )
     scorer: dict[str, Any] = {

@@ -25,6 +25,18 @@ What this is
 
     Everything is deterministic given the seed.
 
+How the shipped three-plane model uses it (:mod:`models.training.train_abvs_three_plane`)
+    Every labelled lesion image with a mask of BUS-BRA, BUSI and BrEaST
+    becomes one volume per seed (:func:`record_volume`: 48 slices, the image
+    shrunk to 128 px on its long side), its label the 2-D image's
+    benign/malignant label. The planes follow the largest lesion of the
+    central slice (:func:`central_lesion_centre`); each plane's crop is the
+    box of the largest lesion component in that plane's slice of the
+    volume's mask, grown on every side (:func:`plane_crops`). Training
+    volumes come from the training split only (two seeds each), the epoch
+    is chosen on the validation split's volumes, and the held-out test
+    split's volumes, built the same way, are scored once at the end.
+
 What this is not
     It is not ABVS data and says nothing about diagnostic accuracy on ABVS
     volumes: the sagittal and coronal planes are geometric extrapolations
@@ -313,3 +325,48 @@ def planes_dataset(
         if rois is None:
             continue
         yield PlaneSample(rois[0], rois[1], rois[2], int(record.malignant), record.image_id)
+
+
+def record_volume(
+    record: Record, seed: int, depth: int = 48, max_side: int = 128
+) -> tuple[Volume, Volume, Centre] | None:
+    """The synthetic volume of one record, its lesion mask, and the centre the planes go through.
+
+    None for an image without a label (normal) or without a lesion in its
+    mask. The generator is seeded by :func:`record_seed`, so one record and
+    seed always give the same volume whatever else is built.
+    """
+    if record.malignant is None or record.mask_path is None:
+        return None
+    image = read_gray(record.image_path)
+    mask = read_mask(record, (int(image.shape[0]), int(image.shape[1])))
+    if not mask.any():
+        return None
+    volume, lesion = build_volume(
+        image, mask, depth, np.random.default_rng(record_seed(seed, record)), max_side=max_side
+    )
+    return volume, lesion, central_lesion_centre(lesion)
+
+
+def plane_crops(
+    volume: Volume, lesion: Volume, centre: Centre, plane: int, offsets: Iterable[int], expand: float
+) -> list[npt.NDArray[np.uint8]]:
+    """Raw uint8 crops of one plane (0 transverse, 1 sagittal, 2 coronal) at ``offsets`` from ``centre``.
+
+    Each crop is the box of the largest lesion component in that plane's
+    slice of ``lesion``, grown by ``expand`` of its size on every side (the
+    Liu et al. "bounding box of each connected component", with the true
+    mask standing in for their UNet), cut from the same slice of
+    ``volume``. Offsets where the plane misses the lesion are left out; at
+    offset 0 every plane cuts it (the centre is a lesion voxel). This is
+    what a caller of :class:`models.inference.three_plane.ThreePlaneScorer`
+    passes; the scorer resizes and z-scores.
+    """
+    crops = []
+    for offset in offsets:
+        slice_ = np.ascontiguousarray(extract_planes(volume, centre, offset)[plane], dtype=np.uint8)
+        box = mask_box(np.ascontiguousarray(extract_planes(lesion, centre, offset)[plane], dtype=np.uint8))
+        if box is None:
+            continue
+        crops.append(np.ascontiguousarray(crop(slice_, expand_box(box, (slice_.shape[0], slice_.shape[1]), expand))))
+    return crops

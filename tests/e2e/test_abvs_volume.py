@@ -19,6 +19,7 @@ import pydicom
 import pytest
 
 from models.inference.pipeline import load_bmode_pipeline
+from models.inference.three_plane import load_three_plane_scorer
 from tests.dicom_factory import make_us_dataset, write_dataset
 from tests.e2e.results import SR_CLASS, content_texts, dciodvfy_errors
 
@@ -73,7 +74,11 @@ def test_an_abvs_volume_gets_its_lesion_placed_by_frame_in_a_report(tmp_path: Pa
     written = [Path(line) for line in result.stdout.splitlines()]
     (report_path,) = [p for p in written if str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) == SR_CLASS]
     report = pydicom.dcmread(report_path)
-    assert "Lesion 1" in content_texts(report)
+    texts = content_texts(report)
+    assert "Lesion 1" in texts
+    three_plane = load_three_plane_scorer()
+    if three_plane is not None:  # the three-plane family scores each tracked lesion beside the B-mode families
+        assert three_plane.model_info.name in texts
     frames = _referenced_frames(report)
     # The lesion is placed on a frame of its own stretch; what the segmenter may take for a lesion in the painted-out
     # texture elsewhere is reported too (as it would be on a 2D image), never merged with it.

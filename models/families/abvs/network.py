@@ -86,6 +86,10 @@ class ThreePlaneClassifier(nn.Module):
         1 for grayscale ultrasound.
     dropout
         Dropout before the output layer; the paper mentions none, so 0.
+    width
+        Channel multiplier of every trunk (:class:`models.families.backbones.ResNetTrunk`):
+        1.0 in the paper; the shipped CPU model uses ResNet-18 trunks at 0.5
+        (:mod:`models.families.abvs.recipe` says why).
 
     Notes
     -----
@@ -96,11 +100,13 @@ class ThreePlaneClassifier(nn.Module):
     tensors (sizes may differ between planes) and returns (N, 2) logits.
     """
 
-    def __init__(self, backbone_depth: int = 50, in_channels: int = 1, dropout: float = 0.0) -> None:
+    def __init__(
+        self, backbone_depth: int = 50, in_channels: int = 1, dropout: float = 0.0, width: float = 1.0
+    ) -> None:
         super().__init__()
-        self.transverse = ResNetTrunk(backbone_depth, in_channels)
-        self.sagittal = ResNetTrunk(backbone_depth, in_channels)
-        self.coronal = ResNetTrunk(backbone_depth, in_channels)
+        self.transverse = ResNetTrunk(backbone_depth, in_channels, width)
+        self.sagittal = ResNetTrunk(backbone_depth, in_channels, width)
+        self.coronal = ResNetTrunk(backbone_depth, in_channels, width)
         channels = self.transverse.out_channels
         self.feature_channels = channels
         self.fused_width = 2 * channels  # [transverse + sagittal, coronal]
