@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -415,3 +416,31 @@ class Checkpoints:
             torch.save({"model": model.state_dict(), "epoch": epoch, "score": score}, self.work / "best.pt")
             return score
         return best
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What an export reads of a finished training run's folder."""
+
+    best: dict[str, Any]  # best.pt: the chosen epoch's checkpoint
+    last: dict[str, Any]  # last.pt: where training stopped
+    config: dict[str, Any]  # config.json: the run's settings
+    log: list[dict[str, Any]]  # train.log: one record per line
+
+
+def finished_run(work: Path) -> FinishedRun:
+    """Read ``work``'s checkpoints, settings and log for an export.
+
+    Raises
+    ------
+    TrainingError
+        The run has no ``best.pt`` (it was never trained).
+    """
+    if not (work / "best.pt").is_file():
+        raise TrainingError(f"{work} holds no best.pt: train the network first (--stage network)")
+    return FinishedRun(
+        best=torch.load(work / "best.pt", map_location="cpu", weights_only=False),
+        last=torch.load(work / "last.pt", map_location="cpu", weights_only=False),
+        config=json.loads((work / "config.json").read_text()),
+        log=[json.loads(line) for line in (work / "train.log").read_text().splitlines() if line.strip()],
+    )

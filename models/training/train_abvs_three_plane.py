@@ -88,6 +88,7 @@ from models.training.loop import (
     Checkpoints,
     begin_run,
     epoch_batches,
+    finished_run,
     optimise_step,
     scheduled_step,
     to_training_device,
@@ -422,12 +423,8 @@ def export_model(work: Path, out: Path, datasets: Path, recipe: ThreePlaneRecipe
     from models.families.abvs.network import export_onnx
     from models.inference.manifest import parse_spec
 
-    if not (work / "best.pt").is_file():
-        raise TrainingError(f"{work} holds no best.pt: train the network first (--stage network)")
-    state = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
-    config = json.loads((work / "config.json").read_text())
-    last = torch.load(work / "last.pt", map_location="cpu", weights_only=False)
-    log = [json.loads(line) for line in (work / "train.log").read_text().splitlines() if line.strip()]
+    run = finished_run(work)
+    state, config, last, log = run.best, run.config, run.last, run.log
     model = new_network(recipe)
     model.load_state_dict(state["model"])
     model.eval()

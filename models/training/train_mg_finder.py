@@ -71,6 +71,7 @@ from models.training.loop import (
     bce_soft_dice,
     begin_run,
     device_of,
+    finished_run,
     mixed_precision,
     optimise_step,
     scheduled_step,
@@ -287,12 +288,8 @@ def export_finder(work: Path, out: Path, datasets: Path, recipe: FinderRecipe = 
     """
     import onnxruntime as ort
 
-    if not (work / "best.pt").is_file():
-        raise TrainingError(f"{work} holds no best.pt: train the network first (--stage network)")
-    state = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
-    config = json.loads((work / "config.json").read_text())
-    last = torch.load(work / "last.pt", map_location="cpu", weights_only=False)
-    log = [json.loads(line) for line in (work / "train.log").read_text().splitlines() if line.strip()]
+    run = finished_run(work)
+    state, config, last, log = run.best, run.config, run.last, run.log
     model = without_zero_width_padding(mammogram_finder_network(), recipe.side_multiple)
     model.load_state_dict(state["model"])
     cases = mias_cases(datasets)
