@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +170,8 @@ def machine_line(machine: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------- load
 
 
-def _cpu_ticks() -> dict[int, tuple[str, int]]:
-    """Every process's (name, utime + stime in clock ticks), from ``/proc/<pid>/stat``."""
-    ticks: dict[int, tuple[str, int]] = {}
+def _process_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, name, the fields after the name) of every process, from ``/proc/<pid>/stat``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -181,24 +180,19 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
         except OSError:
             continue
         # The name is in parentheses and may hold spaces; the fields after it are space-separated.
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text[text.rindex(")") + 2 :].split()
-        ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
-    return ticks
+        yield int(entry.name), text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    """Every process's (name, utime + stime in clock ticks)."""
+    return {pid: (name, int(fields[11]) + int(fields[12])) for pid, name, fields in _process_stats()}
 
 
 def _ancestry(pid: int) -> set[int]:
     """``pid`` and its descendants (the bench and what it started), from the parent links in ``/proc``."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
+    for child, _name, fields in _process_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     found, todo = set(), [pid]
     while todo:
         current = todo.pop()

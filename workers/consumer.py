@@ -309,17 +309,13 @@ class _Analysers:
         frames = read_frames(path, max_frames=VOLUME_SAMPLED_FRAMES, limits=self._limits)
         by_number = {frame.frame_number or 1: frame for frame in frames}
         started = time.monotonic()
-        candidates = {
-            number: self._bmode.segment(crop(frame.pixels, frame.scan_region_xywh))
-            for number, frame in by_number.items()
-        }
-        lesions = track_lesions(candidates)
+        crops = {number: crop(frame.pixels, frame.scan_region_xywh) for number, frame in by_number.items()}
+        lesions = track_lesions({number: self._bmode.segment(gray) for number, gray in crops.items()})
         central: dict[int, list[VolumeLesion]] = {}
         for lesion in lesions:
             central.setdefault(lesion.central_frame, []).append(lesion)
         if not central:
             central = {sorted(by_number)[len(by_number) // 2]: []}
-        crops = {number: crop(frame.pixels, frame.scan_region_xywh) for number, frame in by_number.items()}
         analysed = []
         for number, tracked in sorted(central.items()):
             frame = by_number[number]

@@ -102,7 +102,7 @@ def int8_storage(
     noise of 0.1 on a logit of -9 changes nothing a reader sees, while the
     same on a logit near 0 moves the probability by 0.025.
     """
-    shift = float(np.abs(np.asarray(as_int8) - np.asarray(as_float)).max())
+    shift = largest_probability_shift(as_float, as_int8)
     auc_float, auc_int8 = auc(labels, as_float), auc(labels, as_int8)
     return {
         "convolution_weights": "int8, symmetric, one float32 scale per output channel; dequantised once when the "
@@ -113,8 +113,22 @@ def int8_storage(
         "max_probability_shift": shift,
         "val_auc_float": auc_float,
         "val_auc_int8": auc_int8,
-        "accepted": shift < INT8_PROBABILITY_TOLERANCE and auc_float - auc_int8 < INT8_AUC_TOLERANCE,
+        "accepted": serves_the_same(labels, as_float, as_int8),
     }
+
+
+def largest_probability_shift(reference: list[float], candidate: list[float]) -> float:
+    """The largest change of a served probability between two graphs of one model."""
+    return float(np.abs(np.asarray(candidate) - np.asarray(reference)).max())
+
+
+def serves_the_same(labels: list[int], reference: list[float], candidate: list[float]) -> bool:
+    """Whether a smaller graph (int8 weights, fp16) may replace ``reference``: no served probability moves by
+    :data:`INT8_PROBABILITY_TOLERANCE` or more, and validation AUC drops by less than :data:`INT8_AUC_TOLERANCE`."""
+    return (
+        largest_probability_shift(reference, candidate) < INT8_PROBABILITY_TOLERANCE
+        and auc(labels, reference) - auc(labels, candidate) < INT8_AUC_TOLERANCE
+    )
 
 
 def initialisation(config: RunConfig) -> str:

@@ -81,7 +81,7 @@ from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, merge_into_
 from models.inference.scorers import ClinicalContext, LesionView
 from models.inference.three_plane import ThreePlaneScorer, load_three_plane_scorer
 from models.training.abvs_volumes import plane_crops, record_volume
-from models.training.export_family import INT8_AUC_TOLERANCE, INT8_PROBABILITY_TOLERANCE, int8_storage
+from models.training.export_family import int8_storage, serves_the_same
 from models.training.export_reference import training_recipe
 from models.training.loop import (
     DEVICES,
@@ -459,9 +459,7 @@ def export_model(work: Path, out: Path, datasets: Path, recipe: ThreePlaneRecipe
             print(f"int8 weights change what is served too much ({storage}); trying fp16", flush=True)
             half = Path(tmp) / "fp16.onnx"
             onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=False), str(half))
-            as_half = served_probabilities(half, val, spec)
-            shift = float(np.abs(np.asarray(as_half) - np.asarray(as_float)).max())
-            if shift < INT8_PROBABILITY_TOLERANCE and auc(labels, as_float) - auc(labels, as_half) < INT8_AUC_TOLERANCE:
+            if serves_the_same(labels, as_float, served_probabilities(half, val, spec)):
                 chosen, precision = half, "float16"
         shutil.copyfile(chosen, destination)
     served_val = served_probabilities(destination, val, spec)
