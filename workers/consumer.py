@@ -46,7 +46,7 @@ from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE,
 from workers.sc_writer import build_overlay_image
 from workers.seg_writer import build_segmentation
 from workers.sender import ResultSender
-from workers.sr_writer import AnalysedFrame, ReportContext, build_report
+from workers.sr_writer import AnalysedFrame, ReportContext, build_report, image_laterality
 from workers.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -193,7 +193,7 @@ def process_study(
         context=context,
         previous_versions=[predecessor] if predecessor is not None else (),
         breast_fusions=fuse_breasts(
-            [(item.analysis.modality, _laterality(item.frame), item.analysis) for item in frames]
+            [(item.analysis.modality, image_laterality(item.frame.dataset), item.analysis) for item in frames]
         ),
         not_analysed=[_not_analysed_sentence(by_uid[uid], reason) for uid, reason in skipped if uid in by_uid],
     )
@@ -207,12 +207,6 @@ def _not_analysed_sentence(header: Dataset, reason: str) -> str:
     series = str(header.get("SeriesDescription") or "").strip()
     where = f"series {header.get('SeriesNumber', '?')}" + (f" ({series})" if series else "")
     return f"Not analysed: image {header.get('InstanceNumber', '?')} of {where}: {reason}."
-
-
-def _laterality(frame: SourceFrame) -> str:
-    """The imaged breast from Image Laterality or the series' Laterality (PS3.3 C.7.6.2, C.7.3.1); "" if unsaid."""
-    side = str(frame.dataset.get("ImageLaterality") or frame.dataset.get("Laterality") or "").strip().upper()
-    return side if side in ("L", "R") else ""
 
 
 def _lesion_mask(lesion: Lesion, frame: SourceFrame) -> npt.NDArray[np.bool_]:

@@ -41,7 +41,14 @@ from pydicom.sr.coding import Code
 from models.inference.findings import ModelInfo
 from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 from workers.dicom_reader import SourceFrame
-from workers.sr_writer import FINDING_MASS, SITE_BREAST, ReportContext, patient_study_header
+from workers.sr_writer import (
+    FINDING_MASS,
+    LATERALITY_CODES,
+    SITE_BREAST,
+    ReportContext,
+    image_laterality,
+    patient_study_header,
+)
 from workers.uids import derive_uid
 
 SERIES_DESCRIPTION = "BreastAI lesion segmentation (advisory)"
@@ -64,12 +71,6 @@ PROPERTY_MASS = FINDING_MASS
 PROPERTY_LESION = Code("52988006", "SCT", "Lesion")
 # CID 7162 "Algorithm Families": the segmenter is a neural network.
 ALGORITHM_FAMILY_AI = Code("123110", "DCM", "Artificial Intelligence")
-# CID 244 "Laterality", as the report's finding sites.
-_LATERALITY = {
-    "L": Code("7771000", "SCT", "Left"),
-    "R": Code("24028007", "SCT", "Right"),
-    "B": Code("51440002", "SCT", "Right and left"),
-}
 # Recommended display colours (RGB), cycled: those of the overlay's outlines (workers.overlay_render), so
 # "Lesion N" has one colour in the overlay and in a SEG viewer.
 _SEGMENT_COLOURS = ((0, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0))
@@ -207,7 +208,7 @@ def build_segmentation(
         )
         for number, label in enumerate(labels, start=1)
     ]
-    side = _LATERALITY.get(str(source.get("ImageLaterality") or source.get("Laterality") or "").strip().upper())
+    side = LATERALITY_CODES.get(image_laterality(source))  # as the report's finding sites
     if side is not None:
         # General Anatomy macro (PS3.3 10.5): the breast's side as a modifier of the anatomic region (CID 244).
         for item in descriptions:

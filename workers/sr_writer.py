@@ -107,7 +107,7 @@ FOUR_A_RECOMMENDATIONS = {
     "keep BI-RADS 4A": Code("KEEP-4A", BREASTAI_SCHEME, "Keep BI-RADS 4A"),
     "upgrade above BI-RADS 4A": Code("UPGRADE", BREASTAI_SCHEME, "Upgrade above BI-RADS 4A"),
 }
-_LATERALITY = {
+LATERALITY_CODES = {  # CID 244 "Laterality"
     "L": Code("7771000", "SCT", "Left"),
     "R": Code("24028007", "SCT", "Right"),
     "B": Code("51440002", "SCT", "Right and left"),
@@ -401,7 +401,7 @@ def _lesion_group(
 
 def _fusion_group(fusion: BreastFusion, report_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of one breast: DL-U's and DL-M's highest lesion scores and their late fusion, named as such."""
-    side = _LATERALITY[fusion.laterality].meaning
+    side = LATERALITY_CODES[fusion.laterality].meaning
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY_OF_CANCER,
@@ -422,7 +422,9 @@ def _fusion_group(fusion: BreastFusion, report_uid: str) -> hd.sr.MeasurementsAn
         ),
         finding_type=FINDING_MASS,
         algorithm_id=_algorithm(fusion.fusion_model),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=_LATERALITY[fusion.laterality])],
+        finding_sites=[
+            hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=LATERALITY_CODES[fusion.laterality])
+        ],
         measurements=measurements,
     )
 
@@ -521,11 +523,16 @@ def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def image_laterality(ds: pydicom.Dataset) -> str:
+    """The imaged breast, "L", "R" or "B", from Image Laterality or else the series' Laterality (PS3.3 C.7.6.2,
+    C.7.3.1); "" when the header does not say."""
+    side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    return side if side in LATERALITY_CODES else ""
+
+
 def _finding_site(ds: pydicom.Dataset) -> hd.sr.FindingSite:
     """Breast, with the image's laterality when the header gives one."""
-    side = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
-    laterality = _LATERALITY.get(side)
-    return hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=laterality)
+    return hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=LATERALITY_CODES.get(image_laterality(ds)))
 
 
 def _four_a_inputs(lesion: Lesion) -> tuple[str, str]:
