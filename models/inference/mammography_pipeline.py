@@ -12,6 +12,7 @@ also carries the finder's probability (``detection_probability``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,16 +87,7 @@ class MammographyPipeline:
         cv2.fillPoly(mask, [np.rint(finding.outline_xy).astype(np.int32)], 1)
         area = int(mask.sum())
         lesion = score_lesion(self._scorers, gray, box, finding.outline_xy, max(area, 1), context, mask.astype(bool))
-        return Lesion(
-            outline_xy=lesion.outline_xy,
-            bbox_xywh=lesion.bbox_xywh,
-            area_px=lesion.area_px,
-            malignancy_probability=lesion.malignancy_probability,
-            cam=lesion.cam,
-            family_scores=lesion.family_scores,
-            co_decision=lesion.co_decision,
-            detection_probability=float(finding.probability),
-        )
+        return dataclasses.replace(lesion, detection_probability=float(finding.probability))
 
 
 def load_mammography_pipeline(
