@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 US_MULTIFRAME_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+ENHANCED_US_VOLUME_STORAGE = "1.2.840.10008.5.1.4.1.1.6.2"
 
 
 def make_us_dataset(
@@ -262,6 +263,47 @@ def make_mg_dataset(
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(array).tobytes()
+    return ds
+
+
+def make_us_volume_dataset(
+    frames: npt.NDArray[np.uint8],
+    *,
+    spacing_mm: float = 0.2,
+    slice_step_mm: float = 0.5,
+    origin_mm: tuple[float, float, float] = (-40.0, 0.0, 25.0),
+    study_uid: str | None = None,
+) -> Dataset:
+    """An Enhanced US Volume (PS3.3 A.59) of transverse frames swept along the patient's head-foot axis.
+
+    The header an automated breast scanner's volume carries for placing its frames: a Frame of Reference and,
+    per frame, Plane Position (Patient) one ``slice_step_mm`` further along +Z (superior), with the orientation
+    (rows along +X, columns down along +Y: patient's left and posterior) and the Pixel Measures shared
+    (C.7.6.16.2). The rest is :func:`make_us_dataset`'s multi-frame US header, enough for the reader; not every
+    attribute the Enhanced US Volume IOD requires is present.
+    """
+    ds = make_us_dataset(frames, study_uid=study_uid, spacing_mm=None)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ENHANCED_US_VOLUME_STORAGE
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = ""
+    measures = Dataset()
+    measures.PixelSpacing = [spacing_mm, spacing_mm]
+    measures.SliceThickness = slice_step_mm
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for index in range(int(ds.NumberOfFrames)):
+        position = Dataset()
+        position.ImagePositionPatient = [origin_mm[0], origin_mm[1], origin_mm[2] + index * slice_step_mm]
+        item = Dataset()
+        item.PlanePositionSequence = [position]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
     return ds
 
 

@@ -8,7 +8,8 @@ Everything a pipeline needs comes out as plain numpy plus geometry:
   PALETTE COLOR goes through its lookup table (C.7.6.3.1.5-6), MONOCHROME1
   is inverted, deeper data is windowed (C.11.2) or min-max scaled to 0-255;
 - the scan region and pixel spacing from the US Region Calibration module
-  (C.8.5.5), else Pixel Spacing (C.7.6.2.1.1 / C.8.5.6), else none.
+  (C.8.5.5), else Pixel Spacing (C.7.6.2.1.1 / C.8.5.6, or the Pixel Measures
+  functional group of an enhanced multi-frame object, C.7.6.16.2.1), else none.
 
 Failures map onto the project's error tree: an object that is not usable
 DICOM raises :class:`~service.errors.InvalidInstance`; a valid object we
@@ -30,6 +31,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 
 from service.errors import BreastAIError, ImageTooLarge, InvalidInstance, UnsupportedInput
 from service.image_limits import DEFAULT_IMAGE_LIMITS, ImageLimits, over_limits
+from workers.frame_geometry import functional_group_value
 from workers.scan_region import clip_box, estimate_scan_region, region_from_us_regions
 
 # Photometric interpretations this reader turns into grayscale. YBR_* come
@@ -396,6 +398,8 @@ def _pixel_spacing_mm(ds: pydicom.Dataset) -> tuple[float | None, float | None]:
     when present (PS3.3 C.8.11.7, and 10.7.1.3 on the choice of spacing).
     """
     spacing = _spacing_pair(ds.get("PixelSpacing"))
+    if spacing is None:  # an enhanced multi-frame object (an Enhanced US Volume) keeps it in Pixel Measures
+        spacing = _spacing_pair(functional_group_value(ds, None, "PixelMeasuresSequence", "PixelSpacing"))
     if spacing is not None:
         return spacing
     imager = _spacing_pair(ds.get("ImagerPixelSpacing"))

@@ -61,6 +61,7 @@ from models.inference.findings import FamilyScore, ImageAnalysis, Lesion, ModelI
 from models.inference.fusion import BreastFusion
 from workers.advisory import NOT_FOR_DIAGNOSTIC_USE
 from workers.dicom_reader import SourceFrame
+from workers.frame_geometry import frame_plane
 from workers.uids import derive_uid
 
 
@@ -338,11 +339,6 @@ def _lesion_group(
         uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, str(number)),
         identifier=f"Lesion {number}",
     )
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=closed_outline(lesion.outline_xy, frame.scan_region_xywh[:2]),
-        source_image=_source_image_for_region(frame),
-    )
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY_OF_CANCER,
@@ -390,7 +386,7 @@ def _lesion_group(
         )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        referenced_region=region,
+        referenced_region=lesion_region(frame, lesion),
         finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
         algorithm_id=_algorithm(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
@@ -464,6 +460,31 @@ def _no_lesion_group(
         finding_sites=[_finding_site(frame.dataset)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PRESENCE, value=ABSENT)],
         source_images=[source],
+    )
+
+
+def lesion_region(frame: SourceFrame, lesion: Lesion) -> hd.sr.ImageRegion | hd.sr.ImageRegion3D:
+    """The lesion's outline as TID 1410's Image Region: SCOORD3D where the frame has a plane, else SCOORD.
+
+    A frame of an enhanced volume that places it in a Frame of Reference
+    (workers.frame_geometry) gets the outline in that frame's patient
+    coordinates, a closed, coplanar POLYGON (PS3.3 C.18.9.1.2), so that a
+    viewer places the lesion in the volume whatever plane it shows. Every
+    other image keeps the closed POLYLINE on its own pixels (C.18.6.1.2),
+    which references the image and frame and is what OHIF draws.
+    """
+    outline = closed_outline(lesion.outline_xy, frame.scan_region_xywh[:2])
+    plane = frame_plane(frame.dataset, frame.frame_number)
+    if plane is None:
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=_source_image_for_region(frame),
+        )
+    return hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+        graphic_data=plane.to_reference(outline),
+        frame_of_reference_uid=plane.frame_of_reference_uid,
     )
 
 
