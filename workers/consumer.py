@@ -31,7 +31,7 @@ from models.inference.manifest import ABVS_THREE_PLANE_ROLE
 from models.inference.pipeline import BModePipeline, family_view
 from models.inference.preprocess import crop
 from models.inference.three_plane import ThreePlaneScorer
-from models.inference.volume import VolumeLesion, lesion_planes, track_lesions
+from models.inference.volume import VolumeLesion, lesion_planes, sagittal_plane, seen_on_sagittal, track_lesions
 from service import metrics
 from service.durable import write_durably
 from service.errors import InvalidInstance, PatientConflict, PermanentError, UnsupportedInput
@@ -42,6 +42,7 @@ from service.spool import PREDECESSOR_FILE, REPORT_FILE, verify_instances
 from service.study_identity import patient_key
 from workers.clinical import clinical_context
 from workers.dicom_reader import SourceFrame, chest_wall_on_left, read_frames
+from workers.frame_geometry import frame_plane
 from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE, Route, check_pixels, route
 from workers.sc_writer import build_overlay_image
 from workers.seg_writer import build_segmentation
@@ -316,6 +317,13 @@ class _Analysers:
             analysis = self._bmode.analyse_lesions(
                 crops[number], [lesion.component for lesion in tracked], clinical_context(frame)
             )
+            analysis = dataclasses.replace(
+                analysis,
+                lesions=tuple(
+                    dataclasses.replace(scored, seen_on_sagittal=self._seen_on_sagittal(crops, lesion, frame))
+                    for scored, lesion in zip(analysis.lesions, tracked, strict=True)
+                ),
+            )
             if self._three_plane is not None and tracked:
                 analysis = dataclasses.replace(
                     analysis,
@@ -327,6 +335,19 @@ class _Analysers:
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
         metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
         return analysed
+
+    def _seen_on_sagittal(
+        self, crops: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion, frame: SourceFrame
+    ) -> bool | None:
+        """Whether the segmenter outlines ``lesion`` on the sagittal plane through its centre as well.
+
+        ``None`` where the sampled frames differ in shape (no plane can be cut across them).
+        """
+        if len({gray.shape for gray in crops.values()}) != 1:
+            return None
+        x, _y, w, _h = lesion.component.box
+        plane = sagittal_plane(crops, x + w // 2, _sweep_step_over_row_spacing(frame, len(crops)))
+        return seen_on_sagittal(plane, self._bmode.segment(plane.pixels), lesion)
 
     def _with_three_planes(
         self, scored: Lesion, crops: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion
@@ -349,6 +370,25 @@ class _Analysers:
             notes=(f"planes cut from the volume's sampled frames {lesion.frames[0]}-{lesion.frames[-1]}",),
         )
         return dataclasses.replace(scored, family_scores=(*scored.family_scores, score))
+
+
+def _sweep_step_over_row_spacing(frame: SourceFrame, sampled: int) -> float:
+    """Distance between two sampled frames of a volume over the distance between two rows of a frame.
+
+    An Enhanced US Volume places its frames (workers.frame_geometry): the step is the distance between the first
+    and last frames' positions over their count. A US Multi-frame from an ABVS says neither; the sweep is then
+    taken to be as long as a frame is wide, as an ABVS's is (about 15 cm both ways), which may be wrong by a
+    factor of two for another scanner: the sagittal check, not the transverse analysis, depends on it.
+    """
+    ds = frame.dataset
+    count = int(ds.get("NumberOfFrames") or 1)
+    first, last = frame_plane(ds, 1), frame_plane(ds, count)
+    row_mm = frame.row_spacing_mm
+    if first is not None and last is not None and count > 1 and row_mm:
+        sweep_mm = float(np.linalg.norm(np.subtract(last.image_position, first.image_position)))
+        return sweep_mm / max(1, sampled - 1) / row_mm
+    width_px = frame.scan_region_xywh[2] * (frame.column_spacing_mm or 1.0) / (row_mm or 1.0)
+    return width_px / max(1, sampled - 1)
 
 
 def _read_predecessor(path: Path) -> Dataset | None:

@@ -99,6 +99,9 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = Code("121106", "DCM", "Comment")
 # Private codes (PS3.16 8.2: a "99" prefix marks a local coding scheme) for what no standard code says.
 BREASTAI_SCHEME = "99BREASTAI"
+# A lesion tracked through a volume's transverse frames, looked for on the sagittal plane reconstructed through it
+# (models.inference.volume.seen_on_sagittal); no standard concept says this.
+SEEN_ON_SAGITTAL = Code("SAGITTAL-CHECK", BREASTAI_SCHEME, "Outlined on reconstructed sagittal plane")
 PROBABILITY_BIRADS_HIGH = Code("P-BIRADS45", BREASTAI_SCHEME, "Probability of BI-RADS 4 or 5 assessment")
 AT_OR_ABOVE_OPERATING_POINT = Code("AT-OR-ABOVE-OP", BREASTAI_SCHEME, "At or above the model's operating point")
 BELOW_OPERATING_POINT = Code("BELOW-OP", BREASTAI_SCHEME, "Below the model's operating point")
@@ -364,6 +367,12 @@ def _lesion_group(
         evaluations.append(
             hd.sr.QualitativeEvaluation(
                 name=FOUR_A_RESTRATIFICATION, value=FOUR_A_RECOMMENDATIONS[lesion.co_decision.recommendation.value]
+            )
+        )
+    if lesion.seen_on_sagittal is not None:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=SEEN_ON_SAGITTAL, value=codes.SCT.Yes if lesion.seen_on_sagittal else codes.SCT.No
             )
         )
     if lesion.detection_probability is not None:

@@ -128,6 +128,10 @@ class Lesion:
     detection_probability
         A lesion finder's probability that the region is an abnormality at all
         (mammography); ``None`` where a segmenter outlined it.
+    seen_on_sagittal
+        For a lesion tracked through a volume's transverse frames: whether the
+        segmenter outlined it on the sagittal plane reconstructed through its
+        centre too (models.inference.volume); ``None`` for a 2D image.
     """
 
     outline_xy: npt.NDArray[np.float32]
@@ -139,6 +143,7 @@ class Lesion:
     co_decision: CoDecision | None = None
     prototypes: tuple[PrototypeEvidence, ...] = ()  # of the family this lesion is viewed through (overlays)
     detection_probability: float | None = None
+    seen_on_sagittal: bool | None = None
 
     def longest_diameter_mm(self, row_spacing_mm: float, column_spacing_mm: float) -> float:
         """Longest distance in millimetres between two outline points.

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -155,3 +156,56 @@ def lesion_planes(
     sagittal = np.stack([frame[y0:y1, middle_x] for frame in sweep], axis=1)
     coronal = np.stack([frame[middle_y, x0:x1] for frame in sweep], axis=0)
     return LesionPlanes(transverse, np.ascontiguousarray(sagittal), np.ascontiguousarray(coronal))
+
+
+@dataclass(frozen=True)
+class SagittalPlane:
+    """A plane reconstructed across the sweep: one column of every sampled frame, resampled along the sweep.
+
+    Attributes
+    ----------
+    pixels
+        (rows of a frame, sweep positions) uint8 grey: depth down, the sweep across.
+    frames
+        The sampled frame numbers in sweep order; column ``j`` of ``pixels`` lies at fractional index
+        ``j / columns_per_frame`` into them.
+    columns_per_frame
+        How many plane columns one sampled frame step became (the resampling that gives the plane roughly square
+        pixels).
+    """
+
+    pixels: npt.NDArray[np.uint8]
+    frames: tuple[int, ...]
+    columns_per_frame: float
+
+
+def sagittal_plane(
+    frames: Mapping[int, npt.NDArray[np.uint8]], column: int, step_over_row_spacing: float
+) -> SagittalPlane:
+    """The sagittal plane through ``column`` of the sampled ``frames`` (frame number -> grey crop, one shape).
+
+    ``step_over_row_spacing`` is the distance between two sampled frames over the distance between two rows; the
+    plane is stretched by it along the sweep, so that a round lesion looks round to the segmenter, which was
+    trained on images with square pixels.
+    """
+    order = sorted(frames)
+    plane = np.stack([frames[n][:, column] for n in order], axis=1)
+    scale = max(1.0, float(step_over_row_spacing))
+    width = max(1, round(len(order) * scale))
+    stretched = cv2.resize(plane, (width, plane.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return SagittalPlane(np.ascontiguousarray(stretched, dtype=np.uint8), tuple(order), width / len(order))
+
+
+def seen_on_sagittal(
+    plane: SagittalPlane, components: Sequence[Component], lesion: VolumeLesion, min_overlap: float = MIN_OVERLAP
+) -> bool:
+    """Whether the segmenter outlined ``lesion`` on ``plane`` too: a component on the plane overlapping the lesion's
+    extent there (its rows on the central frame, across the sampled frames it was tracked on) by ``min_overlap``."""
+    indices = [plane.frames.index(n) for n in lesion.frames if n in plane.frames]
+    if not indices:
+        return False
+    _x, y, _w, h = lesion.component.box
+    x0 = int(np.floor(min(indices) * plane.columns_per_frame))
+    x1 = int(np.ceil((max(indices) + 1) * plane.columns_per_frame))
+    extent: Box = (x0, y, max(1, x1 - x0), h)
+    return any(_overlap(extent, component.box) >= min_overlap for component in components)

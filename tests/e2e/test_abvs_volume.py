@@ -9,6 +9,7 @@ outline, so the segmenter has nothing to find there).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +101,18 @@ def test_an_abvs_volume_gets_its_lesion_placed_in_a_report(tmp_path: Path, enhan
     else:
         frames = _referenced_frames(report)
         assert any(frame in LESION_FRAMES for frame in frames), f"lesions placed on frames {frames}"
+        # The real lesion, which spans 20 frames, is outlined on the sagittal plane through it as well.
+        on_lesion = [
+            _sagittal_checks(group)
+            for group in _items_of_type(report, "CONTAINER")
+            if any(frame in LESION_FRAMES for frame in _referenced_frames(group)) and _sagittal_checks(group)
+        ]
+        assert ["Yes"] in on_lesion, on_lesion
+    # Every tracked lesion was looked for on the sagittal plane reconstructed through it, and the report says so.
+    checks = _sagittal_checks(report)
+    assert len(checks) == len([text for text in texts if re.fullmatch(r"Lesion \d+", text)])
+    assert set(checks) <= {"Yes", "No"}
+    print(f"reconstructed sagittal plane: {checks}")
     source_uid = str(pydicom.dcmread(volume, stop_before_pixels=True).SOPInstanceUID)
     assert source_uid in _referenced_instances(report)
     assert dciodvfy_errors(report_path) == []
@@ -117,6 +130,14 @@ def _referenced_frames(dataset: pydicom.Dataset) -> list[int]:
                         found.extend(int(n) for n in (numbers if isinstance(numbers, list | tuple) else [numbers]))
         found.extend(_referenced_frames(item))
     return found
+
+
+def _sagittal_checks(dataset: pydicom.Dataset) -> list[str]:
+    return [
+        str(item.ConceptCodeSequence[0].CodeMeaning)
+        for item in _items_of_type(dataset, "CODE")
+        if item.ConceptNameCodeSequence[0].get("CodeValue") == "SAGITTAL-CHECK"
+    ]
 
 
 def _items_of_type(dataset: pydicom.Dataset, value_type: str) -> list[pydicom.Dataset]:
