@@ -10,7 +10,9 @@
     │                                image or mask in it cannot be read (names the folder or file)
     ├── TrainingError                a training, pretraining, export or fitting run cannot go on as asked
     │                                (bad option combination, unusable checkpoint, no data for a split)
-    └── EvaluationError              an evaluation cannot be scored as asked (unknown model, unusable data)
+    ├── EvaluationError              an evaluation cannot be scored as asked (unknown model, unusable data)
+    └── BackendUnavailable           the inference backend asked for cannot run here (no GPU, TensorRT or
+                                     CUDA provider missing), or one could not run a model (names which and why)
 
 Library code raises these and never ``SystemExit``; ``workers.cli`` prints
 the message and exits with status 2, as it does for bad settings
@@ -43,3 +45,7 @@ class TrainingError(ModelsError):
 
 class EvaluationError(ModelsError):
     """An evaluation cannot be scored as asked."""
+
+
+class BackendUnavailable(ModelsError):
+    """An inference backend that was asked for cannot run here, or cannot run a given model (the message says why)."""

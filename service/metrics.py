@@ -75,6 +75,11 @@ DEAD_LETTERED_JOBS = Gauge("breastai_dead_lettered_jobs", "Jobs in the spool's d
 MODEL_INFO = Gauge(
     "breastai_model_info", "The models this worker serves (value 1), by name and version", ["name", "version"]
 )
+INFERENCE_BACKEND_INFO = Gauge(
+    "breastai_inference_backend_info",
+    "Where each served model runs (value 1): tensorrt, cuda (ONNX Runtime's CUDA provider) or cpu, by model name",
+    ["model", "backend"],
+)
 
 # The closed vocabulary of INSTANCES_REJECTED's reason label.
 REJECT_REASONS = (

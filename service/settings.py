@@ -30,10 +30,14 @@ ENV_PREFIX = "BREASTAI_"
 QueueKind = Literal["embedded", "rabbitmq"]
 LogFormat = Literal["json", "console"]
 DestinationKind = Literal["dicom", "folder"]
+InferenceBackend = Literal["auto", "tensorrt", "cuda", "cpu"]
 
 _QUEUE_KINDS: tuple[str, ...] = ("embedded", "rabbitmq")
 _LOG_FORMATS: tuple[str, ...] = ("json", "console")
 _LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# models.inference.backends.BACKEND_CHOICES: service does not import models, so the names are repeated here (and a
+# unit test holds the two lists equal).
+INFERENCE_BACKENDS: tuple[str, ...] = ("auto", "tensorrt", "cuda", "cpu")
 
 # "AE@host:port"; the host may be a bracketed IPv6 literal.
 _DICOM_DESTINATION = re.compile(r"^(?P<ae>[^@]+)@(?P<host>\[[0-9A-Fa-f:.]+\]|[^:@\[\]]+):(?P<port>[0-9]+)$")
@@ -178,6 +182,12 @@ class Settings:
         data sets into P-DATA PDUs of at most this size. Larger PDUs cost
         less CPU per instance (a 1 MB image in 16 KB PDUs is 64 of them);
         each association buffers at most one.
+    listener_processes
+        Processes that receive associations on the listener's one port
+        (service.receivers): past one core, a Python process receives no
+        faster, whatever the associations. 1 receives in the process that
+        also tracks and seals studies; more start that many receiver
+        processes beside it, each accepting up to ``max_associations``.
     tls_cert_file, tls_key_file, tls_ca_file, tls_require_client_cert, tls_destinations
         DICOM TLS (service.tls): the listener serves TLS only once a
         certificate and key are set, and requires senders' certificates
@@ -207,6 +217,20 @@ class Settings:
     us_families
         Model families run on each ultrasound lesion, in report order (manifest
         roles such as ``dlr_bm``); empty uses the model folder's default list.
+    inference_backend
+        Where the models run (models.inference.backends): ``auto`` (TensorRT
+        with a GPU, else ONNX Runtime's CUDA provider with a GPU, else the
+        CPU), or ``tensorrt``, ``cuda``, ``cpu``, which refuse to start where
+        they cannot run.
+    engine_cache_dir
+        TensorRT engines built from the model files, kept between starts.
+    inference_max_batch, inference_max_wait_ms
+        Calls of one model from concurrent jobs are run together, up to this
+        many items, the first waiting at most this long for the others; 1 runs
+        every item on its own (models.inference.batching).
+    worker_concurrency
+        Jobs one worker process runs at once, sharing its loaded models (each
+        RabbitMQ consumer on its own connection); 1 runs one at a time.
     """
 
     ae_title: str = "BREASTAI"
@@ -227,6 +251,7 @@ class Settings:
     max_instance_mb: int = 512
     max_associations: int = 16
     max_pdu_kb: int = 1024
+    listener_processes: int = 1
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
@@ -242,6 +267,11 @@ class Settings:
     model_dir: Path | None = None
     job_retry_limit: int = 30
     us_families: tuple[str, ...] = ()
+    inference_backend: InferenceBackend = "auto"
+    engine_cache_dir: Path = Path("var/engines")
+    inference_max_batch: int = 1
+    inference_max_wait_ms: float = 2.0
+    worker_concurrency: int = 1
 
     @property
     def allowed_peers(self) -> tuple[AllowedPeer, ...]:
@@ -291,6 +321,8 @@ class Settings:
             raise ConfigurationError(f"keep_delivered_hours must be >= 0: {self.keep_delivered_hours!r}")
         if not 16 <= self.max_pdu_kb <= 16384:
             raise ConfigurationError(f"max_pdu_kb must be in 16..16384: {self.max_pdu_kb!r}")
+        if not 1 <= self.listener_processes <= 64:
+            raise ConfigurationError(f"listener_processes must be in 1..64: {self.listener_processes!r}")
         if self.spool_quota_mb < 0:
             raise ConfigurationError(f"spool_quota_mb must be >= 0: {self.spool_quota_mb!r}")
         if self.spool_reserve_mb < 0:
@@ -305,6 +337,16 @@ class Settings:
             raise ConfigurationError(f"send_backoff_s must be >= 0: {self.send_backoff_s!r}")
         if self.job_retry_limit < 1:
             raise ConfigurationError(f"job_retry_limit must be >= 1: {self.job_retry_limit!r}")
+        if self.inference_backend not in INFERENCE_BACKENDS:
+            raise ConfigurationError(
+                f"inference_backend must be one of {INFERENCE_BACKENDS}: {self.inference_backend!r}"
+            )
+        if not 1 <= self.inference_max_batch <= 256:
+            raise ConfigurationError(f"inference_max_batch must be in 1..256: {self.inference_max_batch!r}")
+        if not 0 <= self.inference_max_wait_ms <= 1000:
+            raise ConfigurationError(f"inference_max_wait_ms must be in 0..1000: {self.inference_max_wait_ms!r}")
+        if not 1 <= self.worker_concurrency <= 64:
+            raise ConfigurationError(f"worker_concurrency must be in 1..64: {self.worker_concurrency!r}")
 
 
 def _redact_url(url: str) -> str:
@@ -415,12 +457,18 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "spool_reserve_mb": _to_int,
     "spool_quota_mb": _to_int,
     "max_pdu_kb": _to_int,
+    "listener_processes": _to_int,
     "max_frame_megapixels": _to_int,
     "max_decoded_mb": _to_int,
     "send_retries": _to_int,
     "send_backoff_s": _to_float,
     "model_dir": _to_optional_path,
     "job_retry_limit": _to_int,
+    "inference_backend": _to_str,
+    "engine_cache_dir": _to_path,
+    "inference_max_batch": _to_int,
+    "inference_max_wait_ms": _to_float,
+    "worker_concurrency": _to_int,
 }
 
 # The environment name of a field is BREASTAI_<FIELD_UPPER>, except for the
@@ -538,6 +586,17 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, help=helptext("log level", "log_level"))
     group.add_argument("--model-dir", type=Path, help=helptext("model weights directory", "model_dir"))
     group.add_argument(
+        "--inference-backend",
+        choices=INFERENCE_BACKENDS,
+        help=helptext("where the models run: auto picks TensorRT, then CUDA, then the CPU", "inference_backend"),
+    )
+    group.add_argument(
+        "--worker-concurrency",
+        type=int,
+        metavar="JOBS",
+        help=helptext("jobs one worker process runs at once, sharing its models", "worker_concurrency"),
+    )
+    group.add_argument(
         "--us-families",
         action="append",
         metavar="ROLE",
@@ -565,6 +624,8 @@ _FLAG_FIELDS: dict[str, str] = {
     "log_level": "log_level",
     "model_dir": "model_dir",
     "us_families": "us_families",
+    "inference_backend": "inference_backend",
+    "worker_concurrency": "worker_concurrency",
 }
 
 

@@ -41,10 +41,13 @@ from service.logging import configure_logging, silence_value_quoting_warnings
 from service.settings import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
+    from models.inference.backends import InferenceRuntime
     from models.inference.mammography_pipeline import MammographyPipeline
     from models.inference.pipeline import BModePipeline
     from models.inference.three_plane import ThreePlaneScorer
     from service.dispatcher import Dispatcher
+    from service.queue import JobQueue
+    from service.spool import Spool
     from workers.consumer import JobHandler
     from workers.sr_writer import ReportContext
 
@@ -71,35 +74,70 @@ def _report_context(settings: Settings) -> ReportContext:
     return ReportContext(device_observer_uid=derive_uid("breastai-device", settings.ae_title))
 
 
-def _pipeline(model_dir: Path | None, families: tuple[str, ...]) -> BModePipeline:
+def _runtime(settings: Settings) -> InferenceRuntime:
+    """The inference backend the settings ask for, on this machine; one that cannot run here stops the start-up.
+
+    ``auto`` says what it chose and why (``inference_backend_chosen``): which
+    of TensorRT, ONNX Runtime's CUDA provider and the CPU, and what the
+    others lacked. No patient data is involved.
+    """
+    from models.errors import BackendUnavailable
+    from models.inference.backends import InferenceRuntime, choose_backend, probe_availability
+
+    try:
+        choice = choose_backend(settings.inference_backend, probe_availability())
+    except BackendUnavailable as exc:
+        raise ConfigurationError(str(exc)) from exc
+    log.info(
+        "inference_backend_chosen",
+        requested=settings.inference_backend,
+        backend=choice.kind,
+        reason=choice.reason,
+        max_batch=settings.inference_max_batch,
+        worker_concurrency=settings.worker_concurrency,
+    )
+    if settings.inference_max_batch > 1 and settings.worker_concurrency == 1:
+        # One job at a time calls each model from one thread: nothing to batch with, only the wait is added.
+        log.warning("batching_without_concurrency", max_batch=settings.inference_max_batch, worker_concurrency=1)
+    return InferenceRuntime.from_choice(
+        choice, settings.engine_cache_dir, settings.inference_max_batch, settings.inference_max_wait_ms
+    )
+
+
+def _pipeline(
+    model_dir: Path | None, families: tuple[str, ...], runtime: InferenceRuntime | None = None
+) -> BModePipeline:
     """The B-mode pipeline; a model folder that does not match the configuration stops the start-up."""
+    from models.inference.backends import CPU_RUNTIME
     from models.inference.pipeline import load_bmode_pipeline
     from models.inference.registry import ModelRegistryError
 
     try:
-        return load_bmode_pipeline(model_dir, families=families)
+        return load_bmode_pipeline(model_dir, runtime or CPU_RUNTIME, families=families)
     except ModelRegistryError as exc:
         raise ConfigurationError(str(exc)) from exc
 
 
-def _mammography(model_dir: Path | None) -> MammographyPipeline | None:
+def _mammography(model_dir: Path | None, runtime: InferenceRuntime | None = None) -> MammographyPipeline | None:
     """The mammography pipeline where the model folder has a finder and MG families; a broken one stops the start."""
+    from models.inference.backends import CPU_RUNTIME
     from models.inference.mammography_pipeline import load_mammography_pipeline
     from models.inference.registry import ModelRegistryError
 
     try:
-        return load_mammography_pipeline(model_dir)
+        return load_mammography_pipeline(model_dir, runtime or CPU_RUNTIME)
     except ModelRegistryError as exc:
         raise ConfigurationError(str(exc)) from exc
 
 
-def _three_plane(model_dir: Path | None) -> ThreePlaneScorer | None:
+def _three_plane(model_dir: Path | None, runtime: InferenceRuntime | None = None) -> ThreePlaneScorer | None:
     """The ABVS three-plane family where the model folder has it; a broken entry stops the start."""
+    from models.inference.backends import CPU_RUNTIME
     from models.inference.registry import ModelRegistryError
     from models.inference.three_plane import load_three_plane_scorer
 
     try:
-        return load_three_plane_scorer(model_dir)
+        return load_three_plane_scorer(model_dir, runtime or CPU_RUNTIME)
     except ModelRegistryError as exc:
         raise ConfigurationError(str(exc)) from exc
 
@@ -109,12 +147,24 @@ def _job_handler(settings: Settings) -> JobHandler:
     from workers.consumer import JobHandler
     from workers.sender import ResultSender
 
-    pipeline = _pipeline(settings.model_dir, settings.us_families)
-    mammography = _mammography(settings.model_dir)
-    three_plane = _three_plane(settings.model_dir)
+    runtime = _runtime(settings)
+    pipeline = _pipeline(settings.model_dir, settings.us_families, runtime)
+    mammography = _mammography(settings.model_dir, runtime)
+    three_plane = _three_plane(settings.model_dir, runtime)
     served = (*pipeline.model_infos, *(mammography.model_infos if mammography is not None else ()))
     for model in (*served, *((three_plane.model_info,) if three_plane is not None else ())):
         metrics.MODEL_INFO.labels(name=model.name, version=model.version).set(1)
+    for placement in runtime.placements().values():
+        metrics.INFERENCE_BACKEND_INFO.labels(model=placement.model, backend=placement.backend).set(1)
+        # A model TensorRT could not take, or one that cannot batch, is worth a look: a warning, not a silent change.
+        unexpected = placement.backend != runtime.backend or placement.batching.startswith("off:")
+        (log.warning if unexpected else log.info)(
+            "inference_backend_model",
+            model=placement.model,
+            backend=placement.backend,
+            reason=placement.reason,
+            batching=placement.batching,
+        )
     tls = (
         client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
         if settings.tls_destinations
@@ -136,10 +186,23 @@ def _watch_listener(health: Health, dispatcher: Dispatcher) -> None:
     metrics.OLDEST_RECEIVING_STUDY_SECONDS.set_function(dispatcher.oldest_receiving_age)
 
 
+def _consumers(settings: Settings, spool: Spool, queue: JobQueue) -> list[JobQueue]:
+    """``worker_concurrency`` consumers: the embedded queue shared, or a RabbitMQ consumer (a connection) each."""
+    if settings.queue != "rabbitmq":
+        return [queue] * settings.worker_concurrency
+    from service.queue.rabbitmq import RabbitMQJobQueue
+
+    extra = [
+        RabbitMQJobQueue(settings, spool, connection_name=f"breastai-{number}")
+        for number in range(2, settings.worker_concurrency + 1)
+    ]
+    return [queue, *extra]
+
+
 def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     from service.dispatcher import Dispatcher
     from service.listener import StudyListener
-    from service.queue import open_queue
+    from service.queue import consume_concurrently, open_queue
     from service.spool import Spool
 
     stop = _stop_event()
@@ -155,6 +218,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     handler = _job_handler(settings) if with_worker else None
     if handler is not None:
         health.add("ready", "models", lambda: None)
+    consumers = _consumers(settings, spool, queue) if handler is not None else []
     dispatcher = listener = None
     if with_listener:
         dispatcher = Dispatcher(settings, spool, queue)
@@ -166,7 +230,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
         log.info("listening", ae_title=settings.ae_title, port=settings.port, queue=settings.queue)
     try:
         if handler is not None:
-            queue.consume(handler, stop)
+            consume_concurrently(consumers, handler, stop)
         else:
             stop.wait()
     finally:
@@ -174,6 +238,8 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
             listener.stop()
         if dispatcher is not None:
             dispatcher.stop()
+        for consumer in {id(c): c for c in consumers if c is not queue}.values():
+            consumer.close()
         queue.close()
         if http_server is not None:
             http_server.shutdown()

@@ -1,6 +1,8 @@
 """Serving: everything ``serve``, ``work`` and ``analyze`` need, and nothing that needs torch.
 
-Backends behind one protocol (:mod:`.backend`), the model registry
+Backends behind one protocol (:mod:`.backend`; chosen and opened in
+:mod:`.backends`, TensorRT in :mod:`.tensorrt_backend`, batching in
+:mod:`.batching`), the model registry
 (:mod:`.registry`), the B-mode pipeline (:mod:`.pipeline`), lesions and
 their refinement, preprocessing, class-activation maps, findings, the
 decision rules, and the scorers: one per paper family

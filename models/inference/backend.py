@@ -36,7 +36,8 @@ class OnnxRuntimeBackend:
     Parameters
     ----------
     path
-        The model file.
+        The model file, or the serialised model itself (e.g. a copy with a
+        symbolic batch axis, :func:`models.inference.batch_axis.with_symbolic_batch`).
     providers
         ONNX Runtime execution providers in order of preference; CPU is
         always appended so a missing GPU falls back instead of failing.
@@ -45,7 +46,7 @@ class OnnxRuntimeBackend:
     """
 
     def __init__(
-        self, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0
+        self, path: Path | bytes, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0
     ) -> None:
         import onnxruntime as ort  # imported here so that importing models stays light
 
@@ -59,13 +60,20 @@ class OnnxRuntimeBackend:
         chosen = [p for p in providers if p in available]
         if "CPUExecutionProvider" not in chosen:
             chosen.append("CPUExecutionProvider")
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        model = path if isinstance(path, bytes) else str(path)
+        self._session = ort.InferenceSession(model, sess_options=options, providers=chosen)
         self._input_types = {i.name: i.type for i in self._session.get_inputs()}
         self._output_names = tuple(o.name for o in self._session.get_outputs())
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return self._output_names
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The execution providers the session runs on, as ONNX Runtime reports them (a listed provider that
+        could not start, e.g. CUDA without a GPU, is missing here: ONNX Runtime falls back without raising)."""
+        return tuple(self._session.get_providers())
 
     def run(self, inputs: Mapping[str, npt.NDArray[np.float32]]) -> Arrays:
         feed = {

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.backend import Backend
+from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.cam import normalise_cam
 from models.inference.findings import FamilyScore, ModelInfo, PrototypeEvidence
 from models.inference.manifest import NetworkSpec, Task
 from models.inference.preprocess import Box, roi_input
-from models.inference.registry import ModelEntry, verified_path, verified_side_files
+from models.inference.registry import ModelEntry, verified_side_files
 from models.inference.scorers import NO_CLINICAL_CONTEXT as NO_CLINICAL_CONTEXT  # defined with the scorer protocol
 from models.inference.scorers import ClinicalContext as ClinicalContext
 from models.inference.scorers import LesionView
@@ -187,10 +188,9 @@ class FamilyScorer:
         )
 
 
-def load_family_scorer(
-    entry: ModelEntry, model_dir: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-) -> FamilyScorer:
-    """A scorer over the checksum-verified ONNX file of ``entry`` on ONNX Runtime.
+def load_family_scorer(entry: ModelEntry, model_dir: Path, runtime: InferenceRuntime = CPU_RUNTIME) -> FamilyScorer:
+    """A scorer over the checksum-verified ONNX file of ``entry`` on ``runtime``'s backend (ONNX Runtime's CPU one
+    by default).
 
     Raises
     ------
@@ -200,4 +200,4 @@ def load_family_scorer(
         The model file or a side file is missing or does not match its sha256.
     """
     entry.spec_as(NetworkSpec)  # refuse an incomplete entry before the graph is read
-    return FamilyScorer(entry, OnnxRuntimeBackend(verified_path(entry, model_dir), providers), model_dir)
+    return FamilyScorer(entry, runtime.open(entry, model_dir), model_dir)

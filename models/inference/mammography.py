@@ -33,11 +33,12 @@ import numpy as np
 import numpy.typing as npt
 
 from models.errors import ModelRegistryError
-from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.backend import Backend
+from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.findings import ModelInfo
 from models.inference.lesions import outline_of
 from models.inference.manifest import MG_FINDER_ROLE, MammogramFinderSpec
-from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest, verified_path
+from models.inference.registry import BUNDLED_MODEL_DIR, ModelEntry, read_manifest
 
 #: Pixels at or above this grey level (of 255) are tissue; below it, the background of the detector or film.
 TISSUE_LEVEL = 16
@@ -316,9 +317,7 @@ class _Frame:
         )
 
 
-def load_mammogram_finder(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-) -> MammogramFinder:
+def load_mammogram_finder(model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME) -> MammogramFinder:
     """The checksum-verified lesion finder of a model folder (the bundled models when None).
 
     Raises
@@ -330,11 +329,11 @@ def load_mammogram_finder(
     entries = read_manifest(model_dir)
     if MG_FINDER_ROLE not in entries:
         raise ModelRegistryError(f"the manifest of {model_dir or BUNDLED_MODEL_DIR} lists no {MG_FINDER_ROLE}")
-    return finder_of(entries[MG_FINDER_ROLE], model_dir, providers)
+    return finder_of(entries[MG_FINDER_ROLE], model_dir, runtime)
 
 
 def finder_of(
-    entry: ModelEntry, model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    entry: ModelEntry, model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> MammogramFinder:
     """The finder a manifest entry describes, its file verified against the entry's sha256.
 
@@ -345,4 +344,4 @@ def finder_of(
         checksum.
     """
     spec = entry.spec_as(MammogramFinderSpec)  # refused at load, not at the first image
-    return MammogramFinder(OnnxRuntimeBackend(verified_path(entry, model_dir), providers), spec, entry.info)
+    return MammogramFinder(runtime.open(entry, model_dir), spec, entry.info)

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.errors import ModelRegistryError
+from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.findings import ImageAnalysis, Lesion, ModelInfo
 from models.inference.mammography import MammogramFinder, MammogramFinding, load_mammogram_finder
 from models.inference.manifest import Task
@@ -91,7 +92,7 @@ class MammographyPipeline:
 
 
 def load_mammography_pipeline(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> MammographyPipeline | None:
     """The finder and the manifest's MG families, or ``None`` where the model folder has no finder or no MG list.
 
@@ -111,6 +112,6 @@ def load_mammography_pipeline(
     if missing:
         raise ModelRegistryError(f"MG families {', '.join(missing)} are not in the manifest of {directory}")
     scorers = [
-        load_scorer(entries[role], entries, directory, providers) for role in with_consensus_members(chosen, entries)
+        load_scorer(entries[role], entries, directory, runtime) for role in with_consensus_members(chosen, entries)
     ]
-    return MammographyPipeline(load_mammogram_finder(model_dir), scorers)
+    return MammographyPipeline(load_mammogram_finder(model_dir, runtime), scorers)

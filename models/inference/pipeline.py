@@ -41,7 +41,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.backend import Backend
+from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.cam import paste
 from models.inference.consensus import load_consensus_scorer
 from models.inference.decisions import BM_ROLE, co_decision, lh_score
@@ -70,7 +71,6 @@ from models.inference.registry import (
     ModelRegistryError,
     read_manifest,
     read_manifest_and_pipelines,
-    verified_path,
 )
 from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, LesionView
 from models.inference.scorers import Scorer as Scorer  # the protocol every served scorer follows
@@ -95,7 +95,7 @@ def _probability(segmenter: Backend, spec: SegmenterSpec, gray: npt.NDArray[np.u
 
 
 def load_segmenter(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> tuple[Backend, ModelEntry]:
     """The checksum-verified lesion segmenter alone (no classification family is loaded).
 
@@ -105,22 +105,20 @@ def load_segmenter(
         The manifest lists no segmenter, its entry is incomplete
         (:class:`~models.errors.ManifestError`), or its file fails its checksum.
     """
-    return _segmenter_of(read_manifest(model_dir), model_dir, providers)
+    return _segmenter_of(read_manifest(model_dir), model_dir, runtime)
 
 
 def _segmenter_of(
-    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...]
+    entries: Mapping[str, ModelEntry], model_dir: Path | None, runtime: InferenceRuntime
 ) -> tuple[Backend, ModelEntry]:
     if SEGMENTER_ROLE not in entries:
         raise ModelRegistryError(f"the manifest of {model_dir or BUNDLED_MODEL_DIR} lists no {SEGMENTER_ROLE}")
     entry = entries[SEGMENTER_ROLE]
     entry.spec_as(SegmenterSpec)  # refused at load, not at the first image
-    return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
+    return runtime.open(entry, model_dir), entry
 
 
-def load_refiner(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-) -> Refiner | None:
+def load_refiner(model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME) -> Refiner | None:
     """The checksum-verified close-up refiner, or None when the model folder has none.
 
     Raises
@@ -128,11 +126,11 @@ def load_refiner(
     ModelRegistryError
         Its entry is incomplete (:class:`~models.errors.ManifestError`) or its file fails its checksum.
     """
-    return _refiner_of(read_manifest(model_dir), model_dir, providers)
+    return _refiner_of(read_manifest(model_dir), model_dir, runtime)
 
 
 def load_segmentation(
-    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    entries: Mapping[str, ModelEntry], model_dir: Path | None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> Segmentation:
     """:func:`load_segmenter` and :func:`load_refiner` from entries already read: the lesion outlines as served.
 
@@ -141,18 +139,16 @@ def load_segmentation(
     ModelRegistryError
         As :func:`load_segmenter` and :func:`load_refiner`.
     """
-    segmenter, entry = _segmenter_of(entries, model_dir, providers)
-    return segmenter, entry, _refiner_of(entries, model_dir, providers)
+    segmenter, entry = _segmenter_of(entries, model_dir, runtime)
+    return segmenter, entry, _refiner_of(entries, model_dir, runtime)
 
 
-def _refiner_of(
-    entries: Mapping[str, ModelEntry], model_dir: Path | None, providers: tuple[str, ...]
-) -> Refiner | None:
+def _refiner_of(entries: Mapping[str, ModelEntry], model_dir: Path | None, runtime: InferenceRuntime) -> Refiner | None:
     entry = entries.get(REFINER_ROLE)
     if entry is None:
         return None
     entry.spec_as(RefinerSpec)
-    return OnnxRuntimeBackend(verified_path(entry, model_dir), providers), entry
+    return runtime.open(entry, model_dir), entry
 
 
 def segment_lesions(
@@ -413,9 +409,9 @@ def default_families_of(pipelines: Any, entries: Mapping[str, ModelEntry], modal
 
 
 def load_bmode_pipeline(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",), families: Sequence[str] = ()
+    model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME, families: Sequence[str] = ()
 ) -> BModePipeline:
-    """Load the segmenter and the configured families (default: the manifest's US list) on ONNX Runtime.
+    """Load the segmenter and the configured families (default: the manifest's US list) on ``runtime``'s backend.
 
     Raises
     ------
@@ -433,10 +429,10 @@ def load_bmode_pipeline(
         )
     scorers: list[Scorer] = []
     for role in with_consensus_members(chosen, entries):
-        scorers.append(load_scorer(entries[role], entries, directory, providers))
-    segmenter, seg = _segmenter_of(entries, model_dir, providers)
+        scorers.append(load_scorer(entries[role], entries, directory, runtime))
+    segmenter, seg = _segmenter_of(entries, model_dir, runtime)
     return BModePipeline(
-        segmenter=segmenter, segmenter_entry=seg, scorers=scorers, refiner=_refiner_of(entries, model_dir, providers)
+        segmenter=segmenter, segmenter_entry=seg, scorers=scorers, refiner=_refiner_of(entries, model_dir, runtime)
     )
 
 
@@ -444,7 +440,7 @@ def load_scorer(
     entry: ModelEntry,
     entries: Mapping[str, ModelEntry],
     model_dir: Path,
-    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    runtime: InferenceRuntime = CPU_RUNTIME,
 ) -> Scorer:
     """The scorer a manifest entry describes, by the loader of its kind (ONNX family, consensus, lexicon).
 
@@ -456,7 +452,7 @@ def load_scorer(
     """
     kind = entry.spec.kind
     if kind is ModelKind.FAMILY:
-        return load_family_scorer(entry, model_dir, providers)
+        return load_family_scorer(entry, model_dir, runtime)
     if kind is ModelKind.CONSENSUS:
         return load_consensus_scorer(entry, entries, model_dir)
     if kind is ModelKind.LEXICON:

@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.backend import Backend
+from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.decisions import average_frame_probabilities
 from models.inference.findings import ModelInfo
 from models.inference.manifest import ABVS_THREE_PLANE_ROLE, ThreePlaneSpec
 from models.inference.preprocess import standardise
-from models.inference.registry import ModelEntry, read_manifest, verified_path
+from models.inference.registry import ModelEntry, read_manifest
 
 MALIGNANT = 1  # class index of the graph's logits, as in models.families.abvs.network
 
@@ -154,7 +155,7 @@ class ThreePlaneScorer:
 
 
 def three_plane_scorer_of(
-    entry: ModelEntry, model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    entry: ModelEntry, model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> ThreePlaneScorer:
     """The scorer a manifest entry describes, its file verified against the entry's sha256.
 
@@ -165,11 +166,11 @@ def three_plane_scorer_of(
         or fails its checksum.
     """
     spec = entry.spec_as(ThreePlaneSpec)  # refused at load, not at the first lesion
-    return ThreePlaneScorer(OnnxRuntimeBackend(verified_path(entry, model_dir), providers), spec, entry.info)
+    return ThreePlaneScorer(runtime.open(entry, model_dir), spec, entry.info)
 
 
 def load_three_plane_scorer(
-    model_dir: Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    model_dir: Path | None = None, runtime: InferenceRuntime = CPU_RUNTIME
 ) -> ThreePlaneScorer | None:
     """The checksum-verified three-plane scorer of a model folder (the bundled models when None).
 
@@ -188,4 +189,4 @@ def load_three_plane_scorer(
     entry = read_manifest(model_dir).get(ABVS_THREE_PLANE_ROLE)
     if entry is None:
         return None
-    return three_plane_scorer_of(entry, model_dir, providers)
+    return three_plane_scorer_of(entry, model_dir, runtime)

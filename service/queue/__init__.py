@@ -34,7 +34,7 @@ crashes every worker still reaches ``job_retry_limit``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from service.errors import ConfigurationError
@@ -76,6 +76,44 @@ class JobQueue(Protocol):
         ...
 
 
+def consume_concurrently(queues: Sequence[JobQueue], handler: JobHandler, stop: threading.Event) -> None:
+    """Run ``handler`` on jobs from every queue in ``queues`` at once, one consumer thread each, until ``stop`` is set.
+
+    ``worker_concurrency``: several jobs in one worker process, sharing its
+    loaded models. One queue: its consume loop runs on this thread, as it
+    always did. Several: a thread each; the embedded queue may be listed
+    more than once (its consume loop takes jobs under its own lock), while
+    RabbitMQ consumers need a queue object, and so a connection, each (pika
+    connections are not thread-safe). A consumer that raises (credentials
+    refused, the queue deleted) sets ``stop``, as the lone consumer's
+    exception ends the process: the others finish their current job and
+    return, and the first exception is raised here.
+    """
+    if len(queues) == 1:
+        queues[0].consume(handler, stop)
+        return
+    errors: list[BaseException] = []
+
+    def consume(queue: JobQueue) -> None:
+        try:
+            queue.consume(handler, stop)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=consume, args=(queue,), name=f"breastai-consumer-{number}", daemon=True)
+        for number, queue in enumerate(queues, start=1)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)  # with a timeout, so SIGTERM's handler runs on this (main) thread meanwhile
+    if errors:
+        raise errors[0]
+
+
 def open_queue(settings: Settings, spool: Spool) -> JobQueue:
     """Build the queue named by ``settings.queue``.
 
@@ -95,4 +133,4 @@ def open_queue(settings: Settings, spool: Spool) -> JobQueue:
     raise ConfigurationError(f"unknown queue kind {settings.queue!r}")
 
 
-__all__ = ["JobHandler", "JobQueue", "open_queue", "retry_backoff"]
+__all__ = ["JobHandler", "JobQueue", "consume_concurrently", "open_queue", "retry_backoff"]
