@@ -211,3 +211,64 @@ def _json_default(value: object) -> object:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------- precision
+
+
+def _interval(figures: Mapping[str, Any]) -> str:
+    if figures.get("value") is None:
+        return "not measured"
+    low, high = figures["ci"]
+    return f"{figures['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _yes(value: object) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def precision_table(precision: Mapping[str, Any]) -> str:
+    """Every variant of every graph: median ms per call, its ratio to fp32, the validation figure and whether it holds.
+
+    ``precision`` is :func:`bench.precision.run_precision`'s result. The served variant is marked ``(served)``;
+    "export rule" is :func:`models.training.export_family.serves_the_same` against the served graph (families only).
+    """
+    headers = ["graph", "variant", "ms/call", "/fp32", "metric", "value [95% CI]", "in served CI", "export rule"]
+    rows: list[list[object]] = []
+    for role, model in precision["models"].items():
+        for variant, figures in model["variants"].items():
+            rows.append(
+                [
+                    role,
+                    f"{variant} (served)" if variant == model["served"] else variant,
+                    f"{figures['median_ms']:.1f}",
+                    format_ratio(figures.get("ratio_to_fp32")),
+                    model["metric"],
+                    _interval(figures),
+                    _yes(figures["holds"]),
+                    _yes(figures.get("serves_the_same")),
+                ]
+            )
+    return format_table(headers, rows)
+
+
+def precision_summary_table(precision: Mapping[str, Any]) -> str:
+    """Per graph: the served variant, the fastest variant that holds the served figure's interval, and the speed-up."""
+    headers = ["graph", "served", "served ms/call", "fastest that holds", "its ms/call", "served/fastest"]
+    rows: list[list[object]] = []
+    for role, model in precision["models"].items():
+        served = model["variants"][model["served"]]
+        chosen = model.get("fastest_holding")
+        fastest = model["variants"].get(chosen) if chosen else None
+        rows.append(
+            [
+                role,
+                model["served"],
+                f"{served['median_ms']:.1f}",
+                chosen
+                or ("none" if any(v.get("holds") is not None for v in model["variants"].values()) else "not judged"),
+                "n/a" if fastest is None else f"{fastest['median_ms']:.1f}",
+                format_ratio(None if fastest is None else ratio(served["median_ms"], fastest["median_ms"])),
+            ]
+        )
+    return format_table(headers, rows)
