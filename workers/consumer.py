@@ -43,6 +43,7 @@ from service.study_identity import patient_key
 from workers.clinical import clinical_context
 from workers.dicom_reader import SourceFrame, chest_wall_on_left, read_frames
 from workers.frame_geometry import frame_plane
+from workers.mammo_cad_sr import build_mammography_cad_report
 from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE, Route, check_pixels, route
 from workers.sc_writer import build_overlay_image
 from workers.seg_writer import build_segmentation
@@ -61,6 +62,7 @@ class StudyResults:
     overlays: tuple[Dataset, ...]
     skipped: tuple[tuple[str, str], ...]  # (SOP Instance UID, reason) of instances not analysed
     segmentations: tuple[Dataset, ...] = ()  # one SEG per analysed image with lesions (workers.seg_writer)
+    cad_report: Dataset | None = None  # Mammography CAD SR of the analysed mammograms (workers.mammo_cad_sr)
 
     @property
     def datasets(self) -> list[Dataset]:
@@ -69,9 +71,11 @@ class StudyResults:
         The report refers to the overlays, so they should be in the PACS
         before it; and if the PACS refuses an overlay or a segmentation for
         good (the job is dead-lettered), no report is left standing without
-        its images.
+        its images. The Mammography CAD SR goes just before the report: the
+        report's arrival is what the bench and tests take as "all results in".
         """
-        return list(self.overlays) + list(self.segmentations) + ([self.report] if self.report is not None else [])
+        cad = [self.cad_report] if self.cad_report is not None else []
+        return [*self.overlays, *self.segmentations, *cad, *([self.report] if self.report is not None else [])]
 
 
 def read_header(path: Path) -> Dataset:
@@ -198,8 +202,27 @@ def process_study(
         ),
         not_analysed=[_not_analysed_sentence(by_uid[uid], reason) for uid, reason in skipped if uid in by_uid],
     )
+    # The same mammography findings as a Mammography CAD SR (TID 4000), which several MG consumers read; its UIDs
+    # are derived like the report's, from the mammography models and the mammograms analysed.
+    mammograms = [
+        (item, source) for (name, item), source in zip(analysed, sources, strict=True) if name == MAMMOGRAPHY_PIPELINE
+    ]
+    cad_report = None
+    if mammograms:
+        mg_key = analysers.model_key(MAMMOGRAPHY_PIPELINE)
+        cad_report = build_mammography_cad_report(
+            [item for item, _ in mammograms],
+            evidence=headers,
+            series_uid=derive_uid(study_uid, MAMMOGRAPHY_PIPELINE, mg_key, "cad-report-series"),
+            sop_uid=derive_uid(study_uid, MAMMOGRAPHY_PIPELINE, mg_key, "cad-report", *(s for _, s in mammograms)),
+            context=context,
+        )
     return StudyResults(
-        report=report, overlays=tuple(overlays), skipped=tuple(skipped), segmentations=tuple(segmentations)
+        report=report,
+        overlays=tuple(overlays),
+        skipped=tuple(skipped),
+        segmentations=tuple(segmentations),
+        cad_report=cad_report,
     )
 
 

@@ -37,6 +37,7 @@ from tests.training_data import development_datasets
 ROOT = Path(__file__).resolve().parents[2]
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 MIAS_IMAGE = "mdb023"  # a malignant circumscribed mass (mini-MIAS labels)
+MAMMOGRAPHY_CAD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"
 
 
 def _film() -> np.ndarray:
@@ -117,6 +118,8 @@ def test_analyze_reports_a_mammography_finding_or_says_there_is_none(tmp_path: P
         assert "No lesion detected" in texts, "an image without findings is reported as such"
     assert "Left" in texts, "the finding site carries the image's laterality"
     assert len(by_class[SC_CLASS]) >= 1
+    (cad_path,) = by_class[MAMMOGRAPHY_CAD_SR_CLASS]  # the same findings as a Mammography CAD SR (TID 4000)
+    _check_cad_report(pydicom.dcmread(cad_path), images=1, findings=len(findings))
     for path in written:
         assert dciodvfy_errors(path) == [], path
 
@@ -154,6 +157,22 @@ def test_a_two_view_mammography_study_from_orthanc_comes_back_with_report_overla
     report_path = tmp_path / "report.dcm"
     report.save_as(report_path)
     assert dciodvfy_errors(report_path) == []
+    # Sent before the main report, so in Orthanc once the report is.
+    (cad_item,) = instances_of_class(pacs, study_uid, MAMMOGRAPHY_CAD_SR_CLASS)
+    cad = download(pacs, cad_item)
+    _check_cad_report(cad, images=len(files), findings=len(lesion_groups))
+    cad_path = tmp_path / "cad.dcm"
+    cad.save_as(cad_path)
+    assert dciodvfy_errors(cad_path) == []
+
+
+def _check_cad_report(cad: pydicom.Dataset, images: int, findings: int) -> None:
+    """A Mammography CAD Report with an Image Library entry per mammogram and one finding per lesion of the SR."""
+    assert cad.ConceptNameCodeSequence[0].CodeMeaning == "Mammography CAD Report"
+    top = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in cad.ContentSequence}
+    assert len(top["Image Library"].ContentSequence) == images
+    summary = top["CAD Processing and Findings Summary"]
+    assert len(summary.get("ContentSequence") or []) == findings
 
 
 pytestmark = pytest.mark.integration
