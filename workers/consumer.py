@@ -48,7 +48,7 @@ from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE,
 from workers.sc_writer import build_overlay_image
 from workers.seg_writer import build_segmentation
 from workers.sender import ResultSender
-from workers.sr_writer import AnalysedFrame, ReportContext, build_report, image_laterality
+from workers.sr_writer import AnalysedFrame, ReportContext, build_report, image_laterality, patient_study_header
 from workers.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -164,10 +164,12 @@ def process_study(
     for name in ran:
         model_key = analysers.model_key(name)
         mine = [(item, source) for (kind, item), source in zip(analysed, sources, strict=True) if kind == name]
+        # Each source's patient/study header, repaired once for the overlays of all the families.
+        repaired = [patient_study_header(item.frame.dataset) for item, _ in mine]
         # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
         for family in analysers.families(name):
             overlay_series = derive_uid(study_uid, name, model_key, "overlay-series", family)
-            for number, (item, source) in enumerate(mine, start=1):
+            for number, ((item, source), header) in enumerate(zip(mine, repaired, strict=True), start=1):
                 overlays.append(
                     build_overlay_image(
                         item.frame,
@@ -178,6 +180,7 @@ def process_study(
                         context=context,
                         series_number=series_number,
                         series_description=f"BreastAI {family} heat-map (advisory)",
+                        header=header,
                     )
                 )
             series_number += 1

@@ -11,6 +11,8 @@ not for diagnostic use, naming the models and their versions.
 
 from __future__ import annotations
 
+import copy
+
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
@@ -36,6 +38,7 @@ def build_overlay_image(
     context: ReportContext,
     series_number: int = 9902,
     series_description: str = SERIES_DESCRIPTION,
+    header: Dataset | None = None,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture overlay of one analysed frame.
 
@@ -51,6 +54,11 @@ def build_overlay_image(
         Equipment identity (manufacturer, model, software version).
     series_number, series_description
         Series Number and Description of the overlay series (one series per model family).
+    header
+        ``patient_study_header(frame.dataset)``
+        (:func:`workers.sr_writer.patient_study_header`), where the caller
+        builds several overlays of one frame (one per family) and repairs
+        the header once for all; only read here. Made here when not given.
 
     Returns
     -------
@@ -60,21 +68,37 @@ def build_overlay_image(
     """
     pixels = render_overlay(frame.pixels, analysis, frame.scan_region_xywh[:2])
     source = frame.dataset
-    image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=patient_study_header(source),
+    if header is None:
+        header = patient_study_header(source)
+    # The constructor with what SCImage.from_ref_dataset would read from the header (highdicom 0.28), not that
+    # method: it first scans the DICOM standard's IOD tables (about 3 ms) to see whether the header describes an
+    # image whose acquisition equipment it could list as Contributing Equipment, and then finds no Manufacturer in
+    # a patient/study header and lists nothing. Same object, without the scan.
+    image = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        # highdicom insists on an orientation for PATIENT; the real value
-        # (usually empty for ultrasound) replaces it below.
-        patient_orientation=("A", "R"),
+        study_instance_uid=header.StudyInstanceUID,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=context.manufacturer,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate,
+        study_time=header.StudyTime,
+        referring_physician_name=header.ReferringPhysicianName,
+        # highdicom insists on an orientation for PATIENT; the real value
+        # (usually empty for ultrasound) replaces it below.
+        patient_orientation=("A", "R"),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+        specific_character_set=header.get("SpecificCharacterSet"),
     )
     # Type 2 in the SC Image module: two values, or present and empty.
     setattr(image, "PatientOrientation", _patient_orientation(source))
@@ -89,8 +113,9 @@ def build_overlay_image(
     image.RecognizableVisualFeatures = "NO"
     image.LossyImageCompression = "01" if str(source.get("LossyImageCompression", "00")) == "01" else "00"
     for keyword in ("StudyDescription", "PatientAge"):
-        if keyword in (header := patient_study_header(source)):
-            image[keyword] = header[keyword]
+        if keyword in header:
+            # A copy: the header may be shared by the frame's other overlays, and an element belongs to one data set.
+            image[keyword] = copy.deepcopy(header[keyword])
     side = _laterality(source)
     if side:
         image.ImageLaterality = side

@@ -44,6 +44,7 @@ signed it.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import re
 from collections.abc import Sequence
@@ -255,9 +256,13 @@ def build_report(
     # highdicom copies patient and study from the first evidence item.
     unique_evidence = _unique_by_uid(list(evidence))
     unique_evidence[0] = patient_study_header(unique_evidence[0])
+    root = report[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=unique_evidence,
-        content=report[0],
+        # The root container without its tree, which is put in place below (see _attach_content): highdicom would
+        # deep-copy the tree, parse the copy back into content items and search it for image references, two
+        # thirds of the report's build for a tree its own classes have just built.
+        content=_without_children(root),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -272,10 +277,73 @@ def build_report(
         software_versions=context.software_versions,
         previous_versions=list(previous_versions) or None,
     )
+    _attach_content(sr, root, unique_evidence)
     for keyword in _PATIENT_STUDY_TYPE3:
         if keyword in unique_evidence[0] and keyword not in sr:
             sr[keyword] = unique_evidence[0][keyword]
     return sr
+
+
+def _without_children(root: pydicom.Dataset) -> pydicom.Dataset:
+    """The root content item's attributes, sharing its elements, with an empty Content Sequence."""
+    shell = pydicom.Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []
+    return shell
+
+
+def _attach_content(sr: hd.sr.Comprehensive3DSR, root: pydicom.Dataset, evidence: Sequence[pydicom.Dataset]) -> None:
+    """Give ``sr`` the content tree under ``root``, as highdicom's constructor does when given the whole tree.
+
+    What the constructor does with its ``content`` (highdicom 0.28,
+    ``highdicom.sr.sop._SR``): the root's elements become the document's,
+    shared, not copied; its own tree (``content``) is a parsed deep copy;
+    and every image or composite object the tree references must be in the
+    evidence, else ValueError. Here the document gets the root's Content
+    Sequence element, ``content`` is the tree itself (a ContentSequence of
+    highdicom's content items, as the parsed copy would be), and the
+    references are checked by walking the tree. The encoded document is the
+    same (tests/unit/test_sr_writer.py compares it with the constructor's).
+
+    Raises
+    ------
+    ValueError
+        A referenced instance is not in ``evidence`` (as highdicom raises).
+    TypeError
+        ``root`` is not a highdicom container content item.
+    """
+    if not isinstance(root, hd.sr.ContainerContentItem):
+        raise TypeError(f"the report's root must be a highdicom ContainerContentItem, got {type(root).__name__}")
+    sequence = root[_CONTENT_SEQUENCE]
+    given = {str(ds.SOPInstanceUID) for ds in evidence}
+    missing = sorted(_referenced_instances(sequence.value) - given)
+    if missing:
+        raise ValueError(
+            "No evidence was provided for the following SOP instances, which are referenced in the document "
+            f"content: {', '.join(missing)}"
+        )
+    sr[_CONTENT_SEQUENCE] = sequence
+    sr._content = hd.sr.ContentSequence([root], is_root=True)  # what the ``content`` property reads
+
+
+_CONTENT_SEQUENCE = 0x0040A730  # (0040,A730) Content Sequence
+_REFERENCING = ("IMAGE", "COMPOSITE")  # value types whose Referenced SOP Sequence names an instance (PS3.3 C.17.3)
+
+
+def _referenced_instances(items: Sequence[pydicom.Dataset]) -> set[str]:
+    """SOP Instance UIDs of every IMAGE and COMPOSITE content item in the tree under ``items``."""
+    found: set[str] = set()
+    stack = list(items)
+    while stack:
+        item = stack.pop()
+        if item.get("ValueType") in _REFERENCING:
+            found.update(str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence)
+        children = item.get("ContentSequence")
+        if children:
+            stack.extend(children)
+    return found
 
 
 # Patient and General Study attributes copied into every result object
@@ -544,8 +612,17 @@ def _source_image_for_region(frame: SourceFrame) -> hd.sr.SourceImageForRegion:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 for one model; the weights' digest makes it unambiguous."""
+    """TID 4019 for one model; the weights' digest makes it unambiguous.
+
+    Built once per model and shared by every item that names it (a report
+    names each model a dozen times or more, and building one costs about a
+    millisecond of highdicom validation): its content items are leaves that
+    nothing changes after they are made, and pydicom encodes an item each
+    time it appears in a sequence, so the document is the same as with one
+    copy each.
+    """
     return hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,

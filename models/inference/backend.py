@@ -52,6 +52,12 @@ class OnnxRuntimeBackend:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # No spin-waiting for the next run: every session has its own intra-op thread pool, whose threads by default
+        # spin on a core for a while after each run (ONNX Runtime docs, "Thread management"). A worker holds a
+        # dozen sessions and runs them one after another between host work, so those spinning threads took the
+        # cores from the next graph and from the writers: on the 2-core machine the bench's analysis went from
+        # 573-648 to 234-243 ms an image with this (bench/README.md, "Top costs").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ORT's own warnings (e.g. an fp16 constant it cannot fold) go to stderr unstructured, once per session
         # start; they say nothing an operator can act on, so only errors are let through.

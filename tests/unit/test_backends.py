@@ -160,6 +160,13 @@ def test_the_cpu_runtime_serves_what_onnx_runtime_serves_and_records_where_each_
     assert (placement.backend, placement.batching) == ("cpu", "off (inference_max_batch = 1)")
 
 
+def test_sessions_do_not_spin_waiting_for_their_next_run() -> None:
+    # A worker holds a dozen sessions, each with its own intra-op pool: spinning pools took the cores from the
+    # graph that ran next (bench/README.md, "Top costs").
+    session = OnnxRuntimeBackend(BUNDLED_MODEL_DIR / "dl_u.onnx")._session
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 @pytest.mark.skipif(
     "CUDAExecutionProvider" in ort.get_available_providers(), reason="this ONNX Runtime has the CUDA provider"
 )

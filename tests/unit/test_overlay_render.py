@@ -147,3 +147,23 @@ def test_a_narrow_frame_shrinks_the_legend_instead_of_cutting_its_lines() -> Non
     text = (top.max(axis=2) > 150) & (np.abs(top.astype(int) - 90).max(axis=2) > 40)
     assert text[:, :-1].any(), "the legend is drawn"
     assert not text[:, -2:].any(), "a legend line runs off the right edge"
+
+
+def test_the_heat_map_is_blended_as_over_the_whole_frame() -> None:
+    """Only the box around the pixels above the threshold is computed; every pixel is what the whole frame gets."""
+    import cv2
+
+    from workers.overlay_render import CAM_ALPHA, CAM_THRESHOLD, _blend_cam
+
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (300, 400), dtype=np.uint8)
+    cam = np.zeros((300, 400), np.float32)
+    cam[40:90, 250:330] = rng.random((50, 80), dtype=np.float32)  # values on both sides of the threshold
+    cam[200:203, 10:12] = 0.9  # a second, far-away hot spot: the box spans both
+    canvas = np.repeat(gray[:, :, None], 3, axis=2)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.rint(cam * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    alpha = np.where(cam > CAM_THRESHOLD, CAM_ALPHA, 0.0).astype(np.float32)[:, :, None]
+    whole = np.clip(np.rint(canvas.astype(np.float32) * (1.0 - alpha) + heat.astype(np.float32) * alpha), 0, 255)
+    np.testing.assert_array_equal(_blend_cam(canvas.copy(), cam), whole.astype(np.uint8))
+    # Nothing above the threshold: the frame comes back untouched.
+    np.testing.assert_array_equal(_blend_cam(canvas.copy(), np.full((300, 400), CAM_THRESHOLD, np.float32)), canvas)

@@ -87,3 +87,39 @@ def test_dciodvfy_reports_no_error(frame: SourceFrame, multi_frame: SourceFrame,
         assert dciodvfy_errors(path) == []
         reread = pydicom.dcmread(path)
         assert reread.BurnedInAnnotation == "YES"
+
+
+def test_overlays_sharing_one_repaired_header_are_those_built_alone(frame: SourceFrame) -> None:
+    """The consumer repairs a frame's header once for all of its family overlays: same objects, header untouched."""
+    import copy
+    import io
+
+    from workers.sr_writer import patient_study_header
+
+    def blank(item: pydicom.Dataset) -> None:
+        for element in item:
+            if element.VR in ("DA", "TM", "DT"):
+                element.value = ""  # creation stamps
+            elif element.VR == "SQ":
+                for child in element.value:
+                    blank(child)
+
+    def encoded(ds: pydicom.Dataset) -> bytes:
+        ds = copy.deepcopy(ds)
+        blank(ds)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    frame.dataset.StudyDescription = "BREAST US"
+    analysis = square_lesion_analysis(frame.pixels.shape)
+    header = patient_study_header(frame.dataset)
+    before = copy.deepcopy(header)
+    shared = [
+        build_overlay_image(frame, analysis, SERIES, f"{SOP}.{n}", n, ReportContext(), header=header) for n in (1, 2)
+    ]
+    alone = [build_overlay_image(frame, analysis, SERIES, f"{SOP}.{n}", n, ReportContext()) for n in (1, 2)]
+    assert [encoded(sc) for sc in shared] == [encoded(sc) for sc in alone]
+    assert shared[0].StudyDescription == "BREAST US"
+    assert shared[0]["StudyDescription"] is not shared[1]["StudyDescription"]  # one element per data set
+    assert header == before

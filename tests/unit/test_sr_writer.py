@@ -360,3 +360,66 @@ def test_the_patient_study_header_repairs_a_copy_and_leaves_the_source_alone() -
     header = patient_study_header(source)
     assert (header.StudyTime, header.PatientSex) == ("140438", "")
     assert (source.StudyTime, source.PatientSex) == ("14:04:38", "X")
+
+
+def _encoded_without_times(ds: pydicom.Dataset) -> bytes:
+    """The Part 10 encoding of a copy of ``ds`` with every date and time value (creation stamps) emptied."""
+    import copy
+    import io
+
+    copied = copy.deepcopy(ds)
+
+    def blank(item: pydicom.Dataset) -> None:
+        for element in item:
+            if element.VR in ("DA", "TM", "DT"):
+                element.value = ""
+            elif element.VR == "SQ":
+                for child in element.value:
+                    blank(child)
+
+    blank(copied)
+    buffer = io.BytesIO()
+    copied.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_report_is_the_document_highdicom_builds_from_the_whole_tree(study: dict[str, pathlib.Path]) -> None:
+    """build_report gives highdicom the root alone and attaches the tree itself: the same document, the same tree."""
+    from workers.sr_writer import SERIES_DESCRIPTION, patient_study_header
+
+    sr, _ = _report(study)
+    evidence = _evidence(study)
+    context = ReportContext()
+    whole = hd.sr.Comprehensive3DSR(
+        evidence=[patient_study_header(evidence[0]), *evidence[1:]],
+        content=sr.content[0],
+        series_instance_uid=SR_SERIES,
+        series_number=9901,
+        sop_instance_uid=SR_SOP,
+        instance_number=1,
+        manufacturer=context.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=context.institution_name,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=context.manufacturer_model_name,
+        software_versions=context.software_versions,
+    )
+    whole.PatientAge = sr.PatientAge  # what build_report copies after the constructor (Type 3)
+    assert _encoded_without_times(sr) == _encoded_without_times(whole)
+    # The object's own tree (highdicom's ``content``) is the document's, not just its root.
+    assert list(sr.content[0].ContentSequence) == list(sr.ContentSequence)
+    assert len(sr.content[0].ContentSequence) == len(whole.content[0].ContentSequence) > 3
+
+
+def test_a_referenced_image_missing_from_the_evidence_is_refused(study: dict[str, pathlib.Path]) -> None:
+    """The check highdicom's constructor makes on the tree it is given, made on the tree attached after it."""
+    from workers.sr_writer import _attach_content, _referenced_instances
+
+    sr, analysed = _report(study)
+    analysed_uids = {item.frame.sop_instance_uid for item in analysed}
+    assert _referenced_instances(sr.ContentSequence) == analysed_uids
+    without_single = [ds for ds in _evidence(study) if ds.SOPInstanceUID != analysed[0].frame.sop_instance_uid]
+    with pytest.raises(ValueError, match=analysed[0].frame.sop_instance_uid):
+        _attach_content(sr, sr.content[0], without_single)
