@@ -64,6 +64,7 @@ from highdicom.sr.sop import _SR
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import MammographyCADSRStorage
+from pydicom.valuerep import TM
 
 from models.inference.findings import Lesion, ModelInfo
 from workers.sr_writer import AnalysedFrame, ReportContext, closed_outline, image_laterality, patient_study_header
@@ -428,14 +429,18 @@ def _view(ds: pydicom.Dataset) -> Code | hd.sr.CodedConcept | None:
     sequence = ds.get("ViewCodeSequence")
     if sequence:
         coded = sequence[0]
-        if coded.get("CodeValue") and coded.get("CodingSchemeDesignator"):
-            return hd.sr.CodedConcept(
-                str(coded.CodeValue), str(coded.CodingSchemeDesignator), str(coded.get("CodeMeaning") or "")
-            )
+        value, scheme = str(coded.get("CodeValue") or ""), str(coded.get("CodingSchemeDesignator") or "")
+        # Code Meaning is Type 1 in the report: a vendor's empty one is taken from our table of the same code.
+        meaning = str(coded.get("CodeMeaning") or "") or next(
+            (view.meaning for view in VIEWS.values() if (view.value, view.scheme_designator) == (value, scheme)), ""
+        )
+        if value and scheme and meaning:
+            return hd.sr.CodedConcept(value, scheme, meaning)
     return VIEWS.get(str(ds.get("ViewPosition") or "").strip().upper())
 
 
 def _date(value: object) -> datetime.date | None:
+    """A DA value (PS3.5 6.2) as a date, ``None`` when absent or malformed."""
     try:
         return datetime.datetime.strptime(str(value or "").strip(), "%Y%m%d").date()
     except ValueError:
@@ -443,13 +448,16 @@ def _date(value: object) -> datetime.date | None:
 
 
 def _time(value: object) -> datetime.time | None:
-    text = str(value or "").strip().split(".")[0]
-    for pattern in ("%H%M%S", "%H%M", "%H"):
-        try:
-            return datetime.datetime.strptime(text, pattern).time()
-        except ValueError:
-            continue
-    return None
+    """A TM value (PS3.5 6.2: HH, HHMM, HHMMSS, with an optional fraction) as a time, ``None`` when absent or
+    malformed. Not strptime: it takes one-digit fields, reading "0930" as 09:03:00."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    try:
+        parsed = TM(text)
+    except ValueError:
+        return None
+    return datetime.time(parsed.hour, parsed.minute, parsed.second, parsed.microsecond)
 
 
 def _unique_by_uid(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

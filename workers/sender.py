@@ -42,6 +42,10 @@ _TRANSIENT_PREFIX = 0xA700
 _TRANSIENT = {0x0213, 0x0110}
 #: The longest wait between two attempts at one destination.
 _BACKOFF_CAP_S = 30.0
+# Results a PACS may refuse without failing the job: the Mammography CAD SR (workers.mammo_cad_sr) repeats the main
+# report's mammography findings for the workstations that read CAD SR, and many archives take no such SOP class. A
+# study's report, overlays and SEGs must not be dead-lettered for it.
+OPTIONAL_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.88.50"})  # Mammography CAD SR Storage
 
 
 def _is_transient(status: int) -> bool:
@@ -99,7 +103,9 @@ def store_to_pacs(
         status that may clear up (out of resources).
     ResultRejected
         The PACS refused an object with a failure status that retrying
-        cannot change.
+        cannot change. An object of :data:`OPTIONAL_SOP_CLASSES` that the
+        PACS refuses, for its SOP class or with such a status, is logged and
+        left out instead: the others are sent.
     """
     ae = AE(ae_title=calling_ae_title)
     # connection_timeout bounds the TCP connect too: without it an unreachable host holds each attempt for the OS's
@@ -118,9 +124,12 @@ def store_to_pacs(
     try:
         accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
         refused = sorted({str(d.SOPClassUID) for d in datasets} - accepted)
-        if refused:
-            raise ResultRejected(f"{destination} accepts no presentation context for {', '.join(refused)}")
-        for dataset in datasets:
+        required = [sop_class for sop_class in refused if sop_class not in OPTIONAL_SOP_CLASSES]
+        if required:
+            raise ResultRejected(f"{destination} accepts no presentation context for {', '.join(required)}")
+        for sop_class in refused:
+            log.warning("optional_result_refused", destination=str(destination), sop_class=sop_class, status=None)
+        for dataset in (d for d in datasets if str(d.SOPClassUID) not in refused):
             try:
                 status = assoc.send_c_store(dataset)
             except (RuntimeError, OSError) as exc:
@@ -132,7 +141,17 @@ def store_to_pacs(
             if code in _STORED:
                 continue
             message = f"{destination} answered C-STORE of {dataset.SOPClassUID.name} with status 0x{code:04X}"
-            raise DestinationUnavailable(message) if _is_transient(code) else ResultRejected(message)
+            if _is_transient(code):
+                raise DestinationUnavailable(message)
+            if str(dataset.SOPClassUID) in OPTIONAL_SOP_CLASSES:
+                log.warning(
+                    "optional_result_refused",
+                    destination=str(destination),
+                    sop_class=str(dataset.SOPClassUID),
+                    status=code,
+                )
+                continue
+            raise ResultRejected(message)
     finally:
         if assoc.is_established:
             assoc.release()

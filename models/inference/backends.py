@@ -319,7 +319,7 @@ class InferenceRuntime:
         from models.inference.tensorrt_backend import TensorRTBackend
 
         assert self.engine_cache_dir is not None  # checked in __init__
-        return TensorRTBackend(model, entry.sha256, self.engine_cache_dir, max_batch=self.max_batch)
+        return TensorRTBackend(model, self.engine_cache_dir, max_batch=self.max_batch)
 
     def _onnxruntime(self, kind: BackendKind, model: Path | bytes) -> Backend:
         backend = OnnxRuntimeBackend(model, _PROVIDERS[kind])

@@ -16,8 +16,9 @@ Precision: the engine runs fp16. On TensorRT 10 the network is built
 weakly typed with ``BuilderFlag.FP16``, so fp32 graphs get fp16 kernels
 too; TensorRT 11 removed weak typing, and there the network is strongly
 typed, so each layer keeps the precision its ONNX graph declares (the
-bundled classifiers and segmenters are fp16 already; the mammography finder
-and the three-plane model are fp32). Callers see float32 outputs either way,
+bundled classifiers and segmenters are fp16 already; the three-plane model
+is fp32; the mammography finder, whose height and width are open, is not
+built at all and runs on the fallback). Callers see float32 outputs either way,
 as with ONNX Runtime.
 
 Engines are cached under a folder, one file per
@@ -32,6 +33,7 @@ it where ``tensorrt`` and a GPU are present.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -45,7 +47,7 @@ import numpy.typing as npt
 from models.errors import BackendUnavailable
 from models.inference.backend import Arrays
 
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "typed")  # typed: a strongly typed network, each layer in its graph's precision
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.]+")
 
@@ -61,9 +63,9 @@ def engine_cache_key(gpu_name: str, tensorrt_version: str, model_sha256: str, pr
     tensorrt_version
         ``tensorrt.__version__``: an engine only loads in the TensorRT that built it.
     model_sha256
-        The ONNX file's sha256 (the manifest's, already verified).
+        The sha256 of the ONNX bytes TensorRT parses (the file's, or of its copy with a batch axis).
     precision
-        ``"fp16"`` or ``"fp32"``.
+        ``"fp16"``, ``"fp32"``, or ``"typed"`` (strongly typed: each layer in its graph's precision).
     max_batch
         The optimisation profile's largest batch.
 
@@ -139,15 +141,15 @@ class TensorRTBackend:
     model
         The serialised ONNX model (the file's bytes, or its copy with a
         symbolic batch axis when ``max_batch`` > 1).
-    model_sha256
-        The file's sha256 from the manifest (names the cached engine).
     cache_dir
         Where engines are kept (created if missing).
     max_batch
         The optimisation profile covers batches 1 to ``max_batch`` (optimised
         for ``max_batch``); a call with more rows runs in chunks.
     precision
-        ``"fp16"`` (the default) or ``"fp32"``.
+        ``"fp16"`` (the default) or ``"fp32"``; on a TensorRT without weak
+        typing (11 on) the network is strongly typed whatever is asked, and
+        the engine's key says ``"typed"``.
     gpu_name
         The GPU model for the cache key (default: the driver's name of device 0).
 
@@ -162,7 +164,6 @@ class TensorRTBackend:
     def __init__(
         self,
         model: bytes,
-        model_sha256: str,
         cache_dir: Path,
         max_batch: int = 1,
         precision: str = "fp16",
@@ -182,7 +183,11 @@ class TensorRTBackend:
                 raise BackendUnavailable("TensorRT needs a CUDA GPU; the driver lists none")
             gpu_name = gpus[0]
         self.max_batch = max_batch
-        self.cache_path = cache_dir / engine_cache_key(gpu_name, trt.__version__, model_sha256, precision, max_batch)
+        # Keyed by the bytes TensorRT parses, not the manifest's file digest: the batch-axis rewrite, or a change to
+        # it, gives other bytes and so another engine; and by the precision the build really uses.
+        parsed_sha256 = hashlib.sha256(model).hexdigest()
+        built_as = precision if hasattr(trt.BuilderFlag, "FP16") else "typed"
+        self.cache_path = cache_dir / engine_cache_key(gpu_name, trt.__version__, parsed_sha256, built_as, max_batch)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.built = False  # True when this instance built the engine rather than loading it from the cache

@@ -57,11 +57,11 @@ def test_an_engine_is_built_once_then_loaded_from_its_cache_and_serves_what_the_
     entry = read_manifest()["dl_u"]
     model = (BUNDLED_MODEL_DIR / entry.file).read_bytes()
     cpu = OnnxRuntimeBackend(BUNDLED_MODEL_DIR / entry.file)
-    first = TensorRTBackend(model, entry.sha256, tmp_path)
+    first = TensorRTBackend(model, tmp_path)
     assert first.built and first.cache_path.is_file() and first.cache_path.parent == tmp_path
     image = _images(1)
     _close(first.run({"image": image}), cpu.run({"image": image}))
-    again = TensorRTBackend(model, entry.sha256, tmp_path)
+    again = TensorRTBackend(model, tmp_path)
     assert not again.built and again.cache_path == first.cache_path
     _close(again.run({"image": image}), cpu.run({"image": image}))
     first.close()
@@ -74,10 +74,10 @@ def test_a_damaged_cached_engine_is_rebuilt(tmp_path: Path) -> None:
 
     entry = read_manifest()["dl_u"]
     model = (BUNDLED_MODEL_DIR / entry.file).read_bytes()
-    built = TensorRTBackend(model, entry.sha256, tmp_path)
+    built = TensorRTBackend(model, tmp_path)
     built.close()
     built.cache_path.write_bytes(b"not an engine")
-    rebuilt = TensorRTBackend(model, entry.sha256, tmp_path)
+    rebuilt = TensorRTBackend(model, tmp_path)
     assert rebuilt.built and rebuilt.cache_path.stat().st_size > 1000
     rebuilt.close()
 
@@ -89,7 +89,7 @@ def test_a_dynamic_batch_engine_batches_and_chunks_what_is_larger_than_its_profi
 
     entry = read_manifest()["dl_u"]
     path = BUNDLED_MODEL_DIR / entry.file
-    engine = TensorRTBackend(with_symbolic_batch(path.read_bytes()), entry.sha256, tmp_path, max_batch=4)
+    engine = TensorRTBackend(with_symbolic_batch(path.read_bytes()), tmp_path, max_batch=4)
     assert "_b4_" in engine.cache_path.name
     cpu = OnnxRuntimeBackend(path)
     images = _images(6)  # more than the profile's 4: two runs
@@ -107,7 +107,7 @@ def test_a_graph_with_dynamic_sizes_besides_the_batch_is_refused_by_tensorrt(tmp
 
     entry = read_manifest()["mg_finder"]
     with pytest.raises(BackendUnavailable, match="dynamic dimensions other than the batch"):
-        TensorRTBackend((BUNDLED_MODEL_DIR / entry.file).read_bytes(), entry.sha256, tmp_path)
+        TensorRTBackend((BUNDLED_MODEL_DIR / entry.file).read_bytes(), tmp_path)
 
 
 @needs_tensorrt
@@ -130,6 +130,31 @@ def test_concurrent_callers_batched_on_tensorrt_get_what_they_get_alone(tmp_path
         thread.join(120)
     for index in range(4):
         _close(results[index], cpu.run({"image": images[index : index + 1]}))
+
+
+@needs_tensorrt
+def test_concurrent_callers_reach_the_engine_together(tmp_path: Path) -> None:
+    from models.inference.batch_axis import with_symbolic_batch
+    from models.inference.batching import BatchingBackend
+    from models.inference.tensorrt_backend import TensorRTBackend
+    from tests.unit.test_batching import Counting
+
+    entry = read_manifest()["dl_u"]
+    engine = Counting(TensorRTBackend(with_symbolic_batch((BUNDLED_MODEL_DIR / entry.file).read_bytes()), tmp_path, 4))
+    batched = BatchingBackend(engine, max_batch=4, max_wait_s=0.5)
+    images = _images(4, seed=5)
+    start = threading.Barrier(4)
+
+    def call(index: int) -> None:
+        start.wait()
+        batched.run({"image": images[index : index + 1]})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sum(engine.rows) == 4 and max(engine.rows) > 1, f"rows per engine call: {engine.rows}"
 
 
 @needs_tensorrt

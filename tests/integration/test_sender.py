@@ -21,9 +21,9 @@ from workers.sender import ResultSender, store_to_pacs
 pytestmark = pytest.mark.integration
 
 
-def _dataset() -> Dataset:
+def _dataset(sop_class: str = SecondaryCaptureImageStorage) -> Dataset:
     ds = Dataset()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
@@ -36,19 +36,25 @@ def _dataset() -> Dataset:
 
 
 class _AnsweringScp:
-    """A Storage SCP that answers every C-STORE with ``status`` and counts them."""
+    """A Storage SCP of ``classes`` that answers every C-STORE with ``status`` (or ``status_of[class]``) and counts
+    what it received."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: tuple[str, ...] = (SCStorage,)) -> None:
         self.status = 0x0000
+        self.status_of: dict[str, int] = {}
         self.received = 0
+        self.received_classes: list[str] = []
         ae = AE(ae_title="ARCHIVE")
-        ae.add_supported_context(SCStorage, [ExplicitVRLittleEndian])
+        for sop_class in classes:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian])
         self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._answer)])
         self.port = int(self._server.server_address[1])
 
     def _answer(self, event: evt.Event) -> int:
+        sop_class = str(event.request.AffectedSOPClassUID)
         self.received += 1
-        return self.status
+        self.received_classes.append(sop_class)
+        return self.status_of.get(sop_class, self.status)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -100,3 +106,28 @@ def test_a_folder_that_cannot_be_written_is_a_transient_failure(tmp_path: Path) 
     writable = ResultSender([Destination.parse(str(tmp_path / "ok"))], "BREASTAI")
     writable.send([ds := _dataset()])
     assert (tmp_path / "ok" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm").is_file()
+
+
+CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"  # Mammography CAD SR Storage: an optional result
+
+
+def test_a_pacs_without_the_optional_cad_sr_class_gets_every_other_result() -> None:
+    archive = _AnsweringScp()  # Secondary Capture only, as many archives take no CAD SR
+    try:
+        store_to_pacs([_dataset(), _dataset(CAD_SR), _dataset()], _destination(archive), "BREASTAI", timeout_s=5)
+        assert archive.received_classes == [SCStorage, SCStorage]
+    finally:
+        archive.stop()
+
+
+def test_a_cad_sr_refused_for_good_is_left_out_and_the_rest_still_sent() -> None:
+    archive = _AnsweringScp((SCStorage, CAD_SR))
+    archive.status_of[CAD_SR] = 0xC000
+    try:
+        store_to_pacs([_dataset(), _dataset(CAD_SR), _dataset()], _destination(archive), "BREASTAI", timeout_s=5)
+        assert archive.received_classes == [SCStorage, CAD_SR, SCStorage]
+        archive.status_of[CAD_SR] = 0xA700  # out of resources clears up: retried like any result
+        with pytest.raises(DestinationUnavailable, match="0xA700"):
+            store_to_pacs([_dataset(CAD_SR)], _destination(archive), "BREASTAI", timeout_s=5)
+    finally:
+        archive.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import pathlib
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from models.inference.findings import ImageAnalysis, Lesion, ModelInfo
 from tests.dicom_factory import dciodvfy_errors, make_mg_dataset, write_dataset
 from workers.dicom_reader import read_frames
-from workers.mammo_cad_sr import build_mammography_cad_report
+from workers.mammo_cad_sr import _time, _view, build_mammography_cad_report
 from workers.sr_writer import AnalysedFrame, ReportContext
 
 STUDY = "1.2.826.0.1.3680043.8.498.41"
@@ -201,3 +202,25 @@ def test_cad_report_is_delivered_after_overlays_and_segmentations_and_before_the
         cad_report=named["cad"],
     )
     assert [ds.SeriesDescription for ds in results.datasets] == ["overlay", "seg", "cad", "report"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1404", datetime.time(14, 4)),
+        ("0930", datetime.time(9, 30)),
+        ("14", datetime.time(14)),
+        ("093015.5", datetime.time(9, 30, 15, 500000)),
+        ("", None),
+        ("2561", None),
+    ],
+)
+def test_times_of_every_tm_form_are_read_as_written(value: str, expected: datetime.time | None) -> None:
+    assert _time(value) == expected
+
+
+def test_a_view_code_without_its_meaning_gets_the_meaning_of_the_same_code() -> None:
+    ds = make_mg_dataset(np.zeros((64, 48), np.uint16), laterality="L", view="CC")
+    ds.ViewCodeSequence[0].CodeMeaning = ""
+    view = _view(ds)
+    assert view is not None and view.value == "399162004" and view.meaning
