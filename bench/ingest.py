@@ -377,6 +377,24 @@ def _vm_hwm_mib(pid: int) -> float | None:
     return None
 
 
+def _tree_vm_hwm_mib(pid: int) -> float | None:
+    """``_vm_hwm_mib`` of a live process plus its children's: the listener and its receiver processes, if any.
+
+    Each process's own peak, summed: an upper bound of what they held together (their peaks need not coincide).
+    """
+    own = _vm_hwm_mib(pid)
+    if own is None:
+        return None
+    children: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                children += [int(child) for child in (task / "children").read_text().split()]
+    except OSError:
+        return own
+    return round(own + sum(_vm_hwm_mib(child) or 0.0 for child in children), 1)
+
+
 class ListenerReceiver:
     """``breastai listen --queue rabbitmq`` on a fresh spool, as a process (``tests/e2e/conftest.py``'s ServiceProcess).
 
@@ -442,12 +460,14 @@ class ListenerReceiver:
         return {
             "command": "breastai listen --queue rabbitmq (defaults otherwise: quiet period 5 s, INFO json log)",
             "what": "each instance fsynced to the spool before 0x0000; studies published to RabbitMQ; no worker",
+            # The listener takes its settings from this environment too: receiver processes, if set there.
+            "listener_processes": os.environ.get("BREASTAI_LISTENER_PROCESSES", "default"),
             "peak_rss_mib": self.peak_rss_mib,
         }
 
     def stop(self) -> None:
         if self.process is not None and self.process.process is not None:
-            self.peak_rss_mib = _vm_hwm_mib(self.process.process.pid)
+            self.peak_rss_mib = _tree_vm_hwm_mib(self.process.process.pid)
             self.process.kill()
             self.process = None
         with contextlib.suppress(Exception):

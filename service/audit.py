@@ -11,7 +11,9 @@ send it, and what did we say" for an operator or an audit.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 import uuid
 from collections import Counter
@@ -22,6 +24,24 @@ from pathlib import Path
 import structlog
 
 log = structlog.get_logger("service.audit")
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` in one ``write`` to a file opened ``O_APPEND``.
+
+    Associations end on many threads, and in several receiver processes
+    (service.receivers): each line must land whole. A buffered text stream
+    may split a long line (many studies) into several writes that another
+    writer's line could come between; one append-mode write of a regular
+    file goes in whole at the end (POSIX ``write``, ``O_APPEND``).
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(descriptor, line)
+        if written != len(line):  # only a full disk does this to a regular file
+            raise OSError(errno.ENOSPC, f"audit line cut short ({written} of {len(line)} bytes)")
+    finally:
+        os.close(descriptor)
 
 
 @dataclass
@@ -84,8 +104,7 @@ class AuditTrail:
         }
         path = self.folder / f"associations-{now:%Y-%m-%d}.jsonl"
         try:
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(line, sort_keys=True) + "\n")
+            _append_line(path, (json.dumps(line, sort_keys=True) + "\n").encode("utf-8"))
         except OSError as exc:  # a full disk must not take the listener down: the log line below still says it
             log.warning("audit_write_failed", error=type(exc).__name__)
         log.info(

@@ -97,6 +97,11 @@ class Dispatcher:
         with self._lock:
             self._tracker.association_released(association_id, self._clock())
 
+    def association_interrupted(self, association_id: str) -> None:
+        """An association was cut off with the receiver process that held it (service.receivers)."""
+        with self._lock:
+            self._tracker.association_interrupted(association_id, self._clock())
+
     # --- lifecycle ------------------------------------------------------------------
 
     def recover(self) -> None:
@@ -119,6 +124,27 @@ class Dispatcher:
             for job in jobs:
                 self._unpublished.setdefault(job.job_id, job)
         log.info("spool_recovered", unsealed_studies=len(studies), unpublished_jobs=len(jobs))
+
+    def adopt_unsealed(self) -> list[str]:
+        """Track the unsealed studies the tracker does not know; returns their Study Instance UIDs.
+
+        For a receiver process that died (service.receivers): an instance it
+        stored may not have been announced (the process died between the
+        rename and the message), and nothing else would seal that study
+        before the next restart. Like :meth:`recover`, each is held open as
+        interrupted from now: its sender, cut off with the process, likely
+        re-sends it.
+        """
+        now = self._clock()
+        studies = self._spool.unsealed_studies()
+        with self._lock:
+            known = set(self._tracker.tracked())
+            adopted = [study.study_uid for study in studies if study.study_uid not in known]
+            for study_uid in adopted:
+                self._tracker.restore(study_uid, now, interrupted=True)
+        if adopted:
+            log.warning("unannounced_studies_adopted", studies=len(adopted))
+        return adopted
 
     def start(self) -> None:
         """Start the background tick thread; returns at once."""

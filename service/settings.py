@@ -184,10 +184,13 @@ class Settings:
         each association buffers at most one.
     listener_processes
         Processes that receive associations on the listener's one port
-        (service.receivers): past one core, a Python process receives no
-        faster, whatever the associations. 1 receives in the process that
-        also tracks and seals studies; more start that many receiver
-        processes beside it, each accepting up to ``max_associations``.
+        (service.receivers): a Python process receives on about one core,
+        whatever the associations. 1 receives in the process that tracks
+        and seals studies; N > 1 starts N receiver processes beside it,
+        each accepting up to ``max_associations``. 0 (the default) chooses
+        (service.receivers.receiver_processes): one per available core, at
+        most 4, for ``breastai listen``; 1 for ``breastai serve``, whose
+        worker needs the cores.
     tls_cert_file, tls_key_file, tls_ca_file, tls_require_client_cert, tls_destinations
         DICOM TLS (service.tls): the listener serves TLS only once a
         certificate and key are set, and requires senders' certificates
@@ -251,7 +254,7 @@ class Settings:
     max_instance_mb: int = 512
     max_associations: int = 16
     max_pdu_kb: int = 1024
-    listener_processes: int = 1
+    listener_processes: int = 0
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
@@ -321,8 +324,8 @@ class Settings:
             raise ConfigurationError(f"keep_delivered_hours must be >= 0: {self.keep_delivered_hours!r}")
         if not 16 <= self.max_pdu_kb <= 16384:
             raise ConfigurationError(f"max_pdu_kb must be in 16..16384: {self.max_pdu_kb!r}")
-        if not 1 <= self.listener_processes <= 64:
-            raise ConfigurationError(f"listener_processes must be in 1..64: {self.listener_processes!r}")
+        if not 0 <= self.listener_processes <= 64:
+            raise ConfigurationError(f"listener_processes must be in 0..64 (0: chosen): {self.listener_processes!r}")
         if self.spool_quota_mb < 0:
             raise ConfigurationError(f"spool_quota_mb must be >= 0: {self.spool_quota_mb!r}")
         if self.spool_reserve_mb < 0:

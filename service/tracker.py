@@ -76,6 +76,22 @@ class StudyTracker:
         for study in self._studies.values():
             study.associations.discard(association_id)
 
+    def association_interrupted(self, association_id: str, now: float) -> None:
+        """``association_id`` was cut off with the process that received it (a receiver process that died).
+
+        Its studies are held open as :data:`INTERRUPTED` from ``now``, as a
+        restart holds the studies it finds: the sender saw its connection
+        drop and will most likely re-send, and the re-sent instances belong
+        in the same job. Unknown ids are ignored.
+        """
+        self._open.discard(association_id)
+        for study in self._studies.values():
+            if association_id in study.associations:
+                study.associations.discard(association_id)
+                study.associations.add(INTERRUPTED)
+                study.last_seen = max(study.last_seen, now)
+                self._open.add(INTERRUPTED)
+
     def due(self, now: float) -> list[str]:
         """Studies complete at ``now``, oldest last instance first."""
         ready = []

@@ -203,6 +203,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     from service.dispatcher import Dispatcher
     from service.listener import StudyListener
     from service.queue import consume_concurrently, open_queue
+    from service.receivers import ReceiverPool, receiver_processes
     from service.spool import Spool
 
     stop = _stop_event()
@@ -219,12 +220,23 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     if handler is not None:
         health.add("ready", "models", lambda: None)
     consumers = _consumers(settings, spool, queue) if handler is not None else []
-    dispatcher = listener = None
+    dispatcher = None
+    listener: StudyListener | ReceiverPool | None = None
     if with_listener:
         dispatcher = Dispatcher(settings, spool, queue)
         dispatcher.recover()
         dispatcher.start()
-        listener = StudyListener(settings, spool, dispatcher)
+        expected = receiver_processes(settings.listener_processes, with_worker, len(os.sched_getaffinity(0)))
+        if expected > 1:
+            listener = ReceiverPool(settings, expected, dispatcher)  # service.receivers: processes on one port
+            pool = listener
+            health.add(
+                "ready",
+                "receivers",
+                lambda: None if pool.alive() == expected else f"{pool.alive()} of {expected} receiver processes up",
+            )
+        else:
+            listener = StudyListener(settings, spool, dispatcher)
         listener.start()
         _watch_listener(health, dispatcher)
         log.info("listening", ae_title=settings.ae_title, port=settings.port, queue=settings.queue)

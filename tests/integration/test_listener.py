@@ -23,6 +23,7 @@ from service.dispatcher import Dispatcher
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
+from tests import dicom_factory
 from tests.conftest import free_port
 from tests.integration.listener_harness import SCP_AE, Service, dataset_body, encode, raw_file, scu
 
@@ -531,3 +532,31 @@ def test_the_listener_announces_its_maximum_pdu_length(start_service: Callable[.
         assert assoc.is_established
         assert assoc.acceptor.maximum_length == kb * 1024
         assoc.release()
+
+
+def test_pdus_are_read_whole_and_an_instance_in_pdus_larger_than_the_read_ahead_arrives_byte_identical(
+    start_service: Callable[..., Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import listener
+
+    reads: list[int] = []
+    whole_read = listener._WholeReadSocket.recv
+
+    def counted(self: listener._WholeReadSocket, nr_bytes: int) -> bytearray:
+        reads.append(nr_bytes)
+        return whole_read(self, nr_bytes)
+
+    monkeypatch.setattr(listener._WholeReadSocket, "recv", counted)  # a spy: the real read still runs
+    service = start_service(max_pdu_kb=4096)  # 4 MB PDUs: one read grows its buffer past the 1 MB read-ahead
+    pixels = (np.arange(1500 * 1000 * 3, dtype=np.uint32) % 253).astype(np.uint8).reshape(1500, 1000, 3)
+    ds = dicom_factory.make_us_dataset(pixels, photometric="RGB")
+    assoc = scu().associate("127.0.0.1", service.port, ae_title=SCP_AE)
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    raw = (service.spool.root / "incoming" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm").read_bytes()
+    marker = raw.index(b"DICM") + 4  # our Part 10 header, then the data set as it arrived
+    body = raw[marker + 12 + int.from_bytes(raw[marker + 8 : marker + 12], "little") :]
+    assert body == dataset_body(ds)
+    assert max(reads) > listener._READ_AHEAD, "the association read its PDUs through _WholeReadSocket"

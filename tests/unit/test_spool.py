@@ -5,16 +5,19 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
-from service.errors import InvalidInstance, JobSchemaError
+from service.errors import InvalidInstance, JobSchemaError, PatientConflict
 from service.schema import StudyJob
-from service.spool import ALIVE_LOCK, Spool, SpoolQuota
+from service.spool import ALIVE_LOCK, INCOMING_LOCK, Spool, SpoolQuota, read_patient_marker
 from tests.dicom_factory import encode
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -382,3 +385,152 @@ def test_the_quota_counts_what_the_spool_holds_and_what_was_stored_since_its_las
     now[0] = 5.0  # the walk sees both files, and nothing counted twice
     assert quota.admits(500) and not quota.admits(501)
     assert SpoolQuota(spool, quota_bytes=0).admits(10**12), "0 is no quota"
+
+
+def _fsynced_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every descriptor os.fsync is called on (the real fsync still runs)."""
+    real_fsync = os.fsync
+    paths: list[str] = []
+
+    def recording(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return paths
+
+
+def test_a_stored_instance_and_every_new_entry_leading_to_it_are_fsynced_before_store_returns(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    fsynced = _fsynced_paths(monkeypatch)
+    spool.store_instance(STUDY, sop, data, patient_key="a" * 64)
+    study_dir = str(spool_dir.resolve() / "incoming" / STUDY)
+    assert any(path.startswith(str(spool.tmp_dir.resolve())) for path in fsynced), "the bytes, before the rename"
+    assert {study_dir, str((spool_dir / "incoming").resolve()), str((spool_dir / "patients").resolve())} <= set(fsynced)
+    # The next instance of the study fsyncs its folder again (its own entry) and the parents (cheap when clean).
+    fsynced.clear()
+    second_sop, second = encoded(us_dataset)
+    spool.store_instance(STUDY, second_sop, second, patient_key="a" * 64)
+    assert study_dir in fsynced
+
+
+def test_a_staged_instance_is_stored_like_bytes_and_a_discarded_one_leaves_nothing(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    stored = spool.store_instance(STUDY, sop, spool.stage_instance(data), patient_key="a" * 64)
+    assert stored.path.read_bytes() == data
+    refused = spool.stage_instance(b"garbage")
+    refused.discard()
+    refused.discard()  # idempotent
+    assert [p.name for p in spool.tmp_dir.iterdir()] == [ALIVE_LOCK]
+    assert visible_files(spool) == [stored.path]
+
+
+def test_a_staged_write_that_failed_fails_the_store_and_leaves_nothing(
+    spool_dir: Path, monkeypatch: pytest.MonkeyPatch, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    staged = spool.stage_instance(data)
+    with pytest.raises(OSError) as info:
+        spool.store_instance(STUDY, sop, staged)
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert visible_files(spool) == []
+    assert [p.name for p in spool.tmp_dir.iterdir()] == [ALIVE_LOCK]
+
+
+def test_the_patient_marker_is_a_link_to_the_key_and_a_marker_written_as_a_file_still_binds(spool_dir: Path) -> None:
+    spool = Spool(spool_dir)
+    spool.store_instance(STUDY, f"{STUDY}.1", b"first", patient_key="a" * 64)
+    marker = spool.patients_dir / STUDY
+    assert marker.is_symlink() and os.readlink(marker) == "a" * 64
+    older = "1.2.826.0.1.3680043.8.498.2"
+    (spool.patients_dir / older).write_text("b" * 64)  # as earlier versions wrote it
+    with pytest.raises(PatientConflict):
+        Spool(spool_dir).store_instance(older, f"{older}.1", b"other patient", patient_key="a" * 64)
+    assert read_patient_marker(spool.patients_dir / older) == "b" * 64
+
+
+def test_old_patient_links_are_forgotten_like_files(spool_dir: Path) -> None:
+    spool = Spool(spool_dir)
+    spool.store_instance(STUDY, f"{STUDY}.1", b"first", patient_key="a" * 64)
+    marker = spool.patients_dir / STUDY
+    os.utime(marker, (0, 0), follow_symlinks=False)  # the link's own time: it points at no file
+    Spool(spool_dir)
+    assert not marker.is_symlink()
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_another_process_holding_the_incoming_lock_holds_back_the_rename(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    sop, data = encoded(us_dataset)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(spool_dir / INCOMING_LOCK), "1.0"], stdout=subprocess.PIPE
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+    started = time.monotonic()
+    spool.store_instance(STUDY, sop, data)
+    waited = time.monotonic() - started
+    holder.wait(10)
+    assert waited >= 0.5, f"stored after {waited:.2f} s while another process held the lock"
+
+
+_STORE_MANY = """
+import os, sys, time
+from pathlib import Path
+from service.spool import Spool
+from tests.conftest import make_us_dataset
+from tests.dicom_factory import encode
+spool = Spool(Path(sys.argv[1]))
+study = sys.argv[2]
+payloads = [encode(make_us_dataset(study_uid=study, sop_uid=f"{study}.{n + 1}")) for n in range(int(sys.argv[3]))]
+real_replace = os.replace
+def slow_replace(*args):  # widens the window between the study folder's lookup and the rename, that the lock closes
+    time.sleep(0.005)
+    real_replace(*args)
+os.replace = slow_replace
+for n, data in enumerate(payloads):
+    spool.store_instance(study, f"{study}.{n + 1}", data)
+"""
+
+
+def test_a_study_stored_by_another_process_while_this_one_seals_lands_in_exactly_one_job(spool_dir: Path) -> None:
+    """The receiver processes of service.receivers store while the dispatcher's process seals."""
+    spool = Spool(spool_dir)
+    count = 80
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _STORE_MANY, str(spool_dir), STUDY, str(count)], cwd=Path(__file__).parents[2]
+    )
+    job_ids = []
+    while writer.poll() is None:
+        job_id = spool.seal_study(STUDY)
+        if job_id:
+            job_ids.append(job_id)
+    assert writer.returncode == 0
+    job_id = spool.seal_study(STUDY)
+    if job_id:
+        job_ids.append(job_id)
+    sealed = [ref.sop_instance_uid for job_id in job_ids for ref in spool.load_job(job_id).instances]
+    assert sorted(sealed) == sorted(f"{STUDY}.{index + 1}" for index in range(count))
+    assert len(job_ids) > 1, "the seals did interleave with the stores"

@@ -154,3 +154,27 @@ def test_an_interrupted_study_completes_once_the_re_sending_association_ends() -
     assert tracker.due(145.0) == [] and tracker.due(146.0) == ["1.2.3"], "quiet period from the last instance"
     tracker.forget("1.2.3")
     assert tracker.tracked() == [] and tracker.due(1000.0) == []
+
+
+def test_an_interrupted_association_holds_its_studies_until_the_re_send_ends_or_stable_age() -> None:
+    """A receiver process died with the association (service.receivers): as after a restart, wait for the re-send."""
+    t = make()
+    t.instance_received(S1, "a", now=0.0)
+    t.instance_received(S2, "b", now=0.0)
+    t.association_interrupted("a", now=10.0)
+    assert t.due(30.0) == [], "neither sealed: a's study waits for its re-send, b is still open"
+    t.instance_received(S1, "c", now=40.0)  # the sender is back
+    t.association_released("c", now=41.0)
+    assert t.due(44.9) == []
+    assert t.due(45.0) == [S1]  # the quiet period after the re-sent instance
+    t.forget(S1)  # sealed
+    t.association_interrupted("unknown", now=50.0)  # ignored
+    assert t.due(61.0) == [S2]  # b never ended: stable age, as before
+
+
+def test_a_study_only_an_interrupted_association_fed_completes_at_stable_age_after_the_interruption() -> None:
+    t = make()
+    t.instance_received(S1, "a", now=0.0)
+    t.association_interrupted("a", now=30.0)
+    assert t.due(89.9) == []
+    assert t.due(90.0) == [S1]
