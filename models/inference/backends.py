@@ -30,7 +30,6 @@ there is one, else the CPU), and its placement says so.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Literal
 
 from models.errors import BackendUnavailable
 from models.inference.backend import Backend, OnnxRuntimeBackend
+from models.inference.gpus import visible_gpus
 from models.inference.registry import ModelEntry, verified_path
 
 BackendKind = Literal["tensorrt", "cuda", "cpu"]
@@ -46,35 +46,6 @@ BACKEND_CHOICES: tuple[str, ...] = ("auto", "tensorrt", "cuda", "cpu")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 _PROVIDERS: dict[str, tuple[str, ...]] = {"cuda": (CUDA_PROVIDER, CPU_PROVIDER), "cpu": (CPU_PROVIDER,)}
-
-
-def visible_gpus() -> tuple[str, ...]:
-    """The names of the CUDA GPUs the driver shows this process (``CUDA_VISIBLE_DEVICES`` applies); () without one.
-
-    Asks the driver library itself (``libcuda.so.1``: ``cuInit``,
-    ``cuDeviceGetCount``, ``cuDeviceGetName`` of the CUDA driver API) through
-    ctypes, so the answer needs neither TensorRT nor cuda-python nor a GPU
-    build of ONNX Runtime, and a CPU host without the driver simply has none.
-    """
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return ()
-    if driver.cuInit(0) != 0:
-        return ()
-    count = ctypes.c_int(0)
-    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return ()
-    names = []
-    for ordinal in range(count.value):
-        device = ctypes.c_int(0)
-        name = ctypes.create_string_buffer(256)
-        if driver.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
-            continue
-        if driver.cuDeviceGetName(name, len(name), device) != 0:
-            continue
-        names.append(name.value.decode("utf-8", "replace"))
-    return tuple(names)
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ class TensorRTBackend:
         self._trt = trt
         self._cudart = _cudart()
         if gpu_name is None:
-            from models.inference.backends import visible_gpus
+            from models.inference.gpus import visible_gpus
 
             gpus = visible_gpus()
             if not gpus:
