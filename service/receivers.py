@@ -34,6 +34,7 @@ terminal sends to the whole group: this process stops them in order.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import signal
@@ -45,6 +46,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -89,6 +91,25 @@ def receiver_processes(setting: int, with_worker: bool, cpus: int) -> int:
     if setting > 0:
         return setting
     return 1 if with_worker else max(1, min(cpus, AUTO_MAX_PROCESSES))
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota where one is set.
+
+    ``os.sched_getaffinity`` alone sees every core of a Kubernetes node, where a container limited to a quarter
+    of a core would then start four receivers. ``cpu.max`` holds ``"<quota> <period>"`` or ``"max <period>"``.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    try:
+        return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+    except (ValueError, ZeroDivisionError):
+        return cpus
 
 
 class TrackingSink(Protocol):
@@ -337,6 +358,12 @@ class ReceiverPool:
                 self.stop()
                 raise ConfigurationError(f"receiver process {slot.index} could not start: {reason}")
         self._started = True
+        # One that was ready and died while a later one was awaited is not restarted (its follower saw a start
+        # in progress): found here instead of leaving the pool a receiver short.
+        for slot in self._slots:
+            if slot.failure is not None or slot.process is None or slot.process.poll() is not None:
+                self.stop()
+                raise ConfigurationError(f"receiver process {slot.index} exited during start-up: {slot.failure}")
         log.info("receivers_started", processes=len(self._slots), port=self.port, pids=self.pids())
 
     def _spawn(self, slot: _Slot) -> None:
@@ -347,9 +374,18 @@ class ReceiverPool:
             ours, theirs = socket.socketpair()
             channel = Channel(ours)
             fds = (theirs.fileno(), self._socket.fileno())
-            process = subprocess.Popen([sys.executable, "-m", "service.receivers", *map(str, fds)], pass_fds=fds)
-            theirs.close()  # the receiver holds its end: EOF here once it is gone
-            channel.send(self._settings)
+            process = None
+            try:
+                process = subprocess.Popen([sys.executable, "-m", "service.receivers", *map(str, fds)], pass_fds=fds)
+                theirs.close()  # the receiver holds its end: EOF here once it is gone
+                channel.send(self._settings)
+            except OSError:
+                theirs.close()
+                channel.close()
+                if process is not None:  # started, but it cannot be told its settings: not left as a zombie
+                    process.kill()
+                    process.wait()
+                raise
             with self._lock:
                 slot.ready.clear()
                 slot.failure = None
@@ -365,11 +401,21 @@ class ReceiverPool:
 
     def _follow(self, slot: _Slot, process: subprocess.Popen[bytes], channel: Channel) -> None:
         """Relay one receiver's messages until it is gone, then end its associations and start it again."""
-        try:
-            while True:
-                self._handle(slot, channel.recv())
-        except (EOFError, OSError):
-            pass
+        while True:
+            try:
+                message = channel.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:
+                # Unreadable: nothing further from this receiver can be trusted, and an unread pair fills until
+                # its associations hang before their success status. It is stopped, and started again below.
+                log.exception("receiver_channel_broken", receiver=slot.index)
+                process.kill()
+                break
+            try:
+                self._handle(slot, message)
+            except Exception:  # one message the tracker or the metrics refused: the next ones still count
+                log.exception("receiver_message_failed", receiver=slot.index, kind=str(message[0])[:16])
         channel.close()
         try:
             process.wait(STOP_TIMEOUT_S)
@@ -397,8 +443,14 @@ class ReceiverPool:
         lived_s = time.monotonic() - slot.started_at
         delay = RESTART_BACKOFF_S if lived_s >= STABLE_AFTER_S else slot.backoff_s
         slot.backoff_s = min(delay * 2, RESTART_BACKOFF_CAP_S)
-        if not self._stopping.wait(delay):
-            self._spawn(slot)
+        while not self._stopping.wait(delay):
+            try:
+                self._spawn(slot)
+                return
+            except OSError:  # no memory, processes or descriptors to start it with (likely what killed it)
+                log.exception("receiver_restart_failed", receiver=slot.index)
+                delay = slot.backoff_s
+                slot.backoff_s = min(delay * 2, RESTART_BACKOFF_CAP_S)
 
     def _handle(self, slot: _Slot, message: Any) -> None:
         kind = message[0]

@@ -11,7 +11,7 @@ Layout under the spool root::
     studies/<job_id>/attempts         deliveries so far (both queues' retry counter)
     dead/<job_id>/...  + reason.txt   dead-lettered jobs, kept for an operator
     done/<job_id>                     completed jobs, remembered for 30 days (late duplicate deliveries)
-    patients/<study_uid>              the study's patient key (a digest, not the identity) as a symlink target, 30 days
+    patients/<study_uid>              the study's patient key (a digest, not the identity), 30 days
     received/<study_uid>.json         SOP Instance UID -> sha256 of every instance sealed into a job, kept 30 days
     delivered/<study_uid>/            a delivered study's instances and report.sr, kept keep_delivered_s for a revision
     audit/associations-<date>.jsonl   one line per association: who sent what, what we answered (service.audit)
@@ -588,12 +588,16 @@ class Spool:
     def _bind_patient(self, study_uid: str, patient_key: str) -> bool:
         """Record the study's patient key on its first instance; refuse another key later (caller holds the lock).
 
-        The marker ``patients/<study_uid>`` is a symbolic link whose target is
-        the key: made in one step, or refused if it exists (another process,
-        or a study bound before a restart), and durable with its folder's
-        fsync alone, where a file needs its own fsync first (one disk flush
-        per study saved). A file system without symbolic links gets a file.
-        Markers written as files by earlier versions are read as before.
+        The marker ``patients/<study_uid>`` is a file holding the key, written
+        durably (its data and its folder entry fsynced) before the instance's
+        success. Not a symbolic link whose target is the key, although that
+        saves a flush per study: a 64-character target is too long for ext4 to
+        keep in the inode, and POSIX does not promise that fsyncing the folder
+        makes a link's target durable; after a power cut an empty or lost
+        marker would refuse the study's own patient, or bind another. Markers
+        written as links by an earlier version are read as before. The caller
+        holds the spool's lock across processes, so no two receivers write
+        the same study's marker.
 
         Returns
         -------
@@ -607,26 +611,14 @@ class Spool:
             # every later instance is checked in memory: this runs on each C-STORE, under the spool's lock.
             marker = self.patients_dir / study_uid
             try:
-                os.symlink(patient_key, marker)
-                bound, made = patient_key, True
-            except FileExistsError:
                 bound = read_patient_marker(marker)
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                bound, made = self._bind_patient_in_file(marker, patient_key), True
+            except FileNotFoundError:
+                write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
+                bound, made = patient_key, True
             self._patients[study_uid] = bound
         if bound != patient_key:
             raise PatientConflict("the study already holds instances of another patient")
         return made
-
-    def _bind_patient_in_file(self, marker: Path, patient_key: str) -> str:
-        """The marker as a file, where the file system makes no symbolic links; the key it holds."""
-        try:
-            return read_patient_marker(marker)
-        except FileNotFoundError:
-            write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
-            return patient_key
 
     def seal_study(
         self,
@@ -834,7 +826,13 @@ class Spool:
         for study_dir in sorted(self.incoming_dir.iterdir()):
             if not study_dir.is_dir() or not is_valid_uid(study_dir.name):
                 continue
-            mtimes = [p.stat().st_mtime for p in study_dir.glob(f"*{INSTANCE_SUFFIX}")]
+            # Receivers store and the dispatcher seals while this runs (a receiver's death is handled while the
+            # others go on): a study sealed, or an instance moved, between the listing and its stat is no longer
+            # unsealed, and is passed over rather than failing the whole walk.
+            mtimes = []
+            for instance in study_dir.glob(f"*{INSTANCE_SUFFIX}"):
+                with contextlib.suppress(FileNotFoundError):
+                    mtimes.append(instance.stat().st_mtime)
             if not mtimes:
                 continue
             found.append(UnsealedStudy(study_dir.name, max(mtimes), len(mtimes)))

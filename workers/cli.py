@@ -203,7 +203,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     from service.dispatcher import Dispatcher
     from service.listener import StudyListener
     from service.queue import consume_concurrently, open_queue
-    from service.receivers import ReceiverPool, receiver_processes
+    from service.receivers import ReceiverPool, receiver_processes, usable_cpus
     from service.spool import Spool
 
     stop = _stop_event()
@@ -226,7 +226,7 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
         dispatcher = Dispatcher(settings, spool, queue)
         dispatcher.recover()
         dispatcher.start()
-        expected = receiver_processes(settings.listener_processes, with_worker, len(os.sched_getaffinity(0)))
+        expected = receiver_processes(settings.listener_processes, with_worker, usable_cpus())
         if expected > 1:
             listener = ReceiverPool(settings, expected, dispatcher)  # service.receivers: processes on one port
             pool = listener

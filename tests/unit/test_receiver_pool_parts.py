@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from service.audit import AuditTrail
 from service.dispatcher import Dispatcher
 from service.errors import ConfigurationError
-from service.receivers import AUTO_MAX_PROCESSES, Channel, receiver_processes
+from service.receivers import AUTO_MAX_PROCESSES, Channel, receiver_processes, usable_cpus
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
@@ -120,3 +121,15 @@ def test_audit_lines_of_many_studies_land_whole_from_concurrent_associations(tmp
     lines = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
     assert len(lines) == 40
     assert all(len(line["studies"]) == len(studies) for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [("25000 100000\n", 1), ("150000 100000\n", 2), ("max 100000\n", None), ("garbled", None)],
+)
+def test_a_cgroup_cpu_quota_caps_the_cores_counted(tmp_path: Path, cpu_max: str, cap: int | None) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text(cpu_max)
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cpus(quota) == (cores if cap is None else min(cores, cap))
+    assert usable_cpus(tmp_path / "absent") == cores

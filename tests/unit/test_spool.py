@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -450,13 +450,13 @@ def test_a_staged_write_that_failed_fails_the_store_and_leaves_nothing(
     assert [p.name for p in spool.tmp_dir.iterdir()] == [ALIVE_LOCK]
 
 
-def test_the_patient_marker_is_a_link_to_the_key_and_a_marker_written_as_a_file_still_binds(spool_dir: Path) -> None:
+def test_the_patient_marker_is_a_durable_file_and_a_marker_written_as_a_link_still_binds(spool_dir: Path) -> None:
     spool = Spool(spool_dir)
     spool.store_instance(STUDY, f"{STUDY}.1", b"first", patient_key="a" * 64)
     marker = spool.patients_dir / STUDY
-    assert marker.is_symlink() and os.readlink(marker) == "a" * 64
+    assert not marker.is_symlink() and marker.read_text() == "a" * 64
     older = "1.2.826.0.1.3680043.8.498.2"
-    (spool.patients_dir / older).write_text("b" * 64)  # as earlier versions wrote it
+    os.symlink("b" * 64, spool.patients_dir / older)  # as the version before wrote it
     with pytest.raises(PatientConflict):
         Spool(spool_dir).store_instance(older, f"{older}.1", b"other patient", patient_key="a" * 64)
     assert read_patient_marker(spool.patients_dir / older) == "b" * 64
@@ -464,11 +464,33 @@ def test_the_patient_marker_is_a_link_to_the_key_and_a_marker_written_as_a_file_
 
 def test_old_patient_links_are_forgotten_like_files(spool_dir: Path) -> None:
     spool = Spool(spool_dir)
-    spool.store_instance(STUDY, f"{STUDY}.1", b"first", patient_key="a" * 64)
-    marker = spool.patients_dir / STUDY
-    os.utime(marker, (0, 0), follow_symlinks=False)  # the link's own time: it points at no file
+    older = "1.2.826.0.1.3680043.8.498.2"
+    marker = spool.patients_dir / older
+    os.symlink("b" * 64, marker)  # a version before wrote links, which point at no file
+    os.utime(marker, (0, 0), follow_symlinks=False)  # the link's own time
     Spool(spool_dir)
     assert not marker.is_symlink()
+
+
+def test_unsealed_studies_pass_over_a_study_sealed_while_they_are_listed(
+    spool_dir: Path, us_dataset: Callable[..., Dataset]
+) -> None:
+    spool = Spool(spool_dir)
+    for _ in range(3):
+        spool.store_instance(STUDY, *encoded(us_dataset))
+    instances = sorted((spool.incoming_dir / STUDY).iterdir())
+    real_glob = Path.glob
+
+    def glob_then_seal(self: Path, pattern: str) -> Iterator[Path]:
+        listed = list(real_glob(self, pattern))
+        if self.name == STUDY:
+            spool.seal_study(STUDY)  # the dispatcher seals between the listing and the stat
+        return iter(listed)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "glob", glob_then_seal)
+        assert spool.unsealed_studies() == []
+    assert len(instances) == 3
 
 
 _HOLD_LOCK = """
