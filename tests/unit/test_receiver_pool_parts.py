@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -121,6 +122,26 @@ def test_audit_lines_of_many_studies_land_whole_from_concurrent_associations(tmp
     lines = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
     assert len(lines) == 40
     assert all(len(line["studies"]) == len(studies) for line in lines)
+
+
+def test_an_audit_line_goes_to_its_file_in_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What keeps lines whole across receiver processes: one write of the whole line to an O_APPEND descriptor
+    (a buffered stream cuts a line longer than its buffer into writes another process's line can come between)."""
+    audit = AuditTrail(tmp_path / "audit")
+    real_write = os.write
+    writes: list[int] = []
+
+    def recording(descriptor: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", recording)
+    for index in range(400):
+        audit.stored("1", "PACS", "127.0.0.1:1", 0, f"1.2.826.0.1.3680043.8.498.{index}")
+    audit.ended("1", "released")
+    monkeypatch.undo()
+    [path] = (tmp_path / "audit").iterdir()
+    assert writes == [path.stat().st_size] and path.stat().st_size > io.DEFAULT_BUFFER_SIZE
 
 
 @pytest.mark.parametrize(

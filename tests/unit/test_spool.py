@@ -410,11 +410,20 @@ def test_a_stored_instance_and_every_new_entry_leading_to_it_are_fsynced_before_
     study_dir = str(spool_dir.resolve() / "incoming" / STUDY)
     assert any(path.startswith(str(spool.tmp_dir.resolve())) for path in fsynced), "the bytes, before the rename"
     assert {study_dir, str((spool_dir / "incoming").resolve()), str((spool_dir / "patients").resolve())} <= set(fsynced)
-    # The next instance of the study fsyncs its folder again (its own entry) and the parents (cheap when clean).
+    # The next instance of the study fsyncs its folder again (its own entry) and the parents (cheap when clean),
+    # after the rename that put the instance there: an fsync before it would leave the new entry unsynced.
     fsynced.clear()
+    real_replace = os.replace
+
+    def recording_replace(source: str | Path, target: str | Path) -> None:
+        fsynced.append(f"replace -> {Path(target).resolve()}")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
     second_sop, second = encoded(us_dataset)
     spool.store_instance(STUDY, second_sop, second, patient_key="a" * 64)
-    assert study_dir in fsynced
+    renamed = next(i for i, event in enumerate(fsynced) if event.startswith(f"replace -> {study_dir}/"))
+    assert study_dir in fsynced[renamed + 1 :], fsynced
 
 
 def test_a_staged_instance_is_stored_like_bytes_and_a_discarded_one_leaves_nothing(
