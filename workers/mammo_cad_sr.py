@@ -133,14 +133,8 @@ class MammographyCADSR(_SR):
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=MammographyCADSRStorage,
             instance_number=instance_number,
-            manufacturer=context.manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=context.institution_name,
             series_description=SERIES_DESCRIPTION,
-            manufacturer_model_name=context.manufacturer_model_name,
-            software_versions=context.software_versions,
+            **context.sr_document_arguments(),
         )
 
 

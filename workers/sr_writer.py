@@ -49,6 +49,7 @@ import importlib.metadata
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -139,6 +140,20 @@ class ReportContext:
     software_versions: str = _package_version()
     device_observer_uid: str = DEFAULT_DEVICE_OBSERVER_UID
     institution_name: str | None = None
+
+    def sr_document_arguments(self) -> dict[str, Any]:
+        """What every SR of ours tells highdicom about its equipment and state (General Equipment, PS3.3
+        C.7.5.1; SR Document General, C.17.2): complete, not final, not verified: an advisory machine result
+        that no person has signed."""
+        return {
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.manufacturer_model_name,
+            "software_versions": self.software_versions,
+            "institution_name": self.institution_name,
+            "is_complete": True,
+            "is_final": False,
+            "is_verified": False,
+        }
 
 
 @dataclass(frozen=True)
@@ -267,15 +282,9 @@ def build_report(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        manufacturer=context.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=context.institution_name,
         series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=context.manufacturer_model_name,
-        software_versions=context.software_versions,
         previous_versions=list(previous_versions) or None,
+        **context.sr_document_arguments(),
     )
     _attach_content(sr, root, unique_evidence)
     for keyword in _PATIENT_STUDY_TYPE3:
