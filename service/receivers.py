@@ -33,6 +33,7 @@ terminal sends to the whole group: this process stops them in order.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -302,7 +303,9 @@ class ReceiverPool:
     def __init__(
         self, settings: Settings, processes: int, sink: TrackingSink, counters: ListenerCounters | None = None
     ) -> None:
-        self._settings = settings
+        # The receivers are told how many they are (listener_processes resolved): each then keeps its share of the
+        # spool quota's headroom (service.spool.SpoolQuota).
+        self._settings = dataclasses.replace(settings, listener_processes=processes)
         self._sink = sink
         self._counters = counters or ListenerCounters()
         self._socket: socket.socket | None = None

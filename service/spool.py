@@ -1044,14 +1044,25 @@ class SpoolQuota:
 
     Between walks the bytes this process stored are added, so a burst cannot
     overshoot the quota by more than what other processes (workers writing
-    results) add meanwhile. A quota of 0 admits everything without walking.
+    results) add meanwhile. Where ``sharers`` receiver processes store into
+    one spool (service.receivers), each counts its own bytes ``sharers``
+    times: each then admits at most its share of the headroom the last walk
+    left, and together they cannot overshoot it (a single instance larger
+    than a share is refused until a walk shows more room). A quota of 0
+    admits everything without walking.
     """
 
     def __init__(
-        self, spool: Spool, quota_bytes: int, rescan_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+        self,
+        spool: Spool,
+        quota_bytes: int,
+        rescan_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sharers: int = 1,
     ) -> None:
         self._spool = spool
         self.quota_bytes = quota_bytes
+        self._sharers = max(1, sharers)
         self._rescan_s = rescan_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -1066,9 +1077,9 @@ class SpoolQuota:
             if self._scanned_at is None or now - self._scanned_at >= self._rescan_s:
                 self._used = self._spool.used_bytes()
                 self._scanned_at = now
-            return self._used + incoming_bytes <= self.quota_bytes
+            return self._used + incoming_bytes * self._sharers <= self.quota_bytes
 
     def stored(self, size: int) -> None:
-        """Count an instance stored since the last walk."""
+        """Count an instance stored since the last walk (``sharers`` times: see the class)."""
         with self._lock:
-            self._used += size
+            self._used += size * self._sharers

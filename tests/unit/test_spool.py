@@ -387,6 +387,22 @@ def test_the_quota_counts_what_the_spool_holds_and_what_was_stored_since_its_las
     assert SpoolQuota(spool, quota_bytes=0).admits(10**12), "0 is no quota"
 
 
+def test_receivers_sharing_the_quota_cannot_overshoot_it_together_between_walks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.store_instance("1.2.3", "1.2.3.1", b"x" * 1000)
+    now = [0.0]
+    # Two receiver processes, each with its own count since the walk: 1000 used, 3000 of headroom.
+    receivers = [SpoolQuota(spool, quota_bytes=4000, clock=lambda: now[0], sharers=2) for _ in range(2)]
+    admitted = 0
+    for _ in range(10):  # each admits instances of 500 bytes while it can
+        for quota in receivers:
+            if quota.admits(500):
+                quota.stored(500)
+                admitted += 500
+    assert admitted == 3000, "together exactly the headroom, not twice it"
+    assert not receivers[0].admits(1501), "an instance larger than a share waits for a walk"
+
+
 def _fsynced_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the path of every descriptor os.fsync is called on (the real fsync still runs)."""
     real_fsync = os.fsync
