@@ -67,7 +67,14 @@ from pydicom.uid import MammographyCADSRStorage
 from pydicom.valuerep import TM
 
 from models.inference.findings import Lesion, ModelInfo
-from workers.sr_writer import AnalysedFrame, ReportContext, closed_outline, image_laterality, patient_study_header
+from workers.sr_writer import (
+    AnalysedFrame,
+    ReportContext,
+    closed_outline,
+    image_laterality,
+    patient_study_header,
+    unique_by_uid,
+)
 
 SERIES_DESCRIPTION = "BreastAI mammography CAD (advisory)"
 # After the report (9901), the overlay series (9902 + one per family) and before the SEG series (9950).
@@ -216,7 +223,7 @@ def build_mammography_cad_report(
         ),
     ]
 
-    unique_evidence = _unique_by_uid(evidence)
+    unique_evidence = unique_by_uid(evidence)
     unique_evidence[0] = patient_study_header(unique_evidence[0])
     # highdicom deep-copies and re-parses the content it is given; its content item parser does not take
     # by-reference items (Referenced Content Item Identifier), so it gets the root alone and the tree is put in
@@ -452,15 +459,3 @@ def _time(value: object) -> datetime.time | None:
     except ValueError:
         return None
     return datetime.time(parsed.hour, parsed.minute, parsed.second, parsed.microsecond)
-
-
-def _unique_by_uid(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Datasets in order, each SOP Instance UID once."""
-    seen: set[str] = set()
-    unique: list[pydicom.Dataset] = []
-    for ds in datasets:
-        uid = str(ds.SOPInstanceUID)
-        if uid not in seen:
-            seen.add(uid)
-            unique.append(ds)
-    return unique

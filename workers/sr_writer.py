@@ -259,7 +259,7 @@ def build_report(
             model_name=f"{context.manufacturer_model_name} {context.software_versions}"[:64],
         ),
     )
-    library_images = _unique_by_uid([item.frame.dataset for item in analysed])
+    library_images = unique_by_uid([item.frame.dataset for item in analysed])
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_procedures(analysed),
@@ -269,7 +269,7 @@ def build_report(
     report[0].ContentSequence.append(_disclaimer_container(analysed, not_analysed))
 
     # highdicom copies patient and study from the first evidence item.
-    unique_evidence = _unique_by_uid(list(evidence))
+    unique_evidence = unique_by_uid(list(evidence))
     unique_evidence[0] = patient_study_header(unique_evidence[0])
     root = report[0]
     sr = hd.sr.Comprehensive3DSR(
@@ -718,7 +718,7 @@ def _disclaimer_container(
     return container
 
 
-def _unique_by_uid(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+def unique_by_uid(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     """Datasets in order, each SOP Instance UID once."""
     seen: set[str] = set()
     unique: list[pydicom.Dataset] = []
