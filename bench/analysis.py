@@ -43,6 +43,12 @@ SR build / SC overlay build / SEG build
 other
     what ``process_study`` spent outside those (UIDs, bookkeeping).
 
+Side by side: a study of :data:`SIDE_BY_SIDE_IMAGES` images (the studies'
+images cycled, fresh UIDs, one patient) analysed with ``image_concurrency``
+1 and with the worker's default, alternated, each round beside that study's
+floor (an instrumented run replayed bare, as above). The stage clock is off
+for these runs: stages of images on several threads cannot be told apart.
+
 Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this process,
 which did nothing but load the pipeline and run the studies (``bench.run``
 starts it as a process of its own).
@@ -54,6 +60,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import sys
 import time
 from collections import Counter, defaultdict
@@ -68,6 +75,8 @@ import numpy.typing as npt
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_STUDIES = (ROOT / "samples" / "study1", ROOT / "samples" / "study2")
+#: Images of the study analysed one at a time and side by side (as the end-to-end bench's largest US study).
+SIDE_BY_SIDE_IMAGES = 10
 
 Arrays = Mapping[str, npt.NDArray[np.float32]]
 Run = Callable[[Arrays], dict[str, npt.NDArray[np.float32]]]
@@ -293,6 +302,56 @@ def summarise(runs: Sequence[StudyRun], roles: Sequence[str], segmenter_role: st
     }
 
 
+def side_by_side(
+    sources: Sequence[Path], pipeline: Any, context: Any, rounds: int, threads: int, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """One study of the ``sources`` cycled to :data:`SIDE_BY_SIDE_IMAGES` images, one at a time and ``threads`` at once.
+
+    Each round: the study under the stage clock (its floor), then untimed by stages with ``image_concurrency`` 1,
+    then ``threads``; per-image medians over the rounds.
+    """
+    import itertools
+    import tempfile
+
+    from tests.faults.traffic import copies_of  # fresh UIDs and a patient, as the end-to-end bench's studies
+    from workers.consumer import process_study
+
+    with tempfile.TemporaryDirectory(prefix="breastai-bench-") as folder:
+        (study,) = copies_of(list(itertools.islice(itertools.cycle(sources), SIDE_BY_SIDE_IMAGES)), 1, prefix="BENCH")
+        paths = []
+        for index, ds in enumerate(study.instances):
+            path = Path(folder) / f"{index:02d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        process_study(paths, pipeline, context, image_concurrency=threads)  # warm-up of the threads' path
+        floors, serial, parallel = [], [], []
+        for number in range(rounds):
+            floors.append(run_study(paths, pipeline, context, "side-by-side").floor_s)
+            for concurrency, times in ((1, serial), (threads, parallel)):
+                started = time.perf_counter()
+                process_study(paths, pipeline, context, image_concurrency=concurrency)
+                times.append(time.perf_counter() - started)
+            progress(
+                f"analysis: side by side {number + 1}/{rounds}: {SIDE_BY_SIDE_IMAGES} images one at a time "
+                f"{serial[-1] * 1000:.0f} ms, {threads} at once {parallel[-1] * 1000:.0f} ms "
+                f"(floor {floors[-1] * 1000:.0f})"
+            )
+    per_image = {
+        "one_at_a_time": statistics.median(serial) * 1000 / SIDE_BY_SIDE_IMAGES,
+        "side_by_side": statistics.median(parallel) * 1000 / SIDE_BY_SIDE_IMAGES,
+        "floor": statistics.median(floors) * 1000 / SIDE_BY_SIDE_IMAGES,
+    }
+    return {
+        "images": SIDE_BY_SIDE_IMAGES,
+        "threads": threads,
+        "rounds": rounds,
+        "per_image_ms": {key: round(value, 2) for key, value in per_image.items()},
+        "ratio_one_at_a_time_to_floor": round(per_image["one_at_a_time"] / per_image["floor"], 3),
+        "ratio_side_by_side_to_floor": round(per_image["side_by_side"] / per_image["floor"], 3),
+        "speed_up": round(per_image["one_at_a_time"] / per_image["side_by_side"], 3),
+    }
+
+
 def _rss_mib() -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -309,9 +368,12 @@ def run_analysis(
     """Load the pipeline, analyse every study once untimed (warm-up), then ``rounds`` timed times each."""
     from models.inference.pipeline import SEGMENTER_ROLE, load_bmode_pipeline
     from service.logging import silence_value_quoting_warnings
+    from service.settings import Settings
+    from workers.heap import return_large_buffers_to_the_os
     from workers.sr_writer import ReportContext
 
     silence_value_quoting_warnings()
+    return_large_buffers_to_the_os()  # as the worker does
     started = time.perf_counter()
     pipeline = load_bmode_pipeline()
     load_s = time.perf_counter() - started
@@ -336,6 +398,14 @@ def run_analysis(
             + ", ".join(f"{r.study} {r.analysis_s * 1000:.0f} ms (floor {r.floor_s * 1000:.0f})" for r in done)
         )
     summary = summarise(runs, roles, SEGMENTER_ROLE)
+    summary["side_by_side"] = side_by_side(
+        [path for paths in files.values() for path in paths],
+        pipeline,
+        context,
+        rounds,
+        Settings.image_concurrency,
+        progress,
+    )
     summary.update(
         {
             "studies": [str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else str(f) for f in folders],

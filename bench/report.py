@@ -176,6 +176,28 @@ def session_table(analysis: Mapping[str, Any]) -> str:
     return format_table(["graph (role)", "runs", "expected", "in analysis ms/image", "bare ms/image", "ratio"], rows)
 
 
+def side_by_side_table(analysis: Mapping[str, Any]) -> str:
+    """One study's images analysed one at a time and side by side (``image_concurrency``), beside its floor."""
+    figures = analysis["side_by_side"]
+    per_image = figures["per_image_ms"]
+    rows = [
+        ["1", per_image["one_at_a_time"], format_ratio(figures["ratio_one_at_a_time_to_floor"]), "1.00"],
+        [
+            str(figures["threads"]),
+            per_image["side_by_side"],
+            format_ratio(figures["ratio_side_by_side_to_floor"]),
+            format_ratio(figures["speed_up"]),
+        ],
+    ]
+    return (
+        format_table(
+            [f"images at once ({figures['images']}-image study)", "analysis ms/image", "analysis/floor", "speed-up"],
+            rows,
+        )
+        + f"\nfloor: {per_image['floor']} ms/image"
+    )
+
+
 # ----------------------------------------------------------------------------------------- results file
 
 

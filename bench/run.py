@@ -35,6 +35,7 @@ from bench.report import (
     precision_table,
     results_path,
     session_table,
+    side_by_side_table,
     stage_table,
     write_results,
 )
@@ -213,6 +214,8 @@ def tables(payload: dict[str, Any]) -> str:
             "",
             session_table(analysis),
         ]
+        if "side_by_side" in analysis:
+            lines += ["", side_by_side_table(analysis)]
         if not analysis.get("sessions_check_ok", True):
             lines.append("WARNING: the graphs ran a different number of times than the pipeline should")
     precision = payload.get("precision")

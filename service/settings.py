@@ -234,6 +234,11 @@ class Settings:
     worker_concurrency
         Jobs one worker process runs at once, sharing its loaded models (each
         RabbitMQ consumer on its own connection); 1 runs one at a time.
+    image_concurrency
+        Images of one study a job analyses at once, each on a thread of its
+        own (workers.consumer.process_study): one image's host work runs
+        beside another's networks, and their calls of a model can be batched.
+        1 analyses them one after the other.
     """
 
     ae_title: str = "BREASTAI"
@@ -275,6 +280,7 @@ class Settings:
     inference_max_batch: int = 1
     inference_max_wait_ms: float = 2.0
     worker_concurrency: int = 1
+    image_concurrency: int = 2
 
     @property
     def allowed_peers(self) -> tuple[AllowedPeer, ...]:
@@ -350,6 +356,8 @@ class Settings:
             raise ConfigurationError(f"inference_max_wait_ms must be in 0..1000: {self.inference_max_wait_ms!r}")
         if not 1 <= self.worker_concurrency <= 64:
             raise ConfigurationError(f"worker_concurrency must be in 1..64: {self.worker_concurrency!r}")
+        if not 1 <= self.image_concurrency <= 64:
+            raise ConfigurationError(f"image_concurrency must be in 1..64: {self.image_concurrency!r}")
 
 
 def _redact_url(url: str) -> str:
@@ -472,6 +480,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "inference_max_batch": _to_int,
     "inference_max_wait_ms": _to_float,
     "worker_concurrency": _to_int,
+    "image_concurrency": _to_int,
 }
 
 # The environment name of a field is BREASTAI_<FIELD_UPPER>, except for the
@@ -600,6 +609,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help=helptext("jobs one worker process runs at once, sharing its models", "worker_concurrency"),
     )
     group.add_argument(
+        "--image-concurrency",
+        type=int,
+        metavar="IMAGES",
+        help=helptext("images of one study analysed at once, on a thread each", "image_concurrency"),
+    )
+    group.add_argument(
         "--us-families",
         action="append",
         metavar="ROLE",
@@ -629,6 +644,7 @@ _FLAG_FIELDS: dict[str, str] = {
     "us_families": "us_families",
     "inference_backend": "inference_backend",
     "worker_concurrency": "worker_concurrency",
+    "image_concurrency": "image_concurrency",
 }
 
 

@@ -39,6 +39,7 @@ from service.errors import BreastAIError, ConfigurationError
 from service.health import Health, start_http_endpoints
 from service.logging import configure_logging, silence_value_quoting_warnings
 from service.settings import Settings, add_settings_arguments, settings_from_args
+from workers.heap import return_large_buffers_to_the_os
 
 if TYPE_CHECKING:
     from models.inference.backends import InferenceRuntime
@@ -95,10 +96,16 @@ def _runtime(settings: Settings) -> InferenceRuntime:
         reason=choice.reason,
         max_batch=settings.inference_max_batch,
         worker_concurrency=settings.worker_concurrency,
+        image_concurrency=settings.image_concurrency,
     )
-    if settings.inference_max_batch > 1 and settings.worker_concurrency == 1:
-        # One job at a time calls each model from one thread: nothing to batch with, only the wait is added.
-        log.warning("batching_without_concurrency", max_batch=settings.inference_max_batch, worker_concurrency=1)
+    if settings.inference_max_batch > 1 and settings.worker_concurrency == settings.image_concurrency == 1:
+        # One image at a time calls each model from one thread: nothing to batch with, only the wait is added.
+        log.warning(
+            "batching_without_concurrency",
+            max_batch=settings.inference_max_batch,
+            worker_concurrency=1,
+            image_concurrency=1,
+        )
     return InferenceRuntime.from_choice(
         choice, settings.engine_cache_dir, settings.inference_max_batch, settings.inference_max_wait_ms
     )
@@ -174,7 +181,14 @@ def _job_handler(settings: Settings) -> JobHandler:
         settings.destinations, settings.ae_title, settings.send_retries, settings.send_backoff_s, tls=tls
     )
     return JobHandler(
-        settings.spool_dir, pipeline, sender, _report_context(settings), settings.image_limits, mammography, three_plane
+        settings.spool_dir,
+        pipeline,
+        sender,
+        _report_context(settings),
+        settings.image_limits,
+        mammography,
+        three_plane,
+        image_concurrency=settings.image_concurrency,
     )
 
 
@@ -207,6 +221,8 @@ def _run(settings: Settings, with_listener: bool, with_worker: bool) -> int:
     from service.spool import Spool
 
     stop = _stop_event()
+    if with_worker:
+        return_large_buffers_to_the_os()  # before the models load: they and every image's arrays are allocated after
     health = Health()
     health.add("ready", "models", lambda: "loading" if with_worker else None)
     http_server = start_http_endpoints(settings.metrics_port, settings.metrics_address, health)
@@ -329,6 +345,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from workers.uids import derive_uid
 
     silence_value_quoting_warnings()
+    return_large_buffers_to_the_os()
     pipeline = _pipeline(
         Path(args.model_dir) if args.model_dir else None, tuple(f for f in args.families.split(",") if f)
     )
@@ -346,7 +363,14 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for study_uid, paths in sorted(by_study.items()):
         try:
-            results = process_study(paths, pipeline, context, mammography=mammography, three_plane=three_plane)
+            results = process_study(
+                paths,
+                pipeline,
+                context,
+                mammography=mammography,
+                three_plane=three_plane,
+                image_concurrency=args.image_concurrency,
+            )
         except BreastAIError as exc:
             failures += 1
             print(f"study {study_uid}: {exc}", file=sys.stderr)
@@ -400,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--families",
         default="",
         help="comma-separated model families to run on each lesion (default: the model folder's list)",
+    )
+    analyze.add_argument(
+        "--image-concurrency",
+        type=int,
+        default=Settings.image_concurrency,
+        metavar="IMAGES",
+        help=f"images of one study analysed at once, on a thread each (default {Settings.image_concurrency})",
     )
     evaluate = commands.add_parser(
         "evaluate",

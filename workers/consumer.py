@@ -10,10 +10,12 @@ verification against the job, metrics, and delivery.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from models.inference.findings import FamilyScore, Lesion
 from models.inference.fusion import fuse_breasts
 from models.inference.mammography_pipeline import MammographyPipeline
 from models.inference.manifest import ABVS_THREE_PLANE_ROLE
-from models.inference.pipeline import BModePipeline, family_view
+from models.inference.pipeline import BModePipeline, ParallelMap, family_view
 from models.inference.preprocess import crop
 from models.inference.three_plane import ThreePlaneScorer
 from models.inference.volume import VolumeLesion, lesion_planes, sagittal_plane, seen_on_sagittal, track_lesions
@@ -96,6 +98,7 @@ def process_study(
     predecessor: Dataset | None = None,
     mammography: MammographyPipeline | None = None,
     three_plane: ThreePlaneScorer | None = None,
+    image_concurrency: int = 1,
 ) -> StudyResults:
     """Analyse every routable instance of one study and build its SR and overlays.
 
@@ -116,13 +119,23 @@ def process_study(
     three_plane
         The ABVS three-plane family, where the model folder has it: each lesion tracked through a volume is then also
         scored on its three orthogonal planes, beside the B-mode families' scores of its central frame.
+    image_concurrency
+        Instances analysed at once, each with its overlays and segmentation, on as many threads; and as many lesions
+        of an image (or frames of a volume) at once. The models run outside the GIL, so one image's host work
+        (decoding, maps, building its DICOM objects) runs beside another's networks, and a
+        :class:`~models.inference.batching.BatchingBackend` gathers the images' and lesions' calls into batches.
+        1 analyses them one after the other. The results are the same either way, in the same order.
 
     Raises
     ------
     PatientConflict
         If the instances belong to more than one patient: no report is built
         (one patient's findings must never be filed under another).
+    ValueError
+        ``image_concurrency`` below 1.
     """
+    if image_concurrency < 1:
+        raise ValueError(f"image_concurrency must be >= 1: {image_concurrency!r}")
     headers = [read_header(p) for p in paths]
     studies = {str(h.StudyInstanceUID) for h in headers}
     if len(studies) != 1:
@@ -133,21 +146,16 @@ def process_study(
         raise PatientConflict(f"the study holds instances of {len(patients)} patients: no report is built")
     study_uid = studies.pop()
     by_uid = {str(h.SOPInstanceUID): h for h in headers}
-    analysers = _Analysers(pipeline, mammography, limits, three_plane)
-    analysed: list[tuple[str, AnalysedFrame]] = []  # (pipeline name, frame and findings)
-    skipped: list[tuple[str, str]] = []
-    for path, header in sorted(zip(paths, headers, strict=True), key=lambda item: str(item[1].SOPInstanceUID)):
-        chosen = route(header)
-        try:
-            found = analysers.analyse(path, chosen)
-        except PermanentError as exc:
-            # One undecodable image must not cost the study its report on the others.
-            skipped.append((str(header.SOPInstanceUID), f"not readable: {exc}"))
-            continue
-        if isinstance(found, str):
-            skipped.append((str(header.SOPInstanceUID), found))
-            continue
-        analysed.extend((str(chosen.pipeline), item) for item in found)
+    ordered = sorted(zip(paths, headers, strict=True), key=lambda item: str(item[1].SOPInstanceUID))
+    with _parallel_map(image_concurrency) as frames_map, _parallel_map(image_concurrency) as images_map:
+        # Two pools: an image's task hands its lesions (or its volume's frames) to the second and waits for them, so
+        # they must not queue behind the image tasks that wait for them. Those steps use no pool themselves.
+        analysers = _Analysers(pipeline, mammography, limits, three_plane, frames_map)
+        outcomes = list(
+            images_map(lambda item: _analyse_instance(item[0], item[1], analysers, study_uid, context), ordered)
+        )
+    skipped = [(outcome.sop_instance_uid, outcome.skipped) for outcome in outcomes if outcome.skipped is not None]
+    analysed = [(outcome.pipeline, item) for outcome in outcomes for item in outcome.frames]
     if not analysed:
         unreadable = [reason for _, reason in skipped if reason.startswith("not readable")]
         if unreadable:
@@ -158,41 +166,21 @@ def process_study(
     ran = sorted({name for name, _ in analysed}, key=lambda name: (name != BMODE_PIPELINE, name))
     report_key = "|".join(analysers.model_key(name) for name in ran)
     frames = [item for _, item in analysed]
-    sources = [f"{item.frame.sop_instance_uid}#{item.frame.frame_number or 1}" for item in frames]
+    sources = [_source(item) for item in frames]
+    # Series and instance numbers count over the whole study, known once every image is analysed: one overlay
+    # series per pipeline and family (a viewer lists "BreastAI <model> heat-map" series side by side), the
+    # pipeline's frames numbered in it in SOP Instance UID order.
     overlays: list[Dataset] = []
     series_number = 9902
     for name in ran:
-        model_key = analysers.model_key(name)
-        mine = [(item, source) for (kind, item), source in zip(analysed, sources, strict=True) if kind == name]
-        # Each source's patient/study header, repaired once for the overlays of all the families.
-        repaired = [patient_study_header(item.frame.dataset) for item, _ in mine]
-        # One overlay series per family, so a viewer lists "BreastAI <model> heat-map" series side by side.
-        for family in analysers.families(name):
-            overlay_series = derive_uid(study_uid, name, model_key, "overlay-series", family)
-            for number, ((item, source), header) in enumerate(zip(mine, repaired, strict=True), start=1):
-                overlays.append(
-                    build_overlay_image(
-                        item.frame,
-                        family_view(item.analysis, family),
-                        series_instance_uid=overlay_series,
-                        sop_instance_uid=derive_uid(study_uid, name, model_key, "overlay", family, source),
-                        instance_number=number,
-                        context=context,
-                        series_number=series_number,
-                        series_description=f"BreastAI {family} heat-map (advisory)",
-                        header=header,
-                    )
-                )
+        per_frame = [by_family for outcome in outcomes if outcome.pipeline == name for by_family in outcome.overlays]
+        for index in range(len(analysers.families(name))):
+            for number, by_family in enumerate(per_frame, start=1):
+                overlay = by_family[index]
+                overlay.SeriesNumber = series_number
+                overlay.InstanceNumber = number
+                overlays.append(overlay)
             series_number += 1
-    segmentations = []
-    for name, item in analysed:
-        masks = [_lesion_mask(lesion, item.frame) for lesion in item.analysis.lesions]
-        labels = [f"Lesion {number}" for number in range(1, len(masks) + 1)]
-        segmentation = build_segmentation(
-            item.frame, masks, labels, item.analysis.segmenter, context, analysers.model_key(name)
-        )
-        if segmentation is not None:  # None: no lesion, which the report states
-            segmentations.append(segmentation)
     report = build_report(
         frames,
         evidence=headers,
@@ -224,9 +212,90 @@ def process_study(
         report=report,
         overlays=tuple(overlays),
         skipped=tuple(skipped),
-        segmentations=tuple(segmentations),
+        segmentations=tuple(seg for outcome in outcomes for seg in outcome.segmentations),
         cad_report=cad_report,
     )
+
+
+@contextlib.contextmanager
+def _parallel_map(threads: int) -> Iterator[ParallelMap]:
+    """``map`` itself for one thread; else a pool's ``map`` (results in the order given), pool ended on exit.
+
+    A failing call is raised by the caller's iteration; on the way out, calls not yet started are cancelled.
+    """
+    if threads == 1:
+        yield map
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="study")
+    try:
+        yield pool.map
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _InstanceOutcome:
+    """One instance of a study analysed, with what is built from it alone; or why it was not analysed."""
+
+    sop_instance_uid: str
+    pipeline: str = ""  # the pipeline that analysed it
+    frames: tuple[AnalysedFrame, ...] = ()
+    overlays: tuple[tuple[Dataset, ...], ...] = ()  # per frame, one per family (series and instance numbers unset)
+    segmentations: tuple[Dataset, ...] = ()
+    skipped: str | None = None
+
+
+def _analyse_instance(
+    path: Path, header: Dataset, analysers: _Analysers, study_uid: str, context: ReportContext
+) -> _InstanceOutcome:
+    """Analyse one instance and build what comes of it alone: overlays (not yet numbered) and segmentations.
+
+    What a thread of ``process_study`` does for one image, beside the others'.
+    """
+    uid = str(header.SOPInstanceUID)
+    chosen = route(header)
+    try:
+        found = analysers.analyse(path, chosen)
+    except PermanentError as exc:
+        # One undecodable image must not cost the study its report on the others.
+        return _InstanceOutcome(uid, skipped=f"not readable: {exc}")
+    if isinstance(found, str):
+        return _InstanceOutcome(uid, skipped=found)
+    name = str(chosen.pipeline)
+    model_key = analysers.model_key(name)
+    families = analysers.families(name)
+    overlays = []
+    segmentations = []
+    for item in found:
+        source = _source(item)
+        # The source's patient/study header, repaired once for the overlays of all the families.
+        repaired = patient_study_header(item.frame.dataset)
+        overlays.append(
+            tuple(
+                build_overlay_image(
+                    item.frame,
+                    family_view(item.analysis, family),
+                    series_instance_uid=derive_uid(study_uid, name, model_key, "overlay-series", family),
+                    sop_instance_uid=derive_uid(study_uid, name, model_key, "overlay", family, source),
+                    instance_number=1,  # numbered with the study's other overlays in process_study
+                    context=context,
+                    series_description=f"BreastAI {family} heat-map (advisory)",
+                    header=repaired,
+                )
+                for family in families
+            )
+        )
+        masks = [_lesion_mask(lesion, item.frame) for lesion in item.analysis.lesions]
+        labels = [f"Lesion {number}" for number in range(1, len(masks) + 1)]
+        segmentation = build_segmentation(item.frame, masks, labels, item.analysis.segmenter, context, model_key)
+        if segmentation is not None:  # None: no lesion, which the report states
+            segmentations.append(segmentation)
+    return _InstanceOutcome(uid, name, tuple(found), tuple(overlays), tuple(segmentations))
+
+
+def _source(item: AnalysedFrame) -> str:
+    """The analysed frame as UIDs are derived from it: instance and frame number."""
+    return f"{item.frame.sop_instance_uid}#{item.frame.frame_number or 1}"
 
 
 def _not_analysed_sentence(header: Dataset, reason: str) -> str:
@@ -259,11 +328,13 @@ class _Analysers:
         mammography: MammographyPipeline | None,
         limits: ImageLimits,
         three_plane: ThreePlaneScorer | None = None,
+        frames_map: ParallelMap = map,
     ) -> None:
         self._bmode = bmode
         self._mammography = mammography
         self._limits = limits
         self._three_plane = three_plane
+        self._frames_map = frames_map
 
     def families(self, name: str) -> tuple[str, ...]:
         if name == MAMMOGRAPHY_PIPELINE and self._mammography is not None:
@@ -295,7 +366,8 @@ class _Analysers:
             analysed = []
             for frame in frames:
                 started = time.monotonic()
-                analysis = self._bmode.analyse(crop(frame.pixels, frame.scan_region_xywh), clinical_context(frame))
+                gray = crop(frame.pixels, frame.scan_region_xywh)
+                analysis = self._bmode.analyse(gray, clinical_context(frame), self._frames_map)
                 metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
                 analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
             return analysed
@@ -331,7 +403,9 @@ class _Analysers:
         by_number = {frame.frame_number or 1: frame for frame in frames}
         started = time.monotonic()
         crops = {number: crop(frame.pixels, frame.scan_region_xywh) for number, frame in by_number.items()}
-        lesions = track_lesions({number: self._bmode.segment(gray) for number, gray in crops.items()})
+        # The frames segmented side by side where the study's analysis runs on several threads (batched on a GPU).
+        segmented = self._frames_map(self._bmode.segment, crops.values())
+        lesions = track_lesions(dict(zip(crops, segmented, strict=True)))
         central: dict[int, list[VolumeLesion]] = {}
         for lesion in lesions:
             central.setdefault(lesion.central_frame, []).append(lesion)
@@ -341,7 +415,7 @@ class _Analysers:
         for number, tracked in sorted(central.items()):
             frame = by_number[number]
             analysis = self._bmode.analyse_lesions(
-                crops[number], [lesion.component for lesion in tracked], clinical_context(frame)
+                crops[number], [lesion.component for lesion in tracked], clinical_context(frame), self._frames_map
             )
             analysis = dataclasses.replace(
                 analysis,
@@ -452,8 +526,10 @@ class JobHandler:
         limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
         mammography: MammographyPipeline | None = None,
         three_plane: ThreePlaneScorer | None = None,
+        image_concurrency: int = 1,
     ) -> None:
         self._spool_root = spool_root
+        self._image_concurrency = image_concurrency
         self._three_plane = three_plane
         self._limits = limits
         self._pipeline = pipeline
@@ -473,6 +549,7 @@ class JobHandler:
                 predecessor=_read_predecessor(job_dir / PREDECESSOR_FILE),
                 mammography=self._mammography,
                 three_plane=self._three_plane,
+                image_concurrency=self._image_concurrency,
             )
             for sop_instance_uid, reason in results.skipped:
                 log.info("instance_not_analysed", sop_instance_uid=sop_instance_uid, reason=reason)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -76,6 +76,10 @@ from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, Lesio
 from models.inference.scorers import Scorer as Scorer  # the protocol every served scorer follows
 
 Refiner = tuple[Backend, ModelEntry]
+#: ``map`` or a thread pool's: how a pipeline applies one step to each lesion of an image (results in order). With a
+#: pool the lesions' graph calls run at once, and a :class:`~models.inference.batching.BatchingBackend` batches them.
+#: Its tasks must not use the same pool again (they would wait for threads that wait for them).
+ParallelMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 Segmentation = tuple[Backend, ModelEntry, Refiner | None]  # the segmenter, its entry, and the refiner if any
 
 
@@ -168,6 +172,7 @@ def _segment(
     segmentation: SegmenterSpec,
     refiner: tuple[Backend, RefinerSpec] | None,
     gray: npt.NDArray[np.uint8],
+    lesions_map: ParallelMap = map,
 ) -> list[Component]:
     probability = _probability(segmenter, segmentation, gray)
     components = find_components(
@@ -176,14 +181,13 @@ def _segment(
     if refiner is None:
         return components
     backend, spec = refiner
-    refined = []
-    for component in components:
+
+    def refined(component: Component) -> Component:
         mask = refine_mask(backend, spec.input_size, gray, component.mask, spec.threshold, spec.window_expand)
         x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
-        area = int(mask.sum())
-        refined.append(Component(mask, (x, y, w, h), area, outline_of(mask), float(probability[mask].mean())))
-    refined.sort(key=lambda c: c.area_px, reverse=True)
-    return refined
+        return Component(mask, (x, y, w, h), int(mask.sum()), outline_of(mask), float(probability[mask].mean()))
+
+    return sorted(lesions_map(refined, components), key=lambda c: c.area_px, reverse=True)
 
 
 class BModePipeline:
@@ -270,23 +274,31 @@ class BModePipeline:
                 held[scorer.entry.role] = scorer._backend
         return MappingProxyType(held)
 
-    def analyse(self, gray: npt.NDArray[np.uint8], context: ClinicalContext = NO_CLINICAL_CONTEXT) -> ImageAnalysis:
-        """Find, score and explain the lesions of one grayscale image."""
-        return self.analyse_lesions(gray, self.segment(gray), context)
+    def analyse(
+        self,
+        gray: npt.NDArray[np.uint8],
+        context: ClinicalContext = NO_CLINICAL_CONTEXT,
+        lesions_map: ParallelMap = map,
+    ) -> ImageAnalysis:
+        """Find, score and explain the lesions of one grayscale image (each lesion's steps through ``lesions_map``)."""
+        return self.analyse_lesions(gray, self.segment(gray, lesions_map), context, lesions_map)
 
-    def segment(self, gray: npt.NDArray[np.uint8]) -> list[Component]:
+    def segment(self, gray: npt.NDArray[np.uint8], lesions_map: ParallelMap = map) -> list[Component]:
         """The lesion outlines of one image as :meth:`analyse` finds them, without scoring them (largest first)."""
-        return _segment(self._segmenter, self._seg_spec, self._refining, gray)
+        return _segment(self._segmenter, self._seg_spec, self._refining, gray, lesions_map)
 
     def analyse_lesions(
         self,
         gray: npt.NDArray[np.uint8],
         components: Sequence[Component],
         context: ClinicalContext = NO_CLINICAL_CONTEXT,
+        lesions_map: ParallelMap = map,
     ) -> ImageAnalysis:
         """Score and explain given outlines of one image (found elsewhere, e.g. tracked through a volume)."""
         shape = (int(gray.shape[0]), int(gray.shape[1]))
-        lesions = tuple(self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask) for c in components)
+        lesions = tuple(
+            lesions_map(lambda c: self.score_lesion(gray, c.box, c.outline_xy, c.area_px, context, c.mask), components)
+        )
         return ImageAnalysis(
             lesions=lesions, segmenter=self.segmenter_info, classifier=self.classifier_info, image_shape=shape
         )

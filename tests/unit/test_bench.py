@@ -134,6 +134,23 @@ def test_analysis_tables_show_the_ratio_stages_in_order_and_the_onnx_share() -> 
     assert "us_segmenter" in sessions and "1.25" in sessions
 
 
+def test_the_side_by_side_table_puts_both_ways_beside_the_floor() -> None:
+    figures = {
+        "images": 10,
+        "threads": 2,
+        "rounds": 3,
+        "per_image_ms": {"one_at_a_time": 160.0, "side_by_side": 128.0, "floor": 100.0},
+        "ratio_one_at_a_time_to_floor": 1.6,
+        "ratio_side_by_side_to_floor": 1.28,
+        "speed_up": 1.25,
+    }
+    header, _, serial, parallel, floor = report.side_by_side_table({"side_by_side": figures}).splitlines()
+    assert "10-image study" in header
+    assert [c.strip() for c in serial.strip("|").split("|")] == ["1", "160.0", "1.60", "1.00"]
+    assert [c.strip() for c in parallel.strip("|").split("|")] == ["2", "128.0", "1.28", "1.25"]
+    assert floor == "floor: 100.0 ms/image"
+
+
 # ----------------------------------------------------------------------------------------- results file
 
 
