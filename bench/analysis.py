@@ -37,7 +37,8 @@ explain/CAM
     map), ``paste`` (into the image, for the lesion and for each family's
     overlay), ``consensus_map``, the lexicon's ``contribution_map``.
 SR build / SC overlay build / SEG build
-    ``build_report``; ``build_overlay_image`` (rendering and encoding one
+    ``build_report`` and each frame's ``measurement_groups`` (built on the
+    image's thread in the worker); ``build_overlay_image`` (rendering and encoding one
     overlay per family and image); ``build_segmentation`` and the lesion
     masks it is given (``_lesion_mask``).
 other
@@ -148,7 +149,7 @@ def _stage_hooks() -> list[tuple[str, ModuleType, tuple[str, ...]]]:
         ("explain/CAM", pipeline, ("paste",)),
         ("explain/CAM", models.inference.consensus, ("consensus_map", "paste")),
         ("explain/CAM", models.inference.lexicon, ("contribution_map",)),
-        ("SR build", consumer, ("build_report",)),
+        ("SR build", consumer, ("build_report", "measurement_groups")),
         ("SC overlay build", consumer, ("build_overlay_image",)),
         ("SEG build", consumer, ("build_segmentation", "_lesion_mask")),
     ]

@@ -315,6 +315,22 @@ def write_dataset(ds: Dataset, path: pathlib.Path | str) -> pathlib.Path:
     return target
 
 
+def encoded_without_run_stamps(ds: Dataset) -> bytes:
+    """:func:`encode` of ``ds`` with what differs between two runs of the same build emptied.
+
+    Every date and time (creation stamps) and highdicom's random Dimension Organization UID of a SEG. Through bytes,
+    not ``deepcopy``: a highdicom SEG holds an SQLite index that only the thread that built it may copy.
+    """
+    copied = pydicom.dcmread(io.BytesIO(encode(ds)))
+
+    def blank(_dataset: Dataset, element: pydicom.DataElement) -> None:
+        if element.VR in ("DA", "TM", "DT") or element.keyword == "DimensionOrganizationUID":
+            element.value = ""
+
+    copied.walk(blank)
+    return encode(copied)
+
+
 def encode(ds: Dataset) -> bytes:
     """``ds`` as the bytes of a DICOM Part 10 file (preamble and file meta), as :func:`write_dataset` writes it."""
     buffer = io.BytesIO()

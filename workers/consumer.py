@@ -50,7 +50,15 @@ from workers.routing import ABVS_PIPELINE, BMODE_PIPELINE, MAMMOGRAPHY_PIPELINE,
 from workers.sc_writer import build_overlay_image
 from workers.seg_writer import build_segmentation
 from workers.sender import ResultSender
-from workers.sr_writer import AnalysedFrame, ReportContext, build_report, image_laterality, patient_study_header
+from workers.sr_writer import (
+    AnalysedFrame,
+    MeasurementGroup,
+    ReportContext,
+    build_report,
+    image_laterality,
+    measurement_groups,
+    patient_study_header,
+)
 from workers.uids import derive_uid
 
 log = structlog.get_logger(__name__)
@@ -192,6 +200,7 @@ def process_study(
             [(item.analysis.modality, image_laterality(item.frame.dataset), item.analysis) for item in frames]
         ),
         not_analysed=[_not_analysed_sentence(by_uid[uid], reason) for uid, reason in skipped if uid in by_uid],
+        frame_groups=[groups for outcome in outcomes for groups in outcome.measurement_groups],
     )
     # The same mammography findings as a Mammography CAD SR (TID 4000), which several MG consumers read; its UIDs
     # are derived like the report's, from the mammography models and the mammograms analysed.
@@ -241,6 +250,7 @@ class _InstanceOutcome:
     pipeline: str = ""  # the pipeline that analysed it
     frames: tuple[AnalysedFrame, ...] = ()
     overlays: tuple[tuple[Dataset, ...], ...] = ()  # per frame, one per family (series and instance numbers unset)
+    measurement_groups: tuple[tuple[MeasurementGroup, ...], ...] = ()  # per frame, for the report (tracking unset)
     segmentations: tuple[Dataset, ...] = ()
     skipped: str | None = None
 
@@ -248,7 +258,8 @@ class _InstanceOutcome:
 def _analyse_instance(
     path: Path, header: Dataset, analysers: _Analysers, study_uid: str, context: ReportContext
 ) -> _InstanceOutcome:
-    """Analyse one instance and build what comes of it alone: overlays (not yet numbered) and segmentations.
+    """Analyse one instance and build what comes of it alone: overlays (not yet numbered), segmentations, and the
+    report's measurement groups (not yet tracked).
 
     What a thread of ``process_study`` does for one image, beside the others'.
     """
@@ -266,6 +277,7 @@ def _analyse_instance(
     families = analysers.families(name)
     overlays = []
     segmentations = []
+    groups = []
     for item in found:
         source = _source(item)
         # The source's patient/study header, repaired once for the overlays of all the families.
@@ -290,7 +302,15 @@ def _analyse_instance(
         segmentation = build_segmentation(item.frame, masks, labels, item.analysis.segmenter, context, model_key)
         if segmentation is not None:  # None: no lesion, which the report states
             segmentations.append(segmentation)
-    return _InstanceOutcome(uid, name, tuple(found), tuple(overlays), tuple(segmentations))
+        groups.append(measurement_groups(item))
+    return _InstanceOutcome(
+        uid,
+        name,
+        frames=tuple(found),
+        overlays=tuple(overlays),
+        measurement_groups=tuple(groups),
+        segmentations=tuple(segmentations),
+    )
 
 
 def _source(item: AnalysedFrame) -> str:

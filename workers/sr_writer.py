@@ -164,6 +164,14 @@ class AnalysedFrame:
     analysis: ImageAnalysis
 
 
+MeasurementGroup = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+
+# Where a frame's groups are built before the report's UID is known: their Tracking Unique Identifier until
+# build_report sets it (derived from the report's UID, as it always was). It never leaves build_report.
+_TRACKING_UID_UNSET = "2.25.0"
+_TRACKING_UNIQUE_IDENTIFIER = ("112040", "DCM")  # TID 4108 row 2: Tracking Unique Identifier
+
+
 def build_report(
     analysed: Sequence[AnalysedFrame],
     evidence: Sequence[pydicom.Dataset],
@@ -175,6 +183,7 @@ def build_report(
     previous_versions: Sequence[pydicom.Dataset] = (),
     breast_fusions: Sequence[BreastFusion] = (),
     not_analysed: Sequence[str] = (),
+    frame_groups: Sequence[Sequence[MeasurementGroup]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the study's AI report, a TID 1500 Measurement Report.
 
@@ -206,6 +215,11 @@ def build_report(
         it and why (a colour Doppler image, a For Processing mammogram...):
         each a Comment beside the advisory notice, so the radiologist sees
         what was not looked at.
+    frame_groups
+        :func:`measurement_groups` of each analysed frame, in order, where
+        the caller built them beforehand (the worker does, on each image's
+        thread: most of a report's build); built here when not given. Their
+        Tracking Unique Identifiers are set here, derived from the report's.
 
     Returns
     -------
@@ -238,15 +252,24 @@ def build_report(
         if item.frame.sop_instance_uid not in evidence_uids:
             raise ValueError(f"analysed instance {item.frame.sop_instance_uid} is not in the evidence")
 
-    groups: list[
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    for item in analysed:
+    if frame_groups is None:
+        frame_groups = [measurement_groups(item) for item in analysed]
+    if len(frame_groups) != len(analysed):
+        raise ValueError(f"{len(frame_groups)} frames' measurement groups for {len(analysed)} analysed frames")
+    groups: list[MeasurementGroup] = []
+    for item, built in zip(analysed, frame_groups, strict=True):
+        frame_part = str(item.frame.frame_number or 0)
         if item.analysis.lesions:
-            for number, lesion in enumerate(item.analysis.lesions, start=1):
-                groups.append(_lesion_group(item.frame, item.analysis, lesion, number, sop_instance_uid))
+            keys = [str(number) for number in range(1, len(item.analysis.lesions) + 1)]
         else:
-            groups.append(_no_lesion_group(item.frame, item.analysis, sop_instance_uid))
+            keys = ["no-lesion"]
+        if len(built) != len(keys):
+            raise ValueError(
+                f"{len(built)} measurement groups for {len(keys)} findings of {item.frame.sop_instance_uid}"
+            )
+        for group, key in zip(built, keys, strict=True):
+            _set_tracking_uid(group, derive_uid(sop_instance_uid, item.frame.sop_instance_uid, frame_part, key))
+            groups.append(group)
 
     groups.extend(_fusion_group(fusion, sop_instance_uid) for fusion in breast_fusions)
 
@@ -410,15 +433,38 @@ def _conformant(value: str, pattern: re.Pattern[str], separators: str) -> str:
     return ""
 
 
+def measurement_groups(item: AnalysedFrame) -> tuple[MeasurementGroup, ...]:
+    """The report's groups for one analysed frame: a TID 1410 group per lesion, or one TID 1501 "no lesion" group.
+
+    Their Tracking Unique Identifiers are left for :func:`build_report` to set (they derive from the report's UID,
+    which depends on every frame of the study); everything else is the frame's alone, so each frame's groups can be
+    built on its own thread while others are analysed.
+    """
+    if not item.analysis.lesions:
+        return (_no_lesion_group(item.frame, item.analysis),)
+    return tuple(
+        _lesion_group(item.frame, item.analysis, lesion, number)
+        for number, lesion in enumerate(item.analysis.lesions, start=1)
+    )
+
+
+def _set_tracking_uid(group: MeasurementGroup, uid: str) -> None:
+    """Give ``group`` its Tracking Unique Identifier (the UIDREF item :func:`measurement_groups` left unset)."""
+    for item in group[0].ContentSequence:
+        code = item.ConceptNameCodeSequence[0]
+        if (str(code.CodeValue), str(code.CodingSchemeDesignator)) == _TRACKING_UNIQUE_IDENTIFIER:
+            if str(item.UID) != _TRACKING_UID_UNSET:
+                raise ValueError(f"measurement group already tracked as {item.UID}: built for another report")
+            item.UID = uid
+            return
+    raise ValueError("measurement group without a Tracking Unique Identifier")
+
+
 def _lesion_group(
-    frame: SourceFrame, analysis: ImageAnalysis, lesion: Lesion, number: int, report_uid: str
+    frame: SourceFrame, analysis: ImageAnalysis, lesion: Lesion, number: int
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group of one lesion: outline, probability, size."""
-    frame_part = str(frame.frame_number or 0)
-    tracking = hd.sr.TrackingIdentifier(
-        uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, str(number)),
-        identifier=f"Lesion {number}",
-    )
+    tracking = hd.sr.TrackingIdentifier(uid=_TRACKING_UID_UNSET, identifier=f"Lesion {number}")
     measurements = [
         hd.sr.Measurement(
             name=PROBABILITY_OF_CANCER,
@@ -526,21 +572,15 @@ def _family_call(score: FamilyScore) -> hd.sr.QualitativeEvaluation:
     return evaluation
 
 
-def _no_lesion_group(
-    frame: SourceFrame, analysis: ImageAnalysis, report_uid: str
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group stating that no mass was found in one image."""
-    frame_part = str(frame.frame_number or 0)
     source = hd.sr.SourceImageForMeasurementGroup(
         referenced_sop_class_uid=frame.sop_class_uid,
         referenced_sop_instance_uid=frame.sop_instance_uid,
         referenced_frame_numbers=[frame.frame_number] if frame.frame_number else None,
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derive_uid(report_uid, frame.sop_instance_uid, frame_part, "no-lesion"),
-            identifier="No lesion detected",
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_TRACKING_UID_UNSET, identifier="No lesion detected"),
         finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
         algorithm_id=_algorithm(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],

@@ -16,13 +16,14 @@ from pydicom.sr.codedict import codes
 from models.inference.findings import FamilyScore, ImageAnalysis, ModelInfo
 from tests.dicom_factory import (
     dciodvfy_errors,
+    encoded_without_run_stamps,
     make_us_dataset,
     square_lesion_analysis,
     synthetic_breast_image,
     write_dataset,
 )
 from workers.dicom_reader import SourceFrame, read_frames
-from workers.sr_writer import AnalysedFrame, ReportContext, build_report, closed_outline
+from workers.sr_writer import AnalysedFrame, ReportContext, build_report, closed_outline, measurement_groups
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SR_SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -362,27 +363,6 @@ def test_the_patient_study_header_repairs_a_copy_and_leaves_the_source_alone() -
     assert (source.StudyTime, source.PatientSex) == ("14:04:38", "X")
 
 
-def _encoded_without_times(ds: pydicom.Dataset) -> bytes:
-    """The Part 10 encoding of a copy of ``ds`` with every date and time value (creation stamps) emptied."""
-    import copy
-    import io
-
-    copied = copy.deepcopy(ds)
-
-    def blank(item: pydicom.Dataset) -> None:
-        for element in item:
-            if element.VR in ("DA", "TM", "DT"):
-                element.value = ""
-            elif element.VR == "SQ":
-                for child in element.value:
-                    blank(child)
-
-    blank(copied)
-    buffer = io.BytesIO()
-    copied.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_the_report_is_the_document_highdicom_builds_from_the_whole_tree(study: dict[str, pathlib.Path]) -> None:
     """build_report gives highdicom the root alone and attaches the tree itself: the same document, the same tree."""
     from workers.sr_writer import SERIES_DESCRIPTION, patient_study_header
@@ -407,7 +387,7 @@ def test_the_report_is_the_document_highdicom_builds_from_the_whole_tree(study: 
         software_versions=context.software_versions,
     )
     whole.PatientAge = sr.PatientAge  # what build_report copies after the constructor (Type 3)
-    assert _encoded_without_times(sr) == _encoded_without_times(whole)
+    assert encoded_without_run_stamps(sr) == encoded_without_run_stamps(whole)
     # The object's own tree (highdicom's ``content``) is the document's, not just its root.
     assert list(sr.content[0].ContentSequence) == list(sr.ContentSequence)
     assert len(sr.content[0].ContentSequence) == len(whole.content[0].ContentSequence) > 3
@@ -423,3 +403,26 @@ def test_a_referenced_image_missing_from_the_evidence_is_refused(study: dict[str
     without_single = [ds for ds in _evidence(study) if ds.SOPInstanceUID != analysed[0].frame.sop_instance_uid]
     with pytest.raises(ValueError, match=analysed[0].frame.sop_instance_uid):
         _attach_content(sr, sr.content[0], without_single)
+
+
+def test_measurement_groups_built_beforehand_give_the_report_built_at_once(study: dict[str, pathlib.Path]) -> None:
+    """The worker builds each frame's groups on its own thread; the report is the one built in one go."""
+    sr, analysed = _report(study)
+    beforehand = [measurement_groups(item) for item in analysed]
+    again = build_report(analysed, _evidence(study), SR_SERIES, SR_SOP, ReportContext(), frame_groups=beforehand)
+    assert encoded_without_run_stamps(again) == encoded_without_run_stamps(sr)
+    tracked = [_items(group, "112040")[0].UID for group in _groups(again)]
+    assert len(set(tracked)) == len(tracked) == 2 and "2.25.0" not in tracked
+
+
+def test_measurement_groups_serve_one_report_and_must_match_its_frames(study: dict[str, pathlib.Path]) -> None:
+    _, analysed = _report(study)
+    groups = [measurement_groups(item) for item in analysed]
+    build_report(analysed, _evidence(study), SR_SERIES, SR_SOP, ReportContext(), frame_groups=groups)
+    with pytest.raises(ValueError, match="built for another report"):
+        build_report(analysed, _evidence(study), SR_SERIES, "2.25.99", ReportContext(), frame_groups=groups)
+    fresh = [measurement_groups(item) for item in analysed]
+    with pytest.raises(ValueError, match="frames' measurement groups"):
+        build_report(analysed, _evidence(study), SR_SERIES, SR_SOP, ReportContext(), frame_groups=fresh[:1])
+    with pytest.raises(ValueError, match="0 measurement groups for 1 findings"):
+        build_report(analysed, _evidence(study), SR_SERIES, SR_SOP, ReportContext(), frame_groups=[fresh[0], ()])

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -20,7 +18,7 @@ from models.inference.batching import BatchingBackend
 from models.inference.lesions import Component, outline_of
 from models.inference.pipeline import load_bmode_pipeline
 from tests.dicom_factory import (
-    encode,
+    encoded_without_run_stamps,
     make_us_dataset,
     make_us_volume_dataset,
     synthetic_breast_image,
@@ -31,10 +29,6 @@ from workers.sr_writer import ReportContext
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 CONTEXT = ReportContext(device_observer_uid="2.25.1")
-# What differs between two runs of the same analysis: creation dates and times, and highdicom's random Dimension
-# Organization UID of a SEG.
-_RUN_DEPENDENT_VRS = {"DA", "TM", "DT"}
-_RUN_DEPENDENT_KEYWORDS = {"DimensionOrganizationUID"}
 
 
 def _mixed_study(folder: Path) -> list[Path]:
@@ -55,21 +49,6 @@ def _mixed_study(folder: Path) -> list[Path]:
     return paths
 
 
-def _comparable(ds: Dataset) -> bytes:
-    """``ds`` encoded with what changes from run to run blanked."""
-
-    def blank(dataset: Dataset, element: object) -> None:
-        if getattr(element, "VR", None) in _RUN_DEPENDENT_VRS or getattr(element, "keyword", "") in (
-            _RUN_DEPENDENT_KEYWORDS
-        ):
-            element.value = None  # type: ignore[attr-defined]
-
-    # Through bytes, not deepcopy: a highdicom SEG holds an SQLite index that only its own thread may copy.
-    copy = pydicom.dcmread(io.BytesIO(encode(ds)))
-    copy.walk(blank)
-    return encode(copy)
-
-
 def test_images_analysed_side_by_side_give_the_results_they_give_one_after_the_other(tmp_path: Path) -> None:
     paths = _mixed_study(tmp_path)
     pipeline = load_bmode_pipeline()
@@ -81,7 +60,9 @@ def test_images_analysed_side_by_side_give_the_results_they_give_one_after_the_o
     assert [(d.SeriesNumber, d.InstanceNumber) for d in side_by_side.overlays] == [
         (d.SeriesNumber, d.InstanceNumber) for d in serial.overlays
     ]
-    assert [_comparable(d) for d in side_by_side.datasets] == [_comparable(d) for d in serial.datasets]
+    assert [encoded_without_run_stamps(d) for d in side_by_side.datasets] == [
+        encoded_without_run_stamps(d) for d in serial.datasets
+    ]
 
 
 def test_overlays_are_numbered_per_family_series_in_instance_order(tmp_path: Path) -> None:
