@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from typing import Any
 from pydicom.uid import generate_uid
 
 from bench.report import format_table
+from service.settings import ENV_PREFIX, Settings
 from tests import dicom_factory
 from tests.e2e.conftest import ServiceProcess
 from tests.e2e.results import SC_CLASS, SEG_CLASS, SR_CLASS, start_pacs_and_service
@@ -438,9 +440,14 @@ def _run(
         progress(f"  {kind:<5} store {returned - begun:5.2f} s  latency {result - returned:6.2f} s")
     rate = studies_per_hour(timings)
     span = max(t["result_s"] for t in timings) - min(t["store_started_s"] for t in timings)
+    # What the service was told beyond its defaults: it inherits this process's environment.
+    environment = {name: value for name, value in sorted(os.environ.items()) if name.startswith(ENV_PREFIX)}
+    image_concurrency = int(environment.get(f"{ENV_PREFIX}IMAGE_CONCURRENCY", Settings.image_concurrency))
     return {
         "setup": "a private Orthanc (tests/integration/orthanc.py) and breastai serve, default embedded queue, "
-        "1 worker (tests/e2e/results.py start_pacs_and_service)",
+        f"1 worker, image_concurrency {image_concurrency} (tests/e2e/results.py start_pacs_and_service)",
+        "service_environment": environment,
+        "image_concurrency": image_concurrency,
         "sending": f"Orthanc REST /modalities/{MODALITY}/store, synchronous, one study per call, "
         f"{options.parallel} call(s) at a time"
         + (f", one every {options.interval_s} s at most" if options.interval_s > 0 else ", all at once"),

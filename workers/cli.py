@@ -338,6 +338,15 @@ def _dicom_files(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
+def _image_concurrency(text: str) -> int:
+    """``--image-concurrency`` of ``analyze``: the range the ``image_concurrency`` setting takes."""
+    try:
+        Settings(image_concurrency=int(text))
+    except (ValueError, ConfigurationError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return int(text)
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from workers.consumer import process_study, read_header
     from workers.sender import write_to_folder
@@ -427,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument(
         "--image-concurrency",
-        type=int,
+        type=_image_concurrency,
         default=Settings.image_concurrency,
         metavar="IMAGES",
         help=f"images of one study analysed at once, on a thread each (default {Settings.image_concurrency})",

@@ -11,13 +11,15 @@ verification against the job, metrics, and delivery.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -129,10 +131,12 @@ def process_study(
         scored on its three orthogonal planes, beside the B-mode families' scores of its central frame.
     image_concurrency
         Instances analysed at once, each with its overlays and segmentation, on as many threads; and as many lesions
-        of an image (or frames of a volume) at once. The models run outside the GIL, so one image's host work
-        (decoding, maps, building its DICOM objects) runs beside another's networks, and a
-        :class:`~models.inference.batching.BatchingBackend` gathers the images' and lesions' calls into batches.
-        1 analyses them one after the other. The results are the same either way, in the same order.
+        of an ultrasound image (or frames of a volume) at once (a mammogram's regions are scored one by one). The
+        models run outside the GIL, so one image's host work (decoding, maps, building its DICOM objects) runs
+        beside another's networks, and a :class:`~models.inference.batching.BatchingBackend` gathers the images'
+        and lesions' calls into batches. 1 analyses them one after the other. The results are the same either
+        way, in the same order (byte for byte without batching; a batched run may differ from a single one in a
+        float's last bits).
 
     Raises
     ------
@@ -228,16 +232,23 @@ def process_study(
 
 @contextlib.contextmanager
 def _parallel_map(threads: int) -> Iterator[ParallelMap]:
-    """``map`` itself for one thread; else a pool's ``map`` (results in the order given), pool ended on exit.
+    """``map`` itself for one thread; else a map over a pool of ``threads`` (results in the order given).
 
-    A failing call is raised by the caller's iteration; on the way out, calls not yet started are cancelled.
+    Each call runs in a copy of the caller's context variables, as a call on the caller's thread would: the job's
+    log bindings (``bind_job``: job and study) stay on what a task logs. A failing call is raised by the caller's
+    iteration; on the way out, calls not yet started are cancelled and the pool is ended.
     """
     if threads == 1:
         yield map
         return
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="study")
+
+    def in_pool(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        futures = [pool.submit(contextvars.copy_context().run, function, item) for item in items]
+        return (future.result() for future in futures)
+
     try:
-        yield pool.map
+        yield in_pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -5,8 +5,8 @@ of its own, unmapped on ``free``. The threshold starts at 128 KiB but rises
 to the size of any mapped block freed (up to 32 MiB on 64-bit), so after the
 first decoded image, frame-sized arrays (an 800x600 float32 map is 1.9 MB; a
 3000x2400 mammogram's 29 MB) come from the heaps instead, where freed space
-is kept for reuse and fragments. Each thread that allocates gets a heap of
-its own (an arena), so a study analysed on several threads
+is kept for reuse and fragments. Threads allocate from heaps of their own
+(arenas, up to eight per core), so a study analysed on several threads
 (``image_concurrency``) kept each thread's leftovers: ``breastai analyze``
 of a two-view 3000x2400 mammogram study peaked at 1.46-1.59 GiB on two
 threads against 1.33-1.35 GiB on one, with the same work. A fixed threshold
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+from collections.abc import Mapping
 
 import structlog
 
@@ -30,14 +32,23 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 _M_MMAP_THRESHOLD = -3  # <malloc.h>
 
 
-def return_large_buffers_to_the_os(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+def return_large_buffers_to_the_os(
+    threshold_bytes: int = MMAP_THRESHOLD_BYTES, environ: Mapping[str, str] = os.environ
+) -> bool:
     """Fix glibc's mmap threshold at ``threshold_bytes`` for this process (``mallopt``, glibc only).
+
+    An operator's own ``MALLOC_MMAP_THRESHOLD_`` (glibc's environment tunable) is left in force. With another
+    allocator preloaded (jemalloc, tcmalloc), glibc's ``mallopt`` still answers yes and changes nothing.
 
     Returns
     -------
     bool
-        Whether it was set: False where the C library is not glibc (musl has no such threshold), said in the log.
+        Whether it was set: False where the environment sets it already, or the C library has no ``mallopt``
+        (musl has no such threshold); either is said in the log.
     """
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        log.info("mmap_threshold_not_set", reason="MALLOC_MMAP_THRESHOLD_ is set in the environment")
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -123,7 +123,7 @@ def build_segmentation(
     algorithm: ModelInfo,
     context: ReportContext,
     model_key: str,
-) -> hd.seg.Segmentation | None:
+) -> pydicom.Dataset | None:
     """Build the DICOM Segmentation holding the lesion masks of one analysed frame.
 
     A Segmentation Image Storage instance (PS3.3 A.51; Segmentation Image
@@ -164,7 +164,8 @@ def build_segmentation(
 
     Returns
     -------
-    highdicom.seg.Segmentation or None
+    pydicom.Dataset or None
+        The Segmentation highdicom builds, as a plain data set (see :func:`_detached`);
         Explicit VR Little Endian, Series Number :data:`SERIES_NUMBER`, the
         source's Instance Number. ``None`` when ``masks`` is empty: a SEG
         needs at least one segment, and that no lesion was found is stated
@@ -242,7 +243,21 @@ def build_segmentation(
         f"{NOT_FOR_DIAGNOSTIC_USE}. Lesion masks drawn by {model}; {len(masks)} segment(s): {', '.join(labels)}."
     )[:10240]
     _restore_reference(seg, frame)
-    return seg
+    return _detached(seg)
+
+
+def _detached(seg: hd.seg.Segmentation) -> pydicom.Dataset:
+    """The SEG as a plain data set: the same elements, without highdicom's SQLite index of its frames.
+
+    highdicom keeps an in-memory SQLite database on each Segmentation for its frame queries, and Python's sqlite3
+    lets only the thread that opened it use it: a SEG built on one of a study's image threads
+    (``image_concurrency``) could be encoded on the job's thread but not copied or queried there. The worker only
+    sends it; whoever needs the queries reads it back with ``highdicom.seg.segread``.
+    """
+    plain = pydicom.Dataset(seg)
+    plain.file_meta = seg.file_meta
+    plain.preamble = seg.preamble
+    return plain
 
 
 def _checked_mask(mask: npt.NDArray[np.generic], number: int, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:

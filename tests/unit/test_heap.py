@@ -48,3 +48,9 @@ def _released_mib(mode: str) -> int:
 def test_freed_image_sized_buffers_are_returned_with_the_threshold_fixed_and_kept_without_it() -> None:
     assert _released_mib("fixed") >= 120, "every 2 MiB block was its own mapping, unmapped on free"
     assert _released_mib("dynamic") < 64, "without it the heap keeps them: what the fixed threshold is for"
+
+
+def test_an_operators_own_threshold_is_left_in_force() -> None:
+    from workers.heap import return_large_buffers_to_the_os
+
+    assert not return_large_buffers_to_the_os(environ={"MALLOC_MMAP_THRESHOLD_": "4194304"})

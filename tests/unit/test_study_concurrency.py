@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 from pydicom import Dataset
 from pydicom.uid import UID
 
@@ -17,6 +19,7 @@ from models.inference.backends import InferenceRuntime
 from models.inference.batching import BatchingBackend
 from models.inference.lesions import Component, outline_of
 from models.inference.pipeline import load_bmode_pipeline
+from service.logging import bind_job
 from tests.dicom_factory import (
     encoded_without_run_stamps,
     make_us_dataset,
@@ -24,7 +27,7 @@ from tests.dicom_factory import (
     synthetic_breast_image,
     write_dataset,
 )
-from workers.consumer import process_study
+from workers.consumer import _parallel_map, process_study
 from workers.sr_writer import ReportContext
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
@@ -146,3 +149,18 @@ def test_the_lesions_of_one_image_reach_a_batching_backend_together() -> None:
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def test_what_the_image_threads_built_can_be_copied_on_the_job_thread(tmp_path: Path) -> None:
+    """highdicom's SEG keeps an SQLite index only its own thread may use; the worker hands on plain data sets."""
+    results = process_study(_mixed_study(tmp_path), load_bmode_pipeline(), CONTEXT, image_concurrency=2)
+    assert results.segmentations, "the synthetic lesions are outlined"
+    for dataset in results.datasets:
+        assert copy.deepcopy(dataset).SOPInstanceUID == dataset.SOPInstanceUID
+
+
+def test_tasks_on_the_pool_log_with_the_job_bindings_of_their_caller() -> None:
+    structlog.contextvars.clear_contextvars()
+    with bind_job(job_id="job-7", study_uid="1.2.3"), _parallel_map(2) as parallel:
+        seen = list(parallel(lambda _: structlog.contextvars.get_contextvars(), range(4)))
+    assert seen == [{"job_id": "job-7", "study_uid": "1.2.3"}] * 4
