@@ -131,12 +131,11 @@ def process_study(
         scored on its three orthogonal planes, beside the B-mode families' scores of its central frame.
     image_concurrency
         Instances analysed at once, each with its overlays and segmentation, on as many threads; and as many lesions
-        of an ultrasound image (or frames of a volume) at once (a mammogram's regions are scored one by one). The
-        models run outside the GIL, so one image's host work (decoding, maps, building its DICOM objects) runs
-        beside another's networks, and a :class:`~models.inference.batching.BatchingBackend` gathers the images'
-        and lesions' calls into batches. 1 analyses them one after the other. The results are the same either
-        way, in the same order (byte for byte without batching; a batched run may differ from a single one in a
-        float's last bits).
+        of an image (a mammogram's regions) or frames of a volume at once. The models run outside the GIL, so one
+        image's host work (decoding, maps, building its DICOM objects) runs beside another's networks, and a
+        :class:`~models.inference.batching.BatchingBackend` gathers the images' and lesions' calls into batches.
+        1 analyses them one after the other. The results are the same either way, in the same order (byte for
+        byte without batching; a batched run may differ from a single one in a float's last bits).
 
     Raises
     ------
@@ -416,6 +415,7 @@ class _Analysers:
                 sum(spacings) / len(spacings) if spacings else None,
                 chest_wall_on_left(frame.dataset),
                 clinical_context(frame),
+                self._frames_map,
             )
             metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
             return [AnalysedFrame(frame=whole, analysis=analysis)]

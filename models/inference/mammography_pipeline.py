@@ -25,7 +25,13 @@ from models.inference.backends import CPU_RUNTIME, InferenceRuntime
 from models.inference.findings import ImageAnalysis, Lesion, ModelInfo
 from models.inference.mammography import MammogramFinder, MammogramFinding, load_mammogram_finder
 from models.inference.manifest import Task
-from models.inference.pipeline import default_families_of, load_scorer, score_lesion, with_consensus_members
+from models.inference.pipeline import (
+    ParallelMap,
+    default_families_of,
+    load_scorer,
+    score_lesion,
+    with_consensus_members,
+)
 from models.inference.registry import BUNDLED_MODEL_DIR, read_manifest_and_pipelines
 from models.inference.scorers import NO_CLINICAL_CONTEXT, ClinicalContext, Scorer
 
@@ -68,11 +74,16 @@ class MammographyPipeline:
         pixel_spacing_mm: float | None,
         chest_wall_on_left: bool | None,
         context: ClinicalContext = NO_CLINICAL_CONTEXT,
+        lesions_map: ParallelMap = map,
     ) -> ImageAnalysis:
-        """Find and score the lesions of one full-field mammogram (tissue bright, any size)."""
+        """Find and score the lesions of one full-field mammogram (tissue bright, any size).
+
+        The finder's regions are scored through ``lesions_map`` (side by side with a pool's, batched by a
+        batching backend), results in the finder's order.
+        """
         shape = (int(gray.shape[0]), int(gray.shape[1]))
         findings = self._finder.find(gray, pixel_spacing_mm, chest_wall_on_left)
-        lesions = tuple(self._score(gray, finding, context) for finding in findings)
+        lesions = tuple(lesions_map(lambda finding: self._score(gray, finding, context), findings))
         return ImageAnalysis(
             lesions=lesions,
             segmenter=self._finder.model_info,

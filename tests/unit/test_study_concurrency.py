@@ -164,3 +164,19 @@ def test_tasks_on_the_pool_log_with_the_job_bindings_of_their_caller() -> None:
     with bind_job(job_id="job-7", study_uid="1.2.3"), _parallel_map(2) as parallel:
         seen = list(parallel(lambda _: structlog.contextvars.get_contextvars(), range(4)))
     assert seen == [{"job_id": "job-7", "study_uid": "1.2.3"}] * 4
+
+
+def test_a_mammograms_regions_scored_side_by_side_give_the_results_scored_one_by_one(tmp_path: Path) -> None:
+    from models.inference.mammography_pipeline import load_mammography_pipeline
+    from tests.e2e.test_mammography import vendor_mammogram
+
+    path = vendor_mammogram(tmp_path / "cc.dcm", study_uid=STUDY, laterality="L", view="CC")
+    bmode, mammography = load_bmode_pipeline(), load_mammography_pipeline()
+    assert mammography is not None, "the bundled models include the mammography finder"
+    serial = process_study([path], bmode, CONTEXT, mammography=mammography)
+    side_by_side = process_study([path], bmode, CONTEXT, mammography=mammography, image_concurrency=3)
+    assert len(serial.segmentations) == 1 and serial.report is not None
+    regions = len(serial.segmentations[0].SegmentSequence)
+    assert regions >= 2, "several regions, so that they were scored side by side"
+    same = [encoded_without_run_stamps(d) for d in side_by_side.datasets]
+    assert same == [encoded_without_run_stamps(d) for d in serial.datasets]
