@@ -48,7 +48,11 @@ JOBS_FAILED = Counter(
     "Job deliveries that failed, by kind (transient = retried, permanent = dead-lettered)",
     ["kind"],
 )
-INFERENCE_SECONDS = Histogram("breastai_inference_seconds", "Analysis time per analysed instance (segmenting, scoring, explaining), waits for shared models included", buckets=_INFERENCE_BUCKETS)
+INFERENCE_SECONDS = Histogram(
+    "breastai_inference_seconds",
+    "Analysis time per analysed instance (segmenting, scoring, explaining), waits for shared models included",
+    buckets=_INFERENCE_BUCKETS,
+)
 END_TO_END_SECONDS = Histogram(
     "breastai_end_to_end_seconds",
     "From study dispatch (StudyJob.created_at) to results accepted by the destination",
