@@ -448,24 +448,28 @@ class _Analysers:
             analysis = self._bmode.analyse_lesions(
                 crops[number], [lesion.component for lesion in tracked], clinical_context(frame), self._frames_map
             )
-            analysis = dataclasses.replace(
-                analysis,
-                lesions=tuple(
-                    dataclasses.replace(scored, seen_on_sagittal=self._seen_on_sagittal(crops, lesion, frame))
-                    for scored, lesion in zip(analysis.lesions, tracked, strict=True)
-                ),
+            pairs = list(zip(analysis.lesions, tracked, strict=True))
+            # Each lesion's sagittal check (and three-plane score) side by side, as its B-mode scores were.
+            checked: tuple[Lesion, ...] = tuple(
+                self._frames_map(functools.partial(self._sagittal_checked, crops, frame), pairs)
             )
             if self._three_plane is not None and tracked:
-                analysis = dataclasses.replace(
-                    analysis,
-                    lesions=tuple(
-                        self._with_three_planes(scored, crops, lesion)
-                        for scored, lesion in zip(analysis.lesions, tracked, strict=True)
-                    ),
+                planes = self._frames_map(
+                    lambda pair: self._with_three_planes(pair[0], crops, pair[1]),
+                    zip(checked, tracked, strict=True),
                 )
+                checked = tuple(planes)
+            analysis = dataclasses.replace(analysis, lesions=checked)
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
         metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
         return analysed
+
+    def _sagittal_checked(
+        self, crops: Mapping[int, npt.NDArray[np.uint8]], frame: SourceFrame, pair: tuple[Lesion, VolumeLesion]
+    ) -> Lesion:
+        """The scored lesion of ``pair`` with its sagittal check (:meth:`_seen_on_sagittal`) of the tracked one."""
+        scored, lesion = pair
+        return dataclasses.replace(scored, seen_on_sagittal=self._seen_on_sagittal(crops, lesion, frame))
 
     def _seen_on_sagittal(
         self, crops: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion, frame: SourceFrame
