@@ -448,28 +448,25 @@ class _Analysers:
             analysis = self._bmode.analyse_lesions(
                 crops[number], [lesion.component for lesion in tracked], clinical_context(frame), self._frames_map
             )
-            pairs = list(zip(analysis.lesions, tracked, strict=True))
             # Each lesion's sagittal check (and three-plane score) side by side, as its B-mode scores were.
-            checked: tuple[Lesion, ...] = tuple(
-                self._frames_map(functools.partial(self._sagittal_checked, crops, frame), pairs)
-            )
-            if self._three_plane is not None and tracked:
-                planes = self._frames_map(
-                    lambda pair: self._with_three_planes(pair[0], crops, pair[1]),
-                    zip(checked, tracked, strict=True),
+            checked = tuple(
+                self._frames_map(
+                    functools.partial(self._volume_checked, crops, frame), zip(analysis.lesions, tracked, strict=True)
                 )
-                checked = tuple(planes)
+            )
             analysis = dataclasses.replace(analysis, lesions=checked)
             analysed.append(AnalysedFrame(frame=frame, analysis=analysis))
         metrics.INFERENCE_SECONDS.observe(time.monotonic() - started)
         return analysed
 
-    def _sagittal_checked(
+    def _volume_checked(
         self, crops: Mapping[int, npt.NDArray[np.uint8]], frame: SourceFrame, pair: tuple[Lesion, VolumeLesion]
     ) -> Lesion:
-        """The scored lesion of ``pair`` with its sagittal check (:meth:`_seen_on_sagittal`) of the tracked one."""
+        """The scored lesion of ``pair`` with what the volume adds of the tracked one: its sagittal check and, where
+        the model folder has the family, its three-plane score."""
         scored, lesion = pair
-        return dataclasses.replace(scored, seen_on_sagittal=self._seen_on_sagittal(crops, lesion, frame))
+        scored = dataclasses.replace(scored, seen_on_sagittal=self._seen_on_sagittal(crops, lesion, frame))
+        return scored if self._three_plane is None else self._with_three_planes(scored, crops, lesion)
 
     def _seen_on_sagittal(
         self, crops: Mapping[int, npt.NDArray[np.uint8]], lesion: VolumeLesion, frame: SourceFrame
