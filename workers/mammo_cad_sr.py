@@ -68,12 +68,16 @@ from pydicom.valuerep import TM
 
 from models.inference.findings import Lesion, ModelInfo
 from workers.sr_writer import (
+    CONTENT_SEQUENCE,
     AnalysedFrame,
     ReportContext,
+    algorithm_identification,
+    attach_content,
     closed_outline,
     image_laterality,
     patient_study_header,
     unique_by_uid,
+    without_children,
 )
 
 SERIES_DESCRIPTION = "BreastAI mammography CAD (advisory)"
@@ -112,14 +116,13 @@ _ACQ_CONTEXT = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
 _INFERRED_FROM = hd.sr.RelationshipTypeValues.INFERRED_FROM
 # Positions of the Image Library's entries in the tree (PS3.3 C.17.3.2.5): the root is 1, the library its 2nd child.
 _LIBRARY_PATH = (1, 2)
-_CONTENT_SEQUENCE = 0x0040A730  # (0040,A730) Content Sequence
 
 
 class MammographyCADSR(_SR):
     """A Mammography CAD SR document (PS3.3 A.35.5), on highdicom's SR document base class.
 
-    The dataset's Content Sequence is the document; highdicom's parsed ``content`` view holds the root item only
-    (see :func:`build_mammography_cad_report`).
+    Its content tree is attached after construction (:func:`workers.sr_writer.attach_content`), by-reference
+    items kept as built (see :func:`build_mammography_cad_report`).
     """
 
     def __init__(
@@ -200,7 +203,6 @@ def build_mammography_cad_report(
         for lesion in item.analysis.lesions
     ]
     root = hd.sr.ContainerContentItem(name=MAMMOGRAPHY_CAD_REPORT, template_id="4000")
-    _set_children(root, [])
     tree: list[pydicom.Dataset] = [
         *hd.sr.LanguageOfContentItemAndDescendants(ISO_ENGLISH),
         _image_library(analysed_mg_frames),
@@ -227,17 +229,18 @@ def build_mammography_cad_report(
     unique_evidence[0] = patient_study_header(unique_evidence[0])
     # highdicom deep-copies and re-parses the content it is given; its content item parser does not take
     # by-reference items (Referenced Content Item Identifier), so it gets the root alone and the tree is put in
-    # place after. Every image the tree references is an analysed one, checked against the evidence above.
+    # place after, as the main report's is (workers.sr_writer.attach_content).
+    _set_children(root, tree)
     sr = MammographyCADSR(
         evidence=unique_evidence,
-        content=root,
+        content=without_children(root),
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         context=context,
     )
-    _set_children(sr, tree)
+    attach_content(sr, root, unique_evidence)
     return sr
 
 
@@ -325,13 +328,13 @@ def _single_image_finding(index: int, item: AnalysedFrame, lesion: Lesion) -> hd
     finding = _code(codes.DCM.SingleImageFinding, SELECTED_REGION, _CONTAINS)
     children: list[pydicom.Dataset] = [
         _code(codes.DCM.RenderingIntent, PRESENTATION_OPTIONAL, _CONCEPT_MOD),
-        *_algorithm(item.analysis.segmenter),
+        *algorithm_identification(item.analysis.segmenter),
     ]
     if lesion.detection_probability is not None:
         children.append(_percent(codes.DCM.CertaintyOfFinding, lesion.detection_probability))
     malignancy = _percent(codes.DCM.ProbabilityOfCancer, lesion.malignancy_probability)
     # The score is DL-M's, not the finder's: its own TID 4019 says so.
-    _set_children(malignancy, [*_algorithm(item.analysis.classifier)])
+    _set_children(malignancy, [*algorithm_identification(item.analysis.classifier)])
     children.append(malignancy)
     offset = item.frame.scan_region_xywh[:2]
     x, y, width, height = lesion.bbox_xywh
@@ -368,27 +371,16 @@ def _summary(
     entries = []
     for model in models:
         entry = _code(performed, kind, _CONTAINS)
-        _set_children(entry, [*_algorithm(model), *(_by_reference("INFERRED FROM", i) for i in images)])
+        _set_children(entry, [*algorithm_identification(model), *(_by_reference("INFERRED FROM", i) for i in images)])
         entries.append(entry)
     _set_children(container, entries)
     _set_children(summary, [container])
     return summary
 
 
-def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 for one model: name, version and the weights' digest, as the main report gives them."""
-    return hd.sr.AlgorithmIdentification(
-        name=model.name, version=model.version, parameters=[f"sha256={model.sha256}"] if model.sha256 else None
-    )
-
-
 def _models(models: Iterable[ModelInfo]) -> list[ModelInfo]:
     """Distinct models in first-seen order."""
-    seen: list[ModelInfo] = []
-    for model in models:
-        if model not in seen:
-            seen.append(model)
-    return seen
+    return list(dict.fromkeys(models))
 
 
 def _set_children(item: pydicom.Dataset, children: Iterable[pydicom.Dataset]) -> None:
@@ -398,7 +390,7 @@ def _set_children(item: pydicom.Dataset, children: Iterable[pydicom.Dataset]) ->
     which parses every child and has no class for by-reference items
     (PS3.3 C.17.3.2.5); set through the element, the items are kept as built.
     """
-    item.add_new(_CONTENT_SEQUENCE, "SQ", list(children))
+    item.add_new(CONTENT_SEQUENCE, "SQ", list(children))
 
 
 def _by_reference(relationship: str, library_index: int) -> pydicom.Dataset:

@@ -55,6 +55,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from highdicom.sr.sop import _SR  # the SR document base class: ours are built on it too (workers.mammo_cad_sr)
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -297,10 +298,10 @@ def build_report(
     root = report[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=unique_evidence,
-        # The root container without its tree, which is put in place below (see _attach_content): highdicom would
+        # The root container without its tree, which is put in place below (see attach_content): highdicom would
         # deep-copy the tree, parse the copy back into content items and search it for image references, two
         # thirds of the report's build for a tree its own classes have just built.
-        content=_without_children(root),
+        content=without_children(root),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -309,14 +310,14 @@ def build_report(
         previous_versions=list(previous_versions) or None,
         **context.sr_document_arguments(),
     )
-    _attach_content(sr, root, unique_evidence)
+    attach_content(sr, root, unique_evidence)
     for keyword in _PATIENT_STUDY_TYPE3:
         if keyword in unique_evidence[0] and keyword not in sr:
             sr[keyword] = unique_evidence[0][keyword]
     return sr
 
 
-def _without_children(root: pydicom.Dataset) -> pydicom.Dataset:
+def without_children(root: pydicom.Dataset) -> pydicom.Dataset:
     """The root content item's attributes, sharing its elements, with an empty Content Sequence."""
     shell = pydicom.Dataset()
     for element in root:
@@ -326,7 +327,7 @@ def _without_children(root: pydicom.Dataset) -> pydicom.Dataset:
     return shell
 
 
-def _attach_content(sr: hd.sr.Comprehensive3DSR, root: pydicom.Dataset, evidence: Sequence[pydicom.Dataset]) -> None:
+def attach_content(sr: _SR, root: pydicom.Dataset, evidence: Sequence[pydicom.Dataset]) -> None:
     """Give ``sr`` the content tree under ``root``, as highdicom's constructor does when given the whole tree.
 
     What the constructor does with its ``content`` (highdicom 0.28,
@@ -348,7 +349,7 @@ def _attach_content(sr: hd.sr.Comprehensive3DSR, root: pydicom.Dataset, evidence
     """
     if not isinstance(root, hd.sr.ContainerContentItem):
         raise TypeError(f"the report's root must be a highdicom ContainerContentItem, got {type(root).__name__}")
-    sequence = root[_CONTENT_SEQUENCE]
+    sequence = root[CONTENT_SEQUENCE]
     given = {str(ds.SOPInstanceUID) for ds in evidence}
     missing = sorted(_referenced_instances(sequence.value) - given)
     if missing:
@@ -356,11 +357,11 @@ def _attach_content(sr: hd.sr.Comprehensive3DSR, root: pydicom.Dataset, evidence
             "No evidence was provided for the following SOP instances, which are referenced in the document "
             f"content: {', '.join(missing)}"
         )
-    sr[_CONTENT_SEQUENCE] = sequence
+    sr[CONTENT_SEQUENCE] = sequence
     sr._content = hd.sr.ContentSequence([root], is_root=True)  # what the ``content`` property reads
 
 
-_CONTENT_SEQUENCE = 0x0040A730  # (0040,A730) Content Sequence
+CONTENT_SEQUENCE = 0x0040A730  # (0040,A730) Content Sequence
 _REFERENCING = ("IMAGE", "COMPOSITE")  # value types whose Referenced SOP Sequence names an instance (PS3.3 C.17.3)
 
 
@@ -470,7 +471,7 @@ def _lesion_group(
             name=PROBABILITY_OF_CANCER,
             value=_probability(lesion.malignancy_probability),
             unit=UNIT_NONE,
-            algorithm_id=_algorithm(analysis.classifier),
+            algorithm_id=algorithm_identification(analysis.classifier),
         )
     ]
     evaluations: list[hd.sr.QualitativeEvaluation] = []
@@ -481,7 +482,7 @@ def _lesion_group(
                 name=PROBABILITY_OF_CANCER if score.task == "malignancy" else PROBABILITY_BIRADS_HIGH,
                 value=_probability(score.probability),
                 unit=UNIT_NONE,
-                algorithm_id=_algorithm(score.model),
+                algorithm_id=algorithm_identification(score.model),
             )
         )
     for score in lesion.family_scores:
@@ -504,7 +505,7 @@ def _lesion_group(
                 name=CERTAINTY_OF_FINDING,
                 value=round(100.0 * _probability(lesion.detection_probability), 2),
                 unit=UNIT_PERCENT,
-                algorithm_id=_algorithm(analysis.segmenter),
+                algorithm_id=algorithm_identification(analysis.segmenter),
             )
         )
     if frame.row_spacing_mm is not None and frame.column_spacing_mm is not None:
@@ -513,14 +514,14 @@ def _lesion_group(
                 name=LONG_AXIS,
                 value=round(lesion.longest_diameter_mm(frame.row_spacing_mm, frame.column_spacing_mm), 2),
                 unit=UNIT_MM,
-                algorithm_id=_algorithm(analysis.segmenter),
+                algorithm_id=algorithm_identification(analysis.segmenter),
             )
         )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_region=lesion_region(frame, lesion),
         finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
-        algorithm_id=_algorithm(analysis.segmenter),
+        algorithm_id=algorithm_identification(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
@@ -535,7 +536,7 @@ def _fusion_group(fusion: BreastFusion, report_uid: str) -> hd.sr.MeasurementsAn
             name=PROBABILITY_OF_CANCER,
             value=_probability(probability),
             unit=UNIT_NONE,
-            algorithm_id=_algorithm(model),
+            algorithm_id=algorithm_identification(model),
         )
         for probability, model in (
             (fusion.us_probability, fusion.us_model),
@@ -549,7 +550,7 @@ def _fusion_group(fusion: BreastFusion, report_uid: str) -> hd.sr.MeasurementsAn
             identifier=f"{side} breast: ultrasound and mammography",
         ),
         finding_type=FINDING_MASS,
-        algorithm_id=_algorithm(fusion.fusion_model),
+        algorithm_id=algorithm_identification(fusion.fusion_model),
         finding_sites=[
             hd.sr.FindingSite(anatomic_location=SITE_BREAST, laterality=LATERALITY_CODES[fusion.laterality])
         ],
@@ -568,7 +569,9 @@ def _family_call(score: FamilyScore) -> hd.sr.QualitativeEvaluation:
         name=name, value=AT_OR_ABOVE_OPERATING_POINT if score.positive else BELOW_OPERATING_POINT
     )
     # highdicom's QualitativeEvaluation takes no algorithm; TID 4019 goes under the CODE item as HAS CONCEPT MOD.
-    evaluation[0].ContentSequence = hd.sr.ContentSequence([*_algorithm(score.model)], is_root=False, is_sr=True)
+    evaluation[0].ContentSequence = hd.sr.ContentSequence(
+        [*algorithm_identification(score.model)], is_root=False, is_sr=True
+    )
     return evaluation
 
 
@@ -582,7 +585,7 @@ def _no_lesion_group(frame: SourceFrame, analysis: ImageAnalysis) -> hd.sr.Measu
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_TRACKING_UID_UNSET, identifier="No lesion detected"),
         finding_type=FINDING_TYPES.get(analysis.modality, FINDING_MASS),
-        algorithm_id=_algorithm(analysis.segmenter),
+        algorithm_id=algorithm_identification(analysis.segmenter),
         finding_sites=[_finding_site(frame.dataset)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PRESENCE, value=ABSENT)],
         source_images=[source],
@@ -662,7 +665,7 @@ def _source_image_for_region(frame: SourceFrame) -> hd.sr.SourceImageForRegion:
 
 
 @functools.lru_cache(maxsize=256)
-def _algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
     """TID 4019 for one model; the weights' digest makes it unambiguous.
 
     Built once per model and shared by every item that names it (a report

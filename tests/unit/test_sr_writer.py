@@ -395,14 +395,14 @@ def test_the_report_is_the_document_highdicom_builds_from_the_whole_tree(study: 
 
 def test_a_referenced_image_missing_from_the_evidence_is_refused(study: dict[str, pathlib.Path]) -> None:
     """The check highdicom's constructor makes on the tree it is given, made on the tree attached after it."""
-    from workers.sr_writer import _attach_content, _referenced_instances
+    from workers.sr_writer import _referenced_instances, attach_content
 
     sr, analysed = _report(study)
     analysed_uids = {item.frame.sop_instance_uid for item in analysed}
     assert _referenced_instances(sr.ContentSequence) == analysed_uids
     without_single = [ds for ds in _evidence(study) if ds.SOPInstanceUID != analysed[0].frame.sop_instance_uid]
     with pytest.raises(ValueError, match=analysed[0].frame.sop_instance_uid):
-        _attach_content(sr, sr.content[0], without_single)
+        attach_content(sr, sr.content[0], without_single)
 
 
 def test_measurement_groups_built_beforehand_give_the_report_built_at_once(study: dict[str, pathlib.Path]) -> None:
