@@ -24,6 +24,25 @@ def fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def write_synced(path: Path, content: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``content`` (bytes, or a function writing to the open stream) to a new file at ``path`` and fsync it.
+
+    The file is removed if anything fails. No rename and no folder fsync: :func:`write_durably` adds those, and
+    the spool, which stages an instance's bytes before it knows the name they get, does them itself.
+    """
+    try:
+        with path.open("wb") as stream:
+            if isinstance(content, bytes):
+                stream.write(content)
+            else:
+                content(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def write_durably(
     path: Path,
     content: bytes | Callable[[BinaryIO], object],
@@ -55,14 +74,8 @@ def write_durably(
     The temporary file is removed when anything fails.
     """
     tmp = tmp_dir / f"{'.' if hidden else ''}{path.name}.{uuid.uuid4().hex}.tmp"
+    write_synced(tmp, content)
     try:
-        with tmp.open("wb") as stream:
-            if isinstance(content, bytes):
-                stream.write(content)
-            else:
-                content(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

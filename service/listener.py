@@ -306,9 +306,7 @@ class StudyListener:
         self._audit = AuditTrail(spool.root / "audit")
         self._peers = settings.allowed_peers  # host names resolved once, at start
         # A receiver of several (service.receivers) knows how many share the quota.
-        self._quota = SpoolQuota(
-            spool, settings.spool_quota_mb * 1024 * 1024, sharers=max(1, settings.listener_processes)
-        )
+        self._quota = SpoolQuota(spool, settings.spool_quota_mb * 1024 * 1024, sharers=settings.listener_processes)
         # Built now, so that bad TLS files stop the start-up rather than the first association.
         self._tls = server_context(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, settings.tls_require_client_cert

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import structlog
 
 from service.errors import ConfigurationError
-from service.listener import ListenerCounters, StudyListener
+from service.listener import ListenerCounters, StoreSink, StudyListener
 from service.settings import Settings
 from service.spool import Spool
 
@@ -113,12 +113,8 @@ def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
         return cpus
 
 
-class TrackingSink(Protocol):
-    """What the pool reports to (the :class:`~service.dispatcher.Dispatcher`)."""
-
-    def instance_stored(self, study_uid: str, association_id: str, calling_ae: str = "") -> None: ...
-
-    def association_released(self, association_id: str) -> None: ...
+class TrackingSink(StoreSink, Protocol):
+    """What the pool reports to (the :class:`~service.dispatcher.Dispatcher`): a listener's sink, and more."""
 
     def association_interrupted(self, association_id: str) -> None: ...
 

@@ -75,7 +75,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from service import metrics
-from service.durable import fsync_directory, write_durably
+from service.durable import fsync_directory, write_durably, write_synced
 from service.errors import BreastAIError, IntegrityError, InvalidInstance, JobSchemaError, PatientConflict
 from service.schema import InstanceRef, StudyJob, is_valid_uid
 from service.settings import Settings
@@ -93,7 +93,8 @@ PREDECESSOR_FILE = "predecessor.sr"  # in a revision's job: the SR it revises (P
 INSTANCE_SUFFIX = ".dcm"
 #: Locked (``flock``) by whichever process renames into or out of ``incoming/`` (Spool._incoming_lock).
 INCOMING_LOCK = ".incoming.lock"
-#: Threads of a spool's I/O pool (Spool._io_pool): stagings and a new study's folder fsyncs.
+#: Threads of a spool's I/O pool: stagings and a new study's folder fsyncs. Sized for the most associations a
+#: listener accepts by default with room to spare: a task waiting for a thread only delays its own instance.
 IO_THREADS = 32
 #: How long a completed job's id is remembered (``done/``), to acknowledge late duplicate deliveries of it.
 COMPLETED_KEEP_S = 30 * 24 * 3600.0
@@ -171,18 +172,6 @@ def verify_instances(job: StudyJob, root: Path) -> list[Path]:
             )
         paths.append(path)
     return paths
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file at ``path`` and fsync it; the file is removed if that fails."""
-    try:
-        with path.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 class StagedInstance:
@@ -291,8 +280,8 @@ class Spool:
         self._flock_descriptor: list[int] = []  # .incoming.lock, opened on first use (see _incoming_lock)
         weakref.finalize(self, _close_all, self._flock_descriptor)
         self._patients: dict[str, str] = {}  # study UID -> patient key bound on disk (see _bind_patient)
-        self._pool: ThreadPoolExecutor | None = None  # see _io_pool
-        self._pool_lock = threading.Lock()  # not _lock: staging must not wait behind another process's seal
+        # Threads that write and fsync beside the listener's (none starts before the first task; idle ones are reused).
+        self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="spool-io")
         self._alive_descriptor: list[int] = []  # a list, so the finaliser below sees the descriptor taken later
         weakref.finalize(self, _close_all, self._alive_descriptor)
         _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
@@ -472,7 +461,7 @@ class Spool:
         :meth:`StagedInstance.discard` when the instance is refused.
         """
         tmp = self.tmp_dir / f"staged.{uuid.uuid4().hex}.tmp"
-        return StagedInstance(tmp, self._io_pool().submit(_write_synced, tmp, data))
+        return StagedInstance(tmp, self._pool.submit(write_synced, tmp, data))
 
     def store_instance(
         self, study_uid: str, sop_uid: str, data: bytes | StagedInstance, patient_key: str | None = None
@@ -507,7 +496,7 @@ class Spool:
             if isinstance(data, StagedInstance):
                 data.written()
             else:
-                _write_synced(tmp, data)
+                write_synced(tmp, data)
             # Under the lock only what must not interleave with sealing or with another instance of the study: the
             # patient binding and the renames. The fsyncs come after it, so that associations wait on the disk
             # side by side (their flushes merge) rather than in turn.
@@ -567,23 +556,12 @@ class Spool:
             for folder in folders:
                 fsync_directory(folder)
             return
-        pending = [self._io_pool().submit(fsync_directory, folder) for folder in folders]
+        pending = [self._pool.submit(fsync_directory, folder) for folder in folders]
         try:
             os.fsync(study_fd)
         finally:
             for future in pending:
                 future.result()  # re-raises a failed fsync: no success status without every entry durable
-
-    def _io_pool(self) -> ThreadPoolExecutor:
-        """Threads that write and fsync beside the listener's (made on first use; idle ones are reused).
-
-        Sized for the most associations a listener accepts by default with
-        room to spare: a task waiting for a thread only delays its own instance.
-        """
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="spool-io")
-            return self._pool
 
     def _bind_patient(self, study_uid: str, patient_key: str) -> bool:
         """Record the study's patient key on its first instance; refuse another key later (caller holds the lock).
@@ -613,7 +591,8 @@ class Spool:
             try:
                 bound = read_patient_marker(marker)
             except FileNotFoundError:
-                write_durably(marker, patient_key.encode("ascii"), self.tmp_dir)
+                # Its folder entry is fsynced after the lock is let go, before the success status (_sync_entries).
+                write_durably(marker, patient_key.encode("ascii"), self.tmp_dir, sync_directory=False)
                 bound, made = patient_key, True
             self._patients[study_uid] = bound
         if bound != patient_key:

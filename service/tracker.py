@@ -85,12 +85,10 @@ class StudyTracker:
         in the same job. Unknown ids are ignored.
         """
         self._open.discard(association_id)
-        for study in self._studies.values():
+        for uid, study in self._studies.items():
             if association_id in study.associations:
                 study.associations.discard(association_id)
-                study.associations.add(INTERRUPTED)
-                study.last_seen = max(study.last_seen, now)
-                self._open.add(INTERRUPTED)
+                self.restore(uid, now, interrupted=True)
 
     def due(self, now: float) -> list[str]:
         """Studies complete at ``now``, oldest last instance first."""
