@@ -193,7 +193,10 @@ def receive(settings: Settings, listening: socket.socket, channel: Channel) -> N
     """A receiver: a StudyListener accepting on ``listening`` until told to stop, or until the pool is gone."""
     forwarder = _Forwarder(channel)
     try:
-        listener = StudyListener(settings, Spool.from_settings(settings), forwarder, counters=forwarder)
+        # The parent opened the spool and kept it (completions, reserve) before starting the receivers.
+        listener = StudyListener(
+            settings, Spool.from_settings(settings, housekeeping=False), forwarder, counters=forwarder
+        )
         listener.start(listening)
     except Exception as exc:
         channel.send(("failed", f"{type(exc).__name__}: {exc}"))

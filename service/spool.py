@@ -247,9 +247,14 @@ class Spool:
     ----------
     root
         The spool directory; created with its subdirectories if missing.
+    housekeeping
+        Forget completions past their keeping time and make the disk reserve on opening. A receiver process
+        (service.receivers) opens the spool its parent has just kept so, and again on each restart: False.
     """
 
-    def __init__(self, root: Path, reserve_bytes: int = 0, keep_delivered_s: float | None = None) -> None:
+    def __init__(
+        self, root: Path, reserve_bytes: int = 0, keep_delivered_s: float | None = None, housekeeping: bool = True
+    ) -> None:
         self.root = Path(root)
         self.reserve_bytes = reserve_bytes
         self.keep_delivered_s = keep_delivered_s
@@ -286,18 +291,20 @@ class Spool:
         weakref.finalize(self, _close_all, self._alive_descriptor)
         _ = self.tmp_dir  # made now, and its lock taken, before any other process could judge it
         self._clean_tmp()
-        self._forget_old_completions()
-        self.ensure_reserve()
+        if housekeeping:
+            self._forget_old_completions()
+            self.ensure_reserve()
 
     # --- disk space -----------------------------------------------------------------
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Spool:
+    def from_settings(cls, settings: Settings, housekeeping: bool = True) -> Spool:
         """The spool as the service runs it (its reserve, delivered studies kept): every sub-command opens it so."""
         return cls(
             settings.spool_dir,
             reserve_bytes=settings.spool_reserve_mb * 1024 * 1024,
             keep_delivered_s=settings.keep_delivered_hours * 3600,
+            housekeeping=housekeeping,
         )
 
     def dead_letter_count(self) -> int:
@@ -383,7 +390,7 @@ class Spool:
         cutoff = time.time() - keep_s
         for record in (*self.done_dir.iterdir(), *self.patients_dir.iterdir(), *self.received_dir.iterdir()):
             try:
-                # lstat: a patient marker is a symbolic link to nothing (see _bind_patient)
+                # lstat: an earlier version wrote patient markers as symbolic links, to nothing (see _bind_patient)
                 if record.lstat().st_mtime < cutoff:
                     record.unlink(missing_ok=True)
             except FileNotFoundError:
@@ -491,12 +498,10 @@ class Spool:
         for name, uid in (("Study Instance UID", study_uid), ("SOP Instance UID", sop_uid)):
             if not is_valid_uid(uid):
                 raise InvalidInstance(f"{name} is not a valid UID: {uid[:80]!r}")
-        tmp = data.path if isinstance(data, StagedInstance) else self.tmp_dir / f"{sop_uid}.{uuid.uuid4().hex}.tmp"
+        staged = data if isinstance(data, StagedInstance) else self.stage_instance(data)
+        tmp = staged.path
         try:
-            if isinstance(data, StagedInstance):
-                data.written()
-            else:
-                write_synced(tmp, data)
+            staged.written()
             # Under the lock only what must not interleave with sealing or with another instance of the study: the
             # patient binding and the renames. The fsyncs come after it, so that associations wait on the disk
             # side by side (their flushes merge) rather than in turn.

@@ -581,3 +581,13 @@ def test_a_study_stored_by_another_process_while_this_one_seals_lands_in_exactly
     sealed = [ref.sop_instance_uid for job_id in job_ids for ref in spool.load_job(job_id).instances]
     assert sorted(sealed) == sorted(f"{STUDY}.{index + 1}" for index in range(count))
     assert len(job_ids) > 1, "the seals did interleave with the stores"
+
+
+def test_a_receivers_spool_leaves_the_housekeeping_to_the_process_that_started_it(tmp_path: Path) -> None:
+    record = Spool(tmp_path).done_dir / "old-job"
+    record.write_text("")
+    os.utime(record, (0, 0))  # long past any keeping time
+    Spool(tmp_path, housekeeping=False)
+    assert record.exists(), "a receiver (re)starting does not walk the records again"
+    Spool(tmp_path)
+    assert not record.exists()
