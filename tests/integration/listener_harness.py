@@ -46,13 +46,19 @@ class Service:
         return sorted((self.spool.root / "incoming").rglob("*.dcm"))
 
     def jobs(self) -> list[StudyJob]:
-        # Only jobs the dispatcher finished sealing (job.json written); never
-        # rebuild a half-sealed one from here, that would race the dispatcher.
-        return [
-            StudyJob.from_json((p / "job.json").read_bytes())
-            for p in sorted((self.spool.root / "studies").iterdir())
-            if (p / "job.json").is_file()
-        ]
+        return sealed_jobs(self.spool)
+
+
+def sealed_jobs(spool: Spool) -> list[StudyJob]:
+    """The jobs the dispatcher finished sealing in ``spool`` (job.json written), in folder order.
+
+    Never a half-sealed one rebuilt from here (as ``Spool.sealed_jobs`` would): that would race the dispatcher.
+    """
+    return [
+        StudyJob.from_json((p / "job.json").read_bytes())
+        for p in sorted((spool.root / "studies").iterdir())
+        if (p / "job.json").is_file()
+    ]
 
 
 @pytest.fixture
@@ -124,7 +130,11 @@ def raw_file(path: Path, sop_class: str, sop_uid: str, body: bytes) -> Path:
 
 def dataset_body(ds: Dataset) -> bytes:
     """The encoded data set after the file meta information."""
-    data = encode(ds)
+    return body_after_meta(encode(ds))
+
+
+def body_after_meta(data: bytes) -> bytes:
+    """The bytes of a PS3.10 file after its file meta information (the data set as encoded)."""
     marker = data.index(b"DICM") + 4
     # Group 0002 length is in the first element after the prefix: skip the meta group.
     group_length = int.from_bytes(data[marker + 8 : marker + 12], "little")

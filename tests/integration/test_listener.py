@@ -25,7 +25,7 @@ from service.settings import Settings
 from service.spool import Spool
 from tests import dicom_factory
 from tests.conftest import free_port
-from tests.integration.listener_harness import SCP_AE, Service, dataset_body, encode, raw_file, scu
+from tests.integration.listener_harness import SCP_AE, Service, body_after_meta, dataset_body, encode, raw_file, scu
 
 pytestmark = pytest.mark.integration
 
@@ -556,7 +556,5 @@ def test_pdus_are_read_whole_and_an_instance_in_pdus_larger_than_the_read_ahead_
     assoc.release()
     assert status.Status == 0x0000
     raw = (service.spool.root / "incoming" / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm").read_bytes()
-    marker = raw.index(b"DICM") + 4  # our Part 10 header, then the data set as it arrived
-    body = raw[marker + 12 + int.from_bytes(raw[marker + 8 : marker + 12], "little") :]
-    assert body == dataset_body(ds)
+    assert body_after_meta(raw) == dataset_body(ds)  # our Part 10 header, then the data set as it arrived
     assert max(reads) > listener._READ_AHEAD, "the association read its PDUs through _WholeReadSocket"

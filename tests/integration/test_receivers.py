@@ -29,8 +29,8 @@ from service.receivers import ReceiverPool
 from service.schema import StudyJob
 from service.settings import Settings
 from service.spool import Spool
-from tests.conftest import make_us_dataset
-from tests.integration.listener_harness import SCP_AE, scu
+from tests.conftest import make_us_dataset, wait_until
+from tests.integration.listener_harness import SCP_AE, scu, sealed_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +43,7 @@ class PooledService:
     pool: ReceiverPool
 
     def jobs(self) -> list[StudyJob]:
-        return [
-            StudyJob.from_json((p / "job.json").read_bytes())
-            for p in sorted((self.spool.root / "studies").iterdir())
-            if (p / "job.json").is_file()
-        ]
+        return sealed_jobs(self.spool)
 
 
 @pytest.fixture
@@ -96,10 +92,7 @@ def _open(port: int, instances: list[Dataset]) -> Association:
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    assert wait_until(condition, timeout), f"timed out waiting for {what}"
 
 
 def test_studies_sent_over_four_associations_are_each_sealed_once_with_every_instance(
