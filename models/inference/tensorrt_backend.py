@@ -159,6 +159,8 @@ class TensorRTBackend:
         TensorRT or cuda-python is missing, the graph has dynamic dimensions
         other than the batch (no profile would cover them), or TensorRT cannot
         parse or build it (the message has TensorRT's reasons).
+    ValueError
+        ``precision`` is neither ``"fp16"`` nor ``"fp32"``.
     """
 
     def __init__(
@@ -169,6 +171,8 @@ class TensorRTBackend:
         precision: str = "fp16",
         gpu_name: str | None = None,
     ) -> None:
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be 'fp16' or 'fp32': {precision!r}")
         try:
             import tensorrt as trt
         except ImportError as exc:
@@ -186,7 +190,8 @@ class TensorRTBackend:
         # Keyed by the bytes TensorRT parses, not the manifest's file digest: the batch-axis rewrite, or a change to
         # it, gives other bytes and so another engine; and by the precision the build really uses.
         parsed_sha256 = hashlib.sha256(model).hexdigest()
-        built_as = precision if hasattr(trt.BuilderFlag, "FP16") else "typed"
+        self._weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11 removed weak typing and this flag
+        built_as = precision if self._weakly_typed else "typed"
         self.cache_path = cache_dir / engine_cache_key(gpu_name, trt.__version__, parsed_sha256, built_as, max_batch)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -219,15 +224,14 @@ class TensorRTBackend:
     def _build(self, model: bytes, precision: str) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
-        weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11 removed weak typing and this flag
-        flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        flags = 0 if self._weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, self._logger)
         if not parser.parse(model):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendUnavailable(f"TensorRT cannot parse the graph: {errors}")
         config = builder.create_builder_config()
-        if precision == "fp16" and weakly_typed:
+        if precision == "fp16" and self._weakly_typed:
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
         dynamic = False

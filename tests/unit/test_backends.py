@@ -257,3 +257,12 @@ def test_the_worker_exports_where_each_model_runs(tmp_path: Path) -> None:
     for role in ("us_segmenter", "dl_u", "mg_finder", "abvs_three_plane"):
         name = read_manifest()[role].name
         assert REGISTRY.get_sample_value("breastai_inference_backend_info", {"model": name, "backend": "cpu"}) == 1
+
+
+@pytest.mark.parametrize("precision", ["typed", "int8"])
+def test_a_tensorrt_engine_is_built_in_fp16_or_fp32_only(precision: str, tmp_path: Path) -> None:
+    """ "typed" names a TensorRT 11 engine in the cache; asking for it on TensorRT 10 would file fp32 under it."""
+    from models.inference.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(ValueError, match="precision"):
+        TensorRTBackend(b"", tmp_path, precision=precision)
